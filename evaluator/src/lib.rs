@@ -1,0 +1,1 @@
+//! Task pools, metrics and comparison tables (issue 5). Nothing is implemented here yet.

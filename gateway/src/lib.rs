@@ -1,0 +1,1 @@
+//! The HTTP gateway (issue 4). Nothing is implemented here yet.

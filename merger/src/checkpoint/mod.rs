@@ -1,0 +1,40 @@
+//! Checkpoint folders in Hugging Face layout: `config.json`, `model.safetensors`
+//! or sharded `model-0000k-of-0000N.safetensors` with
+//! `model.safetensors.index.json`, and tokenizer files.
+//!
+//! Every file is treated as hostile input: headers are parsed by the
+//! `safetensors` crate (capped header size, offsets checked to be contiguous
+//! and to cover the file exactly) and each failure names the file.
+
+pub(crate) mod reader;
+mod writer;
+
+pub use reader::{Checkpoint, TensorEntry, TensorRef};
+pub use writer::{CheckpointWriter, WriteOptions, SIDE_FILES};
+
+use candle_core::DType;
+
+/// Name of the single-file weights of a checkpoint.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// Name of the shard index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// The safetensors dtype string of a supported candle dtype.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "F32",
+        DType::F16 => "F16",
+        DType::BF16 => "BF16",
+        _ => "unsupported",
+    }
+}
+
+/// Parses a user-facing dtype name (`float32`, `f32`, `bfloat16`, `bf16`, ...).
+pub fn parse_dtype(name: &str) -> Option<DType> {
+    match name.to_ascii_lowercase().as_str() {
+        "f32" | "float32" | "float" | "fp32" => Some(DType::F32),
+        "f16" | "float16" | "half" | "fp16" => Some(DType::F16),
+        "bf16" | "bfloat16" => Some(DType::BF16),
+        _ => None,
+    }
+}

@@ -1,0 +1,160 @@
+//! The one error type of the `merger` crate.
+//!
+//! Every variant names what went wrong in terms a user can act on: the file,
+//! the tensor, the parameter and its allowed range. The gateway maps these to
+//! HTTP statuses in one place (see [`MergeError::kind`]).
+
+use std::path::PathBuf;
+
+/// Result alias used across the crate.
+pub type Result<T, E = MergeError> = std::result::Result<T, E>;
+
+/// Broad class of an error, used by callers that map errors to exit codes or
+/// HTTP statuses without matching every variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The request or spec is malformed (syntax, unknown names, bad values).
+    Invalid,
+    /// Something named does not exist (checkpoint folder, tensor, file).
+    NotFound,
+    /// Well-formed, but the inputs cannot be merged (shapes, expert counts).
+    Unprocessable,
+    /// A checkpoint file is corrupt or truncated.
+    Corrupt,
+    /// The output location is in a state we refuse to touch.
+    Conflict,
+    /// I/O or tensor backend failure.
+    Internal,
+}
+
+/// Everything that can go wrong while reading specs, checkpoints or merging.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("checkpoint folder `{0}` does not exist")]
+    MissingCheckpoint(PathBuf),
+    #[error("checkpoint folder `{path}` has no model.safetensors nor model.safetensors.index.json")]
+    NoWeights { path: PathBuf },
+    #[error("corrupt safetensors file `{path}`: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+    #[error("corrupt shard index `{path}`: {reason}")]
+    BadIndex { path: PathBuf, reason: String },
+    #[error("tensor `{tensor}` appears in more than one shard of `{path}`")]
+    DuplicateTensor { path: PathBuf, tensor: String },
+    #[error("tensor `{tensor}` is missing from model `{model}` ({path})")]
+    MissingTensor {
+        tensor: String,
+        model: String,
+        path: PathBuf,
+    },
+    #[error("tensor `{tensor}` has shape {found:?} in model `{model}` but {expected:?} in `{reference}`")]
+    ShapeMismatch {
+        tensor: String,
+        model: String,
+        found: Vec<usize>,
+        reference: String,
+        expected: Vec<usize>,
+    },
+    #[error("unsupported dtype {dtype} for tensor `{tensor}` in `{path}` (supported: F32, F16, BF16)")]
+    UnsupportedDtype {
+        tensor: String,
+        dtype: String,
+        path: PathBuf,
+    },
+    #[error("unknown merge method `{name}`; known methods: {known}")]
+    UnknownMethod { name: String, known: String },
+    #[error("unknown parameter `{param}` for method `{method}`; accepted: {accepted}")]
+    UnknownParameter {
+        method: String,
+        param: String,
+        accepted: String,
+    },
+    #[error("parameter `{param}` = {value} is out of range: {expected}")]
+    OutOfRange {
+        param: String,
+        value: String,
+        expected: String,
+    },
+    #[error("parameter `{param}`: {reason}")]
+    BadParameter { param: String, reason: String },
+    #[error("method `{method}` takes {expected} models, got {found}")]
+    ModelCount {
+        method: String,
+        expected: String,
+        found: usize,
+    },
+    #[error("method `{method}` needs a base model (`base_model` in YAML, `base` in a spec)")]
+    MissingBase { method: String },
+    #[error("{feature} is not supported yet: {hint}")]
+    Unsupported { feature: String, hint: String },
+    #[error("invalid merge spec at position {position}: {reason}\n  {input}\n  {caret:>width$}", caret = "^", width = position + 1)]
+    Parse {
+        input: String,
+        position: usize,
+        reason: String,
+    },
+    #[error("invalid merge config `{path}`: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("invalid merge spec: {0}")]
+    Spec(String),
+    #[error("output folder `{0}` exists and is not empty (pass --force to replace it)")]
+    OutputNotEmpty(PathBuf),
+    #[error("device `{0}` is not available: {1}")]
+    Device(String, String),
+    #[error("while merging tensor `{tensor}`: {source}")]
+    Tensor {
+        tensor: String,
+        #[source]
+        source: candle_core::Error,
+    },
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+impl MergeError {
+    /// The broad class of this error.
+    pub fn kind(&self) -> ErrorKind {
+        use MergeError::*;
+        match self {
+            Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
+            MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
+            Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
+            ShapeMismatch { .. } | ModelCount { .. } | MissingBase { .. } | UnsupportedDtype { .. } => {
+                ErrorKind::Unprocessable
+            }
+            UnknownMethod { .. } | UnknownParameter { .. } | OutOfRange { .. } | BadParameter { .. }
+            | Unsupported { .. } | Parse { .. } | Config { .. } | Spec(_) => ErrorKind::Invalid,
+            OutputNotEmpty(_) => ErrorKind::Conflict,
+        }
+    }
+
+    /// Wraps an I/O error with the path it concerns.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        MergeError::Io {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// An out-of-range parameter error.
+    pub fn range(param: &str, value: impl std::fmt::Display, expected: &str) -> Self {
+        MergeError::OutOfRange {
+            param: param.to_string(),
+            value: value.to_string(),
+            expected: expected.to_string(),
+        }
+    }
+
+    /// Attaches the tensor name to a candle error.
+    pub fn in_tensor(tensor: &str, source: candle_core::Error) -> Self {
+        MergeError::Tensor {
+            tensor: tensor.to_string(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,18 @@
+//! Checkpoints → merge spec → merged model.
+//!
+//! The merge engine of Fusion Gateway: reads Hugging Face checkpoint folders
+//! lazily through memory maps ([`checkpoint`]), validates merge specs written
+//! in any of three forms ([`spec`]), and merges tensor by tensor with the
+//! methods of FusionBench and mergekit ([`methods`]), streaming the result
+//! into a new checkpoint folder ([`merge`]).
+
+pub mod checkpoint;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod merge;
+pub mod methods;
+pub mod spec;
+pub mod zoo;
+
+pub use error::{MergeError, Result};

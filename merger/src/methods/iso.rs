@@ -1,0 +1,10 @@
+//! TODO(session): being written.
+use super::{MergeMethod, Params};
+use crate::error::{MergeError, Result};
+
+pub fn build_iso_c(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    Err(MergeError::Spec("not yet written".into()))
+}
+pub fn build_iso_cts(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    Err(MergeError::Spec("not yet written".into()))
+}

@@ -1,0 +1,210 @@
+//! Merge methods, one file each, under FusionBench's names and mergekit's.
+//!
+//! A method is built from a spec's parameters ([`Params`]) into a validated
+//! object ([`MergeMethod`]) that merges one tensor at a time from
+//! [`TensorInputs`]. Methods that need model-wide statistics (TIES trimming
+//! over the whole model) get a [`ModelScan`] pass before merging.
+
+pub mod params;
+
+mod breadcrumbs;
+mod dare;
+mod expo;
+mod iso;
+mod linear;
+mod magnitude_pruning;
+mod model_stock;
+mod simple_average;
+mod slerp;
+mod task_arithmetic;
+mod ties;
+mod tsv_m;
+mod weighted_average;
+mod wudi;
+
+use candle_core::{Device, Tensor};
+
+pub use params::{Num, Params};
+
+use crate::checkpoint::TensorRef;
+use crate::error::{MergeError, Result};
+use crate::spec::{MergeSpec, TensorCtx};
+
+/// The inputs of one tensor: the base's and every expert's stored bytes.
+pub struct TensorInputs<'a> {
+    /// Name and position of the tensor.
+    pub ctx: TensorCtx,
+    /// θ0's tensor, when the merge has a base.
+    pub base: Option<TensorRef<'a>>,
+    /// Each expert's tensor, in spec order.
+    pub experts: Vec<TensorRef<'a>>,
+    /// Where tensor arithmetic runs.
+    pub device: &'a Device,
+}
+
+impl TensorInputs<'_> {
+    /// The tensor's shape.
+    pub fn shape(&self) -> &[usize] {
+        self.base.as_ref().unwrap_or(&self.experts[0]).shape
+    }
+
+    /// The base as an f32 tensor on the merge device.
+    pub fn base_f32(&self) -> Result<Tensor> {
+        let base = self.base.as_ref().ok_or_else(|| MergeError::Spec(format!(
+            "tensor `{}`: this method needs a base model",
+            self.ctx.name
+        )))?;
+        base.to_f32_tensor(self.device).map_err(|e| self.err(e))
+    }
+
+    /// Expert `i` as an f32 tensor on the merge device.
+    pub fn expert_f32(&self, i: usize) -> Result<Tensor> {
+        self.experts[i].to_f32_tensor(self.device).map_err(|e| self.err(e))
+    }
+
+    /// Every expert as f32 tensors.
+    pub fn experts_f32(&self) -> Result<Vec<Tensor>> {
+        (0..self.experts.len()).map(|i| self.expert_f32(i)).collect()
+    }
+
+    /// Task vectors τi = θi − θ0 as f32 tensors.
+    pub fn task_vectors(&self) -> Result<Vec<Tensor>> {
+        let base = self.base_f32()?;
+        (0..self.experts.len())
+            .map(|i| self.expert_f32(i)?.sub(&base).map_err(|e| self.err(e)))
+            .collect()
+    }
+
+    /// Wraps a candle error with this tensor's name.
+    pub fn err(&self, e: candle_core::Error) -> MergeError {
+        MergeError::in_tensor(&self.ctx.name, e)
+    }
+}
+
+/// A model-wide pass over every tensor's inputs, run before merging.
+pub trait ModelScan: Sync {
+    /// Calls `f` on each tensor's inputs (in parallel, in no fixed order).
+    fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()>;
+}
+
+/// A validated merge method, ready to merge tensors.
+pub trait MergeMethod: Send + Sync {
+    /// Model-wide statistics needed before merging (default: none).
+    fn prepare(&mut self, _scan: &dyn ModelScan) -> Result<()> {
+        Ok(())
+    }
+
+    /// Merges one tensor; returns an f32 tensor of the input shape.
+    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor>;
+}
+
+/// How many expert models a method takes.
+#[derive(Debug, Clone, Copy)]
+pub enum Arity {
+    /// Exactly this many.
+    Exactly(usize),
+    /// At least this many.
+    AtLeast(usize),
+}
+
+/// A method's entry in the registry.
+pub struct MethodInfo {
+    /// The canonical name.
+    pub name: &'static str,
+    /// Which reference it follows ("FusionBench", "mergekit").
+    pub convention: &'static str,
+    /// Number of expert models.
+    pub arity: Arity,
+    /// Whether a base model θ0 is required.
+    pub needs_base: bool,
+    /// Whether the result depends on the order of the models.
+    pub order_matters: bool,
+    /// Whether the method is random (then the seed is part of the id).
+    pub random: bool,
+    /// Builds the validated method from the spec's parameters.
+    pub build: fn(&mut Params) -> Result<Box<dyn MergeMethod>>,
+}
+
+macro_rules! entry {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:literal, ordered=$ord:literal, random=$rand:literal, $build:path) => {
+        MethodInfo {
+            name: $name,
+            convention: $conv,
+            arity: $arity,
+            needs_base: $base,
+            order_matters: $ord,
+            random: $rand,
+            build: $build,
+        }
+    };
+}
+
+/// Every method, FusionBench names first, then mergekit's.
+pub static REGISTRY: &[MethodInfo] = &[
+    entry!("simple_average", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, simple_average::build),
+    entry!("weighted_average", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, weighted_average::build),
+    entry!("task_arithmetic", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, task_arithmetic::build),
+    entry!("slerp", "FusionBench", Arity::Exactly(2), base = false, ordered = true, random = false, slerp::build),
+    entry!("ties_merging", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, ties::build_fusionbench),
+    entry!("dare", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_fusionbench),
+    entry!("magnitude_pruning", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, magnitude_pruning::build),
+    entry!("expo", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, expo::build),
+    entry!("model_stock", "FusionBench", Arity::AtLeast(2), base = true, ordered = false, random = false, model_stock::build),
+    entry!("breadcrumbs", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = false, breadcrumbs::build),
+    entry!("iso_c", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, iso::build_iso_c),
+    entry!("iso_cts", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, iso::build_iso_cts),
+    entry!("tsv_m", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, tsv_m::build),
+    entry!("wudi", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, wudi::build),
+    entry!("linear", "mergekit", Arity::AtLeast(1), base = false, ordered = false, random = false, linear::build),
+    entry!("ties", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = false, ties::build_mergekit),
+    entry!("dare_linear", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_mergekit_linear),
+    entry!("dare_ties", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_mergekit_ties),
+];
+
+/// Looks a method up by name (either convention). mergekit's `slerp`,
+/// `task_arithmetic`, `model_stock` and `breadcrumbs` share the entry of
+/// the same name.
+pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
+    REGISTRY.iter().find(|m| m.name == name).ok_or_else(|| MergeError::UnknownMethod {
+        name: name.to_string(),
+        known: REGISTRY.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Validates a spec's method, model count and parameters, and builds it.
+pub fn build(spec: &MergeSpec) -> Result<(&'static MethodInfo, Box<dyn MergeMethod>)> {
+    if spec.method == "passthrough" {
+        return Err(MergeError::Unsupported {
+            feature: "merge_method `passthrough`".into(),
+            hint: "layer stacking is not implemented yet; use a weight-merging method".into(),
+        });
+    }
+    let info = lookup(&spec.method)?;
+    let n = spec.models.len();
+    let ok = match info.arity {
+        Arity::Exactly(k) => n == k,
+        Arity::AtLeast(k) => n >= k,
+    };
+    if !ok {
+        return Err(MergeError::ModelCount {
+            method: info.name.to_string(),
+            expected: match info.arity {
+                Arity::Exactly(k) => format!("exactly {k}"),
+                Arity::AtLeast(k) => format!("at least {k}"),
+            },
+            found: n,
+        });
+    }
+    if info.needs_base && spec.base.is_none() {
+        return Err(MergeError::MissingBase {
+            method: info.name.to_string(),
+        });
+    }
+    let mut params = Params::new(info.name, spec);
+    let method = (info.build)(&mut params)?;
+    params.finish()?;
+    Ok((info, method))
+}
+
+#[cfg(test)]
+pub(crate) mod testutil;

@@ -1,0 +1,107 @@
+//! Helpers for the methods' unit tests: hand-built tensors as inputs.
+
+use std::sync::Mutex;
+
+use candle_core::{DType, Device};
+
+use super::{MergeMethod, ModelScan, TensorInputs};
+use crate::checkpoint::TensorRef;
+use crate::error::Result;
+use crate::spec::{MergeSpec, TensorCtx};
+
+/// One tensor's inputs, owned.
+pub struct Fixture {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub base: Option<Vec<u8>>,
+    pub experts: Vec<Vec<u8>>,
+    pub num_layers: usize,
+}
+
+fn bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+impl Fixture {
+    /// A tensor `name` of `shape` with f32 values for the base and experts.
+    pub fn new(name: &str, shape: &[usize], base: Option<&[f32]>, experts: &[&[f32]]) -> Self {
+        let n: usize = shape.iter().product();
+        for e in experts {
+            assert_eq!(e.len(), n, "fixture expert length");
+        }
+        Fixture {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            base: base.map(bytes),
+            experts: experts.iter().map(|e| bytes(e)).collect(),
+            num_layers: 1,
+        }
+    }
+
+    /// Borrowed inputs on the CPU.
+    pub fn inputs(&self) -> TensorInputs<'_> {
+        let r = |b: &'_ Vec<u8>| TensorRef {
+            dtype: DType::F32,
+            shape: &self.shape,
+            bytes: b.as_slice(),
+        };
+        static CPU: Device = Device::Cpu;
+        TensorInputs {
+            ctx: TensorCtx::new(&self.name, self.num_layers),
+            base: self.base.as_ref().map(r),
+            experts: self.experts.iter().map(r).collect(),
+            device: &CPU,
+        }
+    }
+}
+
+/// A model made of several fixtures, for methods with a model-wide pass.
+pub struct FixtureScan<'a>(pub &'a [Fixture]);
+
+impl ModelScan for FixtureScan<'_> {
+    fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()> {
+        let errors = Mutex::new(Vec::new());
+        for fx in self.0 {
+            if let Err(e) = f(&fx.inputs()) {
+                errors.lock().unwrap().push(e);
+            }
+        }
+        match errors.into_inner().unwrap().pop() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Builds a method from a spec, panicking on validation errors.
+pub fn build(spec: &MergeSpec) -> Box<dyn MergeMethod> {
+    super::build(spec).expect("spec should validate").1
+}
+
+/// Builds, prepares over `model` and merges every fixture.
+pub fn merge_all(spec: &MergeSpec, model: &[Fixture]) -> Vec<Vec<f32>> {
+    let mut m = build(spec);
+    m.prepare(&FixtureScan(model)).expect("prepare");
+    model.iter().map(|fx| merge_one(m.as_ref(), fx)).collect()
+}
+
+/// Merges one fixture with a built method.
+pub fn merge_one(m: &dyn MergeMethod, fx: &Fixture) -> Vec<f32> {
+    let t = m.merge(&fx.inputs()).expect("merge");
+    assert_eq!(t.dims(), fx.shape.as_slice(), "merged shape");
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}
+
+/// Merges a single tensor with a spec (no model-wide pass beyond it).
+pub fn merge1(spec: &MergeSpec, fx: &Fixture) -> Vec<f32> {
+    merge_all(spec, std::slice::from_ref(fx)).pop().unwrap()
+}
+
+/// Asserts elementwise closeness.
+#[track_caller]
+pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol, "index {i}: got {g}, want {w} (got {got:?}, want {want:?})");
+    }
+}

@@ -1,0 +1,121 @@
+//! The merge spec: one canonical structure with three ways to write it.
+//!
+//! 1. Structured ([`MergeSpec`], JSON in a request's `merge` field or YAML).
+//! 2. The compact string of the OpenAI `model` field ([`compact::parse`]):
+//!    `ties_merging(math,code;density=0.2,scaling_coefficient=0.3)`.
+//! 3. A mergekit YAML file ([`mergekit::from_yaml`]).
+//!
+//! [`canonical`] computes the id that equal specs share.
+
+pub mod canonical;
+pub mod compact;
+pub mod mergekit;
+pub mod param;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub use param::{FilterEntry, ParamValue, TensorCtx};
+
+/// Which convention a spec was written in; decides defaults where
+/// FusionBench and mergekit differ (e.g. task_arithmetic's λ: 0.3 vs 1.0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Dialect {
+    /// FusionBench names and defaults (structured and compact specs).
+    #[default]
+    Fusionbench,
+    /// mergekit names and defaults (mergekit YAML).
+    Mergekit,
+}
+
+/// One input model of a merge.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    /// A registered checkpoint name (or, for `fusion merge`, a folder path).
+    pub name: String,
+    /// Per-model weight (mergekit `parameters.weight`), when given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<ParamValue>,
+    /// Other per-model parameters (`density`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, ParamValue>,
+}
+
+impl ModelSpec {
+    /// A model with no per-model parameters.
+    pub fn named(name: impl Into<String>) -> Self {
+        ModelSpec {
+            name: name.into(),
+            weight: None,
+            parameters: BTreeMap::new(),
+        }
+    }
+}
+
+/// A merge as requested: method, inputs and parameters, not yet validated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MergeSpec {
+    /// Method name (FusionBench or mergekit spelling).
+    pub method: String,
+    /// Pool the checkpoint names belong to (gateway), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<String>,
+    /// The base (pretrained) checkpoint θ0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// The fine-tuned experts, in order.
+    pub models: Vec<ModelSpec>,
+    /// Global parameters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub parameters: BTreeMap<String, ParamValue>,
+    /// Seed of random methods (dare); part of the cache key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Output dtype (`float32`, `float16`, `bfloat16`); default: the base's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+    /// Naming convention, which decides defaults.
+    #[serde(default)]
+    pub dialect: Dialect,
+}
+
+impl MergeSpec {
+    /// A spec for `method` over `models` with no parameters.
+    pub fn new(method: &str, base: Option<&str>, models: &[&str]) -> Self {
+        MergeSpec {
+            method: method.to_string(),
+            pool: None,
+            base: base.map(str::to_string),
+            models: models.iter().map(|m| ModelSpec::named(*m)).collect(),
+            parameters: BTreeMap::new(),
+            seed: None,
+            dtype: None,
+            dialect: Dialect::Fusionbench,
+        }
+    }
+
+    /// Sets a global numeric parameter (builder style).
+    pub fn with(mut self, key: &str, value: f64) -> Self {
+        self.parameters.insert(key.to_string(), ParamValue::Number(value));
+        self
+    }
+
+    /// Sets a global parameter of any kind (builder style).
+    pub fn with_value(mut self, key: &str, value: ParamValue) -> Self {
+        self.parameters.insert(key.to_string(), value);
+        self
+    }
+
+    /// Every checkpoint name the spec refers to: base first, then models.
+    pub fn checkpoint_names(&self) -> Vec<&str> {
+        self.base
+            .iter()
+            .map(String::as_str)
+            .chain(self.models.iter().map(|m| m.name.as_str()))
+            .collect()
+    }
+}

@@ -1,0 +1,187 @@
+//! Parameter values as mergekit allows them: a scalar, a gradient list
+//! interpolated across the layers, or a list of `{filter, value}` entries
+//! matched against tensor names; plus booleans and strings for options.
+
+use serde::{Deserialize, Serialize};
+
+/// Where a tensor sits in the model, for resolving per-tensor parameters.
+#[derive(Debug, Clone)]
+pub struct TensorCtx {
+    /// Full tensor name, e.g. `model.layers.3.mlp.up_proj.weight`.
+    pub name: String,
+    /// Layer index parsed from `layers.N.` / `h.N.` / `blocks.N.`, if any.
+    pub layer: Option<usize>,
+    /// Number of layers in the model (max layer index + 1).
+    pub num_layers: usize,
+}
+
+impl TensorCtx {
+    /// Builds the context of `name` in a model of `num_layers` layers.
+    pub fn new(name: &str, num_layers: usize) -> Self {
+        TensorCtx {
+            name: name.to_string(),
+            layer: layer_index(name),
+            num_layers,
+        }
+    }
+
+    /// Position in [0, 1] along the depth of the model, used by gradients:
+    /// layer i of N sits at i/(N−1); tensors before the first layer
+    /// (embeddings) at 0, tensors after the last (final norm, lm_head) at 1.
+    pub fn depth(&self) -> f64 {
+        match self.layer {
+            Some(_) if self.num_layers <= 1 => 0.0,
+            Some(i) => i as f64 / (self.num_layers - 1) as f64,
+            None if is_input_side(&self.name) => 0.0,
+            None => 1.0,
+        }
+    }
+
+    /// True for a 2-D tensor name that is a linear layer's weight (not an
+    /// embedding or norm); used by methods restricted to linear weights.
+    pub fn is_linear_weight(&self) -> bool {
+        self.name.ends_with(".weight") && !self.name.contains("embed") && !self.name.contains("norm")
+    }
+}
+
+fn is_input_side(name: &str) -> bool {
+    name.contains("embed") || name.contains("wte") || name.contains("wpe")
+}
+
+/// The layer index in names like `model.layers.12.self_attn.q_proj.weight`.
+pub fn layer_index(name: &str) -> Option<usize> {
+    let parts: Vec<&str> = name.split('.').collect();
+    parts.windows(2).find_map(|w| match w[0] {
+        "layers" | "h" | "blocks" | "layer" => w[1].parse().ok(),
+        _ => None,
+    })
+}
+
+/// One `{filter, value}` entry; the entry without a filter is the default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilterEntry {
+    /// Substring matched against the tensor name; absent = matches all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
+    /// A scalar or a gradient.
+    pub value: ParamValue,
+}
+
+/// A parameter value as written in a spec or a mergekit YAML.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ParamValue {
+    /// `true` / `false`.
+    Bool(bool),
+    /// A scalar number.
+    Number(f64),
+    /// A word option such as `merge_func: sum`.
+    Text(String),
+    /// Values interpolated linearly across the depth of the model.
+    Gradient(Vec<f64>),
+    /// Values chosen by tensor-name filters, first match wins.
+    Filtered(Vec<FilterEntry>),
+}
+
+impl ParamValue {
+    /// A short description of the kind of value, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ParamValue::Bool(_) => "a boolean",
+            ParamValue::Number(_) => "a number",
+            ParamValue::Text(_) => "a string",
+            ParamValue::Gradient(_) => "a gradient list",
+            ParamValue::Filtered(_) => "a filter list",
+        }
+    }
+
+    /// True when the value can be resolved to a number per tensor.
+    pub fn is_numeric(&self) -> bool {
+        match self {
+            ParamValue::Number(_) => true,
+            ParamValue::Gradient(g) => !g.is_empty(),
+            ParamValue::Filtered(f) => !f.is_empty() && f.iter().all(|e| e.value.is_numeric() && !matches!(e.value, ParamValue::Filtered(_))),
+            _ => false,
+        }
+    }
+
+    /// Every number the value can resolve to (for range validation).
+    pub fn numbers(&self) -> Vec<f64> {
+        match self {
+            ParamValue::Number(x) => vec![*x],
+            ParamValue::Gradient(g) => g.clone(),
+            ParamValue::Filtered(f) => f.iter().flat_map(|e| e.value.numbers()).collect(),
+            _ => vec![],
+        }
+    }
+
+    /// The number this value takes for one tensor. `None` when a filter list
+    /// has no entry matching the tensor and no default.
+    pub fn resolve(&self, ctx: &TensorCtx) -> Option<f64> {
+        match self {
+            ParamValue::Number(x) => Some(*x),
+            ParamValue::Gradient(g) => Some(interpolate(g, ctx.depth())),
+            ParamValue::Filtered(entries) => entries
+                .iter()
+                .find(|e| e.filter.as_deref().is_none_or(|f| ctx.name.contains(f)))
+                .and_then(|e| e.value.resolve(ctx)),
+            ParamValue::Bool(_) | ParamValue::Text(_) => None,
+        }
+    }
+}
+
+/// Linear interpolation of `g` at position `t` in [0, 1] (mergekit gradients).
+pub fn interpolate(g: &[f64], t: f64) -> f64 {
+    match g.len() {
+        0 => f64::NAN,
+        1 => g[0],
+        n => {
+            let pos = t.clamp(0.0, 1.0) * (n - 1) as f64;
+            let i = (pos.floor() as usize).min(n - 2);
+            let frac = pos - i as f64;
+            g[i] * (1.0 - frac) + g[i + 1] * frac
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_indices() {
+        assert_eq!(layer_index("model.layers.12.mlp.up_proj.weight"), Some(12));
+        assert_eq!(layer_index("transformer.h.3.attn.c_attn.weight"), Some(3));
+        assert_eq!(layer_index("model.embed_tokens.weight"), None);
+    }
+
+    #[test]
+    fn gradient_interpolates_across_layers() {
+        // 5 layers, gradient [0, 1]: layer 2 sits at t = 2/4 = 0.5.
+        let g = ParamValue::Gradient(vec![0.0, 1.0]);
+        let ctx = TensorCtx::new("model.layers.2.mlp.up_proj.weight", 5);
+        assert_eq!(g.resolve(&ctx), Some(0.5));
+        // [0, 0.3, 0.5, 0.7, 1] at layer 1 of 3 (t = 0.5) is exactly 0.5;
+        // at layer 1 of 5 (t = 0.25, position 1.0) is 0.3.
+        let g = ParamValue::Gradient(vec![0.0, 0.3, 0.5, 0.7, 1.0]);
+        assert_eq!(g.resolve(&TensorCtx::new("model.layers.1.x", 3)), Some(0.5));
+        assert!((g.resolve(&TensorCtx::new("model.layers.1.x", 5)).unwrap() - 0.3).abs() < 1e-12);
+        // Position 0.375*4 = 1.5 between 0.3 and 0.5 → 0.4 (layer 3 of 9).
+        assert!((g.resolve(&TensorCtx::new("model.layers.3.x", 9)).unwrap() - 0.4).abs() < 1e-12);
+        // Embeddings at the start, final norm at the end.
+        assert_eq!(g.resolve(&TensorCtx::new("model.embed_tokens.weight", 5)), Some(0.0));
+        assert_eq!(g.resolve(&TensorCtx::new("model.norm.weight", 5)), Some(1.0));
+    }
+
+    #[test]
+    fn filters_pick_the_first_match() {
+        let yaml = "- filter: self_attn\n  value: [0, 1]\n- filter: mlp\n  value: 0.25\n- value: 0.5\n";
+        let v: ParamValue = serde_yaml_ng::from_str(yaml).unwrap();
+        assert!(v.is_numeric());
+        assert_eq!(v.resolve(&TensorCtx::new("model.layers.0.self_attn.q_proj.weight", 3)), Some(0.0));
+        assert_eq!(v.resolve(&TensorCtx::new("model.layers.2.self_attn.q_proj.weight", 3)), Some(1.0));
+        assert_eq!(v.resolve(&TensorCtx::new("model.layers.1.mlp.up_proj.weight", 3)), Some(0.25));
+        assert_eq!(v.resolve(&TensorCtx::new("model.norm.weight", 3)), Some(0.5));
+    }
+}
