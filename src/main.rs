@@ -1,1 +1,52 @@
-fn main(){}
+//! `fusion`: the Fusion Gateway command line.
+
+mod bench;
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Fusion Gateway: merge fine-tuned checkpoints with FusionBench and mergekit methods.
+#[derive(Parser)]
+#[command(name = "fusion", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Merge checkpoints from a mergekit-style YAML config (or a compact spec) into a new checkpoint folder.
+    Merge(cli::merge::MergeArgs),
+    /// List the merge methods with their parameters and defaults.
+    Methods,
+    /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
+    #[command(subcommand)]
+    Zoo(cli::zoo::ZooCommand),
+    /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Merge(args) => cli::merge::run(args),
+        Command::Methods => cli::methods::run(),
+        Command::Zoo(cmd) => cli::zoo::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            let mut source = e.source();
+            while let Some(s) = source {
+                eprintln!("  caused by: {s}");
+                source = s.source();
+            }
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -10,9 +10,12 @@ pub mod checkpoint;
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod linalg;
 pub mod merge;
 pub mod methods;
+pub mod select;
 pub mod spec;
+pub mod throughput;
 pub mod zoo;
 
 pub use error::{MergeError, Result};

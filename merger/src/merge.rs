@@ -1,1 +1,398 @@
-//! TODO(session)
+//! Executing a merge: validate the spec against the checkpoints, then merge
+//! tensor by tensor, in parallel across tensors, streaming each result into a
+//! [`Sink`] (a checkpoint folder being written, or memory).
+//!
+//! Validation is apart from execution: [`MergePlan::new`] checks the method,
+//! its parameters, the model count, and that every input holds every tensor
+//! with the same shape, before a single tensor is merged.
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rayon::prelude::*;
+
+use crate::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorRef, WriteOptions};
+use crate::error::{MergeError, Result};
+use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
+use crate::spec::{canonical, MergeSpec, TensorCtx};
+
+/// One output tensor of a plan.
+#[derive(Debug, Clone)]
+pub struct PlannedTensor {
+    /// Tensor name, as in the inputs.
+    pub name: String,
+    /// Shape shared by every input.
+    pub shape: Vec<usize>,
+    /// Output dtype.
+    pub dtype: DType,
+}
+
+impl PlannedTensor {
+    /// Bytes of the output tensor.
+    pub fn bytes(&self) -> u64 {
+        (self.shape.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+    }
+}
+
+/// A validated merge, ready to run.
+pub struct MergePlan {
+    spec: MergeSpec,
+    info: &'static MethodInfo,
+    method: Box<dyn MergeMethod>,
+    base: Option<Arc<Checkpoint>>,
+    experts: Vec<Arc<Checkpoint>>,
+    tensors: Vec<PlannedTensor>,
+    num_layers: usize,
+    id: String,
+}
+
+/// Figures of a finished merge.
+#[derive(Debug, Clone)]
+pub struct MergeStats {
+    /// Tensors merged.
+    pub tensors: usize,
+    /// Bytes of every input tensor read (base and experts).
+    pub input_bytes: u64,
+    /// Bytes of the merged tensors.
+    pub output_bytes: u64,
+    /// Wall time of the merge, in seconds.
+    pub seconds: f64,
+}
+
+/// Receives merged tensors, from several threads.
+pub trait Sink: Sync {
+    /// Stores the f32 result for `tensor`.
+    fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()>;
+}
+
+/// Calls `f` with the contiguous f32 data of a tensor (copied to the CPU first
+/// when it lives elsewhere).
+pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let t = if t.device().is_cpu() { t.clone() } else { t.to_device(&Device::Cpu)? };
+    let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
+    let t = if t.is_contiguous() { t } else { t.contiguous()? };
+    let (storage, layout) = t.storage_and_layout();
+    let (start, end) = layout.contiguous_offsets().expect("contiguous");
+    match &*storage {
+        Storage::Cpu(CpuStorage::F32(v)) => Ok(f(&v[start..end])),
+        _ => unreachable!("converted to an f32 CPU tensor above"),
+    }
+}
+
+impl Sink for CheckpointWriter {
+    fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
+        with_f32_data(&value, |data| self.write_f32(&tensor.name, data))
+            .map_err(|e| MergeError::in_tensor(&tensor.name, e))?
+    }
+}
+
+/// Keeps merged tensors in memory, cast to their output dtype, on the merge
+/// device (what the gateway serves from).
+#[derive(Default)]
+pub struct MemorySink {
+    tensors: Mutex<HashMap<String, Tensor>>,
+}
+
+impl MemorySink {
+    /// The merged tensors by name.
+    pub fn into_tensors(self) -> HashMap<String, Tensor> {
+        self.tensors.into_inner().expect("poisoned")
+    }
+}
+
+impl Sink for MemorySink {
+    fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
+        let value = value
+            .to_dtype(tensor.dtype)
+            .map_err(|e| MergeError::in_tensor(&tensor.name, e))?;
+        self.tensors.lock().expect("poisoned").insert(tensor.name.clone(), value);
+        Ok(())
+    }
+}
+
+/// Progress reporting on stderr: tensors done and throughput; hidden when
+/// stderr is not a terminal or when disabled.
+pub struct Progress {
+    bar: ProgressBar,
+    bytes: AtomicU64,
+    start: Instant,
+}
+
+impl Progress {
+    /// A progress bar over `tensors` tensors, visible only when `show` and
+    /// stderr is a terminal.
+    pub fn new(tensors: usize, label: &str, show: bool) -> Self {
+        let target = if show && std::io::stderr().is_terminal() {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(tensors as u64), target);
+        bar.set_style(
+            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tensors {msg} ({elapsed}, eta {eta})")
+                .expect("template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(label.to_string());
+        Progress {
+            bar,
+            bytes: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    fn tick(&self, bytes: u64) {
+        let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!("{:.2} GB/s", total as f64 / secs / 1e9));
+        self.bar.inc(1);
+    }
+
+    fn finish(&self) {
+        self.bar.finish_and_clear();
+    }
+}
+
+/// Resolves a checkpoint name of the spec to its folder.
+pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<PathBuf>;
+
+impl MergePlan {
+    /// Validates `spec` and opens its checkpoints through `resolve`.
+    pub fn new(spec: MergeSpec, resolve: Resolver) -> Result<Self> {
+        let (info, method) = methods::build(&spec)?;
+        let dtype = match &spec.dtype {
+            None => None,
+            Some(d) => Some(parse_dtype(d).ok_or_else(|| MergeError::BadParameter {
+                param: "dtype".into(),
+                reason: format!("`{d}` is not one of float32, float16, bfloat16"),
+            })?),
+        };
+        let open = |name: &str| -> Result<Arc<Checkpoint>> { Checkpoint::open(name, &resolve(name)?) };
+        let base = spec.base.as_deref().map(open).transpose()?;
+        let experts = spec.models.iter().map(|m| open(&m.name)).collect::<Result<Vec<_>>>()?;
+        let reference = base.as_ref().unwrap_or(&experts[0]).clone();
+        let mut tensors = Vec::with_capacity(reference.tensors().len());
+        let mut num_layers = 0;
+        for (name, entry) in reference.tensors() {
+            for ck in base.iter().chain(experts.iter()) {
+                let other = ck.entry(name).ok_or_else(|| MergeError::MissingTensor {
+                    tensor: name.clone(),
+                    model: ck.name().to_string(),
+                    path: ck.dir().to_path_buf(),
+                })?;
+                if other.shape != entry.shape {
+                    return Err(MergeError::ShapeMismatch {
+                        tensor: name.clone(),
+                        model: ck.name().to_string(),
+                        found: other.shape.clone(),
+                        reference: reference.name().to_string(),
+                        expected: entry.shape.clone(),
+                    });
+                }
+            }
+            if let Some(l) = crate::spec::param::layer_index(name) {
+                num_layers = num_layers.max(l + 1);
+            }
+            tensors.push(PlannedTensor {
+                name: name.clone(),
+                shape: entry.shape.clone(),
+                dtype: dtype.unwrap_or(entry.dtype),
+            });
+        }
+        let fingerprints: Vec<(String, String)> = base
+            .iter()
+            .chain(experts.iter())
+            .map(|c| (c.name().to_string(), c.fingerprint().to_string()))
+            .collect();
+        let id = canonical::merge_id(&spec, info, &fingerprints);
+        Ok(MergePlan {
+            spec,
+            info,
+            method,
+            base,
+            experts,
+            tensors,
+            num_layers,
+            id,
+        })
+    }
+
+    /// The canonical merge id (without the `merge-` prefix).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The validated spec.
+    pub fn spec(&self) -> &MergeSpec {
+        &self.spec
+    }
+
+    /// The method's registry entry.
+    pub fn info(&self) -> &'static MethodInfo {
+        self.info
+    }
+
+    /// The output tensors, sorted by name.
+    pub fn tensors(&self) -> &[PlannedTensor] {
+        &self.tensors
+    }
+
+    /// The checkpoint whose config and tokenizer the output carries.
+    pub fn reference(&self) -> &Checkpoint {
+        self.base.as_ref().unwrap_or(&self.experts[0])
+    }
+
+    /// Bytes of every input tensor a merge reads.
+    pub fn input_bytes(&self) -> u64 {
+        let per = |c: &Checkpoint| -> u64 {
+            self.tensors
+                .iter()
+                .map(|t| c.entry(&t.name).map_or(0, |e| (e.numel() * e.dtype.size_in_bytes()) as u64))
+                .sum()
+        };
+        self.base.iter().chain(self.experts.iter()).map(|c| per(c)).sum()
+    }
+
+    /// Bytes of the merged output.
+    pub fn output_bytes(&self) -> u64 {
+        self.tensors.iter().map(PlannedTensor::bytes).sum()
+    }
+
+    fn inputs<'a>(&'a self, t: &PlannedTensor, device: &'a Device) -> Result<TensorInputs<'a>> {
+        Ok(TensorInputs {
+            ctx: TensorCtx::new(&t.name, self.num_layers),
+            base: self.base.as_ref().map(|b| b.tensor(&t.name)).transpose()?,
+            experts: self.experts.iter().map(|e| e.tensor(&t.name)).collect::<Result<Vec<TensorRef>>>()?,
+            device,
+        })
+    }
+
+    /// Tensor indices, largest first, so the big ones do not end up last.
+    fn schedule(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.tensors.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(self.tensors[i].bytes()));
+        order
+    }
+
+    /// Runs the merge on `device`, handing each merged tensor to `sink`.
+    pub fn execute(&mut self, device: &Device, sink: &dyn Sink, progress: &Progress) -> Result<MergeStats> {
+        let start = Instant::now();
+        // The method is taken out while it scans the plan it belongs to.
+        let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
+        let prepared = method.prepare(&PlanScan { plan: self, device });
+        self.method = method;
+        prepared?;
+        let per_tensor_input = |t: &PlannedTensor| -> u64 {
+            self.base
+                .iter()
+                .chain(self.experts.iter())
+                .filter_map(|c| c.entry(&t.name))
+                .map(|e| (e.numel() * e.dtype.size_in_bytes()) as u64)
+                .sum()
+        };
+        let done = AtomicUsize::new(0);
+        self.schedule().into_par_iter().try_for_each(|i| -> Result<()> {
+            let t = &self.tensors[i];
+            let inputs = self.inputs(t, device)?;
+            let merged = self.method.merge(&inputs)?;
+            if merged.dims() != t.shape.as_slice() {
+                return Err(MergeError::ShapeMismatch {
+                    tensor: t.name.clone(),
+                    model: format!("merged output of {}", self.info.name),
+                    found: merged.dims().to_vec(),
+                    reference: self.reference().name().to_string(),
+                    expected: t.shape.clone(),
+                });
+            }
+            sink.put(t, merged)?;
+            done.fetch_add(1, Ordering::Relaxed);
+            progress.tick(per_tensor_input(t));
+            Ok(())
+        })?;
+        progress.finish();
+        Ok(MergeStats {
+            tensors: done.into_inner(),
+            input_bytes: self.input_bytes(),
+            output_bytes: self.output_bytes(),
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Placeholder swapped in while the real method is borrowed mutably by
+/// `prepare`; never merges.
+struct Unprepared;
+
+impl MergeMethod for Unprepared {
+    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
+        Err(MergeError::Spec(format!("tensor `{}` merged before the method was prepared", inputs.ctx.name)))
+    }
+}
+
+struct PlanScan<'a> {
+    plan: &'a MergePlan,
+    device: &'a Device,
+}
+
+impl ModelScan for PlanScan<'_> {
+    fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()> {
+        self.plan
+            .schedule()
+            .into_par_iter()
+            .try_for_each(|i| f(&self.plan.inputs(&self.plan.tensors[i], self.device)?))
+    }
+}
+
+/// Options of [`merge_to_dir`].
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    /// Output layout and overwrite policy.
+    pub write: WriteOptions,
+    /// Show a progress bar on stderr (only when it is a terminal).
+    pub progress: bool,
+}
+
+/// What [`merge_to_dir`] produced.
+#[derive(Debug, Clone)]
+pub struct MergeReport {
+    /// The canonical merge id.
+    pub id: String,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Throughput figures.
+    pub stats: MergeStats,
+}
+
+/// Validates `spec`, merges it on `device` and writes a checkpoint folder at
+/// `out` (config and tokenizer files copied from the base, or from the first
+/// model when there is no base).
+pub fn merge_to_dir(spec: MergeSpec, resolve: Resolver, out: &Path, device: &Device, opts: &MergeOptions) -> Result<MergeReport> {
+    let mut plan = MergePlan::new(spec, resolve)?;
+    let layout: Vec<_> = plan
+        .tensors()
+        .iter()
+        .map(|t| (t.name.clone(), t.dtype, t.shape.clone()))
+        .collect();
+    let writer = CheckpointWriter::create(out, &layout, &opts.write)?;
+    let progress = Progress::new(plan.tensors().len(), plan.info().name, opts.progress);
+    let stats = plan.execute(device, &writer, &progress)?;
+    writer.copy_side_files(plan.reference().dir())?;
+    let provenance = serde_json::json!({
+        "merge_id": format!("merge-{}", plan.id()),
+        "spec": plan.spec(),
+        "method_convention": plan.info().convention,
+    });
+    writer.write_file("fusion_merge.json", &serde_json::to_vec_pretty(&provenance).expect("json"))?;
+    let out = writer.finish()?;
+    Ok(MergeReport {
+        id: plan.id().to_string(),
+        out,
+        stats,
+    })
+}

@@ -1,7 +1,337 @@
-//! TODO(session): being written.
-use super::{MergeMethod, Params};
-use crate::error::{MergeError, Result};
+//! Model Breadcrumbs (mergekit `breadcrumbs`; Davari and Belilovsky 2024,
+//! "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
+//! arXiv:2312.06795): mergekit's `magnitude_outliers` sparsification, then
+//! task arithmetic.
+//!
+//! Per tensor and expert, with τi = θi − θ0 of n entries ranked by |τi|
+//! ascending:
+//!
+//! - n_keep = ⌊density·n⌋ and n_top = ⌊gamma·n⌋ (integer truncation, as
+//!   mergekit's `int()`), n_bot = n − n_keep − n_top; when n_bot < 0, n_top
+//!   shrinks to n − n_keep and n_bot = 0 (mergekit's rule, so density + gamma
+//!   may exceed 1);
+//! - the n_bot smallest and the n_top largest |τi| are zeroed, the n_keep in
+//!   between kept (ties ranked by position); density = 1 keeps τi whole;
+//! - with `rescale`, the kept τi is scaled to the L1 norm of the original
+//!   (skipped when either norm is below 1e-7), mergekit's `rescale` option;
+//! - θ = θ0 + λ Σi wi τi', divided by Σ wi first with `normalize` (left
+//!   undivided when |Σ wi| < 1e-8, as mergekit does).
+//!
+//! One deliberate difference from mergekit: mergekit keeps
+//! `indices[n_bot:-n_top]`, which is empty when n_top = 0 (any tensor with
+//! gamma·n < 1, e.g. a 64-entry norm at gamma 0.01), dropping the whole task
+//! vector; here n_top = 0 keeps the n_keep largest, as the method intends.
+//!
+//! Parameters:
+//! - per-model `density` in (0, 1]: default 1.0 in mergekit YAML (mergekit's
+//!   default, which makes the sparsification a no-op), 0.9 in FusionBench-
+//!   style specs (a sensible breadcrumbs setting, since FusionBench has no
+//!   breadcrumbs of its own);
+//! - per-model `gamma` in [0, 1) (default 0.01);
+//! - per-model `weight` (default 1; mergekit requires it), any finite number;
+//! - `lambda` or `scaling_coefficient` (λ; default 1.0 in mergekit YAML, 0.3
+//!   in FusionBench-style specs, as for task arithmetic), any finite number;
+//! - `normalize` (false), `rescale` (false); `int8_mask` (false) is accepted
+//!   for mergekit YAML and has no effect (breadcrumbs has no sign mask).
+//!
+//! All numbers are per-tensor resolvable. The ranking is a selection, so the
+//! method runs on the host and moves the result to the merge device.
 
-pub fn build(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    Err(MergeError::Spec("not yet written".into()))
+use candle_core::{Device, Tensor};
+use rayon::prelude::*;
+
+use super::magnitude_pruning::rank_range_mask;
+use super::params::LAMBDA_KEYS;
+use super::task_arithmetic::default_lambda;
+use super::{MergeMethod, Num, Params, TensorInputs};
+use crate::error::{MergeError, Result};
+use crate::spec::Dialect;
+
+/// mergekit leaves Σ wi undivided below this.
+const ZERO_SUM: f64 = 1e-8;
+/// mergekit skips the L1 rescale when a norm is below this.
+const RESCALE_EPS: f64 = 1e-7;
+
+/// Outlier-and-small-magnitude sparsification, then task arithmetic.
+#[derive(Debug)]
+struct Breadcrumbs {
+    lambda: Num,
+    weights: Vec<Num>,
+    density: Vec<Num>,
+    gamma: Vec<Num>,
+    normalize: bool,
+    rescale: bool,
+}
+
+/// Builds `breadcrumbs`.
+pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    let dialect = p.dialect();
+    let lambda = p.number(LAMBDA_KEYS, default_lambda(dialect))?;
+    let weights = p.per_model("weight", 1.0)?;
+    let default_density = match dialect {
+        Dialect::Mergekit => 1.0,
+        Dialect::Fusionbench => 0.9,
+    };
+    let density = p
+        .per_model("density", default_density)?
+        .into_iter()
+        .map(|d| d.check(|d| d > 0.0 && d <= 1.0, "in (0, 1]"))
+        .collect::<Result<_>>()?;
+    let gamma = p
+        .per_model("gamma", 0.01)?
+        .into_iter()
+        .map(|g| g.check(|g| (0.0..1.0).contains(&g), "in [0, 1)"))
+        .collect::<Result<_>>()?;
+    let normalize = p.boolean(&["normalize"], false)?;
+    let rescale = p.boolean(&["rescale"], false)?;
+    p.boolean(&["int8_mask"], false)?;
+    Ok(Box::new(Breadcrumbs {
+        lambda,
+        weights,
+        density,
+        gamma,
+        normalize,
+        rescale,
+    }))
+}
+
+/// Zeroes the smallest and the largest |τ| of `tau` in place, keeping
+/// ⌊density·n⌋ entries in between; optionally restores the L1 norm.
+fn sparsify(tau: &mut [f32], density: f64, gamma: f64, rescale: bool) {
+    if density >= 1.0 {
+        return;
+    }
+    let n = tau.len();
+    let keep = (density * n as f64) as usize;
+    let top = ((gamma * n as f64) as usize).min(n - keep);
+    let bottom = n - keep - top;
+    let magnitudes: Vec<f32> = tau.par_iter().map(|x| x.abs()).collect();
+    let mask = rank_range_mask(&magnitudes, bottom, n - top);
+    let before: f64 = magnitudes.par_iter().map(|&x| x as f64).sum();
+    drop(magnitudes);
+    tau.par_iter_mut()
+        .zip(mask)
+        .filter(|(_, k)| !k)
+        .for_each(|(x, _)| *x = 0.0);
+    if rescale {
+        let after: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
+        if before >= RESCALE_EPS && after >= RESCALE_EPS {
+            let s = (before / after) as f32;
+            tau.par_iter_mut().for_each(|x| *x *= s);
+        }
+    }
+}
+
+impl MergeMethod for Breadcrumbs {
+    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
+        let base = inputs
+            .base
+            .as_ref()
+            .ok_or_else(|| MergeError::MissingBase {
+                method: "breadcrumbs".into(),
+            })?;
+        let ctx = &inputs.ctx;
+        let b = base.to_f32_vec();
+        let mut mixed = vec![0f32; b.len()];
+        let mut weight_sum = 0.0;
+        for (i, expert) in inputs.experts.iter().enumerate() {
+            let w = self.weights[i].at(ctx)?;
+            let mut tau = expert.to_f32_vec();
+            tau.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
+            sparsify(
+                &mut tau,
+                self.density[i].at(ctx)?,
+                self.gamma[i].at(ctx)?,
+                self.rescale,
+            );
+            let wf = w as f32;
+            mixed
+                .par_iter_mut()
+                .zip(&tau)
+                .for_each(|(m, t)| *m += wf * t);
+            weight_sum += w;
+        }
+        let divisor = if self.normalize && weight_sum.abs() >= ZERO_SUM {
+            weight_sum
+        } else {
+            1.0
+        };
+        let scale = (self.lambda.at(ctx)? / divisor) as f32;
+        mixed
+            .par_iter_mut()
+            .zip(&b)
+            .for_each(|(m, b)| *m = b + scale * *m);
+        Tensor::from_vec(mixed, inputs.shape(), &Device::Cpu)
+            .and_then(|t| t.to_device(inputs.device))
+            .map_err(|e| inputs.err(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::sparsify;
+    use crate::methods::testutil::{assert_close, merge1, merge_typed, Fixture};
+    use crate::spec::{Dialect, MergeSpec, ParamValue};
+
+    fn spec(models: &[&str], dialect: Dialect) -> MergeSpec {
+        let mut s = MergeSpec::new("breadcrumbs", Some("base"), models);
+        s.dialect = dialect;
+        s
+    }
+
+    /// τ = ±1..±10 in scrambled order, so ranks by |τ| are easy to read.
+    const TAU: [f32; 10] = [3., -9., 1., 10., -5., 2., -7., 4., 8., -6.];
+
+    #[test]
+    fn drops_outliers_and_small_entries() {
+        // n = 10, density 0.5, gamma 0.1: keep 5, top 1, bottom 4 → keep |τ| in {5, 6, 7, 8, 9}.
+        let mut t = TAU;
+        sparsify(&mut t, 0.5, 0.1, false);
+        assert_eq!(t, [0., -9., 0., 0., -5., 0., -7., 0., 8., -6.]);
+    }
+
+    #[test]
+    fn gamma_rounding_to_zero_keeps_the_largest() {
+        // n = 10, gamma 0.05 → ⌊0.5⌋ = 0 outliers; density 0.3 → keep the 3 largest
+        // (mergekit's indices[7:-0] would keep nothing).
+        let mut t = TAU;
+        sparsify(&mut t, 0.3, 0.05, false);
+        assert_eq!(t, [0., -9., 0., 10., 0., 0., 0., 0., 8., 0.]);
+    }
+
+    #[test]
+    fn density_plus_gamma_above_one_shrinks_the_outliers() {
+        // n = 10, density 0.9 → keep 9, gamma 0.2 → top 2, bottom = −1 → top 1, bottom 0:
+        // only |τ| = 10 is dropped.
+        let mut t = TAU;
+        sparsify(&mut t, 0.9, 0.2, false);
+        assert_eq!(t, [3., -9., 1., 0., -5., 2., -7., 4., 8., -6.]);
+        // density 1 keeps everything, whatever gamma.
+        let mut t = TAU;
+        sparsify(&mut t, 1.0, 0.5, false);
+        assert_eq!(t, TAU);
+    }
+
+    #[test]
+    fn rescale_restores_the_l1_norm() {
+        // Σ|τ| = 55; kept {9, 5, 7, 8, 6} sum to 35 → × 55/35 = 1.5714286.
+        let mut t = TAU;
+        sparsify(&mut t, 0.5, 0.1, true);
+        let s = 55.0f32 / 35.0;
+        assert_close(
+            &t,
+            &[
+                0.,
+                -9. * s,
+                0.,
+                0.,
+                -5. * s,
+                0.,
+                -7. * s,
+                0.,
+                8. * s,
+                -6. * s,
+            ],
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn merge_with_mergekit_defaults_and_density() {
+        // θ0 = 1, one expert θ1 = 1 + τ; density 0.5, gamma 0.1 per model; λ = 1 (mergekit):
+        // θ = 1 + [0, −9, 0, 0, −5, 0, −7, 0, 8, −6]
+        let base = [1f32; 10];
+        let expert: Vec<f32> = TAU.iter().map(|t| 1. + t).collect();
+        let fx = Fixture::new("w", &[2, 5], Some(&base), &[&expert]);
+        let mut s = spec(&["x"], Dialect::Mergekit);
+        s.models[0]
+            .parameters
+            .insert("density".into(), ParamValue::Number(0.5));
+        s.models[0]
+            .parameters
+            .insert("gamma".into(), ParamValue::Number(0.1));
+        assert_close(
+            &merge1(&s, &fx),
+            &[1., -8., 1., 1., -4., 1., -6., 1., 9., -5.],
+            1e-6,
+        );
+        // mergekit's default density 1.0 is plain task arithmetic: θ = θ1.
+        let s = spec(&["x"], Dialect::Mergekit);
+        assert_close(&merge1(&s, &fx), &expert, 1e-6);
+    }
+
+    #[test]
+    fn fusionbench_defaults() {
+        // density 0.9, gamma 0.01 on n = 10: keep 9, top 0, bottom 1 → drop |τ| = 1;
+        // λ = 0.3: θ = 0.3·τ' with θ0 = 0.
+        let fx = Fixture::new("w", &[10], Some(&[0.; 10]), &[&TAU]);
+        let want = [0.9, -2.7, 0., 3., -1.5, 0.6, -2.1, 1.2, 2.4, -1.8];
+        assert_close(
+            &merge1(&spec(&["x"], Dialect::Fusionbench), &fx),
+            &want,
+            1e-6,
+        );
+    }
+
+    #[test]
+    fn weighted_and_normalised() {
+        // θ0 = [0, 0, 0, 0], τ1 = [1, 2, 3, 4] (density 0.5, gamma 0.25: keep 2, top 1,
+        // bottom 1 → [0, 2, 3, 0]), τ2 = [4, 0, 0, 0] (density 1: whole).
+        // weights 1, 3; λ = 2: 2·([0, 2, 3, 0] + 3·[4, 0, 0, 0]) = [24, 4, 6, 0];
+        // normalised by Σw = 4: [6, 1, 1.5, 0].
+        let fx = Fixture::new(
+            "w",
+            &[4],
+            Some(&[0.; 4]),
+            &[&[1., 2., 3., 4.], &[4., 0., 0., 0.]],
+        );
+        let mut s = spec(&["x", "y"], Dialect::Mergekit).with("lambda", 2.0);
+        s.models[0]
+            .parameters
+            .insert("density".into(), ParamValue::Number(0.5));
+        s.models[0]
+            .parameters
+            .insert("gamma".into(), ParamValue::Number(0.25));
+        s.models[1].weight = Some(ParamValue::Number(3.0));
+        assert_close(&merge1(&s, &fx), &[24., 4., 6., 0.], 1e-5);
+        let s = s
+            .with_value("normalize", ParamValue::Bool(true))
+            .with_value("int8_mask", ParamValue::Bool(true));
+        assert_close(&merge1(&s, &fx), &[6., 1., 1.5, 0.], 1e-5);
+    }
+
+    #[test]
+    fn parameter_ranges() {
+        let with = |k: &str, v: f64| spec(&["x"], Dialect::Mergekit).with(k, v);
+        assert!(crate::methods::build(&with("density", 0.0)).is_err());
+        assert!(crate::methods::build(&with("density", 1.2)).is_err());
+        assert!(crate::methods::build(&with("gamma", 1.0)).is_err());
+        assert!(crate::methods::build(&with("gamma", -0.1)).is_err());
+        assert!(crate::methods::build(&with("scaling_coefficient", 0.5)).is_ok());
+        assert!(crate::methods::build(&MergeSpec::new("breadcrumbs", None, &["x"])).is_err());
+    }
+
+    #[test]
+    fn bf16_and_f16_experts_with_an_f32_base() {
+        // θ0 = [1, 1, 1, 1]; τ1 = [0.5, −2, 1, 4] (bf16 expert), τ2 = [−1, 0.25, 0, 2] (f16);
+        // density 0.5, gamma 0.25 (keep 2, top 1, bottom 1), λ = 1:
+        // τ1' = [0, −2, 1, 0]; τ2': |.| = 1, 0.25, 0, 2 → ranks 2, 1, 0, 3 → keep
+        // ranks 1, 2 → [−1, 0.25, 0, 0]. θ = 1 + [−1, −1.75, 1, 0] = [0, −0.75, 2, 1]
+        let s = spec(&["x", "y"], Dialect::Mergekit)
+            .with("density", 0.5)
+            .with("gamma", 0.25);
+        let got = merge_typed(
+            &s,
+            "w",
+            &[4],
+            Some((DType::F32, &[1.; 4])),
+            &[
+                (DType::BF16, &[1.5, -1., 2., 5.]),
+                (DType::F16, &[0., 1.25, 1., 3.]),
+            ],
+        );
+        assert_close(&got, &[0., -0.75, 2., 1.], 1e-6);
+    }
 }

@@ -105,3 +105,51 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
         assert!((g - w).abs() <= tol, "index {i}: got {g}, want {w} (got {got:?}, want {want:?})");
     }
 }
+
+/// `values` stored as little-endian `dtype` bytes (F32, F16 or BF16), for
+/// inputs whose stored dtype is not f32.
+pub fn typed_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
+    match dtype {
+        DType::F32 => bytes(values),
+        DType::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+        DType::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        other => panic!("typed_bytes: unsupported dtype {other:?}"),
+    }
+}
+
+/// Builds, prepares and merges one tensor `name` of `shape` whose base and
+/// experts are stored in the given dtypes (mixed-precision checkpoints).
+pub fn merge_typed(
+    spec: &MergeSpec,
+    name: &str,
+    shape: &[usize],
+    base: Option<(DType, &[f32])>,
+    experts: &[(DType, &[f32])],
+) -> Vec<f32> {
+    struct One<'a>(&'a TensorInputs<'a>);
+    impl ModelScan for One<'_> {
+        fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()> {
+            f(self.0)
+        }
+    }
+    static CPU: Device = Device::Cpu;
+    let base = base.map(|(d, v)| (d, typed_bytes(d, v)));
+    let experts: Vec<(DType, Vec<u8>)> = experts.iter().map(|(d, v)| (*d, typed_bytes(*d, v))).collect();
+    let r = |(dtype, b): &(DType, Vec<u8>)| TensorRef {
+        dtype: *dtype,
+        shape,
+        bytes: b.as_slice(),
+    };
+    let inputs = TensorInputs {
+        ctx: TensorCtx::new(name, 1),
+        base: base.as_ref().map(r),
+        experts: experts.iter().map(r).collect(),
+        device: &CPU,
+    };
+    let mut m = build(spec);
+    m.prepare(&One(&inputs)).expect("prepare");
+    let t = m.merge(&inputs).expect("merge");
+    assert_eq!(t.dims(), shape, "merged shape");
+    assert_eq!(t.dtype(), DType::F32, "merged dtype");
+    t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+}

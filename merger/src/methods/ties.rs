@@ -1,10 +1,976 @@
-//! TODO(session): being written.
-use super::{MergeMethod, Params};
-use crate::error::{MergeError, Result};
+//! TIES merging (Yadav et al., "TIES-Merging: Resolving Interference When
+//! Merging Models", arXiv:2306.01708), as FusionBench's `ties_merging` and
+//! as mergekit's `ties`; plus the task-vector engine the DARE variants share.
+//!
+//! **`ties_merging` (FusionBench)**, τi = θi − θ0:
+//! 1. trim: per task keep τi where |τi| ≥ v, v the k-th smallest |τi| with
+//!    k = d − int(d·density) over the d entries of the scope (FusionBench's
+//!    `topk_values_mask`: ties at v are kept; density 1 keeps everything);
+//! 2. elect: s = sign(Σi trimmed τi); where s = 0, s = sign(Σ over the scope
+//!    of s) (`resolve_zero_signs(.., "majority")`);
+//! 3. disjoint merge of the trimmed entries selected by
+//!    `where(s > 0, τ > 0, τ < 0)` (FusionBench's test, so where s is still 0
+//!    the negative entries are selected): `sum`, `mean` (sum / number
+//!    selected, at least 1) or `max` (largest selected |τ| times s);
+//! 4. θ = θ0 + λ·merged.
+//!
+//! The scope (`trim_scope`) is the whole model (`model`, FusionBench, which
+//! flattens the state dict) or each tensor (`tensor`). Model scope runs a
+//! model-wide pass in [`MergeMethod::prepare`]: thresholds are exact order
+//! statistics by radix selection ([`crate::select`]): pass 1 counts the high
+//! 16 bits of every |τi|, pass 2 the low 16 bits inside the bucket holding
+//! the k-th. Pass 2 also gathers the majority sign without a third pass: an
+//! entry whose inclusion does not depend on the still-unknown low bits
+//! contributes its sign at once; an entry where exactly one task a sits in
+//! its bucket contributes sign(S without a) plus, at index lo(a) of a
+//! per-task difference table, sign(S with a) − sign(S without a), and the
+//! table summed from the final low bits upwards gives the exact total; the
+//! rare entries with several undecided tasks are kept (their τ row) and
+//! settled once the thresholds are known. When more than [`ROW_CAP_BYTES`]
+//! of such rows pile up, a third pass recounts the majority instead.
+//!
+//! Parameters: `density` in (0, 1] (default 0.2) or FusionBench's
+//! `threshold` (a percentage in (0, 100]; a value ≤ 1 is read as a fraction,
+//! FusionBench's rule), `scaling_coefficient` λ (also `lambda`,
+//! `scaling_factor`; default 0.3, any finite number, per-tensor resolvable),
+//! `merge_func` sum | mean | max (sum), `trim_scope` model | tensor (model).
+//!
+//! **`ties` (mergekit)**, per tensor: per model keep exactly k = int(density·n)
+//! largest |τi| (ties at the k-th broken by position, first kept; k = 0 keeps
+//! nothing where mergekit refuses), δi = wi·kept τi, elected sign + where
+//! Σi δi ≥ 0 else −, mask_i = sign(δi) == elected (zeros never match),
+//! mixed = Σ δi·mask_i, divided by Σ wi·mask_i when `normalize` (a divisor
+//! with |·| < 1e-8 becomes 1), θ = θ0 + λ·mixed. Per-model `weight` (1) and
+//! `density` (1.0, in (0, 1]), both per-tensor resolvable; `normalize`
+//! (true); `lambda` (1.0); `int8_mask` accepted (it only picks the dtype of
+//! mergekit's sign mask, never the result).
+//!
+//! All arithmetic is f32. On the CPU every pass is a fused loop over chunks
+//! of the stored bytes, in parallel; elsewhere the merge runs as candle ops
+//! (the thresholds are always found on the CPU, from the memory-mapped bytes).
 
-pub fn build_fusionbench(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    Err(MergeError::Spec("not yet written".into()))
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::dare::{Dropout, TensorDropout};
+use super::params::LAMBDA_KEYS;
+use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
+use crate::checkpoint::reader::decode_chunk;
+use crate::error::{MergeError, Result};
+use crate::select::{abs_key, add_into, count_high, count_low, key_value, locate_high, order_small, Order, Pending, Pool, BUCKETS};
+
+/// Entries per chunk of the fused loops.
+pub(crate) const CHUNK: usize = 1 << 14;
+/// Tensors up to this size find their thresholds by in-memory selection.
+const SMALL: usize = 1 << 16;
+/// Undecided rows kept during the majority pass before falling back to a
+/// third pass.
+pub(crate) const ROW_CAP_BYTES: usize = 64 << 20;
+/// mergekit leaves a divisor below this undivided.
+const ZERO_DIVISOR: f32 = 1e-8;
+/// FusionBench's and mergekit's spellings of λ.
+pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "scaling_factor"];
+
+// ---------------------------------------------------------------------------
+// Task vectors, chunk by chunk.
+
+/// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive entries.
+pub(crate) struct Chunk {
+    pub base: Vec<f32>,
+    pub tau: Vec<Vec<f32>>,
+    pub len: usize,
 }
-pub fn build_mergekit(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    Err(MergeError::Spec("not yet written".into()))
+
+/// Where a tensor's task vectors come from: the stored bytes, and the DARE
+/// dropout applied to them, if any.
+pub(crate) struct Source<'a> {
+    pub inputs: &'a TensorInputs<'a>,
+    pub dropout: Option<TensorDropout>,
+}
+
+impl<'a> Source<'a> {
+    /// The task vectors of `inputs` (which must have a base).
+    pub fn new(inputs: &'a TensorInputs<'a>, dropout: Option<TensorDropout>) -> Result<Self> {
+        if inputs.base.is_none() {
+            return Err(MergeError::Spec(format!("tensor `{}`: this method needs a base model", inputs.ctx.name)));
+        }
+        Ok(Source { inputs, dropout })
+    }
+
+    pub fn numel(&self) -> usize {
+        self.inputs.experts[0].numel()
+    }
+
+    pub fn tasks(&self) -> usize {
+        self.inputs.experts.len()
+    }
+
+    fn chunk(&self, len: usize) -> Chunk {
+        Chunk {
+            base: vec![0.0; len],
+            tau: vec![vec![0.0; len]; self.tasks()],
+            len: 0,
+        }
+    }
+
+    /// Decodes entries `start..start + len` into `c`.
+    pub fn load(&self, start: usize, len: usize, c: &mut Chunk) {
+        let base = self.inputs.base.as_ref().expect("checked in Source::new");
+        let w = base.dtype.size_in_bytes();
+        let Chunk { base: b, tau, .. } = c;
+        let b = &mut b[..len];
+        decode_chunk(base.dtype, &base.bytes[start * w..(start + len) * w], b);
+        for (i, (e, t)) in self.inputs.experts.iter().zip(tau.iter_mut()).enumerate() {
+            let w = e.dtype.size_in_bytes();
+            let t = &mut t[..len];
+            decode_chunk(e.dtype, &e.bytes[start * w..(start + len) * w], t);
+            t.iter_mut().zip(b.iter()).for_each(|(t, b)| *t -= b);
+            if let Some(d) = &self.dropout {
+                d.apply(i, start, t);
+            }
+        }
+        c.len = len;
+    }
+
+    /// Every entry at once (for small tensors).
+    fn load_all(&self) -> Chunk {
+        let n = self.numel();
+        let mut c = self.chunk(n);
+        self.load(0, n, &mut c);
+        c
+    }
+
+    /// Runs `f(chunk index, chunk)` over every chunk in parallel; results in
+    /// chunk order.
+    pub fn map_chunks<R: Send>(&self, f: impl Fn(usize, &Chunk) -> R + Sync) -> Vec<R> {
+        let n = self.numel();
+        (0..n.div_ceil(CHUNK))
+            .into_par_iter()
+            .map_init(
+                || self.chunk(CHUNK.min(n)),
+                |c, k| {
+                    let start = k * CHUNK;
+                    self.load(start, CHUNK.min(n - start), c);
+                    f(k, c)
+                },
+            )
+            .collect()
+    }
+
+    /// Builds the merged tensor by `f(chunk index, chunk, output slice)` over
+    /// every chunk in parallel.
+    pub fn fill(&self, f: impl Fn(usize, &Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
+        let n = self.numel();
+        let mut out = vec![0f32; n];
+        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+            || self.chunk(CHUNK.min(n)),
+            |c, (k, o)| {
+                self.load(k * CHUNK, o.len(), c);
+                f(k, c, o)
+            },
+        );
+        Tensor::from_vec(out, self.inputs.shape(), self.inputs.device).map_err(|e| self.inputs.err(e))
+    }
+
+    /// θ0 as a tensor on the merge device.
+    pub fn base_tensor(&self) -> Result<Tensor> {
+        self.inputs.base_f32()
+    }
+
+    /// Every τi (after dropout) as tensors on the merge device.
+    pub fn task_vectors(&self) -> Result<Vec<Tensor>> {
+        let taus = self.inputs.task_vectors()?;
+        let Some(d) = &self.dropout else {
+            return Ok(taus);
+        };
+        taus.into_iter()
+            .enumerate()
+            .map(|(i, t)| d.apply_tensor(i, &t).map_err(|e| self.inputs.err(e)))
+            .collect()
+    }
+}
+
+#[inline]
+fn sgn(x: f32) -> i64 {
+    i64::from(x > 0.0) - i64::from(x < 0.0)
+}
+
+// ---------------------------------------------------------------------------
+// FusionBench TIES: statistics.
+
+/// Per-task thresholds (order keys: keep |τ| with `abs_key(τ) >= key`) and
+/// the majority sign that zero elected signs take.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TiesStats {
+    pub keys: Vec<u32>,
+    pub majority: f32,
+}
+
+/// FusionBench's rank: k = d − int(d·density), the k-th smallest |τ| is the
+/// threshold; `None` when everything is kept.
+fn fb_rank(d: u64, density: f64) -> Option<u64> {
+    if density >= 1.0 || d == 0 {
+        return None;
+    }
+    let k = d - ((d as f64 * density) as u64).min(d);
+    (k > 0).then_some(k)
+}
+
+/// Σ over entries of sign(Σi trimmed τi), for `len` entries of `c`.
+fn sign_total(c: &Chunk, keys: &[u32]) -> i64 {
+    (0..c.len)
+        .map(|j| {
+            let mut s = 0f32;
+            for (t, &k) in c.tau.iter().zip(keys) {
+                if abs_key(t[j]) >= k {
+                    s += t[j];
+                }
+            }
+            sgn(s)
+        })
+        .sum()
+}
+
+/// The sign contribution of one stored row (τ of every task at one entry).
+fn row_sign(row: &[f32], keys: &[u32]) -> i64 {
+    let mut s = 0f32;
+    for (&v, &k) in row.iter().zip(keys) {
+        if abs_key(v) >= k {
+            s += v;
+        }
+    }
+    sgn(s)
+}
+
+/// Statistics of one tensor held in memory (small tensors, and the oracle
+/// of the tests).
+fn fb_stats_direct(c: &Chunk, density: f64) -> TiesStats {
+    let keys: Vec<u32> = c
+        .tau
+        .iter()
+        .map(|t| match fb_rank(c.len as u64, density) {
+            None => 0,
+            Some(k) => {
+                let mut ks: Vec<u32> = t[..c.len].iter().map(|&v| abs_key(v)).collect();
+                order_small(&mut ks, k).key
+            }
+        })
+        .collect();
+    let majority = sgn(sign_total(c, &keys) as f32) as f32;
+    TiesStats { keys, majority }
+}
+
+/// Runs a closure over the sources of a scope (one tensor or a whole model).
+pub(crate) type Visit<'v> = &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
+
+/// How a task is trimmed while its threshold is being found.
+#[derive(Clone, Copy)]
+enum Cut {
+    Known(u32),
+    Pending(Pending),
+}
+
+/// Pass-2 accumulator: low-half counts, the majority's settled part, the
+/// per-task difference tables and the undecided rows.
+struct Pass2 {
+    low: Vec<u64>,
+    diff: Vec<i64>,
+    settled: i64,
+    rows: Vec<f32>,
+}
+
+/// Model-wide (or tensor-wide) statistics by radix selection, streaming
+/// the scope twice (three times when undecided rows overflow).
+fn fb_stats_radix(density: f64, tasks: usize, visit: Visit) -> Result<TiesStats> {
+    // Pass 1: high halves.
+    let pool: Pool<Vec<u64>> = Pool::default();
+    let mut cuts = vec![Cut::Known(0); tasks];
+    if density < 1.0 {
+        visit(&|src: &Source| {
+            src.map_chunks(|_, c| {
+                pool.with(
+                    || vec![0u64; tasks * BUCKETS],
+                    |h| {
+                        for (t, h) in c.tau.iter().zip(h.chunks_mut(BUCKETS)) {
+                            t[..c.len].iter().for_each(|&v| count_high(h, abs_key(v)));
+                        }
+                    },
+                )
+            });
+            Ok(())
+        })?;
+        let mut high = vec![0u64; tasks * BUCKETS];
+        pool.into_inner().iter().for_each(|h| add_into(&mut high, h));
+        for (cut, h) in cuts.iter_mut().zip(high.chunks(BUCKETS)) {
+            if let Some(k) = fb_rank(h.iter().sum(), density) {
+                *cut = Cut::Pending(locate_high(h, k));
+            }
+        }
+    }
+    // Pass 2: low halves and the majority sign.
+    let row_cap = ROW_CAP_BYTES / (4 * tasks);
+    let rows_kept = AtomicUsize::new(0);
+    let overflow = AtomicBool::new(false);
+    let pool: Pool<Pass2> = Pool::default();
+    let any_pending = cuts.iter().any(|c| matches!(c, Cut::Pending(_)));
+    let make = || Pass2 {
+        low: vec![0; if any_pending { tasks * BUCKETS } else { 0 }],
+        diff: vec![0; if any_pending { tasks * BUCKETS } else { 0 }],
+        settled: 0,
+        rows: Vec::new(),
+    };
+    visit(&|src: &Source| {
+        src.map_chunks(|_, c| {
+            pool.with(make, |acc| {
+                let before = acc.rows.len();
+                for j in 0..c.len {
+                    let (mut s0, mut s1) = (0f32, 0f32);
+                    let (mut undecided, mut which, mut lo) = (0, 0, 0);
+                    for (i, (t, cut)) in c.tau.iter().zip(&cuts).enumerate() {
+                        let v = t[j];
+                        let key = abs_key(v);
+                        match cut {
+                            Cut::Known(k) => {
+                                if key >= *k {
+                                    s0 += v;
+                                    s1 += v;
+                                }
+                            }
+                            Cut::Pending(p) => {
+                                let high = key >> 16;
+                                if high > p.high {
+                                    s0 += v;
+                                    s1 += v;
+                                } else if high == p.high {
+                                    acc.low[i * BUCKETS + (key & 0xffff) as usize] += 1;
+                                    // A zero adds nothing whether kept or not.
+                                    if key != 0 {
+                                        undecided += 1;
+                                        which = i;
+                                        lo = (key & 0xffff) as usize;
+                                        s1 += v;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    match undecided {
+                        0 => acc.settled += sgn(s0),
+                        1 => {
+                            acc.settled += sgn(s0);
+                            acc.diff[which * BUCKETS + lo] += sgn(s1) - sgn(s0);
+                        }
+                        _ => {
+                            if !overflow.load(Ordering::Relaxed) {
+                                acc.rows.extend(c.tau.iter().map(|t| t[j]));
+                            }
+                        }
+                    }
+                }
+                let added = (acc.rows.len() - before) / tasks;
+                if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
+                    overflow.store(true, Ordering::Relaxed);
+                }
+                if overflow.load(Ordering::Relaxed) {
+                    acc.rows = Vec::new();
+                }
+            })
+        });
+        Ok(())
+    })?;
+    let accs = pool.into_inner();
+    let mut keys = Vec::with_capacity(tasks);
+    let mut total: i64 = accs.iter().map(|a| a.settled).sum();
+    for (i, cut) in cuts.iter().enumerate() {
+        match cut {
+            Cut::Known(k) => keys.push(*k),
+            Cut::Pending(p) => {
+                let mut low = vec![0u64; BUCKETS];
+                let mut diff = vec![0i64; BUCKETS];
+                for a in &accs {
+                    add_into(&mut low, &a.low[i * BUCKETS..(i + 1) * BUCKETS]);
+                    add_into(&mut diff, &a.diff[i * BUCKETS..(i + 1) * BUCKETS]);
+                }
+                let key = p.resolve(&low).key;
+                total += diff[(key & 0xffff) as usize..].iter().sum::<i64>();
+                keys.push(key);
+            }
+        }
+    }
+    if overflow.load(Ordering::Relaxed) {
+        // Pass 3: recount the majority with the exact thresholds.
+        let pool: Pool<i64> = Pool::default();
+        visit(&|src: &Source| {
+            src.map_chunks(|_, c| pool.with(|| 0, |acc| *acc += sign_total(c, &keys)));
+            Ok(())
+        })?;
+        total = pool.into_inner().iter().sum();
+    } else {
+        total += accs
+            .iter()
+            .flat_map(|a| a.rows.chunks_exact(tasks))
+            .map(|row| row_sign(row, &keys))
+            .sum::<i64>();
+    }
+    Ok(TiesStats {
+        keys,
+        majority: sgn(total as f32) as f32,
+    })
+}
+
+/// Statistics of one tensor on its own (trim scope `tensor`).
+fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
+    if src.numel() <= SMALL {
+        return Ok(fb_stats_direct(&src.load_all(), density));
+    }
+    fb_stats_radix(density, src.tasks(), &|f| f(src))
+}
+
+// ---------------------------------------------------------------------------
+// FusionBench TIES: merging.
+
+/// How the selected entries are combined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MergeFunc {
+    Sum,
+    Mean,
+    Max,
+}
+
+/// Where thresholds and the majority sign are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    Model,
+    Tensor,
+}
+
+/// The fused CPU loop: θ0 + λ·disjoint merge for one chunk.
+fn fb_kernel(c: &Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32]) {
+    let keys = &stats.keys;
+    for (j, o) in out.iter_mut().enumerate().take(c.len) {
+        let mut s = 0f32;
+        for (t, &k) in c.tau.iter().zip(keys) {
+            if abs_key(t[j]) >= k {
+                s += t[j];
+            }
+        }
+        let sign = if s > 0.0 {
+            1.0
+        } else if s < 0.0 {
+            -1.0
+        } else {
+            stats.majority
+        };
+        let (mut sum, mut count, mut top) = (0f32, 0u32, 0f32);
+        for (t, &k) in c.tau.iter().zip(keys) {
+            let v = t[j];
+            let picked = if sign > 0.0 { v > 0.0 } else { v < 0.0 };
+            if picked && abs_key(v) >= k {
+                sum += v;
+                count += 1;
+                top = top.max(v.abs());
+            }
+        }
+        let merged = match func {
+            MergeFunc::Sum => sum,
+            MergeFunc::Mean => sum / count.max(1) as f32,
+            MergeFunc::Max => top * sign,
+        };
+        *o = c.base[j] + lambda * merged;
+    }
+}
+
+/// The same in candle ops (any device).
+fn fb_candle(base: Tensor, taus: &[Tensor], stats: &TiesStats, func: MergeFunc, lambda: f32) -> candle_core::Result<Tensor> {
+    let trimmed = taus
+        .iter()
+        .zip(&stats.keys)
+        .map(|(t, &k)| t.mul(&t.abs()?.ge(key_value(k))?.to_dtype(DType::F32)?))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let mut s = trimmed[0].clone();
+    for t in &trimmed[1..] {
+        s = (s + t)?;
+    }
+    let sign = s.sign()?;
+    let sign = (&sign + (sign.eq(0f32)?.to_dtype(DType::F32)? * stats.majority as f64)?)?;
+    let pos = sign.gt(0f32)?.to_dtype(DType::F32)?;
+    let neg = pos.affine(-1.0, 1.0)?;
+    let mut sum = base.zeros_like()?;
+    let mut count = base.zeros_like()?;
+    let mut top = base.zeros_like()?;
+    for t in &trimmed {
+        let picked = ((&pos * t.gt(0f32)?.to_dtype(DType::F32)?)? + (&neg * t.lt(0f32)?.to_dtype(DType::F32)?)?)?;
+        let v = (t * &picked)?;
+        sum = (sum + &v)?;
+        count = (count + picked)?;
+        top = top.maximum(&v.abs()?)?;
+    }
+    let merged = match func {
+        MergeFunc::Sum => sum,
+        MergeFunc::Mean => (sum / count.maximum(1f32)?)?,
+        MergeFunc::Max => (top * sign)?,
+    };
+    base + (merged * lambda as f64)?
+}
+
+/// TIES with FusionBench's semantics, as used by `ties_merging` and by
+/// `dare` with `combine: ties`.
+#[derive(Debug)]
+pub(crate) struct FbTies {
+    pub density: f64,
+    pub func: MergeFunc,
+    pub scope: Scope,
+    pub tasks: usize,
+    pub stats: Option<TiesStats>,
+}
+
+impl FbTies {
+    /// Reads `density`/`threshold`, `merge_func` and `trim_scope`.
+    pub fn from_params(p: &mut Params, default_density: f64) -> Result<Self> {
+        let density = p.scalar(&["density"], f64::NAN)?;
+        let threshold = p.scalar(&["threshold"], f64::NAN)?;
+        let density = match (density.is_nan(), threshold.is_nan()) {
+            (true, true) => default_density,
+            (false, true) => {
+                if !(density > 0.0 && density <= 1.0) {
+                    return Err(MergeError::range("density", density, "in (0, 1]"));
+                }
+                density
+            }
+            (true, false) => {
+                if !(threshold > 0.0 && threshold <= 100.0) {
+                    return Err(MergeError::range(
+                        "threshold",
+                        threshold,
+                        "a percentage in (0, 100] (values up to 1 are read as a fraction, as FusionBench does)",
+                    ));
+                }
+                if threshold > 1.0 {
+                    threshold / 100.0
+                } else {
+                    threshold
+                }
+            }
+            (false, false) => {
+                return Err(MergeError::BadParameter {
+                    param: "threshold".into(),
+                    reason: "give either `density` (a fraction) or `threshold` (a percentage), not both".into(),
+                })
+            }
+        };
+        let func = match p.choice(&["merge_func"], &["sum", "mean", "max"], "sum")?.as_str() {
+            "mean" => MergeFunc::Mean,
+            "max" => MergeFunc::Max,
+            _ => MergeFunc::Sum,
+        };
+        let scope = match p.choice(&["trim_scope"], &["model", "tensor"], "model")?.as_str() {
+            "tensor" => Scope::Tensor,
+            _ => Scope::Model,
+        };
+        Ok(FbTies {
+            density,
+            func,
+            scope,
+            tasks: p.num_models,
+            stats: None,
+        })
+    }
+
+    /// The model-wide pass (model scope only).
+    pub fn prepare(&mut self, scan: &dyn ModelScan, dropout: Option<&Dropout>) -> Result<()> {
+        if self.scope == Scope::Model {
+            let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
+                scan.for_each(&|inputs: &TensorInputs| {
+                    let d = dropout.map(|d| d.for_tensor(inputs)).transpose()?.flatten();
+                    f(&Source::new(inputs, d)?)
+                })
+            };
+            self.stats = Some(fb_stats_radix(self.density, self.tasks, &visit)?);
+        }
+        Ok(())
+    }
+
+    /// Merges one tensor: θ0 + λ·merged.
+    pub fn merge(&self, src: &Source, lambda: f32, fused: bool) -> Result<Tensor> {
+        let stats = match (self.scope, &self.stats) {
+            (Scope::Tensor, _) => fb_stats_tensor(src, self.density)?,
+            (Scope::Model, Some(s)) => s.clone(),
+            (Scope::Model, None) => {
+                return Err(MergeError::Spec(format!(
+                    "tensor `{}` merged before the model-wide TIES pass",
+                    src.inputs.ctx.name
+                )))
+            }
+        };
+        if fused {
+            src.fill(|_, c, o| fb_kernel(c, &stats, self.func, lambda, o))
+        } else {
+            let (base, taus) = (src.base_tensor()?, src.task_vectors()?);
+            fb_candle(base, &taus, &stats, self.func, lambda).map_err(|e| src.inputs.err(e))
+        }
+    }
+}
+
+/// FusionBench `ties_merging`.
+#[derive(Debug)]
+struct TiesMerging {
+    ties: FbTies,
+    lambda: Num,
+}
+
+impl MergeMethod for TiesMerging {
+    fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
+        self.ties.prepare(scan, None)
+    }
+
+    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
+        let lambda = self.lambda.at(&inputs.ctx)? as f32;
+        self.ties.merge(&Source::new(inputs, None)?, lambda, inputs.device.is_cpu())
+    }
+}
+
+/// Builds FusionBench's `ties_merging`.
+pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    let ties = FbTies::from_params(p, 0.2)?;
+    let lambda = p.number(FB_LAMBDA_KEYS, 0.3)?;
+    Ok(Box::new(TiesMerging { ties, lambda }))
+}
+
+// ---------------------------------------------------------------------------
+// mergekit: magnitude trim (ties), weights, sign consensus, normalisation.
+
+/// Which entries of one task vector mergekit's magnitude trim keeps.
+#[derive(Debug, Clone)]
+enum Keep {
+    All,
+    Nothing,
+    /// Keys ≥ this.
+    AtLeast(u32),
+    /// Keys > `key`, and the first `need` keys equal to it in position order;
+    /// `before[c]` = equal keys in the chunks before chunk c.
+    Ties { key: u32, need: u64, before: Vec<u64> },
+}
+
+/// mergekit's `magnitude`: exactly int(density·n) largest |τ| per task.
+fn magnitude_keeps(src: &Source, densities: &[f64]) -> Vec<Keep> {
+    let n = src.numel() as u64;
+    let mut keeps = vec![Keep::All; densities.len()];
+    // Rank (1-indexed from the smallest) of the smallest kept key, per task.
+    let mut ranks = vec![None; densities.len()];
+    for (i, &d) in densities.iter().enumerate() {
+        if d >= 1.0 || n == 0 {
+            continue;
+        }
+        let k = ((d * n as f64) as u64).min(n);
+        if k == 0 {
+            keeps[i] = Keep::Nothing;
+        } else if k < n {
+            ranks[i] = Some((n - k + 1, k));
+        }
+    }
+    let orders = orders(src, &ranks.iter().map(|r| r.map(|(rank, _)| rank)).collect::<Vec<_>>());
+    let mut tie_tasks = Vec::new();
+    for (i, (o, r)) in orders.iter().zip(&ranks).enumerate() {
+        let (Some(o), Some((_, k))) = (o, r) else {
+            continue;
+        };
+        let greater = n - o.below - o.equal;
+        let need = k - greater;
+        if need == o.equal {
+            keeps[i] = Keep::AtLeast(o.key);
+        } else {
+            tie_tasks.push((i, o.key, need));
+        }
+    }
+    if !tie_tasks.is_empty() {
+        let counts = src.map_chunks(|_, c| {
+            tie_tasks
+                .iter()
+                .map(|&(i, key, _)| c.tau[i][..c.len].iter().filter(|&&v| abs_key(v) == key).count() as u64)
+                .collect::<Vec<_>>()
+        });
+        for (t, &(i, key, need)) in tie_tasks.iter().enumerate() {
+            let mut before = Vec::with_capacity(counts.len());
+            let mut acc = 0;
+            for c in &counts {
+                before.push(acc);
+                acc += c[t];
+            }
+            keeps[i] = Keep::Ties { key, need, before };
+        }
+    }
+    keeps
+}
+
+/// Order statistics of |τi| at the given ranks, by in-memory selection for
+/// small tensors and by the two radix passes otherwise.
+fn orders(src: &Source, ranks: &[Option<u64>]) -> Vec<Option<Order>> {
+    if ranks.iter().all(Option::is_none) {
+        return vec![None; ranks.len()];
+    }
+    if src.numel() <= SMALL {
+        let c = src.load_all();
+        return ranks
+            .iter()
+            .zip(&c.tau)
+            .map(|(r, t)| {
+                r.map(|r| {
+                    let mut ks: Vec<u32> = t[..c.len].iter().map(|&v| abs_key(v)).collect();
+                    order_small(&mut ks, r)
+                })
+            })
+            .collect();
+    }
+    let tasks = ranks.len();
+    let pool: Pool<Vec<u64>> = Pool::default();
+    src.map_chunks(|_, c| {
+        pool.with(
+            || vec![0u64; tasks * BUCKETS],
+            |h| {
+                for ((t, h), r) in c.tau.iter().zip(h.chunks_mut(BUCKETS)).zip(ranks) {
+                    if r.is_some() {
+                        t[..c.len].iter().for_each(|&v| count_high(h, abs_key(v)));
+                    }
+                }
+            },
+        )
+    });
+    let mut high = vec![0u64; tasks * BUCKETS];
+    pool.into_inner().iter().for_each(|h| add_into(&mut high, h));
+    let pending: Vec<Option<Pending>> = ranks
+        .iter()
+        .zip(high.chunks(BUCKETS))
+        .map(|(r, h)| r.map(|r| locate_high(h, r)))
+        .collect();
+    let pool: Pool<Vec<u64>> = Pool::default();
+    src.map_chunks(|_, c| {
+        pool.with(
+            || vec![0u64; tasks * BUCKETS],
+            |h| {
+                for ((t, h), p) in c.tau.iter().zip(h.chunks_mut(BUCKETS)).zip(&pending) {
+                    if let Some(p) = p {
+                        t[..c.len].iter().for_each(|&v| count_low(h, p, abs_key(v)));
+                    }
+                }
+            },
+        )
+    });
+    let mut low = vec![0u64; tasks * BUCKETS];
+    pool.into_inner().iter().for_each(|h| add_into(&mut low, h));
+    pending
+        .iter()
+        .zip(low.chunks(BUCKETS))
+        .map(|(p, l)| p.map(|p| p.resolve(l)))
+        .collect()
+}
+
+/// Per-chunk state of the keep decisions (tie counters).
+fn keep_flags(keeps: &[Keep], chunk: usize) -> Vec<u64> {
+    keeps
+        .iter()
+        .map(|k| match k {
+            Keep::Ties { before, .. } => before[chunk],
+            _ => 0,
+        })
+        .collect()
+}
+
+/// Whether entry `v` is kept; advances the tie counter `seen`.
+#[inline]
+fn kept(keep: &Keep, v: f32, seen: &mut u64) -> bool {
+    match keep {
+        Keep::All => true,
+        Keep::Nothing => false,
+        Keep::AtLeast(k) => abs_key(v) >= *k,
+        Keep::Ties { key, need, .. } => {
+            let a = abs_key(v);
+            if a == *key {
+                *seen += 1;
+                *seen <= *need
+            } else {
+                a > *key
+            }
+        }
+    }
+}
+
+/// One tensor's resolved mergekit mixing parameters.
+struct Mixing {
+    weights: Vec<f32>,
+    keeps: Vec<Keep>,
+    consensus: bool,
+    normalize: bool,
+    lambda: f32,
+}
+
+/// The fused CPU loop of mergekit's generalized task arithmetic.
+fn mk_kernel(m: &Mixing, chunk: usize, c: &Chunk, out: &mut [f32]) {
+    let tasks = m.weights.len();
+    let mut seen = keep_flags(&m.keeps, chunk);
+    let mut delta = vec![0f32; tasks];
+    let plain_divisor: f32 = {
+        let s: f32 = m.weights.iter().sum();
+        if s.abs() < ZERO_DIVISOR {
+            1.0
+        } else {
+            s
+        }
+    };
+    for (j, o) in out.iter_mut().enumerate().take(c.len) {
+        let mut sum = 0f32;
+        for i in 0..tasks {
+            let v = c.tau[i][j];
+            delta[i] = if kept(&m.keeps[i], v, &mut seen[i]) { m.weights[i] * v } else { 0.0 };
+            sum += delta[i];
+        }
+        let mixed = if m.consensus {
+            let elected = if sum >= 0.0 { 1 } else { -1 };
+            let (mut mixed, mut divisor) = (0f32, 0f32);
+            for (d, w) in delta.iter().zip(&m.weights) {
+                if sgn(*d) == elected {
+                    mixed += d;
+                    divisor += w;
+                }
+            }
+            if m.normalize {
+                mixed / if divisor.abs() < ZERO_DIVISOR { 1.0 } else { divisor }
+            } else {
+                mixed
+            }
+        } else if m.normalize {
+            sum / plain_divisor
+        } else {
+            sum
+        };
+        *o = c.base[j] + m.lambda * mixed;
+    }
+}
+
+/// The keep mask of task `i` as a 0/1 f32 tensor, computed on the CPU
+/// (position-ordered tie breaking has no cheap tensor form).
+fn keep_mask(src: &Source, keep: &Keep, i: usize) -> candle_core::Result<Tensor> {
+    let parts = src.map_chunks(|k, c| {
+        let mut seen = keep_flags(std::slice::from_ref(keep), k)[0];
+        c.tau[i][..c.len].iter().map(|&v| u8::from(kept(keep, v, &mut seen))).collect::<Vec<u8>>()
+    });
+    let mask: Vec<u8> = parts.concat();
+    Tensor::from_vec(mask, src.inputs.shape(), src.inputs.device)?.to_dtype(DType::F32)
+}
+
+/// The same in candle ops.
+fn mk_candle(src: &Source, base: Tensor, taus: &[Tensor], m: &Mixing) -> candle_core::Result<Tensor> {
+    let mut deltas = Vec::with_capacity(taus.len());
+    for (i, (t, keep)) in taus.iter().zip(&m.keeps).enumerate() {
+        let kept = match keep {
+            Keep::All => t.clone(),
+            Keep::Nothing => t.zeros_like()?,
+            Keep::AtLeast(k) => t.mul(&t.abs()?.ge(key_value(*k))?.to_dtype(DType::F32)?)?,
+            Keep::Ties { .. } => t.mul(&keep_mask(src, keep, i)?)?,
+        };
+        deltas.push((kept * m.weights[i] as f64)?);
+    }
+    let mut sum = deltas[0].clone();
+    for d in &deltas[1..] {
+        sum = (sum + d)?;
+    }
+    let mixed = if m.consensus {
+        let elected = sum.ge(0f32)?.to_dtype(DType::F32)?.affine(2.0, -1.0)?;
+        let mut mixed = base.zeros_like()?;
+        let mut divisor = base.zeros_like()?;
+        for (d, &w) in deltas.iter().zip(&m.weights) {
+            let mask = d.sign()?.eq(&elected)?.to_dtype(DType::F32)?;
+            mixed = (mixed + d.mul(&mask)?)?;
+            divisor = (divisor + (mask * w as f64)?)?;
+        }
+        if m.normalize {
+            let small = divisor.abs()?.lt(ZERO_DIVISOR)?;
+            let divisor = small.where_cond(&divisor.ones_like()?, &divisor)?;
+            (mixed / divisor)?
+        } else {
+            mixed
+        }
+    } else if m.normalize {
+        let s: f32 = m.weights.iter().sum();
+        (sum / if s.abs() < ZERO_DIVISOR { 1.0 } else { s as f64 })?
+    } else {
+        sum
+    };
+    base + (mixed * m.lambda as f64)?
+}
+
+/// mergekit's generalized task arithmetic: `ties` (magnitude trim +
+/// consensus), `dare_linear` and `dare_ties` (Bernoulli dropout, with and
+/// without consensus); FusionBench's `dare` with a linear combine uses it too.
+#[derive(Debug)]
+pub(crate) struct MkMerge {
+    pub weights: Vec<Num>,
+    /// Per-model magnitude-trim densities (`ties`), or none.
+    pub trim: Option<Vec<Num>>,
+    pub dropout: Option<Dropout>,
+    pub consensus: bool,
+    pub normalize: bool,
+    pub lambda: Num,
+}
+
+impl MkMerge {
+    /// Merges one tensor, with the fused CPU loop or candle ops.
+    pub(crate) fn merge_with(&self, inputs: &TensorInputs, fused: bool) -> Result<Tensor> {
+        let ctx = &inputs.ctx;
+        let dropout = self.dropout.as_ref().map(|d| d.for_tensor(inputs)).transpose()?.flatten();
+        let src = Source::new(inputs, dropout)?;
+        let weights = self.weights.iter().map(|w| Ok(w.at(ctx)? as f32)).collect::<Result<Vec<_>>>()?;
+        let keeps = match &self.trim {
+            None => vec![Keep::All; weights.len()],
+            Some(ds) => {
+                let ds = ds.iter().map(|d| d.at(ctx)).collect::<Result<Vec<_>>>()?;
+                magnitude_keeps(&src, &ds)
+            }
+        };
+        let m = Mixing {
+            weights,
+            keeps,
+            consensus: self.consensus,
+            normalize: self.normalize,
+            lambda: self.lambda.at(ctx)? as f32,
+        };
+        if fused {
+            src.fill(|k, c, o| mk_kernel(&m, k, c, o))
+        } else {
+            let (base, taus) = (src.base_tensor()?, src.task_vectors()?);
+            mk_candle(&src, base, &taus, &m).map_err(|e| inputs.err(e))
+        }
+    }
+}
+
+impl MergeMethod for MkMerge {
+    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
+        self.merge_with(inputs, inputs.device.is_cpu())
+    }
+}
+
+/// Checks per-model densities against (0, 1].
+pub(crate) fn densities(p: &mut Params) -> Result<Vec<Num>> {
+    p.per_model("density", 1.0)?
+        .into_iter()
+        .map(|d| d.check(|x| x > 0.0 && x <= 1.0, "in (0, 1]"))
+        .collect()
+}
+
+/// Builds mergekit's `ties`.
+pub fn build_mergekit(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    let weights = p.per_model("weight", 1.0)?;
+    let trim = densities(p)?;
+    let normalize = p.boolean(&["normalize"], true)?;
+    let lambda = p.number(LAMBDA_KEYS, 1.0)?;
+    p.boolean(&["int8_mask"], false)?;
+    Ok(Box::new(MkMerge {
+        weights,
+        trim: Some(trim),
+        dropout: None,
+        consensus: true,
+        normalize,
+        lambda,
+    }))
 }

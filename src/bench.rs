@@ -1,0 +1,126 @@
+//! `fusion bench merge`: merge throughput on a synthetic pool, as input GB/s
+//! and as a ratio to a plain memory-copy floor measured in the same run, with
+//! the peak private memory (RssAnon) sampled from /proc while each merge runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Subcommand;
+use merger::checkpoint::{parse_dtype, Checkpoint, WriteOptions};
+use merger::merge::{merge_to_dir, MergeOptions};
+use merger::spec::MergeSpec;
+use merger::throughput::{copy_floor, AnonSampler};
+use merger::zoo::{synth, SynthOptions};
+
+/// Subcommands of `fusion bench`.
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Merge throughput of task_arithmetic, ties_merging and dare against a memory-copy floor.
+    Merge {
+        /// Parameters of the synthetic pool (e.g. 1B).
+        #[arg(long, default_value = "1B", value_parser = crate::cli::parse_count)]
+        params: u64,
+        /// Experts in the pool.
+        #[arg(long, default_value_t = 3)]
+        experts: usize,
+        /// Stored dtype of the pool.
+        #[arg(long, default_value = "bf16")]
+        dtype: String,
+        /// Folder of the pool (synthesised there when missing) and of the outputs.
+        #[arg(long, default_value = "target/bench-pool")]
+        work: PathBuf,
+        /// Methods to run, comma-separated.
+        #[arg(long, default_value = "task_arithmetic,ties_merging,dare", value_delimiter = ',')]
+        methods: Vec<String>,
+        /// Repetitions of each measurement (the best is reported).
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+    },
+}
+
+fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
+    std::iter::once(work.join("base"))
+        .chain((1..=experts).map(|k| work.join(format!("expert_{k}"))))
+        .collect()
+}
+
+/// Runs `fusion bench`.
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    let BenchCommand::Merge { params, experts, dtype, work, methods, repeat } = cmd;
+    let dt = parse_dtype(&dtype).ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
+    let pool = work.join(format!("pool-{params}-{experts}-{dtype}"));
+    let dirs = pool_dirs(&pool, experts);
+    if !dirs.iter().all(|d| d.join("config.json").exists()) {
+        eprintln!("synthesising a {params}-parameter pool with {experts} experts in {}", pool.display());
+        let t = Instant::now();
+        synth(&pool, &SynthOptions { params, experts, dtype: dt, seed: 0, force: true })?;
+        eprintln!("  done in {:.1}s", t.elapsed().as_secs_f64());
+    }
+    let checkpoints: Vec<Arc<Checkpoint>> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Checkpoint::open(&format!("m{i}"), d))
+        .collect::<Result<_, _>>()?;
+    // Warm the page cache, then measure the floor.
+    let _ = copy_floor(&checkpoints);
+    let mut floor = 0f64;
+    for _ in 0..repeat.max(1) {
+        let (bytes, secs) = copy_floor(&checkpoints);
+        floor = floor.max(bytes as f64 / secs / 1e9);
+    }
+    let input_gb = checkpoints.iter().map(|c| c.data_bytes()).sum::<u64>() as f64 / 1e9;
+    let output_bytes = checkpoints[0].data_bytes();
+    println!(
+        "pool: {} parameters x {} checkpoints ({dtype}), {:.2} GB of input; threads: {}",
+        params,
+        experts + 1,
+        input_gb,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("memory-copy floor: {floor:.2} GB/s\n");
+    println!(
+        "| method | seconds | input GB/s | x copy floor | peak RssAnon MiB | output MiB | budget (output + 512 MiB) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    let names: Vec<String> = (1..=experts).map(|k| dirs[k].to_string_lossy().into_owned()).collect();
+    let base = dirs[0].to_string_lossy().into_owned();
+    let out = work.join("bench-out");
+    for method in &methods {
+        let mut spec = MergeSpec::new(method, Some(&base), &names.iter().map(String::as_str).collect::<Vec<_>>());
+        if method == "dare" {
+            spec.seed = Some(42);
+        }
+        let mut best: Option<(f64, u64)> = None;
+        for _ in 0..repeat.max(1) {
+            let resolve = |n: &str| -> merger::Result<PathBuf> { Ok(PathBuf::from(n)) };
+            let sampler = AnonSampler::start();
+            let report = merge_to_dir(
+                spec.clone(),
+                &resolve,
+                &out,
+                &merger::device::parse_device("cpu")?,
+                &MergeOptions { write: WriteOptions { force: true, ..Default::default() }, progress: false },
+            )
+            .with_context(|| format!("merging with {method}"))?;
+            let peak = sampler.finish();
+            let secs = report.stats.seconds;
+            if best.is_none_or(|(s, _)| secs < s) {
+                best = Some((secs, peak));
+            }
+            std::fs::remove_dir_all(&out).ok();
+        }
+        let (secs, peak) = best.expect("at least one run");
+        let gbs = input_gb / secs;
+        let budget = output_bytes + 512 * 1024 * 1024;
+        println!(
+            "| {method} | {secs:.2} | {gbs:.2} | {:.2} | {:.0} | {:.0} | {} |",
+            gbs / floor,
+            peak as f64 / 1048576.0,
+            output_bytes as f64 / 1048576.0,
+            if peak <= budget { "within" } else { "OVER" }
+        );
+    }
+    Ok(())
+}

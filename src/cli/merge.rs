@@ -1,0 +1,108 @@
+//! `fusion merge`: a mergekit YAML (or a structured spec YAML, or a compact
+//! spec string) in, a merged checkpoint folder out.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use merger::checkpoint::WriteOptions;
+use merger::merge::{merge_to_dir, MergeOptions};
+use merger::spec::{compact, mergekit, MergeSpec};
+use merger::MergeError;
+
+/// Arguments of `fusion merge`.
+#[derive(Args)]
+pub struct MergeArgs {
+    /// mergekit-style YAML config (`merge_method`, `base_model`, `models`, ...)
+    /// or a structured spec YAML (`method`, `base`, `models`, ...).
+    config: Option<PathBuf>,
+    /// A compact spec instead of a config file, with checkpoint folders as
+    /// names: `task_arithmetic(a,b;base=c,scaling_coefficient=0.3)`.
+    #[arg(long, conflicts_with = "config")]
+    spec: Option<String>,
+    /// Output checkpoint folder.
+    #[arg(long, short)]
+    out: PathBuf,
+    /// Largest shard (e.g. 5GB, 500MB); larger outputs are sharded with an index.
+    #[arg(long, default_value = "5GB", value_parser = super::parse_size)]
+    shard_size: u64,
+    /// Replace the output folder if it exists and is not empty.
+    #[arg(long)]
+    force: bool,
+    /// Where to merge: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Never show a progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// Reads a config file as a mergekit YAML or a structured spec.
+pub fn load_config(path: &Path) -> anyhow::Result<MergeSpec> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config `{}`", path.display()))?;
+    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| MergeError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    if value.get("method").is_some() && value.get("merge_method").is_none() {
+        let spec: MergeSpec = serde_yaml_ng::from_value(value).map_err(|e| MergeError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        return Ok(spec);
+    }
+    Ok(mergekit::from_yaml(&text, path)?)
+}
+
+/// Resolves a model name to a folder: as given (absolute, or relative to the
+/// working directory), else relative to the config file's folder.
+fn resolver(config_dir: Option<PathBuf>) -> impl Fn(&str) -> merger::Result<PathBuf> {
+    move |name: &str| {
+        let direct = PathBuf::from(name);
+        if direct.is_dir() || direct.is_absolute() {
+            return Ok(direct);
+        }
+        if let Some(dir) = &config_dir {
+            let rel = dir.join(name);
+            if rel.is_dir() {
+                return Ok(rel);
+            }
+        }
+        Err(MergeError::MissingCheckpoint(direct))
+    }
+}
+
+/// Runs `fusion merge`.
+pub fn run(args: MergeArgs) -> anyhow::Result<()> {
+    let (spec, config_dir) = match (&args.config, &args.spec) {
+        (Some(path), None) => (load_config(path)?, path.parent().map(Path::to_path_buf)),
+        (None, Some(s)) => match compact::parse(s)? {
+            compact::Parsed::Merge(spec) => (spec, None),
+            _ => bail!("`--spec` must be a merge such as `task_arithmetic(a,b;base=c)`, got `{s}`"),
+        },
+        _ => bail!("give a config file or --spec"),
+    };
+    let device = merger::device::parse_device(&args.device)?;
+    let opts = MergeOptions {
+        write: WriteOptions {
+            shard_size: args.shard_size,
+            force: args.force,
+        },
+        progress: !args.quiet,
+    };
+    let resolve = resolver(config_dir);
+    let report = merge_to_dir(spec, &resolve, &args.out, &device, &opts)?;
+    let s = &report.stats;
+    eprintln!(
+        "merged {} tensors ({:.3} GB in, {:.3} GB out) in {:.2}s ({:.2} GB/s) on {} -> {} (merge-{})",
+        s.tensors,
+        s.input_bytes as f64 / 1e9,
+        s.output_bytes as f64 / 1e9,
+        s.seconds,
+        s.input_bytes as f64 / 1e9 / s.seconds.max(1e-9),
+        merger::device::device_name(&device),
+        report.out.display(),
+        report.id
+    );
+    Ok(())
+}
