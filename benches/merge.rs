@@ -17,7 +17,13 @@ fn merge_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let dirs = synth(
         dir.path(),
-        &SynthOptions { params: 20_000_000, experts: 3, dtype: DType::BF16, seed: 0, force: false },
+        &SynthOptions {
+            params: 20_000_000,
+            experts: 3,
+            dtype: DType::BF16,
+            seed: 0,
+            force: false,
+        },
     )
     .expect("synth");
     let checkpoints: Vec<Arc<Checkpoint>> = dirs
@@ -26,12 +32,21 @@ fn merge_throughput(c: &mut Criterion) {
         .map(|(i, d)| Checkpoint::open(&format!("m{i}"), d).expect("open"))
         .collect();
     let input: u64 = checkpoints.iter().map(|c| c.data_bytes()).sum();
-    let names: Vec<String> = dirs[1..].iter().map(|d| d.to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = dirs[1..]
+        .iter()
+        .map(|d| d.to_string_lossy().into_owned())
+        .collect();
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let base = dirs[0].to_string_lossy().into_owned();
     let out = dir.path().join("out");
     let resolve = |n: &str| -> merger::Result<PathBuf> { Ok(PathBuf::from(n)) };
-    let opts = MergeOptions { write: WriteOptions { force: true, ..Default::default() }, progress: false };
+    let opts = MergeOptions {
+        write: WriteOptions {
+            force: true,
+            ..Default::default()
+        },
+        progress: false,
+    };
 
     let mut group = c.benchmark_group("merge_20M_bf16_3experts");
     group.throughput(Throughput::Bytes(input));
@@ -41,7 +56,9 @@ fn merge_throughput(c: &mut Criterion) {
         let mut spec = MergeSpec::new(method, Some(&base), &names);
         spec.seed = Some(1);
         group.bench_function(method, |b| {
-            b.iter(|| merge_to_dir(spec.clone(), &resolve, &out, &Device::Cpu, &opts).expect("merge"))
+            b.iter(|| {
+                merge_to_dir(spec.clone(), &resolve, &out, &Device::Cpu, &opts).expect("merge")
+            })
         });
     }
     group.finish();

@@ -13,7 +13,10 @@ fn values_of(dir: &std::path::Path) -> Vec<Vec<f32>> {
 }
 
 fn base_plus(d: f32) -> Vec<Vec<f32>> {
-    toy_values("base").into_iter().map(|t| t.into_iter().map(|x| x + d).collect()).collect()
+    toy_values("base")
+        .into_iter()
+        .map(|t| t.into_iter().map(|x| x + d).collect())
+        .collect()
 }
 
 #[track_caller]
@@ -31,7 +34,10 @@ fn linear_yaml_writes_a_loadable_checkpoint() {
         "linear.yaml",
         "merge_method: linear\nmodels:\n  - model: a\n    parameters:\n      weight: 1.0\n  - model: b\n    parameters:\n      weight: 3.0\ndtype: float32\n",
     );
-    ok(&fusion(pool.path(), &["merge", "linear.yaml", "--out", "out"]));
+    ok(&fusion(
+        pool.path(),
+        &["merge", "linear.yaml", "--out", "out"],
+    ));
     // (1·(x+1) + 3·(x−2)) / (1+3) = x − 5/4
     let out = pool.path().join("out");
     assert_model(&out, &base_plus(-1.25), 1e-6);
@@ -58,7 +64,10 @@ fn task_arithmetic_and_ties_yaml_follow_mergekit() {
         "ties.yaml",
         "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n  - model: a\n    parameters: {weight: 1.0, density: 1.0}\n  - model: b\n    parameters: {weight: 1.0, density: 1.0}\n",
     );
-    ok(&fusion(pool.path(), &["merge", "ties.yaml", "--out", "ties"]));
+    ok(&fusion(
+        pool.path(),
+        &["merge", "ties.yaml", "--out", "ties"],
+    ));
     // Σ wτ = 1 − 2 = −1 → sign −; only b agrees; normalised by its weight 1 → x − 2
     assert_model(&pool.path().join("ties"), &base_plus(-2.0), 1e-6);
 }
@@ -68,7 +77,13 @@ fn compact_spec_on_the_command_line() {
     let pool = Pool::new(Dtype::F32);
     ok(&fusion(
         pool.path(),
-        &["merge", "--spec", "task_arithmetic(a,b;base=base,scaling_coefficient=0.3)", "--out", "o"],
+        &[
+            "merge",
+            "--spec",
+            "task_arithmetic(a,b;base=base,scaling_coefficient=0.3)",
+            "--out",
+            "o",
+        ],
     ));
     // x + 0.3·(1 − 2) = x − 0.3
     assert_model(&pool.path().join("o"), &base_plus(-0.3), 1e-5);
@@ -99,9 +114,15 @@ fn bf16_round_trip_and_mixed_dtypes() {
         "linear.yaml",
         "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 3.0}\n",
     );
-    ok(&fusion(pool.path(), &["merge", "linear.yaml", "--out", "out"]));
+    ok(&fusion(
+        pool.path(),
+        &["merge", "linear.yaml", "--out", "out"],
+    ));
     let ck = read_checkpoint(&pool.path().join("out"));
-    assert!(ck.values().all(|(d, _, _)| *d == Dtype::BF16), "bf16 in, bf16 out");
+    assert!(
+        ck.values().all(|(d, _, _)| *d == Dtype::BF16),
+        "bf16 in, bf16 out"
+    );
     // x − 1.25 for x ≤ 31 needs at most 7 significant bits: exact in bf16.
     assert_model(&pool.path().join("out"), &base_plus(-1.25), 0.0);
 
@@ -112,7 +133,12 @@ fn bf16_round_trip_and_mixed_dtypes() {
         write_checkpoint(
             &mixed.path().join(m),
             dt,
-            &[T(NAMES[0], &[2, 2], &v[0]), T(NAMES[1], &[2, 3], &v[1]), T(NAMES[2], &[2, 3], &v[2]), T(NAMES[3], &[2], &v[3])],
+            &[
+                T(NAMES[0], &[2, 2], &v[0]),
+                T(NAMES[1], &[2, 3], &v[1]),
+                T(NAMES[2], &[2, 3], &v[2]),
+                T(NAMES[3], &[2], &v[3]),
+            ],
         );
     }
     std::fs::write(
@@ -122,7 +148,10 @@ fn bf16_round_trip_and_mixed_dtypes() {
     .unwrap();
     ok(&fusion(mixed.path(), &["merge", "ta.yaml", "--out", "o"]));
     let ck = read_checkpoint(&mixed.path().join("o"));
-    assert!(ck.values().all(|(d, _, _)| *d == Dtype::F32), "output takes the base's dtype");
+    assert!(
+        ck.values().all(|(d, _, _)| *d == Dtype::F32),
+        "output takes the base's dtype"
+    );
     assert_model(&mixed.path().join("o"), &base_plus(-0.5), 1e-6);
 }
 
@@ -134,7 +163,17 @@ fn sharded_output_and_sharded_input_round_trip() {
         "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1.0}\n  - model: b\n    parameters: {weight: 3.0}\n",
     );
     // Tensors of 16, 24, 24 and 8 bytes with a 30-byte limit: four shards.
-    ok(&fusion(pool.path(), &["merge", "linear.yaml", "--out", "sharded", "--shard-size", "30"]));
+    ok(&fusion(
+        pool.path(),
+        &[
+            "merge",
+            "linear.yaml",
+            "--out",
+            "sharded",
+            "--shard-size",
+            "30",
+        ],
+    ));
     let out = pool.path().join("sharded");
     assert!(out.join("model.safetensors.index.json").exists());
     assert!(out.join("model-00004-of-00004.safetensors").exists());
@@ -147,21 +186,39 @@ fn sharded_output_and_sharded_input_round_trip() {
     write_sharded(
         &pool.path().join("a"),
         Dtype::F32,
-        &[&[T(NAMES[0], &[2, 2], &v[0]), T(NAMES[3], &[2], &v[3])], &[T(NAMES[1], &[2, 3], &v[1]), T(NAMES[2], &[2, 3], &v[2])]],
+        &[
+            &[T(NAMES[0], &[2, 2], &v[0]), T(NAMES[3], &[2], &v[3])],
+            &[T(NAMES[1], &[2, 3], &v[1]), T(NAMES[2], &[2, 3], &v[2])],
+        ],
     );
-    ok(&fusion(pool.path(), &["merge", "linear.yaml", "--out", "from_sharded"]));
-    assert_eq!(read_checkpoint(&pool.path().join("from_sharded")), read_checkpoint(&out));
+    ok(&fusion(
+        pool.path(),
+        &["merge", "linear.yaml", "--out", "from_sharded"],
+    ));
+    assert_eq!(
+        read_checkpoint(&pool.path().join("from_sharded")),
+        read_checkpoint(&out)
+    );
 }
 
 #[test]
 fn output_folder_is_protected_unless_forced() {
     let pool = Pool::new(Dtype::F32);
-    pool.write("l.yaml", "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n");
+    pool.write(
+        "l.yaml",
+        "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n",
+    );
     std::fs::create_dir(pool.path().join("busy")).unwrap();
     std::fs::write(pool.path().join("busy/keep.txt"), "precious").unwrap();
-    fails_with(&fusion(pool.path(), &["merge", "l.yaml", "--out", "busy"]), &["busy", "not empty", "--force"]);
+    fails_with(
+        &fusion(pool.path(), &["merge", "l.yaml", "--out", "busy"]),
+        &["busy", "not empty", "--force"],
+    );
     assert!(pool.path().join("busy/keep.txt").exists());
-    ok(&fusion(pool.path(), &["merge", "l.yaml", "--out", "busy", "--force"]));
+    ok(&fusion(
+        pool.path(),
+        &["merge", "l.yaml", "--out", "busy", "--force"],
+    ));
     assert!(!pool.path().join("busy/keep.txt").exists());
     // mergekit's linear with default weights 1, 1: (x+1 + x−2)/2 = x − 0.5
     assert_model(&pool.path().join("busy"), &base_plus(-0.5), 1e-6);
@@ -175,14 +232,20 @@ fn a_failed_merge_leaves_nothing_behind() {
         "slerp.yaml",
         "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\nparameters:\n  t:\n    - filter: layers\n      value: 0.5\n",
     );
-    fails_with(&fusion(pool.path(), &["merge", "slerp.yaml", "--out", "half"]), &["`t`", "no filter entry matches"]);
+    fails_with(
+        &fusion(pool.path(), &["merge", "slerp.yaml", "--out", "half"]),
+        &["`t`", "no filter entry matches"],
+    );
     assert!(!pool.path().join("half").exists());
     let leftovers: Vec<_> = std::fs::read_dir(pool.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("partial"))
         .collect();
-    assert!(leftovers.is_empty(), "temporary folders left: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary folders left: {leftovers:?}"
+    );
 }
 
 fn copy_model(pool: &Pool, from: &str, to: &str) -> std::path::PathBuf {
@@ -215,29 +278,64 @@ fn input_errors_name_the_cause() {
     write_checkpoint(
         &pool.path().join("short"),
         Dtype::F32,
-        &[T(NAMES[0], &[2, 2], &v[0]), T(NAMES[1], &[2, 3], &v[1]), T(NAMES[2], &[2, 3], &v[2])],
+        &[
+            T(NAMES[0], &[2, 2], &v[0]),
+            T(NAMES[1], &[2, 3], &v[1]),
+            T(NAMES[2], &[2, 3], &v[2]),
+        ],
     );
     ta_yaml(&pool, "short.yaml", "short");
-    fails_with(&run("short.yaml"), &["model.norm.weight", "missing", "short"]);
+    fails_with(
+        &run("short.yaml"),
+        &["model.norm.weight", "missing", "short"],
+    );
 
     // A shape mismatch.
     write_checkpoint(
         &pool.path().join("wide"),
         Dtype::F32,
-        &[T(NAMES[0], &[2, 2], &v[0]), T(NAMES[1], &[2, 3], &v[1]), T(NAMES[2], &[3, 2], &v[2]), T(NAMES[3], &[2], &v[3])],
+        &[
+            T(NAMES[0], &[2, 2], &v[0]),
+            T(NAMES[1], &[2, 3], &v[1]),
+            T(NAMES[2], &[3, 2], &v[2]),
+            T(NAMES[3], &[2], &v[3]),
+        ],
     );
     ta_yaml(&pool, "wide.yaml", "wide");
-    fails_with(&run("wide.yaml"), &["model.layers.1.mlp.up_proj.weight", "[3, 2]", "[2, 3]", "wide"]);
+    fails_with(
+        &run("wide.yaml"),
+        &[
+            "model.layers.1.mlp.up_proj.weight",
+            "[3, 2]",
+            "[2, 3]",
+            "wide",
+        ],
+    );
 
     // slerp takes exactly two models.
     pool.write("slerp3.yaml", "merge_method: slerp\nbase_model: a\nmodels:\n  - model: a\n  - model: b\n  - model: base\n");
-    fails_with(&run("slerp3.yaml"), &["slerp3.yaml", "slerp", "exactly one other model", "found 2"]);
+    fails_with(
+        &run("slerp3.yaml"),
+        &["slerp3.yaml", "slerp", "exactly one other model", "found 2"],
+    );
 
-    pool.write("unknown.yaml", "merge_method: frobnicate\nmodels:\n  - model: a\n");
-    fails_with(&run("unknown.yaml"), &["unknown merge method `frobnicate`", "ties"]);
+    pool.write(
+        "unknown.yaml",
+        "merge_method: frobnicate\nmodels:\n  - model: a\n",
+    );
+    fails_with(
+        &run("unknown.yaml"),
+        &["unknown merge method `frobnicate`", "ties"],
+    );
 
-    pool.write("param.yaml", "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\nparameters:\n  densty: 0.5\n");
-    fails_with(&run("param.yaml"), &["unknown parameter", "densty", "density"]);
+    pool.write(
+        "param.yaml",
+        "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\nparameters:\n  densty: 0.5\n",
+    );
+    fails_with(
+        &run("param.yaml"),
+        &["unknown parameter", "densty", "density"],
+    );
 
     pool.write("density.yaml", "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n    parameters: {density: 1.5}\n");
     fails_with(&run("density.yaml"), &["density", "1.5"]);
@@ -254,7 +352,10 @@ fn input_errors_name_the_cause() {
     pool.write("slices.yaml", "merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n");
     fails_with(&run("slices.yaml"), &["slices", "not supported"]);
 
-    pool.write("pass.yaml", "merge_method: passthrough\nmodels:\n  - model: a\n");
+    pool.write(
+        "pass.yaml",
+        "merge_method: passthrough\nmodels:\n  - model: a\n",
+    );
     fails_with(&run("pass.yaml"), &["passthrough", "not supported"]);
 
     pool.write("typo.yaml", "merge_method: linear\nmodel:\n  - model: a\n");
@@ -274,7 +375,14 @@ fn corrupt_safetensors_are_refused_with_the_file_named() {
     let bytes = std::fs::read(&file).unwrap();
     std::fs::write(&file, &bytes[..bytes.len() - 6]).unwrap();
     ta_yaml(&pool, "t.yaml", "truncated");
-    fails_with(&run("t.yaml"), &["corrupt safetensors", "truncated/model.safetensors", "do not cover"]);
+    fails_with(
+        &run("t.yaml"),
+        &[
+            "corrupt safetensors",
+            "truncated/model.safetensors",
+            "do not cover",
+        ],
+    );
 
     // A header length pointing far past the end of the file.
     let dir = copy_model(&pool, "b", "badlen");
@@ -284,7 +392,14 @@ fn corrupt_safetensors_are_refused_with_the_file_named() {
     bytes[..8].copy_from_slice(&huge.to_le_bytes());
     std::fs::write(&file, &bytes).unwrap();
     ta_yaml(&pool, "l.yaml", "badlen");
-    fails_with(&run("l.yaml"), &["corrupt safetensors", "badlen/model.safetensors", "header length"]);
+    fails_with(
+        &run("l.yaml"),
+        &[
+            "corrupt safetensors",
+            "badlen/model.safetensors",
+            "header length",
+        ],
+    );
 
     // Offsets past the end of the file, with a consistent header length.
     let dir = pool.path().join("offsets");
@@ -295,14 +410,20 @@ fn corrupt_safetensors_are_refused_with_the_file_named() {
     f.extend_from_slice(&[0u8; 16]);
     std::fs::write(dir.join("model.safetensors"), f).unwrap();
     ta_yaml(&pool, "o.yaml", "offsets");
-    fails_with(&run("o.yaml"), &["corrupt safetensors", "offsets/model.safetensors"]);
+    fails_with(
+        &run("o.yaml"),
+        &["corrupt safetensors", "offsets/model.safetensors"],
+    );
 
     // Not a safetensors file at all.
     let dir = pool.path().join("garbage");
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(dir.join("model.safetensors"), b"abc").unwrap();
     ta_yaml(&pool, "g.yaml", "garbage");
-    fails_with(&run("g.yaml"), &["corrupt safetensors", "garbage/model.safetensors"]);
+    fails_with(
+        &run("g.yaml"),
+        &["corrupt safetensors", "garbage/model.safetensors"],
+    );
 
     // A folder without weights.
     std::fs::create_dir_all(pool.path().join("empty")).unwrap();
@@ -313,7 +434,21 @@ fn corrupt_safetensors_are_refused_with_the_file_named() {
 #[test]
 fn synth_pool_merges_with_every_fast_method() {
     let dir = tempfile::tempdir().unwrap();
-    ok(&fusion(dir.path(), &["zoo", "synth", "--params", "300k", "--experts", "2", "--dtype", "bf16", "--out", "pool"]));
+    ok(&fusion(
+        dir.path(),
+        &[
+            "zoo",
+            "synth",
+            "--params",
+            "300k",
+            "--experts",
+            "2",
+            "--dtype",
+            "bf16",
+            "--out",
+            "pool",
+        ],
+    ));
     for (i, spec) in [
         "task_arithmetic(pool/expert_1,pool/expert_2;base=pool/base)",
         "ties_merging(pool/expert_1,pool/expert_2;base=pool/base,density=0.2)",
@@ -323,10 +458,16 @@ fn synth_pool_merges_with_every_fast_method() {
     .enumerate()
     {
         let out = format!("m{i}");
-        ok(&fusion(dir.path(), &["merge", "--spec", spec, "--out", &out]));
+        ok(&fusion(
+            dir.path(),
+            &["merge", "--spec", spec, "--out", &out],
+        ));
         let merged = read_checkpoint(&dir.path().join(&out));
         let base = read_checkpoint(&dir.path().join("pool/base"));
-        assert_eq!(merged.keys().collect::<Vec<_>>(), base.keys().collect::<Vec<_>>());
+        assert_eq!(
+            merged.keys().collect::<Vec<_>>(),
+            base.keys().collect::<Vec<_>>()
+        );
         assert!(merged.values().all(|(d, _, _)| *d == Dtype::BF16));
     }
 }

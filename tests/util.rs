@@ -17,8 +17,14 @@ pub struct T<'a>(pub &'a str, pub &'a [usize], pub &'a [f32]);
 pub fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
     match dtype {
         Dtype::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        Dtype::BF16 => values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect(),
-        Dtype::F16 => values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect(),
+        Dtype::BF16 => values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+        Dtype::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
         other => panic!("unsupported {other:?}"),
     }
 }
@@ -26,9 +32,18 @@ pub fn encode(dtype: Dtype, values: &[f32]) -> Vec<u8> {
 /// Decodes `dtype` bytes to f32.
 pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
     match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32()).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
         other => panic!("unsupported {other:?}"),
     }
 }
@@ -37,7 +52,11 @@ pub fn decode(dtype: Dtype, bytes: &[u8]) -> Vec<f32> {
 pub fn write_checkpoint(dir: &Path, dtype: Dtype, tensors: &[T]) {
     std::fs::create_dir_all(dir).unwrap();
     write_shard(&dir.join("model.safetensors"), dtype, tensors);
-    std::fs::write(dir.join("config.json"), r#"{"model_type": "llama", "hidden_size": 2}"#).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        r#"{"model_type": "llama", "hidden_size": 2}"#,
+    )
+    .unwrap();
     std::fs::write(dir.join("tokenizer.json"), r#"{"version": "1.0"}"#).unwrap();
 }
 
@@ -51,7 +70,10 @@ pub fn write_shard(path: &Path, dtype: Dtype, tensors: &[T]) {
         .iter()
         .map(|(n, s, b)| (n.clone(), TensorView::new(dtype, s.clone(), b).unwrap()))
         .collect();
-    let meta = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+    let meta = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
     safetensors::serialize_to_file(views, meta, path).unwrap();
 }
 
@@ -78,8 +100,14 @@ pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f
     let mut files = vec![];
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
-        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
-        let mut set: Vec<String> = v["weight_map"].as_object().unwrap().values().map(|f| f.as_str().unwrap().to_string()).collect();
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&index).unwrap()).unwrap();
+        let mut set: Vec<String> = v["weight_map"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|f| f.as_str().unwrap().to_string())
+            .collect();
         set.sort();
         set.dedup();
         files.extend(set.into_iter().map(|f| dir.join(f)));
@@ -91,7 +119,14 @@ pub fn read_checkpoint(dir: &Path) -> BTreeMap<String, (Dtype, Vec<usize>, Vec<f
         let bytes = std::fs::read(&f).unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         for (name, view) in st.tensors() {
-            out.insert(name, (view.dtype(), view.shape().to_vec(), decode(view.dtype(), view.data())));
+            out.insert(
+                name,
+                (
+                    view.dtype(),
+                    view.shape().to_vec(),
+                    decode(view.dtype(), view.data()),
+                ),
+            );
         }
     }
     out
@@ -117,7 +152,11 @@ pub fn fusion(cwd: &Path, args: &[&str]) -> Output {
 #[track_caller]
 pub fn ok(out: &Output) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "fusion failed: {err}\nstdout: {}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "fusion failed: {err}\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     err
 }
 
@@ -125,7 +164,12 @@ pub fn ok(out: &Output) -> String {
 #[track_caller]
 pub fn fails_with(out: &Output, needles: &[&str]) -> String {
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "expected exit 1, got {:?}: {err}", out.status);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "expected exit 1, got {:?}: {err}",
+        out.status
+    );
     assert!(!err.contains("panicked"), "panicked: {err}");
     for n in needles {
         assert!(err.contains(n), "stderr should mention {n:?}: {err}");

@@ -19,7 +19,12 @@ pub fn parse_device(name: &str) -> Result<Device> {
                 .strip_prefix("cuda:")
                 .or_else(|| (other == "cuda").then_some("0"))
                 .and_then(|i| i.parse::<usize>().ok())
-                .ok_or_else(|| MergeError::Device(other.to_string(), "expected auto, cpu or cuda:N".to_string()))?;
+                .ok_or_else(|| {
+                    MergeError::Device(
+                        other.to_string(),
+                        "expected auto, cpu or cuda:N".to_string(),
+                    )
+                })?;
             if !candle_core::utils::cuda_is_available() {
                 return Err(MergeError::Device(
                     other.to_string(),

@@ -38,7 +38,9 @@ pub enum MergeError {
     },
     #[error("checkpoint folder `{0}` does not exist")]
     MissingCheckpoint(PathBuf),
-    #[error("checkpoint folder `{path}` has no model.safetensors nor model.safetensors.index.json")]
+    #[error(
+        "checkpoint folder `{path}` has no model.safetensors nor model.safetensors.index.json"
+    )]
     NoWeights { path: PathBuf },
     #[error("corrupt safetensors file `{path}`: {reason}")]
     Corrupt { path: PathBuf, reason: String },
@@ -56,11 +58,13 @@ pub enum MergeError {
     ShapeMismatch {
         tensor: String,
         model: String,
-        found: Vec<usize>,
+        found: Box<[usize]>,
         reference: String,
-        expected: Vec<usize>,
+        expected: Box<[usize]>,
     },
-    #[error("unsupported dtype {dtype} for tensor `{tensor}` in `{path}` (supported: F32, F16, BF16)")]
+    #[error(
+        "unsupported dtype {dtype} for tensor `{tensor}` in `{path}` (supported: F32, F16, BF16)"
+    )]
     UnsupportedDtype {
         tensor: String,
         dtype: String,
@@ -124,11 +128,18 @@ impl MergeError {
             Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
             Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
-            ShapeMismatch { .. } | ModelCount { .. } | MissingBase { .. } | UnsupportedDtype { .. } => {
-                ErrorKind::Unprocessable
-            }
-            UnknownMethod { .. } | UnknownParameter { .. } | OutOfRange { .. } | BadParameter { .. }
-            | Unsupported { .. } | Parse { .. } | Config { .. } | Spec(_) => ErrorKind::Invalid,
+            ShapeMismatch { .. }
+            | ModelCount { .. }
+            | MissingBase { .. }
+            | UnsupportedDtype { .. } => ErrorKind::Unprocessable,
+            UnknownMethod { .. }
+            | UnknownParameter { .. }
+            | OutOfRange { .. }
+            | BadParameter { .. }
+            | Unsupported { .. }
+            | Parse { .. }
+            | Config { .. }
+            | Spec(_) => ErrorKind::Invalid,
             OutputNotEmpty(_) => ErrorKind::Conflict,
         }
     }

@@ -74,9 +74,21 @@ pub trait Sink: Sync {
 /// Calls `f` with the contiguous f32 data of a tensor (copied to the CPU first
 /// when it lives elsewhere).
 pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
-    let t = if t.device().is_cpu() { t.clone() } else { t.to_device(&Device::Cpu)? };
-    let t = if t.dtype() == DType::F32 { t } else { t.to_dtype(DType::F32)? };
-    let t = if t.is_contiguous() { t } else { t.contiguous()? };
+    let t = if t.device().is_cpu() {
+        t.clone()
+    } else {
+        t.to_device(&Device::Cpu)?
+    };
+    let t = if t.dtype() == DType::F32 {
+        t
+    } else {
+        t.to_dtype(DType::F32)?
+    };
+    let t = if t.is_contiguous() {
+        t
+    } else {
+        t.contiguous()?
+    };
     let (storage, layout) = t.storage_and_layout();
     let (start, end) = layout.contiguous_offsets().expect("contiguous");
     match &*storage {
@@ -108,12 +120,32 @@ impl MemorySink {
 
 impl Sink for MemorySink {
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
-        let value = value
-            .to_dtype(tensor.dtype)
-            .map_err(|e| MergeError::in_tensor(&tensor.name, e))?;
-        self.tensors.lock().expect("poisoned").insert(tensor.name.clone(), value);
+        let err = |e| MergeError::in_tensor(&tensor.name, e);
+        let value = if !value.device().is_cpu() || tensor.dtype == DType::F32 {
+            value.to_dtype(tensor.dtype).map_err(err)?
+        } else {
+            // Parallel f32 → bf16/f16 (candle's CPU cast is one thread).
+            with_f32_data(&value, |data| cast_cpu(data, tensor))
+                .map_err(err)?
+                .map_err(err)?
+        };
+        self.tensors
+            .lock()
+            .expect("poisoned")
+            .insert(tensor.name.clone(), value);
         Ok(())
     }
+}
+
+fn cast_cpu(data: &[f32], tensor: &PlannedTensor) -> candle_core::Result<Tensor> {
+    const CHUNK: usize = 1 << 16;
+    let mut bytes = vec![0u8; data.len() * tensor.dtype.size_in_bytes()];
+    let width = tensor.dtype.size_in_bytes();
+    bytes
+        .par_chunks_mut(CHUNK * width)
+        .zip(data.par_chunks(CHUNK))
+        .for_each(|(b, v)| crate::checkpoint::writer::encode_chunk(tensor.dtype, v, b));
+    Tensor::from_raw_buffer(&bytes, tensor.dtype, &tensor.shape, &Device::Cpu)
 }
 
 /// Progress reporting on stderr: tensors done and throughput; hidden when
@@ -135,9 +167,11 @@ impl Progress {
         };
         let bar = ProgressBar::with_draw_target(Some(tensors as u64), target);
         bar.set_style(
-            ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} tensors {msg} ({elapsed}, eta {eta})")
-                .expect("template")
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {pos}/{len} tensors {msg} ({elapsed}, eta {eta})",
+            )
+            .expect("template")
+            .progress_chars("=> "),
         );
         bar.set_prefix(label.to_string());
         Progress {
@@ -150,7 +184,8 @@ impl Progress {
     fn tick(&self, bytes: u64) {
         let total = self.bytes.fetch_add(bytes, Ordering::Relaxed) + bytes;
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
-        self.bar.set_message(format!("{:.2} GB/s", total as f64 / secs / 1e9));
+        self.bar
+            .set_message(format!("{:.2} GB/s", total as f64 / secs / 1e9));
         self.bar.inc(1);
     }
 
@@ -162,9 +197,18 @@ impl Progress {
 /// Resolves a checkpoint name of the spec to its folder.
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<PathBuf>;
 
+/// Resolves a checkpoint name of the spec to an opened checkpoint (a
+/// registry that keeps its checkpoints mapped, like the gateway's).
+pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<Checkpoint>>;
+
 impl MergePlan {
-    /// Validates `spec` and opens its checkpoints through `resolve`.
+    /// Validates `spec` and opens its checkpoint folders through `resolve`.
     pub fn new(spec: MergeSpec, resolve: Resolver) -> Result<Self> {
+        Self::with_checkpoints(spec, &|name: &str| Checkpoint::open(name, &resolve(name)?))
+    }
+
+    /// Validates `spec` against checkpoints obtained from `open`.
+    pub fn with_checkpoints(spec: MergeSpec, open: Opener) -> Result<Self> {
         let (info, method) = methods::build(&spec)?;
         let dtype = match &spec.dtype {
             None => None,
@@ -173,9 +217,12 @@ impl MergePlan {
                 reason: format!("`{d}` is not one of float32, float16, bfloat16"),
             })?),
         };
-        let open = |name: &str| -> Result<Arc<Checkpoint>> { Checkpoint::open(name, &resolve(name)?) };
         let base = spec.base.as_deref().map(open).transpose()?;
-        let experts = spec.models.iter().map(|m| open(&m.name)).collect::<Result<Vec<_>>>()?;
+        let experts = spec
+            .models
+            .iter()
+            .map(|m| open(&m.name))
+            .collect::<Result<Vec<_>>>()?;
         let reference = base.as_ref().unwrap_or(&experts[0]).clone();
         let mut tensors = Vec::with_capacity(reference.tensors().len());
         let mut num_layers = 0;
@@ -190,9 +237,9 @@ impl MergePlan {
                     return Err(MergeError::ShapeMismatch {
                         tensor: name.clone(),
                         model: ck.name().to_string(),
-                        found: other.shape.clone(),
+                        found: other.shape.clone().into(),
                         reference: reference.name().to_string(),
-                        expected: entry.shape.clone(),
+                        expected: entry.shape.clone().into(),
                     });
                 }
             }
@@ -253,10 +300,17 @@ impl MergePlan {
         let per = |c: &Checkpoint| -> u64 {
             self.tensors
                 .iter()
-                .map(|t| c.entry(&t.name).map_or(0, |e| (e.numel() * e.dtype.size_in_bytes()) as u64))
+                .map(|t| {
+                    c.entry(&t.name)
+                        .map_or(0, |e| (e.numel() * e.dtype.size_in_bytes()) as u64)
+                })
                 .sum()
         };
-        self.base.iter().chain(self.experts.iter()).map(|c| per(c)).sum()
+        self.base
+            .iter()
+            .chain(self.experts.iter())
+            .map(|c| per(c))
+            .sum()
     }
 
     /// Bytes of the merged output.
@@ -268,7 +322,11 @@ impl MergePlan {
         Ok(TensorInputs {
             ctx: TensorCtx::new(&t.name, self.num_layers),
             base: self.base.as_ref().map(|b| b.tensor(&t.name)).transpose()?,
-            experts: self.experts.iter().map(|e| e.tensor(&t.name)).collect::<Result<Vec<TensorRef>>>()?,
+            experts: self
+                .experts
+                .iter()
+                .map(|e| e.tensor(&t.name))
+                .collect::<Result<Vec<TensorRef>>>()?,
             device,
         })
     }
@@ -281,7 +339,12 @@ impl MergePlan {
     }
 
     /// Runs the merge on `device`, handing each merged tensor to `sink`.
-    pub fn execute(&mut self, device: &Device, sink: &dyn Sink, progress: &Progress) -> Result<MergeStats> {
+    pub fn execute(
+        &mut self,
+        device: &Device,
+        sink: &dyn Sink,
+        progress: &Progress,
+    ) -> Result<MergeStats> {
         let start = Instant::now();
         // The method is taken out while it scans the plan it belongs to.
         let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
@@ -297,24 +360,26 @@ impl MergePlan {
                 .sum()
         };
         let done = AtomicUsize::new(0);
-        self.schedule().into_par_iter().try_for_each(|i| -> Result<()> {
-            let t = &self.tensors[i];
-            let inputs = self.inputs(t, device)?;
-            let merged = self.method.merge(&inputs)?;
-            if merged.dims() != t.shape.as_slice() {
-                return Err(MergeError::ShapeMismatch {
-                    tensor: t.name.clone(),
-                    model: format!("merged output of {}", self.info.name),
-                    found: merged.dims().to_vec(),
-                    reference: self.reference().name().to_string(),
-                    expected: t.shape.clone(),
-                });
-            }
-            sink.put(t, merged)?;
-            done.fetch_add(1, Ordering::Relaxed);
-            progress.tick(per_tensor_input(t));
-            Ok(())
-        })?;
+        self.schedule()
+            .into_par_iter()
+            .try_for_each(|i| -> Result<()> {
+                let t = &self.tensors[i];
+                let inputs = self.inputs(t, device)?;
+                let merged = self.method.merge(&inputs)?;
+                if merged.dims() != t.shape.as_slice() {
+                    return Err(MergeError::ShapeMismatch {
+                        tensor: t.name.clone(),
+                        model: format!("merged output of {}", self.info.name),
+                        found: merged.dims().into(),
+                        reference: self.reference().name().to_string(),
+                        expected: t.shape.clone().into(),
+                    });
+                }
+                sink.put(t, merged)?;
+                done.fetch_add(1, Ordering::Relaxed);
+                progress.tick(per_tensor_input(t));
+                Ok(())
+            })?;
         progress.finish();
         Ok(MergeStats {
             tensors: done.into_inner(),
@@ -331,7 +396,10 @@ struct Unprepared;
 
 impl MergeMethod for Unprepared {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        Err(MergeError::Spec(format!("tensor `{}` merged before the method was prepared", inputs.ctx.name)))
+        Err(MergeError::Spec(format!(
+            "tensor `{}` merged before the method was prepared",
+            inputs.ctx.name
+        )))
     }
 }
 
@@ -347,6 +415,18 @@ impl ModelScan for PlanScan<'_> {
             .into_par_iter()
             .try_for_each(|i| f(&self.plan.inputs(&self.plan.tensors[i], self.device)?))
     }
+}
+
+/// Merges into memory (what the gateway serves from): the merged tensors by
+/// name, in their output dtypes, on `device`.
+pub fn merge_in_memory(
+    plan: &mut MergePlan,
+    device: &Device,
+    progress: &Progress,
+) -> Result<(HashMap<String, Tensor>, MergeStats)> {
+    let sink = MemorySink::default();
+    let stats = plan.execute(device, &sink, progress)?;
+    Ok((sink.into_tensors(), stats))
 }
 
 /// Options of [`merge_to_dir`].
@@ -372,7 +452,13 @@ pub struct MergeReport {
 /// Validates `spec`, merges it on `device` and writes a checkpoint folder at
 /// `out` (config and tokenizer files copied from the base, or from the first
 /// model when there is no base).
-pub fn merge_to_dir(spec: MergeSpec, resolve: Resolver, out: &Path, device: &Device, opts: &MergeOptions) -> Result<MergeReport> {
+pub fn merge_to_dir(
+    spec: MergeSpec,
+    resolve: Resolver,
+    out: &Path,
+    device: &Device,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
     let mut plan = MergePlan::new(spec, resolve)?;
     let layout: Vec<_> = plan
         .tensors()
@@ -388,7 +474,10 @@ pub fn merge_to_dir(spec: MergeSpec, resolve: Resolver, out: &Path, device: &Dev
         "spec": plan.spec(),
         "method_convention": plan.info().convention,
     });
-    writer.write_file("fusion_merge.json", &serde_json::to_vec_pretty(&provenance).expect("json"))?;
+    writer.write_file(
+        "fusion_merge.json",
+        &serde_json::to_vec_pretty(&provenance).expect("json"),
+    )?;
     let out = writer.finish()?;
     Ok(MergeReport {
         id: plan.id().to_string(),

@@ -122,7 +122,11 @@ pub fn order_radix(keys: &[u32], rank: u64) -> Order {
 /// The `rank`-th smallest (1-indexed) of `keys` by an in-place selection
 /// (reorders `keys`); best for small slices. Panics like [`order_radix`].
 pub fn order_small(keys: &mut [u32], rank: u64) -> Order {
-    assert!(rank >= 1 && rank as usize <= keys.len(), "rank {rank} of {}", keys.len());
+    assert!(
+        rank >= 1 && rank as usize <= keys.len(),
+        "rank {rank} of {}",
+        keys.len()
+    );
     let key = *keys.select_nth_unstable(rank as usize - 1).1;
     let (mut below, mut equal) = (0u64, 0u64);
     for &k in keys.iter() {
@@ -189,7 +193,17 @@ mod tests {
 
     #[test]
     fn keys_order_like_magnitudes() {
-        let xs = [0.0f32, -0.0, 1e-40, -1e-38, 0.5, -0.75, 1.0, -3.0e5, f32::INFINITY];
+        let xs = [
+            0.0f32,
+            -0.0,
+            1e-40,
+            -1e-38,
+            0.5,
+            -0.75,
+            1.0,
+            -3.0e5,
+            f32::INFINITY,
+        ];
         for a in xs {
             for b in xs {
                 assert_eq!(abs_key(a) < abs_key(b), a.abs() < b.abs(), "{a} vs {b}");
@@ -202,7 +216,10 @@ mod tests {
     fn hand_worked_rank() {
         // |x| = [0, 3, 1, 3, 2, 0]; sorted 0 0 1 2 3 3: the 4th smallest is 2
         // with 3 below and 1 equal; the 5th is 3 with 4 below and 2 equal.
-        let keys: Vec<u32> = [0.0f32, -3.0, 1.0, 3.0, -2.0, 0.0].iter().map(|&x| abs_key(x)).collect();
+        let keys: Vec<u32> = [0.0f32, -3.0, 1.0, 3.0, -2.0, 0.0]
+            .iter()
+            .map(|&x| abs_key(x))
+            .collect();
         let four = order_radix(&keys, 4);
         assert_eq!((key_value(four.key), four.below, four.equal), (2.0, 3, 1));
         let five = order_radix(&keys, 5);
@@ -233,9 +250,17 @@ mod tests {
             for _ in 0..5 {
                 let rank = rng.random_range(1..=n as u64);
                 let want = by_sort(&keys, rank);
-                assert_eq!(order_radix(&keys, rank), want, "trial {trial} rank {rank} of {n}");
+                assert_eq!(
+                    order_radix(&keys, rank),
+                    want,
+                    "trial {trial} rank {rank} of {n}"
+                );
                 let mut scratch = keys.clone();
-                assert_eq!(order_small(&mut scratch, rank), want, "trial {trial} rank {rank} of {n}");
+                assert_eq!(
+                    order_small(&mut scratch, rank),
+                    want,
+                    "trial {trial} rank {rank} of {n}"
+                );
             }
             // The extremes.
             assert_eq!(order_radix(&keys, 1), by_sort(&keys, 1));
@@ -247,7 +272,9 @@ mod tests {
     fn split_histograms_add_up() {
         // Counting two halves separately and adding gives the same answer.
         let mut rng = ChaCha8Rng::seed_from_u64(3);
-        let keys: Vec<u32> = (0..10_000).map(|_| abs_key(rng.random_range(-2.0f32..2.0))).collect();
+        let keys: Vec<u32> = (0..10_000)
+            .map(|_| abs_key(rng.random_range(-2.0f32..2.0)))
+            .collect();
         let (a, b) = keys.split_at(4321);
         let mut ha = vec![0u64; BUCKETS];
         let mut hb = vec![0u64; BUCKETS];

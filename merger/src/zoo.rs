@@ -26,7 +26,7 @@ pub struct LlamaShape {
 }
 
 impl LlamaShape {
-    /// The largest width that leaves room for at least four blocks within
+    /// The largest width that leaves room for at least eight blocks within
     /// about `params` parameters, and as many blocks as fit.
     pub fn for_params(params: u64) -> Self {
         let widths = [4096usize, 2048, 1024, 768, 512, 256, 128, 64];
@@ -35,7 +35,7 @@ impl LlamaShape {
             let per_layer = (4 * h * h + 3 * h * i + 2 * h) as u64;
             let vocab = ((params / (16 * h as u64)).clamp(256, 32000) as usize) / 64 * 64;
             let embed = (2 * vocab * h + h) as u64;
-            if params >= embed + 4 * per_layer || k == widths.len() - 1 {
+            if params >= embed + 8 * per_layer || k == widths.len() - 1 {
                 let layers = (params.saturating_sub(embed) / per_layer).max(1) as usize;
                 return LlamaShape {
                     hidden: h,
@@ -71,7 +71,10 @@ impl LlamaShape {
 
     /// Total parameters.
     pub fn params(&self) -> u64 {
-        self.tensors().iter().map(|(_, s)| s.iter().product::<usize>() as u64).sum()
+        self.tensors()
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>() as u64)
+            .sum()
     }
 
     /// A Hugging Face `config.json` for this shape.
@@ -114,12 +117,26 @@ pub struct SynthOptions {
 pub fn synth(out: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
     let shape = LlamaShape::for_params(opts.params);
     let tensors = shape.tensors();
-    let layout: Vec<_> = tensors.iter().map(|(n, s)| (n.clone(), opts.dtype, s.clone())).collect();
+    let layout: Vec<_> = tensors
+        .iter()
+        .map(|(n, s)| (n.clone(), opts.dtype, s.clone()))
+        .collect();
     let config = serde_json::to_vec_pretty(&shape.config_json(opts.dtype)).expect("json");
     let mut dirs = Vec::new();
     for k in 0..=opts.experts {
-        let dir = out.join(if k == 0 { "base".to_string() } else { format!("expert_{k}") });
-        let writer = CheckpointWriter::create(&dir, &layout, &WriteOptions { force: opts.force, ..Default::default() })?;
+        let dir = out.join(if k == 0 {
+            "base".to_string()
+        } else {
+            format!("expert_{k}")
+        });
+        let writer = CheckpointWriter::create(
+            &dir,
+            &layout,
+            &WriteOptions {
+                force: opts.force,
+                ..Default::default()
+            },
+        )?;
         for (ti, (name, s)) in tensors.iter().enumerate() {
             let n: usize = s.iter().product();
             let is_norm = s.len() == 1;
@@ -127,7 +144,12 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
             fill(&mut values, opts.seed, ti as u64, is_norm);
             if k > 0 {
                 // Expert k = base + a delta of its own: dense small noise.
-                add_noise(&mut values, opts.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15), ti as u64, 0.002);
+                add_noise(
+                    &mut values,
+                    opts.seed ^ (k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    ti as u64,
+                    0.002,
+                );
             }
             writer.write_f32(name, &values)?;
         }
@@ -161,17 +183,24 @@ fn fill(values: &mut [f32], seed: u64, tensor: u64, ones: bool) {
         return;
     }
     let std = 0.02;
-    values.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut state = splitmix(seed ^ splitmix(tensor) ^ splitmix(c as u64 + 1));
-        uniform(chunk, &mut state, std, false);
-    });
+    values
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut state = splitmix(seed ^ splitmix(tensor) ^ splitmix(c as u64 + 1));
+            uniform(chunk, &mut state, std, false);
+        });
 }
 
 fn add_noise(values: &mut [f32], seed: u64, tensor: u64, std: f32) {
-    values.par_chunks_mut(CHUNK).enumerate().for_each(|(c, chunk)| {
-        let mut state = splitmix(seed ^ splitmix(tensor.wrapping_add(7)) ^ splitmix(c as u64 + 1));
-        uniform(chunk, &mut state, std, true);
-    });
+    values
+        .par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let mut state =
+                splitmix(seed ^ splitmix(tensor.wrapping_add(7)) ^ splitmix(c as u64 + 1));
+            uniform(chunk, &mut state, std, true);
+        });
 }
 
 fn uniform(chunk: &mut [f32], state: &mut u64, std: f32, add: bool) {
@@ -198,7 +227,10 @@ mod tests {
         for target in [2_000_000u64, 100_000_000, 1_000_000_000] {
             let s = LlamaShape::for_params(target);
             let p = s.params() as f64;
-            assert!(p > 0.75 * target as f64 && p < 1.1 * target as f64, "{target}: {s:?} has {p}");
+            assert!(
+                p > 0.75 * target as f64 && p < 1.1 * target as f64,
+                "{target}: {s:?} has {p}"
+            );
             assert!(s.layers >= 1);
         }
         assert_eq!(LlamaShape::for_params(1_000_000_000).hidden, 2048);

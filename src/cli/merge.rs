@@ -39,11 +39,13 @@ pub struct MergeArgs {
 
 /// Reads a config file as a mergekit YAML or a structured spec.
 pub fn load_config(path: &Path) -> anyhow::Result<MergeSpec> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config `{}`", path.display()))?;
-    let value: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).map_err(|e| MergeError::Config {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config `{}`", path.display()))?;
+    let value: serde_yaml_ng::Value =
+        serde_yaml_ng::from_str(&text).map_err(|e| MergeError::Config {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
     if value.get("method").is_some() && value.get("merge_method").is_none() {
         let spec: MergeSpec = serde_yaml_ng::from_value(value).map_err(|e| MergeError::Config {
             path: path.to_path_buf(),

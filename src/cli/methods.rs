@@ -4,7 +4,10 @@ use merger::methods::{Arity, REGISTRY};
 
 /// Prints every method with its convention and input requirements.
 pub fn run() -> anyhow::Result<()> {
-    println!("{:<18} {:<12} {:<10} {:<6} {:<7}", "method", "convention", "models", "base", "seeded");
+    println!(
+        "{:<18} {:<12} {:<10} {:<6} {:<7}",
+        "method", "convention", "models", "base", "seeded"
+    );
     for m in REGISTRY {
         let models = match m.arity {
             Arity::Exactly(k) => format!("{k}"),

@@ -9,7 +9,10 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let t = s.trim();
     let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let x: f64 = num.trim().parse().map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 1000000)"))?;
+    let x: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 1000000)"))?;
     let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1.0,
         "k" | "kb" => 1e3,
@@ -19,7 +22,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         "kib" => 1024.0,
         "mib" => 1024.0 * 1024.0,
         "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "unknown unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     if !(x.is_finite() && x > 0.0) {
         return Err(format!("`{s}` must be positive"));
@@ -36,7 +43,9 @@ pub fn parse_count(s: &str) -> Result<u64, String> {
         Some('b') | Some('g') => (&t[..t.len() - 1], 1e9),
         _ => (t, 1.0),
     };
-    let x: f64 = num.parse().map_err(|_| format!("`{s}` is not a count (e.g. 1B, 100M, 50k)"))?;
+    let x: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a count (e.g. 1B, 100M, 50k)"))?;
     if !(x.is_finite() && x >= 1.0) {
         return Err(format!("`{s}` must be at least 1"));
     }

@@ -35,8 +35,16 @@ pub enum ZooCommand {
 /// Runs `fusion zoo`.
 pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
     match cmd {
-        ZooCommand::Synth { params, experts, dtype, seed, out, force } => {
-            let dtype = parse_dtype(&dtype).ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
+        ZooCommand::Synth {
+            params,
+            experts,
+            dtype,
+            seed,
+            out,
+            force,
+        } => {
+            let dtype = parse_dtype(&dtype)
+                .ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
             let shape = LlamaShape::for_params(params);
             eprintln!(
                 "writing a {}-parameter Llama pool (hidden {}, {} layers, vocab {}) with {experts} experts to {}",
@@ -46,7 +54,16 @@ pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
                 shape.vocab,
                 out.display()
             );
-            let dirs = synth(&out, &SynthOptions { params, experts, dtype, seed, force })?;
+            let dirs = synth(
+                &out,
+                &SynthOptions {
+                    params,
+                    experts,
+                    dtype,
+                    seed,
+                    force,
+                },
+            )?;
             for d in dirs {
                 println!("{}", d.display());
             }

@@ -7,7 +7,7 @@
 //! and to cover the file exactly) and each failure names the file.
 
 pub(crate) mod reader;
-mod writer;
+pub(crate) mod writer;
 
 pub use reader::{Checkpoint, TensorEntry, TensorRef};
 pub use writer::{CheckpointWriter, WriteOptions, SIDE_FILES};

@@ -95,7 +95,8 @@ pub(crate) fn decode_into(dtype: DType, bytes: &[u8], out: &mut [f32]) {
         .for_each(|(o, b)| decode_chunk(dtype, b, o));
 }
 
-/// Decodes one chunk sequentially.
+/// Decodes one chunk sequentially. bf16 → f32 is exact (the bf16 bits are
+/// the high half of the f32), written as a shift the compiler vectorises.
 pub(crate) fn decode_chunk(dtype: DType, b: &[u8], o: &mut [f32]) {
     use half::slice::HalfFloatSliceExt;
     match dtype {
@@ -107,11 +108,15 @@ pub(crate) fn decode_chunk(dtype: DType, b: &[u8], o: &mut [f32]) {
                 }
             }
         },
-        DType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(b) {
-            Ok(s) => s.convert_to_f32_slice(o),
+        DType::BF16 => match bytemuck::try_cast_slice::<u8, u16>(b) {
+            Ok(s) => {
+                for (x, &h) in o.iter_mut().zip(s) {
+                    *x = f32::from_bits((h as u32) << 16);
+                }
+            }
             Err(_) => {
                 for (x, c) in o.iter_mut().zip(b.chunks_exact(2)) {
-                    *x = half::bf16::from_le_bytes([c[0], c[1]]).to_f32();
+                    *x = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
                 }
             }
         },
@@ -185,7 +190,11 @@ impl Shard {
             if numel.checked_mul(dtype.size_in_bytes()) != Some(e - s) {
                 return Err(corrupt(
                     path,
-                    format!("tensor `{name}` has {} bytes for shape {:?}", e - s, info.shape),
+                    format!(
+                        "tensor `{name}` has {} bytes for shape {:?}",
+                        e - s,
+                        info.shape
+                    ),
                 ));
             }
             entries.push((
@@ -249,7 +258,10 @@ impl Checkpoint {
                     if !tensors.contains_key(tname) {
                         return Err(MergeError::BadIndex {
                             path: dir.join(INDEX_FILE),
-                            reason: format!("maps `{tname}` to {} which does not hold it", path.display()),
+                            reason: format!(
+                                "maps `{tname}` to {} which does not hold it",
+                                path.display()
+                            ),
                         });
                     }
                 }
@@ -287,11 +299,14 @@ impl Checkpoint {
 
     /// Borrows the raw bytes of a tensor.
     pub fn tensor(&self, name: &str) -> Result<TensorRef<'_>> {
-        let entry = self.tensors.get(name).ok_or_else(|| MergeError::MissingTensor {
-            tensor: name.to_string(),
-            model: self.name.clone(),
-            path: self.dir.clone(),
-        })?;
+        let entry = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| MergeError::MissingTensor {
+                tensor: name.to_string(),
+                model: self.name.clone(),
+                path: self.dir.clone(),
+            })?;
         Ok(TensorRef {
             dtype: entry.dtype,
             shape: &entry.shape,
@@ -301,7 +316,9 @@ impl Checkpoint {
 
     /// The file a tensor is stored in.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.tensors.get(name).map(|e| self.shards[e.file].path.as_path())
+        self.tensors
+            .get(name)
+            .map(|e| self.shards[e.file].path.as_path())
     }
 
     /// Total bytes of tensor data.

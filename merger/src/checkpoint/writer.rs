@@ -65,14 +65,21 @@ pub struct CheckpointWriter {
 impl CheckpointWriter {
     /// Lays out the output for `tensors` (name, dtype, shape, in writing
     /// order) and creates the shard files in a temporary folder next to `out`.
-    pub fn create(out: &Path, tensors: &[(String, DType, Vec<usize>)], opts: &WriteOptions) -> Result<Self> {
+    pub fn create(
+        out: &Path,
+        tensors: &[(String, DType, Vec<usize>)],
+        opts: &WriteOptions,
+    ) -> Result<Self> {
         check_output(out, opts.force)?;
         let parent = match out.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(|e| MergeError::io(&parent, e))?;
-        let stem = out.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let stem = out
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let tmp = tempfile::Builder::new()
             .prefix(&format!(".{stem}.partial-"))
             .tempdir_in(&parent)
@@ -118,13 +125,14 @@ impl CheckpointWriter {
                 offset += len;
             }
             let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header)).expect("json");
-            while hbytes.len() % 8 != 0 {
+            while !hbytes.len().is_multiple_of(8) {
                 hbytes.push(b' ');
             }
             let data_start = 8 + hbytes.len() as u64;
             let path = tmp.path().join(&fname);
             let file = File::create(&path).map_err(|e| MergeError::io(&path, e))?;
-            file.set_len(data_start + offset as u64).map_err(|e| MergeError::io(&path, e))?;
+            file.set_len(data_start + offset as u64)
+                .map_err(|e| MergeError::io(&path, e))?;
             file.write_all_at(&(hbytes.len() as u64).to_le_bytes(), 0)
                 .and_then(|_| file.write_all_at(&hbytes, 8))
                 .map_err(|e| MergeError::io(&path, e))?;
@@ -143,7 +151,8 @@ impl CheckpointWriter {
             files.push((path, file));
         }
         if n > 1 {
-            let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+            let index =
+                serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
             let path = tmp.path().join(INDEX_FILE);
             std::fs::write(&path, serde_json::to_vec_pretty(&index).expect("json"))
                 .map_err(|e| MergeError::io(&path, e))?;
@@ -160,7 +169,10 @@ impl CheckpointWriter {
     /// Writes one tensor's values, converting f32 to the slot's dtype.
     /// Safe to call from several threads for different tensors.
     pub fn write_f32(&self, name: &str, data: &[f32]) -> Result<()> {
-        let slot = self.slots.get(name).ok_or_else(|| MergeError::Spec(format!("tensor `{name}` was not planned")))?;
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| MergeError::Spec(format!("tensor `{name}` was not planned")))?;
         if data.len() != slot.numel {
             return Err(MergeError::Spec(format!(
                 "tensor `{name}`: merged {} values, expected {}",
@@ -171,12 +183,14 @@ impl CheckpointWriter {
         let (path, file) = &self.files[slot.file];
         let width = slot.dtype.size_in_bytes();
         const CHUNK: usize = 1 << 16;
-        data.par_chunks(CHUNK).enumerate().try_for_each(|(c, values)| {
-            let mut buf = vec![0u8; values.len() * width];
-            encode_chunk(slot.dtype, values, &mut buf);
-            file.write_all_at(&buf, slot.offset + (c * CHUNK * width) as u64)
-                .map_err(|e| MergeError::io(path, e))
-        })
+        data.par_chunks(CHUNK)
+            .enumerate()
+            .try_for_each(|(c, values)| {
+                let mut buf = vec![0u8; values.len() * width];
+                encode_chunk(slot.dtype, values, &mut buf);
+                file.write_all_at(&buf, slot.offset + (c * CHUNK * width) as u64)
+                    .map_err(|e| MergeError::io(path, e))
+            })
     }
 
     /// Copies config and tokenizer files from `from` (those that exist).
@@ -199,9 +213,9 @@ impl CheckpointWriter {
 
     /// Flushes everything and moves the folder into place.
     pub fn finish(mut self) -> Result<PathBuf> {
-        for (path, f) in &self.files {
-            f.sync_data().map_err(|e| MergeError::io(path, e))?;
-        }
+        // Not fsynced: the rename protects readers from a half-written
+        // folder when the merge fails; durability across power loss is left
+        // to the filesystem's writeback, as other merge tools do.
         self.files.clear();
         let tmp = self.tmp.take().expect("finish once").keep();
         // Re-check: the folder may have appeared while we merged.
@@ -230,15 +244,28 @@ fn check_output(out: &Path, force: bool) -> Result<()> {
     Ok(())
 }
 
+/// f32 → bf16 bits with round-to-nearest-even (NaN stays a quiet NaN),
+/// written branch-free so the compiler vectorises it.
+#[inline]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = b.wrapping_add(0x7FFF + ((b >> 16) & 1));
+    if x.is_nan() {
+        ((b >> 16) | 0x40) as u16
+    } else {
+        (rounded >> 16) as u16
+    }
+}
+
 /// Encodes f32 values as little-endian `dtype` bytes.
 pub(crate) fn encode_chunk(dtype: DType, values: &[f32], out: &mut [u8]) {
     use half::slice::HalfFloatSliceExt;
     match dtype {
         DType::F32 => out.copy_from_slice(bytemuck::cast_slice(values)),
         DType::BF16 => {
-            let mut tmp = vec![half::bf16::ZERO; values.len()];
-            tmp.convert_from_f32_slice(values);
-            out.copy_from_slice(bytemuck::cast_slice(&tmp));
+            for (o, &x) in out.chunks_exact_mut(2).zip(values) {
+                o.copy_from_slice(&bf16_bits(x).to_le_bytes());
+            }
         }
         DType::F16 => {
             let mut tmp = vec![half::f16::ZERO; values.len()];
@@ -246,5 +273,33 @@ pub(crate) fn encode_chunk(dtype: DType, values: &[f32], out: &mut [u8]) {
             out.copy_from_slice(bytemuck::cast_slice(&tmp));
         }
         other => unreachable!("output dtype {other:?} is rejected at validation"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        // Round-to-nearest-even: 1 + 2^-8 is halfway between 1 and 1 + 2^-7
+        // and rounds to the even 1.0; 1 + 3·2^-8 rounds up to 1 + 2^-6.
+        assert_eq!(bf16_bits(1.0 + 1.0 / 256.0), 0x3F80);
+        assert_eq!(bf16_bits(1.0 + 3.0 / 256.0), 0x3F82);
+        for x in [
+            0.0f32,
+            -0.0,
+            1.5,
+            -2.75,
+            3.1e-3,
+            6.5e4,
+            1e38,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+        ] {
+            assert_eq!(bf16_bits(x), half::bf16::from_f32(x).to_bits(), "{x}");
+        }
+        assert!(half::bf16::from_bits(bf16_bits(f32::NAN)).is_nan());
     }
 }

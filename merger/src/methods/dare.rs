@@ -107,7 +107,10 @@ impl Dropout {
                 }))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(experts.iter().any(Option::is_some).then_some(TensorDropout { experts }))
+        Ok(experts
+            .iter()
+            .any(Option::is_some)
+            .then_some(TensorDropout { experts }))
     }
 }
 
@@ -193,12 +196,20 @@ pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
         rescale: p.boolean(&["rescale"], true)?,
         only_linear: p.boolean(&["only_linear_weights", "only_on_linear_weights"], false)?,
     };
-    let combine = p.choice(&["combine"], &["task_arithmetic", "simple_average", "ties"], "task_arithmetic")?;
+    let combine = p.choice(
+        &["combine"],
+        &["task_arithmetic", "simple_average", "ties"],
+        "task_arithmetic",
+    )?;
     let lambda = match combine.as_str() {
         "ties" => {
             let ties = FbTies::from_params(p, 0.2)?;
             let lambda = p.number(FB_LAMBDA_KEYS, 0.5)?;
-            return Ok(Box::new(DareTies { dropout, ties, lambda }));
+            return Ok(Box::new(DareTies {
+                dropout,
+                ties,
+                lambda,
+            }));
         }
         "simple_average" => Num::constant("1/T", 1.0 / p.num_models as f64),
         _ => p.number(FB_LAMBDA_KEYS, 0.3)?,
@@ -243,4 +254,331 @@ pub fn build_mergekit_linear(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 /// Builds mergekit's `dare_ties`.
 pub fn build_mergekit_ties(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     build_mergekit(p, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::testutil::{assert_close, merge1, merge_all, Fixture};
+    use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
+
+    fn fb(models: &[&str]) -> MergeSpec {
+        MergeSpec::new("dare", Some("base"), models)
+    }
+
+    fn ones(n: usize) -> Fixture {
+        // θ0 = 0, θ1 = 1: τ = 1 everywhere.
+        Fixture::new(
+            "model.layers.0.mlp.up_proj.weight",
+            &[n / 100, 100],
+            Some(&vec![0.0; n]),
+            &[&vec![1.0; n]],
+        )
+    }
+
+    #[test]
+    fn zero_sparsity_is_task_arithmetic() {
+        // p = 0 keeps every entry, 1/(1 − 0) = 1: θ0 + 0.3(τ1 + τ2).
+        // θ0 = [1, -2, 0.5], τ1 = [0.5, 1, -1], τ2 = [-0.25, 0.5, 2]
+        // → [1 + 0.075, -2 + 0.45, 0.5 + 0.3] = [1.075, -1.55, 0.8].
+        let fx = Fixture::new(
+            "w",
+            &[3],
+            Some(&[1.0, -2.0, 0.5]),
+            &[&[1.5, -1.0, -0.5], &[0.75, -1.5, 2.5]],
+        );
+        let spec = fb(&["a", "b"]).with("sparsity_ratio", 0.0);
+        assert_close(&merge1(&spec, &fx), &[1.075, -1.55, 0.8], 1e-6);
+        // simple_average: λ = 1/2 → [1.125, -1.25, 1.0].
+        let spec = spec.with_value("combine", ParamValue::Text("simple_average".into()));
+        assert_close(&merge1(&spec, &fx), &[1.125, -1.25, 1.0], 1e-6);
+    }
+
+    #[test]
+    fn rescale_keeps_the_mean() {
+        // 200k entries of τ = 1, p = 0.5, λ = 1: kept entries become
+        // 1/(1 − 0.5) = 2, dropped 0; mean 1 with standard error
+        // sqrt(p/(1−p)/n) = sqrt(1/200000) ≈ 0.00224; allow 5 of them.
+        let n = 200_000;
+        let spec = fb(&["a"])
+            .with("scaling_coefficient", 1.0)
+            .with("sparsity_ratio", 0.5);
+        let got = merge1(&spec, &ones(n));
+        assert!(got.iter().all(|&v| v == 0.0 || v == 2.0));
+        let mean = got.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        assert!(
+            (mean - 1.0).abs() < 5.0 * (1.0f64 / n as f64).sqrt(),
+            "mean {mean}"
+        );
+        // p = 0.9: kept = 10, se = sqrt(9/n) ≈ 0.0067.
+        let spec = fb(&["a"])
+            .with("scaling_coefficient", 1.0)
+            .with("sparsity_ratio", 0.9);
+        let got = merge1(&spec, &ones(n));
+        let mean = got.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        assert!(
+            (mean - 1.0).abs() < 5.0 * (9.0f64 / n as f64).sqrt(),
+            "mean {mean}"
+        );
+        // Without rescaling the mean is the keep rate, 0.1 (se sqrt(0.09/n)).
+        let spec = spec.with_value("rescale", ParamValue::Bool(false));
+        let got = merge1(&spec, &ones(n));
+        let mean = got.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+        assert!(
+            (mean - 0.1).abs() < 5.0 * (0.09f64 / n as f64).sqrt(),
+            "mean {mean}"
+        );
+    }
+
+    #[test]
+    fn seeded_masks_are_deterministic_and_differ_across_seeds() {
+        let fx = ones(20_000);
+        let with_seed = |s: Option<u64>| {
+            let mut spec = fb(&["a"]);
+            spec.seed = s;
+            merge1(&spec, &fx)
+        };
+        assert_eq!(with_seed(Some(7)), with_seed(Some(7)));
+        assert_eq!(with_seed(None), with_seed(Some(0)));
+        let (a, b) = (with_seed(Some(7)), with_seed(Some(8)));
+        let differ = a.iter().zip(&b).filter(|(x, y)| x != y).count();
+        // Independent masks at p = 0.5 disagree on about half the entries.
+        assert!(differ > 8_000 && differ < 12_000, "{differ}");
+    }
+
+    #[test]
+    fn masks_do_not_depend_on_chunking_or_path() {
+        let d = Dropout {
+            seed: 3,
+            keep: vec![Num::constant("q", 0.3)],
+            rescale: true,
+            only_linear: false,
+        };
+        let fx = ones(10_000);
+        let td = d.for_tensor(&fx.inputs()).unwrap().unwrap();
+        let mut whole = vec![1f32; 10_000];
+        td.apply(0, 0, &mut whole);
+        // Uneven pieces, drawn separately, give the same mask.
+        let mut pieces = vec![1f32; 10_000];
+        let (a, rest) = pieces.split_at_mut(1_001);
+        let (b, c) = rest.split_at_mut(4_567);
+        td.apply(0, 0, a);
+        td.apply(0, 1_001, b);
+        td.apply(0, 5_568, c);
+        assert_eq!(whole, pieces);
+        // The tensor path draws the same mask: kept entries are 1/0.3.
+        let t =
+            Tensor::from_vec(vec![1f32; 10_000], (100, 100), &candle_core::Device::Cpu).unwrap();
+        let tensor = td
+            .apply_tensor(0, &t)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close(&tensor, &whole, 1e-6);
+        assert!(whole
+            .iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.3).abs() < 1e-6));
+        // Another tensor name or expert index gives another mask.
+        let other = Fixture::new(
+            "model.layers.1.mlp.up_proj.weight",
+            &[100, 100],
+            Some(&[0.0; 10_000]),
+            &[&[1.0; 10_000]],
+        );
+        let mut renamed = vec![1f32; 10_000];
+        d.for_tensor(&other.inputs())
+            .unwrap()
+            .unwrap()
+            .apply(0, 0, &mut renamed);
+        assert_ne!(whole, renamed);
+    }
+
+    #[test]
+    fn only_linear_weights_leaves_other_tensors_whole() {
+        // A norm is not a linear weight: τ = 1 stays, θ = 0 + 1·1.
+        let norm = Fixture::new(
+            "model.norm.weight",
+            &[1000],
+            Some(&[0.0; 1000]),
+            &[&[1.0; 1000]],
+        );
+        let lin = ones(1000);
+        let spec = fb(&["a"])
+            .with("scaling_coefficient", 1.0)
+            .with_value("only_linear_weights", ParamValue::Bool(true));
+        let out = merge_all(&spec, &[norm, lin]);
+        assert!(out[0].iter().all(|&v| v == 1.0));
+        assert!(out[1].iter().all(|&v| v == 0.0 || v == 2.0));
+        assert!(out[1].contains(&0.0));
+    }
+
+    /// The same experts with DARE's mask already applied to their τ.
+    fn pre_dropped(fx: &Fixture, d: &Dropout) -> Fixture {
+        let inputs = fx.inputs();
+        let base = inputs.base.unwrap().to_f32_vec();
+        let td = d.for_tensor(&inputs).unwrap().unwrap();
+        let experts: Vec<Vec<f32>> = (0..fx.experts.len())
+            .map(|i| {
+                let mut tau: Vec<f32> = inputs.experts[i]
+                    .to_f32_vec()
+                    .iter()
+                    .zip(&base)
+                    .map(|(e, b)| e - b)
+                    .collect();
+                td.apply(i, 0, &mut tau);
+                tau.iter().zip(&base).map(|(t, b)| b + t).collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        Fixture::new(&fx.name, &fx.shape, Some(&base), &refs)
+    }
+
+    #[test]
+    fn dare_ties_is_ties_merging_of_the_sparsified_task_vectors() {
+        // Two tensors, model scope: dare(combine: ties) with seed 5 equals
+        // ties_merging over experts whose τ were masked by the same draws.
+        let mk = |name: &str, n: usize, k: f32| {
+            let base: Vec<f32> = (0..n).map(|j| (j % 7) as f32 * 0.25 - 0.5).collect();
+            let e: Vec<Vec<f32>> = (0..3)
+                .map(|i| {
+                    (0..n)
+                        .map(|j| base[j] + (((j * 31 + i * 17) % 13) as f32 - 6.0) * k)
+                        .collect()
+                })
+                .collect();
+            Fixture::new(name, &[n], Some(&base), &[&e[0], &e[1], &e[2]])
+        };
+        let fxs = [mk("a.weight", 3000, 0.125), mk("b.weight", 1000, 0.5)];
+        let d = Dropout {
+            seed: 5,
+            // q = 0.5 keeps τ/q exact, so base + τ′ − base round-trips.
+            keep: vec![Num::constant("q", 0.5); 3],
+            rescale: true,
+            only_linear: false,
+        };
+        let dropped = [pre_dropped(&fxs[0], &d), pre_dropped(&fxs[1], &d)];
+        let mut dare = fb(&["x", "y", "z"])
+            .with("sparsity_ratio", 0.5)
+            .with_value("combine", ParamValue::Text("ties".into()));
+        dare.seed = Some(5);
+        let ties = MergeSpec::new("ties_merging", Some("base"), &["x", "y", "z"])
+            .with("scaling_coefficient", 0.5);
+        let got = merge_all(&dare, &fxs);
+        let want = merge_all(&ties, &dropped);
+        for (g, w) in got.iter().zip(&want) {
+            assert_close(g, w, 1e-6);
+        }
+        // And the candle path agrees with the fused loop.
+        let mut m = DareTies {
+            dropout: d,
+            ties: FbTies {
+                density: 0.2,
+                func: super::super::ties::MergeFunc::Sum,
+                scope: super::super::ties::Scope::Tensor,
+                tasks: 3,
+                stats: None,
+            },
+            lambda: Num::constant("l", 0.5),
+        };
+        m.prepare(&crate::methods::testutil::FixtureScan(&fxs))
+            .unwrap();
+        let inputs = fxs[0].inputs();
+        let fused = m
+            .merge_with(&inputs, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let generic = m
+            .merge_with(&inputs, false)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close(&generic, &fused, 1e-6);
+    }
+
+    fn mk_spec(method: &str, models: &[(f64, f64)]) -> MergeSpec {
+        let mut spec = MergeSpec::new(method, Some("base"), &[]);
+        spec.dialect = Dialect::Mergekit;
+        spec.models = models
+            .iter()
+            .enumerate()
+            .map(|(i, &(w, d))| {
+                let mut m = ModelSpec::named(format!("m{i}"));
+                m.weight = Some(ParamValue::Number(w));
+                m.parameters.insert("density".into(), ParamValue::Number(d));
+                m
+            })
+            .collect();
+        spec
+    }
+
+    #[test]
+    fn mergekit_dare_linear_and_ties_by_hand() {
+        // density 1: no dropout. θ0 = [1, 1, 1], τ1 = [0.5, -1, 2] (w 2),
+        // τ2 = [-0.5, 0.5, 1] (w 1).
+        let fx = Fixture::new(
+            "w",
+            &[3],
+            Some(&[1.0; 3]),
+            &[&[1.5, 0.0, 3.0], &[0.5, 1.5, 2.0]],
+        );
+        // dare_linear: Σ wτ = [0.5, -1.5, 5] → θ = [1.5, -0.5, 6].
+        assert_close(
+            &merge1(&mk_spec("dare_linear", &[(2.0, 1.0), (1.0, 1.0)]), &fx),
+            &[1.5, -0.5, 6.0],
+            1e-6,
+        );
+        // normalize: / Σw = 3 → [1.16667, 0.5, 2.66667].
+        let spec = mk_spec("dare_linear", &[(2.0, 1.0), (1.0, 1.0)])
+            .with_value("normalize", ParamValue::Bool(true));
+        assert_close(
+            &merge1(&spec, &fx),
+            &[1.0 + 0.5 / 3.0, 0.5, 1.0 + 5.0 / 3.0],
+            1e-6,
+        );
+        // dare_ties: δ1 = [1, -2, 4], δ2 = [-0.5, 0.5, 1]; Σ = [0.5, -1.5, 5]
+        // → elected [+, -, +]; mixed = [1, -2, 5] → θ = [2, -1, 6] (no normalize).
+        assert_close(
+            &merge1(&mk_spec("dare_ties", &[(2.0, 1.0), (1.0, 1.0)]), &fx),
+            &[2.0, -1.0, 6.0],
+            1e-6,
+        );
+        // normalize: divisors Σ w·mask = [2, 2, 3] → [0.5, -1, 5/3] → θ = [1.5, 0, 2.6667].
+        let spec = mk_spec("dare_ties", &[(2.0, 1.0), (1.0, 1.0)])
+            .with_value("normalize", ParamValue::Bool(true));
+        assert_close(&merge1(&spec, &fx), &[1.5, 0.0, 1.0 + 5.0 / 3.0], 1e-6);
+    }
+
+    #[test]
+    fn mergekit_dare_density_is_the_keep_rate() {
+        // density 0.25, weight 1, λ 1: entries are 0 or τ/0.25 = 4; about a
+        // quarter kept (se sqrt(0.25·0.75/n) ≈ 0.00137 for n = 100k).
+        let n = 100_000;
+        let got = merge1(&mk_spec("dare_linear", &[(1.0, 0.25)]), &ones(n));
+        assert!(got.iter().all(|&v| v == 0.0 || v == 4.0));
+        let rate = got.iter().filter(|&&v| v == 4.0).count() as f64 / n as f64;
+        assert!((rate - 0.25).abs() < 5.0 * 0.00137, "{rate}");
+    }
+
+    #[test]
+    fn parameters_are_validated() {
+        for (k, v) in [("sparsity_ratio", 1.0), ("sparsity_ratio", -0.1)] {
+            let err = crate::methods::build(&fb(&["a"]).with(k, v))
+                .err()
+                .expect("rejected");
+            assert!(err.to_string().contains(k), "{err}");
+        }
+        // λ is not a parameter of simple_average; trimming only of ties.
+        let sa = fb(&["a"])
+            .with_value("combine", ParamValue::Text("simple_average".into()))
+            .with("scaling_coefficient", 0.3);
+        assert!(crate::methods::build(&sa).is_err());
+        assert!(crate::methods::build(&fb(&["a"]).with("density", 0.2)).is_err());
+        let err = crate::methods::build(&mk_spec("dare_ties", &[(1.0, 0.0)]))
+            .err()
+            .expect("density 0");
+        assert!(err.to_string().contains("density"), "{err}");
+    }
 }

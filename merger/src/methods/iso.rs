@@ -5,7 +5,8 @@
 //! and Task-Specific Subspaces", arXiv:2502.04959, as implemented by
 //! FusionBench (`method/isotropic_merging/iso_utils.py`).
 //!
-//! `iso_c`, per linear weight (2-D, [`TensorCtx::is_linear_weight`]):
+//! `iso_c`, per linear weight (2-D and
+//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)):
 //!
 //! ```text
 //! Δ = Σi τi = U diag(s) Vᵀ          (thin SVD, r = min(rows, cols) values)

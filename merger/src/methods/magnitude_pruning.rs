@@ -240,7 +240,7 @@ impl MagnitudePruning {
                 prune_rows(data, cols, k, self.major);
             }
             Sparsity::NOfM(n, m) => {
-                if cols % m != 0 {
+                if cols / m * m != cols {
                     return Err(MergeError::BadParameter {
                         param: "m".into(),
                         reason: format!(

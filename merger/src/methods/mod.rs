@@ -50,21 +50,27 @@ impl TensorInputs<'_> {
 
     /// The base as an f32 tensor on the merge device.
     pub fn base_f32(&self) -> Result<Tensor> {
-        let base = self.base.as_ref().ok_or_else(|| MergeError::Spec(format!(
-            "tensor `{}`: this method needs a base model",
-            self.ctx.name
-        )))?;
+        let base = self.base.as_ref().ok_or_else(|| {
+            MergeError::Spec(format!(
+                "tensor `{}`: this method needs a base model",
+                self.ctx.name
+            ))
+        })?;
         base.to_f32_tensor(self.device).map_err(|e| self.err(e))
     }
 
     /// Expert `i` as an f32 tensor on the merge device.
     pub fn expert_f32(&self, i: usize) -> Result<Tensor> {
-        self.experts[i].to_f32_tensor(self.device).map_err(|e| self.err(e))
+        self.experts[i]
+            .to_f32_tensor(self.device)
+            .map_err(|e| self.err(e))
     }
 
     /// Every expert as f32 tensors.
     pub fn experts_f32(&self) -> Result<Vec<Tensor>> {
-        (0..self.experts.len()).map(|i| self.expert_f32(i)).collect()
+        (0..self.experts.len())
+            .map(|i| self.expert_f32(i))
+            .collect()
     }
 
     /// Task vectors τi = θi − θ0 as f32 tensors.
@@ -141,34 +147,185 @@ macro_rules! entry {
 
 /// Every method, FusionBench names first, then mergekit's.
 pub static REGISTRY: &[MethodInfo] = &[
-    entry!("simple_average", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, simple_average::build),
-    entry!("weighted_average", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, weighted_average::build),
-    entry!("task_arithmetic", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, task_arithmetic::build),
-    entry!("slerp", "FusionBench", Arity::Exactly(2), base = false, ordered = true, random = false, slerp::build),
-    entry!("ties_merging", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, ties::build_fusionbench),
-    entry!("dare", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_fusionbench),
-    entry!("magnitude_pruning", "FusionBench", Arity::AtLeast(1), base = false, ordered = false, random = false, magnitude_pruning::build),
-    entry!("expo", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, expo::build),
-    entry!("model_stock", "FusionBench", Arity::AtLeast(2), base = true, ordered = false, random = false, model_stock::build),
-    entry!("breadcrumbs", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = false, breadcrumbs::build),
-    entry!("iso_c", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, iso::build_iso_c),
-    entry!("iso_cts", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, iso::build_iso_cts),
-    entry!("tsv_m", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, tsv_m::build),
-    entry!("wudi", "FusionBench", Arity::AtLeast(1), base = true, ordered = false, random = false, wudi::build),
-    entry!("linear", "mergekit", Arity::AtLeast(1), base = false, ordered = false, random = false, linear::build),
-    entry!("ties", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = false, ties::build_mergekit),
-    entry!("dare_linear", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_mergekit_linear),
-    entry!("dare_ties", "mergekit", Arity::AtLeast(1), base = true, ordered = false, random = true, dare::build_mergekit_ties),
+    entry!(
+        "simple_average",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = false,
+        ordered = false,
+        random = false,
+        simple_average::build
+    ),
+    entry!(
+        "weighted_average",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = false,
+        ordered = false,
+        random = false,
+        weighted_average::build
+    ),
+    entry!(
+        "task_arithmetic",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        task_arithmetic::build
+    ),
+    entry!(
+        "slerp",
+        "FusionBench",
+        Arity::Exactly(2),
+        base = false,
+        ordered = true,
+        random = false,
+        slerp::build
+    ),
+    entry!(
+        "ties_merging",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        ties::build_fusionbench
+    ),
+    entry!(
+        "dare",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = true,
+        dare::build_fusionbench
+    ),
+    entry!(
+        "magnitude_pruning",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = false,
+        ordered = false,
+        random = false,
+        magnitude_pruning::build
+    ),
+    entry!(
+        "expo",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        expo::build
+    ),
+    entry!(
+        "model_stock",
+        "FusionBench",
+        Arity::AtLeast(2),
+        base = true,
+        ordered = false,
+        random = false,
+        model_stock::build
+    ),
+    entry!(
+        "breadcrumbs",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        breadcrumbs::build
+    ),
+    entry!(
+        "iso_c",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        iso::build_iso_c
+    ),
+    entry!(
+        "iso_cts",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        iso::build_iso_cts
+    ),
+    entry!(
+        "tsv_m",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        tsv_m::build
+    ),
+    entry!(
+        "wudi",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        wudi::build
+    ),
+    entry!(
+        "linear",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = false,
+        ordered = false,
+        random = false,
+        linear::build
+    ),
+    entry!(
+        "ties",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = false,
+        ties::build_mergekit
+    ),
+    entry!(
+        "dare_linear",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = true,
+        dare::build_mergekit_linear
+    ),
+    entry!(
+        "dare_ties",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = true,
+        ordered = false,
+        random = true,
+        dare::build_mergekit_ties
+    ),
 ];
 
 /// Looks a method up by name (either convention). mergekit's `slerp`,
 /// `task_arithmetic`, `model_stock` and `breadcrumbs` share the entry of
 /// the same name.
 pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
-    REGISTRY.iter().find(|m| m.name == name).ok_or_else(|| MergeError::UnknownMethod {
-        name: name.to_string(),
-        known: REGISTRY.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
-    })
+    REGISTRY
+        .iter()
+        .find(|m| m.name == name)
+        .ok_or_else(|| MergeError::UnknownMethod {
+            name: name.to_string(),
+            known: REGISTRY
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
 }
 
 /// Validates a spec's method, model count and parameters, and builds it.

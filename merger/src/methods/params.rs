@@ -27,10 +27,15 @@ impl Num {
 
     /// The value for one tensor.
     pub fn at(&self, ctx: &TensorCtx) -> Result<f64> {
-        self.value.resolve(ctx).ok_or_else(|| MergeError::BadParameter {
-            param: self.name.clone(),
-            reason: format!("no filter entry matches tensor `{}` and there is no default entry", ctx.name),
-        })
+        self.value
+            .resolve(ctx)
+            .ok_or_else(|| MergeError::BadParameter {
+                param: self.name.clone(),
+                reason: format!(
+                    "no filter entry matches tensor `{}` and there is no default entry",
+                    ctx.name
+                ),
+            })
     }
 
     /// Checks every value the parameter can take against `ok`.
@@ -90,15 +95,22 @@ impl<'a> Params<'a> {
         for k in keys {
             self.used.insert((*k).to_string());
         }
-        keys.iter()
-            .find_map(|k| self.spec.parameters.get(*k).map(|v| ((*k).to_string(), v.clone())))
+        keys.iter().find_map(|k| {
+            self.spec
+                .parameters
+                .get(*k)
+                .map(|v| ((*k).to_string(), v.clone()))
+        })
     }
 
     fn numeric(name: &str, value: ParamValue) -> Result<Num> {
         if !value.is_numeric() {
             return Err(MergeError::BadParameter {
                 param: name.to_string(),
-                reason: format!("expected a number, a gradient list or a filter list, got {}", value.kind()),
+                reason: format!(
+                    "expected a number, a gradient list or a filter list, got {}",
+                    value.kind()
+                ),
             });
         }
         for x in value.numbers() {
@@ -199,9 +211,11 @@ impl<'a> Params<'a> {
     /// True when some model sets `key` itself or the global parameters do.
     pub fn is_set(&self, key: &str) -> bool {
         self.spec.parameters.contains_key(key)
-            || self.spec.models.iter().any(|m| {
-                m.parameters.contains_key(key) || (key == "weight" && m.weight.is_some())
-            })
+            || self
+                .spec
+                .models
+                .iter()
+                .any(|m| m.parameters.contains_key(key) || (key == "weight" && m.weight.is_some()))
     }
 
     /// Rejects every parameter that was not asked for.
@@ -226,7 +240,12 @@ impl<'a> Params<'a> {
             param: param.to_string(),
             accepted: accepted(),
         };
-        if let Some(k) = self.spec.parameters.keys().find(|k| !self.used.contains(*k)) {
+        if let Some(k) = self
+            .spec
+            .parameters
+            .keys()
+            .find(|k| !self.used.contains(*k))
+        {
             return Err(unknown(k));
         }
         for m in &self.spec.models {
@@ -243,4 +262,3 @@ impl<'a> Params<'a> {
 
 /// Keys that name the same parameter in FusionBench and mergekit spellings.
 pub const LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda"];
-

@@ -40,10 +40,10 @@ impl Fixture {
 
     /// Borrowed inputs on the CPU.
     pub fn inputs(&self) -> TensorInputs<'_> {
-        let r = |b: &'_ Vec<u8>| TensorRef {
+        let r = |b| TensorRef {
             dtype: DType::F32,
             shape: &self.shape,
-            bytes: b.as_slice(),
+            bytes: Vec::as_slice(b),
         };
         static CPU: Device = Device::Cpu;
         TensorInputs {
@@ -102,7 +102,10 @@ pub fn merge1(spec: &MergeSpec, fx: &Fixture) -> Vec<f32> {
 pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
     assert_eq!(got.len(), want.len(), "length: got {got:?}, want {want:?}");
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol, "index {i}: got {g}, want {w} (got {got:?}, want {want:?})");
+        assert!(
+            (g - w).abs() <= tol,
+            "index {i}: got {g}, want {w} (got {got:?}, want {want:?})"
+        );
     }
 }
 
@@ -111,8 +114,14 @@ pub fn assert_close(got: &[f32], want: &[f32], tol: f32) {
 pub fn typed_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
     match dtype {
         DType::F32 => bytes(values),
-        DType::F16 => values.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
-        DType::BF16 => values.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
         other => panic!("typed_bytes: unsupported dtype {other:?}"),
     }
 }
@@ -134,16 +143,21 @@ pub fn merge_typed(
     }
     static CPU: Device = Device::Cpu;
     let base = base.map(|(d, v)| (d, typed_bytes(d, v)));
-    let experts: Vec<(DType, Vec<u8>)> = experts.iter().map(|(d, v)| (*d, typed_bytes(*d, v))).collect();
-    let r = |(dtype, b): &(DType, Vec<u8>)| TensorRef {
-        dtype: *dtype,
-        shape,
-        bytes: b.as_slice(),
-    };
+    let experts: Vec<(DType, Vec<u8>)> = experts
+        .iter()
+        .map(|(d, v)| (*d, typed_bytes(*d, v)))
+        .collect();
+    fn r<'a>((dtype, b): &'a (DType, Vec<u8>), shape: &'a [usize]) -> TensorRef<'a> {
+        TensorRef {
+            dtype: *dtype,
+            shape,
+            bytes: b.as_slice(),
+        }
+    }
     let inputs = TensorInputs {
         ctx: TensorCtx::new(name, 1),
-        base: base.as_ref().map(r),
-        experts: experts.iter().map(r).collect(),
+        base: base.as_ref().map(|b| r(b, shape)),
+        experts: experts.iter().map(|e| r(e, shape)).collect(),
         device: &CPU,
     };
     let mut m = build(spec);

@@ -59,7 +59,10 @@ use super::params::LAMBDA_KEYS;
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::checkpoint::reader::decode_chunk;
 use crate::error::{MergeError, Result};
-use crate::select::{abs_key, add_into, count_high, count_low, key_value, locate_high, order_small, Order, Pending, Pool, BUCKETS};
+use crate::select::{
+    abs_key, add_into, count_high, count_low, key_value, locate_high, order_small, Order, Pending,
+    Pool, BUCKETS,
+};
 
 /// Entries per chunk of the fused loops.
 pub(crate) const CHUNK: usize = 1 << 14;
@@ -94,7 +97,10 @@ impl<'a> Source<'a> {
     /// The task vectors of `inputs` (which must have a base).
     pub fn new(inputs: &'a TensorInputs<'a>, dropout: Option<TensorDropout>) -> Result<Self> {
         if inputs.base.is_none() {
-            return Err(MergeError::Spec(format!("tensor `{}`: this method needs a base model", inputs.ctx.name)));
+            return Err(MergeError::Spec(format!(
+                "tensor `{}`: this method needs a base model",
+                inputs.ctx.name
+            )));
         }
         Ok(Source { inputs, dropout })
     }
@@ -171,7 +177,8 @@ impl<'a> Source<'a> {
                 f(k, c, o)
             },
         );
-        Tensor::from_vec(out, self.inputs.shape(), self.inputs.device).map_err(|e| self.inputs.err(e))
+        Tensor::from_vec(out, self.inputs.shape(), self.inputs.device)
+            .map_err(|e| self.inputs.err(e))
     }
 
     /// θ0 as a tensor on the merge device.
@@ -205,7 +212,20 @@ fn sgn(x: f32) -> i64 {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct TiesStats {
     pub keys: Vec<u32>,
+    /// Σ over the scope of sign(Σi trimmed τi), exact.
+    pub sign_sum: i64,
+    /// sign(`sign_sum`).
     pub majority: f32,
+}
+
+impl TiesStats {
+    fn new(keys: Vec<u32>, sign_sum: i64) -> Self {
+        TiesStats {
+            keys,
+            sign_sum,
+            majority: sign_sum.signum() as f32,
+        }
+    }
 }
 
 /// FusionBench's rank: k = d − int(d·density), the k-th smallest |τ| is the
@@ -258,12 +278,13 @@ fn fb_stats_direct(c: &Chunk, density: f64) -> TiesStats {
             }
         })
         .collect();
-    let majority = sgn(sign_total(c, &keys) as f32) as f32;
-    TiesStats { keys, majority }
+    let sign_sum = sign_total(c, &keys);
+    TiesStats::new(keys, sign_sum)
 }
 
 /// Runs a closure over the sources of a scope (one tensor or a whole model).
-pub(crate) type Visit<'v> = &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
+pub(crate) type Visit<'v> =
+    &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
 
 /// How a task is trimmed while its threshold is being found.
 #[derive(Clone, Copy)]
@@ -283,7 +304,12 @@ struct Pass2 {
 
 /// Model-wide (or tensor-wide) statistics by radix selection, streaming
 /// the scope twice (three times when undecided rows overflow).
-fn fb_stats_radix(density: f64, tasks: usize, visit: Visit) -> Result<TiesStats> {
+fn fb_stats_radix(
+    density: f64,
+    tasks: usize,
+    visit: Visit,
+    row_cap_bytes: usize,
+) -> Result<TiesStats> {
     // Pass 1: high halves.
     let pool: Pool<Vec<u64>> = Pool::default();
     let mut cuts = vec![Cut::Known(0); tasks];
@@ -302,7 +328,9 @@ fn fb_stats_radix(density: f64, tasks: usize, visit: Visit) -> Result<TiesStats>
             Ok(())
         })?;
         let mut high = vec![0u64; tasks * BUCKETS];
-        pool.into_inner().iter().for_each(|h| add_into(&mut high, h));
+        pool.into_inner()
+            .iter()
+            .for_each(|h| add_into(&mut high, h));
         for (cut, h) in cuts.iter_mut().zip(high.chunks(BUCKETS)) {
             if let Some(k) = fb_rank(h.iter().sum(), density) {
                 *cut = Cut::Pending(locate_high(h, k));
@@ -310,7 +338,7 @@ fn fb_stats_radix(density: f64, tasks: usize, visit: Visit) -> Result<TiesStats>
         }
     }
     // Pass 2: low halves and the majority sign.
-    let row_cap = ROW_CAP_BYTES / (4 * tasks);
+    let row_cap = row_cap_bytes / (4 * tasks);
     let rows_kept = AtomicUsize::new(0);
     let overflow = AtomicBool::new(false);
     let pool: Pool<Pass2> = Pool::default();
@@ -414,10 +442,7 @@ fn fb_stats_radix(density: f64, tasks: usize, visit: Visit) -> Result<TiesStats>
             .map(|row| row_sign(row, &keys))
             .sum::<i64>();
     }
-    Ok(TiesStats {
-        keys,
-        majority: sgn(total as f32) as f32,
-    })
+    Ok(TiesStats::new(keys, total))
 }
 
 /// Statistics of one tensor on its own (trim scope `tensor`).
@@ -425,7 +450,7 @@ fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
     if src.numel() <= SMALL {
         return Ok(fb_stats_direct(&src.load_all(), density));
     }
-    fb_stats_radix(density, src.tasks(), &|f| f(src))
+    fb_stats_radix(density, src.tasks(), &|f| f(src), ROW_CAP_BYTES)
 }
 
 // ---------------------------------------------------------------------------
@@ -483,7 +508,13 @@ fn fb_kernel(c: &Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &m
 }
 
 /// The same in candle ops (any device).
-fn fb_candle(base: Tensor, taus: &[Tensor], stats: &TiesStats, func: MergeFunc, lambda: f32) -> candle_core::Result<Tensor> {
+fn fb_candle(
+    base: Tensor,
+    taus: &[Tensor],
+    stats: &TiesStats,
+    func: MergeFunc,
+    lambda: f32,
+) -> candle_core::Result<Tensor> {
     let trimmed = taus
         .iter()
         .zip(&stats.keys)
@@ -501,7 +532,8 @@ fn fb_candle(base: Tensor, taus: &[Tensor], stats: &TiesStats, func: MergeFunc, 
     let mut count = base.zeros_like()?;
     let mut top = base.zeros_like()?;
     for t in &trimmed {
-        let picked = ((&pos * t.gt(0f32)?.to_dtype(DType::F32)?)? + (&neg * t.lt(0f32)?.to_dtype(DType::F32)?)?)?;
+        let picked = ((&pos * t.gt(0f32)?.to_dtype(DType::F32)?)?
+            + (&neg * t.lt(0f32)?.to_dtype(DType::F32)?)?)?;
         let v = (t * &picked)?;
         sum = (sum + &v)?;
         count = (count + picked)?;
@@ -556,16 +588,24 @@ impl FbTies {
             (false, false) => {
                 return Err(MergeError::BadParameter {
                     param: "threshold".into(),
-                    reason: "give either `density` (a fraction) or `threshold` (a percentage), not both".into(),
+                    reason:
+                        "give either `density` (a fraction) or `threshold` (a percentage), not both"
+                            .into(),
                 })
             }
         };
-        let func = match p.choice(&["merge_func"], &["sum", "mean", "max"], "sum")?.as_str() {
+        let func = match p
+            .choice(&["merge_func"], &["sum", "mean", "max"], "sum")?
+            .as_str()
+        {
             "mean" => MergeFunc::Mean,
             "max" => MergeFunc::Max,
             _ => MergeFunc::Sum,
         };
-        let scope = match p.choice(&["trim_scope"], &["model", "tensor"], "model")?.as_str() {
+        let scope = match p
+            .choice(&["trim_scope"], &["model", "tensor"], "model")?
+            .as_str()
+        {
             "tensor" => Scope::Tensor,
             _ => Scope::Model,
         };
@@ -587,7 +627,12 @@ impl FbTies {
                     f(&Source::new(inputs, d)?)
                 })
             };
-            self.stats = Some(fb_stats_radix(self.density, self.tasks, &visit)?);
+            self.stats = Some(fb_stats_radix(
+                self.density,
+                self.tasks,
+                &visit,
+                ROW_CAP_BYTES,
+            )?);
         }
         Ok(())
     }
@@ -627,7 +672,8 @@ impl MergeMethod for TiesMerging {
 
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let lambda = self.lambda.at(&inputs.ctx)? as f32;
-        self.ties.merge(&Source::new(inputs, None)?, lambda, inputs.device.is_cpu())
+        self.ties
+            .merge(&Source::new(inputs, None)?, lambda, inputs.device.is_cpu())
     }
 }
 
@@ -650,7 +696,11 @@ enum Keep {
     AtLeast(u32),
     /// Keys > `key`, and the first `need` keys equal to it in position order;
     /// `before[c]` = equal keys in the chunks before chunk c.
-    Ties { key: u32, need: u64, before: Vec<u64> },
+    Ties {
+        key: u32,
+        need: u64,
+        before: Vec<u64>,
+    },
 }
 
 /// mergekit's `magnitude`: exactly int(density·n) largest |τ| per task.
@@ -670,7 +720,13 @@ fn magnitude_keeps(src: &Source, densities: &[f64]) -> Vec<Keep> {
             ranks[i] = Some((n - k + 1, k));
         }
     }
-    let orders = orders(src, &ranks.iter().map(|r| r.map(|(rank, _)| rank)).collect::<Vec<_>>());
+    let orders = orders(
+        src,
+        &ranks
+            .iter()
+            .map(|r| r.map(|(rank, _)| rank))
+            .collect::<Vec<_>>(),
+    );
     let mut tie_tasks = Vec::new();
     for (i, (o, r)) in orders.iter().zip(&ranks).enumerate() {
         let (Some(o), Some((_, k))) = (o, r) else {
@@ -688,7 +744,12 @@ fn magnitude_keeps(src: &Source, densities: &[f64]) -> Vec<Keep> {
         let counts = src.map_chunks(|_, c| {
             tie_tasks
                 .iter()
-                .map(|&(i, key, _)| c.tau[i][..c.len].iter().filter(|&&v| abs_key(v) == key).count() as u64)
+                .map(|&(i, key, _)| {
+                    c.tau[i][..c.len]
+                        .iter()
+                        .filter(|&&v| abs_key(v) == key)
+                        .count() as u64
+                })
                 .collect::<Vec<_>>()
         });
         for (t, &(i, key, need)) in tie_tasks.iter().enumerate() {
@@ -738,7 +799,9 @@ fn orders(src: &Source, ranks: &[Option<u64>]) -> Vec<Option<Order>> {
         )
     });
     let mut high = vec![0u64; tasks * BUCKETS];
-    pool.into_inner().iter().for_each(|h| add_into(&mut high, h));
+    pool.into_inner()
+        .iter()
+        .for_each(|h| add_into(&mut high, h));
     let pending: Vec<Option<Pending>> = ranks
         .iter()
         .zip(high.chunks(BUCKETS))
@@ -822,7 +885,11 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &Chunk, out: &mut [f32]) {
         let mut sum = 0f32;
         for i in 0..tasks {
             let v = c.tau[i][j];
-            delta[i] = if kept(&m.keeps[i], v, &mut seen[i]) { m.weights[i] * v } else { 0.0 };
+            delta[i] = if kept(&m.keeps[i], v, &mut seen[i]) {
+                m.weights[i] * v
+            } else {
+                0.0
+            };
             sum += delta[i];
         }
         let mixed = if m.consensus {
@@ -835,7 +902,12 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &Chunk, out: &mut [f32]) {
                 }
             }
             if m.normalize {
-                mixed / if divisor.abs() < ZERO_DIVISOR { 1.0 } else { divisor }
+                mixed
+                    / if divisor.abs() < ZERO_DIVISOR {
+                        1.0
+                    } else {
+                        divisor
+                    }
             } else {
                 mixed
             }
@@ -853,14 +925,22 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &Chunk, out: &mut [f32]) {
 fn keep_mask(src: &Source, keep: &Keep, i: usize) -> candle_core::Result<Tensor> {
     let parts = src.map_chunks(|k, c| {
         let mut seen = keep_flags(std::slice::from_ref(keep), k)[0];
-        c.tau[i][..c.len].iter().map(|&v| u8::from(kept(keep, v, &mut seen))).collect::<Vec<u8>>()
+        c.tau[i][..c.len]
+            .iter()
+            .map(|&v| u8::from(kept(keep, v, &mut seen)))
+            .collect::<Vec<u8>>()
     });
     let mask: Vec<u8> = parts.concat();
     Tensor::from_vec(mask, src.inputs.shape(), src.inputs.device)?.to_dtype(DType::F32)
 }
 
 /// The same in candle ops.
-fn mk_candle(src: &Source, base: Tensor, taus: &[Tensor], m: &Mixing) -> candle_core::Result<Tensor> {
+fn mk_candle(
+    src: &Source,
+    base: Tensor,
+    taus: &[Tensor],
+    m: &Mixing,
+) -> candle_core::Result<Tensor> {
     let mut deltas = Vec::with_capacity(taus.len());
     for (i, (t, keep)) in taus.iter().zip(&m.keeps).enumerate() {
         let kept = match keep {
@@ -893,7 +973,11 @@ fn mk_candle(src: &Source, base: Tensor, taus: &[Tensor], m: &Mixing) -> candle_
         }
     } else if m.normalize {
         let s: f32 = m.weights.iter().sum();
-        (sum / if s.abs() < ZERO_DIVISOR { 1.0 } else { s as f64 })?
+        (sum / if s.abs() < ZERO_DIVISOR {
+            1.0
+        } else {
+            s as f64
+        })?
     } else {
         sum
     };
@@ -918,9 +1002,18 @@ impl MkMerge {
     /// Merges one tensor, with the fused CPU loop or candle ops.
     pub(crate) fn merge_with(&self, inputs: &TensorInputs, fused: bool) -> Result<Tensor> {
         let ctx = &inputs.ctx;
-        let dropout = self.dropout.as_ref().map(|d| d.for_tensor(inputs)).transpose()?.flatten();
+        let dropout = self
+            .dropout
+            .as_ref()
+            .map(|d| d.for_tensor(inputs))
+            .transpose()?
+            .flatten();
         let src = Source::new(inputs, dropout)?;
-        let weights = self.weights.iter().map(|w| Ok(w.at(ctx)? as f32)).collect::<Result<Vec<_>>>()?;
+        let weights = self
+            .weights
+            .iter()
+            .map(|w| Ok(w.at(ctx)? as f32))
+            .collect::<Result<Vec<_>>>()?;
         let keeps = match &self.trim {
             None => vec![Keep::All; weights.len()],
             Some(ds) => {
@@ -973,4 +1066,408 @@ pub fn build_mergekit(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
         normalize,
         lambda,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::methods::testutil::{
+        assert_close, build, merge1, merge_all, merge_one, Fixture, FixtureScan,
+    };
+    use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
+    use rand::{Rng, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    const BASE: [f32; 5] = [1.0, -2.0, 0.5, 0.0, 3.0];
+    // τ in eighths: τ1 = [4, -2, 0, 3, -1], τ2 = [-4, 1, 5, -6, 2],
+    // τ3 = [1, -5, -2, 4, 4]; θi = θ0 + τi (all exact in f32).
+    const E1: [f32; 5] = [1.5, -2.25, 0.5, 0.375, 2.875];
+    const E2: [f32; 5] = [0.5, -1.875, 1.125, -0.75, 3.25];
+    const E3: [f32; 5] = [1.125, -2.625, 0.25, 0.5, 3.5];
+
+    fn hand_fixture() -> Fixture {
+        Fixture::new("w", &[5], Some(&BASE), &[&E1, &E2, &E3])
+    }
+
+    fn ties_spec(func: &str, lambda: f64) -> MergeSpec {
+        MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"])
+            .with("density", 0.4)
+            .with("scaling_coefficient", lambda)
+            .with_value("merge_func", ParamValue::Text(func.into()))
+    }
+
+    // Trim, density 0.4 over d = 5: k = 5 − int(2.0) = 3, keep |τ| ≥ the 3rd
+    // smallest (eighths): τ1 |4 2 0 3 1| → 2: [4, -2, 0, 3, 0];
+    // τ2 |4 1 5 6 2| → 4: [-4, 0, 5, -6, 0]; τ3 |1 5 2 4 4| → 4: [0, -5, 0, 4, 4].
+    // Elect: sums [0, -7, 5, 1, 4] → signs [0, -, +, +, +]; majority
+    // sign(0 - 1 + 1 + 1 + 1) = + fills entry 0.
+    // Selected: e0 {4}, e1 {-2, -5}, e2 {5}, e3 {3, 4}, e4 {4}.
+    #[test]
+    fn ties_sum_by_hand() {
+        // sum = [4, -7, 5, 7, 4]/8; θ0 + 0.5·sum = [1.25, -2.4375, 0.8125, 0.4375, 3.25]
+        let got = merge1(&ties_spec("sum", 0.5), &hand_fixture());
+        assert_close(&got, &[1.25, -2.4375, 0.8125, 0.4375, 3.25], 1e-6);
+    }
+
+    #[test]
+    fn ties_mean_by_hand() {
+        // mean = [4, -3.5, 5, 3.5, 4]/8; θ0 + 0.5·mean = [1.25, -2.21875, 0.8125, 0.21875, 3.25]
+        let got = merge1(&ties_spec("mean", 0.5), &hand_fixture());
+        assert_close(&got, &[1.25, -2.21875, 0.8125, 0.21875, 3.25], 1e-6);
+    }
+
+    #[test]
+    fn ties_max_by_hand() {
+        // max = [4, -5, 5, 4, 4]/8; θ0 + 0.5·max = [1.25, -2.3125, 0.8125, 0.25, 3.25]
+        let got = merge1(&ties_spec("max", 0.5), &hand_fixture());
+        assert_close(&got, &[1.25, -2.3125, 0.8125, 0.25, 3.25], 1e-6);
+    }
+
+    #[test]
+    fn ties_defaults_and_threshold_percentage() {
+        // Default λ 0.3: θ0 + 0.3·[0.5, -0.875, 0.625, 0.875, 0.5]
+        // = [1.15, -2.2625, 0.6875, 0.2625, 3.15]; `threshold: 40` = density 0.4.
+        let spec =
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with("threshold", 40.0);
+        let got = merge1(&spec, &hand_fixture());
+        assert_close(&got, &[1.15, -2.2625, 0.6875, 0.2625, 3.15], 1e-6);
+    }
+
+    #[test]
+    fn zero_majority_selects_negatives_like_fusionbench() {
+        // One entry pair: τ1 = [1, -1], τ2 = [-1, 1], density 1: sums [0, 0],
+        // majority sign(0) = 0, so `where(s > 0, τ > 0, τ < 0)` picks the
+        // negatives: sum = [-1, -1], mean = [-1, -1], max = |1|·0 = [0, 0].
+        let fx = Fixture::new("w", &[2], Some(&[0.0, 0.0]), &[&[1.0, -1.0], &[-1.0, 1.0]]);
+        let spec = |f: &str| {
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b"])
+                .with("density", 1.0)
+                .with("scaling_coefficient", 1.0)
+                .with_value("merge_func", ParamValue::Text(f.into()))
+        };
+        assert_close(&merge1(&spec("sum"), &fx), &[-1.0, -1.0], 0.0);
+        assert_close(&merge1(&spec("mean"), &fx), &[-1.0, -1.0], 0.0);
+        assert_close(&merge1(&spec("max"), &fx), &[0.0, 0.0], 0.0);
+    }
+
+    #[test]
+    fn model_and_tensor_scope_differ() {
+        // One task, λ 1, density 0.5; |τ| = A [1, 2], B [10, 20, 30, 40].
+        // Model: d = 6, k = 6 − 3 = 3 → 10: A drops all, B keeps all.
+        // Tensor: A d = 2, k = 1 → 1: keeps both; B d = 4, k = 2 → 20: drops 10.
+        let a = Fixture::new("a", &[2], Some(&[1.0, 1.0]), &[&[2.0, -1.0]]);
+        let b = Fixture::new(
+            "b",
+            &[2, 2],
+            Some(&[0.0; 4]),
+            &[&[10.0, -20.0, 30.0, -40.0]],
+        );
+        let spec = MergeSpec::new("ties_merging", Some("base"), &["x"])
+            .with("density", 0.5)
+            .with("scaling_coefficient", 1.0);
+        let model = merge_all(&spec, &[a, b]);
+        assert_close(&model[0], &[1.0, 1.0], 0.0);
+        assert_close(&model[1], &[10.0, -20.0, 30.0, -40.0], 0.0);
+        let a = Fixture::new("a", &[2], Some(&[1.0, 1.0]), &[&[2.0, -1.0]]);
+        let b = Fixture::new(
+            "b",
+            &[2, 2],
+            Some(&[0.0; 4]),
+            &[&[10.0, -20.0, 30.0, -40.0]],
+        );
+        let spec = spec.with_value("trim_scope", ParamValue::Text("tensor".into()));
+        let tensor = merge_all(&spec, &[a, b]);
+        assert_close(&tensor[0], &[2.0, -1.0], 0.0);
+        assert_close(&tensor[1], &[0.0, -20.0, 30.0, -40.0], 0.0);
+    }
+
+    /// Random experts around a base on a coarse grid (many equal
+    /// magnitudes, zeros) or continuous.
+    fn random_fixture(
+        rng: &mut ChaCha8Rng,
+        name: &str,
+        n: usize,
+        tasks: usize,
+        coarse: bool,
+    ) -> Fixture {
+        let base: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let experts: Vec<Vec<f32>> = (0..tasks)
+            .map(|_| {
+                base.iter()
+                    .map(|&b| {
+                        if coarse {
+                            b + rng.random_range(-6i32..=6) as f32 * 0.125
+                        } else {
+                            b + rng.random_range(-0.01f32..0.01)
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        Fixture::new(name, &[n], Some(&base), &refs)
+    }
+
+    fn concat(fxs: &[Fixture]) -> Fixture {
+        let n: usize = fxs.iter().map(|f| f.shape.iter().product::<usize>()).sum();
+        Fixture {
+            name: "all".into(),
+            shape: vec![n],
+            base: Some(fxs.iter().flat_map(|f| f.base.clone().unwrap()).collect()),
+            experts: (0..fxs[0].experts.len())
+                .map(|i| fxs.iter().flat_map(|f| f.experts[i].clone()).collect())
+                .collect(),
+            num_layers: 1,
+        }
+    }
+
+    #[test]
+    fn radix_statistics_match_in_memory_selection() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (coarse, density) in [
+            (true, 0.2),
+            (true, 0.5),
+            (false, 0.2),
+            (false, 0.9),
+            (true, 1.0),
+        ] {
+            let fxs: Vec<Fixture> = (0..3)
+                .map(|t| random_fixture(&mut rng, &format!("t{t}"), 20_000 + 777 * t, 3, coarse))
+                .collect();
+            let all = concat(&fxs);
+            let inputs = all.inputs();
+            let want = fb_stats_direct(&Source::new(&inputs, None).unwrap().load_all(), density);
+            let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
+                FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
+            };
+            // Rows kept, and the third pass forced by a zero row budget.
+            for cap in [ROW_CAP_BYTES, 0] {
+                let got = fb_stats_radix(density, 3, &visit, cap).unwrap();
+                assert_eq!(got, want, "coarse {coarse} density {density} cap {cap}");
+            }
+        }
+    }
+
+    #[test]
+    fn large_tensor_scope_uses_radix_and_agrees() {
+        // n > SMALL: tensor scope takes the radix path; compare with the
+        // in-memory oracle and with the model scope of a one-tensor model.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let fx = random_fixture(&mut rng, "big", SMALL + 1234, 3, true);
+        let inputs = fx.inputs();
+        let src = Source::new(&inputs, None).unwrap();
+        let want = fb_stats_direct(&src.load_all(), 0.3);
+        assert_eq!(fb_stats_tensor(&src, 0.3).unwrap(), want);
+        let spec =
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with("density", 0.3);
+        let model = merge1(&spec, &fx);
+        let tensor = merge1(
+            &spec.with_value("trim_scope", ParamValue::Text("tensor".into())),
+            &fx,
+        );
+        assert_eq!(model, tensor);
+    }
+
+    #[test]
+    fn candle_path_matches_fused_loop() {
+        let mut rng = ChaCha8Rng::seed_from_u64(9);
+        let fx = random_fixture(&mut rng, "w", 3000, 3, true);
+        let inputs = fx.inputs();
+        let src = Source::new(&inputs, None).unwrap();
+        for func in [MergeFunc::Sum, MergeFunc::Mean, MergeFunc::Max] {
+            let ties = FbTies {
+                density: 0.3,
+                func,
+                scope: Scope::Tensor,
+                tasks: 3,
+                stats: None,
+            };
+            let fused = ties
+                .merge(&src, 0.7, true)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let generic = ties
+                .merge(&src, 0.7, false)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            assert_close(&generic, &fused, 1e-6);
+        }
+    }
+
+    #[test]
+    fn one_expert_full_density_is_task_arithmetic() {
+        // density 1, T = 1: trimmed = τ, every non-zero τ matches its own
+        // sign, so θ = θ0 + λτ exactly, in both scopes.
+        let mut rng = ChaCha8Rng::seed_from_u64(2);
+        for scope in ["model", "tensor"] {
+            let fxs = [
+                random_fixture(&mut rng, "a", 1000, 1, false),
+                random_fixture(&mut rng, "b", 300, 1, true),
+            ];
+            let spec = MergeSpec::new("ties_merging", Some("base"), &["x"])
+                .with("density", 1.0)
+                .with("scaling_coefficient", 0.7)
+                .with_value("trim_scope", ParamValue::Text(scope.into()));
+            for (got, fx) in merge_all(&spec, &fxs).iter().zip(&fxs) {
+                let inputs = fx.inputs();
+                let base = inputs.base.unwrap().to_f32_vec();
+                let e = inputs.experts[0].to_f32_vec();
+                let want: Vec<f32> = base
+                    .iter()
+                    .zip(&e)
+                    .map(|(b, e)| b + 0.7 * (e - b))
+                    .collect();
+                assert_close(got, &want, 0.0);
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_are_validated() {
+        let spec =
+            |k: &str, v: f64| MergeSpec::new("ties_merging", Some("base"), &["a"]).with(k, v);
+        for (k, v) in [
+            ("density", 0.0),
+            ("density", 1.5),
+            ("threshold", 0.0),
+            ("threshold", 101.0),
+        ] {
+            let err = crate::methods::build(&spec(k, v)).err().expect("rejected");
+            assert!(err.to_string().contains(k), "{err}");
+        }
+        let both = spec("density", 0.2).with("threshold", 20.0);
+        assert!(crate::methods::build(&both).is_err());
+        let bad = spec("density", 0.2).with_value("merge_func", ParamValue::Text("median".into()));
+        assert!(crate::methods::build(&bad)
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("merge_func"));
+        // FusionBench's rule: 20 is a percentage, 0.2 a fraction; same result.
+        let fx = hand_fixture();
+        let s = |k: &str, v: f64| {
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with(k, v)
+        };
+        assert_eq!(
+            merge1(&s("threshold", 40.0), &fx),
+            merge1(&s("threshold", 0.4), &fx)
+        );
+    }
+
+    fn mk_spec(method: &str, models: &[(f64, f64)]) -> MergeSpec {
+        let mut spec = MergeSpec::new(method, Some("base"), &[]);
+        spec.dialect = Dialect::Mergekit;
+        spec.models = models
+            .iter()
+            .enumerate()
+            .map(|(i, &(w, d))| {
+                let mut m = ModelSpec::named(format!("m{i}"));
+                m.weight = Some(ParamValue::Number(w));
+                m.parameters.insert("density".into(), ParamValue::Number(d));
+                m
+            })
+            .collect();
+        spec
+    }
+
+    // τ1 = [0.5, -0.25, 0.125, -1], w 1, density 0.5: k = 2 → [0.5, 0, 0, -1].
+    // τ2 = [-0.25, 0.5, 0.5, 0.5], w 0.5, density 0.75: k = 3 → [0, 0.5, 0.5, 0.5].
+    // δ1 = [0.5, 0, 0, -1], δ2 = [0, 0.25, 0.25, 0.25]; Σ = [0.5, 0.25, 0.25, -0.75]
+    // → elected [+, +, +, -]; masks m1 = [1, 0, 0, 1], m2 = [0, 1, 1, 0].
+    // mixed = [0.5, 0.25, 0.25, -1]; divisor Σ w·m = [1, 0.5, 0.5, 1].
+    fn mk_fixture() -> Fixture {
+        Fixture::new(
+            "w",
+            &[4],
+            Some(&[1.0; 4]),
+            &[&[1.5, 0.75, 1.125, 0.0], &[0.75, 1.5, 1.5, 1.5]],
+        )
+    }
+
+    #[test]
+    fn mergekit_ties_weights_and_normalize() {
+        // normalize (default): [0.5, 0.5, 0.5, -1] → θ = [1.5, 1.5, 1.5, 0]
+        let spec = mk_spec("ties", &[(1.0, 0.5), (0.5, 0.75)]);
+        assert_close(&merge1(&spec, &mk_fixture()), &[1.5, 1.5, 1.5, 0.0], 1e-6);
+        // normalize false, lambda 2: θ = 1 + 2·mixed = [2, 1.5, 1.5, -1]
+        let spec = spec
+            .with_value("normalize", ParamValue::Bool(false))
+            .with("lambda", 2.0);
+        assert_close(&merge1(&spec, &mk_fixture()), &[2.0, 1.5, 1.5, -1.0], 1e-6);
+    }
+
+    #[test]
+    fn mergekit_ties_keeps_exactly_k_breaking_ties_by_position() {
+        // |τ| = [0.5, 0.5, 0.5, 0.25], density 0.5: k = 2 → the first two 0.5s.
+        let fx = Fixture::new("w", &[4], Some(&[0.0; 4]), &[&[0.5, -0.5, 0.5, 0.25]]);
+        let spec = mk_spec("ties", &[(1.0, 0.5)]);
+        assert_close(&merge1(&spec, &fx), &[0.5, -0.5, 0.0, 0.0], 0.0);
+        // k = int(0.2·4) = 0 keeps nothing: θ = θ0.
+        let spec = mk_spec("ties", &[(1.0, 0.2)]);
+        assert_close(&merge1(&spec, &fx), &[0.0; 4], 0.0);
+    }
+
+    #[test]
+    fn mergekit_tie_breaking_across_chunks_on_both_paths() {
+        // A large coarse tensor (radix path, many chunks): each task keeps
+        // exactly int(density·n) entries, and the candle path agrees.
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        let n = SMALL + 40_000;
+        let fx = random_fixture(&mut rng, "w", n, 2, true);
+        let inputs = fx.inputs();
+        for (i, d) in [0.3f64, 0.55].iter().enumerate() {
+            let single = Fixture {
+                name: "w".into(),
+                shape: fx.shape.clone(),
+                base: fx.base.clone(),
+                experts: vec![fx.experts[i].clone()],
+                num_layers: 1,
+            };
+            let got = merge1(&mk_spec("ties", &[(1.0, *d)]), &single);
+            let base = inputs.base.unwrap().to_f32_vec();
+            let e = inputs.experts[i].to_f32_vec();
+            let kept = got.iter().zip(&base).filter(|(g, b)| g != b).count();
+            let nonzero = base.iter().zip(&e).filter(|(b, e)| b != e).count();
+            assert_eq!(kept, ((d * n as f64) as usize).min(nonzero), "density {d}");
+        }
+        let mk = MkMerge {
+            weights: vec![Num::constant("weight", 0.7), Num::constant("weight", 1.3)],
+            trim: Some(vec![
+                Num::constant("density", 0.3),
+                Num::constant("density", 0.55),
+            ]),
+            dropout: None,
+            consensus: true,
+            normalize: true,
+            lambda: Num::constant("lambda", 0.9),
+        };
+        let fused = mk
+            .merge_with(&inputs, true)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let generic = mk
+            .merge_with(&inputs, false)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert_close(&generic, &fused, 1e-6);
+    }
+
+    #[test]
+    fn model_scope_needs_prepare() {
+        let m = build(&ties_spec("sum", 0.5));
+        let fx = hand_fixture();
+        assert!(m.merge(&fx.inputs()).is_err());
+        // After prepare over the one tensor it merges.
+        let mut m = build(&ties_spec("sum", 0.5));
+        m.prepare(&FixtureScan(std::slice::from_ref(&fx))).unwrap();
+        assert_close(
+            &merge_one(m.as_ref(), &fx),
+            &[1.25, -2.4375, 0.8125, 0.4375, 3.25],
+            1e-6,
+        );
+    }
 }

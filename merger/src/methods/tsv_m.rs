@@ -5,8 +5,9 @@
 //! FusionBench (`method/task_singular_vector/utils/TSVM_utils.py`,
 //! `compute_and_sum_svd_mem_reduction`).
 //!
-//! Per linear weight (2-D, [`TensorCtx::is_linear_weight`]), with T tasks and
-//! r = min(rows, cols):
+//! Per linear weight (2-D and
+//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)), with T
+//! tasks and r = min(rows, cols):
 //!
 //! ```text
 //! k = ⌊r/T⌋

@@ -5,8 +5,9 @@
 //! Data-Free Model Merging via Task Vectors", arXiv:2503.08099, as
 //! implemented by FusionBench (`method/wudi/wudi.py`).
 //!
-//! Per linear weight (2-D, [`TensorCtx::is_linear_weight`]), the rows of τi
-//! stand in for the inputs of task i, and the merged task vector τm
+//! Per linear weight (2-D and
+//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)), the rows
+//! of τi stand in for the inputs of task i, and the merged task vector τm
 //! minimises
 //!
 //! ```text
@@ -24,8 +25,9 @@
 //!
 //! so each step costs one product τm·G (cols×cols), or, when the columns
 //! outnumber 2·T·rows, (τm Sᵀ) S̃ with S the stacked τi and S̃ the stacked
-//! τi/‖τi‖² (cheaper and smaller then). All of it is candle tensor
-//! arithmetic in f32 on the merge device. Task vectors equal to zero carry
+//! τi/‖τi‖² (cheaper and smaller then). The arithmetic is f32 candle
+//! tensor operations on the merge device (CUDA included), with a fused CPU
+//! loop on faer when the device is the CPU. Task vectors equal to zero carry
 //! no information and are left out of L (FusionBench would divide by zero).
 //!
 //! θ = θ0 + τm, with no scaling (FusionBench adds τm as is). Every other
@@ -39,6 +41,9 @@
 //! `exclude_keys`, embeddings included; here only linear weights are.
 
 use candle_core::Tensor;
+use faer::linalg::matmul::matmul;
+use faer::{Accum, MatMut, MatRef};
+use rayon::prelude::*;
 
 use super::{MergeMethod, Params, TensorInputs};
 use crate::error::{MergeError, Result};
@@ -47,6 +52,8 @@ use crate::linalg;
 const BETA1: f64 = 0.9;
 const BETA2: f64 = 0.999;
 const EPS: f64 = 1e-8;
+/// Entries per task of the fused CPU update.
+const CHUNK: usize = 1 << 14;
 
 /// Builds `wudi`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
@@ -99,6 +106,15 @@ impl Wudi {
         let Some(problem) = Interference::new(taus, path)? else {
             return Ok(tm);
         };
+        if tm.device().is_cpu() {
+            self.adam_cpu(&problem, &tm)
+        } else {
+            self.adam(&problem, tm)
+        }
+    }
+
+    /// Adam in candle tensor operations (any device).
+    fn adam(&self, problem: &Interference, mut tm: Tensor) -> candle_core::Result<Tensor> {
         let mut m = tm.zeros_like()?;
         let mut v = tm.zeros_like()?;
         for step in 1..=self.iterations as i32 {
@@ -111,6 +127,59 @@ impl Wudi {
             tm = (tm - (m.div(&denom)? * (self.lr / bias1))?)?;
         }
         Ok(tm)
+    }
+
+    /// The same Adam on the CPU: the product by faer into a reused buffer and
+    /// the update fused into one pass over the entries. Measured at 512×512,
+    /// T = 4, Gram order: 2 ms per step against 22 ms for [`Wudi::adam`] on
+    /// the CPU, where candle's dozen allocating elementwise operations per
+    /// step cost more than the product itself.
+    fn adam_cpu(&self, problem: &Interference, tm: &Tensor) -> candle_core::Result<Tensor> {
+        let (rows, cols) = tm.dims2()?;
+        let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        let mut x = vec(tm)?;
+        let b = vec(&problem.b)?;
+        let op = match &problem.op {
+            Op::Gram(g) => (vec(g)?, Vec::new(), 0),
+            Op::Tasks { stacked_t, scaled } => (vec(stacked_t)?, vec(scaled)?, stacked_t.dim(1)?),
+        };
+        let par = faer::get_global_parallelism();
+        let mut h = vec![0f32; rows * cols];
+        let mut p = vec![0f32; rows * op.2];
+        let (mut m, mut v) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
+        for step in 1..=self.iterations as i32 {
+            {
+                let xr = MatRef::from_row_major_slice(&x, rows, cols);
+                let hm = MatMut::from_row_major_slice_mut(&mut h, rows, cols);
+                if op.2 == 0 {
+                    let g = MatRef::from_row_major_slice(&op.0, cols, cols);
+                    matmul(hm, Accum::Replace, xr, g, 1.0, par);
+                } else {
+                    let st = MatRef::from_row_major_slice(&op.0, cols, op.2);
+                    let sc = MatRef::from_row_major_slice(&op.1, op.2, cols);
+                    let pm = MatMut::from_row_major_slice_mut(&mut p, rows, op.2);
+                    matmul(pm, Accum::Replace, xr, st, 1.0, par);
+                    let pr = MatRef::from_row_major_slice(&p, rows, op.2);
+                    matmul(hm, Accum::Replace, pr, sc, 1.0, par);
+                }
+            }
+            let step_size = (self.lr / (1.0 - BETA1.powi(step))) as f32;
+            let root2 = (1.0 - BETA2.powi(step)).sqrt() as f32;
+            let (b1, b2, eps) = (BETA1 as f32, BETA2 as f32, EPS as f32);
+            x.par_chunks_mut(CHUNK)
+                .zip(m.par_chunks_mut(CHUNK))
+                .zip(v.par_chunks_mut(CHUNK))
+                .zip(h.par_chunks(CHUNK).zip(b.par_chunks(CHUNK)))
+                .for_each(|(((x, m), v), (h, b))| {
+                    for i in 0..x.len() {
+                        let g = 2.0 * (h[i] - b[i]);
+                        m[i] = b1 * m[i] + (1.0 - b1) * g;
+                        v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                        x[i] -= step_size * m[i] / (v[i].sqrt() / root2 + eps);
+                    }
+                });
+        }
+        Tensor::from_vec(x, (rows, cols), tm.device())
     }
 }
 
@@ -404,6 +473,40 @@ mod tests {
         // All zero: θ0.
         let fx = fixture(W, &[1, 2], &[1., 2.], &[&[0., 0.], &[0., 0.]]);
         assert_close(&merge1(&spec(2), &fx), &[1., 2.], 0.0);
+    }
+
+    #[test]
+    fn cpu_and_tensor_adam_agree() {
+        // The fused CPU loop and the candle-op loop run the same Adam, on
+        // either evaluation order of the gradient.
+        let t1 = tensor(
+            3,
+            5,
+            &[
+                0.3, -1.2, 0.5, 2.0, 1.1, 0.4, -0.7, 0.2, -0.6, 0.9, 1.5, -0.1, 0.8, 0.0, -0.3,
+            ],
+        );
+        let t2 = tensor(
+            3,
+            5,
+            &[
+                1.0, 0.2, -0.4, 0.3, -0.8, 1.6, 0.1, 0.5, 0.7, -0.3, 0.2, 1.2, -0.9, 0.4, 0.6,
+            ],
+        );
+        let start = t1.add(&t2).unwrap();
+        let w = wudi(50, 0.01);
+        for path in [Path::Gram, Path::Tasks] {
+            let p = Interference::new(&[t1.clone(), t2.clone()], Some(path))
+                .unwrap()
+                .unwrap();
+            let fused = flat(&w.adam_cpu(&p, &start).unwrap());
+            let ops = flat(&w.adam(&p, start.clone()).unwrap());
+            assert_close(&fused, &ops, 1e-5);
+            assert!(fused
+                .iter()
+                .zip(flat(&start))
+                .any(|(a, b)| (a - b).abs() > 0.1));
+        }
     }
 
     #[test]

@@ -224,6 +224,17 @@ impl<'a> Parser<'a> {
         Ok((start, s))
     }
 
+    /// A checkpoint name: an identifier that may also contain `/` (a
+    /// pool-qualified name, or a folder path for `fusion merge --spec`; the
+    /// gateway accepts registered names only).
+    fn checkpoint(&mut self, what: &str) -> Result<(usize, String)> {
+        let (start, s) = self.take_while(|c| is_ident_char(c) || c == '/');
+        if s.is_empty() {
+            return Err(self.unexpected(start, &format!("expected {what}")));
+        }
+        Ok((start, s))
+    }
+
     /// An error at `pos` that also says what was found there.
     fn unexpected(&self, pos: usize, expected: &str) -> MergeError {
         match self.chars.get(pos) {
@@ -300,7 +311,7 @@ impl<'a> Parser<'a> {
                 return Err(self.unexpected(self.pos, &format!("expected `=` after `{key}`")));
             }
             match key.as_str() {
-                "base" => spec.base = Some(self.ident("a checkpoint name after `base=`")?.1),
+                "base" => spec.base = Some(self.checkpoint("a checkpoint name after `base=`")?.1),
                 "seed" => spec.seed = Some(self.seed()?),
                 "dtype" => spec.dtype = Some(self.dtype()?),
                 _ => {
@@ -322,7 +333,7 @@ impl<'a> Parser<'a> {
 
     /// `name[:weight][{key=value,...}]`.
     fn model(&mut self) -> Result<ModelSpec> {
-        let (_, name) = self.ident("a model name")?;
+        let (_, name) = self.checkpoint("a model name")?;
         let mut model = ModelSpec::named(name);
         if self.eat(':') {
             model.weight = Some(self.numeric_value("expected a number after `:`")?);
@@ -659,6 +670,18 @@ mod tests {
             parse("merge-0123456789abcdeg").unwrap(),
             Parsed::Name("merge-0123456789abcdeg".into())
         );
+    }
+
+    #[test]
+    fn checkpoint_names_may_be_paths() {
+        let Parsed::Merge(spec) =
+            parse("task_arithmetic(pool/expert_1, ../x/y;base=pool/base)").unwrap()
+        else {
+            panic!("a merge")
+        };
+        assert_eq!(spec.models[0].name, "pool/expert_1");
+        assert_eq!(spec.models[1].name, "../x/y");
+        assert_eq!(spec.base.as_deref(), Some("pool/base"));
     }
 
     #[test]

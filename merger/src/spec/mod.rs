@@ -100,7 +100,8 @@ impl MergeSpec {
 
     /// Sets a global numeric parameter (builder style).
     pub fn with(mut self, key: &str, value: f64) -> Self {
-        self.parameters.insert(key.to_string(), ParamValue::Number(value));
+        self.parameters
+            .insert(key.to_string(), ParamValue::Number(value));
         self
     }
 

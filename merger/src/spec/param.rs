@@ -40,7 +40,9 @@ impl TensorCtx {
     /// True for a 2-D tensor name that is a linear layer's weight (not an
     /// embedding or norm); used by methods restricted to linear weights.
     pub fn is_linear_weight(&self) -> bool {
-        self.name.ends_with(".weight") && !self.name.contains("embed") && !self.name.contains("norm")
+        self.name.ends_with(".weight")
+            && !self.name.contains("embed")
+            && !self.name.contains("norm")
     }
 }
 
@@ -101,7 +103,12 @@ impl ParamValue {
         match self {
             ParamValue::Number(_) => true,
             ParamValue::Gradient(g) => !g.is_empty(),
-            ParamValue::Filtered(f) => !f.is_empty() && f.iter().all(|e| e.value.is_numeric() && !matches!(e.value, ParamValue::Filtered(_))),
+            ParamValue::Filtered(f) => {
+                !f.is_empty()
+                    && f.iter().all(|e| {
+                        e.value.is_numeric() && !matches!(e.value, ParamValue::Filtered(_))
+                    })
+            }
             _ => false,
         }
     }
@@ -170,18 +177,37 @@ mod tests {
         // Position 0.375*4 = 1.5 between 0.3 and 0.5 → 0.4 (layer 3 of 9).
         assert!((g.resolve(&TensorCtx::new("model.layers.3.x", 9)).unwrap() - 0.4).abs() < 1e-12);
         // Embeddings at the start, final norm at the end.
-        assert_eq!(g.resolve(&TensorCtx::new("model.embed_tokens.weight", 5)), Some(0.0));
-        assert_eq!(g.resolve(&TensorCtx::new("model.norm.weight", 5)), Some(1.0));
+        assert_eq!(
+            g.resolve(&TensorCtx::new("model.embed_tokens.weight", 5)),
+            Some(0.0)
+        );
+        assert_eq!(
+            g.resolve(&TensorCtx::new("model.norm.weight", 5)),
+            Some(1.0)
+        );
     }
 
     #[test]
     fn filters_pick_the_first_match() {
-        let yaml = "- filter: self_attn\n  value: [0, 1]\n- filter: mlp\n  value: 0.25\n- value: 0.5\n";
+        let yaml =
+            "- filter: self_attn\n  value: [0, 1]\n- filter: mlp\n  value: 0.25\n- value: 0.5\n";
         let v: ParamValue = serde_yaml_ng::from_str(yaml).unwrap();
         assert!(v.is_numeric());
-        assert_eq!(v.resolve(&TensorCtx::new("model.layers.0.self_attn.q_proj.weight", 3)), Some(0.0));
-        assert_eq!(v.resolve(&TensorCtx::new("model.layers.2.self_attn.q_proj.weight", 3)), Some(1.0));
-        assert_eq!(v.resolve(&TensorCtx::new("model.layers.1.mlp.up_proj.weight", 3)), Some(0.25));
-        assert_eq!(v.resolve(&TensorCtx::new("model.norm.weight", 3)), Some(0.5));
+        assert_eq!(
+            v.resolve(&TensorCtx::new("model.layers.0.self_attn.q_proj.weight", 3)),
+            Some(0.0)
+        );
+        assert_eq!(
+            v.resolve(&TensorCtx::new("model.layers.2.self_attn.q_proj.weight", 3)),
+            Some(1.0)
+        );
+        assert_eq!(
+            v.resolve(&TensorCtx::new("model.layers.1.mlp.up_proj.weight", 3)),
+            Some(0.25)
+        );
+        assert_eq!(
+            v.resolve(&TensorCtx::new("model.norm.weight", 3)),
+            Some(0.5)
+        );
     }
 }
