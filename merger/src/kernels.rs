@@ -11,6 +11,29 @@ use crate::checkpoint::reader::decode_chunk;
 use crate::checkpoint::writer::bf16_bits;
 use crate::checkpoint::TensorRef;
 
+/// A zeroed vector of `n` elements whose pages are backed by transparent
+/// huge pages where the kernel allows it (`madvise` mode): a merged tensor
+/// is written once, front to back, and 4 KiB page faults were a measured
+/// share of a task-arithmetic merge.
+pub fn output_vec<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
+    let v = vec![T::zeroed(); n];
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let bytes = n * std::mem::size_of::<T>();
+        if bytes >= 2 * HUGE {
+            let start = v.as_ptr() as usize;
+            let aligned = start.next_multiple_of(HUGE);
+            let len = (start + bytes - aligned) / HUGE * HUGE;
+            // SAFETY: advice only, on a range inside the allocation.
+            unsafe {
+                libc::madvise(aligned as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    v
+}
+
 /// Elements per work item: small enough that the f32 accumulator stays in L1.
 const CHUNK: usize = 1 << 12;
 
@@ -45,59 +68,82 @@ pub fn linear_combination_as(
         return acc.expect("at least one input").to_dtype(out);
     }
     let n = inputs[0].numel();
-    let combine = |start: usize, acc: &mut [f32], scratch: &mut [f32]| {
-        for (k, (x, &w)) in inputs.iter().zip(coeffs).enumerate() {
-            accumulate(x, start, w, k == 0, acc, scratch);
-        }
-    };
     match out {
-        DType::BF16 => {
-            let mut data = vec![half::bf16::ZERO; n];
-            data.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
-                |(acc, scratch), (c, o)| {
-                    let acc = &mut acc[..o.len()];
-                    combine(c * CHUNK, acc, scratch);
-                    for (o, &v) in o.iter_mut().zip(acc.iter()) {
-                        *o = half::bf16::from_bits(bf16_bits(v));
-                    }
-                },
-            );
-            Tensor::from_vec(data, shape, device)
-        }
-        DType::F16 => {
-            use half::slice::HalfFloatSliceExt;
-            let mut data = vec![half::f16::ZERO; n];
-            data.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
-                |(acc, scratch), (c, o)| {
-                    let acc = &mut acc[..o.len()];
-                    combine(c * CHUNK, acc, scratch);
-                    o.convert_from_f32_slice(acc);
-                },
-            );
-            Tensor::from_vec(data, shape, device)
-        }
-        _ => {
-            let mut data = vec![0f32; n];
-            data.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                || vec![0f32; CHUNK],
-                |scratch, (c, o)| combine(c * CHUNK, o, scratch),
-            );
-            let t = Tensor::from_vec(data, shape, device)?;
-            if out == DType::F32 {
-                Ok(t)
-            } else {
-                t.to_dtype(out)
-            }
+        DType::BF16 => Tensor::from_vec(combine_cpu::<half::bf16>(inputs, coeffs, n), shape, device),
+        DType::F16 => Tensor::from_vec(combine_cpu::<half::f16>(inputs, coeffs, n), shape, device),
+        _ => Tensor::from_vec(combine_cpu::<f32>(inputs, coeffs, n), shape, device)?.to_dtype(out),
+    }
+}
+
+/// An element type a fused kernel can write its f32 results as.
+trait OutElem: Copy + Send + Sync + bytemuck::Zeroable {
+    fn store(acc: &[f32], out: &mut [Self]);
+}
+
+impl OutElem for f32 {
+    #[inline(always)]
+    fn store(acc: &[f32], out: &mut [f32]) {
+        out.copy_from_slice(acc);
+    }
+}
+
+impl OutElem for half::bf16 {
+    #[inline(always)]
+    fn store(acc: &[f32], out: &mut [half::bf16]) {
+        for (o, &v) in out.iter_mut().zip(acc) {
+            *o = half::bf16::from_bits(bf16_bits(v));
         }
     }
+}
+
+impl OutElem for half::f16 {
+    #[inline(always)]
+    fn store(acc: &[f32], out: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        out.convert_from_f32_slice(acc);
+    }
+}
+
+fn combine_cpu<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], n: usize) -> Vec<T> {
+    let mut data: Vec<T> = output_vec(n);
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    data.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
+        |(acc, scratch), (c, out)| {
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                return unsafe { combine_chunk_avx2(inputs, coeffs, c * CHUNK, out, acc, scratch) };
+            }
+            combine_chunk(inputs, coeffs, c * CHUNK, out, acc, scratch)
+        },
+    );
+    data
+}
+
+/// The same loop compiled for AVX2 and FMA, chosen at run time: the loops
+/// are compute-bound at SSE2 width (measured: about 2x slower).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn combine_chunk_avx2<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], start: usize, out: &mut [T], acc: &mut [f32], scratch: &mut [f32]) {
+    combine_chunk(inputs, coeffs, start, out, acc, scratch)
+}
+
+/// out = Σk ck·xk[start..start + out.len()] through the L1-resident `acc`.
+#[inline(always)]
+fn combine_chunk<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], start: usize, out: &mut [T], acc: &mut [f32], scratch: &mut [f32]) {
+    let acc = &mut acc[..out.len()];
+    for (k, (x, &w)) in inputs.iter().zip(coeffs).enumerate() {
+        accumulate(x, start, w, k == 0, acc, scratch);
+    }
+    T::store(acc, out);
 }
 
 /// acc (=|+=) w · x[start..start + acc.len()], decoding x's stored dtype on
 /// the fly; bf16 and f32 have direct loops, anything else goes through
 /// `scratch`.
-#[inline]
+#[inline(always)]
 fn accumulate(
     x: &TensorRef,
     start: usize,

@@ -147,7 +147,7 @@ pub fn base_plus_mean(inputs: &TensorInputs, alpha: f64) -> Result<Tensor> {
     refs.extend(inputs.experts.iter().copied());
     let mut coeffs = vec![(alpha / t) as f32; refs.len()];
     coeffs[0] = (1.0 - alpha) as f32;
-    kernels::linear_combination(&refs, &coeffs, inputs.device).map_err(|e| inputs.err(e))
+    kernels::linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
 }
 
 fn base_ref<'a>(inputs: &TensorInputs<'a>) -> Result<TensorRef<'a>> {

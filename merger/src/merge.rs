@@ -99,8 +99,20 @@ pub fn with_f32_data<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> candle_core:
 
 impl Sink for CheckpointWriter {
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
-        with_f32_data(&value, |data| self.write_f32(&tensor.name, data))
-            .map_err(|e| MergeError::in_tensor(&tensor.name, e))?
+        let err = |e| MergeError::in_tensor(&tensor.name, e);
+        if value.dtype() == tensor.dtype && value.device().is_cpu() && value.is_contiguous() {
+            // Already in the stored dtype: write its bytes as they are.
+            let (storage, layout) = value.storage_and_layout();
+            let (start, end) = layout.contiguous_offsets().expect("contiguous");
+            let bytes: &[u8] = match &*storage {
+                Storage::Cpu(CpuStorage::BF16(v)) => bytemuck::cast_slice(&v[start..end]),
+                Storage::Cpu(CpuStorage::F16(v)) => bytemuck::cast_slice(&v[start..end]),
+                Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(&v[start..end]),
+                _ => unreachable!("output dtypes are F32, F16 or BF16"),
+            };
+            return self.write_raw(&tensor.name, bytes);
+        }
+        with_f32_data(&value, |data| self.write_f32(&tensor.name, data)).map_err(err)?
     }
 }
 
@@ -121,7 +133,7 @@ impl MemorySink {
 impl Sink for MemorySink {
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
         let err = |e| MergeError::in_tensor(&tensor.name, e);
-        let value = if !value.device().is_cpu() || tensor.dtype == DType::F32 {
+        let value = if value.dtype() == tensor.dtype || !value.device().is_cpu() || tensor.dtype == DType::F32 {
             value.to_dtype(tensor.dtype).map_err(err)?
         } else {
             // Parallel f32 → bf16/f16 (candle's CPU cast is one thread).
@@ -328,6 +340,7 @@ impl MergePlan {
                 .map(|e| e.tensor(&t.name))
                 .collect::<Result<Vec<TensorRef>>>()?,
             device,
+            out_dtype: t.dtype,
         })
     }
 

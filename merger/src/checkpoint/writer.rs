@@ -169,17 +169,7 @@ impl CheckpointWriter {
     /// Writes one tensor's values, converting f32 to the slot's dtype.
     /// Safe to call from several threads for different tensors.
     pub fn write_f32(&self, name: &str, data: &[f32]) -> Result<()> {
-        let slot = self
-            .slots
-            .get(name)
-            .ok_or_else(|| MergeError::Spec(format!("tensor `{name}` was not planned")))?;
-        if data.len() != slot.numel {
-            return Err(MergeError::Spec(format!(
-                "tensor `{name}`: merged {} values, expected {}",
-                data.len(),
-                slot.numel
-            )));
-        }
+        let slot = self.slot(name, data.len())?;
         let (path, file) = &self.files[slot.file];
         let width = slot.dtype.size_in_bytes();
         const CHUNK: usize = 1 << 16;
@@ -191,6 +181,29 @@ impl CheckpointWriter {
                 file.write_all_at(&buf, slot.offset + (c * CHUNK * width) as u64)
                     .map_err(|e| MergeError::io(path, e))
             })
+    }
+
+    /// Writes one tensor's bytes, already in the slot's dtype.
+    pub fn write_raw(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let width = self.slots.get(name).map_or(1, |s| s.dtype.size_in_bytes());
+        let slot = self.slot(name, bytes.len() / width)?;
+        let (path, file) = &self.files[slot.file];
+        file.write_all_at(bytes, slot.offset).map_err(|e| MergeError::io(path, e))
+    }
+
+    /// The planned slot of `name`, checked to hold `numel` elements.
+    fn slot(&self, name: &str, numel: usize) -> Result<&Slot> {
+        let slot = self
+            .slots
+            .get(name)
+            .ok_or_else(|| MergeError::Spec(format!("tensor `{name}` was not planned")))?;
+        if numel != slot.numel {
+            return Err(MergeError::Spec(format!(
+                "tensor `{name}`: merged {numel} values, expected {}",
+                slot.numel
+            )));
+        }
+        Ok(slot)
     }
 
     /// Copies config and tokenizer files from `from` (those that exist).

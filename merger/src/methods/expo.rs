@@ -14,7 +14,7 @@ use candle_core::Tensor;
 
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination;
+use crate::kernels::linear_combination_as;
 
 /// θe + α (θe − θ0).
 #[derive(Debug)]
@@ -42,7 +42,7 @@ impl MergeMethod for Expo {
         let refs: Vec<_> = std::iter::once(base)
             .chain(inputs.experts.iter().copied())
             .collect();
-        linear_combination(&refs, &coeffs, inputs.device).map_err(|e| inputs.err(e))
+        linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
     }
 }
 

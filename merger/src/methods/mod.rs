@@ -22,7 +22,7 @@ mod tsv_m;
 mod weighted_average;
 mod wudi;
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 pub use params::{Num, Params};
 
@@ -40,6 +40,9 @@ pub struct TensorInputs<'a> {
     pub experts: Vec<TensorRef<'a>>,
     /// Where tensor arithmetic runs.
     pub device: &'a Device,
+    /// The dtype the merged tensor is stored in. A method may return its
+    /// result in this dtype (fused kernels cast in the same pass) or in f32.
+    pub out_dtype: DType,
 }
 
 impl TensorInputs<'_> {
@@ -100,7 +103,8 @@ pub trait MergeMethod: Send + Sync {
         Ok(())
     }
 
-    /// Merges one tensor; returns an f32 tensor of the input shape.
+    /// Merges one tensor; returns a tensor of the input shape, in f32 or in
+    /// `inputs.out_dtype`.
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor>;
 }
 

@@ -33,7 +33,7 @@ use candle_core::Tensor;
 use super::{MergeMethod, Params, TensorInputs};
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination;
+use crate::kernels::{linear_combination, linear_combination_as};
 use crate::spec::Dialect;
 
 /// Below this, (T − 1) cos φ + 1 is treated as zero (opposite task vectors).
@@ -145,7 +145,7 @@ impl MergeMethod for ModelStock {
             let refs: Vec<_> = std::iter::once(base)
                 .chain(inputs.experts.iter().copied())
                 .collect();
-            return linear_combination(&refs, &coeffs, inputs.device).map_err(|e| inputs.err(e));
+            return linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e));
         }
         let ts: Vec<f32> = g.iter().map(|g| self.ratio(g) as f32).collect();
         per_row(inputs, &base, ts, rows, cols).map_err(|e| inputs.err(e))

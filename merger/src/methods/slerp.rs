@@ -28,7 +28,7 @@ use candle_core::{Device, Tensor};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination;
+use crate::kernels::linear_combination_as;
 
 /// Slerp between the two experts.
 #[derive(Debug)]
@@ -101,7 +101,7 @@ impl MergeMethod for Slerp {
         let gram = gram(&pair, inputs.device).map_err(|e| inputs.err(e))?;
         let (c0, c1) =
             self.coefficients(t, gram[0][0] as f64, gram[0][1] as f64, gram[1][1] as f64);
-        linear_combination(&pair, &[c0 as f32, c1 as f32], inputs.device).map_err(|e| inputs.err(e))
+        linear_combination_as(&pair, &[c0 as f32, c1 as f32], inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
     }
 }
 

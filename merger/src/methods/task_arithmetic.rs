@@ -21,7 +21,7 @@ use candle_core::Tensor;
 use super::params::LAMBDA_KEYS;
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination;
+use crate::kernels::linear_combination_as;
 use crate::spec::Dialect;
 
 /// mergekit leaves Σ wi undivided below this.
@@ -82,7 +82,7 @@ impl MergeMethod for TaskArithmetic {
         let refs: Vec<_> = std::iter::once(base)
             .chain(inputs.experts.iter().copied())
             .collect();
-        linear_combination(&refs, &coeffs, inputs.device).map_err(|e| inputs.err(e))
+        linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
     }
 }
 

@@ -51,6 +51,7 @@ impl Fixture {
             base: self.base.as_ref().map(r),
             experts: self.experts.iter().map(r).collect(),
             device: &CPU,
+            out_dtype: DType::F32,
         }
     }
 }

@@ -79,11 +79,17 @@ pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "s
 // ---------------------------------------------------------------------------
 // Task vectors, chunk by chunk.
 
-/// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive entries.
+/// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive
+/// entries, with the kernels' scratch.
 pub(crate) struct Chunk {
     pub base: Vec<f32>,
     pub tau: Vec<Vec<f32>>,
     pub len: usize,
+    sum: Vec<f32>,
+    acc: Vec<f32>,
+    aux: Vec<f32>,
+    undecided: Vec<u32>,
+    which: Vec<u32>,
 }
 
 /// Where a tensor's task vectors come from: the stored bytes, and the DARE
@@ -118,6 +124,11 @@ impl<'a> Source<'a> {
             base: vec![0.0; len],
             tau: vec![vec![0.0; len]; self.tasks()],
             len: 0,
+            sum: vec![0.0; len],
+            acc: vec![0.0; len],
+            aux: vec![0.0; len],
+            undecided: vec![0; len],
+            which: vec![0; len],
         }
     }
 
@@ -150,7 +161,7 @@ impl<'a> Source<'a> {
 
     /// Runs `f(chunk index, chunk)` over every chunk in parallel; results in
     /// chunk order.
-    pub fn map_chunks<R: Send>(&self, f: impl Fn(usize, &Chunk) -> R + Sync) -> Vec<R> {
+    pub fn map_chunks<R: Send>(&self, f: impl Fn(usize, &mut Chunk) -> R + Sync) -> Vec<R> {
         let n = self.numel();
         (0..n.div_ceil(CHUNK))
             .into_par_iter()
@@ -167,7 +178,7 @@ impl<'a> Source<'a> {
 
     /// Builds the merged tensor by `f(chunk index, chunk, output slice)` over
     /// every chunk in parallel.
-    pub fn fill(&self, f: impl Fn(usize, &Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
+    pub fn fill(&self, f: impl Fn(usize, &mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
         let n = self.numel();
         let mut out = vec![0f32; n];
         out.par_chunks_mut(CHUNK).enumerate().for_each_init(
@@ -238,19 +249,32 @@ fn fb_rank(d: u64, density: f64) -> Option<u64> {
     (k > 0).then_some(k)
 }
 
-/// Σ over entries of sign(Σi trimmed τi), for `len` entries of `c`.
-fn sign_total(c: &Chunk, keys: &[u32]) -> i64 {
-    (0..c.len)
-        .map(|j| {
-            let mut s = 0f32;
-            for (t, &k) in c.tau.iter().zip(keys) {
-                if abs_key(t[j]) >= k {
-                    s += t[j];
-                }
-            }
-            sgn(s)
-        })
-        .sum()
+/// `s += τ` where `abs_key(τ) >= key`, else `s += 0` (branchless, so the
+/// loop vectorises; keys of magnitudes fit in i31).
+#[inline]
+fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
+    let key = key.min(i32::MAX as u32) as i32;
+    for (s, &v) in s.iter_mut().zip(t) {
+        *s += if abs_key(v) as i32 >= key { v } else { 0.0 };
+    }
+}
+
+/// Σ sign(x) over a slice.
+#[inline]
+fn sign_count(s: &[f32]) -> i64 {
+    s.iter().map(|&x| i32::from(x > 0.0) - i32::from(x < 0.0)).sum::<i32>() as i64
+}
+
+/// Σ over entries of sign(Σi trimmed τi), for the entries of `c`.
+fn sign_total(c: &mut Chunk, keys: &[u32]) -> i64 {
+    let n = c.len;
+    let Chunk { tau, sum, .. } = c;
+    let s = &mut sum[..n];
+    s.fill(0.0);
+    for (t, &k) in tau.iter().zip(keys) {
+        add_trimmed(s, &t[..n], k);
+    }
+    sign_count(s)
 }
 
 /// The sign contribution of one stored row (τ of every task at one entry).
@@ -266,7 +290,7 @@ fn row_sign(row: &[f32], keys: &[u32]) -> i64 {
 
 /// Statistics of one tensor held in memory (small tensors, and the oracle
 /// of the tests).
-fn fb_stats_direct(c: &Chunk, density: f64) -> TiesStats {
+fn fb_stats_direct(c: &mut Chunk, density: f64) -> TiesStats {
     let keys: Vec<u32> = c
         .tau
         .iter()
@@ -352,47 +376,66 @@ fn fb_stats_radix(
     visit(&|src: &Source| {
         src.map_chunks(|_, c| {
             pool.with(make, |acc| {
-                let before = acc.rows.len();
-                for j in 0..c.len {
-                    let (mut s0, mut s1) = (0f32, 0f32);
-                    let (mut undecided, mut which, mut lo) = (0, 0, 0);
-                    for (i, (t, cut)) in c.tau.iter().zip(&cuts).enumerate() {
-                        let v = t[j];
-                        let key = abs_key(v);
-                        match cut {
-                            Cut::Known(k) => {
-                                if key >= *k {
-                                    s0 += v;
-                                    s1 += v;
-                                }
-                            }
-                            Cut::Pending(p) => {
-                                let high = key >> 16;
-                                if high > p.high {
-                                    s0 += v;
-                                    s1 += v;
-                                } else if high == p.high {
-                                    acc.low[i * BUCKETS + (key & 0xffff) as usize] += 1;
+                let n = c.len;
+                let Chunk { tau, sum, undecided, which, .. } = c;
+                // s0: the sum over the tasks kept whatever their low bits.
+                let s0 = &mut sum[..n];
+                s0.fill(0.0);
+                let und = &mut undecided[..n];
+                und.fill(0);
+                let which = &mut which[..n];
+                for (i, (t, cut)) in tau.iter().zip(&cuts).enumerate() {
+                    let t = &t[..n];
+                    match cut {
+                        Cut::Known(k) => add_trimmed(s0, t, *k),
+                        Cut::Pending(p) => {
+                            add_trimmed(s0, t, (p.high + 1) << 16);
+                            let low = &mut acc.low[i * BUCKETS..(i + 1) * BUCKETS];
+                            for (j, &v) in t.iter().enumerate() {
+                                let key = abs_key(v);
+                                if key >> 16 == p.high {
+                                    low[(key & 0xffff) as usize] += 1;
                                     // A zero adds nothing whether kept or not.
                                     if key != 0 {
-                                        undecided += 1;
-                                        which = i;
-                                        lo = (key & 0xffff) as usize;
-                                        s1 += v;
+                                        und[j] += 1;
+                                        which[j] = i as u32;
                                     }
                                 }
                             }
                         }
                     }
-                    match undecided {
-                        0 => acc.settled += sgn(s0),
+                }
+                // Entries with at most one undecided task count sign(s0) now.
+                acc.settled += s0
+                    .iter()
+                    .zip(und.iter())
+                    .map(|(&x, &u)| if u <= 1 { i32::from(x > 0.0) - i32::from(x < 0.0) } else { 0 })
+                    .sum::<i32>() as i64;
+                let before = acc.rows.len();
+                for j in 0..n {
+                    match und[j] {
+                        0 => {}
                         1 => {
-                            acc.settled += sgn(s0);
-                            acc.diff[which * BUCKETS + lo] += sgn(s1) - sgn(s0);
+                            // The sum with task a kept, in task order.
+                            let a = which[j] as usize;
+                            let mut s1 = 0f32;
+                            for (i, (t, cut)) in tau.iter().zip(&cuts).enumerate() {
+                                let v = t[j];
+                                let kept = i == a
+                                    || match cut {
+                                        Cut::Known(k) => abs_key(v) >= *k,
+                                        Cut::Pending(p) => abs_key(v) >> 16 > p.high,
+                                    };
+                                if kept {
+                                    s1 += v;
+                                }
+                            }
+                            let lo = (abs_key(tau[a][j]) & 0xffff) as usize;
+                            acc.diff[a * BUCKETS + lo] += sgn(s1) - sgn(s0[j]);
                         }
                         _ => {
                             if !overflow.load(Ordering::Relaxed) {
-                                acc.rows.extend(c.tau.iter().map(|t| t[j]));
+                                acc.rows.extend(tau.iter().map(|t| t[j]));
                             }
                         }
                     }
@@ -471,39 +514,70 @@ pub(crate) enum Scope {
     Tensor,
 }
 
-/// The fused CPU loop: θ0 + λ·disjoint merge for one chunk.
-fn fb_kernel(c: &Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32]) {
-    let keys = &stats.keys;
-    for (j, o) in out.iter_mut().enumerate().take(c.len) {
-        let mut s = 0f32;
-        for (t, &k) in c.tau.iter().zip(keys) {
-            if abs_key(t[j]) >= k {
-                s += t[j];
-            }
-        }
-        let sign = if s > 0.0 {
+/// FusionBench's selection: `where(s > 0, τ > 0, τ < 0)`, branchless.
+#[inline]
+fn picked(sign: f32, v: f32) -> bool {
+    ((sign > 0.0) & (v > 0.0)) | (!(sign > 0.0) & (v < 0.0))
+}
+
+/// The fused CPU loop: θ0 + λ·disjoint merge for one chunk, task by task
+/// over contiguous slices so that every loop vectorises.
+fn fb_kernel(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32]) {
+    let n = c.len;
+    let Chunk { base, tau, sum, acc, aux, .. } = c;
+    let (sign, acc, aux, out) = (&mut sum[..n], &mut acc[..n], &mut aux[..n], &mut out[..n]);
+    sign.fill(0.0);
+    for (t, &k) in tau.iter().zip(&stats.keys) {
+        add_trimmed(sign, &t[..n], k);
+    }
+    let m = stats.majority;
+    sign.iter_mut().for_each(|x| {
+        *x = if *x > 0.0 {
             1.0
-        } else if s < 0.0 {
+        } else if *x < 0.0 {
             -1.0
         } else {
-            stats.majority
-        };
-        let (mut sum, mut count, mut top) = (0f32, 0u32, 0f32);
-        for (t, &k) in c.tau.iter().zip(keys) {
-            let v = t[j];
-            let picked = if sign > 0.0 { v > 0.0 } else { v < 0.0 };
-            if picked && abs_key(v) >= k {
-                sum += v;
-                count += 1;
-                top = top.max(v.abs());
+            m
+        }
+    });
+    acc.fill(0.0);
+    aux.fill(0.0);
+    for (t, &k) in tau.iter().zip(&stats.keys) {
+        let k = k.min(i32::MAX as u32) as i32;
+        let t = &t[..n];
+        let lanes = acc.iter_mut().zip(aux.iter_mut()).zip(t.iter().zip(sign.iter()));
+        match func {
+            MergeFunc::Sum => lanes.for_each(|((a, _), (&v, &sg))| {
+                *a += if picked(sg, v) & (abs_key(v) as i32 >= k) { v } else { 0.0 };
+            }),
+            MergeFunc::Mean => lanes.for_each(|((a, cnt), (&v, &sg))| {
+                let p = picked(sg, v) & (abs_key(v) as i32 >= k);
+                *a += if p { v } else { 0.0 };
+                *cnt += if p { 1.0 } else { 0.0 };
+            }),
+            MergeFunc::Max => lanes.for_each(|((_, top), (&v, &sg))| {
+                let p = picked(sg, v) & (abs_key(v) as i32 >= k);
+                *top = top.max(if p { v.abs() } else { 0.0 });
+            }),
+        }
+    }
+    let b = &base[..n];
+    match func {
+        MergeFunc::Sum => {
+            for ((o, &b), &a) in out.iter_mut().zip(b).zip(acc.iter()) {
+                *o = b + lambda * a;
             }
         }
-        let merged = match func {
-            MergeFunc::Sum => sum,
-            MergeFunc::Mean => sum / count.max(1) as f32,
-            MergeFunc::Max => top * sign,
-        };
-        *o = c.base[j] + lambda * merged;
+        MergeFunc::Mean => {
+            for ((o, &b), (&a, &cnt)) in out.iter_mut().zip(b).zip(acc.iter().zip(aux.iter())) {
+                *o = b + lambda * (a / cnt.max(1.0));
+            }
+        }
+        MergeFunc::Max => {
+            for ((o, &b), (&top, &sg)) in out.iter_mut().zip(b).zip(aux.iter().zip(sign.iter())) {
+                *o = b + lambda * (top * sg);
+            }
+        }
     }
 }
 
@@ -868,55 +942,60 @@ struct Mixing {
     lambda: f32,
 }
 
-/// The fused CPU loop of mergekit's generalized task arithmetic.
-fn mk_kernel(m: &Mixing, chunk: usize, c: &Chunk, out: &mut [f32]) {
-    let tasks = m.weights.len();
-    let mut seen = keep_flags(&m.keeps, chunk);
-    let mut delta = vec![0f32; tasks];
-    let plain_divisor: f32 = {
-        let s: f32 = m.weights.iter().sum();
-        if s.abs() < ZERO_DIVISOR {
-            1.0
-        } else {
-            s
-        }
-    };
-    for (j, o) in out.iter_mut().enumerate().take(c.len) {
-        let mut sum = 0f32;
-        for i in 0..tasks {
-            let v = c.tau[i][j];
-            delta[i] = if kept(&m.keeps[i], v, &mut seen[i]) {
-                m.weights[i] * v
-            } else {
-                0.0
-            };
-            sum += delta[i];
-        }
-        let mixed = if m.consensus {
-            let elected = if sum >= 0.0 { 1 } else { -1 };
-            let (mut mixed, mut divisor) = (0f32, 0f32);
-            for (d, w) in delta.iter().zip(&m.weights) {
-                if sgn(*d) == elected {
-                    mixed += d;
-                    divisor += w;
+/// The fused CPU loop of mergekit's generalized task arithmetic, task by
+/// task over contiguous slices.
+fn mk_kernel(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
+    let n = c.len;
+    let Chunk { base, tau, sum, acc, aux, .. } = c;
+    let (sum, mixed, divisor, out) = (&mut sum[..n], &mut acc[..n], &mut aux[..n], &mut out[..n]);
+    sum.fill(0.0);
+    // δi = wi·(kept τi), in place.
+    for (t, (keep, &w)) in tau.iter_mut().zip(m.keeps.iter().zip(&m.weights)) {
+        let t = &mut t[..n];
+        match keep {
+            Keep::All => t.iter_mut().for_each(|v| *v *= w),
+            Keep::Nothing => t.fill(0.0),
+            Keep::AtLeast(k) => {
+                let k = (*k).min(i32::MAX as u32) as i32;
+                t.iter_mut().for_each(|v| *v = if abs_key(*v) as i32 >= k { w * *v } else { 0.0 });
+            }
+            Keep::Ties { before, .. } => {
+                let mut seen = before[chunk];
+                for v in t.iter_mut() {
+                    *v = if kept(keep, *v, &mut seen) { w * *v } else { 0.0 };
                 }
             }
-            if m.normalize {
-                mixed
-                    / if divisor.abs() < ZERO_DIVISOR {
-                        1.0
-                    } else {
-                        divisor
-                    }
-            } else {
-                mixed
-            }
-        } else if m.normalize {
-            sum / plain_divisor
+        }
+        sum.iter_mut().zip(t.iter()).for_each(|(s, v)| *s += v);
+    }
+    let b = &base[..n];
+    if m.consensus {
+        // Elected sign: + where Σ δ ≥ 0; keep the δi of that sign.
+        mixed.fill(0.0);
+        divisor.fill(0.0);
+        for (t, &w) in tau.iter().zip(&m.weights) {
+            let lanes = mixed.iter_mut().zip(divisor.iter_mut()).zip(t[..n].iter().zip(sum.iter()));
+            lanes.for_each(|((mx, dv), (&d, &s))| {
+                let up = s >= 0.0;
+                let agree = (up & (d > 0.0)) | (!up & (d < 0.0));
+                *mx += if agree { d } else { 0.0 };
+                *dv += if agree { w } else { 0.0 };
+            });
+        }
+        let lanes = out.iter_mut().zip(b).zip(mixed.iter().zip(divisor.iter()));
+        if m.normalize {
+            lanes.for_each(|((o, &b), (&mx, &dv))| {
+                *o = b + m.lambda * (mx / if dv.abs() < ZERO_DIVISOR { 1.0 } else { dv });
+            });
         } else {
-            sum
-        };
-        *o = c.base[j] + m.lambda * mixed;
+            lanes.for_each(|((o, &b), (&mx, _))| *o = b + m.lambda * mx);
+        }
+    } else {
+        let plain: f32 = m.weights.iter().sum();
+        let divisor = if !m.normalize || plain.abs() < ZERO_DIVISOR { 1.0 } else { plain };
+        for ((o, &b), &s) in out.iter_mut().zip(b).zip(sum.iter()) {
+            *o = b + m.lambda * (s / divisor);
+        }
     }
 }
 
