@@ -69,7 +69,9 @@ pub fn linear_combination_as(
     }
     let n = inputs[0].numel();
     match out {
-        DType::BF16 => Tensor::from_vec(combine_cpu::<half::bf16>(inputs, coeffs, n), shape, device),
+        DType::BF16 => {
+            Tensor::from_vec(combine_cpu::<half::bf16>(inputs, coeffs, n), shape, device)
+        }
         DType::F16 => Tensor::from_vec(combine_cpu::<half::f16>(inputs, coeffs, n), shape, device),
         _ => Tensor::from_vec(combine_cpu::<f32>(inputs, coeffs, n), shape, device)?.to_dtype(out),
     }
@@ -107,7 +109,8 @@ impl OutElem for half::f16 {
 fn combine_cpu<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], n: usize) -> Vec<T> {
     let mut data: Vec<T> = output_vec(n);
     #[cfg(target_arch = "x86_64")]
-    let wide = std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    let wide =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
     data.par_chunks_mut(CHUNK).enumerate().for_each_init(
         || (vec![0f32; CHUNK], vec![0f32; CHUNK]),
         |(acc, scratch), (c, out)| {
@@ -126,13 +129,27 @@ fn combine_cpu<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], n: usize) -> Ve
 /// are compute-bound at SSE2 width (measured: about 2x slower).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn combine_chunk_avx2<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], start: usize, out: &mut [T], acc: &mut [f32], scratch: &mut [f32]) {
+unsafe fn combine_chunk_avx2<T: OutElem>(
+    inputs: &[TensorRef],
+    coeffs: &[f32],
+    start: usize,
+    out: &mut [T],
+    acc: &mut [f32],
+    scratch: &mut [f32],
+) {
     combine_chunk(inputs, coeffs, start, out, acc, scratch)
 }
 
 /// out = Σk ck·xk[start..start + out.len()] through the L1-resident `acc`.
 #[inline(always)]
-fn combine_chunk<T: OutElem>(inputs: &[TensorRef], coeffs: &[f32], start: usize, out: &mut [T], acc: &mut [f32], scratch: &mut [f32]) {
+fn combine_chunk<T: OutElem>(
+    inputs: &[TensorRef],
+    coeffs: &[f32],
+    start: usize,
+    out: &mut [T],
+    acc: &mut [f32],
+    scratch: &mut [f32],
+) {
     let acc = &mut acc[..out.len()];
     for (k, (x, &w)) in inputs.iter().zip(coeffs).enumerate() {
         accumulate(x, start, w, k == 0, acc, scratch);

@@ -23,7 +23,6 @@ use faer::{Mat, MatRef, Scale};
 
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
-use crate::kernels;
 use crate::methods::TensorInputs;
 
 /// A thin SVD A = U diag(s) Vᵀ of an m×n matrix: U is m×r, V is n×r with
@@ -140,14 +139,11 @@ pub fn is_svd_target(inputs: &TensorInputs) -> bool {
 /// θ0 + α·(1/T) Σ τi = (1 − α)·θ0 + (α/T)·Σ θi, in f32 on the merge device:
 /// how the SVD methods merge every tensor that is not a linear weight.
 pub fn base_plus_mean(inputs: &TensorInputs, alpha: f64) -> Result<Tensor> {
-    let base = base_ref(inputs)?;
-    let t = inputs.experts.len() as f64;
-    let mut refs: Vec<TensorRef> = Vec::with_capacity(inputs.experts.len() + 1);
-    refs.push(base);
-    refs.extend(inputs.experts.iter().copied());
-    let mut coeffs = vec![(alpha / t) as f32; refs.len()];
-    coeffs[0] = (1.0 - alpha) as f32;
-    kernels::linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+    let t = inputs.experts.len();
+    inputs.combine(
+        Some((1.0 - alpha) as f32),
+        &vec![(alpha / t as f64) as f32; t],
+    )
 }
 
 fn base_ref<'a>(inputs: &TensorInputs<'a>) -> Result<TensorRef<'a>> {

@@ -133,7 +133,10 @@ impl MemorySink {
 impl Sink for MemorySink {
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
         let err = |e| MergeError::in_tensor(&tensor.name, e);
-        let value = if value.dtype() == tensor.dtype || !value.device().is_cpu() || tensor.dtype == DType::F32 {
+        let value = if value.dtype() == tensor.dtype
+            || !value.device().is_cpu()
+            || tensor.dtype == DType::F32
+        {
             value.to_dtype(tensor.dtype).map_err(err)?
         } else {
             // Parallel f32 → bf16/f16 (candle's CPU cast is one thread).

@@ -24,7 +24,7 @@ use std::sync::Mutex;
 pub const BUCKETS: usize = 1 << 16;
 
 /// The order key of |x|: the bits of x with the sign cleared.
-#[inline]
+#[inline(always)]
 pub fn abs_key(x: f32) -> u32 {
     x.to_bits() & 0x7fff_ffff
 }
@@ -98,6 +98,43 @@ impl Pending {
 #[inline]
 pub fn count_high(counts: &mut [u64], key: u32) {
     counts[(key >> 16) as usize] += 1;
+}
+
+/// Copies of an interleaved high-half histogram: consecutive values go to
+/// different copies, so a run of equal magnitudes (common in bf16 task
+/// vectors) does not serialise every increment on one counter.
+pub const WAYS: usize = 4;
+
+/// Counts the high halves of |v| for every value into `counts`, which
+/// holds [`WAYS`] histograms of [`BUCKETS`] counters back to back (sum them
+/// with [`fold_ways`]).
+pub fn count_high_ways(counts: &mut [u64], values: &[f32]) {
+    assert_eq!(counts.len(), WAYS * BUCKETS, "interleaved histogram size");
+    let (h0, rest) = counts.split_at_mut(BUCKETS);
+    let (h1, rest) = rest.split_at_mut(BUCKETS);
+    let (h2, h3) = rest.split_at_mut(BUCKETS);
+    // Fixed-size views let the compiler drop the bounds checks (a high half
+    // is below 2¹⁶).
+    let h: [&mut [u64; BUCKETS]; WAYS] =
+        [h0, h1, h2, h3].map(|h| h.try_into().expect("bucket count"));
+    let [h0, h1, h2, h3] = h;
+    let mut quads = values.chunks_exact(WAYS);
+    for q in &mut quads {
+        h0[(abs_key(q[0]) >> 16) as usize] += 1;
+        h1[(abs_key(q[1]) >> 16) as usize] += 1;
+        h2[(abs_key(q[2]) >> 16) as usize] += 1;
+        h3[(abs_key(q[3]) >> 16) as usize] += 1;
+    }
+    for &v in quads.remainder() {
+        h0[(abs_key(v) >> 16) as usize] += 1;
+    }
+}
+
+/// Adds the [`WAYS`] copies of an interleaved histogram into `dst`.
+pub fn fold_ways(dst: &mut [u64], counts: &[u64]) {
+    for way in counts.chunks(BUCKETS) {
+        add_into(dst, way);
+    }
 }
 
 /// Adds `key`'s low half to the histogram of `bucket` (if it falls there).
@@ -288,6 +325,24 @@ mod tests {
         b.iter().for_each(|&k| count_low(&mut lb, &p, k));
         add_into(&mut la, &lb);
         assert_eq!(p.resolve(&la), by_sort(&keys, 8000));
+    }
+
+    #[test]
+    fn interleaved_counts_equal_plain_counts() {
+        // 4·k + 3 values so the remainder path runs too; runs of equal values.
+        let values: Vec<f32> = (0..4003)
+            .map(|i| ((i / 7) % 13) as f32 * -0.25 + (i % 3) as f32)
+            .collect();
+        let mut plain = vec![0u64; BUCKETS];
+        values
+            .iter()
+            .for_each(|&v| count_high(&mut plain, abs_key(v)));
+        let mut ways = vec![0u64; WAYS * BUCKETS];
+        count_high_ways(&mut ways, &values);
+        let mut folded = vec![0u64; BUCKETS];
+        fold_ways(&mut folded, &ways);
+        assert_eq!(folded, plain);
+        assert_eq!(folded.iter().sum::<u64>(), 4003);
     }
 
     #[test]

@@ -188,7 +188,8 @@ impl CheckpointWriter {
         let width = self.slots.get(name).map_or(1, |s| s.dtype.size_in_bytes());
         let slot = self.slot(name, bytes.len() / width)?;
         let (path, file) = &self.files[slot.file];
-        file.write_all_at(bytes, slot.offset).map_err(|e| MergeError::io(path, e))
+        file.write_all_at(bytes, slot.offset)
+            .map_err(|e| MergeError::io(path, e))
     }
 
     /// The planned slot of `name`, checked to hold `numel` elements.

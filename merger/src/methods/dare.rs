@@ -31,15 +31,24 @@
 //! or with (`dare_ties`) the sign consensus: θ0 + λ·(Σ wi τi′ [·mask] /
 //! divisor).
 //!
-//! Randomness: the mask of expert i in tensor `name` is drawn from ChaCha8
-//! seeded with SHA-256(seed, name, i), seed = the spec's `seed` (0 when
-//! absent); entry j uses word j of that stream (keep iff word < q·2³², a
-//! resolution of 2⁻³²), so the masks do not depend on thread scheduling or
-//! chunking, and every pass over a tensor redraws the same mask.
+//! Randomness: seed = the spec's `seed` (0 when absent); root = SHA-256(
+//! seed, name, i) for expert i of tensor `name`. Entries come in blocks of
+//! 2¹⁴; block b has a primary ChaCha8 stream seeded with SHA-256(root, b)
+//! and a secondary one seeded with SHA-256(root, 2⁶³ + b). Entry j of the
+//! block draws a 32-bit uniform U whose top byte is byte j of the primary
+//! stream and whose low 24 bits are taken, in entry order, from the words
+//! of the secondary stream (24 high bits of each) only when that byte
+//! equals the top byte of ⌊q·2³²⌉; it is kept iff U < ⌊q·2³²⌉. That is
+//! exactly a 32-bit comparison (keep probability ⌊q·2³²⌉/2³², a resolution
+//! of 2⁻³²) while reading a byte of keystream per entry instead of four;
+//! ChaCha8 is most of DARE's cost. The masks depend on nothing but
+//! (seed, name, i, j): not on thread scheduling nor on how a tensor is split
+//! into chunks, and every pass over a tensor redraws the same mask.
 
 use candle_core::{DType, Tensor};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
+use rand::SeedableRng;
+use rand_chacha::rand_core::block::BlockRngCore;
+use rand_chacha::ChaCha8Core;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
@@ -62,9 +71,10 @@ pub(crate) struct Dropout {
 /// One expert's dropout in one tensor.
 #[derive(Debug, Clone)]
 struct ExpertDrop {
+    /// SHA-256(seed, name, expert): the root of the block seeds.
     seed: [u8; 32],
     /// Keep an entry when its random word is below this.
-    keep_below: u64,
+    keep_below: u32,
     /// q when rescaling, else 1.
     divisor: f32,
 }
@@ -99,10 +109,13 @@ impl Dropout {
             .iter()
             .enumerate()
             .map(|(i, q)| {
+                // A keep rate within 2⁻³³ of 1 keeps everything (and its
+                // divisor q rounds to 1.0 in f32): no dropout.
                 let q = q.at(ctx)?;
-                Ok((q < 1.0).then(|| ExpertDrop {
+                let below = (q * 4_294_967_296.0).round();
+                Ok((below < 4_294_967_296.0).then(|| ExpertDrop {
                     seed: stream_seed(self.seed, &ctx.name, i),
-                    keep_below: (q * 4_294_967_296.0).round() as u64,
+                    keep_below: below as u32,
                     divisor: if self.rescale { q as f32 } else { 1.0 },
                 }))
             })
@@ -114,31 +127,110 @@ impl Dropout {
     }
 }
 
-/// Calls `f(j, keep)` for entries `start..start + len` of one stream.
-#[inline]
-fn draws(e: &ExpertDrop, start: usize, len: usize, mut f: impl FnMut(usize, bool)) {
-    let mut rng = ChaCha8Rng::from_seed(e.seed);
-    rng.set_word_pos(start as u128);
-    let mut words = [0u32; 256];
-    let mut j = 0;
-    while j < len {
-        let w = &mut words[..(len - j).min(256)];
-        rng.fill(w);
-        for &r in w.iter() {
-            f(j, u64::from(r) < e.keep_below);
-            j += 1;
+/// Entries per independently seeded block of a mask stream: part of the
+/// definition of the masks, never to be changed.
+const MASK_BLOCK: usize = 1 << 14;
+
+/// The ChaCha8 seed of one block of one expert's stream.
+fn block_seed(root: &[u8; 32], block: u64) -> [u8; 32] {
+    let mut h = Sha256::new();
+    h.update(root);
+    h.update(block.to_le_bytes());
+    h.finalize().into()
+}
+
+/// Keystream bytes per ChaCha8 call (64 words).
+const BATCH: usize = 256;
+
+/// A lazily generated stream of words.
+struct Words {
+    core: ChaCha8Core,
+    buf: <ChaCha8Core as BlockRngCore>::Results,
+    next: usize,
+}
+
+impl Words {
+    fn new(seed: [u8; 32]) -> Self {
+        Words {
+            core: ChaCha8Core::from_seed(seed),
+            buf: Default::default(),
+            next: 64,
         }
+    }
+
+    #[inline]
+    fn word(&mut self) -> u32 {
+        if self.next == 64 {
+            self.core.generate(&mut self.buf);
+            self.next = 0;
+        }
+        self.next += 1;
+        self.buf.as_ref()[self.next - 1]
+    }
+}
+
+/// Writes the keep flags (0 or 1) of entries `start..start + out.len()` of
+/// one expert's stream into `out` (see the module header for the draw).
+#[inline(always)]
+fn keep_flags(e: &ExpertDrop, start: usize, out: &mut [u8]) {
+    let end = start + out.len();
+    let (top, low) = ((e.keep_below >> 24) as u8, e.keep_below & 0x00ff_ffff);
+    let mut bytes = [0u8; BATCH];
+    let mut pos = start;
+    while pos < end {
+        let block = pos / MASK_BLOCK;
+        let block_end = ((block + 1) * MASK_BLOCK).min(end);
+        let mut primary = <ChaCha8Core as BlockRngCore>::Results::default();
+        let mut core = ChaCha8Core::from_seed(block_seed(&e.seed, block as u64));
+        let mut secondary = Words::new(block_seed(&e.seed, (1 << 63) | block as u64));
+        // `w`: the entry of the first byte of the next batch.
+        let mut w = block * MASK_BLOCK;
+        while w < block_end {
+            core.generate(&mut primary);
+            for (b, word) in bytes.chunks_exact_mut(4).zip(primary.as_ref()) {
+                b.copy_from_slice(&word.to_le_bytes());
+            }
+            let n = BATCH.min(block_end - w);
+            let bytes = &bytes[..n];
+            if w + n <= pos {
+                // Entries before `start` still consume their secondary
+                // words, so that the draw does not depend on `start`.
+                for _ in bytes.iter().filter(|&&b| b == top) {
+                    secondary.word();
+                }
+            } else {
+                let skip = pos.saturating_sub(w);
+                let flags = &mut out[w + skip - start..w + n - start];
+                for (f, &b) in flags.iter_mut().zip(&bytes[skip..]) {
+                    *f = u8::from(b < top);
+                }
+                for (l, &b) in bytes.iter().enumerate() {
+                    if b == top {
+                        let keep = u8::from(secondary.word() >> 8 < low);
+                        if l >= skip {
+                            flags[l - skip] = keep;
+                        }
+                    }
+                }
+            }
+            w += BATCH;
+        }
+        pos = block_end;
     }
 }
 
 impl TensorDropout {
-    /// Sparsifies entries `start..start + tau.len()` of expert `i` in place.
+    /// Sparsifies entries `start..start + tau.len()` of expert `i` in place
+    /// (inlined into the callers' multiversioned loops).
+    #[inline(always)]
     pub fn apply(&self, i: usize, start: usize, tau: &mut [f32]) {
         if let Some(e) = &self.experts[i] {
             let div = e.divisor;
-            draws(e, start, tau.len(), |j, keep| {
-                tau[j] = if keep { tau[j] / div } else { 0.0 };
-            });
+            let mut flags = vec![0u8; tau.len()];
+            keep_flags(e, start, &mut flags);
+            for (v, &f) in tau.iter_mut().zip(flags.iter()) {
+                *v = if f != 0 { *v / div } else { 0.0 };
+            }
         }
     }
 
@@ -150,7 +242,7 @@ impl TensorDropout {
         };
         let mut mask = vec![0u8; t.elem_count()];
         mask.par_chunks_mut(CHUNK).enumerate().for_each(|(k, m)| {
-            draws(e, k * CHUNK, m.len(), |j, keep| m[j] = u8::from(keep));
+            keep_flags(e, k * CHUNK, m);
         });
         let mask = Tensor::from_vec(mask, t.shape(), t.device())?.to_dtype(DType::F32)?;
         let div = Tensor::new(e.divisor, t.device())?;
@@ -348,27 +440,30 @@ mod tests {
 
     #[test]
     fn masks_do_not_depend_on_chunking_or_path() {
+        // 40k entries: three blocks of the mask streams.
+        let n = 40_000;
         let d = Dropout {
             seed: 3,
             keep: vec![Num::constant("q", 0.3)],
             rescale: true,
             only_linear: false,
         };
-        let fx = ones(10_000);
+        let fx = ones(n);
         let td = d.for_tensor(&fx.inputs()).unwrap().unwrap();
-        let mut whole = vec![1f32; 10_000];
+        let mut whole = vec![1f32; n];
         td.apply(0, 0, &mut whole);
-        // Uneven pieces, drawn separately, give the same mask.
-        let mut pieces = vec![1f32; 10_000];
-        let (a, rest) = pieces.split_at_mut(1_001);
-        let (b, c) = rest.split_at_mut(4_567);
-        td.apply(0, 0, a);
-        td.apply(0, 1_001, b);
-        td.apply(0, 5_568, c);
+        // Uneven pieces, drawn separately, give the same mask, also when a
+        // piece starts inside a block or spans a block boundary.
+        let mut pieces = vec![1f32; n];
+        let mut at = 0;
+        for len in [1_001, 4_567, 11_000, 17_000, 6_432] {
+            td.apply(0, at, &mut pieces[at..at + len]);
+            at += len;
+        }
+        assert_eq!(at, n);
         assert_eq!(whole, pieces);
         // The tensor path draws the same mask: kept entries are 1/0.3.
-        let t =
-            Tensor::from_vec(vec![1f32; 10_000], (100, 100), &candle_core::Device::Cpu).unwrap();
+        let t = Tensor::from_vec(vec![1f32; n], (n / 100, 100), &candle_core::Device::Cpu).unwrap();
         let tensor = td
             .apply_tensor(0, &t)
             .unwrap()
@@ -383,16 +478,42 @@ mod tests {
         // Another tensor name or expert index gives another mask.
         let other = Fixture::new(
             "model.layers.1.mlp.up_proj.weight",
-            &[100, 100],
-            Some(&[0.0; 10_000]),
-            &[&[1.0; 10_000]],
+            &[n / 100, 100],
+            Some(&vec![0.0; n]),
+            &[&vec![1.0; n]],
         );
-        let mut renamed = vec![1f32; 10_000];
+        let mut renamed = vec![1f32; n];
         d.for_tensor(&other.inputs())
             .unwrap()
             .unwrap()
             .apply(0, 0, &mut renamed);
         assert_ne!(whole, renamed);
+    }
+
+    #[test]
+    fn the_keep_rate_has_32_bit_resolution() {
+        // q = 1.5/256: threshold T = 1.5·2²⁴, top byte 1, low 24 bits 2²³.
+        // Byte 0 keeps (1/256), byte 1 keeps iff the secondary 24 bits are
+        // below 2²³ (1/2 of 1/256): rate 1.5/256 ≈ 0.005859. Over 1M draws
+        // that is 5859 ± 76 kept; dropping or keeping every tied byte would
+        // give 3906 or 7813 (25 standard deviations away).
+        let n = 1 << 20;
+        let d = Dropout {
+            seed: 9,
+            keep: vec![Num::constant("q", 1.5 / 256.0)],
+            rescale: false,
+            only_linear: false,
+        };
+        let fx = ones(1000);
+        let td = d.for_tensor(&fx.inputs()).unwrap().unwrap();
+        let mut v = vec![1f32; n];
+        td.apply(0, 0, &mut v);
+        let kept = v.iter().filter(|&&x| x == 1.0).count() as f64;
+        let want = n as f64 * 1.5 / 256.0;
+        assert!(
+            (kept - want).abs() < 5.0 * (want * (1.0 - 1.5 / 256.0)).sqrt(),
+            "{kept} vs {want}"
+        );
     }
 
     #[test]

@@ -14,7 +14,6 @@ use candle_core::Tensor;
 
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination_as;
 
 /// θe + α (θe − θ0).
 #[derive(Debug)]
@@ -31,18 +30,12 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 
 impl MergeMethod for Expo {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        let base = inputs.base.ok_or_else(|| MergeError::MissingBase {
+        inputs.base.ok_or_else(|| MergeError::MissingBase {
             method: "expo".into(),
         })?;
         let alpha = self.alpha.at(&inputs.ctx)?;
         let each = ((1.0 + alpha) / inputs.experts.len() as f64) as f32;
-        let coeffs: Vec<f32> = std::iter::once(-alpha as f32)
-            .chain(std::iter::repeat_n(each, inputs.experts.len()))
-            .collect();
-        let refs: Vec<_> = std::iter::once(base)
-            .chain(inputs.experts.iter().copied())
-            .collect();
-        linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+        inputs.combine(Some(-alpha as f32), &vec![each; inputs.experts.len()])
     }
 }
 

@@ -84,6 +84,27 @@ impl TensorInputs<'_> {
             .collect()
     }
 
+    /// c0·θ0 + Σi ci·θi in the output dtype (fused on the CPU): the final
+    /// step of every method that is a linear combination of its inputs.
+    /// `base` is θ0's coefficient (`None`: the base is not part of it).
+    pub fn combine(&self, base: Option<f32>, experts: &[f32]) -> Result<Tensor> {
+        let mut refs = Vec::with_capacity(experts.len() + 1);
+        let mut coeffs = Vec::with_capacity(experts.len() + 1);
+        if let Some(c) = base {
+            refs.push(*self.base.as_ref().ok_or_else(|| {
+                MergeError::Spec(format!(
+                    "tensor `{}`: this method needs a base model",
+                    self.ctx.name
+                ))
+            })?);
+            coeffs.push(c);
+        }
+        refs.extend(self.experts.iter().copied());
+        coeffs.extend_from_slice(experts);
+        crate::kernels::linear_combination_as(&refs, &coeffs, self.device, self.out_dtype)
+            .map_err(|e| self.err(e))
+    }
+
     /// Wraps a candle error with this tensor's name.
     pub fn err(&self, e: candle_core::Error) -> MergeError {
         MergeError::in_tensor(&self.ctx.name, e)

@@ -33,7 +33,7 @@ use candle_core::Tensor;
 use super::{MergeMethod, Params, TensorInputs};
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
-use crate::kernels::{linear_combination, linear_combination_as};
+use crate::kernels::linear_combination;
 use crate::spec::Dialect;
 
 /// Below this, (T − 1) cos φ + 1 is treated as zero (opposite task vectors).
@@ -139,13 +139,7 @@ impl MergeMethod for ModelStock {
         if rows == 1 {
             let t = self.ratio(&g[0]);
             let k = inputs.experts.len();
-            let coeffs: Vec<f32> = std::iter::once((1.0 - t) as f32)
-                .chain(std::iter::repeat_n((t / k as f64) as f32, k))
-                .collect();
-            let refs: Vec<_> = std::iter::once(base)
-                .chain(inputs.experts.iter().copied())
-                .collect();
-            return linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e));
+            return inputs.combine(Some((1.0 - t) as f32), &vec![(t / k as f64) as f32; k]);
         }
         let ts: Vec<f32> = g.iter().map(|g| self.ratio(g) as f32).collect();
         per_row(inputs, &base, ts, rows, cols).map_err(|e| inputs.err(e))

@@ -11,7 +11,6 @@ use candle_core::Tensor;
 
 use super::{MergeMethod, Params, TensorInputs};
 use crate::error::Result;
-use crate::kernels::linear_combination_as;
 
 /// The uniform mean of the experts.
 #[derive(Debug)]
@@ -26,7 +25,7 @@ impl MergeMethod for SimpleAverage {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let t = inputs.experts.len();
         let coeffs = vec![1.0 / t as f32; t];
-        linear_combination_as(&inputs.experts, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+        inputs.combine(None, &coeffs)
     }
 }
 

@@ -101,7 +101,13 @@ impl MergeMethod for Slerp {
         let gram = gram(&pair, inputs.device).map_err(|e| inputs.err(e))?;
         let (c0, c1) =
             self.coefficients(t, gram[0][0] as f64, gram[0][1] as f64, gram[1][1] as f64);
-        linear_combination_as(&pair, &[c0 as f32, c1 as f32], inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+        linear_combination_as(
+            &pair,
+            &[c0 as f32, c1 as f32],
+            inputs.device,
+            inputs.out_dtype,
+        )
+        .map_err(|e| inputs.err(e))
     }
 }
 

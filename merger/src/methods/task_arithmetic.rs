@@ -21,7 +21,6 @@ use candle_core::Tensor;
 use super::params::LAMBDA_KEYS;
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination_as;
 use crate::spec::Dialect;
 
 /// mergekit leaves Σ wi undivided below this.
@@ -58,7 +57,7 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 
 impl MergeMethod for TaskArithmetic {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        let base = inputs.base.ok_or_else(|| MergeError::MissingBase {
+        inputs.base.ok_or_else(|| MergeError::MissingBase {
             method: "task_arithmetic".into(),
         })?;
         let lambda = self.lambda.at(&inputs.ctx)?;
@@ -75,14 +74,8 @@ impl MergeMethod for TaskArithmetic {
         };
         let experts: Vec<f64> = w.iter().map(|w| lambda * w / divisor).collect();
         let base_coeff = 1.0 - experts.iter().sum::<f64>();
-        let coeffs: Vec<f32> = std::iter::once(base_coeff)
-            .chain(experts)
-            .map(|c| c as f32)
-            .collect();
-        let refs: Vec<_> = std::iter::once(base)
-            .chain(inputs.experts.iter().copied())
-            .collect();
-        linear_combination_as(&refs, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+        let coeffs: Vec<f32> = experts.iter().map(|&c| c as f32).collect();
+        inputs.combine(Some(base_coeff as f32), &coeffs)
     }
 }
 

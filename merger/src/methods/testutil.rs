@@ -38,6 +38,16 @@ impl Fixture {
         }
     }
 
+    /// A tensor whose experts are θi = θ0 + τi for a base θ0 and task vectors τi.
+    pub fn from_task_vectors(name: &str, shape: &[usize], base: &[f32], taus: &[&[f32]]) -> Self {
+        let experts: Vec<Vec<f32>> = taus
+            .iter()
+            .map(|t| base.iter().zip(t.iter()).map(|(b, x)| b + x).collect())
+            .collect();
+        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        Fixture::new(name, shape, Some(base), &refs)
+    }
+
     /// Borrowed inputs on the CPU.
     pub fn inputs(&self) -> TensorInputs<'_> {
         let r = |b| TensorRef {
@@ -160,6 +170,7 @@ pub fn merge_typed(
         base: base.as_ref().map(|b| r(b, shape)),
         experts: experts.iter().map(|e| r(e, shape)).collect(),
         device: &CPU,
+        out_dtype: DType::F32,
     };
     let mut m = build(spec);
     m.prepare(&One(&inputs)).expect("prepare");

@@ -58,11 +58,39 @@ use super::dare::{Dropout, TensorDropout};
 use super::params::LAMBDA_KEYS;
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::checkpoint::reader::decode_chunk;
+use crate::checkpoint::writer::bf16_bits;
+use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
+use crate::kernels::output_vec;
 use crate::select::{
-    abs_key, add_into, count_high, count_low, key_value, locate_high, order_small, Order, Pending,
-    Pool, BUCKETS,
+    abs_key, add_into, count_high_ways, count_low, fold_ways, key_value, locate_high, order_small,
+    Order, Pending, Pool, BUCKETS, WAYS,
 };
+
+/// Defines `fn $name(args)` that runs `$body(args)` compiled for AVX2 and
+/// FMA when the CPU has them (checked at run time; the loops are
+/// compute-bound at SSE2 width), else the baseline build. `$body` must be
+/// `#[inline(always)]` so that it is compiled into each version. No floating
+/// point contraction happens in either build, so both give the same bits.
+macro_rules! multiversion {
+    ($(#[$m:meta])* $vis:vis fn $name:ident => $body:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
+                    $body($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
+                    return unsafe { wide($($arg),*) };
+                }
+            }
+            $body($($arg),*)
+        }
+    };
+}
 
 /// Entries per chunk of the fused loops.
 pub(crate) const CHUNK: usize = 1 << 14;
@@ -90,6 +118,8 @@ pub(crate) struct Chunk {
     aux: Vec<f32>,
     undecided: Vec<u32>,
     which: Vec<u32>,
+    /// Positions picked by a branchless compaction (one spare slot).
+    picks: Vec<u32>,
 }
 
 /// Where a tensor's task vectors come from: the stored bytes, and the DARE
@@ -129,26 +159,14 @@ impl<'a> Source<'a> {
             aux: vec![0.0; len],
             undecided: vec![0; len],
             which: vec![0; len],
+            picks: vec![0; len + 1],
         }
     }
 
-    /// Decodes entries `start..start + len` into `c`.
+    /// Decodes entries `start..start + len` into `c`: θ0, and τi = θi − θ0
+    /// (sparsified when there is a dropout).
     pub fn load(&self, start: usize, len: usize, c: &mut Chunk) {
-        let base = self.inputs.base.as_ref().expect("checked in Source::new");
-        let w = base.dtype.size_in_bytes();
-        let Chunk { base: b, tau, .. } = c;
-        let b = &mut b[..len];
-        decode_chunk(base.dtype, &base.bytes[start * w..(start + len) * w], b);
-        for (i, (e, t)) in self.inputs.experts.iter().zip(tau.iter_mut()).enumerate() {
-            let w = e.dtype.size_in_bytes();
-            let t = &mut t[..len];
-            decode_chunk(e.dtype, &e.bytes[start * w..(start + len) * w], t);
-            t.iter_mut().zip(b.iter()).for_each(|(t, b)| *t -= b);
-            if let Some(d) = &self.dropout {
-                d.apply(i, start, t);
-            }
-        }
-        c.len = len;
+        load_chunk(self, start, len, c)
     }
 
     /// Every entry at once (for small tensors).
@@ -162,6 +180,16 @@ impl<'a> Source<'a> {
     /// Runs `f(chunk index, chunk)` over every chunk in parallel; results in
     /// chunk order.
     pub fn map_chunks<R: Send>(&self, f: impl Fn(usize, &mut Chunk) -> R + Sync) -> Vec<R> {
+        self.map_chunk_heads(1, f)
+    }
+
+    /// [`Source::map_chunks`] over the first ⌈len/`part`⌉ entries of each
+    /// chunk only (a sample spread over the whole tensor).
+    fn map_chunk_heads<R: Send>(
+        &self,
+        part: usize,
+        f: impl Fn(usize, &mut Chunk) -> R + Sync,
+    ) -> Vec<R> {
         let n = self.numel();
         (0..n.div_ceil(CHUNK))
             .into_par_iter()
@@ -169,27 +197,70 @@ impl<'a> Source<'a> {
                 || self.chunk(CHUNK.min(n)),
                 |c, k| {
                     let start = k * CHUNK;
-                    self.load(start, CHUNK.min(n - start), c);
+                    self.load(start, CHUNK.min(n - start).div_ceil(part), c);
                     f(k, c)
                 },
             )
             .collect()
     }
 
-    /// Builds the merged tensor by `f(chunk index, chunk, output slice)` over
-    /// every chunk in parallel.
+    /// Builds the merged tensor by `f(chunk index, chunk, f32 results)` over
+    /// every chunk in parallel, stored in the output dtype (the cast fused
+    /// into the same pass).
     pub fn fill(&self, f: impl Fn(usize, &mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
+        let (shape, device) = (self.inputs.shape(), self.inputs.device);
+        let t = match self.inputs.out_dtype {
+            DType::BF16 => Tensor::from_vec(
+                self.fill_cast(&f, |r, o: &mut [half::bf16]| {
+                    o.iter_mut()
+                        .zip(r)
+                        .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
+                }),
+                shape,
+                device,
+            ),
+            DType::F16 => Tensor::from_vec(
+                self.fill_cast(&f, |r, o: &mut [half::f16]| {
+                    use half::slice::HalfFloatSliceExt;
+                    o.convert_from_f32_slice(r);
+                }),
+                shape,
+                device,
+            ),
+            _ => {
+                let n = self.numel();
+                let mut out: Vec<f32> = output_vec(n);
+                out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+                    || self.chunk(CHUNK.min(n)),
+                    |c, (k, o)| {
+                        self.load(k * CHUNK, o.len(), c);
+                        f(k, c, o)
+                    },
+                );
+                Tensor::from_vec(out, shape, device)
+            }
+        };
+        t.map_err(|e| self.inputs.err(e))
+    }
+
+    /// [`Source::fill`] through an f32 scratch cast by `store`.
+    fn fill_cast<T: bytemuck::Zeroable + Clone + Send>(
+        &self,
+        f: &(impl Fn(usize, &mut Chunk, &mut [f32]) + Sync),
+        store: impl Fn(&[f32], &mut [T]) + Sync,
+    ) -> Vec<T> {
         let n = self.numel();
-        let mut out = vec![0f32; n];
+        let mut out: Vec<T> = output_vec(n);
         out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-            || self.chunk(CHUNK.min(n)),
-            |c, (k, o)| {
+            || (self.chunk(CHUNK.min(n)), vec![0f32; CHUNK.min(n)]),
+            |(c, res), (k, o)| {
                 self.load(k * CHUNK, o.len(), c);
-                f(k, c, o)
+                let res = &mut res[..o.len()];
+                f(k, c, res);
+                store(res, o);
             },
         );
-        Tensor::from_vec(out, self.inputs.shape(), self.inputs.device)
-            .map_err(|e| self.inputs.err(e))
+        out
     }
 
     /// θ0 as a tensor on the merge device.
@@ -209,6 +280,53 @@ impl<'a> Source<'a> {
             .collect()
     }
 }
+
+/// The bf16 values of `bytes` if they can be read in place.
+#[inline(always)]
+fn bf16_words<'a>(r: &TensorRef<'a>, start: usize, len: usize) -> Option<&'a [u16]> {
+    if r.dtype != DType::BF16 {
+        return None;
+    }
+    bytemuck::try_cast_slice(&r.bytes[start * 2..(start + len) * 2]).ok()
+}
+
+#[inline(always)]
+fn load_body(src: &Source, start: usize, len: usize, c: &mut Chunk) {
+    let base = src.inputs.base.as_ref().expect("checked in Source::new");
+    let Chunk { base: b, tau, .. } = c;
+    let b = &mut b[..len];
+    match bf16_words(base, start, len) {
+        Some(h) => b
+            .iter_mut()
+            .zip(h)
+            .for_each(|(b, &h)| *b = f32::from_bits(u32::from(h) << 16)),
+        None => {
+            let w = base.dtype.size_in_bytes();
+            decode_chunk(base.dtype, &base.bytes[start * w..(start + len) * w], b);
+        }
+    }
+    for (i, (e, t)) in src.inputs.experts.iter().zip(tau.iter_mut()).enumerate() {
+        let t = &mut t[..len];
+        match bf16_words(e, start, len) {
+            // Decode and subtract in one loop.
+            Some(h) => t
+                .iter_mut()
+                .zip(h.iter().zip(b.iter()))
+                .for_each(|(t, (&h, &b))| *t = f32::from_bits(u32::from(h) << 16) - b),
+            None => {
+                let w = e.dtype.size_in_bytes();
+                decode_chunk(e.dtype, &e.bytes[start * w..(start + len) * w], t);
+                t.iter_mut().zip(b.iter()).for_each(|(t, b)| *t -= b);
+            }
+        }
+        if let Some(d) = &src.dropout {
+            d.apply(i, start, t);
+        }
+    }
+    c.len = len;
+}
+
+multiversion!(fn load_chunk => load_body(src: &Source, start: usize, len: usize, c: &mut Chunk));
 
 #[inline]
 fn sgn(x: f32) -> i64 {
@@ -251,7 +369,7 @@ fn fb_rank(d: u64, density: f64) -> Option<u64> {
 
 /// `s += τ` where `abs_key(τ) >= key`, else `s += 0` (branchless, so the
 /// loop vectorises; keys of magnitudes fit in i31).
-#[inline]
+#[inline(always)]
 fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
     let key = key.min(i32::MAX as u32) as i32;
     for (s, &v) in s.iter_mut().zip(t) {
@@ -260,13 +378,20 @@ fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
 }
 
 /// Σ sign(x) over a slice.
-#[inline]
+#[inline(always)]
 fn sign_count(s: &[f32]) -> i64 {
-    s.iter().map(|&x| i32::from(x > 0.0) - i32::from(x < 0.0)).sum::<i32>() as i64
+    s.iter()
+        .map(|&x| i32::from(x > 0.0) - i32::from(x < 0.0))
+        .sum::<i32>() as i64
 }
 
-/// Σ over entries of sign(Σi trimmed τi), for the entries of `c`.
-fn sign_total(c: &mut Chunk, keys: &[u32]) -> i64 {
+multiversion!(
+    /// Σ over entries of sign(Σi trimmed τi), for the entries of `c`.
+    fn sign_total => sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64
+);
+
+#[inline(always)]
+fn sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64 {
     let n = c.len;
     let Chunk { tau, sum, .. } = c;
     let s = &mut sum[..n];
@@ -310,136 +435,267 @@ fn fb_stats_direct(c: &mut Chunk, density: f64) -> TiesStats {
 pub(crate) type Visit<'v> =
     &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
 
-/// How a task is trimmed while its threshold is being found.
+/// How a task is trimmed while its threshold is being found: a known
+/// threshold, or a range of keys [base, base + span·2¹⁶) that holds it
+/// (probably, when estimated from a sample) and is counted at full
+/// resolution.
 #[derive(Clone, Copy)]
 enum Cut {
     Known(u32),
-    Pending(Pending),
+    Range { base: u32, span: u32 },
 }
 
-/// Pass-2 accumulator: low-half counts, the majority's settled part, the
-/// per-task difference tables and the undecided rows.
+impl Cut {
+    /// Counters needed at full resolution.
+    fn width(&self) -> usize {
+        match self {
+            Cut::Known(_) => 0,
+            Cut::Range { span, .. } => (*span as usize) << 16,
+        }
+    }
+}
+
+/// Widest range (in high-half buckets) a sample may propose.
+const MAX_SPAN: u32 = 4;
+/// The sample is the first 1/`SAMPLE_PART` of every chunk.
+const SAMPLE_PART: usize = 8;
+
+/// Options of [`fb_stats_radix`].
+#[derive(Debug, Clone, Copy)]
+struct RadixOpts {
+    /// Undecided rows kept before falling back to a recount pass.
+    row_cap_bytes: usize,
+    /// Estimate the ranges from a sample first (else: exact pass 1).
+    sample: bool,
+}
+
+impl Default for RadixOpts {
+    fn default() -> Self {
+        RadixOpts {
+            row_cap_bytes: ROW_CAP_BYTES,
+            sample: true,
+        }
+    }
+}
+
+/// Range-pass accumulator: per task the keys below its range and the
+/// full-resolution counts inside it, the majority's settled part, the
+/// difference tables (indexed like the counts) and the undecided rows.
 struct Pass2 {
+    below: Vec<u64>,
     low: Vec<u64>,
     diff: Vec<i64>,
     settled: i64,
     rows: Vec<f32>,
 }
 
-/// Model-wide (or tensor-wide) statistics by radix selection, streaming
-/// the scope twice (three times when undecided rows overflow).
-fn fb_stats_radix(
-    density: f64,
-    tasks: usize,
-    visit: Visit,
-    row_cap_bytes: usize,
-) -> Result<TiesStats> {
-    // Pass 1: high halves.
-    let pool: Pool<Vec<u64>> = Pool::default();
-    let mut cuts = vec![Cut::Known(0); tasks];
-    if density < 1.0 {
-        visit(&|src: &Source| {
-            src.map_chunks(|_, c| {
-                pool.with(
-                    || vec![0u64; tasks * BUCKETS],
-                    |h| {
-                        for (t, h) in c.tau.iter().zip(h.chunks_mut(BUCKETS)) {
-                            t[..c.len].iter().for_each(|&v| count_high(h, abs_key(v)));
+multiversion!(
+    /// The range pass over one chunk: counts below and inside each task's
+    /// range and the majority-sign bookkeeping (see the module header).
+    /// `offsets[i]` is where task i's counters start.
+    fn pass2_chunk => pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool)
+);
+
+#[inline(always)]
+fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool) {
+    let n = c.len;
+    let Chunk {
+        tau,
+        sum,
+        acc: with,
+        undecided,
+        which,
+        picks,
+        ..
+    } = c;
+    // s0: the sum over the tasks kept whatever is undecided; s1: the same
+    // plus every non-zero τ inside its task's range (the sum with the
+    // undecided task kept, when there is exactly one).
+    let (s0, s1) = (&mut sum[..n], &mut with[..n]);
+    s0.fill(0.0);
+    s1.fill(0.0);
+    let und = &mut undecided[..n];
+    und.fill(0);
+    let which = &mut which[..n];
+    for (i, (t, cut)) in tau.iter().zip(cuts).enumerate() {
+        let t = &t[..n];
+        match *cut {
+            Cut::Known(k) => {
+                add_trimmed(s0, t, k);
+                add_trimmed(s1, t, k);
+            }
+            Cut::Range { base, span } => {
+                let width = span << 16;
+                add_trimmed(s0, t, base.saturating_add(width));
+                add_trimmed(s1, t, base);
+                acc.below[i] += t.iter().map(|&v| u64::from(abs_key(v) < base)).sum::<u64>();
+                // The entries inside the range, found 32 at a time.
+                let low = &mut acc.low[offsets[i]..offsets[i] + width as usize];
+                for_each_hit(
+                    t,
+                    |v| abs_key(v).wrapping_sub(base) < width,
+                    |j| {
+                        let key = abs_key(t[j]);
+                        low[(key - base) as usize] += 1;
+                        // A zero adds nothing whether kept or not.
+                        if key != 0 {
+                            und[j] += 1;
+                            which[j] = i as u32;
                         }
                     },
-                )
-            });
-            Ok(())
-        })?;
-        let mut high = vec![0u64; tasks * BUCKETS];
-        pool.into_inner()
-            .iter()
-            .for_each(|h| add_into(&mut high, h));
-        for (cut, h) in cuts.iter_mut().zip(high.chunks(BUCKETS)) {
-            if let Some(k) = fb_rank(h.iter().sum(), density) {
-                *cut = Cut::Pending(locate_high(h, k));
+                );
             }
         }
     }
-    // Pass 2: low halves and the majority sign.
-    let row_cap = row_cap_bytes / (4 * tasks);
+    // Entries with at most one undecided task count sign(s0) now.
+    let mut settled = 0i32;
+    for (&x, &u) in s0.iter().zip(und.iter()) {
+        let sign = i32::from(x > 0.0) - i32::from(x < 0.0);
+        settled += sign & -i32::from(u <= 1);
+    }
+    acc.settled += i64::from(settled);
+    // The rest: one undecided task that flips the sign (a difference-table
+    // entry at its key), or several (a row); flagged in one vector loop,
+    // then visited.
+    let flags = &mut picks[..n];
+    for (((f, &x0), &x1), &u) in flags
+        .iter_mut()
+        .zip(s0.iter())
+        .zip(s1.iter())
+        .zip(und.iter())
+    {
+        let flips = ((x1 > 0.0) != (x0 > 0.0)) | ((x1 < 0.0) != (x0 < 0.0));
+        *f = u32::from(((u == 1) & flips) | (u >= 2));
+    }
+    for_each_hit(
+        flags,
+        |f| f != 0,
+        |j| {
+            if und[j] == 1 {
+                let a = which[j] as usize;
+                let Cut::Range { base, .. } = cuts[a] else {
+                    unreachable!("only ranged tasks are undecided")
+                };
+                let at = offsets[a] + (abs_key(tau[a][j]) - base) as usize;
+                acc.diff[at] += sgn(s1[j]) - sgn(s0[j]);
+            } else if !overflowed {
+                acc.rows.extend(tau.iter().map(|t| t[j]));
+            }
+        },
+    );
+}
+
+/// Calls `f(j)` for every j with `hit(xs[j])`: 32 entries at a time are
+/// tested into a bit mask (one vector compare) and only set bits visited,
+/// so rare hits cost neither a branch per entry nor a misprediction.
+#[inline(always)]
+fn for_each_hit<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, mut f: impl FnMut(usize)) {
+    let mut blocks = xs.chunks_exact(32);
+    for (b, block) in (&mut blocks).enumerate() {
+        let mut mask = 0u32;
+        for (l, &x) in block.iter().enumerate() {
+            mask |= u32::from(hit(x)) << l;
+        }
+        while mask != 0 {
+            f(b * 32 + mask.trailing_zeros() as usize);
+            mask &= mask - 1;
+        }
+    }
+    let tail = xs.len() - blocks.remainder().len();
+    for (l, &x) in blocks.remainder().iter().enumerate() {
+        if hit(x) {
+            f(tail + l);
+        }
+    }
+}
+
+/// High-half histograms of every task over the scope (of the first
+/// 1/`part` of every chunk), and the number of entries of the scope.
+fn high_pass(tasks: usize, part: usize, visit: Visit) -> Result<(Vec<u64>, u64)> {
+    let pool: Pool<Vec<u64>> = Pool::default();
+    let entries = std::sync::atomic::AtomicU64::new(0);
+    visit(&|src: &Source| {
+        entries.fetch_add(src.numel() as u64, Ordering::Relaxed);
+        src.map_chunk_heads(part, |_, c| {
+            pool.with(
+                || vec![0u64; tasks * WAYS * BUCKETS],
+                |h| {
+                    for (t, h) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)) {
+                        count_high_ways(h, &t[..c.len]);
+                    }
+                },
+            )
+        });
+        Ok(())
+    })?;
+    let mut high = vec![0u64; tasks * BUCKETS];
+    for h in pool.into_inner() {
+        for (dst, h) in high.chunks_mut(BUCKETS).zip(h.chunks(WAYS * BUCKETS)) {
+            fold_ways(dst, h);
+        }
+    }
+    Ok((high, entries.into_inner()))
+}
+
+/// Ranges that probably hold the k-th smallest key of each task, from a
+/// sample's histograms: the buckets of sample ranks q·m ± (8σ + 64) with
+/// q = k/d; `None` when a range would be wider than [`MAX_SPAN`].
+fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64]) -> Option<Vec<Cut>> {
+    ranks
+        .iter()
+        .zip(sample.chunks(BUCKETS))
+        .map(|(rank, h)| {
+            let Some(k) = rank else {
+                return Some(Cut::Known(0));
+            };
+            let m = h.iter().sum::<u64>();
+            if m == 0 {
+                return None;
+            }
+            let q = *k as f64 / d as f64;
+            let (center, margin) = (q * m as f64, 8.0 * (m as f64 * q * (1.0 - q)).sqrt() + 64.0);
+            let lo = ((center - margin).floor().max(1.0) as u64).min(m);
+            let hi = ((center + margin).ceil().max(1.0) as u64).min(m);
+            let (b0, b1) = (locate_high(h, lo).high, locate_high(h, hi).high);
+            (b1 - b0 < MAX_SPAN).then_some(Cut::Range {
+                base: b0 << 16,
+                span: b1 - b0 + 1,
+            })
+        })
+        .collect()
+}
+
+/// The range pass over the scope, then the exact thresholds and majority;
+/// `None` when some task's k-th smallest key is not inside its range.
+fn range_pass(
+    cuts: &[Cut],
+    ranks: &[Option<u64>],
+    visit: Visit,
+    opts: RadixOpts,
+) -> Result<Option<TiesStats>> {
+    let tasks = cuts.len();
+    let mut offsets = Vec::with_capacity(tasks);
+    let mut width = 0;
+    for c in cuts {
+        offsets.push(width);
+        width += c.width();
+    }
+    let row_cap = opts.row_cap_bytes / (4 * tasks);
     let rows_kept = AtomicUsize::new(0);
     let overflow = AtomicBool::new(false);
     let pool: Pool<Pass2> = Pool::default();
-    let any_pending = cuts.iter().any(|c| matches!(c, Cut::Pending(_)));
     let make = || Pass2 {
-        low: vec![0; if any_pending { tasks * BUCKETS } else { 0 }],
-        diff: vec![0; if any_pending { tasks * BUCKETS } else { 0 }],
+        below: vec![0; tasks],
+        low: vec![0; width],
+        diff: vec![0; width],
         settled: 0,
         rows: Vec::new(),
     };
     visit(&|src: &Source| {
         src.map_chunks(|_, c| {
             pool.with(make, |acc| {
-                let n = c.len;
-                let Chunk { tau, sum, undecided, which, .. } = c;
-                // s0: the sum over the tasks kept whatever their low bits.
-                let s0 = &mut sum[..n];
-                s0.fill(0.0);
-                let und = &mut undecided[..n];
-                und.fill(0);
-                let which = &mut which[..n];
-                for (i, (t, cut)) in tau.iter().zip(&cuts).enumerate() {
-                    let t = &t[..n];
-                    match cut {
-                        Cut::Known(k) => add_trimmed(s0, t, *k),
-                        Cut::Pending(p) => {
-                            add_trimmed(s0, t, (p.high + 1) << 16);
-                            let low = &mut acc.low[i * BUCKETS..(i + 1) * BUCKETS];
-                            for (j, &v) in t.iter().enumerate() {
-                                let key = abs_key(v);
-                                if key >> 16 == p.high {
-                                    low[(key & 0xffff) as usize] += 1;
-                                    // A zero adds nothing whether kept or not.
-                                    if key != 0 {
-                                        und[j] += 1;
-                                        which[j] = i as u32;
-                                    }
-                                }
-                            }
-                        }
-                    }
-                }
-                // Entries with at most one undecided task count sign(s0) now.
-                acc.settled += s0
-                    .iter()
-                    .zip(und.iter())
-                    .map(|(&x, &u)| if u <= 1 { i32::from(x > 0.0) - i32::from(x < 0.0) } else { 0 })
-                    .sum::<i32>() as i64;
                 let before = acc.rows.len();
-                for j in 0..n {
-                    match und[j] {
-                        0 => {}
-                        1 => {
-                            // The sum with task a kept, in task order.
-                            let a = which[j] as usize;
-                            let mut s1 = 0f32;
-                            for (i, (t, cut)) in tau.iter().zip(&cuts).enumerate() {
-                                let v = t[j];
-                                let kept = i == a
-                                    || match cut {
-                                        Cut::Known(k) => abs_key(v) >= *k,
-                                        Cut::Pending(p) => abs_key(v) >> 16 > p.high,
-                                    };
-                                if kept {
-                                    s1 += v;
-                                }
-                            }
-                            let lo = (abs_key(tau[a][j]) & 0xffff) as usize;
-                            acc.diff[a * BUCKETS + lo] += sgn(s1) - sgn(s0[j]);
-                        }
-                        _ => {
-                            if !overflow.load(Ordering::Relaxed) {
-                                acc.rows.extend(tau.iter().map(|t| t[j]));
-                            }
-                        }
-                    }
-                }
+                pass2_chunk(c, cuts, &offsets, acc, overflow.load(Ordering::Relaxed));
                 let added = (acc.rows.len() - before) / tasks;
                 if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
                     overflow.store(true, Ordering::Relaxed);
@@ -454,24 +710,31 @@ fn fb_stats_radix(
     let accs = pool.into_inner();
     let mut keys = Vec::with_capacity(tasks);
     let mut total: i64 = accs.iter().map(|a| a.settled).sum();
-    for (i, cut) in cuts.iter().enumerate() {
-        match cut {
-            Cut::Known(k) => keys.push(*k),
-            Cut::Pending(p) => {
-                let mut low = vec![0u64; BUCKETS];
-                let mut diff = vec![0i64; BUCKETS];
+    for (i, (cut, rank)) in cuts.iter().zip(ranks).enumerate() {
+        match (*cut, rank) {
+            (Cut::Known(k), _) => keys.push(k),
+            (Cut::Range { base, .. }, Some(k)) => {
+                let (at, w) = (offsets[i], cut.width());
+                let below: u64 = accs.iter().map(|a| a.below[i]).sum();
+                let mut low = vec![0u64; w];
+                let mut diff = vec![0i64; w];
                 for a in &accs {
-                    add_into(&mut low, &a.low[i * BUCKETS..(i + 1) * BUCKETS]);
-                    add_into(&mut diff, &a.diff[i * BUCKETS..(i + 1) * BUCKETS]);
+                    add_into(&mut low, &a.low[at..at + w]);
+                    add_into(&mut diff, &a.diff[at..at + w]);
                 }
-                let key = p.resolve(&low).key;
-                total += diff[(key & 0xffff) as usize..].iter().sum::<i64>();
-                keys.push(key);
+                let inside: u64 = low.iter().sum();
+                if *k <= below || *k > below + inside {
+                    return Ok(None);
+                }
+                let pos = locate_high(&low, k - below).high as usize;
+                total += diff[pos..].iter().sum::<i64>();
+                keys.push(base + pos as u32);
             }
+            (Cut::Range { .. }, None) => unreachable!("ranges are made for ranked tasks"),
         }
     }
     if overflow.load(Ordering::Relaxed) {
-        // Pass 3: recount the majority with the exact thresholds.
+        // Recount the majority with the exact thresholds.
         let pool: Pool<i64> = Pool::default();
         visit(&|src: &Source| {
             src.map_chunks(|_, c| pool.with(|| 0, |acc| *acc += sign_total(c, &keys)));
@@ -485,15 +748,73 @@ fn fb_stats_radix(
             .map(|row| row_sign(row, &keys))
             .sum::<i64>();
     }
-    Ok(TiesStats::new(keys, total))
+    Ok(Some(TiesStats::new(keys, total)))
+}
+
+/// Which route [`fb_stats_radix`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// Nothing to locate (density 1): one majority pass.
+    Majority,
+    /// Sample pass, then one range pass.
+    Sampled,
+    /// Full high-half pass, then one range pass (after a failed sample, or
+    /// without sampling).
+    Exact,
+}
+
+/// Model-wide (or tensor-wide) statistics by radix selection. With
+/// sampling: a pass over 1/8 of the scope proposes a narrow range of keys
+/// per task, and one full pass counts inside it at full resolution (and
+/// does the majority bookkeeping); if the k-th falls outside a range, or a
+/// range would be too wide, the exact route runs instead: a full pass of
+/// high halves, then the same range pass on the bucket holding the k-th.
+fn fb_stats_radix(
+    density: f64,
+    tasks: usize,
+    visit: Visit,
+    opts: RadixOpts,
+) -> Result<(TiesStats, Route)> {
+    if density >= 1.0 {
+        let known = vec![Cut::Known(0); tasks];
+        let stats = range_pass(&known, &vec![None; tasks], visit, opts)?;
+        return Ok((stats.expect("nothing to locate"), Route::Majority));
+    }
+    if opts.sample {
+        let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
+        let ranks = vec![fb_rank(d, density); tasks];
+        if let Some(cuts) = sampled_cuts(&ranks, d, &sample) {
+            if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
+                return Ok((stats, Route::Sampled));
+            }
+        }
+    }
+    let (high, d) = high_pass(tasks, 1, visit)?;
+    let ranks = vec![fb_rank(d, density); tasks];
+    let cuts: Vec<Cut> = ranks
+        .iter()
+        .zip(high.chunks(BUCKETS))
+        .map(|(rank, h)| match rank {
+            None => Cut::Known(0),
+            Some(k) => Cut::Range {
+                base: locate_high(h, *k).high << 16,
+                span: 1,
+            },
+        })
+        .collect();
+    let stats = range_pass(&cuts, &ranks, visit, opts)?;
+    Ok((
+        stats.expect("the bucket of the k-th smallest holds it"),
+        Route::Exact,
+    ))
 }
 
 /// Statistics of one tensor on its own (trim scope `tensor`).
 fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
     if src.numel() <= SMALL {
-        return Ok(fb_stats_direct(&src.load_all(), density));
+        return Ok(fb_stats_direct(&mut src.load_all(), density));
     }
-    fb_stats_radix(density, src.tasks(), &|f| f(src), ROW_CAP_BYTES)
+    Ok(fb_stats_radix(density, src.tasks(), &|f| f(src), RadixOpts::default())?.0)
 }
 
 // ---------------------------------------------------------------------------
@@ -515,16 +836,29 @@ pub(crate) enum Scope {
 }
 
 /// FusionBench's selection: `where(s > 0, τ > 0, τ < 0)`, branchless.
-#[inline]
+#[inline(always)]
 fn picked(sign: f32, v: f32) -> bool {
-    ((sign > 0.0) & (v > 0.0)) | (!(sign > 0.0) & (v < 0.0))
+    let up = sign > 0.0;
+    (up & (v > 0.0)) | (!up & (v < 0.0))
 }
 
-/// The fused CPU loop: θ0 + λ·disjoint merge for one chunk, task by task
-/// over contiguous slices so that every loop vectorises.
-fn fb_kernel(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32]) {
+multiversion!(
+    /// The fused CPU loop: θ0 + λ·disjoint merge for one chunk, task by
+    /// task over contiguous slices so that every loop vectorises.
+    fn fb_kernel => fb_kernel_body(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32])
+);
+
+#[inline(always)]
+fn fb_kernel_body(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out: &mut [f32]) {
     let n = c.len;
-    let Chunk { base, tau, sum, acc, aux, .. } = c;
+    let Chunk {
+        base,
+        tau,
+        sum,
+        acc,
+        aux,
+        ..
+    } = c;
     let (sign, acc, aux, out) = (&mut sum[..n], &mut acc[..n], &mut aux[..n], &mut out[..n]);
     sign.fill(0.0);
     for (t, &k) in tau.iter().zip(&stats.keys) {
@@ -545,10 +879,17 @@ fn fb_kernel(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32, out
     for (t, &k) in tau.iter().zip(&stats.keys) {
         let k = k.min(i32::MAX as u32) as i32;
         let t = &t[..n];
-        let lanes = acc.iter_mut().zip(aux.iter_mut()).zip(t.iter().zip(sign.iter()));
+        let lanes = acc
+            .iter_mut()
+            .zip(aux.iter_mut())
+            .zip(t.iter().zip(sign.iter()));
         match func {
             MergeFunc::Sum => lanes.for_each(|((a, _), (&v, &sg))| {
-                *a += if picked(sg, v) & (abs_key(v) as i32 >= k) { v } else { 0.0 };
+                *a += if picked(sg, v) & (abs_key(v) as i32 >= k) {
+                    v
+                } else {
+                    0.0
+                };
             }),
             MergeFunc::Mean => lanes.for_each(|((a, cnt), (&v, &sg))| {
                 let p = picked(sg, v) & (abs_key(v) as i32 >= k);
@@ -701,12 +1042,8 @@ impl FbTies {
                     f(&Source::new(inputs, d)?)
                 })
             };
-            self.stats = Some(fb_stats_radix(
-                self.density,
-                self.tasks,
-                &visit,
-                ROW_CAP_BYTES,
-            )?);
+            self.stats =
+                Some(fb_stats_radix(self.density, self.tasks, &visit, RadixOpts::default())?.0);
         }
         Ok(())
     }
@@ -862,20 +1199,22 @@ fn orders(src: &Source, ranks: &[Option<u64>]) -> Vec<Option<Order>> {
     let pool: Pool<Vec<u64>> = Pool::default();
     src.map_chunks(|_, c| {
         pool.with(
-            || vec![0u64; tasks * BUCKETS],
+            || vec![0u64; tasks * WAYS * BUCKETS],
             |h| {
-                for ((t, h), r) in c.tau.iter().zip(h.chunks_mut(BUCKETS)).zip(ranks) {
+                for ((t, h), r) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)).zip(ranks) {
                     if r.is_some() {
-                        t[..c.len].iter().for_each(|&v| count_high(h, abs_key(v)));
+                        count_high_ways(h, &t[..c.len]);
                     }
                 }
             },
         )
     });
     let mut high = vec![0u64; tasks * BUCKETS];
-    pool.into_inner()
-        .iter()
-        .for_each(|h| add_into(&mut high, h));
+    for h in pool.into_inner() {
+        for (dst, h) in high.chunks_mut(BUCKETS).zip(h.chunks(WAYS * BUCKETS)) {
+            fold_ways(dst, h);
+        }
+    }
     let pending: Vec<Option<Pending>> = ranks
         .iter()
         .zip(high.chunks(BUCKETS))
@@ -915,7 +1254,7 @@ fn keep_flags(keeps: &[Keep], chunk: usize) -> Vec<u64> {
 }
 
 /// Whether entry `v` is kept; advances the tie counter `seen`.
-#[inline]
+#[inline(always)]
 fn kept(keep: &Keep, v: f32, seen: &mut u64) -> bool {
     match keep {
         Keep::All => true,
@@ -942,11 +1281,23 @@ struct Mixing {
     lambda: f32,
 }
 
-/// The fused CPU loop of mergekit's generalized task arithmetic, task by
-/// task over contiguous slices.
-fn mk_kernel(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
+multiversion!(
+    /// The fused CPU loop of mergekit's generalized task arithmetic, task
+    /// by task over contiguous slices.
+    fn mk_kernel => mk_kernel_body(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32])
+);
+
+#[inline(always)]
+fn mk_kernel_body(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
     let n = c.len;
-    let Chunk { base, tau, sum, acc, aux, .. } = c;
+    let Chunk {
+        base,
+        tau,
+        sum,
+        acc,
+        aux,
+        ..
+    } = c;
     let (sum, mixed, divisor, out) = (&mut sum[..n], &mut acc[..n], &mut aux[..n], &mut out[..n]);
     sum.fill(0.0);
     // δi = wi·(kept τi), in place.
@@ -957,12 +1308,17 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
             Keep::Nothing => t.fill(0.0),
             Keep::AtLeast(k) => {
                 let k = (*k).min(i32::MAX as u32) as i32;
-                t.iter_mut().for_each(|v| *v = if abs_key(*v) as i32 >= k { w * *v } else { 0.0 });
+                t.iter_mut()
+                    .for_each(|v| *v = if abs_key(*v) as i32 >= k { w * *v } else { 0.0 });
             }
             Keep::Ties { before, .. } => {
                 let mut seen = before[chunk];
                 for v in t.iter_mut() {
-                    *v = if kept(keep, *v, &mut seen) { w * *v } else { 0.0 };
+                    *v = if kept(keep, *v, &mut seen) {
+                        w * *v
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
@@ -974,7 +1330,10 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
         mixed.fill(0.0);
         divisor.fill(0.0);
         for (t, &w) in tau.iter().zip(&m.weights) {
-            let lanes = mixed.iter_mut().zip(divisor.iter_mut()).zip(t[..n].iter().zip(sum.iter()));
+            let lanes = mixed
+                .iter_mut()
+                .zip(divisor.iter_mut())
+                .zip(t[..n].iter().zip(sum.iter()));
             lanes.for_each(|((mx, dv), (&d, &s))| {
                 let up = s >= 0.0;
                 let agree = (up & (d > 0.0)) | (!up & (d < 0.0));
@@ -992,7 +1351,11 @@ fn mk_kernel(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
         }
     } else {
         let plain: f32 = m.weights.iter().sum();
-        let divisor = if !m.normalize || plain.abs() < ZERO_DIVISOR { 1.0 } else { plain };
+        let divisor = if !m.normalize || plain.abs() < ZERO_DIVISOR {
+            1.0
+        } else {
+            plain
+        };
         for ((o, &b), &s) in out.iter_mut().zip(b).zip(sum.iter()) {
             *o = b + m.lambda * (s / divisor);
         }
@@ -1315,16 +1678,79 @@ mod tests {
                 .collect();
             let all = concat(&fxs);
             let inputs = all.inputs();
-            let want = fb_stats_direct(&Source::new(&inputs, None).unwrap().load_all(), density);
+            let want =
+                fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), density);
             let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
                 FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
             };
-            // Rows kept, and the third pass forced by a zero row budget.
-            for cap in [ROW_CAP_BYTES, 0] {
-                let got = fb_stats_radix(density, 3, &visit, cap).unwrap();
-                assert_eq!(got, want, "coarse {coarse} density {density} cap {cap}");
+            // Sampled or exact route; rows kept, or a recount pass forced
+            // by a zero row budget.
+            for sample in [true, false] {
+                for row_cap_bytes in [ROW_CAP_BYTES, 0] {
+                    let opts = RadixOpts {
+                        row_cap_bytes,
+                        sample,
+                    };
+                    let (got, route) = fb_stats_radix(density, 3, &visit, opts).unwrap();
+                    assert_eq!(got, want, "coarse {coarse} density {density} {opts:?}");
+                    // (Small scopes make wide sampled ranges: either route.)
+                    let expected = match (density, sample) {
+                        (1.0, _) => Route::Majority,
+                        (_, false) => Route::Exact,
+                        _ => route,
+                    };
+                    assert_eq!(route, expected, "coarse {coarse} density {density}");
+                }
             }
         }
+    }
+
+    #[test]
+    fn a_large_scope_takes_the_sampled_route() {
+        // 3 × 150k entries per task: the sample (1/8) pins the 80th
+        // percentile inside one value of the coarse grid (mass 69–85 %).
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let fxs: Vec<Fixture> = (0..3)
+            .map(|t| random_fixture(&mut rng, &format!("t{t}"), 150_000, 3, true))
+            .collect();
+        let all = concat(&fxs);
+        let inputs = all.inputs();
+        let want = fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), 0.2);
+        let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
+            FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
+        };
+        let (got, route) = fb_stats_radix(0.2, 3, &visit, RadixOpts::default()).unwrap();
+        assert_eq!((got, route), (want, Route::Sampled));
+    }
+
+    #[test]
+    fn a_misleading_sample_falls_back_to_the_exact_route() {
+        // The sample is the first 1/8 of every chunk; make those entries
+        // tiny and the rest large, so the sampled range misses the k-th.
+        let n = 3 * CHUNK;
+        let base = vec![0f32; n];
+        let e: Vec<Vec<f32>> = (0..2)
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        let m = ((j * 7 + i * 3) % 97) as f32 + 1.0;
+                        if j % CHUNK < CHUNK / SAMPLE_PART {
+                            m * 1e-4
+                        } else if j % 2 == 0 {
+                            m
+                        } else {
+                            -m
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let fx = Fixture::new("w", &[n], Some(&base), &[&e[0], &e[1]]);
+        let inputs = fx.inputs();
+        let src = Source::new(&inputs, None).unwrap();
+        let want = fb_stats_direct(&mut src.load_all(), 0.5);
+        let (got, route) = fb_stats_radix(0.5, 2, &|f| f(&src), RadixOpts::default()).unwrap();
+        assert_eq!((got, route), (want, Route::Exact));
     }
 
     #[test]
@@ -1335,7 +1761,7 @@ mod tests {
         let fx = random_fixture(&mut rng, "big", SMALL + 1234, 3, true);
         let inputs = fx.inputs();
         let src = Source::new(&inputs, None).unwrap();
-        let want = fb_stats_direct(&src.load_all(), 0.3);
+        let want = fb_stats_direct(&mut src.load_all(), 0.3);
         assert_eq!(fb_stats_tensor(&src, 0.3).unwrap(), want);
         let spec =
             MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with("density", 0.3);

@@ -17,7 +17,6 @@ use candle_core::Tensor;
 
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::linear_combination_as;
 
 /// |Σ wi| below this cannot be normalised.
 const ZERO_SUM: f64 = 1e-8;
@@ -75,7 +74,7 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 impl MergeMethod for WeightedAverage {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let coeffs = self.coefficients(inputs)?;
-        linear_combination_as(&inputs.experts, &coeffs, inputs.device, inputs.out_dtype).map_err(|e| inputs.err(e))
+        inputs.combine(None, &coeffs)
     }
 }
 

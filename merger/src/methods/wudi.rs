@@ -285,12 +285,7 @@ mod tests {
 
     /// Experts θi = θ0 + τi for a base θ0 and task vectors τi.
     fn fixture(name: &str, shape: &[usize], base: &[f32], taus: &[&[f32]]) -> Fixture {
-        let experts: Vec<Vec<f32>> = taus
-            .iter()
-            .map(|t| base.iter().zip(t.iter()).map(|(b, x)| b + x).collect())
-            .collect();
-        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
-        Fixture::new(name, shape, Some(base), &refs)
+        Fixture::from_task_vectors(name, shape, base, taus)
     }
 
     fn tensor(rows: usize, cols: usize, v: &[f32]) -> Tensor {
