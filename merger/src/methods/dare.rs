@@ -32,7 +32,11 @@
 //! divisor).
 //!
 //! Randomness: seed = the spec's `seed` (0 when absent); root = SHA-256(
-//! seed, name, i) for expert i of tensor `name`. Entries come in blocks of
+//! seed, tensor name, model name, c) for the model's mask in that tensor, c
+//! counting the models of the same name listed before it (so the masks do
+//! not depend on the order of the models, which the canonical id of these
+//! order-free methods ignores, and a model listed twice draws two masks).
+//! Entries come in blocks of
 //! 2¹⁴; block b has a primary ChaCha8 stream seeded with SHA-256(root, b)
 //! and a secondary one seeded with SHA-256(root, 2⁶³ + b). Entry j of the
 //! block draws a 32-bit uniform U whose top byte is byte j of the primary
@@ -42,8 +46,8 @@
 //! exactly a 32-bit comparison (keep probability ⌊q·2³²⌉/2³², a resolution
 //! of 2⁻³²) while reading a byte of keystream per entry instead of four;
 //! ChaCha8 is most of DARE's cost. The masks depend on nothing but
-//! (seed, name, i, j): not on thread scheduling nor on how a tensor is split
-//! into chunks, and every pass over a tensor redraws the same mask.
+//! (seed, tensor, model, c, j): not on thread scheduling nor on how a tensor
+//! is split into chunks, and every pass over a tensor redraws the same mask.
 
 use candle_core::{DType, Tensor};
 use rand::SeedableRng;
@@ -53,7 +57,7 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::params::LAMBDA_KEYS;
-use super::ties::{densities, FbTies, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
+use super::ties::{densities, for_each_hit, FbTies, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 
@@ -64,6 +68,8 @@ pub(crate) struct Dropout {
     pub seed: u64,
     /// Keep probability q per model.
     pub keep: Vec<Num>,
+    /// Per model, the name of its mask stream (see [`streams`]).
+    pub streams: Vec<(String, u64)>,
     pub rescale: bool,
     pub only_linear: bool,
 }
@@ -71,7 +77,7 @@ pub(crate) struct Dropout {
 /// One expert's dropout in one tensor.
 #[derive(Debug, Clone)]
 struct ExpertDrop {
-    /// SHA-256(seed, name, expert): the root of the block seeds.
+    /// SHA-256(seed, tensor, model stream): the root of the block seeds.
     seed: [u8; 32],
     /// Keep an entry when its random word is below this.
     keep_below: u32,
@@ -85,15 +91,35 @@ pub(crate) struct TensorDropout {
     experts: Vec<Option<ExpertDrop>>,
 }
 
-/// The ChaCha8 seed of (seed, tensor, expert): a stable hash, the same on
-/// every platform and run.
-fn stream_seed(seed: u64, name: &str, expert: usize) -> [u8; 32] {
+/// The mask stream of each model: its name and how many models of the same
+/// name come before it. Seeding by name rather than position keeps a merge
+/// independent of the order its models are listed in (the canonical id of
+/// an order-free method sorts them), while a model listed twice still
+/// draws two masks.
+pub(crate) fn streams(names: &[&str]) -> Vec<(String, u64)> {
+    names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| {
+            (
+                n.to_string(),
+                names[..i].iter().filter(|m| *m == n).count() as u64,
+            )
+        })
+        .collect()
+}
+
+/// The root seed of (seed, tensor, model stream): a stable hash, the same
+/// on every platform and run.
+fn stream_seed(seed: u64, tensor: &str, stream: &(String, u64)) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"fusion-gateway/dare/v1\0");
     h.update(seed.to_le_bytes());
-    h.update((name.len() as u64).to_le_bytes());
-    h.update(name.as_bytes());
-    h.update((expert as u64).to_le_bytes());
+    for part in [tensor, stream.0.as_str()] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part.as_bytes());
+    }
+    h.update(stream.1.to_le_bytes());
     h.finalize().into()
 }
 
@@ -114,7 +140,7 @@ impl Dropout {
                 let q = q.at(ctx)?;
                 let below = (q * 4_294_967_296.0).round();
                 Ok((below < 4_294_967_296.0).then(|| ExpertDrop {
-                    seed: stream_seed(self.seed, &ctx.name, i),
+                    seed: stream_seed(self.seed, &ctx.name, &self.streams[i]),
                     keep_below: below as u32,
                     divisor: if self.rescale { q as f32 } else { 1.0 },
                 }))
@@ -204,14 +230,16 @@ fn keep_flags(e: &ExpertDrop, start: usize, out: &mut [u8]) {
                 for (f, &b) in flags.iter_mut().zip(&bytes[skip..]) {
                     *f = u8::from(b < top);
                 }
-                for (l, &b) in bytes.iter().enumerate() {
-                    if b == top {
+                for_each_hit(
+                    bytes,
+                    |b| b == top,
+                    |l| {
                         let keep = u8::from(secondary.word() >> 8 < low);
                         if l >= skip {
                             flags[l - skip] = keep;
                         }
-                    }
-                }
+                    },
+                );
             }
             w += BATCH;
         }
@@ -285,6 +313,7 @@ pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     let dropout = Dropout {
         seed: p.seed().unwrap_or(0),
         keep: vec![Num::constant("sparsity_ratio", 1.0 - ratio); p.num_models],
+        streams: streams(&p.model_names()),
         rescale: p.boolean(&["rescale"], true)?,
         only_linear: p.boolean(&["only_linear_weights", "only_on_linear_weights"], false)?,
     };
@@ -322,6 +351,7 @@ fn build_mergekit(p: &mut Params, consensus: bool) -> Result<Box<dyn MergeMethod
     let dropout = Dropout {
         seed: p.seed().unwrap_or(0),
         keep,
+        streams: streams(&p.model_names()),
         rescale: p.boolean(&["rescale"], true)?,
         only_linear: false,
     };
@@ -445,6 +475,7 @@ mod tests {
         let d = Dropout {
             seed: 3,
             keep: vec![Num::constant("q", 0.3)],
+            streams: streams(&["a"]),
             rescale: true,
             only_linear: false,
         };
@@ -475,7 +506,7 @@ mod tests {
         assert!(whole
             .iter()
             .all(|&v| v == 0.0 || (v - 1.0 / 0.3).abs() < 1e-6));
-        // Another tensor name or expert index gives another mask.
+        // Another tensor name gives another mask.
         let other = Fixture::new(
             "model.layers.1.mlp.up_proj.weight",
             &[n / 100, 100],
@@ -491,6 +522,41 @@ mod tests {
     }
 
     #[test]
+    fn masks_follow_model_names_not_positions() {
+        // dare_linear, density 0.5, weights 1: listing the models in the
+        // other order gives the same merge (up to the order of the f32 sum),
+        // and the same model listed twice draws two different masks.
+        let n = 4000;
+        let base = vec![0f32; n];
+        let ea: Vec<f32> = (0..n).map(|j| (j % 7) as f32 + 1.0).collect();
+        let eb: Vec<f32> = (0..n).map(|j| -((j % 5) as f32) - 1.0).collect();
+        let spec = |names: &[&str]| {
+            let mut s = mk_spec("dare_linear", &[(1.0, 0.5), (1.0, 0.5)]);
+            for (m, name) in s.models.iter_mut().zip(names) {
+                m.name = name.to_string();
+            }
+            s.seed = Some(1);
+            s
+        };
+        let ab = merge1(
+            &spec(&["a", "b"]),
+            &Fixture::new("w", &[n], Some(&base), &[&ea, &eb]),
+        );
+        let ba = merge1(
+            &spec(&["b", "a"]),
+            &Fixture::new("w", &[n], Some(&base), &[&eb, &ea]),
+        );
+        assert_close(&ab, &ba, 1e-6);
+        let aa = merge1(
+            &spec(&["a", "a"]),
+            &Fixture::new("w", &[n], Some(&base), &[&ea, &ea]),
+        );
+        // Two independent masks at q = 0.5: an entry gets 0, 2τ or 4τ.
+        assert!(aa.iter().zip(&ea).any(|(v, e)| *v == 2.0 * e));
+        assert!(aa.iter().zip(&ea).any(|(v, e)| *v == 4.0 * e));
+    }
+
+    #[test]
     fn the_keep_rate_has_32_bit_resolution() {
         // q = 1.5/256: threshold T = 1.5·2²⁴, top byte 1, low 24 bits 2²³.
         // Byte 0 keeps (1/256), byte 1 keeps iff the secondary 24 bits are
@@ -501,6 +567,7 @@ mod tests {
         let d = Dropout {
             seed: 9,
             keep: vec![Num::constant("q", 1.5 / 256.0)],
+            streams: streams(&["a"]),
             rescale: false,
             only_linear: false,
         };
@@ -576,6 +643,7 @@ mod tests {
             seed: 5,
             // q = 0.5 keeps τ/q exact, so base + τ′ − base round-trips.
             keep: vec![Num::constant("q", 0.5); 3],
+            streams: streams(&["x", "y", "z"]),
             rescale: true,
             only_linear: false,
         };

@@ -91,6 +91,12 @@ impl<'a> Params<'a> {
         self.spec.seed
     }
 
+    /// The expert models' names, in spec order (random methods seed their
+    /// draws by name, so that reordering the models changes nothing).
+    pub fn model_names(&self) -> Vec<&'a str> {
+        self.spec.models.iter().map(|m| m.name.as_str()).collect()
+    }
+
     fn global(&mut self, keys: &[&str]) -> Option<(String, ParamValue)> {
         for k in keys {
             self.used.insert((*k).to_string());

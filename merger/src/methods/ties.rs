@@ -14,20 +14,35 @@
 //!    selected, at least 1) or `max` (largest selected |τ| times s);
 //! 4. θ = θ0 + λ·merged.
 //!
+//! FusionBench's `≥ v` keeps int(d·density) + 1 entries when the magnitudes
+//! are distinct, and every entry tied with v; we do the same.
+//!
 //! The scope (`trim_scope`) is the whole model (`model`, FusionBench, which
 //! flattens the state dict) or each tensor (`tensor`). Model scope runs a
-//! model-wide pass in [`MergeMethod::prepare`]: thresholds are exact order
-//! statistics by radix selection ([`crate::select`]): pass 1 counts the high
-//! 16 bits of every |τi|, pass 2 the low 16 bits inside the bucket holding
-//! the k-th. Pass 2 also gathers the majority sign without a third pass: an
-//! entry whose inclusion does not depend on the still-unknown low bits
-//! contributes its sign at once; an entry where exactly one task a sits in
-//! its bucket contributes sign(S without a) plus, at index lo(a) of a
-//! per-task difference table, sign(S with a) − sign(S without a), and the
-//! table summed from the final low bits upwards gives the exact total; the
-//! rare entries with several undecided tasks are kept (their τ row) and
-//! settled once the thresholds are known. When more than [`ROW_CAP_BYTES`]
-//! of such rows pile up, a third pass recounts the majority instead.
+//! model-wide pass in [`MergeMethod::prepare`] that never holds the model:
+//! thresholds are exact order statistics found by radix selection on the
+//! bit patterns of |τ| ([`crate::select`]).
+//! - A sample pass reads the first 1/8 of every chunk of every tensor and
+//!   counts the high 16 bits of |τi|; from it, each task gets a narrow range
+//!   of keys (at most 4 high-half buckets) that should hold its k-th.
+//! - The range pass reads everything once: per task it counts the keys
+//!   below the range and, at full 32-bit resolution, the keys inside it,
+//!   which gives the exact k-th when it is inside the range. If it is not
+//!   (or a range would be too wide), the exact route runs instead: a full
+//!   pass of high halves, then the range pass on the bucket holding the k-th.
+//! - The same range pass gathers the majority sign without another pass:
+//!   an entry whose trimming is decided (no task inside its range, or only
+//!   zeros there) adds its sign at once; an entry with exactly one undecided
+//!   task a adds sign(S without a), and sign(S with a) − sign(S without a)
+//!   at a's key in a per-task difference table, which summed from the final
+//!   threshold upwards gives the exact total; entries with several
+//!   undecided tasks keep their τ row and are settled once the thresholds
+//!   are known (past [`ROW_CAP_BYTES`] of rows, a recount pass replaces
+//!   them). Sums are formed in task order exactly as the merge forms them,
+//!   so the majority equals the one of the merged signs bit for bit.
+//!
+//! Tensor scope does the same per tensor (tensors up to 2¹⁶ entries by an
+//! in-memory selection).
 //!
 //! Parameters: `density` in (0, 1] (default 0.2) or FusionBench's
 //! `threshold` (a percentage in (0, 100]; a value ≤ 1 is read as a fraction,
@@ -46,26 +61,18 @@
 //! mergekit's sign mask, never the result).
 //!
 //! All arithmetic is f32. On the CPU every pass is a fused loop over chunks
-//! of the stored bytes, in parallel; elsewhere the merge runs as candle ops
-//! (the thresholds are always found on the CPU, from the memory-mapped bytes).
-
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+//! of the stored bytes, in parallel, task by task over contiguous slices so
+//! that the loops vectorise (built for AVX2 too, chosen at run time), and the
+//! result is written in the output dtype in the same pass; elsewhere the
+//! merge runs as candle ops and returns f32 (the thresholds are always found
+//! on the CPU, from the memory-mapped bytes).
 
 use candle_core::{DType, Tensor};
-use rayon::prelude::*;
 
-use super::dare::{Dropout, TensorDropout};
-use super::params::LAMBDA_KEYS;
+use super::dare::Dropout;
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
-use crate::checkpoint::reader::decode_chunk;
-use crate::checkpoint::writer::bf16_bits;
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
-use crate::kernels::output_vec;
-use crate::select::{
-    abs_key, add_into, count_high_ways, count_low, fold_ways, key_value, locate_high, order_small,
-    Order, Pending, Pool, BUCKETS, WAYS,
-};
+use crate::select::{abs_key, key_value};
 
 /// Defines `fn $name(args)` that runs `$body(args)` compiled for AVX2 and
 /// FMA when the CPU has them (checked at run time; the loops are
@@ -96,729 +103,21 @@ macro_rules! multiversion {
 pub(crate) const CHUNK: usize = 1 << 14;
 /// Tensors up to this size find their thresholds by in-memory selection.
 const SMALL: usize = 1 << 16;
-/// Undecided rows kept during the majority pass before falling back to a
-/// third pass.
+/// Undecided rows kept during the range pass before the majority is
+/// recounted in a pass of its own instead.
 pub(crate) const ROW_CAP_BYTES: usize = 64 << 20;
-/// mergekit leaves a divisor below this undivided.
-const ZERO_DIVISOR: f32 = 1e-8;
 /// FusionBench's and mergekit's spellings of λ.
 pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "scaling_factor"];
 
-// ---------------------------------------------------------------------------
-// Task vectors, chunk by chunk.
+mod mergekit;
+mod source;
+mod stats;
 
-/// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive
-/// entries, with the kernels' scratch.
-pub(crate) struct Chunk {
-    pub base: Vec<f32>,
-    pub tau: Vec<Vec<f32>>,
-    pub len: usize,
-    sum: Vec<f32>,
-    acc: Vec<f32>,
-    aux: Vec<f32>,
-    undecided: Vec<u32>,
-    which: Vec<u32>,
-    /// Positions picked by a branchless compaction (one spare slot).
-    picks: Vec<u32>,
-}
-
-/// Where a tensor's task vectors come from: the stored bytes, and the DARE
-/// dropout applied to them, if any.
-pub(crate) struct Source<'a> {
-    pub inputs: &'a TensorInputs<'a>,
-    pub dropout: Option<TensorDropout>,
-}
-
-impl<'a> Source<'a> {
-    /// The task vectors of `inputs` (which must have a base).
-    pub fn new(inputs: &'a TensorInputs<'a>, dropout: Option<TensorDropout>) -> Result<Self> {
-        if inputs.base.is_none() {
-            return Err(MergeError::Spec(format!(
-                "tensor `{}`: this method needs a base model",
-                inputs.ctx.name
-            )));
-        }
-        Ok(Source { inputs, dropout })
-    }
-
-    pub fn numel(&self) -> usize {
-        self.inputs.experts[0].numel()
-    }
-
-    pub fn tasks(&self) -> usize {
-        self.inputs.experts.len()
-    }
-
-    fn chunk(&self, len: usize) -> Chunk {
-        Chunk {
-            base: vec![0.0; len],
-            tau: vec![vec![0.0; len]; self.tasks()],
-            len: 0,
-            sum: vec![0.0; len],
-            acc: vec![0.0; len],
-            aux: vec![0.0; len],
-            undecided: vec![0; len],
-            which: vec![0; len],
-            picks: vec![0; len + 1],
-        }
-    }
-
-    /// Decodes entries `start..start + len` into `c`: θ0, and τi = θi − θ0
-    /// (sparsified when there is a dropout).
-    pub fn load(&self, start: usize, len: usize, c: &mut Chunk) {
-        load_chunk(self, start, len, c)
-    }
-
-    /// Every entry at once (for small tensors).
-    fn load_all(&self) -> Chunk {
-        let n = self.numel();
-        let mut c = self.chunk(n);
-        self.load(0, n, &mut c);
-        c
-    }
-
-    /// Runs `f(chunk index, chunk)` over every chunk in parallel; results in
-    /// chunk order.
-    pub fn map_chunks<R: Send>(&self, f: impl Fn(usize, &mut Chunk) -> R + Sync) -> Vec<R> {
-        self.map_chunk_heads(1, f)
-    }
-
-    /// [`Source::map_chunks`] over the first ⌈len/`part`⌉ entries of each
-    /// chunk only (a sample spread over the whole tensor).
-    fn map_chunk_heads<R: Send>(
-        &self,
-        part: usize,
-        f: impl Fn(usize, &mut Chunk) -> R + Sync,
-    ) -> Vec<R> {
-        let n = self.numel();
-        (0..n.div_ceil(CHUNK))
-            .into_par_iter()
-            .map_init(
-                || self.chunk(CHUNK.min(n)),
-                |c, k| {
-                    let start = k * CHUNK;
-                    self.load(start, CHUNK.min(n - start).div_ceil(part), c);
-                    f(k, c)
-                },
-            )
-            .collect()
-    }
-
-    /// Builds the merged tensor by `f(chunk index, chunk, f32 results)` over
-    /// every chunk in parallel, stored in the output dtype (the cast fused
-    /// into the same pass).
-    pub fn fill(&self, f: impl Fn(usize, &mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
-        let (shape, device) = (self.inputs.shape(), self.inputs.device);
-        let t = match self.inputs.out_dtype {
-            DType::BF16 => Tensor::from_vec(
-                self.fill_cast(&f, |r, o: &mut [half::bf16]| {
-                    o.iter_mut()
-                        .zip(r)
-                        .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
-                }),
-                shape,
-                device,
-            ),
-            DType::F16 => Tensor::from_vec(
-                self.fill_cast(&f, |r, o: &mut [half::f16]| {
-                    use half::slice::HalfFloatSliceExt;
-                    o.convert_from_f32_slice(r);
-                }),
-                shape,
-                device,
-            ),
-            _ => {
-                let n = self.numel();
-                let mut out: Vec<f32> = output_vec(n);
-                out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-                    || self.chunk(CHUNK.min(n)),
-                    |c, (k, o)| {
-                        self.load(k * CHUNK, o.len(), c);
-                        f(k, c, o)
-                    },
-                );
-                Tensor::from_vec(out, shape, device)
-            }
-        };
-        t.map_err(|e| self.inputs.err(e))
-    }
-
-    /// [`Source::fill`] through an f32 scratch cast by `store`.
-    fn fill_cast<T: bytemuck::Zeroable + Clone + Send>(
-        &self,
-        f: &(impl Fn(usize, &mut Chunk, &mut [f32]) + Sync),
-        store: impl Fn(&[f32], &mut [T]) + Sync,
-    ) -> Vec<T> {
-        let n = self.numel();
-        let mut out: Vec<T> = output_vec(n);
-        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
-            || (self.chunk(CHUNK.min(n)), vec![0f32; CHUNK.min(n)]),
-            |(c, res), (k, o)| {
-                self.load(k * CHUNK, o.len(), c);
-                let res = &mut res[..o.len()];
-                f(k, c, res);
-                store(res, o);
-            },
-        );
-        out
-    }
-
-    /// θ0 as a tensor on the merge device.
-    pub fn base_tensor(&self) -> Result<Tensor> {
-        self.inputs.base_f32()
-    }
-
-    /// Every τi (after dropout) as tensors on the merge device.
-    pub fn task_vectors(&self) -> Result<Vec<Tensor>> {
-        let taus = self.inputs.task_vectors()?;
-        let Some(d) = &self.dropout else {
-            return Ok(taus);
-        };
-        taus.into_iter()
-            .enumerate()
-            .map(|(i, t)| d.apply_tensor(i, &t).map_err(|e| self.inputs.err(e)))
-            .collect()
-    }
-}
-
-/// The bf16 values of `bytes` if they can be read in place.
-#[inline(always)]
-fn bf16_words<'a>(r: &TensorRef<'a>, start: usize, len: usize) -> Option<&'a [u16]> {
-    if r.dtype != DType::BF16 {
-        return None;
-    }
-    bytemuck::try_cast_slice(&r.bytes[start * 2..(start + len) * 2]).ok()
-}
-
-#[inline(always)]
-fn load_body(src: &Source, start: usize, len: usize, c: &mut Chunk) {
-    let base = src.inputs.base.as_ref().expect("checked in Source::new");
-    let Chunk { base: b, tau, .. } = c;
-    let b = &mut b[..len];
-    match bf16_words(base, start, len) {
-        Some(h) => b
-            .iter_mut()
-            .zip(h)
-            .for_each(|(b, &h)| *b = f32::from_bits(u32::from(h) << 16)),
-        None => {
-            let w = base.dtype.size_in_bytes();
-            decode_chunk(base.dtype, &base.bytes[start * w..(start + len) * w], b);
-        }
-    }
-    for (i, (e, t)) in src.inputs.experts.iter().zip(tau.iter_mut()).enumerate() {
-        let t = &mut t[..len];
-        match bf16_words(e, start, len) {
-            // Decode and subtract in one loop.
-            Some(h) => t
-                .iter_mut()
-                .zip(h.iter().zip(b.iter()))
-                .for_each(|(t, (&h, &b))| *t = f32::from_bits(u32::from(h) << 16) - b),
-            None => {
-                let w = e.dtype.size_in_bytes();
-                decode_chunk(e.dtype, &e.bytes[start * w..(start + len) * w], t);
-                t.iter_mut().zip(b.iter()).for_each(|(t, b)| *t -= b);
-            }
-        }
-        if let Some(d) = &src.dropout {
-            d.apply(i, start, t);
-        }
-    }
-    c.len = len;
-}
-
-multiversion!(fn load_chunk => load_body(src: &Source, start: usize, len: usize, c: &mut Chunk));
-
-#[inline]
-fn sgn(x: f32) -> i64 {
-    i64::from(x > 0.0) - i64::from(x < 0.0)
-}
-
-// ---------------------------------------------------------------------------
-// FusionBench TIES: statistics.
-
-/// Per-task thresholds (order keys: keep |τ| with `abs_key(τ) >= key`) and
-/// the majority sign that zero elected signs take.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) struct TiesStats {
-    pub keys: Vec<u32>,
-    /// Σ over the scope of sign(Σi trimmed τi), exact.
-    pub sign_sum: i64,
-    /// sign(`sign_sum`).
-    pub majority: f32,
-}
-
-impl TiesStats {
-    fn new(keys: Vec<u32>, sign_sum: i64) -> Self {
-        TiesStats {
-            keys,
-            sign_sum,
-            majority: sign_sum.signum() as f32,
-        }
-    }
-}
-
-/// FusionBench's rank: k = d − int(d·density), the k-th smallest |τ| is the
-/// threshold; `None` when everything is kept.
-fn fb_rank(d: u64, density: f64) -> Option<u64> {
-    if density >= 1.0 || d == 0 {
-        return None;
-    }
-    let k = d - ((d as f64 * density) as u64).min(d);
-    (k > 0).then_some(k)
-}
-
-/// `s += τ` where `abs_key(τ) >= key`, else `s += 0` (branchless, so the
-/// loop vectorises; keys of magnitudes fit in i31).
-#[inline(always)]
-fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
-    let key = key.min(i32::MAX as u32) as i32;
-    for (s, &v) in s.iter_mut().zip(t) {
-        *s += if abs_key(v) as i32 >= key { v } else { 0.0 };
-    }
-}
-
-/// Σ sign(x) over a slice.
-#[inline(always)]
-fn sign_count(s: &[f32]) -> i64 {
-    s.iter()
-        .map(|&x| i32::from(x > 0.0) - i32::from(x < 0.0))
-        .sum::<i32>() as i64
-}
-
-multiversion!(
-    /// Σ over entries of sign(Σi trimmed τi), for the entries of `c`.
-    fn sign_total => sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64
-);
-
-#[inline(always)]
-fn sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64 {
-    let n = c.len;
-    let Chunk { tau, sum, .. } = c;
-    let s = &mut sum[..n];
-    s.fill(0.0);
-    for (t, &k) in tau.iter().zip(keys) {
-        add_trimmed(s, &t[..n], k);
-    }
-    sign_count(s)
-}
-
-/// The sign contribution of one stored row (τ of every task at one entry).
-fn row_sign(row: &[f32], keys: &[u32]) -> i64 {
-    let mut s = 0f32;
-    for (&v, &k) in row.iter().zip(keys) {
-        if abs_key(v) >= k {
-            s += v;
-        }
-    }
-    sgn(s)
-}
-
-/// Statistics of one tensor held in memory (small tensors, and the oracle
-/// of the tests).
-fn fb_stats_direct(c: &mut Chunk, density: f64) -> TiesStats {
-    let keys: Vec<u32> = c
-        .tau
-        .iter()
-        .map(|t| match fb_rank(c.len as u64, density) {
-            None => 0,
-            Some(k) => {
-                let mut ks: Vec<u32> = t[..c.len].iter().map(|&v| abs_key(v)).collect();
-                order_small(&mut ks, k).key
-            }
-        })
-        .collect();
-    let sign_sum = sign_total(c, &keys);
-    TiesStats::new(keys, sign_sum)
-}
-
-/// Runs a closure over the sources of a scope (one tensor or a whole model).
-pub(crate) type Visit<'v> =
-    &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
-
-/// How a task is trimmed while its threshold is being found: a known
-/// threshold, or a range of keys [base, base + span·2¹⁶) that holds it
-/// (probably, when estimated from a sample) and is counted at full
-/// resolution.
-#[derive(Clone, Copy)]
-enum Cut {
-    Known(u32),
-    Range { base: u32, span: u32 },
-}
-
-impl Cut {
-    /// Counters needed at full resolution.
-    fn width(&self) -> usize {
-        match self {
-            Cut::Known(_) => 0,
-            Cut::Range { span, .. } => (*span as usize) << 16,
-        }
-    }
-}
-
-/// Widest range (in high-half buckets) a sample may propose.
-const MAX_SPAN: u32 = 4;
-/// The sample is the first 1/`SAMPLE_PART` of every chunk.
-const SAMPLE_PART: usize = 8;
-
-/// Options of [`fb_stats_radix`].
-#[derive(Debug, Clone, Copy)]
-struct RadixOpts {
-    /// Undecided rows kept before falling back to a recount pass.
-    row_cap_bytes: usize,
-    /// Estimate the ranges from a sample first (else: exact pass 1).
-    sample: bool,
-}
-
-impl Default for RadixOpts {
-    fn default() -> Self {
-        RadixOpts {
-            row_cap_bytes: ROW_CAP_BYTES,
-            sample: true,
-        }
-    }
-}
-
-/// Range-pass accumulator: per task the keys below its range and the
-/// full-resolution counts inside it, the majority's settled part, the
-/// difference tables (indexed like the counts) and the undecided rows.
-struct Pass2 {
-    below: Vec<u64>,
-    low: Vec<u64>,
-    diff: Vec<i64>,
-    settled: i64,
-    rows: Vec<f32>,
-}
-
-multiversion!(
-    /// The range pass over one chunk: counts below and inside each task's
-    /// range and the majority-sign bookkeeping (see the module header).
-    /// `offsets[i]` is where task i's counters start.
-    fn pass2_chunk => pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool)
-);
-
-#[inline(always)]
-fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool) {
-    let n = c.len;
-    let Chunk {
-        tau,
-        sum,
-        acc: with,
-        undecided,
-        which,
-        picks,
-        ..
-    } = c;
-    // s0: the sum over the tasks kept whatever is undecided; s1: the same
-    // plus every non-zero τ inside its task's range (the sum with the
-    // undecided task kept, when there is exactly one).
-    let (s0, s1) = (&mut sum[..n], &mut with[..n]);
-    s0.fill(0.0);
-    s1.fill(0.0);
-    let und = &mut undecided[..n];
-    und.fill(0);
-    let which = &mut which[..n];
-    for (i, (t, cut)) in tau.iter().zip(cuts).enumerate() {
-        let t = &t[..n];
-        match *cut {
-            Cut::Known(k) => {
-                add_trimmed(s0, t, k);
-                add_trimmed(s1, t, k);
-            }
-            Cut::Range { base, span } => {
-                let width = span << 16;
-                add_trimmed(s0, t, base.saturating_add(width));
-                add_trimmed(s1, t, base);
-                acc.below[i] += t.iter().map(|&v| u64::from(abs_key(v) < base)).sum::<u64>();
-                // The entries inside the range, found 32 at a time.
-                let low = &mut acc.low[offsets[i]..offsets[i] + width as usize];
-                for_each_hit(
-                    t,
-                    |v| abs_key(v).wrapping_sub(base) < width,
-                    |j| {
-                        let key = abs_key(t[j]);
-                        low[(key - base) as usize] += 1;
-                        // A zero adds nothing whether kept or not.
-                        if key != 0 {
-                            und[j] += 1;
-                            which[j] = i as u32;
-                        }
-                    },
-                );
-            }
-        }
-    }
-    // Entries with at most one undecided task count sign(s0) now.
-    let mut settled = 0i32;
-    for (&x, &u) in s0.iter().zip(und.iter()) {
-        let sign = i32::from(x > 0.0) - i32::from(x < 0.0);
-        settled += sign & -i32::from(u <= 1);
-    }
-    acc.settled += i64::from(settled);
-    // The rest: one undecided task that flips the sign (a difference-table
-    // entry at its key), or several (a row); flagged in one vector loop,
-    // then visited.
-    let flags = &mut picks[..n];
-    for (((f, &x0), &x1), &u) in flags
-        .iter_mut()
-        .zip(s0.iter())
-        .zip(s1.iter())
-        .zip(und.iter())
-    {
-        let flips = ((x1 > 0.0) != (x0 > 0.0)) | ((x1 < 0.0) != (x0 < 0.0));
-        *f = u32::from(((u == 1) & flips) | (u >= 2));
-    }
-    for_each_hit(
-        flags,
-        |f| f != 0,
-        |j| {
-            if und[j] == 1 {
-                let a = which[j] as usize;
-                let Cut::Range { base, .. } = cuts[a] else {
-                    unreachable!("only ranged tasks are undecided")
-                };
-                let at = offsets[a] + (abs_key(tau[a][j]) - base) as usize;
-                acc.diff[at] += sgn(s1[j]) - sgn(s0[j]);
-            } else if !overflowed {
-                acc.rows.extend(tau.iter().map(|t| t[j]));
-            }
-        },
-    );
-}
-
-/// Calls `f(j)` for every j with `hit(xs[j])`: 32 entries at a time are
-/// tested into a bit mask (one vector compare) and only set bits visited,
-/// so rare hits cost neither a branch per entry nor a misprediction.
-#[inline(always)]
-fn for_each_hit<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, mut f: impl FnMut(usize)) {
-    let mut blocks = xs.chunks_exact(32);
-    for (b, block) in (&mut blocks).enumerate() {
-        let mut mask = 0u32;
-        for (l, &x) in block.iter().enumerate() {
-            mask |= u32::from(hit(x)) << l;
-        }
-        while mask != 0 {
-            f(b * 32 + mask.trailing_zeros() as usize);
-            mask &= mask - 1;
-        }
-    }
-    let tail = xs.len() - blocks.remainder().len();
-    for (l, &x) in blocks.remainder().iter().enumerate() {
-        if hit(x) {
-            f(tail + l);
-        }
-    }
-}
-
-/// High-half histograms of every task over the scope (of the first
-/// 1/`part` of every chunk), and the number of entries of the scope.
-fn high_pass(tasks: usize, part: usize, visit: Visit) -> Result<(Vec<u64>, u64)> {
-    let pool: Pool<Vec<u64>> = Pool::default();
-    let entries = std::sync::atomic::AtomicU64::new(0);
-    visit(&|src: &Source| {
-        entries.fetch_add(src.numel() as u64, Ordering::Relaxed);
-        src.map_chunk_heads(part, |_, c| {
-            pool.with(
-                || vec![0u64; tasks * WAYS * BUCKETS],
-                |h| {
-                    for (t, h) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)) {
-                        count_high_ways(h, &t[..c.len]);
-                    }
-                },
-            )
-        });
-        Ok(())
-    })?;
-    let mut high = vec![0u64; tasks * BUCKETS];
-    for h in pool.into_inner() {
-        for (dst, h) in high.chunks_mut(BUCKETS).zip(h.chunks(WAYS * BUCKETS)) {
-            fold_ways(dst, h);
-        }
-    }
-    Ok((high, entries.into_inner()))
-}
-
-/// Ranges that probably hold the k-th smallest key of each task, from a
-/// sample's histograms: the buckets of sample ranks q·m ± (8σ + 64) with
-/// q = k/d; `None` when a range would be wider than [`MAX_SPAN`].
-fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64]) -> Option<Vec<Cut>> {
-    ranks
-        .iter()
-        .zip(sample.chunks(BUCKETS))
-        .map(|(rank, h)| {
-            let Some(k) = rank else {
-                return Some(Cut::Known(0));
-            };
-            let m = h.iter().sum::<u64>();
-            if m == 0 {
-                return None;
-            }
-            let q = *k as f64 / d as f64;
-            let (center, margin) = (q * m as f64, 8.0 * (m as f64 * q * (1.0 - q)).sqrt() + 64.0);
-            let lo = ((center - margin).floor().max(1.0) as u64).min(m);
-            let hi = ((center + margin).ceil().max(1.0) as u64).min(m);
-            let (b0, b1) = (locate_high(h, lo).high, locate_high(h, hi).high);
-            (b1 - b0 < MAX_SPAN).then_some(Cut::Range {
-                base: b0 << 16,
-                span: b1 - b0 + 1,
-            })
-        })
-        .collect()
-}
-
-/// The range pass over the scope, then the exact thresholds and majority;
-/// `None` when some task's k-th smallest key is not inside its range.
-fn range_pass(
-    cuts: &[Cut],
-    ranks: &[Option<u64>],
-    visit: Visit,
-    opts: RadixOpts,
-) -> Result<Option<TiesStats>> {
-    let tasks = cuts.len();
-    let mut offsets = Vec::with_capacity(tasks);
-    let mut width = 0;
-    for c in cuts {
-        offsets.push(width);
-        width += c.width();
-    }
-    let row_cap = opts.row_cap_bytes / (4 * tasks);
-    let rows_kept = AtomicUsize::new(0);
-    let overflow = AtomicBool::new(false);
-    let pool: Pool<Pass2> = Pool::default();
-    let make = || Pass2 {
-        below: vec![0; tasks],
-        low: vec![0; width],
-        diff: vec![0; width],
-        settled: 0,
-        rows: Vec::new(),
-    };
-    visit(&|src: &Source| {
-        src.map_chunks(|_, c| {
-            pool.with(make, |acc| {
-                let before = acc.rows.len();
-                pass2_chunk(c, cuts, &offsets, acc, overflow.load(Ordering::Relaxed));
-                let added = (acc.rows.len() - before) / tasks;
-                if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
-                    overflow.store(true, Ordering::Relaxed);
-                }
-                if overflow.load(Ordering::Relaxed) {
-                    acc.rows = Vec::new();
-                }
-            })
-        });
-        Ok(())
-    })?;
-    let accs = pool.into_inner();
-    let mut keys = Vec::with_capacity(tasks);
-    let mut total: i64 = accs.iter().map(|a| a.settled).sum();
-    for (i, (cut, rank)) in cuts.iter().zip(ranks).enumerate() {
-        match (*cut, rank) {
-            (Cut::Known(k), _) => keys.push(k),
-            (Cut::Range { base, .. }, Some(k)) => {
-                let (at, w) = (offsets[i], cut.width());
-                let below: u64 = accs.iter().map(|a| a.below[i]).sum();
-                let mut low = vec![0u64; w];
-                let mut diff = vec![0i64; w];
-                for a in &accs {
-                    add_into(&mut low, &a.low[at..at + w]);
-                    add_into(&mut diff, &a.diff[at..at + w]);
-                }
-                let inside: u64 = low.iter().sum();
-                if *k <= below || *k > below + inside {
-                    return Ok(None);
-                }
-                let pos = locate_high(&low, k - below).high as usize;
-                total += diff[pos..].iter().sum::<i64>();
-                keys.push(base + pos as u32);
-            }
-            (Cut::Range { .. }, None) => unreachable!("ranges are made for ranked tasks"),
-        }
-    }
-    if overflow.load(Ordering::Relaxed) {
-        // Recount the majority with the exact thresholds.
-        let pool: Pool<i64> = Pool::default();
-        visit(&|src: &Source| {
-            src.map_chunks(|_, c| pool.with(|| 0, |acc| *acc += sign_total(c, &keys)));
-            Ok(())
-        })?;
-        total = pool.into_inner().iter().sum();
-    } else {
-        total += accs
-            .iter()
-            .flat_map(|a| a.rows.chunks_exact(tasks))
-            .map(|row| row_sign(row, &keys))
-            .sum::<i64>();
-    }
-    Ok(Some(TiesStats::new(keys, total)))
-}
-
-/// Which route [`fb_stats_radix`] took.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Route {
-    /// Nothing to locate (density 1): one majority pass.
-    Majority,
-    /// Sample pass, then one range pass.
-    Sampled,
-    /// Full high-half pass, then one range pass (after a failed sample, or
-    /// without sampling).
-    Exact,
-}
-
-/// Model-wide (or tensor-wide) statistics by radix selection. With
-/// sampling: a pass over 1/8 of the scope proposes a narrow range of keys
-/// per task, and one full pass counts inside it at full resolution (and
-/// does the majority bookkeeping); if the k-th falls outside a range, or a
-/// range would be too wide, the exact route runs instead: a full pass of
-/// high halves, then the same range pass on the bucket holding the k-th.
-fn fb_stats_radix(
-    density: f64,
-    tasks: usize,
-    visit: Visit,
-    opts: RadixOpts,
-) -> Result<(TiesStats, Route)> {
-    if density >= 1.0 {
-        let known = vec![Cut::Known(0); tasks];
-        let stats = range_pass(&known, &vec![None; tasks], visit, opts)?;
-        return Ok((stats.expect("nothing to locate"), Route::Majority));
-    }
-    if opts.sample {
-        let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
-        let ranks = vec![fb_rank(d, density); tasks];
-        if let Some(cuts) = sampled_cuts(&ranks, d, &sample) {
-            if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
-                return Ok((stats, Route::Sampled));
-            }
-        }
-    }
-    let (high, d) = high_pass(tasks, 1, visit)?;
-    let ranks = vec![fb_rank(d, density); tasks];
-    let cuts: Vec<Cut> = ranks
-        .iter()
-        .zip(high.chunks(BUCKETS))
-        .map(|(rank, h)| match rank {
-            None => Cut::Known(0),
-            Some(k) => Cut::Range {
-                base: locate_high(h, *k).high << 16,
-                span: 1,
-            },
-        })
-        .collect();
-    let stats = range_pass(&cuts, &ranks, visit, opts)?;
-    Ok((
-        stats.expect("the bucket of the k-th smallest holds it"),
-        Route::Exact,
-    ))
-}
-
-/// Statistics of one tensor on its own (trim scope `tensor`).
-fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
-    if src.numel() <= SMALL {
-        return Ok(fb_stats_direct(&mut src.load_all(), density));
-    }
-    Ok(fb_stats_radix(density, src.tasks(), &|f| f(src), RadixOpts::default())?.0)
-}
-
-// ---------------------------------------------------------------------------
-// FusionBench TIES: merging.
+pub use mergekit::build_mergekit;
+pub(crate) use mergekit::{densities, MkMerge};
+use source::{add_trimmed, Chunk};
+pub(crate) use source::{for_each_hit, Source};
+use stats::{fb_stats_radix, fb_stats_tensor, RadixOpts, TiesStats};
 
 /// How the selected entries are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1095,429 +394,82 @@ pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     Ok(Box::new(TiesMerging { ties, lambda }))
 }
 
-// ---------------------------------------------------------------------------
-// mergekit: magnitude trim (ties), weights, sign consensus, normalisation.
+#[cfg(test)]
+pub(crate) mod test_data {
+    //! Inputs shared by the tests of `ties` and its submodules.
 
-/// Which entries of one task vector mergekit's magnitude trim keeps.
-#[derive(Debug, Clone)]
-enum Keep {
-    All,
-    Nothing,
-    /// Keys ≥ this.
-    AtLeast(u32),
-    /// Keys > `key`, and the first `need` keys equal to it in position order;
-    /// `before[c]` = equal keys in the chunks before chunk c.
-    Ties {
-        key: u32,
-        need: u64,
-        before: Vec<u64>,
-    },
-}
+    use rand::Rng;
+    use rand_chacha::ChaCha8Rng;
 
-/// mergekit's `magnitude`: exactly int(density·n) largest |τ| per task.
-fn magnitude_keeps(src: &Source, densities: &[f64]) -> Vec<Keep> {
-    let n = src.numel() as u64;
-    let mut keeps = vec![Keep::All; densities.len()];
-    // Rank (1-indexed from the smallest) of the smallest kept key, per task.
-    let mut ranks = vec![None; densities.len()];
-    for (i, &d) in densities.iter().enumerate() {
-        if d >= 1.0 || n == 0 {
-            continue;
-        }
-        let k = ((d * n as f64) as u64).min(n);
-        if k == 0 {
-            keeps[i] = Keep::Nothing;
-        } else if k < n {
-            ranks[i] = Some((n - k + 1, k));
-        }
-    }
-    let orders = orders(
-        src,
-        &ranks
-            .iter()
-            .map(|r| r.map(|(rank, _)| rank))
-            .collect::<Vec<_>>(),
-    );
-    let mut tie_tasks = Vec::new();
-    for (i, (o, r)) in orders.iter().zip(&ranks).enumerate() {
-        let (Some(o), Some((_, k))) = (o, r) else {
-            continue;
-        };
-        let greater = n - o.below - o.equal;
-        let need = k - greater;
-        if need == o.equal {
-            keeps[i] = Keep::AtLeast(o.key);
-        } else {
-            tie_tasks.push((i, o.key, need));
-        }
-    }
-    if !tie_tasks.is_empty() {
-        let counts = src.map_chunks(|_, c| {
-            tie_tasks
-                .iter()
-                .map(|&(i, key, _)| {
-                    c.tau[i][..c.len]
-                        .iter()
-                        .filter(|&&v| abs_key(v) == key)
-                        .count() as u64
-                })
-                .collect::<Vec<_>>()
-        });
-        for (t, &(i, key, need)) in tie_tasks.iter().enumerate() {
-            let mut before = Vec::with_capacity(counts.len());
-            let mut acc = 0;
-            for c in &counts {
-                before.push(acc);
-                acc += c[t];
-            }
-            keeps[i] = Keep::Ties { key, need, before };
-        }
-    }
-    keeps
-}
+    use crate::methods::testutil::Fixture;
+    use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
 
-/// Order statistics of |τi| at the given ranks, by in-memory selection for
-/// small tensors and by the two radix passes otherwise.
-fn orders(src: &Source, ranks: &[Option<u64>]) -> Vec<Option<Order>> {
-    if ranks.iter().all(Option::is_none) {
-        return vec![None; ranks.len()];
-    }
-    if src.numel() <= SMALL {
-        let c = src.load_all();
-        return ranks
-            .iter()
-            .zip(&c.tau)
-            .map(|(r, t)| {
-                r.map(|r| {
-                    let mut ks: Vec<u32> = t[..c.len].iter().map(|&v| abs_key(v)).collect();
-                    order_small(&mut ks, r)
-                })
+    /// Random experts around a base on a coarse grid (many equal
+    /// magnitudes, zeros) or continuous.
+    pub(crate) fn random_fixture(
+        rng: &mut ChaCha8Rng,
+        name: &str,
+        n: usize,
+        tasks: usize,
+        coarse: bool,
+    ) -> Fixture {
+        let base: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+        let experts: Vec<Vec<f32>> = (0..tasks)
+            .map(|_| {
+                base.iter()
+                    .map(|&b| {
+                        if coarse {
+                            b + rng.random_range(-6i32..=6) as f32 * 0.125
+                        } else {
+                            b + rng.random_range(-0.01f32..0.01)
+                        }
+                    })
+                    .collect()
             })
             .collect();
+        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
+        Fixture::new(name, &[n], Some(&base), &refs)
     }
-    let tasks = ranks.len();
-    let pool: Pool<Vec<u64>> = Pool::default();
-    src.map_chunks(|_, c| {
-        pool.with(
-            || vec![0u64; tasks * WAYS * BUCKETS],
-            |h| {
-                for ((t, h), r) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)).zip(ranks) {
-                    if r.is_some() {
-                        count_high_ways(h, &t[..c.len]);
-                    }
-                }
-            },
-        )
-    });
-    let mut high = vec![0u64; tasks * BUCKETS];
-    for h in pool.into_inner() {
-        for (dst, h) in high.chunks_mut(BUCKETS).zip(h.chunks(WAYS * BUCKETS)) {
-            fold_ways(dst, h);
+
+    pub(crate) fn concat(fxs: &[Fixture]) -> Fixture {
+        let n: usize = fxs.iter().map(|f| f.shape.iter().product::<usize>()).sum();
+        Fixture {
+            name: "all".into(),
+            shape: vec![n],
+            base: Some(fxs.iter().flat_map(|f| f.base.clone().unwrap()).collect()),
+            experts: (0..fxs[0].experts.len())
+                .map(|i| fxs.iter().flat_map(|f| f.experts[i].clone()).collect())
+                .collect(),
+            num_layers: 1,
         }
     }
-    let pending: Vec<Option<Pending>> = ranks
-        .iter()
-        .zip(high.chunks(BUCKETS))
-        .map(|(r, h)| r.map(|r| locate_high(h, r)))
-        .collect();
-    let pool: Pool<Vec<u64>> = Pool::default();
-    src.map_chunks(|_, c| {
-        pool.with(
-            || vec![0u64; tasks * BUCKETS],
-            |h| {
-                for ((t, h), p) in c.tau.iter().zip(h.chunks_mut(BUCKETS)).zip(&pending) {
-                    if let Some(p) = p {
-                        t[..c.len].iter().for_each(|&v| count_low(h, p, abs_key(v)));
-                    }
-                }
-            },
-        )
-    });
-    let mut low = vec![0u64; tasks * BUCKETS];
-    pool.into_inner().iter().for_each(|h| add_into(&mut low, h));
-    pending
-        .iter()
-        .zip(low.chunks(BUCKETS))
-        .map(|(p, l)| p.map(|p| p.resolve(l)))
-        .collect()
-}
 
-/// Per-chunk state of the keep decisions (tie counters).
-fn keep_flags(keeps: &[Keep], chunk: usize) -> Vec<u64> {
-    keeps
-        .iter()
-        .map(|k| match k {
-            Keep::Ties { before, .. } => before[chunk],
-            _ => 0,
-        })
-        .collect()
-}
-
-/// Whether entry `v` is kept; advances the tie counter `seen`.
-#[inline(always)]
-fn kept(keep: &Keep, v: f32, seen: &mut u64) -> bool {
-    match keep {
-        Keep::All => true,
-        Keep::Nothing => false,
-        Keep::AtLeast(k) => abs_key(v) >= *k,
-        Keep::Ties { key, need, .. } => {
-            let a = abs_key(v);
-            if a == *key {
-                *seen += 1;
-                *seen <= *need
-            } else {
-                a > *key
-            }
-        }
-    }
-}
-
-/// One tensor's resolved mergekit mixing parameters.
-struct Mixing {
-    weights: Vec<f32>,
-    keeps: Vec<Keep>,
-    consensus: bool,
-    normalize: bool,
-    lambda: f32,
-}
-
-multiversion!(
-    /// The fused CPU loop of mergekit's generalized task arithmetic, task
-    /// by task over contiguous slices.
-    fn mk_kernel => mk_kernel_body(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32])
-);
-
-#[inline(always)]
-fn mk_kernel_body(m: &Mixing, chunk: usize, c: &mut Chunk, out: &mut [f32]) {
-    let n = c.len;
-    let Chunk {
-        base,
-        tau,
-        sum,
-        acc,
-        aux,
-        ..
-    } = c;
-    let (sum, mixed, divisor, out) = (&mut sum[..n], &mut acc[..n], &mut aux[..n], &mut out[..n]);
-    sum.fill(0.0);
-    // δi = wi·(kept τi), in place.
-    for (t, (keep, &w)) in tau.iter_mut().zip(m.keeps.iter().zip(&m.weights)) {
-        let t = &mut t[..n];
-        match keep {
-            Keep::All => t.iter_mut().for_each(|v| *v *= w),
-            Keep::Nothing => t.fill(0.0),
-            Keep::AtLeast(k) => {
-                let k = (*k).min(i32::MAX as u32) as i32;
-                t.iter_mut()
-                    .for_each(|v| *v = if abs_key(*v) as i32 >= k { w * *v } else { 0.0 });
-            }
-            Keep::Ties { before, .. } => {
-                let mut seen = before[chunk];
-                for v in t.iter_mut() {
-                    *v = if kept(keep, *v, &mut seen) {
-                        w * *v
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
-        sum.iter_mut().zip(t.iter()).for_each(|(s, v)| *s += v);
-    }
-    let b = &base[..n];
-    if m.consensus {
-        // Elected sign: + where Σ δ ≥ 0; keep the δi of that sign.
-        mixed.fill(0.0);
-        divisor.fill(0.0);
-        for (t, &w) in tau.iter().zip(&m.weights) {
-            let lanes = mixed
-                .iter_mut()
-                .zip(divisor.iter_mut())
-                .zip(t[..n].iter().zip(sum.iter()));
-            lanes.for_each(|((mx, dv), (&d, &s))| {
-                let up = s >= 0.0;
-                let agree = (up & (d > 0.0)) | (!up & (d < 0.0));
-                *mx += if agree { d } else { 0.0 };
-                *dv += if agree { w } else { 0.0 };
-            });
-        }
-        let lanes = out.iter_mut().zip(b).zip(mixed.iter().zip(divisor.iter()));
-        if m.normalize {
-            lanes.for_each(|((o, &b), (&mx, &dv))| {
-                *o = b + m.lambda * (mx / if dv.abs() < ZERO_DIVISOR { 1.0 } else { dv });
-            });
-        } else {
-            lanes.for_each(|((o, &b), (&mx, _))| *o = b + m.lambda * mx);
-        }
-    } else {
-        let plain: f32 = m.weights.iter().sum();
-        let divisor = if !m.normalize || plain.abs() < ZERO_DIVISOR {
-            1.0
-        } else {
-            plain
-        };
-        for ((o, &b), &s) in out.iter_mut().zip(b).zip(sum.iter()) {
-            *o = b + m.lambda * (s / divisor);
-        }
-    }
-}
-
-/// The keep mask of task `i` as a 0/1 f32 tensor, computed on the CPU
-/// (position-ordered tie breaking has no cheap tensor form).
-fn keep_mask(src: &Source, keep: &Keep, i: usize) -> candle_core::Result<Tensor> {
-    let parts = src.map_chunks(|k, c| {
-        let mut seen = keep_flags(std::slice::from_ref(keep), k)[0];
-        c.tau[i][..c.len]
+    pub(crate) fn mk_spec(method: &str, models: &[(f64, f64)]) -> MergeSpec {
+        let mut spec = MergeSpec::new(method, Some("base"), &[]);
+        spec.dialect = Dialect::Mergekit;
+        spec.models = models
             .iter()
-            .map(|&v| u8::from(kept(keep, v, &mut seen)))
-            .collect::<Vec<u8>>()
-    });
-    let mask: Vec<u8> = parts.concat();
-    Tensor::from_vec(mask, src.inputs.shape(), src.inputs.device)?.to_dtype(DType::F32)
-}
-
-/// The same in candle ops.
-fn mk_candle(
-    src: &Source,
-    base: Tensor,
-    taus: &[Tensor],
-    m: &Mixing,
-) -> candle_core::Result<Tensor> {
-    let mut deltas = Vec::with_capacity(taus.len());
-    for (i, (t, keep)) in taus.iter().zip(&m.keeps).enumerate() {
-        let kept = match keep {
-            Keep::All => t.clone(),
-            Keep::Nothing => t.zeros_like()?,
-            Keep::AtLeast(k) => t.mul(&t.abs()?.ge(key_value(*k))?.to_dtype(DType::F32)?)?,
-            Keep::Ties { .. } => t.mul(&keep_mask(src, keep, i)?)?,
-        };
-        deltas.push((kept * m.weights[i] as f64)?);
+            .enumerate()
+            .map(|(i, &(w, d))| {
+                let mut m = ModelSpec::named(format!("m{i}"));
+                m.weight = Some(ParamValue::Number(w));
+                m.parameters.insert("density".into(), ParamValue::Number(d));
+                m
+            })
+            .collect();
+        spec
     }
-    let mut sum = deltas[0].clone();
-    for d in &deltas[1..] {
-        sum = (sum + d)?;
-    }
-    let mixed = if m.consensus {
-        let elected = sum.ge(0f32)?.to_dtype(DType::F32)?.affine(2.0, -1.0)?;
-        let mut mixed = base.zeros_like()?;
-        let mut divisor = base.zeros_like()?;
-        for (d, &w) in deltas.iter().zip(&m.weights) {
-            let mask = d.sign()?.eq(&elected)?.to_dtype(DType::F32)?;
-            mixed = (mixed + d.mul(&mask)?)?;
-            divisor = (divisor + (mask * w as f64)?)?;
-        }
-        if m.normalize {
-            let small = divisor.abs()?.lt(ZERO_DIVISOR)?;
-            let divisor = small.where_cond(&divisor.ones_like()?, &divisor)?;
-            (mixed / divisor)?
-        } else {
-            mixed
-        }
-    } else if m.normalize {
-        let s: f32 = m.weights.iter().sum();
-        (sum / if s.abs() < ZERO_DIVISOR {
-            1.0
-        } else {
-            s as f64
-        })?
-    } else {
-        sum
-    };
-    base + (mixed * m.lambda as f64)?
-}
-
-/// mergekit's generalized task arithmetic: `ties` (magnitude trim +
-/// consensus), `dare_linear` and `dare_ties` (Bernoulli dropout, with and
-/// without consensus); FusionBench's `dare` with a linear combine uses it too.
-#[derive(Debug)]
-pub(crate) struct MkMerge {
-    pub weights: Vec<Num>,
-    /// Per-model magnitude-trim densities (`ties`), or none.
-    pub trim: Option<Vec<Num>>,
-    pub dropout: Option<Dropout>,
-    pub consensus: bool,
-    pub normalize: bool,
-    pub lambda: Num,
-}
-
-impl MkMerge {
-    /// Merges one tensor, with the fused CPU loop or candle ops.
-    pub(crate) fn merge_with(&self, inputs: &TensorInputs, fused: bool) -> Result<Tensor> {
-        let ctx = &inputs.ctx;
-        let dropout = self
-            .dropout
-            .as_ref()
-            .map(|d| d.for_tensor(inputs))
-            .transpose()?
-            .flatten();
-        let src = Source::new(inputs, dropout)?;
-        let weights = self
-            .weights
-            .iter()
-            .map(|w| Ok(w.at(ctx)? as f32))
-            .collect::<Result<Vec<_>>>()?;
-        let keeps = match &self.trim {
-            None => vec![Keep::All; weights.len()],
-            Some(ds) => {
-                let ds = ds.iter().map(|d| d.at(ctx)).collect::<Result<Vec<_>>>()?;
-                magnitude_keeps(&src, &ds)
-            }
-        };
-        let m = Mixing {
-            weights,
-            keeps,
-            consensus: self.consensus,
-            normalize: self.normalize,
-            lambda: self.lambda.at(ctx)? as f32,
-        };
-        if fused {
-            src.fill(|k, c, o| mk_kernel(&m, k, c, o))
-        } else {
-            let (base, taus) = (src.base_tensor()?, src.task_vectors()?);
-            mk_candle(&src, base, &taus, &m).map_err(|e| inputs.err(e))
-        }
-    }
-}
-
-impl MergeMethod for MkMerge {
-    fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        self.merge_with(inputs, inputs.device.is_cpu())
-    }
-}
-
-/// Checks per-model densities against (0, 1].
-pub(crate) fn densities(p: &mut Params) -> Result<Vec<Num>> {
-    p.per_model("density", 1.0)?
-        .into_iter()
-        .map(|d| d.check(|x| x > 0.0 && x <= 1.0, "in (0, 1]"))
-        .collect()
-}
-
-/// Builds mergekit's `ties`.
-pub fn build_mergekit(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let weights = p.per_model("weight", 1.0)?;
-    let trim = densities(p)?;
-    let normalize = p.boolean(&["normalize"], true)?;
-    let lambda = p.number(LAMBDA_KEYS, 1.0)?;
-    p.boolean(&["int8_mask"], false)?;
-    Ok(Box::new(MkMerge {
-        weights,
-        trim: Some(trim),
-        dropout: None,
-        consensus: true,
-        normalize,
-        lambda,
-    }))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::test_data::{mk_spec, random_fixture};
     use super::*;
     use crate::methods::testutil::{
         assert_close, build, merge1, merge_all, merge_one, Fixture, FixtureScan,
     };
-    use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
-    use rand::{Rng, SeedableRng};
+    use crate::spec::{MergeSpec, ParamValue};
+    use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
 
     const BASE: [f32; 5] = [1.0, -2.0, 0.5, 0.0, 3.0];
@@ -1623,156 +575,6 @@ mod tests {
         assert_close(&tensor[1], &[0.0, -20.0, 30.0, -40.0], 0.0);
     }
 
-    /// Random experts around a base on a coarse grid (many equal
-    /// magnitudes, zeros) or continuous.
-    fn random_fixture(
-        rng: &mut ChaCha8Rng,
-        name: &str,
-        n: usize,
-        tasks: usize,
-        coarse: bool,
-    ) -> Fixture {
-        let base: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-        let experts: Vec<Vec<f32>> = (0..tasks)
-            .map(|_| {
-                base.iter()
-                    .map(|&b| {
-                        if coarse {
-                            b + rng.random_range(-6i32..=6) as f32 * 0.125
-                        } else {
-                            b + rng.random_range(-0.01f32..0.01)
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let refs: Vec<&[f32]> = experts.iter().map(Vec::as_slice).collect();
-        Fixture::new(name, &[n], Some(&base), &refs)
-    }
-
-    fn concat(fxs: &[Fixture]) -> Fixture {
-        let n: usize = fxs.iter().map(|f| f.shape.iter().product::<usize>()).sum();
-        Fixture {
-            name: "all".into(),
-            shape: vec![n],
-            base: Some(fxs.iter().flat_map(|f| f.base.clone().unwrap()).collect()),
-            experts: (0..fxs[0].experts.len())
-                .map(|i| fxs.iter().flat_map(|f| f.experts[i].clone()).collect())
-                .collect(),
-            num_layers: 1,
-        }
-    }
-
-    #[test]
-    fn radix_statistics_match_in_memory_selection() {
-        let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for (coarse, density) in [
-            (true, 0.2),
-            (true, 0.5),
-            (false, 0.2),
-            (false, 0.9),
-            (true, 1.0),
-        ] {
-            let fxs: Vec<Fixture> = (0..3)
-                .map(|t| random_fixture(&mut rng, &format!("t{t}"), 20_000 + 777 * t, 3, coarse))
-                .collect();
-            let all = concat(&fxs);
-            let inputs = all.inputs();
-            let want =
-                fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), density);
-            let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
-                FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
-            };
-            // Sampled or exact route; rows kept, or a recount pass forced
-            // by a zero row budget.
-            for sample in [true, false] {
-                for row_cap_bytes in [ROW_CAP_BYTES, 0] {
-                    let opts = RadixOpts {
-                        row_cap_bytes,
-                        sample,
-                    };
-                    let (got, route) = fb_stats_radix(density, 3, &visit, opts).unwrap();
-                    assert_eq!(got, want, "coarse {coarse} density {density} {opts:?}");
-                    // (Small scopes make wide sampled ranges: either route.)
-                    let expected = match (density, sample) {
-                        (1.0, _) => Route::Majority,
-                        (_, false) => Route::Exact,
-                        _ => route,
-                    };
-                    assert_eq!(route, expected, "coarse {coarse} density {density}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_large_scope_takes_the_sampled_route() {
-        // 3 × 150k entries per task: the sample (1/8) pins the 80th
-        // percentile inside one value of the coarse grid (mass 69–85 %).
-        let mut rng = ChaCha8Rng::seed_from_u64(12);
-        let fxs: Vec<Fixture> = (0..3)
-            .map(|t| random_fixture(&mut rng, &format!("t{t}"), 150_000, 3, true))
-            .collect();
-        let all = concat(&fxs);
-        let inputs = all.inputs();
-        let want = fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), 0.2);
-        let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
-            FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
-        };
-        let (got, route) = fb_stats_radix(0.2, 3, &visit, RadixOpts::default()).unwrap();
-        assert_eq!((got, route), (want, Route::Sampled));
-    }
-
-    #[test]
-    fn a_misleading_sample_falls_back_to_the_exact_route() {
-        // The sample is the first 1/8 of every chunk; make those entries
-        // tiny and the rest large, so the sampled range misses the k-th.
-        let n = 3 * CHUNK;
-        let base = vec![0f32; n];
-        let e: Vec<Vec<f32>> = (0..2)
-            .map(|i| {
-                (0..n)
-                    .map(|j| {
-                        let m = ((j * 7 + i * 3) % 97) as f32 + 1.0;
-                        if j % CHUNK < CHUNK / SAMPLE_PART {
-                            m * 1e-4
-                        } else if j % 2 == 0 {
-                            m
-                        } else {
-                            -m
-                        }
-                    })
-                    .collect()
-            })
-            .collect();
-        let fx = Fixture::new("w", &[n], Some(&base), &[&e[0], &e[1]]);
-        let inputs = fx.inputs();
-        let src = Source::new(&inputs, None).unwrap();
-        let want = fb_stats_direct(&mut src.load_all(), 0.5);
-        let (got, route) = fb_stats_radix(0.5, 2, &|f| f(&src), RadixOpts::default()).unwrap();
-        assert_eq!((got, route), (want, Route::Exact));
-    }
-
-    #[test]
-    fn large_tensor_scope_uses_radix_and_agrees() {
-        // n > SMALL: tensor scope takes the radix path; compare with the
-        // in-memory oracle and with the model scope of a one-tensor model.
-        let mut rng = ChaCha8Rng::seed_from_u64(5);
-        let fx = random_fixture(&mut rng, "big", SMALL + 1234, 3, true);
-        let inputs = fx.inputs();
-        let src = Source::new(&inputs, None).unwrap();
-        let want = fb_stats_direct(&mut src.load_all(), 0.3);
-        assert_eq!(fb_stats_tensor(&src, 0.3).unwrap(), want);
-        let spec =
-            MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with("density", 0.3);
-        let model = merge1(&spec, &fx);
-        let tensor = merge1(
-            &spec.with_value("trim_scope", ParamValue::Text("tensor".into())),
-            &fx,
-        );
-        assert_eq!(model, tensor);
-    }
-
     #[test]
     fn candle_path_matches_fused_loop() {
         let mut rng = ChaCha8Rng::seed_from_u64(9);
@@ -1861,104 +663,36 @@ mod tests {
         );
     }
 
-    fn mk_spec(method: &str, models: &[(f64, f64)]) -> MergeSpec {
-        let mut spec = MergeSpec::new(method, Some("base"), &[]);
-        spec.dialect = Dialect::Mergekit;
-        spec.models = models
-            .iter()
-            .enumerate()
-            .map(|(i, &(w, d))| {
-                let mut m = ModelSpec::named(format!("m{i}"));
-                m.weight = Some(ParamValue::Number(w));
-                m.parameters.insert("density".into(), ParamValue::Number(d));
-                m
-            })
-            .collect();
-        spec
-    }
-
-    // τ1 = [0.5, -0.25, 0.125, -1], w 1, density 0.5: k = 2 → [0.5, 0, 0, -1].
-    // τ2 = [-0.25, 0.5, 0.5, 0.5], w 0.5, density 0.75: k = 3 → [0, 0.5, 0.5, 0.5].
-    // δ1 = [0.5, 0, 0, -1], δ2 = [0, 0.25, 0.25, 0.25]; Σ = [0.5, 0.25, 0.25, -0.75]
-    // → elected [+, +, +, -]; masks m1 = [1, 0, 0, 1], m2 = [0, 1, 1, 0].
-    // mixed = [0.5, 0.25, 0.25, -1]; divisor Σ w·m = [1, 0.5, 0.5, 1].
-    fn mk_fixture() -> Fixture {
-        Fixture::new(
-            "w",
-            &[4],
-            Some(&[1.0; 4]),
-            &[&[1.5, 0.75, 1.125, 0.0], &[0.75, 1.5, 1.5, 1.5]],
-        )
-    }
-
     #[test]
-    fn mergekit_ties_weights_and_normalize() {
-        // normalize (default): [0.5, 0.5, 0.5, -1] → θ = [1.5, 1.5, 1.5, 0]
-        let spec = mk_spec("ties", &[(1.0, 0.5), (0.5, 0.75)]);
-        assert_close(&merge1(&spec, &mk_fixture()), &[1.5, 1.5, 1.5, 0.0], 1e-6);
-        // normalize false, lambda 2: θ = 1 + 2·mixed = [2, 1.5, 1.5, -1]
-        let spec = spec
-            .with_value("normalize", ParamValue::Bool(false))
-            .with("lambda", 2.0);
-        assert_close(&merge1(&spec, &mk_fixture()), &[2.0, 1.5, 1.5, -1.0], 1e-6);
-    }
-
-    #[test]
-    fn mergekit_ties_keeps_exactly_k_breaking_ties_by_position() {
-        // |τ| = [0.5, 0.5, 0.5, 0.25], density 0.5: k = 2 → the first two 0.5s.
-        let fx = Fixture::new("w", &[4], Some(&[0.0; 4]), &[&[0.5, -0.5, 0.5, 0.25]]);
-        let spec = mk_spec("ties", &[(1.0, 0.5)]);
-        assert_close(&merge1(&spec, &fx), &[0.5, -0.5, 0.0, 0.0], 0.0);
-        // k = int(0.2·4) = 0 keeps nothing: θ = θ0.
-        let spec = mk_spec("ties", &[(1.0, 0.2)]);
-        assert_close(&merge1(&spec, &fx), &[0.0; 4], 0.0);
-    }
-
-    #[test]
-    fn mergekit_tie_breaking_across_chunks_on_both_paths() {
-        // A large coarse tensor (radix path, many chunks): each task keeps
-        // exactly int(density·n) entries, and the candle path agrees.
-        let mut rng = ChaCha8Rng::seed_from_u64(21);
-        let n = SMALL + 40_000;
-        let fx = random_fixture(&mut rng, "w", n, 2, true);
-        let inputs = fx.inputs();
-        for (i, d) in [0.3f64, 0.55].iter().enumerate() {
-            let single = Fixture {
-                name: "w".into(),
-                shape: fx.shape.clone(),
-                base: fx.base.clone(),
-                experts: vec![fx.experts[i].clone()],
-                num_layers: 1,
+    fn results_are_written_in_the_output_dtype() {
+        // The fused loops cast in the same pass: the result equals the f32
+        // result rounded to bf16 / f16 (round to nearest even).
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let fx = random_fixture(&mut rng, "w", 5000, 3, false);
+        let spec = MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]);
+        let mut m = build(&spec.with_value("trim_scope", ParamValue::Text("tensor".into())));
+        m.prepare(&FixtureScan(std::slice::from_ref(&fx))).unwrap();
+        let f32_out = merge_one(m.as_ref(), &fx);
+        let mk = build(&mk_spec("ties", &[(1.0, 0.4), (0.5, 0.6), (2.0, 0.3)]));
+        let mk_f32 = merge_one(mk.as_ref(), &fx);
+        for dtype in [DType::BF16, DType::F16] {
+            let round = |v: &[f32]| -> Vec<f32> {
+                v.iter()
+                    .map(|&x| match dtype {
+                        DType::BF16 => half::bf16::from_f32(x).to_f32(),
+                        _ => half::f16::from_f32(x).to_f32(),
+                    })
+                    .collect()
             };
-            let got = merge1(&mk_spec("ties", &[(1.0, *d)]), &single);
-            let base = inputs.base.unwrap().to_f32_vec();
-            let e = inputs.experts[i].to_f32_vec();
-            let kept = got.iter().zip(&base).filter(|(g, b)| g != b).count();
-            let nonzero = base.iter().zip(&e).filter(|(b, e)| b != e).count();
-            assert_eq!(kept, ((d * n as f64) as usize).min(nonzero), "density {d}");
+            let mut inputs = fx.inputs();
+            inputs.out_dtype = dtype;
+            for (method, want) in [(&m, &f32_out), (&mk, &mk_f32)] {
+                let t = method.merge(&inputs).unwrap();
+                assert_eq!(t.dtype(), dtype);
+                let got = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                assert_eq!(got, round(want));
+            }
         }
-        let mk = MkMerge {
-            weights: vec![Num::constant("weight", 0.7), Num::constant("weight", 1.3)],
-            trim: Some(vec![
-                Num::constant("density", 0.3),
-                Num::constant("density", 0.55),
-            ]),
-            dropout: None,
-            consensus: true,
-            normalize: true,
-            lambda: Num::constant("lambda", 0.9),
-        };
-        let fused = mk
-            .merge_with(&inputs, true)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let generic = mk
-            .merge_with(&inputs, false)
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        assert_close(&generic, &fused, 1e-6);
     }
 
     #[test]

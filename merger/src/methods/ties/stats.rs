@@ -1,0 +1,590 @@
+//! FusionBench TIES statistics: per-task thresholds (exact order statistics
+//! of |τ| over a scope) and the majority sign, by the sampled range pass
+//! described in the header of [`super`].
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::source::{add_trimmed, for_each_hit, sgn, Chunk, Source};
+use super::{ROW_CAP_BYTES, SMALL};
+use crate::error::Result;
+use crate::select::{
+    abs_key, add_into, count_high_ways, fold_ways, locate_high, order_small, Pool, BUCKETS, WAYS,
+};
+
+/// Per-task thresholds (order keys: keep |τ| with `abs_key(τ) >= key`) and
+/// the majority sign that zero elected signs take.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct TiesStats {
+    pub keys: Vec<u32>,
+    /// Σ over the scope of sign(Σi trimmed τi), exact.
+    pub sign_sum: i64,
+    /// sign(`sign_sum`).
+    pub majority: f32,
+}
+
+impl TiesStats {
+    fn new(keys: Vec<u32>, sign_sum: i64) -> Self {
+        TiesStats {
+            keys,
+            sign_sum,
+            majority: sign_sum.signum() as f32,
+        }
+    }
+}
+
+/// FusionBench's rank: k = d − int(d·density), the k-th smallest |τ| is the
+/// threshold; `None` when everything is kept.
+fn fb_rank(d: u64, density: f64) -> Option<u64> {
+    if density >= 1.0 || d == 0 {
+        return None;
+    }
+    let k = d - ((d as f64 * density) as u64).min(d);
+    (k > 0).then_some(k)
+}
+
+/// Σ sign(x) over a slice.
+#[inline(always)]
+fn sign_count(s: &[f32]) -> i64 {
+    s.iter()
+        .map(|&x| i32::from(x > 0.0) - i32::from(x < 0.0))
+        .sum::<i32>() as i64
+}
+
+multiversion!(
+    /// Σ over entries of sign(Σi trimmed τi), for the entries of `c`.
+    fn sign_total => sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64
+);
+
+#[inline(always)]
+fn sign_total_body(c: &mut Chunk, keys: &[u32]) -> i64 {
+    let n = c.len;
+    let Chunk { tau, sum, .. } = c;
+    let s = &mut sum[..n];
+    s.fill(0.0);
+    for (t, &k) in tau.iter().zip(keys) {
+        add_trimmed(s, &t[..n], k);
+    }
+    sign_count(s)
+}
+
+/// The sign contribution of one stored row (τ of every task at one entry).
+fn row_sign(row: &[f32], keys: &[u32]) -> i64 {
+    let mut s = 0f32;
+    for (&v, &k) in row.iter().zip(keys) {
+        if abs_key(v) >= k {
+            s += v;
+        }
+    }
+    sgn(s)
+}
+
+/// Statistics of one tensor held in memory (small tensors, and the oracle
+/// of the tests).
+pub(super) fn fb_stats_direct(c: &mut Chunk, density: f64) -> TiesStats {
+    let keys: Vec<u32> = c
+        .tau
+        .iter()
+        .map(|t| match fb_rank(c.len as u64, density) {
+            None => 0,
+            Some(k) => {
+                let mut ks: Vec<u32> = t[..c.len].iter().map(|&v| abs_key(v)).collect();
+                order_small(&mut ks, k).key
+            }
+        })
+        .collect();
+    let sign_sum = sign_total(c, &keys);
+    TiesStats::new(keys, sign_sum)
+}
+
+/// Runs a closure over the sources of a scope (one tensor or a whole model).
+pub(crate) type Visit<'v> =
+    &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
+
+/// How a task is trimmed while its threshold is being found: a known
+/// threshold, or a range of keys [base, base + span·2¹⁶) that holds it
+/// (probably, when estimated from a sample) and is counted at full
+/// resolution.
+#[derive(Clone, Copy)]
+enum Cut {
+    Known(u32),
+    Range { base: u32, span: u32 },
+}
+
+impl Cut {
+    /// Counters needed at full resolution.
+    fn width(&self) -> usize {
+        match self {
+            Cut::Known(_) => 0,
+            Cut::Range { span, .. } => (*span as usize) << 16,
+        }
+    }
+}
+
+/// Widest range (in high-half buckets) a sample may propose.
+const MAX_SPAN: u32 = 4;
+/// The sample is the first 1/`SAMPLE_PART` of every chunk.
+pub(super) const SAMPLE_PART: usize = 8;
+
+/// Options of [`fb_stats_radix`].
+#[derive(Debug, Clone, Copy)]
+pub(super) struct RadixOpts {
+    /// Undecided rows kept before falling back to a recount pass.
+    pub row_cap_bytes: usize,
+    /// Estimate the ranges from a sample first (else: exact pass 1).
+    pub sample: bool,
+}
+
+impl Default for RadixOpts {
+    fn default() -> Self {
+        RadixOpts {
+            row_cap_bytes: ROW_CAP_BYTES,
+            sample: true,
+        }
+    }
+}
+
+/// Range-pass accumulator: per task the keys below its range and the
+/// full-resolution counts inside it, the majority's settled part, the
+/// difference tables (indexed like the counts) and the undecided rows.
+struct Pass2 {
+    below: Vec<u64>,
+    low: Vec<u64>,
+    diff: Vec<i64>,
+    settled: i64,
+    rows: Vec<f32>,
+}
+
+multiversion!(
+    /// The range pass over one chunk: counts below and inside each task's
+    /// range and the majority-sign bookkeeping (see the module header).
+    /// `offsets[i]` is where task i's counters start.
+    fn pass2_chunk => pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool)
+);
+
+#[inline(always)]
+fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool) {
+    let n = c.len;
+    let Chunk {
+        tau,
+        sum,
+        acc: with,
+        undecided,
+        which,
+        picks,
+        ..
+    } = c;
+    // s0: the sum over the tasks kept whatever is undecided; s1: the same
+    // plus every non-zero τ inside its task's range (the sum with the
+    // undecided task kept, when there is exactly one).
+    let (s0, s1) = (&mut sum[..n], &mut with[..n]);
+    s0.fill(0.0);
+    s1.fill(0.0);
+    let und = &mut undecided[..n];
+    und.fill(0);
+    let which = &mut which[..n];
+    for (i, (t, cut)) in tau.iter().zip(cuts).enumerate() {
+        let t = &t[..n];
+        match *cut {
+            Cut::Known(k) => {
+                add_trimmed(s0, t, k);
+                add_trimmed(s1, t, k);
+            }
+            Cut::Range { base, span } => {
+                let width = span << 16;
+                // One loop: s0 keeps keys past the range, s1 keys from its
+                // start, and the keys below it are counted.
+                let (from, past) = (
+                    base.min(i32::MAX as u32) as i32,
+                    base.saturating_add(width).min(i32::MAX as u32) as i32,
+                );
+                let mut below = 0u32;
+                for ((a, b), &v) in s0.iter_mut().zip(s1.iter_mut()).zip(t) {
+                    let key = abs_key(v) as i32;
+                    *a += if key >= past { v } else { 0.0 };
+                    *b += if key >= from { v } else { 0.0 };
+                    below += u32::from(key < from);
+                }
+                acc.below[i] += u64::from(below);
+                // The entries inside the range, found 32 at a time.
+                let low = &mut acc.low[offsets[i]..offsets[i] + width as usize];
+                for_each_hit(
+                    t,
+                    |v| abs_key(v).wrapping_sub(base) < width,
+                    |j| {
+                        let key = abs_key(t[j]);
+                        low[(key - base) as usize] += 1;
+                        // A zero adds nothing whether kept or not.
+                        if key != 0 {
+                            und[j] += 1;
+                            which[j] = i as u32;
+                        }
+                    },
+                );
+            }
+        }
+    }
+    // Entries with at most one undecided task count sign(s0) now; the
+    // rest, one undecided task that flips the sign (a difference-table entry
+    // at its key) or several (a row), are flagged in the same vector loop,
+    // then visited.
+    let mut settled = 0i32;
+    let flags = &mut picks[..n];
+    for (((f, &x0), &x1), &u) in flags
+        .iter_mut()
+        .zip(s0.iter())
+        .zip(s1.iter())
+        .zip(und.iter())
+    {
+        let sign = i32::from(x0 > 0.0) - i32::from(x0 < 0.0);
+        settled += sign & -i32::from(u <= 1);
+        let flips = ((x1 > 0.0) != (x0 > 0.0)) | ((x1 < 0.0) != (x0 < 0.0));
+        *f = u32::from(((u == 1) & flips) | (u >= 2));
+    }
+    acc.settled += i64::from(settled);
+    for_each_hit(
+        flags,
+        |f| f != 0,
+        |j| {
+            if und[j] == 1 {
+                let a = which[j] as usize;
+                let Cut::Range { base, .. } = cuts[a] else {
+                    unreachable!("only ranged tasks are undecided")
+                };
+                let at = offsets[a] + (abs_key(tau[a][j]) - base) as usize;
+                acc.diff[at] += sgn(s1[j]) - sgn(s0[j]);
+            } else if !overflowed {
+                acc.rows.extend(tau.iter().map(|t| t[j]));
+            }
+        },
+    );
+}
+
+/// High-half histograms of every task over the scope (of the first
+/// 1/`part` of every chunk), and the number of entries of the scope.
+fn high_pass(tasks: usize, part: usize, visit: Visit) -> Result<(Vec<u64>, u64)> {
+    let pool: Pool<Vec<u64>> = Pool::default();
+    let entries = std::sync::atomic::AtomicU64::new(0);
+    visit(&|src: &Source| {
+        entries.fetch_add(src.numel() as u64, Ordering::Relaxed);
+        src.map_chunk_heads(part, |_, c| {
+            pool.with(
+                || vec![0u64; tasks * WAYS * BUCKETS],
+                |h| {
+                    for (t, h) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)) {
+                        count_high_ways(h, &t[..c.len]);
+                    }
+                },
+            )
+        });
+        Ok(())
+    })?;
+    let mut high = vec![0u64; tasks * BUCKETS];
+    for h in pool.into_inner() {
+        for (dst, h) in high.chunks_mut(BUCKETS).zip(h.chunks(WAYS * BUCKETS)) {
+            fold_ways(dst, h);
+        }
+    }
+    Ok((high, entries.into_inner()))
+}
+
+/// Ranges that probably hold the k-th smallest key of each task, from a
+/// sample's histograms: the buckets of sample ranks q·m ± (8σ + 64) with
+/// q = k/d; `None` when a range would be wider than [`MAX_SPAN`].
+fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64]) -> Option<Vec<Cut>> {
+    ranks
+        .iter()
+        .zip(sample.chunks(BUCKETS))
+        .map(|(rank, h)| {
+            let Some(k) = rank else {
+                return Some(Cut::Known(0));
+            };
+            let m = h.iter().sum::<u64>();
+            if m == 0 {
+                return None;
+            }
+            let q = *k as f64 / d as f64;
+            let (center, margin) = (q * m as f64, 8.0 * (m as f64 * q * (1.0 - q)).sqrt() + 64.0);
+            let lo = ((center - margin).floor().max(1.0) as u64).min(m);
+            let hi = ((center + margin).ceil().max(1.0) as u64).min(m);
+            let (b0, b1) = (locate_high(h, lo).high, locate_high(h, hi).high);
+            (b1 - b0 < MAX_SPAN).then_some(Cut::Range {
+                base: b0 << 16,
+                span: b1 - b0 + 1,
+            })
+        })
+        .collect()
+}
+
+/// The range pass over the scope, then the exact thresholds and majority;
+/// `None` when some task's k-th smallest key is not inside its range.
+fn range_pass(
+    cuts: &[Cut],
+    ranks: &[Option<u64>],
+    visit: Visit,
+    opts: RadixOpts,
+) -> Result<Option<TiesStats>> {
+    let tasks = cuts.len();
+    let mut offsets = Vec::with_capacity(tasks);
+    let mut width = 0;
+    for c in cuts {
+        offsets.push(width);
+        width += c.width();
+    }
+    let row_cap = opts.row_cap_bytes / (4 * tasks);
+    let rows_kept = AtomicUsize::new(0);
+    let overflow = AtomicBool::new(false);
+    let pool: Pool<Pass2> = Pool::default();
+    let make = || Pass2 {
+        below: vec![0; tasks],
+        low: vec![0; width],
+        diff: vec![0; width],
+        settled: 0,
+        rows: Vec::new(),
+    };
+    visit(&|src: &Source| {
+        src.map_chunks(|_, c| {
+            pool.with(make, |acc| {
+                let before = acc.rows.len();
+                pass2_chunk(c, cuts, &offsets, acc, overflow.load(Ordering::Relaxed));
+                let added = (acc.rows.len() - before) / tasks;
+                if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
+                    overflow.store(true, Ordering::Relaxed);
+                }
+                if overflow.load(Ordering::Relaxed) {
+                    acc.rows = Vec::new();
+                }
+            })
+        });
+        Ok(())
+    })?;
+    let accs = pool.into_inner();
+    let mut keys = Vec::with_capacity(tasks);
+    let mut total: i64 = accs.iter().map(|a| a.settled).sum();
+    for (i, (cut, rank)) in cuts.iter().zip(ranks).enumerate() {
+        match (*cut, rank) {
+            (Cut::Known(k), _) => keys.push(k),
+            (Cut::Range { base, .. }, Some(k)) => {
+                let (at, w) = (offsets[i], cut.width());
+                let below: u64 = accs.iter().map(|a| a.below[i]).sum();
+                let mut low = vec![0u64; w];
+                let mut diff = vec![0i64; w];
+                for a in &accs {
+                    add_into(&mut low, &a.low[at..at + w]);
+                    add_into(&mut diff, &a.diff[at..at + w]);
+                }
+                let inside: u64 = low.iter().sum();
+                if *k <= below || *k > below + inside {
+                    return Ok(None);
+                }
+                let pos = locate_high(&low, k - below).high as usize;
+                total += diff[pos..].iter().sum::<i64>();
+                keys.push(base + pos as u32);
+            }
+            (Cut::Range { .. }, None) => unreachable!("ranges are made for ranked tasks"),
+        }
+    }
+    if overflow.load(Ordering::Relaxed) {
+        // Recount the majority with the exact thresholds.
+        let pool: Pool<i64> = Pool::default();
+        visit(&|src: &Source| {
+            src.map_chunks(|_, c| pool.with(|| 0, |acc| *acc += sign_total(c, &keys)));
+            Ok(())
+        })?;
+        total = pool.into_inner().iter().sum();
+    } else {
+        total += accs
+            .iter()
+            .flat_map(|a| a.rows.chunks_exact(tasks))
+            .map(|row| row_sign(row, &keys))
+            .sum::<i64>();
+    }
+    Ok(Some(TiesStats::new(keys, total)))
+}
+
+/// Which route [`fb_stats_radix`] took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Route {
+    /// Nothing to locate (density 1): one majority pass.
+    Majority,
+    /// Sample pass, then one range pass.
+    Sampled,
+    /// Full high-half pass, then one range pass (after a failed sample, or
+    /// without sampling).
+    Exact,
+}
+
+/// Model-wide (or tensor-wide) statistics by radix selection. With
+/// sampling: a pass over 1/8 of the scope proposes a narrow range of keys
+/// per task, and one full pass counts inside it at full resolution (and
+/// does the majority bookkeeping); if the k-th falls outside a range, or a
+/// range would be too wide, the exact route runs instead: a full pass of
+/// high halves, then the same range pass on the bucket holding the k-th.
+pub(super) fn fb_stats_radix(
+    density: f64,
+    tasks: usize,
+    visit: Visit,
+    opts: RadixOpts,
+) -> Result<(TiesStats, Route)> {
+    if density >= 1.0 {
+        let known = vec![Cut::Known(0); tasks];
+        let stats = range_pass(&known, &vec![None; tasks], visit, opts)?;
+        return Ok((stats.expect("nothing to locate"), Route::Majority));
+    }
+    if opts.sample {
+        let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
+        let ranks = vec![fb_rank(d, density); tasks];
+        if let Some(cuts) = sampled_cuts(&ranks, d, &sample) {
+            if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
+                return Ok((stats, Route::Sampled));
+            }
+        }
+    }
+    let (high, d) = high_pass(tasks, 1, visit)?;
+    let ranks = vec![fb_rank(d, density); tasks];
+    let cuts: Vec<Cut> = ranks
+        .iter()
+        .zip(high.chunks(BUCKETS))
+        .map(|(rank, h)| match rank {
+            None => Cut::Known(0),
+            Some(k) => Cut::Range {
+                base: locate_high(h, *k).high << 16,
+                span: 1,
+            },
+        })
+        .collect();
+    let stats = range_pass(&cuts, &ranks, visit, opts)?;
+    Ok((
+        stats.expect("the bucket of the k-th smallest holds it"),
+        Route::Exact,
+    ))
+}
+
+/// Statistics of one tensor on its own (trim scope `tensor`).
+pub(super) fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
+    if src.numel() <= SMALL {
+        return Ok(fb_stats_direct(&mut src.load_all(), density));
+    }
+    Ok(fb_stats_radix(density, src.tasks(), &|f| f(src), RadixOpts::default())?.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::test_data::{concat, random_fixture};
+    use super::super::CHUNK;
+    use super::*;
+    use crate::methods::testutil::{merge1, Fixture, FixtureScan};
+    use crate::methods::{ModelScan, TensorInputs};
+    use crate::spec::{MergeSpec, ParamValue};
+    use rand::SeedableRng;
+    use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn radix_statistics_match_in_memory_selection() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (coarse, density) in [
+            (true, 0.2),
+            (true, 0.5),
+            (false, 0.2),
+            (false, 0.9),
+            (true, 1.0),
+        ] {
+            let fxs: Vec<Fixture> = (0..3)
+                .map(|t| random_fixture(&mut rng, &format!("t{t}"), 20_000 + 777 * t, 3, coarse))
+                .collect();
+            let all = concat(&fxs);
+            let inputs = all.inputs();
+            let want =
+                fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), density);
+            let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
+                FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
+            };
+            // Sampled or exact route; rows kept, or a recount pass forced
+            // by a zero row budget.
+            for sample in [true, false] {
+                for row_cap_bytes in [ROW_CAP_BYTES, 0] {
+                    let opts = RadixOpts {
+                        row_cap_bytes,
+                        sample,
+                    };
+                    let (got, route) = fb_stats_radix(density, 3, &visit, opts).unwrap();
+                    assert_eq!(got, want, "coarse {coarse} density {density} {opts:?}");
+                    // (Small scopes make wide sampled ranges: either route.)
+                    let expected = match (density, sample) {
+                        (1.0, _) => Route::Majority,
+                        (_, false) => Route::Exact,
+                        _ => route,
+                    };
+                    assert_eq!(route, expected, "coarse {coarse} density {density}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_large_scope_takes_the_sampled_route() {
+        // 3 × 150k entries per task: the sample (1/8) pins the 80th
+        // percentile inside one value of the coarse grid (mass 69–85 %).
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        let fxs: Vec<Fixture> = (0..3)
+            .map(|t| random_fixture(&mut rng, &format!("t{t}"), 150_000, 3, true))
+            .collect();
+        let all = concat(&fxs);
+        let inputs = all.inputs();
+        let want = fb_stats_direct(&mut Source::new(&inputs, None).unwrap().load_all(), 0.2);
+        let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
+            FixtureScan(&fxs).for_each(&|i: &TensorInputs| f(&Source::new(i, None)?))
+        };
+        let (got, route) = fb_stats_radix(0.2, 3, &visit, RadixOpts::default()).unwrap();
+        assert_eq!((got, route), (want, Route::Sampled));
+    }
+
+    #[test]
+    fn a_misleading_sample_falls_back_to_the_exact_route() {
+        // The sample is the first 1/8 of every chunk; make those entries
+        // tiny and the rest large, so the sampled range misses the k-th.
+        let n = 3 * CHUNK;
+        let base = vec![0f32; n];
+        let e: Vec<Vec<f32>> = (0..2)
+            .map(|i| {
+                (0..n)
+                    .map(|j| {
+                        let m = ((j * 7 + i * 3) % 97) as f32 + 1.0;
+                        if j % CHUNK < CHUNK / SAMPLE_PART {
+                            m * 1e-4
+                        } else if j % 2 == 0 {
+                            m
+                        } else {
+                            -m
+                        }
+                    })
+                    .collect()
+            })
+            .collect();
+        let fx = Fixture::new("w", &[n], Some(&base), &[&e[0], &e[1]]);
+        let inputs = fx.inputs();
+        let src = Source::new(&inputs, None).unwrap();
+        let want = fb_stats_direct(&mut src.load_all(), 0.5);
+        let (got, route) = fb_stats_radix(0.5, 2, &|f| f(&src), RadixOpts::default()).unwrap();
+        assert_eq!((got, route), (want, Route::Exact));
+    }
+
+    #[test]
+    fn large_tensor_scope_uses_radix_and_agrees() {
+        // n > SMALL: tensor scope takes the radix path; compare with the
+        // in-memory oracle and with the model scope of a one-tensor model.
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let fx = random_fixture(&mut rng, "big", SMALL + 1234, 3, true);
+        let inputs = fx.inputs();
+        let src = Source::new(&inputs, None).unwrap();
+        let want = fb_stats_direct(&mut src.load_all(), 0.3);
+        assert_eq!(fb_stats_tensor(&src, 0.3).unwrap(), want);
+        let spec =
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b", "c"]).with("density", 0.3);
+        let model = merge1(&spec, &fx);
+        let tensor = merge1(
+            &spec.with_value("trim_scope", ParamValue::Text("tensor".into())),
+            &fx,
+        );
+        assert_eq!(model, tensor);
+    }
+}
