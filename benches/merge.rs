@@ -9,9 +9,8 @@ use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use merger::checkpoint::{Checkpoint, WriteOptions};
 use merger::merge::{merge_to_dir, MergeOptions};
-use merger::spec::MergeSpec;
 use merger::throughput::copy_floor;
-use merger::zoo::{synth, SynthOptions};
+use merger::zoo::{pool_spec, synth, SynthOptions};
 
 fn merge_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -32,12 +31,6 @@ fn merge_throughput(c: &mut Criterion) {
         .map(|(i, d)| Checkpoint::open(&format!("m{i}"), d).expect("open"))
         .collect();
     let input: u64 = checkpoints.iter().map(|c| c.data_bytes()).sum();
-    let names: Vec<String> = dirs[1..]
-        .iter()
-        .map(|d| d.to_string_lossy().into_owned())
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let base = dirs[0].to_string_lossy().into_owned();
     let out = dir.path().join("out");
     let resolve = |n: &str| -> merger::Result<PathBuf> { Ok(PathBuf::from(n)) };
     let opts = MergeOptions {
@@ -53,7 +46,7 @@ fn merge_throughput(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("copy_floor", |b| b.iter(|| copy_floor(&checkpoints)));
     for method in ["task_arithmetic", "ties_merging", "dare"] {
-        let mut spec = MergeSpec::new(method, Some(&base), &names);
+        let mut spec = pool_spec(method, &dirs);
         spec.seed = Some(1);
         group.bench_function(method, |b| {
             b.iter(|| {

@@ -11,9 +11,8 @@ use anyhow::Context;
 use clap::Subcommand;
 use merger::checkpoint::{parse_dtype, Checkpoint, WriteOptions};
 use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Progress};
-use merger::spec::MergeSpec;
 use merger::throughput::{copy_floor, AnonSampler};
-use merger::zoo::{synth, SynthOptions};
+use merger::zoo::{pool_spec, synth, SynthOptions};
 
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
@@ -122,16 +121,10 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             .cloned()
             .ok_or_else(|| merger::MergeError::MissingCheckpoint(PathBuf::from(n)))
     };
-    let names: Vec<String> = dirs[1..]
-        .iter()
-        .map(|d| d.to_string_lossy().into_owned())
-        .collect();
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    let base = dirs[0].to_string_lossy().into_owned();
     let out = work.join("bench-out");
     let cpu = merger::device::parse_device("cpu")?;
     for method in &methods {
-        let mut spec = MergeSpec::new(method, Some(&base), &names);
+        let mut spec = pool_spec(method, &dirs);
         if method == "dare" {
             spec.seed = Some(42);
         }

@@ -166,6 +166,17 @@ pub fn synth(out: &Path, opts: &SynthOptions) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// A spec merging a synthesised pool with `method`: folders from [`synth`]
+/// (base first) as checkpoint names.
+pub fn pool_spec(method: &str, dirs: &[PathBuf]) -> crate::spec::MergeSpec {
+    let names: Vec<String> = dirs[1..]
+        .iter()
+        .map(|d| d.to_string_lossy().into_owned())
+        .collect();
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    crate::spec::MergeSpec::new(method, Some(&dirs[0].to_string_lossy()), &names)
+}
+
 const CHUNK: usize = 1 << 14;
 
 fn splitmix(mut z: u64) -> u64 {

@@ -165,15 +165,10 @@ fn iso_cts_delta(tv: &TaskVectors, fraction: f64) -> candle_core::Result<Mat<f64
 mod tests {
     use super::*;
     use crate::methods::testutil::{assert_close, merge1, Fixture};
-    use crate::spec::MergeSpec;
 
     const W: &str = "model.layers.0.mlp.up_proj.weight";
 
-    fn spec(method: &str, n: usize) -> MergeSpec {
-        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        MergeSpec::new(method, Some("base"), &refs)
-    }
+    use crate::methods::testutil::spec_n as spec;
 
     /// Experts θi = θ0 + τi for a base θ0 and task vectors τi.
     fn fixture(name: &str, shape: &[usize], base: &[f32], taus: &[&[f32]]) -> Fixture {

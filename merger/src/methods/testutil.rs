@@ -66,6 +66,13 @@ impl Fixture {
     }
 }
 
+/// A spec for `method` with base `base` and `n` experts `m0..m{n-1}`.
+pub fn spec_n(method: &str, n: usize) -> MergeSpec {
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    MergeSpec::new(method, Some("base"), &refs)
+}
+
 /// A model made of several fixtures, for methods with a model-wide pass.
 pub struct FixtureScan<'a>(pub &'a [Fixture]);
 

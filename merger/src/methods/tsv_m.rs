@@ -93,15 +93,13 @@ fn tsv_delta(tv: &TaskVectors) -> candle_core::Result<Mat<f64>> {
 
 #[cfg(test)]
 mod tests {
-    use crate::methods::testutil::{assert_close, merge1, Fixture};
+    use crate::methods::testutil::{assert_close, merge1, spec_n, Fixture};
     use crate::spec::MergeSpec;
 
     const W: &str = "model.layers.1.self_attn.o_proj.weight";
 
     fn spec(n: usize) -> MergeSpec {
-        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        MergeSpec::new("tsv_m", Some("base"), &refs)
+        spec_n("tsv_m", n)
     }
 
     /// Experts θi = θ0 + τi for a base θ0 and task vectors τi.

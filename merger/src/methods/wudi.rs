@@ -271,16 +271,14 @@ impl Interference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::testutil::{assert_close, merge1, Fixture};
+    use crate::methods::testutil::{assert_close, merge1, spec_n, Fixture};
     use crate::spec::MergeSpec;
     use candle_core::Device;
 
     const W: &str = "model.layers.2.mlp.down_proj.weight";
 
     fn spec(n: usize) -> MergeSpec {
-        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
-        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-        MergeSpec::new("wudi", Some("base"), &refs)
+        spec_n("wudi", n)
     }
 
     /// Experts θi = θ0 + τi for a base θ0 and task vectors τi.
