@@ -4,10 +4,14 @@
 
 CARGO ?= cargo
 
-.PHONY: test build lint fmt bench-merge
+.PHONY: test test-deps build lint fmt bench-merge
 
-test:
+test: test-deps
 	$(CARGO) test --release --workspace --all-targets
+
+# numpy and safetensors for the reference implementations in tests/reference.
+test-deps:
+	@python3 -c "import numpy, safetensors" 2>/dev/null || python3 -m pip install --quiet numpy safetensors
 
 build:
 	$(CARGO) build --release

@@ -363,6 +363,7 @@ impl MergePlan {
     ) -> Result<MergeStats> {
         let start = Instant::now();
         // The method is taken out while it scans the plan it belongs to.
+        progress.bar.set_message("model-wide statistics");
         let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
         let prepared = method.prepare(&PlanScan { plan: self, device });
         self.method = method;

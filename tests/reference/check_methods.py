@@ -1,0 +1,96 @@
+# Independent numpy re-implementations of FusionBench's ties_merging (model
+# scope, as fusion_bench/method/ties_merging/ties_merging_utils.py computes
+# it), mergekit's ties (per tensor) and slerp, compared with `fusion merge`
+# on a random f32 pool. Usage: check_methods.py FUSION_BINARY (run in an
+# empty folder). Exit status 0 when every method agrees within 1e-5.
+import json, os, subprocess, sys
+import numpy as np
+from safetensors.numpy import save_file, load_file
+
+rng = np.random.default_rng(0)
+shapes = {"model.embed_tokens.weight": (16, 8), "model.layers.0.mlp.up_proj.weight": (12, 8),
+          "model.layers.1.mlp.up_proj.weight": (12, 8), "model.norm.weight": (8,)}
+base = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
+experts = [{k: (v + rng.normal(scale=0.1, size=v.shape)).astype(np.float32) for k, v in base.items()} for _ in range(3)]
+for name, sd in [("base", base)] + [(f"e{i}", e) for i, e in enumerate(experts)]:
+    os.makedirs(name, exist_ok=True)
+    save_file(sd, f"{name}/model.safetensors", metadata={"format": "pt"})
+    json.dump({"model_type": "llama"}, open(f"{name}/config.json", "w"))
+keys = sorted(shapes)
+
+def fb_ties(density, lam, merge_func):
+    flat = np.stack([np.concatenate([(e[k] - base[k]).ravel() for k in keys]) for e in experts])
+    n, d = flat.shape
+    k = d - int(d * density)
+    kth = np.sort(np.abs(flat), axis=1)[:, k - 1:k]
+    trimmed = flat * (np.abs(flat) >= kth)
+    sign = np.sign(trimmed.sum(0))
+    majority = np.sign(sign.sum())
+    sign[sign == 0] = majority
+    keep = np.where(sign[None] > 0, trimmed > 0, trimmed < 0)
+    sel = trimmed * keep
+    if merge_func == "sum": merged = sel.sum(0)
+    elif merge_func == "mean": merged = sel.sum(0) / np.maximum((sel != 0).sum(0), 1)
+    else: merged = np.abs(sel).max(0) * sign
+    out, off = {}, 0
+    for kk in keys:
+        m = base[kk].size
+        out[kk] = base[kk] + lam * merged[off:off + m].reshape(base[kk].shape)
+        off += m
+    return out
+
+def mk_ties(density, weights, lam=1.0):
+    out = {}
+    for kk in keys:
+        deltas = []
+        for e in experts:
+            t = (e[kk] - base[kk]).ravel()
+            kkeep = int(density * t.size)
+            mask = np.zeros_like(t)
+            mask[np.argsort(-np.abs(t), kind="stable")[:kkeep]] = 1
+            deltas.append(t * mask)
+        deltas = np.stack(deltas)
+        w = np.array(weights, dtype=np.float32)[:, None]
+        wd = deltas * w
+        sign = np.where(wd.sum(0) >= 0, 1.0, -1.0)
+        mask = np.sign(deltas) == sign
+        mixed = (wd * mask).sum(0)
+        div = (w * mask).sum(0)
+        div[np.abs(div) < 1e-8] = 1
+        out[kk] = base[kk] + lam * (mixed / div).reshape(base[kk].shape)
+    return out
+
+def run(args, out):
+    subprocess.run([sys.argv[1], "merge", *args, "--out", out, "--force", "--quiet"], check=True, stderr=subprocess.DEVNULL)
+    return load_file(f"{out}/model.safetensors")
+
+worst = 0
+for density, mf in [(0.2, "sum"), (0.5, "mean"), (0.35, "max")]:
+    got = run(["--spec", f"ties_merging(e0,e1,e2;base=base,density={density},merge_func={mf},scaling_coefficient=0.3)"], "fb")
+    want = fb_ties(density, 0.3, mf)
+    err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+    print(f"ties_merging density={density} {mf}: max abs diff {err:.2e}")
+open("mk.yaml", "w").write("merge_method: ties\nbase_model: base\nmodels:\n  - model: e0\n    parameters: {weight: 1.0, density: 0.5}\n  - model: e1\n    parameters: {weight: 0.5, density: 0.5}\n  - model: e2\n    parameters: {weight: 0.8, density: 0.5}\n")
+got = run(["mk.yaml"], "mk")
+want = mk_ties(0.5, [1.0, 0.5, 0.8])
+err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+print(f"mergekit ties density=0.5: max abs diff {err:.2e}")
+def mk_slerp(t, a, b, eps=1e-8, thr=0.9995):
+    out = {}
+    for kk in keys:
+        v0, v1 = a[kk].astype(np.float64), b[kk].astype(np.float64)
+        n0, n1 = np.linalg.norm(v0), np.linalg.norm(v1)
+        dot = np.sum((v0 / n0 if n0 > eps else v0) * (v1 / n1 if n1 > eps else v1))
+        if abs(dot) > thr:
+            out[kk] = (1 - t) * v0 + t * v1
+        else:
+            th = np.arccos(dot)
+            out[kk] = (np.sin((1 - t) * th) * v0 + np.sin(t * th) * v1) / np.sin(th)
+    return out
+
+open("slerp.yaml", "w").write("merge_method: slerp\nbase_model: e0\nmodels:\n  - model: e0\n  - model: e1\nparameters:\n  t: 0.3\n")
+got = run(["slerp.yaml"], "sl")
+want = mk_slerp(0.3, experts[0], experts[1])
+err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+print(f"slerp t=0.3: max abs diff {err:.2e}")
+sys.exit(0 if worst < 1e-5 else 1)
