@@ -22,9 +22,12 @@
 //! model-wide pass in [`MergeMethod::prepare`] that never holds the model:
 //! thresholds are exact order statistics found by radix selection on the
 //! bit patterns of |τ| ([`crate::select`]).
-//! - A sample pass reads the first 1/8 of every chunk of every tensor and
-//!   counts the high 16 bits of |τi|; from it, each task gets a narrow range
-//!   of keys (at most 4 high-half buckets) that should hold its k-th.
+//! - A small sample (the first 1/64 of every chunk of every tensor) counts
+//!   the high 16 bits of |τi|: each task gets a coarse range of keys (at
+//!   most 4 high-half buckets) that should hold its k-th. A larger sample
+//!   (the first 1/8 of every chunk) collects its keys inside those ranges
+//!   and narrows each to the exact keys at its sample ranks q·m ± (8σ + 64);
+//!   if that fails, the 1/8 sample's high halves propose whole buckets.
 //! - The range pass reads everything once: per task it counts the keys
 //!   below the range and, at full 32-bit resolution, the keys inside it,
 //!   which gives the exact k-th when it is inside the range. If it is not
@@ -61,8 +64,9 @@
 //! mergekit's sign mask, never the result).
 //!
 //! All arithmetic is f32. On the CPU every pass is a fused loop over chunks
-//! of the stored bytes, in parallel, task by task over contiguous slices so
-//! that the loops vectorise (built for AVX2 too, chosen at run time), and the
+//! of the stored bytes, in parallel (the FusionBench passes in L1-sized
+//! blocks, the next block's bytes prefetched), task by task over contiguous
+//! slices so that the loops vectorise (built for AVX2 too, chosen at run time), and the
 //! result is written in the output dtype in the same pass; elsewhere the
 //! merge runs as candle ops and returns f32 (the thresholds are always found
 //! on the CPU, from the memory-mapped bytes).
@@ -101,6 +105,9 @@ macro_rules! multiversion {
 
 /// Entries per chunk of the fused loops.
 pub(crate) const CHUNK: usize = 1 << 14;
+/// Entries per block of a chunk that the FusionBench loops decode and work
+/// on at once (θ0, every τ and the scratch stay in L1).
+pub(crate) const BLOCK: usize = 1 << 10;
 /// Tensors up to this size find their thresholds by in-memory selection.
 const SMALL: usize = 1 << 16;
 /// Undecided rows kept during the range pass before the majority is
@@ -360,7 +367,7 @@ impl FbTies {
             }
         };
         if fused {
-            src.fill(|_, c, o| fb_kernel(c, &stats, self.func, lambda, o))
+            src.fill_blocks(|c, o| fb_kernel(c, &stats, self.func, lambda, o))
         } else {
             let (base, taus) = (src.base_tensor()?, src.task_vectors()?);
             fb_candle(base, &taus, &stats, self.func, lambda).map_err(|e| src.inputs.err(e))

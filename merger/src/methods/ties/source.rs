@@ -7,7 +7,7 @@ use rayon::prelude::*;
 
 use super::super::dare::TensorDropout;
 use super::super::TensorInputs;
-use super::CHUNK;
+use super::{BLOCK, CHUNK};
 use crate::checkpoint::reader::decode_chunk;
 use crate::checkpoint::writer::bf16_bits;
 use crate::checkpoint::TensorRef;
@@ -25,7 +25,6 @@ pub(crate) struct Chunk {
     pub acc: Vec<f32>,
     pub aux: Vec<f32>,
     pub undecided: Vec<u32>,
-    pub which: Vec<u32>,
     /// Positions picked by a branchless compaction (one spare slot).
     pub picks: Vec<u32>,
 }
@@ -66,7 +65,6 @@ impl<'a> Source<'a> {
             acc: vec![0.0; len],
             aux: vec![0.0; len],
             undecided: vec![0; len],
-            which: vec![0; len],
             picks: vec![0; len + 1],
         }
     }
@@ -110,6 +108,138 @@ impl<'a> Source<'a> {
                 },
             )
             .collect()
+    }
+
+    /// Scratch for [`Source::blocks`]: one L1-sized block, or a whole chunk
+    /// when there is a dropout (its masks are drawn chunk by chunk).
+    fn block_scratch(&self) -> Chunk {
+        let step = if self.dropout.is_some() { CHUNK } else { BLOCK };
+        self.chunk(step.min(self.numel()))
+    }
+
+    /// Loads entries `start..start + len` block by block into `c` (made by
+    /// [`Source::block_scratch`]) and calls `g(c)` on each.
+    #[inline]
+    pub(super) fn blocks(
+        &self,
+        start: usize,
+        len: usize,
+        c: &mut Chunk,
+        mut g: impl FnMut(&mut Chunk),
+    ) {
+        let step = c.base.len().max(1);
+        let mut off = 0;
+        while off < len {
+            let l = step.min(len - off);
+            // The next block's bytes, requested ahead: the inputs are
+            // memory-mapped pages, and hardware prefetchers stop at every
+            // page boundary.
+            let ahead = (start + off + l)..(start + (off + 2 * l).min(len));
+            self.prefetch(ahead);
+            self.load(start + off, l, c);
+            g(c);
+            off += l;
+        }
+    }
+
+    /// Asks the cache for the stored bytes of entries `range` of every input.
+    #[inline]
+    fn prefetch(&self, range: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+            let inputs = self.inputs.base.iter().chain(&self.inputs.experts);
+            for r in inputs {
+                let w = r.dtype.size_in_bytes();
+                let Some(bytes) = r.bytes.get(range.start * w..range.end * w) else {
+                    continue;
+                };
+                for line in bytes.chunks(64) {
+                    // SAFETY: SSE is part of the x86_64 baseline; a prefetch
+                    // of a valid address has no effect on memory.
+                    unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = range;
+    }
+
+    /// Runs `f(load)` over every chunk in parallel (over the first
+    /// ⌈len/`part`⌉ entries of each when `part` > 1), where `load(g)` calls
+    /// `g` on the chunk's entries block by block (see [`Source::blocks`]).
+    pub(super) fn for_each_chunk_blocks(
+        &self,
+        part: usize,
+        f: impl Fn(&mut dyn FnMut(&mut dyn FnMut(&mut Chunk))) + Sync,
+    ) {
+        let n = self.numel();
+        (0..n.div_ceil(CHUNK)).into_par_iter().for_each_init(
+            || self.block_scratch(),
+            |c, k| {
+                let start = k * CHUNK;
+                let len = CHUNK.min(n - start).div_ceil(part);
+                f(&mut |g| self.blocks(start, len, c, g))
+            },
+        );
+    }
+
+    /// [`Source::fill`] block by block: `f(block, f32 results)` with the
+    /// block's θ0 and τ loaded, its results cast into the output dtype.
+    pub fn fill_blocks(&self, f: impl Fn(&mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
+        let (shape, device) = (self.inputs.shape(), self.inputs.device);
+        let t = match self.inputs.out_dtype {
+            DType::BF16 => Tensor::from_vec(
+                self.fill_blocks_cast(&f, |r, o: &mut [half::bf16]| {
+                    o.iter_mut()
+                        .zip(r)
+                        .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
+                }),
+                shape,
+                device,
+            ),
+            DType::F16 => Tensor::from_vec(
+                self.fill_blocks_cast(&f, |r, o: &mut [half::f16]| {
+                    use half::slice::HalfFloatSliceExt;
+                    o.convert_from_f32_slice(r);
+                }),
+                shape,
+                device,
+            ),
+            _ => Tensor::from_vec(
+                self.fill_blocks_cast(&f, |r, o: &mut [f32]| o.copy_from_slice(r)),
+                shape,
+                device,
+            ),
+        };
+        t.map_err(|e| self.inputs.err(e))
+    }
+
+    fn fill_blocks_cast<T: bytemuck::Zeroable + Clone + Send>(
+        &self,
+        f: &(impl Fn(&mut Chunk, &mut [f32]) + Sync),
+        store: impl Fn(&[f32], &mut [T]) + Sync,
+    ) -> Vec<T> {
+        let n = self.numel();
+        let mut out: Vec<T> = output_vec(n);
+        out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+            || {
+                let c = self.block_scratch();
+                let res = vec![0f32; c.base.len()];
+                (c, res)
+            },
+            |(c, res), (k, o)| {
+                let mut off = 0;
+                self.blocks(k * CHUNK, o.len(), c, |c| {
+                    let l = c.len;
+                    let r = &mut res[..l];
+                    f(c, r);
+                    store(r, &mut o[off..off + l]);
+                    off += l;
+                });
+            },
+        );
+        out
     }
 
     /// Builds the merged tensor by `f(chunk index, chunk, f32 results)` over
@@ -275,6 +405,47 @@ pub(crate) fn for_each_hit<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, mut f: im
     }
 }
 
+/// The high bits of 16 flag bytes (0 or 0xff) as a mask.
+#[inline(always)]
+fn mask16(w: &[u8]) -> u32 {
+    debug_assert!(w.len() >= 16);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_movemask_epi8};
+        // SAFETY: SSE2 is part of the x86_64 baseline, and `w` holds at
+        // least 16 bytes (an unaligned load).
+        unsafe { _mm_movemask_epi8(_mm_loadu_si128(w.as_ptr().cast::<__m128i>())) as u32 }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        w[..16]
+            .iter()
+            .enumerate()
+            .fold(0u32, |m, (l, &b)| m | u32::from(b >> 7) << l)
+    }
+}
+
+/// Calls `f(j)` for every j with `flags[j] != 0` (flags are 0 or 0xff):
+/// 32 flags at a time become a bit mask (two vector moves) and only set
+/// bits are visited.
+#[inline(always)]
+pub(super) fn for_each_flag(flags: &[u8], mut f: impl FnMut(usize)) {
+    let mut blocks = flags.chunks_exact(32);
+    for (b, block) in (&mut blocks).enumerate() {
+        let mut mask = mask16(&block[..16]) | mask16(&block[16..]) << 16;
+        while mask != 0 {
+            f(b * 32 + mask.trailing_zeros() as usize);
+            mask &= mask - 1;
+        }
+    }
+    let tail = flags.len() - blocks.remainder().len();
+    for (l, &x) in blocks.remainder().iter().enumerate() {
+        if x != 0 {
+            f(tail + l);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::{DType, Device};
@@ -282,6 +453,18 @@ mod tests {
     use super::*;
     use crate::methods::testutil::typed_bytes;
     use crate::spec::TensorCtx;
+
+    #[test]
+    fn flags_are_visited_in_order() {
+        // 70 flags (two full masks of 32 and a tail of 6), set at 0, 5, 31,
+        // 32, 63, 64 and 69: exactly those positions, ascending.
+        let set = [0usize, 5, 31, 32, 63, 64, 69];
+        let mut flags = vec![0u8; 70];
+        set.iter().for_each(|&j| flags[j] = 0xff);
+        let mut seen = Vec::new();
+        for_each_flag(&flags, |j| seen.push(j));
+        assert_eq!(seen, set);
+    }
 
     #[test]
     fn every_stored_dtype_loads_the_same_task_vectors() {

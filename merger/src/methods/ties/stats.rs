@@ -4,8 +4,8 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::source::{add_trimmed, for_each_hit, sgn, Chunk, Source};
-use super::{ROW_CAP_BYTES, SMALL};
+use super::source::{add_trimmed, for_each_flag, sgn, Chunk, Source};
+use super::{CHUNK, ROW_CAP_BYTES, SMALL};
 use crate::error::Result;
 use crate::select::{
     abs_key, add_into, count_high_ways, fold_ways, locate_high, order_small, Pool, BUCKETS, WAYS,
@@ -101,13 +101,13 @@ pub(crate) type Visit<'v> =
     &'v (dyn Fn(&(dyn Fn(&Source) -> Result<()> + Sync)) -> Result<()> + Sync);
 
 /// How a task is trimmed while its threshold is being found: a known
-/// threshold, or a range of keys [base, base + span·2¹⁶) that holds it
+/// threshold, or a range of keys [from, from + width) that holds it
 /// (probably, when estimated from a sample) and is counted at full
 /// resolution.
 #[derive(Clone, Copy)]
 enum Cut {
     Known(u32),
-    Range { base: u32, span: u32 },
+    Range { from: u32, width: u32 },
 }
 
 impl Cut {
@@ -115,7 +115,7 @@ impl Cut {
     fn width(&self) -> usize {
         match self {
             Cut::Known(_) => 0,
-            Cut::Range { span, .. } => (*span as usize) << 16,
+            Cut::Range { width, .. } => *width as usize,
         }
     }
 }
@@ -124,6 +124,9 @@ impl Cut {
 const MAX_SPAN: u32 = 4;
 /// The sample is the first 1/`SAMPLE_PART` of every chunk.
 pub(super) const SAMPLE_PART: usize = 8;
+/// The small sample that proposes the buckets to look in is the first
+/// 1/`PRE_PART` of every chunk.
+const PRE_PART: usize = 64;
 
 /// Options of [`fb_stats_radix`].
 #[derive(Debug, Clone, Copy)]
@@ -169,94 +172,85 @@ fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, o
         sum,
         acc: with,
         undecided,
-        which,
         picks,
         ..
     } = c;
     // s0: the sum over the tasks kept whatever is undecided; s1: the same
-    // plus every non-zero τ inside its task's range (the sum with the
-    // undecided task kept, when there is exactly one).
+    // plus every τ inside its task's range (the sum with the undecided task
+    // kept, when there is exactly one); `hit`: some task is inside its range.
     let (s0, s1) = (&mut sum[..n], &mut with[..n]);
     s0.fill(0.0);
     s1.fill(0.0);
-    let und = &mut undecided[..n];
-    und.fill(0);
-    let which = &mut which[..n];
-    for (i, (t, cut)) in tau.iter().zip(cuts).enumerate() {
+    let hit = &mut undecided[..n];
+    hit.fill(0);
+    for (t, (i, cut)) in tau.iter().zip(cuts.iter().enumerate()) {
         let t = &t[..n];
         match *cut {
             Cut::Known(k) => {
-                add_trimmed(s0, t, k);
-                add_trimmed(s1, t, k);
-            }
-            Cut::Range { base, span } => {
-                let width = span << 16;
-                // One loop: s0 keeps keys past the range, s1 keys from its
-                // start, and the keys below it are counted.
-                let (from, past) = (
-                    base.min(i32::MAX as u32) as i32,
-                    base.saturating_add(width).min(i32::MAX as u32) as i32,
-                );
-                let mut below = 0u32;
+                let k = k.min(i32::MAX as u32) as i32;
                 for ((a, b), &v) in s0.iter_mut().zip(s1.iter_mut()).zip(t) {
+                    let kept = if abs_key(v) as i32 >= k { v } else { 0.0 };
+                    *a += kept;
+                    *b += kept;
+                }
+            }
+            Cut::Range { from, width } => {
+                // One loop: s0 keeps keys past the range, s1 keys from its
+                // start, the keys below it are counted and hits flagged.
+                let past = from.saturating_add(width).min(i32::MAX as u32) as i32;
+                let start = from.min(i32::MAX as u32) as i32;
+                let mut below = 0u32;
+                for (((a, b), h), &v) in s0.iter_mut().zip(s1.iter_mut()).zip(hit.iter_mut()).zip(t)
+                {
                     let key = abs_key(v) as i32;
-                    *a += if key >= past { v } else { 0.0 };
-                    *b += if key >= from { v } else { 0.0 };
-                    below += u32::from(key < from);
+                    let (up, inside) = (key >= past, key >= start);
+                    *a += if up { v } else { 0.0 };
+                    *b += if inside { v } else { 0.0 };
+                    below += u32::from(!inside);
+                    *h |= u32::from(inside & !up);
                 }
                 acc.below[i] += u64::from(below);
-                // The entries inside the range, found 32 at a time.
-                let low = &mut acc.low[offsets[i]..offsets[i] + width as usize];
-                for_each_hit(
-                    t,
-                    |v| abs_key(v).wrapping_sub(base) < width,
-                    |j| {
-                        let key = abs_key(t[j]);
-                        low[(key - base) as usize] += 1;
-                        // A zero adds nothing whether kept or not.
-                        if key != 0 {
-                            und[j] += 1;
-                            which[j] = i as u32;
-                        }
-                    },
-                );
             }
         }
     }
-    // Entries with at most one undecided task count sign(s0) now; the
-    // rest, one undecided task that flips the sign (a difference-table entry
-    // at its key) or several (a row), are flagged in the same vector loop,
-    // then visited.
+    // Every entry counts sign(s0) now; the visits below correct the entries
+    // with an undecided task.
     let mut settled = 0i32;
-    let flags = &mut picks[..n];
-    for (((f, &x0), &x1), &u) in flags
-        .iter_mut()
-        .zip(s0.iter())
-        .zip(s1.iter())
-        .zip(und.iter())
-    {
-        let sign = i32::from(x0 > 0.0) - i32::from(x0 < 0.0);
-        settled += sign & -i32::from(u <= 1);
-        let flips = ((x1 > 0.0) != (x0 > 0.0)) | ((x1 < 0.0) != (x0 < 0.0));
-        *f = u32::from(((u == 1) & flips) | (u >= 2));
+    for &x0 in s0.iter() {
+        settled += i32::from(x0 > 0.0) - i32::from(x0 < 0.0);
     }
-    acc.settled += i64::from(settled);
-    for_each_hit(
-        flags,
-        |f| f != 0,
-        |j| {
-            if und[j] == 1 {
-                let a = which[j] as usize;
-                let Cut::Range { base, .. } = cuts[a] else {
-                    unreachable!("only ranged tasks are undecided")
-                };
-                let at = offsets[a] + (abs_key(tau[a][j]) - base) as usize;
-                acc.diff[at] += sgn(s1[j]) - sgn(s0[j]);
-            } else if !overflowed {
+    let flags: &mut [u8] = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut picks[..])[..n];
+    for (f, &h) in flags.iter_mut().zip(hit.iter()) {
+        *f = if h != 0 { 0xff } else { 0 };
+    }
+    for_each_flag(flags, |j| {
+        // Count the keys inside the ranges; a zero adds nothing whether
+        // kept or not, so it leaves the entry decided.
+        let (mut undecided, mut at) = (0u32, 0usize);
+        for (t, (cut, &off)) in tau.iter().zip(cuts.iter().zip(offsets)) {
+            if let Cut::Range { from, width } = *cut {
+                let key = abs_key(t[j]);
+                let d = key.wrapping_sub(from);
+                if d < width {
+                    acc.low[off + d as usize] += 1;
+                    if key != 0 {
+                        undecided += 1;
+                        at = off + d as usize;
+                    }
+                }
+            }
+        }
+        let (x0, x1) = (s0[j], s1[j]);
+        if undecided == 1 {
+            acc.diff[at] += sgn(x1) - sgn(x0);
+        } else if undecided >= 2 {
+            settled -= sgn(x0) as i32;
+            if !overflowed {
                 acc.rows.extend(tau.iter().map(|t| t[j]));
             }
-        },
-    );
+        }
+    });
+    acc.settled += i64::from(settled);
 }
 
 /// High-half histograms of every task over the scope (of the first
@@ -266,13 +260,15 @@ fn high_pass(tasks: usize, part: usize, visit: Visit) -> Result<(Vec<u64>, u64)>
     let entries = std::sync::atomic::AtomicU64::new(0);
     visit(&|src: &Source| {
         entries.fetch_add(src.numel() as u64, Ordering::Relaxed);
-        src.map_chunk_heads(part, |_, c| {
+        src.for_each_chunk_blocks(part, |load| {
             pool.with(
                 || vec![0u64; tasks * WAYS * BUCKETS],
                 |h| {
-                    for (t, h) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)) {
-                        count_high_ways(h, &t[..c.len]);
-                    }
+                    load(&mut |c| {
+                        for (t, h) in c.tau.iter().zip(h.chunks_mut(WAYS * BUCKETS)) {
+                            count_high_ways(h, &t[..c.len]);
+                        }
+                    })
                 },
             )
         });
@@ -287,10 +283,116 @@ fn high_pass(tasks: usize, part: usize, visit: Visit) -> Result<(Vec<u64>, u64)>
     Ok((high, entries.into_inner()))
 }
 
+/// The sample ranks q·m ± (`sigmas`·σ + 64) (clamped to 1..=m) around the
+/// sample's estimate of rank k of d, q = k/d, σ = √(m·q·(1 − q)).
+fn sample_ranks(k: u64, d: u64, m: u64, sigmas: f64) -> (u64, u64) {
+    let q = k as f64 / d as f64;
+    let (center, margin) = (
+        q * m as f64,
+        sigmas * (m as f64 * q * (1.0 - q)).sqrt() + 64.0,
+    );
+    let lo = ((center - margin).floor().max(1.0) as u64).min(m);
+    let hi = ((center + margin).ceil().max(1.0) as u64).min(m);
+    (lo, hi)
+}
+
+/// Sample accumulator of [`fine_cuts`]: per task the sampled keys below
+/// its coarse range and the sampled keys inside it.
+struct Fine {
+    below: Vec<u64>,
+    keys: Vec<Vec<u32>>,
+}
+
+multiversion!(
+    /// [`fine_cuts`] over one block.
+    fn fine_block => fine_body(c: &mut Chunk, coarse: &[Cut], acc: &mut Fine)
+);
+
+#[inline(always)]
+fn fine_body(c: &mut Chunk, coarse: &[Cut], acc: &mut Fine) {
+    let n = c.len;
+    let Chunk { tau, picks, .. } = c;
+    let flags: &mut [u8] = &mut bytemuck::cast_slice_mut::<u32, u8>(&mut picks[..])[..n];
+    for (i, (t, cut)) in tau.iter().zip(coarse).enumerate() {
+        let Cut::Range { from, width } = *cut else {
+            continue;
+        };
+        let t = &t[..n];
+        let mut below = 0u32;
+        for (f, &v) in flags.iter_mut().zip(t) {
+            let d = abs_key(v).wrapping_sub(from);
+            below += u32::from(abs_key(v) < from);
+            *f = if d < width { 0xff } else { 0 };
+        }
+        acc.below[i] += u64::from(below);
+        let keys = &mut acc.keys[i];
+        for_each_flag(flags, |j| keys.push(abs_key(t[j])));
+    }
+}
+
+/// Narrows coarse ranges (whole high-half buckets, from a small sample) to
+/// the exact keys at the sample ranks of [`sample_ranks`] in the larger
+/// sample (the first 1/[`SAMPLE_PART`] of every chunk), whose keys inside
+/// the coarse ranges are collected; `None` when the sought ranks of some
+/// task are not inside its coarse range.
+fn fine_cuts(
+    coarse: &[Cut],
+    ranks: &[Option<u64>],
+    d: u64,
+    visit: Visit,
+) -> Result<Option<Vec<Cut>>> {
+    let tasks = coarse.len();
+    let pool: Pool<Fine> = Pool::default();
+    let sampled = std::sync::atomic::AtomicU64::new(0);
+    visit(&|src: &Source| {
+        let n = src.numel();
+        let m: usize = (0..n.div_ceil(CHUNK))
+            .map(|k| CHUNK.min(n - k * CHUNK).div_ceil(SAMPLE_PART))
+            .sum();
+        sampled.fetch_add(m as u64, Ordering::Relaxed);
+        src.for_each_chunk_blocks(SAMPLE_PART, |load| {
+            pool.with(
+                || Fine {
+                    below: vec![0; tasks],
+                    keys: vec![Vec::new(); tasks],
+                },
+                |acc| load(&mut |c| fine_block(c, coarse, acc)),
+            )
+        });
+        Ok(())
+    })?;
+    let m = sampled.into_inner();
+    let accs = pool.into_inner();
+    let mut cuts = Vec::with_capacity(tasks);
+    for (i, (cut, rank)) in coarse.iter().zip(ranks).enumerate() {
+        let (Cut::Range { .. }, Some(k)) = (cut, rank) else {
+            cuts.push(*cut);
+            continue;
+        };
+        let below: u64 = accs.iter().map(|a| a.below[i]).sum();
+        let mut keys: Vec<u32> = accs
+            .iter()
+            .flat_map(|a| a.keys[i].iter().copied())
+            .collect();
+        let (lo, hi) = sample_ranks(*k, d, m, 8.0);
+        let inside = keys.len() as u64;
+        if lo <= below || hi > below + inside {
+            return Ok(None);
+        }
+        let first = order_small(&mut keys, lo - below).key;
+        let last = order_small(&mut keys, hi - below).key;
+        cuts.push(Cut::Range {
+            from: first,
+            width: last - first + 1,
+        });
+    }
+    Ok(Some(cuts))
+}
+
 /// Ranges that probably hold the k-th smallest key of each task, from a
 /// sample's histograms: the buckets of sample ranks q·m ± (8σ + 64) with
 /// q = k/d; `None` when a range would be wider than [`MAX_SPAN`].
-fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64]) -> Option<Vec<Cut>> {
+fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64], sigmas: f64) -> Option<Vec<Cut>> {
     ranks
         .iter()
         .zip(sample.chunks(BUCKETS))
@@ -302,14 +404,11 @@ fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64]) -> Option<Vec<Cut
             if m == 0 {
                 return None;
             }
-            let q = *k as f64 / d as f64;
-            let (center, margin) = (q * m as f64, 8.0 * (m as f64 * q * (1.0 - q)).sqrt() + 64.0);
-            let lo = ((center - margin).floor().max(1.0) as u64).min(m);
-            let hi = ((center + margin).ceil().max(1.0) as u64).min(m);
+            let (lo, hi) = sample_ranks(*k, d, m, sigmas);
             let (b0, b1) = (locate_high(h, lo).high, locate_high(h, hi).high);
             (b1 - b0 < MAX_SPAN).then_some(Cut::Range {
-                base: b0 << 16,
-                span: b1 - b0 + 1,
+                from: b0 << 16,
+                width: (b1 - b0 + 1) << 16,
             })
         })
         .collect()
@@ -342,10 +441,11 @@ fn range_pass(
         rows: Vec::new(),
     };
     visit(&|src: &Source| {
-        src.map_chunks(|_, c| {
+        src.for_each_chunk_blocks(1, |load| {
             pool.with(make, |acc| {
                 let before = acc.rows.len();
-                pass2_chunk(c, cuts, &offsets, acc, overflow.load(Ordering::Relaxed));
+                let overflowed = overflow.load(Ordering::Relaxed);
+                load(&mut |c| pass2_chunk(c, cuts, &offsets, acc, overflowed));
                 let added = (acc.rows.len() - before) / tasks;
                 if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
                     overflow.store(true, Ordering::Relaxed);
@@ -363,7 +463,7 @@ fn range_pass(
     for (i, (cut, rank)) in cuts.iter().zip(ranks).enumerate() {
         match (*cut, rank) {
             (Cut::Known(k), _) => keys.push(k),
-            (Cut::Range { base, .. }, Some(k)) => {
+            (Cut::Range { from, .. }, Some(k)) => {
                 let (at, w) = (offsets[i], cut.width());
                 let below: u64 = accs.iter().map(|a| a.below[i]).sum();
                 let mut low = vec![0u64; w];
@@ -378,7 +478,7 @@ fn range_pass(
                 }
                 let pos = locate_high(&low, k - below).high as usize;
                 total += diff[pos..].iter().sum::<i64>();
-                keys.push(base + pos as u32);
+                keys.push(from + pos as u32);
             }
             (Cut::Range { .. }, None) => unreachable!("ranges are made for ranked tasks"),
         }
@@ -387,7 +487,9 @@ fn range_pass(
         // Recount the majority with the exact thresholds.
         let pool: Pool<i64> = Pool::default();
         visit(&|src: &Source| {
-            src.map_chunks(|_, c| pool.with(|| 0, |acc| *acc += sign_total(c, &keys)));
+            src.for_each_chunk_blocks(1, |load| {
+                pool.with(|| 0, |acc| load(&mut |c| *acc += sign_total(c, &keys)))
+            });
             Ok(())
         })?;
         total = pool.into_inner().iter().sum();
@@ -431,9 +533,19 @@ pub(super) fn fb_stats_radix(
         return Ok((stats.expect("nothing to locate"), Route::Majority));
     }
     if opts.sample {
-        let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
+        // A small sample proposes whole buckets, the larger one narrows
+        // them to the keys around its estimate.
+        let (pre, d) = high_pass(tasks, PRE_PART, visit)?;
         let ranks = vec![fb_rank(d, density); tasks];
-        if let Some(cuts) = sampled_cuts(&ranks, d, &sample) {
+        if let Some(coarse) = sampled_cuts(&ranks, d, &pre, 12.0) {
+            if let Some(cuts) = fine_cuts(&coarse, &ranks, d, visit)? {
+                if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
+                    return Ok((stats, Route::Sampled));
+                }
+            }
+        }
+        let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
+        if let Some(cuts) = sampled_cuts(&ranks, d, &sample, 8.0) {
             if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
                 return Ok((stats, Route::Sampled));
             }
@@ -447,8 +559,8 @@ pub(super) fn fb_stats_radix(
         .map(|(rank, h)| match rank {
             None => Cut::Known(0),
             Some(k) => Cut::Range {
-                base: locate_high(h, *k).high << 16,
-                span: 1,
+                from: locate_high(h, *k).high << 16,
+                width: 1 << 16,
             },
         })
         .collect();
