@@ -1,6 +1,8 @@
 //! Criterion benches of merge throughput at a small size: a 20M-parameter
 //! bf16 pool with three experts, against the memory-copy floor of the same
-//! inputs (compare the GB/s criterion reports for each group member).
+//! inputs (compare the GB/s criterion reports for each group member). As in
+//! `fusion bench merge`, the merges run in memory on checkpoints opened
+//! once; `task_arithmetic_to_disk` adds writing a checkpoint folder.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -8,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use merger::checkpoint::{Checkpoint, WriteOptions};
-use merger::merge::{merge_to_dir, MergeOptions};
+use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Progress};
 use merger::throughput::copy_floor;
 use merger::zoo::{pool_spec, synth, SynthOptions};
 
@@ -45,15 +47,28 @@ fn merge_throughput(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(input));
     group.sample_size(10);
     group.bench_function("copy_floor", |b| b.iter(|| copy_floor(&checkpoints)));
+    let by_path = |n: &str| -> merger::Result<Arc<Checkpoint>> {
+        let i = dirs
+            .iter()
+            .position(|d| d.to_string_lossy() == n)
+            .expect("a pool folder");
+        Ok(checkpoints[i].clone())
+    };
     for method in ["task_arithmetic", "ties_merging", "dare"] {
         let mut spec = pool_spec(method, &dirs);
         spec.seed = Some(1);
         group.bench_function(method, |b| {
             b.iter(|| {
-                merge_to_dir(spec.clone(), &resolve, &out, &Device::Cpu, &opts).expect("merge")
+                let mut plan = MergePlan::with_checkpoints(spec.clone(), &by_path).expect("plan");
+                merge_in_memory(&mut plan, &Device::Cpu, &Progress::new(0, method, false))
+                    .expect("merge")
             })
         });
     }
+    let spec = pool_spec("task_arithmetic", &dirs);
+    group.bench_function("task_arithmetic_to_disk", |b| {
+        b.iter(|| merge_to_dir(spec.clone(), &resolve, &out, &Device::Cpu, &opts).expect("merge"))
+    });
     group.finish();
 }
 
