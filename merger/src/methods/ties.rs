@@ -67,15 +67,21 @@
 //! of the stored bytes, in parallel (the FusionBench passes in L1-sized
 //! blocks, the next block's bytes prefetched), task by task over contiguous
 //! slices so that the loops vectorise (built for AVX2 too, chosen at run time), and the
-//! result is written in the output dtype in the same pass; elsewhere the
+//! result is written in the output dtype in the same pass (inputs stored as
+//! bf16 without dropout, up to 4 tasks: the FusionBench range and merge
+//! passes decode straight from the stored words with every τ in registers,
+//! and the range pass counts the last key of each range, where ties at the
+//! threshold gather, in the vector loop); elsewhere the
 //! merge runs as candle ops and returns f32 (the thresholds are always found
 //! on the CPU, from the memory-mapped bytes).
 
 use candle_core::{DType, Tensor};
+use rayon::prelude::*;
 
 use super::dare::Dropout;
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
+use crate::kernels::output_vec;
 use crate::select::{abs_key, key_value};
 
 /// Defines `fn $name(args)` that runs `$body(args)` compiled for AVX2 and
@@ -122,7 +128,7 @@ mod stats;
 
 pub use mergekit::build_mergekit;
 pub(crate) use mergekit::{densities, MkMerge};
-use source::{add_trimmed, Chunk};
+use source::{add_trimmed, Chunk, OutElem};
 pub(crate) use source::{for_each_hit, Source};
 use stats::{fb_stats_radix, fb_stats_tensor, RadixOpts, TiesStats};
 
@@ -226,6 +232,200 @@ fn fb_kernel_body(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32
             }
         }
     }
+}
+
+/// The fused merge for inputs stored as bf16 without dropout, `T` tasks:
+/// one loop per L1 block decodes θ0 and every θi straight from the stored
+/// words and keeps every τ in registers (the same operations, in the same
+/// order, as [`fb_kernel`], so the same bits), the result written in the
+/// output dtype.
+fn fb_fused<const T: usize, O: OutElem>(
+    src: &Source,
+    base: &[u16],
+    experts: &[&[u16]],
+    stats: &TiesStats,
+    func: MergeFunc,
+    lambda: f32,
+) -> Vec<O> {
+    let ex: [&[u16]; T] = std::array::from_fn(|i| experts[i]);
+    let keys: [i32; T] = std::array::from_fn(|i| stats.keys[i].min(i32::MAX as u32) as i32);
+    let mut out: Vec<O> = output_vec(base.len());
+    #[cfg(target_arch = "x86_64")]
+    let wide =
+        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma");
+    out.par_chunks_mut(CHUNK).enumerate().for_each_init(
+        || vec![0f32; BLOCK],
+        |res, (k, o)| {
+            let args = FusedArgs {
+                src,
+                base,
+                ex: &ex,
+                keys: &keys,
+                majority: stats.majority,
+                func,
+                lambda,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                return unsafe { fb_fused_chunk_wide(&args, k * CHUNK, o, res) };
+            }
+            fb_fused_chunk(&args, k * CHUNK, o, res)
+        },
+    );
+    out
+}
+
+/// What [`fb_fused_chunk`] works on.
+struct FusedArgs<'s, 'a, const T: usize> {
+    src: &'s Source<'a>,
+    base: &'s [u16],
+    ex: &'s [&'s [u16]; T],
+    keys: &'s [i32; T],
+    majority: f32,
+    func: MergeFunc,
+    lambda: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn fb_fused_chunk_wide<const T: usize, O: OutElem>(
+    a: &FusedArgs<T>,
+    start: usize,
+    o: &mut [O],
+    res: &mut [f32],
+) {
+    fb_fused_chunk(a, start, o, res)
+}
+
+/// Entries `start..start + o.len()` block by block, the next block's bytes
+/// prefetched (see [`Source::blocks`]).
+#[inline(always)]
+fn fb_fused_chunk<const T: usize, O: OutElem>(
+    a: &FusedArgs<T>,
+    start: usize,
+    o: &mut [O],
+    res: &mut [f32],
+) {
+    let len = o.len();
+    let mut off = 0;
+    while off < len {
+        let l = BLOCK.min(len - off);
+        let s = start + off;
+        a.src.prefetch((s + l)..(start + (off + 2 * l).min(len)));
+        let b = &a.base[s..s + l];
+        let e: [&[u16]; T] = std::array::from_fn(|i| &a.ex[i][s..s + l]);
+        let r = &mut res[..l];
+        match a.func {
+            MergeFunc::Sum => fb_fused_block::<T, 0>(b, &e, a, r),
+            MergeFunc::Mean => fb_fused_block::<T, 1>(b, &e, a, r),
+            MergeFunc::Max => fb_fused_block::<T, 2>(b, &e, a, r),
+        }
+        O::store(r, &mut o[off..off + l]);
+        off += l;
+    }
+}
+
+/// One block: `F` = 0 sum, 1 mean, 2 max.
+#[inline(always)]
+fn fb_fused_block<const T: usize, const F: u8>(
+    b: &[u16],
+    e: &[&[u16]; T],
+    a: &FusedArgs<T>,
+    r: &mut [f32],
+) {
+    let (keys, m, lambda) = (a.keys, a.majority, a.lambda);
+    let n = r.len();
+    let (b, e) = (&b[..n], e.map(|e| &e[..n]));
+    for j in 0..n {
+        let bj = f32::from_bits(u32::from(b[j]) << 16);
+        // The trimmed τ: `picked(sg, v) & kept` is `picked(sg, trimmed v)`
+        // (a dropped entry is 0, which is never picked).
+        let kt: [f32; T] = std::array::from_fn(|i| {
+            let v = f32::from_bits(u32::from(e[i][j]) << 16) - bj;
+            if abs_key(v) as i32 >= keys[i] {
+                v
+            } else {
+                0.0
+            }
+        });
+        let mut s = 0f32;
+        for &v in &kt {
+            s += v;
+        }
+        let sg = if s > 0.0 {
+            1.0
+        } else if s < 0.0 {
+            -1.0
+        } else {
+            m
+        };
+        // `picked(sg, v)` is `v > 0` where sg > 0, else `-v > 0`.
+        let flip = if sg > 0.0 { 0 } else { 0x8000_0000u32 };
+        let (mut acc, mut aux) = (0f32, 0f32);
+        for &v in &kt {
+            let p = f32::from_bits(v.to_bits() ^ flip) > 0.0;
+            match F {
+                0 => acc += if p { v } else { 0.0 },
+                1 => {
+                    acc += if p { v } else { 0.0 };
+                    aux += if p { 1.0 } else { 0.0 };
+                }
+                _ => aux = aux.max(if p { v.abs() } else { 0.0 }),
+            }
+        }
+        r[j] = match F {
+            0 => bj + lambda * acc,
+            1 => bj + lambda * (acc / aux.max(1.0)),
+            _ => bj + lambda * (aux * sg),
+        };
+    }
+}
+
+/// [`fb_fused`] for up to 4 tasks, in the output dtype; `None` where it
+/// does not apply.
+fn fb_fused_tensor(
+    src: &Source,
+    stats: &TiesStats,
+    func: MergeFunc,
+    lambda: f32,
+) -> Option<Result<Tensor>> {
+    let (base, experts) = src.bf16_inputs()?;
+    fn run<O: OutElem>(
+        src: &Source,
+        base: &[u16],
+        ex: &[&[u16]],
+        stats: &TiesStats,
+        func: MergeFunc,
+        lambda: f32,
+    ) -> Option<Vec<O>> {
+        Some(match ex.len() {
+            1 => fb_fused::<1, O>(src, base, ex, stats, func, lambda),
+            2 => fb_fused::<2, O>(src, base, ex, stats, func, lambda),
+            3 => fb_fused::<3, O>(src, base, ex, stats, func, lambda),
+            4 => fb_fused::<4, O>(src, base, ex, stats, func, lambda),
+            _ => return None,
+        })
+    }
+    let (shape, device) = (src.inputs.shape(), src.inputs.device);
+    let t = match src.inputs.out_dtype {
+        DType::BF16 => Tensor::from_vec(
+            run::<half::bf16>(src, base, &experts, stats, func, lambda)?,
+            shape,
+            device,
+        ),
+        DType::F16 => Tensor::from_vec(
+            run::<half::f16>(src, base, &experts, stats, func, lambda)?,
+            shape,
+            device,
+        ),
+        _ => Tensor::from_vec(
+            run::<f32>(src, base, &experts, stats, func, lambda)?,
+            shape,
+            device,
+        ),
+    };
+    Some(t.map_err(|e| src.inputs.err(e)))
 }
 
 /// The same in candle ops (any device).
@@ -367,6 +567,9 @@ impl FbTies {
             }
         };
         if fused {
+            if let Some(t) = fb_fused_tensor(src, &stats, self.func, lambda) {
+                return t;
+            }
             src.fill_blocks(|c, o| fb_kernel(c, &stats, self.func, lambda, o))
         } else {
             let (base, taus) = (src.base_tensor()?, src.task_vectors()?);
@@ -715,5 +918,99 @@ mod tests {
             &[1.25, -2.4375, 0.8125, 0.4375, 3.25],
             1e-6,
         );
+    }
+
+    #[test]
+    fn fused_bf16_passes_match_the_generic_loops_bit_for_bit() {
+        // Inputs stored as bf16 (on a coarse grid: many equal magnitudes,
+        // zeros) take the fused range and merge passes for up to 4 tasks;
+        // their thresholds, majority and merged bits must equal the generic
+        // loops' (the in-memory selection, and `fb_kernel` on the decoded
+        // chunks), for every merge function and output dtype.
+        use crate::checkpoint::TensorRef;
+        use crate::methods::testutil::typed_bytes;
+        use crate::spec::TensorCtx;
+        use candle_core::Device;
+        use stats::fb_stats_direct;
+        static CPU: Device = Device::Cpu;
+        let mut rng = ChaCha8Rng::seed_from_u64(21);
+        // Large enough for the sampled route (bf16 rounding makes many
+        // equal magnitudes at the threshold, on either grid).
+        let n = 24 * CHUNK + 123;
+        let mut sampled = 0;
+        let shape = [n];
+        for tasks in 1..=5 {
+            let fx = random_fixture(&mut rng, "w", n, tasks, tasks % 2 == 0);
+            let f32s = |b: &[u8]| -> Vec<f32> {
+                b.chunks_exact(4)
+                    .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                    .collect()
+            };
+            let base = typed_bytes(DType::BF16, &f32s(fx.base.as_ref().unwrap()));
+            let experts: Vec<Vec<u8>> = fx
+                .experts
+                .iter()
+                .map(|e| typed_bytes(DType::BF16, &f32s(e)))
+                .collect();
+            let r = |b: &'static [u8]| TensorRef {
+                dtype: DType::BF16,
+                shape: &shape,
+                bytes: b,
+            };
+            let (base, experts): (&'static [u8], Vec<&'static [u8]>) = (
+                Vec::leak(base),
+                experts.into_iter().map(Vec::leak).map(|e| &*e).collect(),
+            );
+            let mut inputs = TensorInputs {
+                ctx: TensorCtx::new("w", 1),
+                base: Some(r(base)),
+                experts: experts.iter().map(|e| r(e)).collect(),
+                device: &CPU,
+                out_dtype: DType::F32,
+            };
+            let src = Source::new(&inputs, None).unwrap();
+            assert!(src.bf16_inputs().is_some());
+            for density in [0.2, 0.6, 1.0] {
+                let want = fb_stats_direct(&mut src.load_all(), density);
+                for sample in [true, false] {
+                    let opts = RadixOpts {
+                        row_cap_bytes: ROW_CAP_BYTES,
+                        sample,
+                    };
+                    let (got, route) = fb_stats_radix(density, tasks, &|f| f(&src), opts).unwrap();
+                    sampled += usize::from(route == stats::Route::Sampled);
+                    assert_eq!(got, want, "tasks {tasks} density {density} {opts:?}");
+                }
+            }
+            let stats = fb_stats_direct(&mut src.load_all(), 0.3);
+            for out in [DType::F32, DType::BF16, DType::F16] {
+                inputs.out_dtype = out;
+                let src = Source::new(&inputs, None).unwrap();
+                for func in [MergeFunc::Sum, MergeFunc::Mean, MergeFunc::Max] {
+                    let generic = src
+                        .fill_blocks(|c, o| fb_kernel(c, &stats, func, 0.7, o))
+                        .unwrap();
+                    let ties = FbTies {
+                        density: 0.3,
+                        func,
+                        scope: Scope::Model,
+                        tasks,
+                        stats: Some(stats.clone()),
+                    };
+                    let fused = ties.merge(&src, 0.7, true).unwrap();
+                    assert_eq!(fused.dtype(), out);
+                    let bits = |t: &Tensor| -> Vec<u32> {
+                        let v = t.to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap();
+                        v.iter().map(|x| x.to_bits()).collect()
+                    };
+                    assert_eq!(
+                        bits(&fused),
+                        bits(&generic),
+                        "tasks {tasks} {out:?} {func:?}"
+                    );
+                }
+            }
+        }
+        assert!(sampled > 0, "no sampled route");
     }
 }

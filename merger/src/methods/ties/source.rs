@@ -142,9 +142,27 @@ impl<'a> Source<'a> {
         }
     }
 
+    /// θ0 and every θi as bf16 words read in place, when every input is
+    /// stored as aligned bf16 and there is no dropout (the fused loops that
+    /// decode straight from the stored words).
+    pub(super) fn bf16_inputs(&self) -> Option<(&'a [u16], Vec<&'a [u16]>)> {
+        if self.dropout.is_some() {
+            return None;
+        }
+        let n = self.numel();
+        let base = bf16_words(self.inputs.base.as_ref()?, 0, n)?;
+        let experts = self
+            .inputs
+            .experts
+            .iter()
+            .map(|e| bf16_words(e, 0, n))
+            .collect::<Option<Vec<_>>>()?;
+        Some((base, experts))
+    }
+
     /// Asks the cache for the stored bytes of entries `range` of every input.
     #[inline]
-    fn prefetch(&self, range: std::ops::Range<usize>) {
+    pub(super) fn prefetch(&self, range: std::ops::Range<usize>) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -319,6 +337,36 @@ impl<'a> Source<'a> {
     }
 }
 
+/// An output dtype the fused loops write their f32 results as (the same
+/// rounding as [`Source::fill_blocks`]).
+pub(super) trait OutElem: Copy + Send + Sync + bytemuck::Zeroable {
+    fn store(r: &[f32], o: &mut [Self]);
+}
+
+impl OutElem for f32 {
+    #[inline(always)]
+    fn store(r: &[f32], o: &mut [f32]) {
+        o.copy_from_slice(r);
+    }
+}
+
+impl OutElem for half::bf16 {
+    #[inline(always)]
+    fn store(r: &[f32], o: &mut [half::bf16]) {
+        o.iter_mut()
+            .zip(r)
+            .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
+    }
+}
+
+impl OutElem for half::f16 {
+    #[inline(always)]
+    fn store(r: &[f32], o: &mut [half::f16]) {
+        use half::slice::HalfFloatSliceExt;
+        o.convert_from_f32_slice(r);
+    }
+}
+
 /// The bf16 values of `bytes` if they can be read in place.
 #[inline(always)]
 fn bf16_words<'a>(r: &TensorRef<'a>, start: usize, len: usize) -> Option<&'a [u16]> {
@@ -407,7 +455,7 @@ pub(crate) fn for_each_hit<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, mut f: im
 
 /// The high bits of 16 flag bytes (0 or 0xff) as a mask.
 #[inline(always)]
-fn mask16(w: &[u8]) -> u32 {
+pub(super) fn mask16(w: &[u8]) -> u32 {
     debug_assert!(w.len() >= 16);
     #[cfg(target_arch = "x86_64")]
     {

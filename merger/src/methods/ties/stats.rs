@@ -4,12 +4,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use super::source::{add_trimmed, for_each_flag, sgn, Chunk, Source};
-use super::{CHUNK, ROW_CAP_BYTES, SMALL};
+use super::source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
+use super::{BLOCK, CHUNK, ROW_CAP_BYTES, SMALL};
 use crate::error::Result;
 use crate::select::{
     abs_key, add_into, count_high_ways, fold_ways, locate_high, order_small, Pool, BUCKETS, WAYS,
 };
+use rayon::prelude::*;
 
 /// Per-task thresholds (order keys: keep |τ| with `abs_key(τ) >= key`) and
 /// the majority sign that zero elected signs take.
@@ -161,12 +162,29 @@ multiversion!(
     /// The range pass over one chunk: counts below and inside each task's
     /// range and the majority-sign bookkeeping (see the module header).
     /// `offsets[i]` is where task i's counters start.
-    fn pass2_chunk => pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool)
+    fn pass2_chunk => pass2_body(c: &mut Chunk, cuts: &[Cut], lanes: &[Lane], acc: &mut Pass2, overflowed: bool)
 );
 
+/// Where the range pass counts a task's keys: its range (empty for a
+/// known threshold), where its counters start, and a spare counter (past
+/// every task's counters) for the keys outside the range.
+#[derive(Clone, Copy)]
+struct Lane {
+    from: u32,
+    width: u32,
+    offset: usize,
+    spare: usize,
+    /// The last key of the range, which the fused pass counts apart
+    /// ([`NO_LAST`] for an empty range or one that reaches past the i32
+    /// keys).
+    last: u32,
+}
+
 #[inline(always)]
-fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, overflowed: bool) {
+fn pass2_body(c: &mut Chunk, cuts: &[Cut], lanes: &[Lane], acc: &mut Pass2, overflowed: bool) {
     let n = c.len;
+    // The spare counter of the difference table, never read.
+    let spare = acc.diff.len() - 1;
     let Chunk {
         tau,
         sum,
@@ -225,25 +243,26 @@ fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, o
     }
     for_each_flag(flags, |j| {
         // Count the keys inside the ranges; a zero adds nothing whether
-        // kept or not, so it leaves the entry decided.
-        let (mut undecided, mut at) = (0u32, 0usize);
-        for (t, (cut, &off)) in tau.iter().zip(cuts.iter().zip(offsets)) {
-            if let Cut::Range { from, width } = *cut {
-                let key = abs_key(t[j]);
-                let d = key.wrapping_sub(from);
-                if d < width {
-                    acc.low[off + d as usize] += 1;
-                    if key != 0 {
-                        undecided += 1;
-                        at = off + d as usize;
-                    }
-                }
-            }
+        // kept or not, so it leaves the entry decided. Branch-free: a key
+        // outside its task's range counts in the task's spare slot.
+        let (mut undecided, mut at) = (0u32, spare);
+        for (t, l) in tau.iter().zip(lanes) {
+            let key = abs_key(t[j]);
+            let d = key.wrapping_sub(l.from);
+            let inside = d < l.width;
+            acc.low[if inside {
+                l.offset + d as usize
+            } else {
+                l.spare
+            }] += 1;
+            let open = inside & (key != 0);
+            undecided += u32::from(open);
+            at = if open { l.offset + d as usize } else { at };
         }
         let (x0, x1) = (s0[j], s1[j]);
-        if undecided == 1 {
-            acc.diff[at] += sgn(x1) - sgn(x0);
-        } else if undecided >= 2 {
+        let d = sgn(x1) - sgn(x0);
+        acc.diff[if undecided == 1 { at } else { spare }] += d;
+        if undecided >= 2 {
             settled -= sgn(x0) as i32;
             if !overflowed {
                 acc.rows.extend(tau.iter().map(|t| t[j]));
@@ -251,6 +270,247 @@ fn pass2_body(c: &mut Chunk, cuts: &[Cut], offsets: &[usize], acc: &mut Pass2, o
         }
     });
     acc.settled += i64::from(settled);
+}
+
+/// Runs one chunk's range pass `pass(acc, overflowed)` on a pooled
+/// accumulator, then applies the row budget.
+type PerChunk<'p> = &'p (dyn Fn(&mut dyn FnMut(&mut Pass2, bool)) + Sync);
+
+/// The range pass over `src` straight from the stored words (bf16 inputs
+/// without dropout, up to 4 tasks; `false`, doing nothing, otherwise):
+/// the same sums, in the same order, as [`pass2_chunk`], with every τ in
+/// registers.
+fn pass2_fused(src: &Source, cuts: &[Cut], lanes: &[Lane], per_chunk: PerChunk) -> bool {
+    let Some((base, experts)) = src.bf16_inputs() else {
+        return false;
+    };
+    fn run<const T: usize>(
+        src: &Source,
+        base: &[u16],
+        experts: &[&[u16]],
+        cuts: &[Cut],
+        lanes: &[Lane],
+        per_chunk: PerChunk,
+    ) {
+        let ex: [&[u16]; T] = std::array::from_fn(|i| experts[i]);
+        let lanes: [Lane; T] = std::array::from_fn(|i| lanes[i]);
+        // The i32 bounds of `pass2_body`: keys from `start` are inside or
+        // past the range, keys from `past` past it (a known threshold is
+        // an empty range at it).
+        let bounds: [(i32, i32); T] = std::array::from_fn(|i| match cuts[i] {
+            Cut::Known(k) => {
+                let k = k.min(i32::MAX as u32) as i32;
+                (k, k)
+            }
+            Cut::Range { from, width } => (
+                from.min(i32::MAX as u32) as i32,
+                from.saturating_add(width).min(i32::MAX as u32) as i32,
+            ),
+        });
+        #[cfg(target_arch = "x86_64")]
+        let wide = std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma");
+        let n = base.len();
+        (0..n.div_ceil(CHUNK)).into_par_iter().for_each(|k| {
+            let a = Pass2Args {
+                src,
+                base,
+                ex: &ex,
+                lanes: &lanes,
+                bounds: &bounds,
+            };
+            let (start, len) = (k * CHUNK, CHUNK.min(n - k * CHUNK));
+            per_chunk(&mut |acc, overflowed| {
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                    return unsafe { pass2_fused_chunk_wide(&a, start, len, acc, overflowed) };
+                }
+                pass2_fused_chunk(&a, start, len, acc, overflowed)
+            })
+        });
+    }
+    match experts.len() {
+        1 => run::<1>(src, base, &experts, cuts, lanes, per_chunk),
+        2 => run::<2>(src, base, &experts, cuts, lanes, per_chunk),
+        3 => run::<3>(src, base, &experts, cuts, lanes, per_chunk),
+        4 => run::<4>(src, base, &experts, cuts, lanes, per_chunk),
+        _ => return false,
+    }
+    true
+}
+
+/// What [`pass2_fused_chunk`] works on.
+struct Pass2Args<'s, 'a, const T: usize> {
+    src: &'s Source<'a>,
+    base: &'s [u16],
+    ex: &'s [&'s [u16]; T],
+    lanes: &'s [Lane; T],
+    bounds: &'s [(i32, i32); T],
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pass2_fused_chunk_wide<const T: usize>(
+    a: &Pass2Args<T>,
+    start: usize,
+    len: usize,
+    acc: &mut Pass2,
+    overflowed: bool,
+) {
+    pass2_fused_chunk(a, start, len, acc, overflowed)
+}
+
+/// Entries `start..start + len`, block by block (the next block's bytes
+/// prefetched, see [`Source::blocks`]).
+#[inline(always)]
+fn pass2_fused_chunk<const T: usize>(
+    a: &Pass2Args<T>,
+    start: usize,
+    len: usize,
+    acc: &mut Pass2,
+    overflowed: bool,
+) {
+    let spare = acc.diff.len() - 1;
+    let froms: [u32; T] = std::array::from_fn(|i| a.lanes[i].from);
+    let widths: [u32; T] = std::array::from_fn(|i| a.lanes[i].width);
+    let lasts: [u32; T] = std::array::from_fn(|i| a.lanes[i].last);
+    let mut dds = [0i32; BLOCK];
+    let mut hits = [0u32; BLOCK];
+    let mut flags = [0u8; BLOCK];
+    let mut off = 0;
+    while off < len {
+        let l = BLOCK.min(len - off);
+        let s = start + off;
+        a.src.prefetch((s + l)..(start + (off + 2 * l).min(len)));
+        let b = &a.base[s..s + l];
+        let e: [&[u16]; T] = std::array::from_fn(|i| &a.ex[i][s..s + l]);
+        let dds = &mut dds[..l];
+        let flags_all = &mut flags;
+        flags_all[l..l.div_ceil(32) * 32].fill(0);
+        let (hits, flags) = (&mut hits[..l], &mut flags_all[..l]);
+        let mut below = [0u32; T];
+        let mut at_last = [0u32; T];
+        let mut diff_last = [0i32; T];
+        let mut settled = 0i32;
+        for j in 0..l {
+            let bj = f32::from_bits(u32::from(b[j]) << 16);
+            let (mut x0, mut x1, mut hit) = (0f32, 0f32, 0u32);
+            // Tasks inside their range (`undecided`: with a key other than
+            // 0), whether some task is inside at another key than the last
+            // of its range, and (as masks) the tasks undecided at it.
+            let (mut undecided, mut odd) = (0u32, 0u32);
+            let mut last = [0i32; T];
+            for i in 0..T {
+                let v = f32::from_bits(u32::from(e[i][j]) << 16) - bj;
+                let k = abs_key(v);
+                let key = k as i32;
+                let (from, past) = a.bounds[i];
+                let (up, inside) = (key >= past, key >= from);
+                x0 += if up { v } else { 0.0 };
+                x1 += if inside { v } else { 0.0 };
+                below[i] += u32::from(!inside);
+                hit |= u32::from(inside & !up);
+                let within = u32::from(k.wrapping_sub(froms[i]) < widths[i]);
+                let nonzero = u32::from(k != 0);
+                let is_last = u32::from(k == lasts[i]);
+                undecided += within & nonzero;
+                odd |= within & u32::from(k != lasts[i]);
+                at_last[i] += is_last;
+                last[i] = -((is_last & nonzero) as i32);
+            }
+            let (sx0, dd) = (sgn32(x0), sgn32(x1) - sgn32(x0));
+            let many = hit & u32::from(undecided >= 2);
+            settled += sx0 & (many as i32 - 1);
+            let one = -i32::from(undecided == 1);
+            for i in 0..T {
+                diff_last[i] += dd & one & last[i];
+            }
+            dds[j] = dd;
+            hits[j] = hit & (many | odd);
+        }
+        for (f, &h) in flags.iter_mut().zip(hits.iter()) {
+            *f = if h != 0 { 0xff } else { 0 };
+        }
+        // (A known threshold's `below` is never read.)
+        for (total, &c) in acc.below.iter_mut().zip(&below) {
+            *total += u64::from(c);
+        }
+        for (lane, (&c, &d)) in a.lanes.iter().zip(at_last.iter().zip(&diff_last)) {
+            if lane.last != NO_LAST {
+                let slot = lane.offset + (lane.last - lane.from) as usize;
+                acc.low[slot] += u64::from(c);
+                acc.diff[slot] += i64::from(d);
+            }
+        }
+        // The entries left (a key inside a range at another key than its
+        // last, or several tasks undecided), 32 flags at a time as a bit
+        // mask (the flags past `l` are zero).
+        for (g, group) in flags_all[..l.div_ceil(32) * 32]
+            .chunks_exact(32)
+            .enumerate()
+        {
+            let mut mask = mask16(&group[..16]) | mask16(&group[16..]) << 16;
+            while mask != 0 {
+                let j = g * 32 + mask.trailing_zeros() as usize;
+                mask &= mask - 1;
+                pass2_visit(b, &e, j, a.lanes, dds[j], spare, acc, overflowed);
+            }
+        }
+        acc.settled += i64::from(settled);
+        off += l;
+    }
+}
+
+/// sign(x) as -1, 0 or 1 (0 for NaN).
+#[inline(always)]
+fn sgn32(x: f32) -> i32 {
+    i32::from(x > 0.0) - i32::from(x < 0.0)
+}
+
+/// [`Lane::last`] of a lane whose last key is not counted apart.
+const NO_LAST: u32 = u32::MAX;
+
+/// One entry left by the vector loop of [`pass2_fused_chunk`]: counts the
+/// keys inside the ranges other than each range's last (counted in the
+/// loop), the difference of a single undecided task at such a key, and
+/// keeps the row when two or more tasks are undecided (see
+/// [`pass2_body`]). Branch-free but for the rows: a key not counted here
+/// counts in the task's spare counter.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn pass2_visit<const T: usize>(
+    b: &[u16],
+    e: &[&[u16]; T],
+    j: usize,
+    lanes: &[Lane; T],
+    dd: i32,
+    spare: usize,
+    acc: &mut Pass2,
+    overflowed: bool,
+) {
+    let bj = f32::from_bits(u32::from(b[j]) << 16);
+    let tau: [f32; T] = std::array::from_fn(|i| f32::from_bits(u32::from(e[i][j]) << 16) - bj);
+    let pick = |c: bool, x: usize, y: usize| {
+        let m = usize::from(c).wrapping_neg();
+        (x & m) | (y & !m)
+    };
+    let (mut undecided, mut at) = (0u32, spare);
+    for (&v, l) in tau.iter().zip(lanes) {
+        let key = abs_key(v);
+        let d = key.wrapping_sub(l.from);
+        let inside = d < l.width;
+        let odd = inside & (key != l.last);
+        let slot = l.offset.wrapping_add(d as usize);
+        acc.low[pick(odd, slot, l.spare)] += 1;
+        let open = inside & (key != 0);
+        undecided += u32::from(open);
+        at = pick(open & odd, slot, at);
+    }
+    acc.diff[pick(undecided == 1, at, spare)] += i64::from(dd);
+    if undecided >= 2 && !overflowed {
+        acc.rows.extend(tau);
+    }
 }
 
 /// High-half histograms of every task over the scope (of the first
@@ -414,6 +674,11 @@ fn sampled_cuts(ranks: &[Option<u64>], d: u64, sample: &[u64], sigmas: f64) -> O
         .collect()
 }
 
+/// Counters of every task's range together.
+fn width_total(cuts: &[Cut]) -> usize {
+    cuts.iter().map(Cut::width).sum()
+}
+
 /// The range pass over the scope, then the exact thresholds and majority;
 /// `None` when some task's k-th smallest key is not inside its range.
 fn range_pass(
@@ -429,32 +694,65 @@ fn range_pass(
         offsets.push(width);
         width += c.width();
     }
+    // Counters: every task's range, one spare per task, one spare for the
+    // difference table.
+    let lanes: Vec<Lane> = cuts
+        .iter()
+        .zip(&offsets)
+        .enumerate()
+        .map(|(i, (c, &offset))| {
+            let (from, width) = match *c {
+                Cut::Known(_) => (0, 0),
+                Cut::Range { from, width } => (from, width),
+            };
+            let end = u64::from(from) + u64::from(width);
+            Lane {
+                from,
+                width,
+                offset,
+                spare: width_total(cuts) + i,
+                last: if width > 0 && end <= i32::MAX as u64 {
+                    from + width - 1
+                } else {
+                    NO_LAST
+                },
+            }
+        })
+        .collect();
     let row_cap = opts.row_cap_bytes / (4 * tasks);
     let rows_kept = AtomicUsize::new(0);
     let overflow = AtomicBool::new(false);
     let pool: Pool<Pass2> = Pool::default();
     let make = || Pass2 {
         below: vec![0; tasks],
-        low: vec![0; width],
-        diff: vec![0; width],
+        low: vec![0; width + tasks + 1],
+        diff: vec![0; width + tasks + 1],
         settled: 0,
         rows: Vec::new(),
     };
+    // One chunk: `pass(acc, overflowed)`, then the row budget.
+    let per_chunk = |pass: &mut dyn FnMut(&mut Pass2, bool)| {
+        pool.with(make, |acc| {
+            let before = acc.rows.len();
+            let overflowed = overflow.load(Ordering::Relaxed);
+            pass(acc, overflowed);
+            let added = (acc.rows.len() - before) / tasks;
+            if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
+                overflow.store(true, Ordering::Relaxed);
+            }
+            if overflow.load(Ordering::Relaxed) {
+                acc.rows = Vec::new();
+            }
+        })
+    };
     visit(&|src: &Source| {
-        src.for_each_chunk_blocks(1, |load| {
-            pool.with(make, |acc| {
-                let before = acc.rows.len();
-                let overflowed = overflow.load(Ordering::Relaxed);
-                load(&mut |c| pass2_chunk(c, cuts, &offsets, acc, overflowed));
-                let added = (acc.rows.len() - before) / tasks;
-                if added > 0 && rows_kept.fetch_add(added, Ordering::Relaxed) + added > row_cap {
-                    overflow.store(true, Ordering::Relaxed);
-                }
-                if overflow.load(Ordering::Relaxed) {
-                    acc.rows = Vec::new();
-                }
-            })
-        });
+        if !pass2_fused(src, cuts, &lanes, &per_chunk) {
+            src.for_each_chunk_blocks(1, |load| {
+                per_chunk(&mut |acc, overflowed| {
+                    load(&mut |c| pass2_chunk(c, cuts, &lanes, acc, overflowed))
+                })
+            });
+        }
         Ok(())
     })?;
     let accs = pool.into_inner();
