@@ -77,8 +77,9 @@ pub fn linear_combination_as(
     }
 }
 
-/// An element type a fused kernel can write its f32 results as.
-trait OutElem: Copy + Send + Sync + bytemuck::Zeroable {
+/// An element type a fused kernel can write its f32 results as (bf16 with
+/// round-to-nearest-even, f16 through `half`).
+pub(crate) trait OutElem: Copy + Send + Sync + bytemuck::Zeroable {
     fn store(acc: &[f32], out: &mut [Self]);
 }
 

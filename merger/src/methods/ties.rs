@@ -126,9 +126,10 @@ mod mergekit;
 mod source;
 mod stats;
 
+use crate::kernels::OutElem;
 pub use mergekit::build_mergekit;
 pub(crate) use mergekit::{densities, MkMerge};
-use source::{add_trimmed, Chunk, OutElem};
+use source::{add_trimmed, Chunk};
 pub(crate) use source::{for_each_hit, Source};
 use stats::{fb_stats_radix, fb_stats_tensor, RadixOpts, TiesStats};
 

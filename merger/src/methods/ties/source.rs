@@ -9,10 +9,10 @@ use super::super::dare::TensorDropout;
 use super::super::TensorInputs;
 use super::{BLOCK, CHUNK};
 use crate::checkpoint::reader::decode_chunk;
-use crate::checkpoint::writer::bf16_bits;
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::kernels::output_vec;
+use crate::kernels::OutElem;
 use crate::select::abs_key;
 
 /// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive
@@ -207,28 +207,13 @@ impl<'a> Source<'a> {
     pub fn fill_blocks(&self, f: impl Fn(&mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
         let (shape, device) = (self.inputs.shape(), self.inputs.device);
         let t = match self.inputs.out_dtype {
-            DType::BF16 => Tensor::from_vec(
-                self.fill_blocks_cast(&f, |r, o: &mut [half::bf16]| {
-                    o.iter_mut()
-                        .zip(r)
-                        .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
-                }),
-                shape,
-                device,
-            ),
-            DType::F16 => Tensor::from_vec(
-                self.fill_blocks_cast(&f, |r, o: &mut [half::f16]| {
-                    use half::slice::HalfFloatSliceExt;
-                    o.convert_from_f32_slice(r);
-                }),
-                shape,
-                device,
-            ),
-            _ => Tensor::from_vec(
-                self.fill_blocks_cast(&f, |r, o: &mut [f32]| o.copy_from_slice(r)),
-                shape,
-                device,
-            ),
+            DType::BF16 => {
+                Tensor::from_vec(self.fill_blocks_cast(&f, half::bf16::store), shape, device)
+            }
+            DType::F16 => {
+                Tensor::from_vec(self.fill_blocks_cast(&f, half::f16::store), shape, device)
+            }
+            _ => Tensor::from_vec(self.fill_blocks_cast(&f, f32::store), shape, device),
         };
         t.map_err(|e| self.inputs.err(e))
     }
@@ -266,23 +251,8 @@ impl<'a> Source<'a> {
     pub fn fill(&self, f: impl Fn(usize, &mut Chunk, &mut [f32]) + Sync) -> Result<Tensor> {
         let (shape, device) = (self.inputs.shape(), self.inputs.device);
         let t = match self.inputs.out_dtype {
-            DType::BF16 => Tensor::from_vec(
-                self.fill_cast(&f, |r, o: &mut [half::bf16]| {
-                    o.iter_mut()
-                        .zip(r)
-                        .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
-                }),
-                shape,
-                device,
-            ),
-            DType::F16 => Tensor::from_vec(
-                self.fill_cast(&f, |r, o: &mut [half::f16]| {
-                    use half::slice::HalfFloatSliceExt;
-                    o.convert_from_f32_slice(r);
-                }),
-                shape,
-                device,
-            ),
+            DType::BF16 => Tensor::from_vec(self.fill_cast(&f, half::bf16::store), shape, device),
+            DType::F16 => Tensor::from_vec(self.fill_cast(&f, half::f16::store), shape, device),
             _ => {
                 let n = self.numel();
                 let mut out: Vec<f32> = output_vec(n);
@@ -334,36 +304,6 @@ impl<'a> Source<'a> {
             .enumerate()
             .map(|(i, t)| d.apply_tensor(i, &t).map_err(|e| self.inputs.err(e)))
             .collect()
-    }
-}
-
-/// An output dtype the fused loops write their f32 results as (the same
-/// rounding as [`Source::fill_blocks`]).
-pub(super) trait OutElem: Copy + Send + Sync + bytemuck::Zeroable {
-    fn store(r: &[f32], o: &mut [Self]);
-}
-
-impl OutElem for f32 {
-    #[inline(always)]
-    fn store(r: &[f32], o: &mut [f32]) {
-        o.copy_from_slice(r);
-    }
-}
-
-impl OutElem for half::bf16 {
-    #[inline(always)]
-    fn store(r: &[f32], o: &mut [half::bf16]) {
-        o.iter_mut()
-            .zip(r)
-            .for_each(|(o, &v)| *o = half::bf16::from_bits(bf16_bits(v)));
-    }
-}
-
-impl OutElem for half::f16 {
-    #[inline(always)]
-    fn store(r: &[f32], o: &mut [half::f16]) {
-        use half::slice::HalfFloatSliceExt;
-        o.convert_from_f32_slice(r);
     }
 }
 
