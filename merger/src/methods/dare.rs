@@ -382,7 +382,8 @@ pub fn build_mergekit_ties(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 mod tests {
     use super::*;
     use crate::methods::testutil::{assert_close, merge1, merge_all, Fixture};
-    use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
+    use crate::methods::ties::test_data::mk_spec;
+    use crate::spec::{MergeSpec, ParamValue};
 
     fn fb(models: &[&str]) -> MergeSpec {
         MergeSpec::new("dare", Some("base"), models)
@@ -685,22 +686,6 @@ mod tests {
             .to_vec1::<f32>()
             .unwrap();
         assert_close(&generic, &fused, 1e-6);
-    }
-
-    fn mk_spec(method: &str, models: &[(f64, f64)]) -> MergeSpec {
-        let mut spec = MergeSpec::new(method, Some("base"), &[]);
-        spec.dialect = Dialect::Mergekit;
-        spec.models = models
-            .iter()
-            .enumerate()
-            .map(|(i, &(w, d))| {
-                let mut m = ModelSpec::named(format!("m{i}"));
-                m.weight = Some(ParamValue::Number(w));
-                m.parameters.insert("density".into(), ParamValue::Number(d));
-                m
-            })
-            .collect();
-        spec
     }
 
     #[test]
