@@ -116,6 +116,14 @@ pub enum MergeError {
         #[source]
         source: candle_core::Error,
     },
+    #[error("model config `{path}`: {reason}")]
+    ModelConfig { path: PathBuf, reason: String },
+    #[error("tokenizer `{path}`: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("generation: {0}")]
+    Generation(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -126,6 +134,8 @@ impl MergeError {
         use MergeError::*;
         match self {
             Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
+            ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
+            Template(_) | Generation(_) => ErrorKind::Invalid,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
             Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
             ShapeMismatch { .. }

@@ -9,9 +9,11 @@
 pub mod checkpoint;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod kernels;
 pub mod linalg;
 pub mod merge;
+pub mod model;
 pub mod methods;
 pub mod select;
 pub mod spec;
