@@ -153,6 +153,26 @@ pub struct Generation {
     pub events: mpsc::Receiver<Event>,
 }
 
+/// Token ids of a prompt, checked to leave room for a completion.
+fn prompt_ids(engine: &crate::engine::Engine, prompt: &Prompt) -> Result<Vec<u32>> {
+    let (ids, param) = match prompt {
+        Prompt::Chat(messages) => (engine.chat_prompt(messages)?, "messages"),
+        Prompt::Text(text) => (engine.text_prompt(text)?, "prompt"),
+    };
+    let context = engine.context_length();
+    if ids.len() >= context {
+        return Err(GatewayError::BadRequest {
+            message: format!(
+                "the prompt is {} tokens; the model's context is {context} tokens",
+                ids.len()
+            ),
+            param: Some(param.to_string()),
+            code: "context_length_exceeded",
+        });
+    }
+    Ok(ids)
+}
+
 /// Deltas buffered between the generating thread and the response.
 const EVENT_BUFFER: usize = 64;
 
@@ -171,31 +191,16 @@ pub async fn generate(
     let (ready_tx, ready_rx) = oneshot::channel::<Result<usize>>();
     let (tx, events) = mpsc::channel(EVENT_BUFFER);
     tokio::task::spawn_blocking(move || {
-        let _slot = slot;
         let engine = &served.engine;
-        let ids = match &prompt {
-            Prompt::Chat(messages) => engine.chat_prompt(messages),
-            Prompt::Text(text) => engine.text_prompt(text),
-        };
-        let ids = match ids {
+        let ids = match prompt_ids(engine, &prompt) {
             Ok(ids) => ids,
             Err(e) => {
-                let _ = ready_tx.send(Err(e.into()));
+                drop(slot);
+                let _ = ready_tx.send(Err(e));
                 return;
             }
         };
         let context = engine.context_length();
-        if ids.len() >= context {
-            let _ = ready_tx.send(Err(GatewayError::BadRequest {
-                message: format!(
-                    "the prompt is {} tokens; the model's context is {context} tokens",
-                    ids.len()
-                ),
-                param: Some("messages".to_string()),
-                code: "context_length_exceeded",
-            }));
-            return;
-        }
         // The completion stops at the end of the context.
         params.max_tokens = params.max_tokens.min(context - ids.len());
         if ready_tx.send(Ok(ids.len())).is_err() {
@@ -216,6 +221,9 @@ pub async fn generate(
             tx.blocking_send(Event::Delta(ev.text.clone())).is_ok()
         };
         let result = engine.generate(&ids, &params, &mut on_token);
+        // Free the slot before the client can see the end, so a request sent
+        // after a response never finds it still taken.
+        drop(slot);
         let event = match result {
             Ok(done) => {
                 metrics
