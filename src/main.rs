@@ -21,6 +21,10 @@ enum Command {
     Merge(cli::merge::MergeArgs),
     /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
     Generate(cli::generate::GenerateArgs),
+    /// Serve the OpenAI-compatible gateway (the demo pool when no pool is configured).
+    Serve(cli::serve::ServeArgs),
+    /// Print the gateway's OpenAPI document (`fusion openapi > openapi/openapi.json`).
+    Openapi,
     /// List the merge methods with their parameters and defaults.
     Methods,
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Openapi => cli::serve::print_openapi(),
         Command::Methods => cli::methods::run(),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

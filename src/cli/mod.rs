@@ -3,6 +3,7 @@
 pub mod generate;
 pub mod merge;
 pub mod methods;
+pub mod serve;
 pub mod zoo;
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
