@@ -145,7 +145,10 @@ async fn the_merges_api_creates_lists_reports_and_evicts() {
     assert!(id.starts_with("merge-"));
     assert_eq!(r.header("location"), Some(format!("/v1/merges/{id}")));
     assert_eq!(r.header("x-merge-id"), Some(id.clone()));
-    assert!(["pending", "running"].contains(&v["status"].as_str().unwrap()), "{v}");
+    assert!(
+        ["pending", "running"].contains(&v["status"].as_str().unwrap()),
+        "{v}"
+    );
     assert_eq!(v["method"], "simple_average");
     assert_eq!(v["pool"], "demo");
 
@@ -181,7 +184,10 @@ async fn the_merges_api_creates_lists_reports_and_evicts() {
     let d = c.delete(&format!("/v1/merges/{id}")).await;
     assert_eq!(d.status, 200, "{}", d.text);
     assert_eq!(d.json()["deleted"], true);
-    assert_eq!(c.get(&format!("/v1/merges/{id}")).await.json()["status"], "evicted");
+    assert_eq!(
+        c.get(&format!("/v1/merges/{id}")).await.json()["status"],
+        "evicted"
+    );
     assert_eq!(
         c.metric(r#"fusion_merge_cache_evictions_total{cause="explicit"}"#)
             .await,

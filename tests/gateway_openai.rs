@@ -73,7 +73,12 @@ async fn chat_on_a_checkpoint_matches_fusion_generate() {
         .starts_with("text/event-stream"));
     assert_eq!(r.header("x-merge-cache").as_deref(), Some("hit"));
     let events = sse_events(&r.text);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.text);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text
+    );
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str(e).unwrap())
@@ -142,9 +147,9 @@ async fn completions_match_fusion_generate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_in_the_request_answers_like_fusion_merge_then_generate() {
     let pool = Pool::small();
-    let server = start(pool.config(
-        "presets:\n  mc: 'task_arithmetic(math,code;scaling_coefficient=0.5)'\n",
-    ));
+    let server = start(
+        pool.config("presets:\n  mc: 'task_arithmetic(math,code;scaling_coefficient=0.5)'\n"),
+    );
     let c = Client::new(&server);
     for (model, cli_spec) in [
         (
@@ -173,7 +178,11 @@ async fn a_merge_in_the_request_answers_like_fusion_merge_then_generate() {
     // out, the preset, the structured `merge` field and `merge-<id>`; all
     // hit the cache entry made above.
     let first = c
-        .chat("task_arithmetic(math,code;scaling_coefficient=0.5)", PROMPT, 20)
+        .chat(
+            "task_arithmetic(math,code;scaling_coefficient=0.5)",
+            PROMPT,
+            20,
+        )
         .await;
     let id = first.json()["model"].as_str().unwrap().to_string();
     let text = content(&first.json());
@@ -182,8 +191,12 @@ async fn a_merge_in_the_request_answers_like_fusion_merge_then_generate() {
                   "parameters": {"scaling_coefficient": 0.5}},
         "messages": [{"role": "user", "content": PROMPT}]});
     let replies = [
-        c.chat("task_arithmetic(demo/math,demo/code;base=base,scaling_coefficient=0.5)", PROMPT, 20)
-            .await,
+        c.chat(
+            "task_arithmetic(demo/math,demo/code;base=base,scaling_coefficient=0.5)",
+            PROMPT,
+            20,
+        )
+        .await,
         c.chat("mc", PROMPT, 20).await,
         c.post("/v1/chat/completions", &structured).await,
         c.chat(&id, PROMPT, 20).await,
@@ -203,7 +216,14 @@ async fn a_merge_in_the_request_answers_like_fusion_merge_then_generate() {
         .iter()
         .map(|m| m["id"].as_str().unwrap())
         .collect();
-    for want in ["demo/base", "demo/math", "demo/code", "demo/chat", "mc", id.as_str()] {
+    for want in [
+        "demo/base",
+        "demo/math",
+        "demo/code",
+        "demo/chat",
+        "mc",
+        id.as_str(),
+    ] {
         assert!(ids.contains(&want), "{want} missing from {ids:?}");
     }
     assert_eq!(ids.iter().filter(|i| i.starts_with("merge-")).count(), 2);
@@ -216,7 +236,10 @@ async fn embeddings_are_the_models_mean_pooled_states() {
     let c = Client::new(&server);
     let texts = ["hello", "a longer text"];
     let r = c
-        .post("/v1/embeddings", &json!({"model": "demo/chat", "input": texts}))
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "demo/chat", "input": texts}),
+        )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     let v = r.json();
@@ -241,7 +264,10 @@ async fn embeddings_are_the_models_mean_pooled_states() {
     // One string is a list of one (alone in its batch, so equal up to the
     // rounding of a different matmul shape).
     let one = c
-        .post("/v1/embeddings", &json!({"model": "demo/chat", "input": "hello"}))
+        .post(
+            "/v1/embeddings",
+            &json!({"model": "demo/chat", "input": "hello"}),
+        )
         .await
         .json();
     let alone = one["data"][0]["embedding"].as_array().unwrap();

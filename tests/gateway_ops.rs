@@ -38,11 +38,19 @@ async fn openapi_docs_and_every_documented_route() {
     assert_eq!(served, generated);
     let docs = c.get("/docs/").await;
     assert_eq!(docs.status, 200);
-    assert!(docs.text.contains("swagger"), "{}", &docs.text[..200.min(docs.text.len())]);
+    assert!(
+        docs.text.contains("swagger"),
+        "{}",
+        &docs.text[..200.min(docs.text.len())]
+    );
     // Every documented operation is routed (no `no route` 404).
     for (path, ops) in generated["paths"].as_object().unwrap() {
         for method in ops.as_object().unwrap().keys() {
-            let url = format!("{}{}", c.base, path.replace("{id}", "merge-0123456789abcdef0123456789abcdef"));
+            let url = format!(
+                "{}{}",
+                c.base,
+                path.replace("{id}", "merge-0123456789abcdef0123456789abcdef")
+            );
             let req = match method.as_str() {
                 "get" => c.http.get(&url),
                 "post" => c.http.post(&url).json(&json!({})),
@@ -61,7 +69,10 @@ async fn promtool_accepts_the_metrics_and_every_design_metric_is_there() {
     let pool = Pool::small();
     let server = start(pool.config(""));
     let c = Client::new(&server);
-    assert_eq!(c.chat("simple_average(math,code)", "hi", 4).await.status, 200);
+    assert_eq!(
+        c.chat("simple_average(math,code)", "hi", 4).await.status,
+        200
+    );
     assert_eq!(c.chat("demo/math", "hi", 4).await.status, 200);
     let stream = c
         .post(
@@ -72,7 +83,17 @@ async fn promtool_accepts_the_metrics_and_every_design_metric_is_there() {
         .await;
     assert_eq!(stream.status, 200);
     assert_eq!(c.chat("nope", "hi", 4).await.status, 404);
-    assert_eq!(c.delete(&format!("/v1/merges/{}", c.get("/v1/merges").await.json()["data"][0]["id"].as_str().unwrap())).await.status, 200);
+    assert_eq!(
+        c.delete(&format!(
+            "/v1/merges/{}",
+            c.get("/v1/merges").await.json()["data"][0]["id"]
+                .as_str()
+                .unwrap()
+        ))
+        .await
+        .status,
+        200
+    );
     let text = c.get("/metrics").await.text;
     for name in [
         "fusion_http_requests_total",
@@ -89,12 +110,21 @@ async fn promtool_accepts_the_metrics_and_every_design_metric_is_there() {
         "fusion_merge_cache_entries",
         "fusion_generation_queue_depth",
     ] {
-        assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing:\n{text}");
+        assert!(
+            text.contains(&format!("# TYPE {name} ")),
+            "{name} missing:\n{text}"
+        );
     }
-    assert_eq!(metric_value(&text, "fusion_time_to_first_token_seconds_count"), 3.0);
+    assert_eq!(
+        metric_value(&text, "fusion_time_to_first_token_seconds_count"),
+        3.0
+    );
     assert!(metric_value(&text, "fusion_generated_tokens_total") >= 3.0);
     assert_eq!(
-        metric_value(&text, r#"fusion_http_requests_total{route="/v1/chat/completions",status="404"}"#),
+        metric_value(
+            &text,
+            r#"fusion_http_requests_total{route="/v1/chat/completions",status="404"}"#
+        ),
         1.0
     );
     let Ok(out) = Command::new("promtool")
@@ -104,12 +134,19 @@ async fn promtool_accepts_the_metrics_and_every_design_metric_is_there() {
         .stderr(Stdio::piped())
         .spawn()
     else {
-        eprintln!("SKIPPED promtool check: promtool is not installed (Debian package `prometheus`)");
+        eprintln!(
+            "SKIPPED promtool check: promtool is not installed (Debian package `prometheus`)"
+        );
         return;
     };
     let mut child = out;
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     let res = child.wait_with_output().unwrap();
     assert!(
         res.status.success(),
@@ -165,7 +202,9 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let config = pool.path("fusion.yaml");
     std::fs::write(
         &config,
-        pool.config_yaml("server: {bind: '127.0.0.1:0', shutdown_timeout: 30s, limits: {max_tokens: 250}}\n"),
+        pool.config_yaml(
+            "server: {bind: '127.0.0.1:0', shutdown_timeout: 30s, limits: {max_tokens: 250}}\n",
+        ),
     )
     .unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_fusion"))
@@ -182,13 +221,26 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let body = json!({"model": "demo/base", "stream": true, "max_tokens": 250, "temperature": 0,
                       "messages": [{"role": "user", "content": "hi"}]});
     // Warm the model, then start a long stream.
-    let warm = http.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let warm = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     let full = warm.text().await.unwrap();
-    let mut res = http.post(format!("{base}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let mut res = http
+        .post(format!("{base}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(res.status(), 200);
     let mut got = String::from_utf8(res.chunk().await.unwrap().unwrap().to_vec()).unwrap();
     assert!(sse_events(&full).len() > 50, "a long completion: {full}");
-    assert!(!got.contains("[DONE]"), "still streaming when the signal comes");
+    assert!(
+        !got.contains("[DONE]"),
+        "still streaming when the signal comes"
+    );
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -197,7 +249,10 @@ async fn sigterm_lets_in_flight_requests_finish() {
     while let Some(chunk) = res.chunk().await.unwrap() {
         got.push_str(std::str::from_utf8(&chunk).unwrap());
     }
-    assert!(got.ends_with("data: [DONE]\n\n"), "the stream was cut: {got}");
+    assert!(
+        got.ends_with("data: [DONE]\n\n"),
+        "the stream was cut: {got}"
+    );
     // The same completion as before the signal (ids and times aside).
     let text = |body: &str| -> String {
         sse_events(body)
@@ -205,7 +260,9 @@ async fn sigterm_lets_in_flight_requests_finish() {
             .filter(|e| *e != "[DONE]")
             .filter_map(|e| {
                 let v: Value = serde_json::from_str(e).unwrap();
-                v["choices"][0]["delta"]["content"].as_str().map(str::to_string)
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
             })
             .collect()
     };
@@ -215,9 +272,16 @@ async fn sigterm_lets_in_flight_requests_finish() {
         if let Some(code) = child.try_wait().unwrap() {
             break code;
         }
-        assert!(start.elapsed() < Duration::from_secs(30), "the server did not exit");
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server did not exit"
+        );
         std::thread::sleep(Duration::from_millis(50));
     };
     assert!(code.success(), "exit status {code}");
-    assert!(http.get(format!("{base}/health/live")).send().await.is_err());
+    assert!(http
+        .get(format!("{base}/health/live"))
+        .send()
+        .await
+        .is_err());
 }

@@ -660,7 +660,7 @@ impl Config {
             }
             preset.to_spec(name)?;
         }
-        for (name, _) in &self.taskpools {
+        for name in self.taskpools.keys() {
             if !is_name(name) {
                 return Err(err(
                     &format!("taskpools.{name}"),

@@ -47,7 +47,12 @@ pub fn write_model(dir: &Path, cfg: &ModelConfig, weights: &HashMap<String, Tens
 }
 
 /// `base + N(0, std²)` for every tensor.
-pub fn perturbed(base: &HashMap<String, Tensor>, cfg: &ModelConfig, seed: u64, std: f32) -> HashMap<String, Tensor> {
+pub fn perturbed(
+    base: &HashMap<String, Tensor>,
+    cfg: &ModelConfig,
+    seed: u64,
+    std: f32,
+) -> HashMap<String, Tensor> {
     let delta = random_weights(cfg, seed, std).unwrap();
     base.iter()
         .map(|(k, v)| {
@@ -125,7 +130,9 @@ impl Pool {
 
     /// A config whose `server:` section is `server` (bind is set here).
     pub fn config_with_server(&self, server: &str, extra: &str) -> Config {
-        let yaml = self.config_yaml(&format!("server: {{bind: '127.0.0.1:0', {server}}}\n{extra}"));
+        let yaml = self.config_yaml(&format!(
+            "server: {{bind: '127.0.0.1:0', {server}}}\n{extra}"
+        ));
         Config::from_yaml(&yaml, "test.yaml", self.dir.path(), Vec::new()).unwrap()
     }
 }
@@ -159,9 +166,17 @@ impl Reply {
         assert_eq!(self.status, status, "{}", self.text);
         let v = self.json();
         let e = &v["error"];
-        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", self.text);
+        assert!(
+            e["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
         assert_eq!(e["type"], kind, "{}", self.text);
-        assert!(e.get("param").is_some() && e.get("code").is_some(), "{}", self.text);
+        assert!(
+            e.get("param").is_some() && e.get("code").is_some(),
+            "{}",
+            self.text
+        );
         e.clone()
     }
 }
@@ -225,7 +240,8 @@ impl Client {
     }
 
     pub async fn get(&self, path: &str) -> Reply {
-        self.send(self.http.get(format!("{}{path}", self.base))).await
+        self.send(self.http.get(format!("{}{path}", self.base)))
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> Reply {
@@ -298,7 +314,11 @@ pub fn fusion_generate_prompt(model: &Path, prompt: &str, max_tokens: usize) -> 
         .arg(max_tokens.to_string())
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     text.strip_suffix('\n').unwrap().to_string()
 }
@@ -307,7 +327,9 @@ pub fn fusion_generate_prompt(model: &Path, prompt: &str, max_tokens: usize) -> 
 pub fn fusion_merge(cwd: &Path, spec: &str, out: &Path) {
     let res = std::process::Command::new(env!("CARGO_BIN_EXE_fusion"))
         .current_dir(cwd)
-        .args(["merge", "--quiet", "--device", "cpu", "--spec", spec, "--out"])
+        .args([
+            "merge", "--quiet", "--device", "cpu", "--spec", spec, "--out",
+        ])
         .arg(out)
         .output()
         .unwrap();
