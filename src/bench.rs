@@ -167,7 +167,7 @@ fn merge(
     methods: &[String],
     repeat: usize,
 ) -> anyhow::Result<()> {
-    let dt = parse_dtype(&dtype)
+    let dt = parse_dtype(dtype)
         .ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
     let pool = work.join(format!("pool-{params}-{experts}-{dtype}"));
     let dirs = pool_dirs(&pool, experts);
