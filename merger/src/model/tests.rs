@@ -385,3 +385,27 @@ fn bad_inputs_are_errors() {
         .to_string();
     assert!(e.contains("3 layers"), "{e}");
 }
+
+#[test]
+fn half_precision_runs_close_to_f32() {
+    let c = tiny();
+    let f32_model = model(&c, &ModelOptions::default());
+    let bf16_model = model(
+        &c,
+        &ModelOptions {
+            dtype: Some(DType::BF16),
+            ..Default::default()
+        },
+    );
+    assert_eq!(bf16_model.dtype(), DType::BF16);
+    let input = ids(&[&[1, 2, 3, 4, 5]]);
+    let a = f32_model.forward(&input, None).unwrap();
+    let mut cache = bf16_model.new_cache();
+    let b = bf16_model.forward(&input, Some(&mut cache)).unwrap();
+    assert_eq!(b.dtype(), DType::F32);
+    let d = max_abs_diff(&a, &b);
+    // bf16 keeps 8 significant bits: logits of magnitude ~2 move by ~1e-2.
+    assert!(d < 0.1, "{d}");
+    let step = bf16_model.forward_last(&ids(&[&[6]]), Some(&mut cache)).unwrap();
+    assert_eq!(step.dims(), &[1, 40]);
+}
