@@ -279,3 +279,32 @@ fn merge(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::generate::{compare, Pair, Size};
+    use super::parse_model_size;
+    use candle_core::Device;
+
+    #[test]
+    fn both_generation_loops_give_the_same_tokens() {
+        let pair = Pair::new(Size::Tiny, 1, &Device::Cpu).unwrap();
+        assert_eq!(pair.ours.config().num_parameters(), 886_656);
+        let prompt = pair.prompt(5);
+        assert!(prompt.iter().all(|&t| t < 262));
+        let c = compare(&pair, &prompt, 12, 1).unwrap();
+        assert!(c.same_tokens);
+        assert_eq!(c.tokens, 12);
+        assert!(c.ours_tps() > 0.0 && c.ratio().is_finite());
+        let tokens = pair.generate_ours(&prompt, 12).unwrap();
+        assert_eq!(tokens.len(), 12);
+        assert_eq!(tokens, pair.generate_reference(&prompt, 12).unwrap());
+    }
+
+    #[test]
+    fn model_sizes_parse() {
+        assert_eq!(parse_model_size("100m"), Ok(Size::M100));
+        assert_eq!(parse_model_size("tiny"), Ok(Size::Tiny));
+        assert!(parse_model_size("7B").unwrap_err().contains("tiny or 100M"));
+    }
+}
