@@ -30,7 +30,7 @@ enum Command {
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
-    /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor).
+    /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor; `generate`: tokens/s against candle-transformers).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }

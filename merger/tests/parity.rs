@@ -114,8 +114,8 @@ fn llama_parity(heads: usize, kv_heads: usize, tie: bool) {
     // token at a time with its cache (its forward returns the last position).
     let full = m.forward(&prompt(), None).unwrap();
     let mut cache = llama::Cache::new(true, DType::F32, &cfg, &Device::Cpu).unwrap();
-    for t in 0..PROMPT[0].len() {
-        let tok = ids(&[&[PROMPT[0][t]], &[PROMPT[1][t]]]);
+    for (t, (&a, &b)) in PROMPT[0].iter().zip(&PROMPT[1]).enumerate() {
+        let tok = ids(&[&[a], &[b]]);
         let theirs = reference.forward(&tok, t, &mut cache).unwrap();
         assert_close(
             &format!("{label}: position {t}"),

@@ -385,3 +385,66 @@ fn bad_inputs_are_errors() {
         .to_string();
     assert!(e.contains("3 layers"), "{e}");
 }
+
+#[test]
+fn half_precision_runs_close_to_f32() {
+    let c = tiny();
+    let f32_model = model(&c, &ModelOptions::default());
+    let bf16_model = model(
+        &c,
+        &ModelOptions {
+            dtype: Some(DType::BF16),
+            ..Default::default()
+        },
+    );
+    assert_eq!(bf16_model.dtype(), DType::BF16);
+    let input = ids(&[&[1, 2, 3, 4, 5]]);
+    let a = f32_model.forward(&input, None).unwrap();
+    let mut cache = bf16_model.new_cache();
+    let b = bf16_model.forward(&input, Some(&mut cache)).unwrap();
+    assert_eq!(b.dtype(), DType::F32);
+    let d = max_abs_diff(&a, &b);
+    // bf16 keeps 8 significant bits: logits of magnitude ~2 move by ~1e-2.
+    assert!(d < 0.1, "{d}");
+    let step = bf16_model
+        .forward_last(&ids(&[&[6]]), Some(&mut cache))
+        .unwrap();
+    assert_eq!(step.dims(), &[1, 40]);
+}
+
+/// The RegMean use of the capture hook (as in the runtime docs): Gram
+/// matrices accumulated over two batches equal `Hᵀ H` of the inputs, here
+/// checked for `lm_head`, whose input is the final hidden state.
+#[test]
+fn captured_inputs_accumulate_into_gram_matrices() {
+    let m = model(&tiny(), &ModelOptions::default());
+    let batches = [ids(&[&[1, 2, 3], &[4, 5, 6]]), ids(&[&[7, 8, 9, 10]])];
+    let mut grams: HashMap<String, Tensor> = HashMap::new();
+    let mut capture = |name: &str, x: &Tensor| -> candle_core::Result<()> {
+        let x = x.flatten_to(1)?;
+        let g = x.t()?.matmul(&x)?;
+        let sum = match grams.remove(name) {
+            Some(s) => (s + g)?,
+            None => g,
+        };
+        grams.insert(name.to_string(), sum);
+        Ok(())
+    };
+    for b in &batches {
+        m.forward_with(b, None, &mut Hooks::capturing(&mut capture))
+            .unwrap();
+    }
+    assert_eq!(grams.len(), 2 * 7 + 1);
+    let hs: Vec<Tensor> = batches
+        .iter()
+        .map(|b| {
+            m.hidden_states(b, None, &mut Hooks::default())
+                .unwrap()
+                .flatten_to(1)
+                .unwrap()
+        })
+        .collect();
+    let h = Tensor::cat(&hs, 0).unwrap(); // (10, hidden)
+    let want = h.t().unwrap().matmul(&h).unwrap();
+    assert!(max_abs_diff(&grams["lm_head.weight"], &want) < 1e-4);
+}
