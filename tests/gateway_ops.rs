@@ -175,24 +175,28 @@ async fn request_ids_are_echoed_or_made() {
     assert_eq!(a.len(), 32, "a simple uuid: {a}");
 }
 
-/// Reads the server's stderr until it says where it listens.
-fn listening_address(stderr: impl std::io::Read + Send + 'static) -> String {
+/// Collects the server's stderr lines; returns the address it listens on
+/// once it says so, and the lines read so far and later.
+fn watch_stderr(
+    stderr: impl std::io::Read + Send + 'static,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let (tx, rx) = std::sync::mpsc::channel();
+    let sink = lines.clone();
     std::thread::spawn(move || {
-        let mut sent = false;
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
-            if !sent {
-                if let Some(rest) = line.split("listening on http://").nth(1) {
-                    let addr = rest.split_whitespace().next().unwrap().to_string();
-                    let _ = tx.send(addr);
-                    sent = true;
-                }
+            if let Some(rest) = line.split("listening on http://").nth(1) {
+                let addr = rest.split_whitespace().next().unwrap().to_string();
+                let _ = tx.send(addr);
             }
+            sink.lock().unwrap().push(line);
         }
     });
-    rx.recv_timeout(Duration::from_secs(60))
-        .expect("the server never said where it listens")
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the server never said where it listens");
+    (addr, lines)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,11 +215,12 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .args(["serve", "--config"])
         .arg(&config)
         .env("FUSION_LOG", "info")
+        .env("FUSION_SERVER__LOG_FORMAT", "json")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let addr = listening_address(child.stderr.take().unwrap());
+    let (addr, logs) = watch_stderr(child.stderr.take().unwrap());
     let base = format!("http://{addr}");
     let http = reqwest::Client::new();
     let body = json!({"model": "demo/base", "stream": true, "max_tokens": 250, "temperature": 0,
