@@ -27,6 +27,7 @@ pub fn init_tracing(format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -116,6 +117,13 @@ async fn authenticate(
     }
 }
 
+/// `/docs` → `/docs/` (where Swagger UI lives).
+async fn docs_redirect() -> actix_web::HttpResponse {
+    actix_web::HttpResponse::PermanentRedirect()
+        .insert_header(("location", "/docs/"))
+        .finish()
+}
+
 async fn unknown_route(req: actix_web::HttpRequest) -> Result<actix_web::HttpResponse> {
     Err(GatewayError::NotFound {
         message: format!("no route `{} {}`", req.method(), req.path()),
@@ -144,6 +152,7 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .app_data(json)
             .app_data(path)
             .configure(routes::configure)
+            .route("/docs", web::get().to(docs_redirect))
             .service(SwaggerUi::new("/docs/{_:.*}").url(routes::paths::OPENAPI, doc.clone()))
             .default_service(web::to(unknown_route))
             .wrap(from_fn(authenticate))
