@@ -154,6 +154,20 @@ async fn every_error_has_its_status_and_the_openai_shape() {
         Some("model"),
         Some("model_not_found"),
     );
+    // Paths are never checkpoint names: `..` and `` are unknown pools.
+    for (label, model) in [
+        ("relative path", "simple_average(../math,code)"),
+        ("absolute path", "simple_average(/etc/passwd,code)"),
+    ] {
+        with(
+            label,
+            chat_body(model),
+            404,
+            "not_found_error",
+            Some("model"),
+            Some("model_not_found"),
+        );
+    }
     with(
         "merge id",
         chat_body("merge-0123456789abcdef0123456789abcdef"),

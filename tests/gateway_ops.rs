@@ -290,4 +290,22 @@ async fn sigterm_lets_in_flight_requests_finish() {
         .send()
         .await
         .is_err());
+
+    // JSON logs (FUSION_SERVER__LOG_FORMAT=json): one object per line, a
+    // line per request with its status, route and request id.
+    let logs = logs.lock().unwrap().clone();
+    let records: Vec<Value> = logs
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let requests: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["fields"]["message"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 2, "{logs:#?}");
+    for r in requests {
+        assert_eq!(r["fields"]["status"], 200);
+        assert_eq!(r["fields"]["route"], "/v1/chat/completions");
+        assert_eq!(r["span"]["id"].as_str().map(str::len), Some(32), "{r}");
+    }
 }

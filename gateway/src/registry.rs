@@ -237,12 +237,7 @@ impl Registry {
             None => (pool, name),
         };
         if let Some(p) = pool {
-            let found = self.pools.get(p).ok_or_else(|| {
-                GatewayError::model_not_found(format!(
-                    "unknown pool `{p}`; pools: {}",
-                    self.pools.keys().cloned().collect::<Vec<_>>().join(", ")
-                ))
-            })?;
+            let found = self.pool(p)?;
             let ck = found.checkpoints.get(bare).ok_or_else(|| {
                 GatewayError::model_not_found(format!(
                     "unknown checkpoint `{bare}` in pool `{p}` ({})",
@@ -295,7 +290,7 @@ impl Registry {
     fn plan_merge(&self, mut spec: MergeSpec) -> Result<MergePlan> {
         self.limits.check_experts(&spec)?;
         let pool_name = self.pool_of(&spec)?;
-        let pool = &self.pools[&pool_name];
+        let pool = self.pool(&pool_name)?;
         let bare = |n: &str| n.split_once('/').map_or(n, |(_, b)| b).to_string();
         for name in spec.checkpoint_names() {
             self.checkpoint(name, Some(&pool_name))?;
@@ -321,20 +316,24 @@ impl Registry {
         Ok(MergePlan::with_checkpoints(spec, &open)?)
     }
 
-    /// The pool a spec's checkpoints belong to.
+    /// The pool named `name`, or a 404 listing the pools.
+    fn pool(&self, name: &str) -> Result<&Pool> {
+        self.pools.get(name).ok_or_else(|| {
+            GatewayError::model_not_found(format!(
+                "unknown pool `{name}`; pools: {}",
+                self.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// The pool a spec's checkpoints belong to (an existing one).
     fn pool_of(&self, spec: &MergeSpec) -> Result<String> {
         if let Some(p) = &spec.pool {
-            if !self.pools.contains_key(p) {
-                return Err(GatewayError::model_not_found(format!(
-                    "unknown pool `{p}`; pools: {}",
-                    self.pools.keys().cloned().collect::<Vec<_>>().join(", ")
-                )));
-            }
-            return Ok(p.clone());
+            return Ok(self.pool(p)?.name.clone());
         }
         let names = spec.checkpoint_names();
         if let Some(q) = names.iter().find_map(|n| n.split_once('/').map(|(p, _)| p)) {
-            return Ok(q.to_string());
+            return Ok(self.pool(q)?.name.clone());
         }
         if self.pools.len() == 1 {
             return Ok(self.pools.keys().next().expect("one pool").clone());

@@ -2,6 +2,7 @@
 //! shutdown and logging setup.
 
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
@@ -9,6 +10,7 @@ use actix_web::dev::{ServerHandle, ServiceRequest, ServiceResponse};
 use actix_web::http::header::{HeaderName, HeaderValue};
 use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, App, HttpServer};
+use futures_util::FutureExt;
 use tracing::Instrument;
 use utoipa_swagger_ui::SwaggerUi;
 
@@ -49,7 +51,7 @@ fn request_id(req: &ServiceRequest) -> String {
 /// Request id, log line and HTTP metrics of every request.
 async fn observe(
     req: ServiceRequest,
-    next: Next<impl MessageBody>,
+    next: Next<impl MessageBody + 'static>,
 ) -> std::result::Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = Instant::now();
     let id = request_id(&req);
@@ -57,7 +59,23 @@ async fn observe(
     let path = req.path().to_string();
     let state = req.app_data::<web::Data<AppState>>().cloned();
     let span = tracing::info_span!("request", id = %id, method = %method, path = %path);
-    let result = next.call(req).instrument(span.clone()).await;
+    // A panic is a bug; it answers 500 (the error becomes the response)
+    // instead of taking the connection down.
+    let result = match AssertUnwindSafe(next.call(req).instrument(span.clone()))
+        .catch_unwind()
+        .await
+    {
+        Ok(result) => result,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            span.in_scope(|| tracing::error!(panic = %what, "handler panicked"));
+            Err(GatewayError::Internal("internal error (the handler panicked)".to_string()).into())
+        }
+    };
     let seconds = start.elapsed().as_secs_f64();
     let (route, status) = match &result {
         Ok(res) => (
