@@ -1,17 +1,23 @@
 # The project's test command: `make test` (also what .ci/run calls).
-# It installs what the tests need when it is missing, then builds once in
-# release mode and runs every test of the workspace, benches in test mode.
+# It installs what the tests need when it is missing (numpy + safetensors,
+# promtool, Helm, kubernetes-validate, hadolint: scripts/install-tools.sh),
+# builds once in release mode and runs every test of the workspace, benches in
+# test mode, then checks the Dockerfiles and the Helm chart.
 
 CARGO ?= cargo
+export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: test test-deps build lint fmt bench-merge
+.PHONY: test test-deps build lint fmt bench-merge check-deploy
 
 test: test-deps
 	$(CARGO) test --release --workspace --all-targets
+	scripts/check-deploy.sh
 
-# numpy and safetensors for the reference implementations in tests/reference.
 test-deps:
-	@python3 -c "import numpy, safetensors" 2>/dev/null || python3 -m pip install --quiet numpy safetensors
+	@scripts/install-tools.sh
+
+check-deploy: test-deps
+	scripts/check-deploy.sh
 
 build:
 	$(CARGO) build --release
