@@ -19,6 +19,10 @@ struct Cli {
 enum Command {
     /// Merge checkpoints from a mergekit-style YAML config (or a compact spec) into a new checkpoint folder.
     Merge(cli::merge::MergeArgs),
+    /// Score a model (a merge spec, a pool checkpoint or a folder) on a task pool.
+    Eval(cli::eval::EvalArgs),
+    /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
+    Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
@@ -33,6 +37,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Compare(args) => cli::compare::run(args),
         Command::Methods => cli::methods::run(),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -84,6 +84,15 @@ pub enum EvalError {
         /// What went wrong.
         reason: String,
     },
+    /// A row of a comparison failed (loading, merging or scoring its model).
+    #[error("row `{row}`: {source}")]
+    Row {
+        /// The row label.
+        row: String,
+        /// What failed.
+        #[source]
+        source: Box<EvalError>,
+    },
     /// Loading or merging a model failed.
     #[error(transparent)]
     Model(#[from] merger::MergeError),

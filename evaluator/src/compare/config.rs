@@ -35,17 +35,7 @@ use serde_yaml_ng::{Mapping, Value};
 use crate::error::{EvalError, Result};
 use crate::pool::ModelPool;
 use crate::runner::RunOptions;
-
-/// What a row evaluates.
-#[derive(Debug, Clone, PartialEq)]
-pub enum ModelSource {
-    /// A checkpoint folder.
-    Folder(PathBuf),
-    /// A checkpoint of the pool, by name (`base` or an expert).
-    Checkpoint(String),
-    /// A merge of the pool's checkpoints, made in memory.
-    Merge(MergeSpec),
-}
+use crate::source::{validate, ModelSource};
 
 /// One row of the comparison.
 #[derive(Debug, Clone, PartialEq)]
@@ -182,22 +172,10 @@ fn expand_string(s: &str, pool: &ModelPool) -> Result<Vec<RowSpec>> {
             })
             .collect());
     }
-    match compact::parse(s)? {
-        compact::Parsed::Name(name) => {
-            pool.resolve(&name)?;
-            Ok(vec![RowSpec {
-                name: name.clone(),
-                source: ModelSource::Checkpoint(name),
-            }])
-        }
-        compact::Parsed::Merge(spec) => Ok(vec![RowSpec {
-            name: s.to_string(),
-            source: ModelSource::Merge(validate(pool, spec)?),
-        }]),
-        compact::Parsed::MergeId(id) => Err(config_err(format!(
-            "`{id}` names a merge made by a running gateway; write its spec instead"
-        ))),
-    }
+    Ok(vec![RowSpec {
+        name: s.to_string(),
+        source: ModelSource::parse(s, pool)?,
+    }])
 }
 
 fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSpec>> {
@@ -337,13 +315,6 @@ fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSp
     Ok(rows)
 }
 
-/// Completes a spec against the pool and validates method and parameters.
-fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
-    let spec = pool.complete(spec)?;
-    merger::methods::build(&spec)?;
-    Ok(spec)
-}
-
 fn parse_sweep(s: &Mapping) -> Result<Vec<(String, Vec<ParamValue>)>> {
     let mut out = Vec::new();
     for (k, v) in s {
@@ -396,20 +367,6 @@ fn show(v: &ParamValue) -> String {
         ParamValue::Bool(b) => b.to_string(),
         ParamValue::Text(t) => t.clone(),
         other => serde_json::to_string(other).unwrap_or_default(),
-    }
-}
-
-impl ModelSource {
-    /// The checkpoint folder or merge spec, for labels and reports.
-    pub fn describe(&self, pool: Option<&ModelPool>) -> String {
-        match self {
-            ModelSource::Folder(p) => p.display().to_string(),
-            ModelSource::Checkpoint(n) => match pool.and_then(|p| p.resolve(n).ok()) {
-                Some(p) => format!("{n} ({})", p.display()),
-                None => n.clone(),
-            },
-            ModelSource::Merge(spec) => compact::to_compact(spec),
-        }
     }
 }
 
