@@ -260,16 +260,19 @@ impl CompareTable {
             .map(|r| r.score)
     }
 
-    /// The best score of each column (max, or min for lower-is-better metrics).
+    /// The best score of each column (max, or min for lower-is-better
+    /// metrics); `None` when every row has the same score.
     fn best(&self) -> Vec<Option<f64>> {
         (0..self.columns.len())
             .map(|c| {
                 let hib = metrics::higher_is_better(&self.columns[c].metric);
-                self.rows
+                let values: Vec<f64> = self
+                    .rows
                     .iter()
                     .filter_map(|r| self.score(r, c))
                     .filter(|v| !v.is_nan())
-                    .reduce(|a, b| if (b > a) == hib { b } else { a })
+                    .collect();
+                best_of(values, hib)
             })
             .collect()
     }
@@ -280,7 +283,7 @@ impl CompareTable {
         header.push("average".into());
         let mut rows = vec![header];
         let best = self.best();
-        let best_avg = self.rows.iter().filter_map(|r| r.average).reduce(f64::max);
+        let best_avg = best_of(self.rows.iter().filter_map(|r| r.average).collect(), true);
         for row in &self.rows {
             let mut cells = vec![row.name.clone()];
             for (c, col) in self.columns.iter().enumerate() {
@@ -288,7 +291,7 @@ impl CompareTable {
                     None => "-".into(),
                     Some(v) => {
                         let s = display_value(&col.metric, v);
-                        if Some(v) == best[c] && self.rows.len() > 1 {
+                        if Some(v) == best[c] {
                             format!("**{s}**")
                         } else {
                             s
@@ -298,7 +301,7 @@ impl CompareTable {
             }
             cells.push(match row.average {
                 None => "-".into(),
-                Some(a) if Some(a) == best_avg && self.rows.len() > 1 => {
+                Some(a) if Some(a) == best_avg => {
                     format!("**{:.1}**", 100.0 * a)
                 }
                 Some(a) => format!("{:.1}", 100.0 * a),
@@ -321,7 +324,7 @@ impl CompareTable {
             })
             .collect();
         out.push_str(&format!(
-            "\nTask pool `{}`. Metrics: {}. Average: mean of the fraction metrics (%). Best of each column in bold.\n",
+            "\nTask pool `{}`. Metrics: {}. Average: mean of the fraction metrics (%). Best of each column in bold (unless all tie).\n",
             self.taskpool,
             metrics.join(", ")
         ));
@@ -347,6 +350,16 @@ impl CompareTable {
         }
         out
     }
+}
+
+/// The largest (or, not `higher`, smallest) value; `None` when all are equal.
+fn best_of(values: Vec<f64>, higher: bool) -> Option<f64> {
+    if values.windows(2).all(|w| w[0] == w[1]) {
+        return None;
+    }
+    values
+        .into_iter()
+        .reduce(|a, b| if (b > a) == higher { b } else { a })
 }
 
 /// A markdown table with padded columns; `right[i]` right-aligns column i.
@@ -551,6 +564,31 @@ mod tests {
         );
         let back: CompareTable = serde_json::from_str(&t.render(Format::Json)).unwrap();
         assert_eq!(back, t);
+    }
+
+    #[test]
+    fn a_column_where_all_rows_tie_has_no_bold() {
+        let row = |name: &str, acc: f64| {
+            Row::new(
+                name.into(),
+                None,
+                vec![result("qa", TaskKind::MultipleChoice, &[("acc", acc)])],
+                0.0,
+            )
+        };
+        let columns = vec![Column {
+            task: "qa".into(),
+            kind: TaskKind::MultipleChoice,
+            metric: "acc".into(),
+        }];
+        let t = CompareTable {
+            taskpool: "p".into(),
+            columns,
+            rows: vec![row("x", 0.5), row("y", 0.5)],
+        };
+        assert!(!t.render(Format::Table).contains("**"));
+        assert_eq!(best_of(vec![2.0, 1.0, 3.0], false), Some(1.0));
+        assert_eq!(best_of(vec![2.0], true), None);
     }
 
     #[test]
