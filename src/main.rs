@@ -25,6 +25,10 @@ enum Command {
     Serve(cli::serve::ServeArgs),
     /// Print the gateway's OpenAPI document (`fusion openapi > openapi/openapi.json`).
     Openapi,
+    /// Score a model (a merge spec, a pool checkpoint or a folder) on a task pool.
+    Eval(cli::eval::EvalArgs),
+    /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
+    Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
@@ -42,6 +46,8 @@ fn main() -> ExitCode {
         Command::Generate(args) => cli::generate::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Openapi => cli::serve::print_openapi(),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Compare(args) => cli::compare::run(args),
         Command::Methods => cli::methods::run(),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
