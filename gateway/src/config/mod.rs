@@ -45,21 +45,9 @@ use serde_yaml_ng::Value;
 
 use crate::error::{GatewayError, Result};
 
-/// Prefix of the environment overrides.
-pub const ENV_PREFIX: &str = "FUSION_";
-/// Separator of key segments in an environment override.
-pub const ENV_SEPARATOR: &str = "__";
-/// The top-level sections (the first segment of an override).
-pub const SECTIONS: &[&str] = &[
-    "server",
-    "device",
-    "cache",
-    "merge",
-    "pools",
-    "presets",
-    "taskpools",
-    "evaluations",
-];
+pub mod env;
+
+pub use env::{apply_env, ENV_PREFIX, ENV_SEPARATOR, SECTIONS};
 
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -314,7 +302,7 @@ impl Default for MergeConfig {
     }
 }
 
-fn config_error(origin: impl Into<String>, reason: impl Into<String>) -> GatewayError {
+pub(crate) fn config_error(origin: impl Into<String>, reason: impl Into<String>) -> GatewayError {
     GatewayError::Config {
         origin: origin.into(),
         reason: reason.into(),
@@ -404,84 +392,6 @@ pub fn parse_bytes(s: &str) -> std::result::Result<u64, String> {
         return Err(format!("size `{s}` must be at least 1 byte"));
     }
     Ok(bytes as u64)
-}
-
-/// Applies `FUSION_…` overrides from `vars` to a parsed YAML document;
-/// returns the names of the variables applied.
-pub fn apply_env(
-    doc: &mut Value,
-    vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<Vec<String>> {
-    let mut applied = Vec::new();
-    let mut vars: Vec<(String, String)> = vars.into_iter().collect();
-    // Deterministic order, so a list index can follow the append that created it.
-    vars.sort();
-    for (name, raw) in vars {
-        let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
-            continue;
-        };
-        let segments: Vec<String> = rest
-            .split(ENV_SEPARATOR)
-            .map(str::to_ascii_lowercase)
-            .collect();
-        if !SECTIONS.contains(&segments[0].as_str()) {
-            continue;
-        }
-        if segments.iter().any(String::is_empty) {
-            return Err(config_error(
-                name.clone(),
-                "empty key segment (separate keys with a double underscore: FUSION_SERVER__BIND)",
-            ));
-        }
-        // A YAML scalar or flow collection; text that is not YAML stays text.
-        let value: Value = serde_yaml_ng::from_str(&raw).unwrap_or(Value::String(raw.clone()));
-        let value = if value.is_null() && !raw.trim().is_empty() && raw.trim() != "null" {
-            Value::String(raw.clone())
-        } else {
-            value
-        };
-        set_path(doc, &segments, value).map_err(|reason| config_error(name.clone(), reason))?;
-        applied.push(name);
-    }
-    Ok(applied)
-}
-
-fn set_path(node: &mut Value, path: &[String], value: Value) -> std::result::Result<(), String> {
-    let (head, rest) = path.split_first().expect("non-empty path");
-    if node.is_null() {
-        *node = if head.parse::<usize>().is_ok() {
-            Value::Sequence(Vec::new())
-        } else {
-            Value::Mapping(Default::default())
-        };
-    }
-    let child = match node {
-        Value::Mapping(map) => {
-            let key = Value::String(head.clone());
-            if !map.contains_key(&key) {
-                map.insert(key.clone(), Value::Null);
-            }
-            map.get_mut(&key).expect("inserted above")
-        }
-        Value::Sequence(seq) => {
-            let idx: usize = head
-                .parse()
-                .map_err(|_| format!("`{head}` must be a list index here"))?;
-            if idx == seq.len() {
-                seq.push(Value::Null);
-            }
-            let len = seq.len();
-            seq.get_mut(idx)
-                .ok_or_else(|| format!("index {idx} is past the end of a list of {len}"))?
-        }
-        _ => return Err(format!("`{head}` is below a value that is not a mapping")),
-    };
-    if rest.is_empty() {
-        *child = value;
-        Ok(())
-    } else {
-        set_path(child, rest, value)
-    }
 }
 
 fn is_name(s: &str) -> bool {
