@@ -224,6 +224,19 @@ async fn shutdown_signal(state: web::Data<AppState>) {
 pub fn run(config: Config) -> Result<()> {
     init_tracing(config.server.log_format);
     let state = web::Data::new(AppState::new(config)?);
+    for (name, pool) in state.registry.pools() {
+        tracing::info!(
+            pool = %name,
+            checkpoints = ?pool.checkpoints().keys().collect::<Vec<_>>(),
+            "pool opened"
+        );
+    }
+    tracing::info!(
+        device = %state.config.device,
+        cache_bytes = state.config.cache.max_bytes,
+        presets = ?state.registry.presets().keys().collect::<Vec<_>>(),
+        "serving"
+    );
     actix_web::rt::System::new().block_on(async move {
         let (server, _addr) = build(state)?;
         server
