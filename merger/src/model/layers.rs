@@ -166,6 +166,21 @@ pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
 pub trait Mlp: Send + Sync {
     /// Maps `(batch, seq, hidden)` to `(batch, seq, hidden)`.
     fn forward(&self, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor>;
+
+    /// [`Mlp::forward`] with this layer's per-sequence state slot of the KV
+    /// cache (`None` when the forward pass has no cache). A routed MLP keeps
+    /// its routing weights there: computed and stored when the slot is empty
+    /// (the prompt), reused while it is full (the generated tokens). The
+    /// default ignores the slot.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        state: Option<&mut Option<Tensor>>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let _ = state;
+        self.forward(x, hooks)
+    }
 }
 
 /// The SwiGLU MLP of Llama, Mistral and Qwen2:

@@ -37,10 +37,18 @@ impl Default for ModelOptions {
 
 /// Keys and values of past positions, one entry per layer, for one sequence
 /// batch. Its length is the position of the next token.
+///
+/// It also holds one MLP state slot per layer (see [`Mlp::forward_cached`]):
+/// a routed MLP stores the routing weights it computed on the first forward
+/// call through the cache (the prompt) and reuses them for every later call
+/// (the generated tokens).
 #[derive(Debug, Clone)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
     len: usize,
+    mlp_state: Vec<Option<Tensor>>,
+    /// Positions the MLP states were computed from (0: none computed yet).
+    mlp_state_len: usize,
 }
 
 impl KvCache {
@@ -49,7 +57,26 @@ impl KvCache {
         KvCache {
             layers: vec![None; layers],
             len: 0,
+            mlp_state: vec![None; layers],
+            mlp_state_len: 0,
         }
+    }
+
+    /// An empty cache (no positions) that keeps this cache's MLP states: a
+    /// forward pass through it reuses the routing computed on this cache's
+    /// prompt instead of computing its own.
+    pub fn fork_mlp_state(&self) -> KvCache {
+        KvCache {
+            layers: vec![None; self.layers.len()],
+            len: 0,
+            mlp_state: self.mlp_state.clone(),
+            mlp_state_len: 0,
+        }
+    }
+
+    /// The MLP state of block `layer`, if one was stored.
+    pub fn mlp_state(&self, layer: usize) -> Option<&Tensor> {
+        self.mlp_state.get(layer).and_then(Option::as_ref)
     }
 
     /// Positions cached so far.
@@ -62,10 +89,16 @@ impl KvCache {
         self.len == 0
     }
 
-    /// Drops every position past `len` (to rewind to a shared prefix).
+    /// Drops every position past `len` (to rewind to a shared prefix). MLP
+    /// states computed from positions past `len` are dropped too; the next
+    /// forward call then computes them again from the tokens it is given.
     pub fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
         if len >= self.len {
             return Ok(());
+        }
+        if len < self.mlp_state_len {
+            self.mlp_state.iter_mut().for_each(|s| *s = None);
+            self.mlp_state_len = 0;
         }
         for (k, v) in self.layers.iter_mut().flatten() {
             *k = k.narrow(2, 0, len)?;
@@ -192,8 +225,13 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `DIR/config.json` and the checkpoint's weights.
+    /// Loads `DIR/config.json` and the checkpoint's weights. A folder written
+    /// by [`crate::moe::MoeModel::save`] (its config.json has a `fusion_moe`
+    /// object) loads as the routed ensemble it holds.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Self> {
+        if crate::moe::is_moe_folder(dir)? {
+            return Ok(crate::moe::MoeModel::load(dir, opts)?.into_model());
+        }
         let config = ModelConfig::from_dir(dir)?;
         let name = dir
             .file_name()
@@ -426,11 +464,15 @@ impl Model {
                 .forward(&h, start, &self.rope, slot, self.differentiable, hooks)?;
             x = (x + h)?;
             let h = block.mlp_norm.forward(&x)?;
-            let h = block.mlp.forward(&h, hooks)?;
+            let state = cache.as_deref_mut().map(|c| &mut c.mlp_state[i]);
+            let h = block.mlp.forward_cached(&h, state, hooks)?;
             x = (x + h)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
+            if c.mlp_state_len == 0 && c.mlp_state.iter().any(Option::is_some) {
+                c.mlp_state_len = c.len;
+            }
         }
         Ok(self.norm.forward(&x)?)
     }
