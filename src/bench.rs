@@ -14,9 +14,13 @@ use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Prog
 use merger::throughput::{copy_floor, AnonSampler};
 use merger::zoo::{pool_spec, synth, SynthOptions};
 
+mod moe;
+
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Tokens/s of the routed ensembles (we_moe, ...) against the dense task-arithmetic merge and the base, and router training time.
+    Moe(moe::MoeBenchArgs),
     /// Merge throughput of task_arithmetic, ties_merging and dare against a memory-copy floor.
     Merge {
         /// Parameters of the synthetic pool (e.g. 1B).
@@ -52,14 +56,17 @@ fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
 
 /// Runs `fusion bench`.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let BenchCommand::Merge {
-        params,
-        experts,
-        dtype,
-        work,
-        methods,
-        repeat,
-    } = cmd;
+    let (params, experts, dtype, work, methods, repeat) = match cmd {
+        BenchCommand::Moe(args) => return moe::run(args),
+        BenchCommand::Merge {
+            params,
+            experts,
+            dtype,
+            work,
+            methods,
+            repeat,
+        } => (params, experts, dtype, work, methods, repeat),
+    };
     let dt = parse_dtype(&dtype)
         .ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
     let pool = work.join(format!("pool-{params}-{experts}-{dtype}"));

@@ -2,6 +2,7 @@
 
 pub mod merge;
 pub mod methods;
+pub mod moe;
 pub mod zoo;
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.

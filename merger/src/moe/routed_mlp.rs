@@ -78,11 +78,26 @@ impl RoutedLinear {
                 out,
             } => {
                 let (b, t, i) = x.dims3()?;
-                let ye = x
-                    .reshape((b * t, i))?
-                    .matmul(&stack.t()?)?
-                    .reshape((b, t, *num, *out))?;
-                let mixed = ye.broadcast_mul(&r.unsqueeze(3)?)?.sum(2)?;
+                let (num, out) = (*num, *out);
+                // Every expert's output at once: (b·t, T·out).
+                let ye = x.reshape((b * t, i))?.matmul(&stack.t()?)?;
+                // Σi ri·yi as matmuls that contract over T (candle reduces
+                // over an inner dimension slowly, and so would its backward).
+                let mixed = if r.dim(1)? == 1 && t > 1 {
+                    // Per sequence: (b, 1, T) @ (b, T, t·out).
+                    let ye = ye
+                        .reshape((b, t, num, out))?
+                        .transpose(1, 2)?
+                        .contiguous()?
+                        .reshape((b, num, t * out))?;
+                    r.contiguous()?.matmul(&ye)?.reshape((b, t, out))?
+                } else {
+                    // Per token: (b·t, 1, T) @ (b·t, T, out).
+                    let r = r.broadcast_as((b, t, num))?.contiguous()?;
+                    r.reshape((b * t, 1, num))?
+                        .matmul(&ye.reshape((b * t, num, out))?)?
+                        .reshape((b, t, out))?
+                };
                 let y = (y0 + mixed)?;
                 match bias {
                     None => Ok(y),
