@@ -1,6 +1,16 @@
 //! `fusion bench merge`: merge throughput on a synthetic pool, as input GB/s
 //! and as a ratio to a plain memory-copy floor measured in the same run, with
 //! the peak private memory (RssAnon) sampled from /proc while each merge runs.
+//!
+//! `fusion bench generate`: tokens/s of greedy generation on the model
+//! runtime against candle-transformers' Llama on the same weights, in the
+//! same run.
+//!
+//! `fusion bench moe`: tokens/s of the routed ensembles against the dense
+//! task-arithmetic merge and the base, and router training time.
+
+pub mod generate;
+mod moe;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,8 +23,6 @@ use merger::checkpoint::{parse_dtype, Checkpoint, WriteOptions};
 use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Progress};
 use merger::throughput::{copy_floor, AnonSampler};
 use merger::zoo::{pool_spec, synth, SynthOptions};
-
-mod moe;
 
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
@@ -46,6 +54,32 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 1)]
         repeat: usize,
     },
+    /// Tokens/s of greedy generation against candle-transformers' Llama on the same random weights.
+    Generate {
+        /// Model: `tiny` (hidden 128, 4 layers, vocab 262) or `100M` (hidden 768, 12 layers, vocab 32000).
+        #[arg(long, default_value = "100M", value_parser = parse_model_size)]
+        params: generate::Size,
+        /// Tokens to generate per run.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+        /// Prompt length in tokens.
+        #[arg(long, default_value_t = 16)]
+        prompt: usize,
+        /// Timed runs of each implementation, alternating (the best is reported).
+        #[arg(long, default_value_t = 3)]
+        repeat: usize,
+        /// Device: auto, cpu or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+fn parse_model_size(s: &str) -> Result<generate::Size, String> {
+    match s.to_ascii_lowercase().as_str() {
+        "tiny" => Ok(generate::Size::Tiny),
+        "100m" => Ok(generate::Size::M100),
+        _ => Err(format!("`{s}`: expected tiny or 100M")),
+    }
 }
 
 fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
@@ -56,8 +90,8 @@ fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
 
 /// Runs `fusion bench`.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
-    let (params, experts, dtype, work, methods, repeat) = match cmd {
-        BenchCommand::Moe(args) => return moe::run(args),
+    match cmd {
+        BenchCommand::Moe(args) => moe::run(args),
         BenchCommand::Merge {
             params,
             experts,
@@ -65,9 +99,82 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
             work,
             methods,
             repeat,
-        } => (params, experts, dtype, work, methods, repeat),
-    };
-    let dt = parse_dtype(&dtype)
+        } => merge(params, experts, &dtype, &work, &methods, repeat),
+        BenchCommand::Generate {
+            params,
+            tokens,
+            prompt,
+            repeat,
+            device,
+        } => generate_tps(params, tokens, prompt, repeat, &device),
+    }
+}
+
+/// `fusion bench generate`.
+fn generate_tps(
+    size: generate::Size,
+    tokens: usize,
+    prompt: usize,
+    repeat: usize,
+    device: &str,
+) -> anyhow::Result<()> {
+    let config = size.config();
+    if tokens == 0 || prompt == 0 || prompt + tokens > config.max_position_embeddings {
+        anyhow::bail!(
+            "`--prompt {prompt}` and `--tokens {tokens}` must be positive and sum to at most {}",
+            config.max_position_embeddings
+        );
+    }
+    let dev = merger::device::parse_device(device)?;
+    eprintln!("building both models on random weights ...");
+    let pair = generate::Pair::new(size, 0, &dev)?;
+    println!(
+        "model: random Llama `{}`, {:.1}M parameters (hidden {}, {} layers, {} heads, MLP {}, vocab {}), f32 on {}; threads: {}",
+        size.name(),
+        config.num_parameters() as f64 / 1e6,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+        config.intermediate_size,
+        config.vocab_size,
+        merger::device::device_name(&dev),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "greedy generation of {tokens} tokens after a {prompt}-token prompt (KV cache), best of {repeat}\n"
+    );
+    let ids = pair.prompt(prompt);
+    let c = generate::compare(&pair, &ids, tokens, repeat)?;
+    println!("| implementation | seconds | tokens/s |");
+    println!("|---|---|---|");
+    println!(
+        "| merger::model | {:.3} | {:.1} |",
+        c.ours_seconds,
+        c.ours_tps()
+    );
+    println!(
+        "| candle-transformers llama | {:.3} | {:.1} |",
+        c.reference_seconds,
+        c.reference_tps()
+    );
+    println!(
+        "\nratio (merger::model / candle-transformers): {:.2}x; same tokens: {}",
+        c.ratio(),
+        if c.same_tokens { "yes" } else { "NO" }
+    );
+    Ok(())
+}
+
+/// `fusion bench merge`.
+fn merge(
+    params: u64,
+    experts: usize,
+    dtype: &str,
+    work: &Path,
+    methods: &[String],
+    repeat: usize,
+) -> anyhow::Result<()> {
+    let dt = parse_dtype(dtype)
         .ok_or_else(|| anyhow::anyhow!("`--dtype {dtype}`: expected f32, f16 or bf16"))?;
     let pool = work.join(format!("pool-{params}-{experts}-{dtype}"));
     let dirs = pool_dirs(&pool, experts);
@@ -130,7 +237,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     };
     let out = work.join("bench-out");
     let cpu = merger::device::parse_device("cpu")?;
-    for method in &methods {
+    for method in methods {
         let mut spec = pool_spec(method, &dirs);
         if method == "dare" {
             spec.seed = Some(42);
@@ -178,4 +285,33 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::generate::{compare, Pair, Size};
+    use super::parse_model_size;
+    use candle_core::Device;
+
+    #[test]
+    fn both_generation_loops_give_the_same_tokens() {
+        let pair = Pair::new(Size::Tiny, 1, &Device::Cpu).unwrap();
+        assert_eq!(pair.ours.config().num_parameters(), 886_656);
+        let prompt = pair.prompt(5);
+        assert!(prompt.iter().all(|&t| t < 262));
+        let c = compare(&pair, &prompt, 12, 1).unwrap();
+        assert!(c.same_tokens);
+        assert_eq!(c.tokens, 12);
+        assert!(c.ours_tps() > 0.0 && c.ratio().is_finite());
+        let tokens = pair.generate_ours(&prompt, 12).unwrap();
+        assert_eq!(tokens.len(), 12);
+        assert_eq!(tokens, pair.generate_reference(&prompt, 12).unwrap());
+    }
+
+    #[test]
+    fn model_sizes_parse() {
+        assert_eq!(parse_model_size("100m"), Ok(Size::M100));
+        assert_eq!(parse_model_size("tiny"), Ok(Size::Tiny));
+        assert!(parse_model_size("7B").unwrap_err().contains("tiny or 100M"));
+    }
 }

@@ -19,12 +19,14 @@ struct Cli {
 enum Command {
     /// Merge checkpoints from a mergekit-style YAML config (or a compact spec) into a new checkpoint folder.
     Merge(cli::merge::MergeArgs),
+    /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
+    Generate(cli::generate::GenerateArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
-    /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor).
+    /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor; `generate`: tokens/s against candle-transformers).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
 }
@@ -33,6 +35,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
+        Command::Generate(args) => cli::generate::run(args),
         Command::Methods => cli::methods::run(),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -124,6 +124,8 @@ pub enum MergeError {
     Template(String),
     #[error("generation: {0}")]
     Generation(String),
+    #[error("model: {0}")]
+    Model(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -135,7 +137,7 @@ impl MergeError {
         match self {
             Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
             ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
-            Template(_) | Generation(_) => ErrorKind::Invalid,
+            Template(_) | Generation(_) | Model(_) => ErrorKind::Invalid,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
             Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
             ShapeMismatch { .. }

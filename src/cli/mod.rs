@@ -1,5 +1,6 @@
 //! Subcommands of the `fusion` binary: thin adapters onto the libraries.
 
+pub mod generate;
 pub mod merge;
 pub mod methods;
 pub mod moe;

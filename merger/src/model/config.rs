@@ -126,8 +126,41 @@ impl ModelConfig {
                 return Err(bad(format!("hidden_act `{act}` is not supported (silu)")));
             }
         }
-        if raw.rope_scaling.as_ref().is_some_and(|v| !v.is_null()) {
-            return Err(bad("rope_scaling is not supported".into()));
+        if let Some(scaling) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|t| t.as_str());
+            if kind != Some("default") {
+                return Err(bad(format!(
+                    "rope_scaling {scaling} is not supported (only plain rotary embeddings)"
+                )));
+            }
+        }
+        for (field, value) in [
+            ("vocab_size", raw.vocab_size),
+            ("hidden_size", raw.hidden_size),
+            ("intermediate_size", raw.intermediate_size),
+            (
+                "max_position_embeddings",
+                raw.max_position_embeddings.unwrap_or(1),
+            ),
+        ] {
+            if value == 0 {
+                return Err(bad(format!("`{field}` must be positive")));
+            }
+        }
+        let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
+        if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
+            return Err(bad(format!(
+                "`rms_norm_eps` ({rms_norm_eps}) must be positive"
+            )));
+        }
+        let rope_theta = raw.rope_theta.unwrap_or(10_000.0);
+        if !(rope_theta.is_finite() && rope_theta > 1.0) {
+            return Err(bad(format!(
+                "`rope_theta` ({rope_theta}) must be greater than 1"
+            )));
         }
         let heads = raw.num_attention_heads;
         let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
@@ -146,9 +179,9 @@ impl ModelConfig {
                 )))
             }
         };
-        if !head_dim.is_multiple_of(2) {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(bad(format!(
-                "head_dim ({head_dim}) must be even for rotary embeddings"
+                "head_dim ({head_dim}) must be positive and even for rotary embeddings"
             )));
         }
         let attention_bias = raw.attention_bias.unwrap_or(false);
@@ -161,8 +194,8 @@ impl ModelConfig {
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw.rope_theta.unwrap_or(10_000.0),
+            rms_norm_eps,
+            rope_theta,
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(2048),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: family == Family::Qwen2 || attention_bias,
@@ -221,8 +254,13 @@ impl ModelConfig {
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;
-        let attn = h * q + 2 * h * kv + q * h + if self.qkv_bias { q + 2 * kv } else { 0 };
-        let mlp = 3 * h * self.intermediate_size;
+        let m = self.intermediate_size;
+        let attn = h * q
+            + 2 * h * kv
+            + q * h
+            + if self.qkv_bias { q + 2 * kv } else { 0 }
+            + if self.o_bias { h } else { 0 };
+        let mlp = 3 * h * m + if self.mlp_bias { 2 * m + h } else { 0 };
         let block = attn + mlp + 2 * h;
         let embed = self.vocab_size * h;
         let head = if self.tie_word_embeddings { 0 } else { embed };
@@ -264,6 +302,69 @@ mod tests {
         .unwrap();
         assert_eq!(c.family, Family::Qwen2);
         assert!(c.qkv_bias && !c.o_bias && c.tie_word_embeddings);
+    }
+
+    #[test]
+    fn mistral_is_accepted_with_its_sliding_window() {
+        let c = parse(
+            r#"{"architectures":["MistralForCausalLM"],"model_type":"mistral","vocab_size":32000,
+            "hidden_size":4096,"intermediate_size":14336,"num_hidden_layers":32,"num_attention_heads":32,
+            "num_key_value_heads":8,"sliding_window":4096,"rope_theta":1000000.0,"rms_norm_eps":1e-05,
+            "max_position_embeddings":32768,"hidden_act":"silu","bos_token_id":1,"eos_token_id":2}"#,
+        )
+        .unwrap();
+        assert_eq!(c.family, Family::Mistral);
+        assert_eq!((c.head_dim, c.num_key_value_heads), (128, 8));
+        assert_eq!(c.rope_theta, 1e6);
+        assert!(!c.qkv_bias && !c.o_bias);
+        assert_eq!(
+            (c.bos_token_id, c.eos_token_ids.clone()),
+            (Some(1), vec![2])
+        );
+        // Mistral-7B has 7,241,732,096 parameters.
+        assert_eq!(c.num_parameters(), 7_241_732_096);
+    }
+
+    #[test]
+    fn parameter_count_includes_biases() {
+        // Llama with attention_bias and mlp_bias: h=4, m=6, 2 heads of 2, 1 kv head, vocab 10.
+        let c = parse(
+            r#"{"model_type":"llama","vocab_size":10,"hidden_size":4,"intermediate_size":6,
+            "num_hidden_layers":1,"num_attention_heads":2,"num_key_value_heads":1,
+            "attention_bias":true,"mlp_bias":true}"#,
+        )
+        .unwrap();
+        assert!(c.qkv_bias && c.o_bias && c.mlp_bias);
+        // embed 40 + lm_head 40 + final norm 4 + block: q 16+4, k 8+2, v 8+2,
+        // o 16+4, gate 24+6, up 24+6, down 24+4, two norms 8.
+        assert_eq!(
+            c.num_parameters(),
+            40 + 40 + 4 + 20 + 10 + 10 + 20 + 30 + 30 + 28 + 8
+        );
+        let from_shapes: usize = crate::model::random::tensor_shapes(&c)
+            .iter()
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        assert_eq!(from_shapes, c.num_parameters());
+    }
+
+    #[test]
+    fn rope_scaling_only_when_default() {
+        let base = r#""model_type":"llama","vocab_size":8,"hidden_size":8,"intermediate_size":8,"num_hidden_layers":1,"num_attention_heads":2"#;
+        assert!(parse(&format!(
+            r#"{{{base},"rope_scaling":{{"rope_type":"default"}}}}"#
+        ))
+        .is_ok());
+        let e = parse(&format!(
+            r#"{{{base},"rope_scaling":{{"rope_type":"llama3","factor":8.0}}}}"#
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("rope_scaling") && e.contains("llama3"), "{e}");
+        let e = parse(&format!(r#"{{{base},"rms_norm_eps":0}}"#))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("rms_norm_eps"), "{e}");
     }
 
     #[test]

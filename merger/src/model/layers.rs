@@ -1,24 +1,37 @@
 //! The building blocks of a decoder block: named linear layers whose inputs
 //! can be captured, RMS norm, rotary embeddings and the replaceable MLP.
 //!
-//! Every layer has two code paths: candle's fused kernels for inference, and
-//! compositions of differentiable primitives when the model is built with
-//! `differentiable: true` (candle's fused RMS norm, softmax and rotary kernels
-//! have no backward pass).
+//! Layers that candle implements as fused kernels have two code paths: the
+//! fused kernel for inference, and a composition of differentiable
+//! primitives when the model is built with `differentiable: true` (candle's
+//! fused RMS norm, softmax and rotary kernels have no backward pass).
 
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use super::weights::Weights;
+
 /// Receives the input of every linear layer during a forward pass (RegMean's
 /// Gram matrices are built from these).
+///
+/// Any `FnMut(&str, &Tensor) -> candle_core::Result<()>` closure is a
+/// capture.
 pub trait LinearCapture {
     /// Called with the layer's weight name (`model.layers.0.mlp.up_proj.weight`)
-    /// and its input, of shape `(batch, seq, in_features)`.
+    /// and its input, of shape `(batch, seq, in_features)`, before the layer
+    /// is applied.
     fn capture(&mut self, weight: &str, input: &Tensor) -> Result<()>;
 }
 
-/// Per-forward-pass options threaded through every layer.
+impl<F: FnMut(&str, &Tensor) -> Result<()>> LinearCapture for F {
+    fn capture(&mut self, weight: &str, input: &Tensor) -> Result<()> {
+        self(weight, input)
+    }
+}
+
+/// Per-forward-pass hooks threaded through every layer. `Hooks::default()`
+/// observes nothing.
 #[derive(Default)]
 pub struct Hooks<'a> {
     /// Where linear inputs go, when capturing.
@@ -32,7 +45,21 @@ impl<'a> Hooks<'a> {
     }
 }
 
-/// A linear layer `y = x Wᵀ + b` that knows its weight's name.
+/// A linear layer `y = x Wᵀ + b` that knows its weight's name, so a capture
+/// hook can tell the layers apart.
+///
+/// ```
+/// use candle_core::{Device, Tensor};
+/// use merger::model::{Hooks, Linear};
+/// # fn main() -> candle_core::Result<()> {
+/// let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu)?;
+/// let b = Tensor::new(&[0f32, 1., 2.], &Device::Cpu)?;
+/// let layer = Linear::new("proj.weight", w, Some(b));
+/// let x = Tensor::new(&[[[10f32, 100.]]], &Device::Cpu)?;
+/// let y = layer.forward(&x, &mut Hooks::default())?;
+/// assert_eq!(y.to_vec3::<f32>()?, [[[210.0, 431.0, 652.0]]]);
+/// # Ok(()) }
+/// ```
 #[derive(Clone, Debug)]
 pub struct Linear {
     inner: candle_nn::Linear,
@@ -58,7 +85,13 @@ impl Linear {
         self.inner.weight()
     }
 
-    /// Applies the layer, reporting the input to the capture hook first.
+    /// The bias, `(out_features)`, if the layer has one.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.inner.bias()
+    }
+
+    /// Applies the layer to `(.., in_features)`, reporting the input to the
+    /// capture hook first.
     pub fn forward(&self, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         if let Some(c) = hooks.capture.as_deref_mut() {
             c.capture(&self.name, x)?;
@@ -67,7 +100,8 @@ impl Linear {
     }
 }
 
-/// Root-mean-square layer norm with a learned scale.
+/// Root-mean-square layer norm with a learned scale:
+/// `x / sqrt(mean(x²) + eps) ⊙ weight` over the last dimension.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
     weight: Tensor,
@@ -85,7 +119,12 @@ impl RmsNorm {
         }
     }
 
-    /// `x / sqrt(mean(x²) + eps) * weight` over the last dimension.
+    /// The learned scale.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if self.differentiable {
             candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
@@ -95,59 +134,75 @@ impl RmsNorm {
     }
 }
 
-/// Rotary position embedding tables (the half-split layout Hugging Face's
-/// Llama and Qwen2 use).
+/// Rotary position embedding in the half-split layout of Hugging Face's
+/// Llama, Mistral and Qwen2: pair `(x_i, x_{i+d/2})` of a head of width `d`
+/// is rotated by the angle `p · θ^(−2i/d)` at position `p`.
+///
+/// The cos/sin tables are computed for the positions of each forward pass
+/// (a few thousand multiplications for a decoding step) rather than for
+/// `max_position_embeddings` up front, so a config with a huge context
+/// costs nothing until it is used.
 #[derive(Clone, Debug)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    inv_freq: Vec<f32>,
     differentiable: bool,
 }
 
+/// The cos and sin tables of one forward pass, `(seq, head_dim / 2)` each.
+#[derive(Clone, Debug)]
+pub struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
 impl Rope {
-    /// Tables for positions `0..max_positions` of heads of width `head_dim`:
-    /// angle `p · θ^(−2i/d)` for `i < d/2`.
-    pub fn new(
-        head_dim: usize,
-        max_positions: usize,
-        theta: f64,
-        dtype: DType,
-        device: &Device,
-        differentiable: bool,
-    ) -> Result<Self> {
-        let inv_freq: Vec<f32> = (0..head_dim)
+    /// Rotary embedding for heads of width `head_dim` (even) with base `theta`.
+    pub fn new(head_dim: usize, theta: f64, differentiable: bool) -> Self {
+        let inv_freq = (0..head_dim)
             .step_by(2)
             .map(|i| 1f32 / theta.powf(i as f64 / head_dim as f64) as f32)
             .collect();
-        let half = inv_freq.len();
-        let inv_freq = Tensor::from_vec(inv_freq, (1, half), device)?;
-        let positions = Tensor::arange(0u32, max_positions as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_positions, 1))?;
-        let angles = positions.matmul(&inv_freq)?;
-        Ok(Rope {
-            cos: angles.cos()?.to_dtype(dtype)?,
-            sin: angles.sin()?.to_dtype(dtype)?,
+        Rope {
+            inv_freq,
             differentiable,
-        })
-    }
-
-    /// Rotates `x` of shape `(batch, heads, seq, head_dim)` whose first
-    /// position is `start`.
-    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (_, _, seq, _) = x.dims4()?;
-        let cos = self.cos.narrow(0, start, seq)?;
-        let sin = self.sin.narrow(0, start, seq)?;
-        if self.differentiable {
-            candle_nn::rotary_emb::rope_slow(x, &cos, &sin)
-        } else {
-            candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
         }
     }
 
-    /// Longest sequence the tables cover.
-    pub fn max_positions(&self) -> usize {
-        self.cos.dim(0).unwrap_or(0)
+    /// The tables for positions `start..start + len`, in `dtype` on `device`.
+    /// Angles are computed in f32 as `p · inv_freq` (what candle-transformers
+    /// and Hugging Face compute), then converted.
+    pub fn tables(
+        &self,
+        start: usize,
+        len: usize,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RopeTables> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for p in start..start + len {
+            for f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_vec(v, (len, half), device)?.to_dtype(dtype);
+        Ok(RopeTables {
+            cos: table(cos)?,
+            sin: table(sin)?,
+        })
+    }
+
+    /// Rotates `x` of shape `(batch, heads, seq, head_dim)` with the tables
+    /// of its positions.
+    pub fn apply(&self, x: &Tensor, tables: &RopeTables) -> Result<Tensor> {
+        if self.differentiable {
+            candle_nn::rotary_emb::rope_slow(x, &tables.cos, &tables.sin)
+        } else {
+            candle_nn::rotary_emb::rope(&x.contiguous()?, &tables.cos, &tables.sin)
+        }
     }
 }
 
@@ -164,7 +219,8 @@ pub fn softmax_last(x: &Tensor, differentiable: bool) -> Result<Tensor> {
 /// [`crate::model::Model::set_mlp`]), so a routed ensemble of experts can take
 /// its place.
 pub trait Mlp: Send + Sync {
-    /// Maps `(batch, seq, hidden)` to `(batch, seq, hidden)`.
+    /// Maps `(batch, seq, hidden)` to `(batch, seq, hidden)`. Implementations
+    /// pass `hooks` on to their linear layers so captures see them.
     fn forward(&self, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor>;
 
     /// [`Mlp::forward`] with this layer's per-sequence state slot of the KV
@@ -187,28 +243,46 @@ pub trait Mlp: Send + Sync {
 /// `down(silu(gate(x)) ⊙ up(x))`.
 #[derive(Clone, Debug)]
 pub struct GatedMlp {
-    /// `gate_proj`.
+    /// `gate_proj`, `(intermediate, hidden)`.
     pub gate: Linear,
-    /// `up_proj`.
+    /// `up_proj`, `(intermediate, hidden)`.
     pub up: Linear,
-    /// `down_proj`.
+    /// `down_proj`, `(hidden, intermediate)`.
     pub down: Linear,
 }
 
 impl GatedMlp {
-    /// Takes `{prefix}.{gate,up,down}_proj.weight` (and `.bias` when
-    /// `bias`) out of `weights`.
+    /// Takes `{prefix}.{gate,up,down}_proj.weight` (and `.bias` when `bias`)
+    /// out of `weights`, as they are (no dtype or device change). The shapes
+    /// must agree with each other: gate and up `(m, h)`, down `(h, m)`.
     pub fn from_weights(
         prefix: &str,
         weights: &mut HashMap<String, Tensor>,
         bias: bool,
     ) -> crate::Result<Self> {
-        let mut lin = |p: &str| linear(&format!("{prefix}.{p}"), weights, bias);
-        Ok(GatedMlp {
-            gate: lin("gate_proj")?,
-            up: lin("up_proj")?,
-            down: lin("down_proj")?,
-        })
+        const SOURCE: &str = "MLP weights";
+        let gate = format!("{prefix}.gate_proj.weight");
+        let (m, h) = match weights.get(&gate).map(|t| t.dims()) {
+            Some(&[m, h]) => (m, h),
+            Some(other) => {
+                return Err(crate::MergeError::Model(format!(
+                    "tensor `{gate}` has shape {other:?}; an MLP projection is a matrix"
+                )))
+            }
+            None => {
+                return Err(crate::MergeError::MissingTensor {
+                    tensor: gate,
+                    model: SOURCE.into(),
+                    path: Default::default(),
+                })
+            }
+        };
+        Weights::new(weights, SOURCE, Default::default(), None).mlp(prefix, h, m, bias)
+    }
+
+    /// Builds the MLP from its three layers.
+    pub fn new(gate: Linear, up: Linear, down: Linear) -> Self {
+        GatedMlp { gate, up, down }
     }
 }
 
@@ -218,31 +292,4 @@ impl Mlp for GatedMlp {
         let up = self.up.forward(x, hooks)?;
         self.down.forward(&(gate * up)?, hooks)
     }
-}
-
-/// Removes and returns a named tensor, or a clear error naming it.
-pub(crate) fn take(weights: &mut HashMap<String, Tensor>, name: &str) -> crate::Result<Tensor> {
-    weights
-        .remove(name)
-        .ok_or_else(|| crate::MergeError::MissingTensor {
-            tensor: name.to_string(),
-            model: "model".into(),
-            path: Default::default(),
-        })
-}
-
-/// Builds the linear layer `{prefix}.weight` (+ `{prefix}.bias`).
-pub(crate) fn linear(
-    prefix: &str,
-    weights: &mut HashMap<String, Tensor>,
-    bias: bool,
-) -> crate::Result<Linear> {
-    let name = format!("{prefix}.weight");
-    let w = take(weights, &name)?;
-    let b = if bias {
-        Some(take(weights, &format!("{prefix}.bias"))?)
-    } else {
-        None
-    };
-    Ok(Linear::new(name, w, b))
 }

@@ -57,9 +57,12 @@ pub fn tensor_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Random f32 weights for `c`: matrices and biases ~ N(0, std²), norm scales
 /// 1 + N(0, 0.1²) (so a norm is not a no-op in parity tests).
 pub fn random_weights(c: &ModelConfig, seed: u64, std: f32) -> Result<HashMap<String, Tensor>> {
+    let normal = Normal::new(0f32, std)
+        .ok()
+        .filter(|_| std.is_finite())
+        .ok_or_else(|| MergeError::range("std", std, "a finite value >= 0"))?;
+    let norm_noise = Normal::new(0f32, 0.1).expect("0.1 is a valid standard deviation");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let normal = Normal::new(0f32, std).expect("finite std");
-    let norm_noise = Normal::new(0f32, 0.1).expect("finite std");
     let mut out = HashMap::new();
     for (name, shape) in tensor_shapes(c) {
         let n: usize = shape.iter().product();

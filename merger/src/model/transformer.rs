@@ -1,14 +1,24 @@
 //! The decoder-only transformer: embedding, `num_hidden_layers` blocks of
-//! grouped-query attention and a gated MLP (both pre-normed, with residuals),
-//! a final RMS norm and the output projection.
+//! grouped-query attention and a gated MLP (both pre-normed, with
+//! residuals), a final RMS norm and the output projection.
+//!
+//! ```text
+//! x₀ = embed[ids]
+//! hᵢ = xᵢ + attn(norm₁(xᵢ));  xᵢ₊₁ = hᵢ + mlp(norm₂(hᵢ))
+//! logits = lm_head(norm(x_L))
+//! ```
 
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
+use super::attention::{causal_mask, Attention, AttentionContext};
+use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::layers::{linear, softmax_last, take, GatedMlp, Hooks, Linear, Mlp, RmsNorm, Rope};
+use super::layers::{Hooks, Linear, Mlp, RmsNorm, Rope};
+use super::random::tensor_shapes;
+use super::weights::Weights;
 use crate::checkpoint::Checkpoint;
 use crate::error::{MergeError, Result};
 
@@ -17,8 +27,8 @@ use crate::error::{MergeError, Result};
 pub struct ModelOptions {
     /// Where the weights and activations live.
     pub device: Device,
-    /// Compute dtype; `None` means f32 on the CPU and the checkpoint's dtype
-    /// elsewhere.
+    /// Compute dtype; `None` means f32 on the CPU and the dtype of
+    /// `model.embed_tokens.weight` elsewhere.
     pub dtype: Option<DType>,
     /// Use differentiable compositions instead of fused kernels, so gradients
     /// flow to any weight that is a `Var` (or computed from one).
@@ -35,175 +45,7 @@ impl Default for ModelOptions {
     }
 }
 
-/// Keys and values of past positions, one entry per layer, for one sequence
-/// batch. Its length is the position of the next token.
-///
-/// It also holds one MLP state slot per layer (see [`Mlp::forward_cached`]):
-/// a routed MLP stores the routing weights it computed on the first forward
-/// call through the cache (the prompt) and reuses them for every later call
-/// (the generated tokens).
-#[derive(Debug, Clone)]
-pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
-    len: usize,
-    mlp_state: Vec<Option<Tensor>>,
-    /// Positions the MLP states were computed from (0: none computed yet).
-    mlp_state_len: usize,
-}
-
-impl KvCache {
-    /// An empty cache for a model of `layers` blocks.
-    pub fn new(layers: usize) -> Self {
-        KvCache {
-            layers: vec![None; layers],
-            len: 0,
-            mlp_state: vec![None; layers],
-            mlp_state_len: 0,
-        }
-    }
-
-    /// An empty cache (no positions) that keeps this cache's MLP states: a
-    /// forward pass through it reuses the routing computed on this cache's
-    /// prompt instead of computing its own.
-    pub fn fork_mlp_state(&self) -> KvCache {
-        KvCache {
-            layers: vec![None; self.layers.len()],
-            len: 0,
-            mlp_state: self.mlp_state.clone(),
-            mlp_state_len: 0,
-        }
-    }
-
-    /// The MLP state of block `layer`, if one was stored.
-    pub fn mlp_state(&self, layer: usize) -> Option<&Tensor> {
-        self.mlp_state.get(layer).and_then(Option::as_ref)
-    }
-
-    /// Positions cached so far.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// No position cached yet.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Drops every position past `len` (to rewind to a shared prefix). MLP
-    /// states computed from positions past `len` are dropped too; the next
-    /// forward call then computes them again from the tokens it is given.
-    pub fn truncate(&mut self, len: usize) -> candle_core::Result<()> {
-        if len >= self.len {
-            return Ok(());
-        }
-        if len < self.mlp_state_len {
-            self.mlp_state.iter_mut().for_each(|s| *s = None);
-            self.mlp_state_len = 0;
-        }
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?;
-            *v = v.narrow(2, 0, len)?;
-        }
-        self.len = len;
-        Ok(())
-    }
-}
-
-#[derive(Clone, Debug)]
-struct Attention {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    heads: usize,
-    kv_heads: usize,
-    head_dim: usize,
-}
-
-impl Attention {
-    fn forward(
-        &self,
-        x: &Tensor,
-        start: usize,
-        rope: &Rope,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
-        differentiable: bool,
-        hooks: &mut Hooks,
-    ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
-        let split = |y: Tensor, heads: usize| -> candle_core::Result<Tensor> {
-            y.reshape((b, t, heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = split(self.q.forward(x, hooks)?, self.heads)?;
-        let k = split(self.k.forward(x, hooks)?, self.kv_heads)?;
-        let v = split(self.v.forward(x, hooks)?, self.kv_heads)?;
-        let q = rope.apply(&q, start)?;
-        let mut k = rope.apply(&k, start)?;
-        let mut v = v;
-        if let Some(slot) = cache {
-            if let Some((pk, pv)) = slot.as_ref() {
-                k = Tensor::cat(&[pk, &k], 2)?;
-                v = Tensor::cat(&[pv, &v], 2)?;
-            }
-            *slot = Some((k.clone(), v.clone()));
-        }
-        let k = repeat_kv(k, self.heads / self.kv_heads)?;
-        let v = repeat_kv(v, self.heads / self.kv_heads)?;
-        let in_dtype = q.dtype();
-        let (q, k, v) = (
-            q.to_dtype(DType::F32)?,
-            k.to_dtype(DType::F32)?,
-            v.to_dtype(DType::F32)?,
-        );
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            let total = start + t;
-            let mask = causal_mask(t, total, start, x.device())?;
-            att = att.broadcast_add(&mask)?;
-        }
-        let att = softmax_last(&att, differentiable)?;
-        let y = att.matmul(&v.contiguous()?)?.to_dtype(in_dtype)?;
-        let y = y
-            .transpose(1, 2)?
-            .reshape((b, t, self.heads * self.head_dim))?;
-        self.o.forward(&y, hooks)
-    }
-}
-
-/// `(t, total)` additive mask: 0 where query `i` (at position `start + i`)
-/// may attend key `j`, −∞ past it.
-fn causal_mask(
-    t: usize,
-    total: usize,
-    start: usize,
-    device: &Device,
-) -> candle_core::Result<Tensor> {
-    let data: Vec<f32> = (0..t)
-        .flat_map(|i| {
-            (0..total).map(move |j| {
-                if j > start + i {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-        })
-        .collect();
-    Tensor::from_vec(data, (t, total), device)
-}
-
-/// Repeats each key/value head `n` times (grouped-query attention).
-fn repeat_kv(x: Tensor, n: usize) -> candle_core::Result<Tensor> {
-    if n == 1 {
-        return Ok(x);
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Tensor::cat(&vec![&x; n], 2)?.reshape((b, kv * n, t, d))
-}
-
+/// One decoder block.
 struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
@@ -211,7 +53,10 @@ struct Block {
     mlp: Box<dyn Mlp>,
 }
 
-/// A Llama-family decoder-only language model.
+/// A Llama-family decoder-only language model (Llama, Mistral, Qwen2).
+///
+/// Immutable once built (except [`Model::set_mlp`]), `Send + Sync`: many
+/// threads can run it at once, each with its own [`KvCache`].
 pub struct Model {
     config: ModelConfig,
     embed: candle_nn::Embedding,
@@ -225,8 +70,9 @@ pub struct Model {
 }
 
 impl Model {
-    /// Loads `DIR/config.json` and the checkpoint's weights. A folder written
-    /// by [`crate::moe::MoeModel::save`] (its config.json has a `fusion_moe`
+    /// Loads `DIR/config.json` and the checkpoint's weights
+    /// (`model.safetensors` or a sharded index). A folder written by
+    /// [`crate::moe::MoeModel::save`] (its config.json has a `fusion_moe`
     /// object) loads as the routed ensemble it holds.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Self> {
         if crate::moe::is_moe_folder(dir)? {
@@ -241,164 +87,115 @@ impl Model {
         Self::from_checkpoint(config, &ck, opts)
     }
 
-    /// Builds the model from an opened checkpoint.
+    /// Builds the model from an opened checkpoint, reading only the tensors
+    /// the architecture uses.
     pub fn from_checkpoint(
         config: ModelConfig,
         ck: &Checkpoint,
         opts: &ModelOptions,
     ) -> Result<Self> {
         let mut weights = HashMap::new();
-        for name in ck.tensors().keys() {
-            let t = ck.tensor(name)?;
+        for (name, _) in tensor_shapes(&config) {
+            if ck.entry(&name).is_none() {
+                continue; // reported by name below
+            }
+            let t = ck.tensor(&name)?;
             let tensor = Tensor::from_raw_buffer(t.bytes, t.dtype, t.shape, &Device::Cpu)
-                .map_err(|e| MergeError::in_tensor(name, e))?;
-            let tensor = if opts.device.is_cpu() {
-                tensor
-            } else {
-                tensor
-                    .to_device(&opts.device)
-                    .map_err(|e| MergeError::in_tensor(name, e))?
-            };
-            weights.insert(name.clone(), tensor);
+                .map_err(|e| MergeError::in_tensor(&name, e))?;
+            weights.insert(name, tensor);
         }
-        Self::from_tensors(config, weights, opts).map_err(|e| match e {
-            MergeError::MissingTensor { tensor, .. } => MergeError::MissingTensor {
-                tensor,
-                model: ck.name().to_string(),
-                path: ck.dir().to_path_buf(),
-            },
-            e => e,
-        })
+        let source = Weights::new(
+            &mut weights,
+            ck.name(),
+            ck.dir().to_path_buf(),
+            Some(Self::target(
+                &opts.device,
+                opts.dtype,
+                ck.entry("model.embed_tokens.weight").map(|e| e.dtype),
+            )),
+        );
+        Self::build(config, source, opts)
     }
 
     /// Builds the model from tensors named as in Hugging Face checkpoints.
-    /// Tensors already in the compute dtype and on the device are used as they
-    /// are (no copy): the merged weights the gateway caches, or `Var`s being
-    /// trained. Extra tensors are ignored; a missing one is an error naming it.
+    /// Tensors already in the compute dtype and on the device are used as
+    /// they are, without a copy: the merged weights the gateway caches, or
+    /// `Var`s being trained. Extra tensors are ignored; a missing tensor or
+    /// a wrong shape is an error naming the tensor.
     pub fn from_tensors(
         config: ModelConfig,
         mut weights: HashMap<String, Tensor>,
         opts: &ModelOptions,
     ) -> Result<Self> {
-        let device = opts.device.clone();
-        let dtype = match opts.dtype {
+        let embed_dtype = weights.get("model.embed_tokens.weight").map(|t| t.dtype());
+        let target = Self::target(&opts.device, opts.dtype, embed_dtype);
+        let source = Weights::new(
+            &mut weights,
+            "in-memory weights",
+            Default::default(),
+            Some(target),
+        );
+        Self::build(config, source, opts)
+    }
+
+    /// The compute dtype and device for `opts`.
+    fn target(device: &Device, dtype: Option<DType>, stored: Option<DType>) -> (DType, Device) {
+        let dtype = match dtype {
             Some(d) => d,
             None if device.is_cpu() => DType::F32,
-            None => weights
-                .get("model.embed_tokens.weight")
-                .map(|t| t.dtype())
-                .unwrap_or(DType::F32),
+            None => stored.unwrap_or(DType::F32),
         };
-        for (name, t) in weights.iter_mut() {
-            let check = |e| MergeError::in_tensor(name, e);
-            if !t.device().same_device(&device) {
-                *t = t.to_device(&device).map_err(check)?;
-            }
-            if t.dtype() != dtype {
-                *t = t.to_dtype(dtype).map_err(check)?;
-            }
-        }
+        (dtype, device.clone())
+    }
+
+    fn build(config: ModelConfig, mut w: Weights, opts: &ModelOptions) -> Result<Self> {
         let c = &config;
-        let shape_check = |name: &str, t: &Tensor, want: &[usize]| -> Result<()> {
-            if t.dims() != want {
-                return Err(MergeError::ShapeMismatch {
-                    tensor: name.to_string(),
-                    model: "model".into(),
-                    found: t.dims().into(),
-                    reference: "config.json".into(),
-                    expected: want.into(),
-                });
-            }
-            Ok(())
+        let (h, m) = (c.hidden_size, c.intermediate_size);
+        let qd = c.num_attention_heads * c.head_dim;
+        let kvd = c.num_key_value_heads * c.head_dim;
+        let diff = opts.differentiable;
+        let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> {
+            Ok(RmsNorm::new(w.take(name, &[h])?, c.rms_norm_eps, diff))
         };
-        let embed_w = take(&mut weights, "model.embed_tokens.weight")?;
-        shape_check(
-            "model.embed_tokens.weight",
-            &embed_w,
-            &[c.vocab_size, c.hidden_size],
-        )?;
+        let embed_w = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let dtype = embed_w.dtype();
         let lm_head = if c.tie_word_embeddings {
-            weights.remove("lm_head.weight");
+            w.discard("lm_head.weight");
             Linear::new("lm_head.weight", embed_w.clone(), None)
         } else {
-            let l = linear("lm_head", &mut weights, false)?;
-            shape_check("lm_head.weight", l.weight(), &[c.vocab_size, c.hidden_size])?;
-            l
+            w.linear("lm_head", c.vocab_size, h, false)?
         };
-        let embed = candle_nn::Embedding::new(embed_w, c.hidden_size);
-        let diff = opts.differentiable;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
             let p = format!("model.layers.{i}");
-            let q = linear(&format!("{p}.self_attn.q_proj"), &mut weights, c.qkv_bias)?;
-            let k = linear(&format!("{p}.self_attn.k_proj"), &mut weights, c.qkv_bias)?;
-            let v = linear(&format!("{p}.self_attn.v_proj"), &mut weights, c.qkv_bias)?;
-            let o = linear(&format!("{p}.self_attn.o_proj"), &mut weights, c.o_bias)?;
-            let qd = c.num_attention_heads * c.head_dim;
-            let kvd = c.num_key_value_heads * c.head_dim;
-            shape_check(q.name(), q.weight(), &[qd, c.hidden_size])?;
-            shape_check(k.name(), k.weight(), &[kvd, c.hidden_size])?;
-            shape_check(v.name(), v.weight(), &[kvd, c.hidden_size])?;
-            shape_check(o.name(), o.weight(), &[c.hidden_size, qd])?;
-            let mlp = GatedMlp::from_weights(&format!("{p}.mlp"), &mut weights, c.mlp_bias)?;
-            shape_check(
-                mlp.gate.name(),
-                mlp.gate.weight(),
-                &[c.intermediate_size, c.hidden_size],
-            )?;
-            shape_check(
-                mlp.up.name(),
-                mlp.up.weight(),
-                &[c.intermediate_size, c.hidden_size],
-            )?;
-            shape_check(
-                mlp.down.name(),
-                mlp.down.weight(),
-                &[c.hidden_size, c.intermediate_size],
-            )?;
-            let attn_norm = take(&mut weights, &format!("{p}.input_layernorm.weight"))?;
-            let mlp_norm = take(
-                &mut weights,
-                &format!("{p}.post_attention_layernorm.weight"),
-            )?;
+            let a = format!("{p}.self_attn");
+            let attn = Attention {
+                q: w.linear(&format!("{a}.q_proj"), qd, h, c.qkv_bias)?,
+                k: w.linear(&format!("{a}.k_proj"), kvd, h, c.qkv_bias)?,
+                v: w.linear(&format!("{a}.v_proj"), kvd, h, c.qkv_bias)?,
+                o: w.linear(&format!("{a}.o_proj"), h, qd, c.o_bias)?,
+                heads: c.num_attention_heads,
+                kv_heads: c.num_key_value_heads,
+                head_dim: c.head_dim,
+            };
             blocks.push(Block {
-                attn_norm: RmsNorm::new(attn_norm, c.rms_norm_eps, diff),
-                attn: Attention {
-                    q,
-                    k,
-                    v,
-                    o,
-                    heads: c.num_attention_heads,
-                    kv_heads: c.num_key_value_heads,
-                    head_dim: c.head_dim,
-                },
-                mlp_norm: RmsNorm::new(mlp_norm, c.rms_norm_eps, diff),
-                mlp: Box::new(mlp),
+                attn_norm: norm(&mut w, &format!("{p}.input_layernorm.weight"))?,
+                attn,
+                mlp_norm: norm(&mut w, &format!("{p}.post_attention_layernorm.weight"))?,
+                mlp: Box::new(w.mlp(&format!("{p}.mlp"), h, m, c.mlp_bias)?),
             });
         }
-        let norm = RmsNorm::new(
-            take(&mut weights, "model.norm.weight")?,
-            c.rms_norm_eps,
-            diff,
-        );
-        let rope = Rope::new(
-            c.head_dim,
-            c.max_position_embeddings,
-            c.rope_theta,
-            dtype,
-            &device,
-            diff,
-        )?;
+        let final_norm = norm(&mut w, "model.norm.weight")?;
         Ok(Model {
-            config,
-            embed,
+            embed: candle_nn::Embedding::new(embed_w, h),
             blocks,
-            norm,
+            norm: final_norm,
             lm_head,
-            rope,
-            device,
+            rope: Rope::new(c.head_dim, c.rope_theta, diff),
+            device: opts.device.clone(),
             dtype,
             differentiable: diff,
+            config,
         })
     }
 
@@ -422,6 +219,11 @@ impl Model {
         self.blocks.len()
     }
 
+    /// Built with differentiable ops (see [`ModelOptions::differentiable`]).
+    pub fn is_differentiable(&self) -> bool {
+        self.differentiable
+    }
+
     /// An empty KV cache for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.blocks.len())
@@ -431,53 +233,116 @@ impl Model {
     pub fn set_mlp(&mut self, layer: usize, mlp: Box<dyn Mlp>) -> Result<()> {
         let n = self.blocks.len();
         let block = self.blocks.get_mut(layer).ok_or_else(|| {
-            MergeError::Generation(format!("layer {layer} does not exist (the model has {n})"))
+            MergeError::Model(format!(
+                "layer {layer} does not exist (the model has {n} layers)"
+            ))
         })?;
         block.mlp = mlp;
         Ok(())
     }
 
-    /// Hidden states after the final norm, `(batch, seq, hidden)`, for token
-    /// ids `(batch, seq)` that follow the cached positions.
+    /// The dtype attention scores are computed in: f32 for half-precision
+    /// models (as candle-transformers and Hugging Face do), else the model's.
+    fn attention_dtype(&self) -> DType {
+        match self.dtype {
+            DType::F16 | DType::BF16 => DType::F32,
+            d => d,
+        }
+    }
+
+    /// The residual stream after the last block (before the final norm).
+    fn residual_stream(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2().map_err(|_| {
+            MergeError::Model(format!(
+                "token ids must be a (batch, seq) tensor, got shape {:?}",
+                ids.dims()
+            ))
+        })?;
+        if b == 0 || t == 0 {
+            return Err(MergeError::Model(format!(
+                "token ids of shape ({b}, {t}) are empty"
+            )));
+        }
+        if ids.dtype() != DType::U32 {
+            return Err(MergeError::Model(format!(
+                "token ids must be u32, got {:?}",
+                ids.dtype()
+            )));
+        }
+        let max_id = ids.max_all()?.to_scalar::<u32>()?;
+        if max_id as usize >= self.config.vocab_size {
+            return Err(MergeError::Model(format!(
+                "token id {max_id} is outside the vocabulary (vocab_size {})",
+                self.config.vocab_size
+            )));
+        }
+        let start = cache.as_ref().map_or(0, |c| c.len);
+        if let Some(c) = &cache {
+            if c.layers.len() != self.blocks.len() {
+                return Err(MergeError::Model(format!(
+                    "KV cache for {} layers used with a model of {}",
+                    c.layers.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
+        if start + t > self.config.max_position_embeddings {
+            return Err(MergeError::Model(format!(
+                "sequence of {} tokens exceeds max_position_embeddings ({})",
+                start + t,
+                self.config.max_position_embeddings
+            )));
+        }
+        let dtype = self.attention_dtype();
+        let ctx = AttentionContext {
+            rope: &self.rope,
+            tables: self.rope.tables(start, t, self.dtype, &self.device)?,
+            mask: if t > 1 {
+                Some(causal_mask(t, start, dtype, &self.device)?)
+            } else {
+                None
+            },
+            dtype,
+            differentiable: self.differentiable,
+        };
+        let mut x = self.embed.forward(ids)?;
+        let mut cache = cache;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
+            let h = block.attn_norm.forward(&x)?;
+            x = (x + block.attn.forward(&h, &ctx, slot, hooks)?)?;
+            let h = block.mlp_norm.forward(&x)?;
+            let state = cache.as_deref_mut().map(|c| &mut c.mlp_state[i]);
+            x = (x + block.mlp.forward_cached(&h, state, hooks)?)?;
+        }
+        if let Some(c) = cache {
+            c.len = start + t;
+            c.note_mlp_state();
+        }
+        Ok(x)
+    }
+
+    /// Hidden states after the final norm, `(batch, seq, hidden)` in the
+    /// compute dtype, for token ids `(batch, seq)` (u32) that follow the
+    /// cached positions. With right padding, padded positions never
+    /// influence earlier ones (the attention is causal).
     pub fn hidden_states(
         &self,
         ids: &Tensor,
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
-        let start = cache.as_ref().map_or(0, |c| c.len);
-        if start + t > self.rope.max_positions() {
-            return Err(MergeError::Generation(format!(
-                "sequence of {} tokens exceeds max_position_embeddings ({})",
-                start + t,
-                self.rope.max_positions()
-            )));
-        }
-        let mut x = self.embed.forward(ids)?;
-        let mut cache = cache;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = block.attn_norm.forward(&x)?;
-            let h = block
-                .attn
-                .forward(&h, start, &self.rope, slot, self.differentiable, hooks)?;
-            x = (x + h)?;
-            let h = block.mlp_norm.forward(&x)?;
-            let state = cache.as_deref_mut().map(|c| &mut c.mlp_state[i]);
-            let h = block.mlp.forward_cached(&h, state, hooks)?;
-            x = (x + h)?;
-        }
-        if let Some(c) = cache {
-            c.len = start + t;
-            if c.mlp_state_len == 0 && c.mlp_state.iter().any(Option::is_some) {
-                c.mlp_state_len = c.len;
-            }
-        }
+        let x = self.residual_stream(ids, cache, hooks)?;
         Ok(self.norm.forward(&x)?)
     }
 
-    /// Logits `(batch, seq, vocab)` of every position (f32).
+    /// Logits `(batch, seq, vocab)` of every position: f32 (f64 for a model
+    /// computing in f64). The first position is `cache.len()`.
     pub fn forward(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.forward_with(ids, cache, &mut Hooks::default())
     }
@@ -490,100 +355,68 @@ impl Model {
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
         let h = self.hidden_states(ids, cache, hooks)?;
-        Ok(self.lm_head.forward(&h, hooks)?.to_dtype(DType::F32)?)
+        self.logits(&h, hooks)
     }
 
-    /// Logits `(batch, vocab)` of the last position only (f32): what decoding
+    /// Logits `(batch, vocab)` of the last position only: what decoding
     /// needs, without projecting every prompt position onto the vocabulary.
     pub fn forward_last(&self, ids: &Tensor, cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let mut hooks = Hooks::default();
-        let h = self.hidden_states(ids, cache, &mut hooks)?;
-        let t = h.dim(1)?;
-        let last = h.narrow(1, t - 1, 1)?;
-        Ok(self
-            .lm_head
-            .forward(&last, &mut hooks)?
-            .squeeze(1)?
-            .to_dtype(DType::F32)?)
+        self.forward_last_with(ids, cache, &mut Hooks::default())
+    }
+
+    /// [`Model::forward_last`] with hooks (`lm_head` sees the last position only).
+    pub fn forward_last_with(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let x = self.residual_stream(ids, cache, hooks)?;
+        let t = x.dim(1)?;
+        let last = x.narrow(1, t - 1, 1)?.contiguous()?;
+        let h = self.norm.forward(&last)?;
+        Ok(self.logits(&h, hooks)?.squeeze(1)?)
+    }
+
+    /// Projects normed hidden states onto the vocabulary.
+    fn logits(&self, h: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+        let logits = self.lm_head.forward(h, hooks)?;
+        Ok(match logits.dtype() {
+            DType::F64 | DType::F32 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        })
     }
 
     /// Mean-pooled final hidden states `(batch, hidden)` (f32), the
-    /// embedding `/v1/embeddings` returns.
+    /// embedding `/v1/embeddings` returns. Every position counts; for
+    /// right-padded batches use [`Model::embed_mean_lengths`].
     pub fn embed_mean(&self, ids: &Tensor) -> Result<Tensor> {
         let h = self.hidden_states(ids, None, &mut Hooks::default())?;
         Ok(h.to_dtype(DType::F32)?.mean(1)?)
     }
 
-    /// Log-softmax over the vocabulary of f32 logits.
+    /// Mean-pooled final hidden states `(batch, hidden)` (f32) of a
+    /// right-padded batch: row `i` averages its first `lengths[i]` positions.
+    pub fn embed_mean_lengths(&self, ids: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if lengths.len() != b || lengths.iter().any(|&l| l == 0 || l > t) {
+            return Err(MergeError::Model(format!(
+                "lengths {lengths:?} must give 1..={t} positions for each of the {b} rows"
+            )));
+        }
+        let h = self
+            .hidden_states(ids, None, &mut Hooks::default())?
+            .to_dtype(DType::F32)?;
+        let weights: Vec<f32> = lengths
+            .iter()
+            .flat_map(|&l| (0..t).map(move |j| if j < l { 1.0 / l as f32 } else { 0.0 }))
+            .collect();
+        let weights = Tensor::from_vec(weights, (b, 1, t), &self.device)?;
+        Ok(weights.matmul(&h)?.squeeze(1)?)
+    }
+
+    /// Log-softmax over the vocabulary (last dimension) of logits.
     pub fn log_softmax(logits: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::log_softmax(logits, D::Minus1)?)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::model::random::random_weights;
-    use std::path::Path;
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::from_json(
-            r#"{"model_type":"llama","vocab_size":40,"hidden_size":32,"intermediate_size":48,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":64}"#,
-            Path::new("config.json"),
-        )
-        .unwrap()
-    }
-
-    #[test]
-    fn cached_decoding_matches_a_full_forward() {
-        let c = tiny();
-        let m = Model::from_tensors(
-            c.clone(),
-            random_weights(&c, 1, 0.2).unwrap(),
-            &ModelOptions::default(),
-        )
-        .unwrap();
-        let ids: Vec<u32> = vec![1, 5, 7, 3, 9, 2];
-        let full = m
-            .forward(
-                &Tensor::new(ids.as_slice(), m.device())
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                None,
-            )
-            .unwrap();
-        let mut cache = m.new_cache();
-        let first = m
-            .forward(
-                &Tensor::new(&ids[..4], m.device())
-                    .unwrap()
-                    .unsqueeze(0)
-                    .unwrap(),
-                Some(&mut cache),
-            )
-            .unwrap();
-        let mut rows = vec![first.squeeze(0).unwrap()];
-        for &t in &ids[4..] {
-            let step = m
-                .forward_last(
-                    &Tensor::new(&[t], m.device()).unwrap().unsqueeze(0).unwrap(),
-                    Some(&mut cache),
-                )
-                .unwrap();
-            rows.push(step);
-        }
-        assert_eq!(cache.len(), ids.len());
-        let inc = Tensor::cat(&rows, 0).unwrap();
-        let diff = (full.squeeze(0).unwrap() - inc)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(diff < 1e-4, "max abs diff {diff}");
     }
 }
