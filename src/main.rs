@@ -21,6 +21,10 @@ enum Command {
     Merge(cli::merge::MergeArgs),
     /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
     Generate(cli::generate::GenerateArgs),
+    /// Score a model (a merge spec, a pool checkpoint or a folder) on a task pool.
+    Eval(cli::eval::EvalArgs),
+    /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
+    Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
     /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
@@ -36,6 +40,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Eval(args) => cli::eval::run(args),
+        Command::Compare(args) => cli::compare::run(args),
         Command::Methods => cli::methods::run(),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

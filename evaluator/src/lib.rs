@@ -1,1 +1,32 @@
-//! Task pools, metrics and comparison tables (issue 5). Nothing is implemented here yet.
+//! Task pools, metrics, the runner and comparison tables of Fusion Gateway.
+//!
+//! - [`taskpool`]: folders of JSONL tasks (`multiple_choice`, `generate`,
+//!   `perplexity`, `classification`) and their validation;
+//! - [`metrics`]: acc / acc_norm (as lm-eval-harness), exact match,
+//!   perplexity, classification accuracy;
+//! - [`runner`]: the [`runner::Scorer`] trait and the scoring of tasks with
+//!   a sample limit and batching; [`textmodel`] implements it for the
+//!   runtime's `TextModel`;
+//! - [`report`]: per-task reports and FusionBench-style comparison tables as
+//!   markdown, CSV or JSON;
+//! - [`pool`]: `pool.yaml`, the base and experts that specs refer to;
+//! - [`source`]: what to evaluate (folder, pool checkpoint, merge) and
+//!   loading it, merges made in memory;
+//! - [`evaluate`]: one model on a task pool (`fusion eval`);
+//! - [`compare`]: `compare.yaml`, its entries and sweeps expanded into rows,
+//!   and their scoring (`fusion compare`).
+
+#![deny(missing_docs)]
+
+pub mod compare;
+pub mod error;
+pub mod evaluate;
+pub mod metrics;
+pub mod pool;
+pub mod report;
+pub mod runner;
+pub mod source;
+pub mod taskpool;
+pub mod textmodel;
+
+pub use error::{EvalError, Result};

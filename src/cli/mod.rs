@@ -1,5 +1,7 @@
 //! Subcommands of the `fusion` binary: thin adapters onto the libraries.
 
+pub mod compare;
+pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod methods;

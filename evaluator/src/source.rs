@@ -1,0 +1,113 @@
+//! What gets evaluated, and loading it into a runnable model: a checkpoint
+//! folder, a checkpoint of a pool, or a merge of a pool's checkpoints made
+//! in memory (never written to disk).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Device;
+use merger::generate::TextModel;
+use merger::merge::{merge_in_memory, MergePlan, Progress};
+use merger::model::{Model, ModelConfig, ModelOptions};
+use merger::spec::{compact, MergeSpec};
+use merger::MergeError;
+
+use crate::error::{EvalError, Result};
+use crate::pool::ModelPool;
+
+/// A model to evaluate.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ModelSource {
+    /// A checkpoint folder (config.json, safetensors, tokenizer files).
+    Folder(PathBuf),
+    /// A checkpoint of the pool, by name (`base` or an expert).
+    Checkpoint(String),
+    /// A merge of the pool's checkpoints (already completed against the pool).
+    Merge(MergeSpec),
+}
+
+impl ModelSource {
+    /// The folder, checkpoint name or merge spec (compact form).
+    pub fn describe(&self) -> String {
+        match self {
+            ModelSource::Folder(p) => p.display().to_string(),
+            ModelSource::Checkpoint(n) => n.clone(),
+            ModelSource::Merge(spec) => compact::to_compact(spec),
+        }
+    }
+
+    /// Reads a `--merge` argument: a compact spec, or a checkpoint name of
+    /// the pool. The spec is completed against the pool and validated.
+    pub fn parse(text: &str, pool: &ModelPool) -> Result<ModelSource> {
+        match compact::parse(text.trim())? {
+            compact::Parsed::Name(name) => {
+                pool.resolve(&name)?;
+                Ok(ModelSource::Checkpoint(name))
+            }
+            compact::Parsed::Merge(spec) => Ok(ModelSource::Merge(validate(pool, spec)?)),
+            compact::Parsed::MergeId(id) => Err(EvalError::Pool {
+                path: pool.path.clone(),
+                reason: format!(
+                    "`{id}` names a merge made by a running gateway; give its spec instead"
+                ),
+            }),
+        }
+    }
+}
+
+/// Completes `spec` against the pool (base, names) and validates its method
+/// and parameters, without opening any checkpoint.
+pub fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
+    let spec = pool.complete(spec)?;
+    merger::methods::build(&spec)?;
+    Ok(spec)
+}
+
+/// A loaded model and what loading it cost.
+pub struct Loaded {
+    /// The runnable model.
+    pub model: TextModel,
+    /// Seconds spent reading or merging.
+    pub seconds: f64,
+}
+
+/// Loads `source` on `device`; checkpoint names resolve through `pool`
+/// (required for [`ModelSource::Checkpoint`] and [`ModelSource::Merge`]).
+pub fn load(source: &ModelSource, pool: Option<&ModelPool>, device: &Device) -> Result<Loaded> {
+    let start = Instant::now();
+    let opts = ModelOptions {
+        device: device.clone(),
+        ..ModelOptions::default()
+    };
+    let need_pool = || -> Result<&ModelPool> {
+        pool.ok_or_else(|| EvalError::Pool {
+            path: PathBuf::from("pool.yaml"),
+            reason: format!(
+                "`{}` needs a pool to resolve checkpoint names (--pool)",
+                source.describe()
+            ),
+        })
+    };
+    let model = match source {
+        ModelSource::Folder(dir) => TextModel::load(dir, &opts)?,
+        ModelSource::Checkpoint(name) => TextModel::load(&need_pool()?.resolve(name)?, &opts)?,
+        ModelSource::Merge(spec) => {
+            let pool = need_pool()?;
+            let resolve = |name: &str| -> merger::Result<PathBuf> {
+                pool.resolve(name)
+                    .map_err(|e| MergeError::Spec(e.to_string()))
+            };
+            let mut plan = MergePlan::new(spec.clone(), &resolve)?;
+            let progress = Progress::new(plan.tensors().len(), plan.info().name, false);
+            let (tensors, _) = merge_in_memory(&mut plan, device, &progress)?;
+            let reference = plan.reference().dir().to_path_buf();
+            let config = ModelConfig::from_dir(&reference)?;
+            let model = Model::from_tensors(config, tensors, &opts)?;
+            TextModel::from_model(model, &reference)?
+        }
+    };
+    Ok(Loaded {
+        model,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

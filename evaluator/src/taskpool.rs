@@ -1,0 +1,718 @@
+//! Task pools: folders of JSONL tasks.
+//!
+//! # Format
+//!
+//! A task pool is a folder. Its tasks are listed in `taskpool.yaml`:
+//!
+//! ```yaml
+//! name: demo                         # optional; default: the folder's name
+//! tasks:
+//!   - name: addition                 # unique within the pool
+//!     kind: generate                 # multiple_choice | generate | perplexity | classification
+//!     file: addition.generate.jsonl  # relative to the folder (subfolders allowed)
+//!     metric: exact_match            # optional: the headline metric (default: the kind's first)
+//! ```
+//!
+//! Unknown keys are errors. Without `taskpool.yaml`, every file directly in
+//! the folder named `<task>.<kind>.jsonl` (kind as above) is a task, in
+//! name order; other files, including `.jsonl` files whose second extension
+//! is not a kind (`addition.train.jsonl`), are ignored.
+//!
+//! A task file holds one JSON object per line (blank lines are skipped,
+//! other fields are ignored), with the fields of its kind:
+//!
+//! | kind | fields | metrics (headline first) |
+//! |---|---|---|
+//! | `multiple_choice` | `context` (string), `choices` (≥ 2 strings), `gold` (index into `choices`) | `acc`, `acc_norm` |
+//! | `generate` | `prompt` (string), `answer` (string) | `exact_match` |
+//! | `perplexity` | `text` (non-empty string) | `perplexity`, `byte_perplexity`, `bits_per_byte` |
+//! | `classification` | `input` (string), `label` (non-empty string) | `acc` |
+//!
+//! A multiple-choice continuation is the choice string exactly as written:
+//! put the separating space at the end of `context` or at the start of each
+//! choice. A classification task's candidate labels are the distinct labels
+//! of all its lines, in order of first appearance (at least two).
+//!
+//! Every error names the file, and the 1-based line for a broken line.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{EvalError, Result};
+
+/// The file that lists the tasks of a pool folder.
+pub const TASKPOOL_FILE: &str = "taskpool.yaml";
+
+/// The kind of a task, which fixes its JSONL fields and metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskKind {
+    /// `{"context", "choices", "gold"}`: accuracy by log-likelihood.
+    MultipleChoice,
+    /// `{"prompt", "answer"}`: exact match of the greedy continuation.
+    Generate,
+    /// `{"text"}`: perplexity.
+    Perplexity,
+    /// `{"input", "label"}`: accuracy among the task's labels.
+    Classification,
+}
+
+impl TaskKind {
+    /// Every kind.
+    pub const ALL: [TaskKind; 4] = [
+        TaskKind::MultipleChoice,
+        TaskKind::Generate,
+        TaskKind::Perplexity,
+        TaskKind::Classification,
+    ];
+
+    /// The name used in files and configs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskKind::MultipleChoice => "multiple_choice",
+            TaskKind::Generate => "generate",
+            TaskKind::Perplexity => "perplexity",
+            TaskKind::Classification => "classification",
+        }
+    }
+
+    /// Parses a kind name.
+    pub fn parse(name: &str) -> Option<TaskKind> {
+        TaskKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+
+    /// The metrics a task of this kind reports, headline first.
+    pub fn metrics(self) -> &'static [&'static str] {
+        match self {
+            TaskKind::MultipleChoice => &["acc", "acc_norm"],
+            TaskKind::Generate => &["exact_match"],
+            TaskKind::Perplexity => &["perplexity", "byte_perplexity", "bits_per_byte"],
+            TaskKind::Classification => &["acc"],
+        }
+    }
+}
+
+impl fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One task of a pool, as listed (its data not yet read).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskSpec {
+    /// Unique task name.
+    pub name: String,
+    /// Task kind.
+    pub kind: TaskKind,
+    /// The JSONL file (absolute, or relative to the working directory).
+    pub file: PathBuf,
+    /// The headline metric, one of `kind.metrics()`.
+    pub metric: String,
+}
+
+/// A task pool folder: its name and its tasks.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskPool {
+    /// Pool name (taskpool.yaml's `name`, else the folder's name).
+    pub name: String,
+    /// The folder.
+    pub dir: PathBuf,
+    /// The tasks, in listed order.
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    #[serde(default)]
+    name: Option<String>,
+    tasks: Vec<RawTask>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    name: String,
+    kind: String,
+    file: PathBuf,
+    #[serde(default)]
+    metric: Option<String>,
+}
+
+impl TaskPool {
+    /// Opens a task pool folder: reads `taskpool.yaml` if present, else
+    /// lists the `<task>.<kind>.jsonl` files. Task files named by
+    /// `taskpool.yaml` must exist.
+    pub fn open(dir: &Path) -> Result<TaskPool> {
+        if !dir.is_dir() {
+            return Err(EvalError::MissingTaskPool(dir.to_path_buf()));
+        }
+        let yaml = dir.join(TASKPOOL_FILE);
+        let pool = if yaml.is_file() {
+            Self::from_yaml(dir, &yaml)?
+        } else {
+            Self::scan(dir)?
+        };
+        if pool.tasks.is_empty() {
+            return Err(EvalError::TaskPool {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "no tasks: write a `{TASKPOOL_FILE}` or add `<task>.<kind>.jsonl` files \
+                     (kinds: multiple_choice, generate, perplexity, classification)"
+                ),
+            });
+        }
+        Ok(pool)
+    }
+
+    fn from_yaml(dir: &Path, yaml: &Path) -> Result<TaskPool> {
+        let text = std::fs::read_to_string(yaml).map_err(|e| EvalError::io(yaml, e))?;
+        let bad = |reason: String| EvalError::TaskPool {
+            path: yaml.to_path_buf(),
+            reason,
+        };
+        let raw: RawPool = serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut seen = HashSet::new();
+        let mut tasks = Vec::with_capacity(raw.tasks.len());
+        for t in raw.tasks {
+            if t.name.trim().is_empty() {
+                return Err(bad("a task has an empty `name`".into()));
+            }
+            if !seen.insert(t.name.clone()) {
+                return Err(bad(format!("task `{}` is listed twice", t.name)));
+            }
+            let kind = TaskKind::parse(&t.kind).ok_or_else(|| {
+                bad(format!(
+                    "task `{}`: unknown kind `{}` (expected multiple_choice, generate, perplexity or classification)",
+                    t.name, t.kind
+                ))
+            })?;
+            let metric = match t.metric {
+                None => kind.metrics()[0].to_string(),
+                Some(m) if kind.metrics().contains(&m.as_str()) => m,
+                Some(m) => {
+                    return Err(bad(format!(
+                        "task `{}`: metric `{m}` is not one of {} (the metrics of kind `{kind}`)",
+                        t.name,
+                        kind.metrics().join(", ")
+                    )))
+                }
+            };
+            let file = dir.join(&t.file);
+            if !file.is_file() {
+                return Err(EvalError::MissingTaskFile {
+                    task: t.name,
+                    path: file,
+                });
+            }
+            tasks.push(TaskSpec {
+                name: t.name,
+                kind,
+                file,
+                metric,
+            });
+        }
+        Ok(TaskPool {
+            name: raw.name.unwrap_or_else(|| folder_name(dir)),
+            dir: dir.to_path_buf(),
+            tasks,
+        })
+    }
+
+    fn scan(dir: &Path) -> Result<TaskPool> {
+        let entries = std::fs::read_dir(dir).map_err(|e| EvalError::io(dir, e))?;
+        let mut tasks = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| EvalError::io(dir, e))?;
+            let path = entry.path();
+            if !path.is_file() {
+                continue;
+            }
+            let Some(file_name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            let Some(stem) = file_name.strip_suffix(".jsonl") else {
+                continue;
+            };
+            let Some((name, kind)) = stem.rsplit_once('.') else {
+                continue;
+            };
+            let Some(kind) = TaskKind::parse(kind) else {
+                continue;
+            };
+            if name.is_empty() {
+                continue;
+            }
+            tasks.push(TaskSpec {
+                name: name.to_string(),
+                kind,
+                file: path.clone(),
+                metric: kind.metrics()[0].to_string(),
+            });
+        }
+        tasks.sort_by(|a, b| a.name.cmp(&b.name));
+        if let Some(w) = tasks.windows(2).find(|w| w[0].name == w[1].name) {
+            return Err(EvalError::TaskPool {
+                path: dir.to_path_buf(),
+                reason: format!(
+                    "task `{}` has two files (`{}`, `{}`); write a `{TASKPOOL_FILE}` to list tasks explicitly",
+                    w[0].name,
+                    w[0].file.display(),
+                    w[1].file.display()
+                ),
+            });
+        }
+        Ok(TaskPool {
+            name: folder_name(dir),
+            dir: dir.to_path_buf(),
+            tasks,
+        })
+    }
+
+    /// The task named `name`.
+    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks.iter().find(|t| t.name == name)
+    }
+}
+
+fn folder_name(dir: &Path) -> String {
+    dir.canonicalize()
+        .ok()
+        .as_deref()
+        .unwrap_or(dir)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "taskpool".to_string())
+}
+
+/// One multiple-choice question.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MultipleChoiceItem {
+    /// The question, up to where a choice continues it.
+    pub context: String,
+    /// The candidate continuations.
+    pub choices: Vec<String>,
+    /// Index of the right choice.
+    pub gold: usize,
+}
+
+/// One generation prompt with its expected answer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct GenerateItem {
+    /// The prompt.
+    pub prompt: String,
+    /// The expected continuation (compared after trimming whitespace).
+    pub answer: String,
+}
+
+/// One text to measure perplexity on.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PerplexityItem {
+    /// The text.
+    pub text: String,
+}
+
+/// One input with its label.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ClassificationItem {
+    /// The input, which each candidate label continues.
+    pub input: String,
+    /// The right label.
+    pub label: String,
+}
+
+/// The items of a task, by kind.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Items {
+    /// Multiple-choice questions.
+    MultipleChoice(Vec<MultipleChoiceItem>),
+    /// Generation prompts.
+    Generate(Vec<GenerateItem>),
+    /// Texts.
+    Perplexity(Vec<PerplexityItem>),
+    /// Inputs with labels, and the candidate labels of the task (distinct,
+    /// in order of first appearance in the whole file).
+    Classification {
+        /// The items.
+        items: Vec<ClassificationItem>,
+        /// The candidate labels.
+        labels: Vec<String>,
+    },
+}
+
+impl Items {
+    /// Number of items.
+    pub fn len(&self) -> usize {
+        match self {
+            Items::MultipleChoice(v) => v.len(),
+            Items::Generate(v) => v.len(),
+            Items::Perplexity(v) => v.len(),
+            Items::Classification { items, .. } => items.len(),
+        }
+    }
+
+    /// True when there are no items.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn truncate(&mut self, n: usize) {
+        match self {
+            Items::MultipleChoice(v) => v.truncate(n),
+            Items::Generate(v) => v.truncate(n),
+            Items::Perplexity(v) => v.truncate(n),
+            Items::Classification { items, .. } => items.truncate(n),
+        }
+    }
+}
+
+/// A task with its data read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Task {
+    /// What the pool says about it.
+    pub spec: TaskSpec,
+    /// The items, in file order (the first `limit` when a limit was given).
+    pub items: Items,
+    /// Number of items in the file (before the limit).
+    pub total: usize,
+}
+
+impl TaskSpec {
+    /// Reads and validates the task file; keeps the first `limit` items
+    /// when a limit is given. Every line is validated, also past the limit.
+    pub fn load(&self, limit: Option<usize>) -> Result<Task> {
+        if !self.file.is_file() {
+            return Err(EvalError::MissingTaskFile {
+                task: self.name.clone(),
+                path: self.file.clone(),
+            });
+        }
+        let text = std::fs::read_to_string(&self.file).map_err(|e| EvalError::io(&self.file, e))?;
+        let path = self.file.as_path();
+        let mut items = match self.kind {
+            TaskKind::MultipleChoice => Items::MultipleChoice(parse_lines(path, &text, check_mc)?),
+            TaskKind::Generate => Items::Generate(parse_lines(path, &text, |_| Ok(()))?),
+            TaskKind::Perplexity => {
+                Items::Perplexity(parse_lines(path, &text, |p: &PerplexityItem| {
+                    if p.text.is_empty() {
+                        Err("`text` is empty".into())
+                    } else {
+                        Ok(())
+                    }
+                })?)
+            }
+            TaskKind::Classification => {
+                let items: Vec<ClassificationItem> =
+                    parse_lines(path, &text, |c: &ClassificationItem| {
+                        if c.label.is_empty() {
+                            Err("`label` is empty".into())
+                        } else {
+                            Ok(())
+                        }
+                    })?;
+                let mut labels: Vec<String> = Vec::new();
+                for it in &items {
+                    if !labels.contains(&it.label) {
+                        labels.push(it.label.clone());
+                    }
+                }
+                if labels.len() < 2 && !items.is_empty() {
+                    return Err(EvalError::BadTask {
+                        path: self.file.clone(),
+                        reason: format!(
+                            "a classification task needs at least two distinct labels, found only `{}`",
+                            labels[0]
+                        ),
+                    });
+                }
+                Items::Classification { items, labels }
+            }
+        };
+        let total = items.len();
+        if total == 0 {
+            return Err(EvalError::BadTask {
+                path: self.file.clone(),
+                reason: "no items (the file is empty)".into(),
+            });
+        }
+        if let Some(n) = limit {
+            items.truncate(n);
+        }
+        Ok(Task {
+            spec: self.clone(),
+            items,
+            total,
+        })
+    }
+}
+
+fn check_mc(item: &MultipleChoiceItem) -> std::result::Result<(), String> {
+    if item.choices.len() < 2 {
+        return Err(format!(
+            "`choices` has {} entries, at least 2 are needed",
+            item.choices.len()
+        ));
+    }
+    if item.gold >= item.choices.len() {
+        return Err(format!(
+            "`gold` = {} is out of range: there are {} choices (0..={})",
+            item.gold,
+            item.choices.len(),
+            item.choices.len() - 1
+        ));
+    }
+    if let Some(i) = item.choices.iter().position(String::is_empty) {
+        return Err(format!("choice {i} is empty"));
+    }
+    Ok(())
+}
+
+/// Parses every non-blank line as a `T`, then checks it; errors carry the
+/// file and 1-based line number.
+fn parse_lines<T: for<'de> Deserialize<'de>>(
+    path: &Path,
+    text: &str,
+    check: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<Vec<T>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let item: T = serde_json::from_str(line).map_err(|e| {
+            // serde_json reports "... at line 1 column N"; the column is
+            // what helps within one line.
+            let msg = e.to_string();
+            let msg = msg
+                .rsplit_once(" at line ")
+                .map(|(head, tail)| {
+                    let col = tail.split_once(" column ").map(|(_, c)| c).unwrap_or("");
+                    format!("{head} (column {col})")
+                })
+                .unwrap_or(msg);
+            EvalError::line(path, i + 1, msg)
+        })?;
+        check(&item).map_err(|reason| EvalError::line(path, i + 1, reason))?;
+        out.push(item);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let p = dir.join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn scans_task_files_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "b.generate.jsonl",
+            "{\"prompt\":\"1+1=\",\"answer\":\"2\"}\n",
+        );
+        write(
+            d.path(),
+            "a.multiple_choice.jsonl",
+            "{\"context\":\"x\",\"choices\":[\"a\",\"b\"],\"gold\":1}\n",
+        );
+        write(d.path(), "a.train.jsonl", "not read");
+        write(d.path(), "notes.txt", "ignored");
+        let pool = TaskPool::open(d.path()).unwrap();
+        let names: Vec<_> = pool
+            .tasks
+            .iter()
+            .map(|t| (t.name.as_str(), t.kind))
+            .collect();
+        assert_eq!(
+            names,
+            [("a", TaskKind::MultipleChoice), ("b", TaskKind::Generate)]
+        );
+        assert_eq!(pool.tasks[0].metric, "acc");
+        let task = pool.tasks[0].load(None).unwrap();
+        assert_eq!(
+            task.items,
+            Items::MultipleChoice(vec![MultipleChoiceItem {
+                context: "x".into(),
+                choices: vec!["a".into(), "b".into()],
+                gold: 1
+            }])
+        );
+    }
+
+    #[test]
+    fn taskpool_yaml_lists_tasks_with_metrics() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "test/q.jsonl",
+            "{\"context\":\"x\",\"choices\":[\"a\",\"b\"],\"gold\":0}\n",
+        );
+        write(
+            d.path(),
+            "taskpool.yaml",
+            "name: mine\ntasks:\n  - {name: q, kind: multiple_choice, file: test/q.jsonl, metric: acc_norm}\n",
+        );
+        let pool = TaskPool::open(d.path()).unwrap();
+        assert_eq!(pool.name, "mine");
+        assert_eq!(pool.tasks[0].metric, "acc_norm");
+        assert_eq!(pool.tasks[0].file, d.path().join("test/q.jsonl"));
+    }
+
+    #[test]
+    fn taskpool_yaml_errors_name_the_problem() {
+        let d = tempfile::tempdir().unwrap();
+        write(d.path(), "q.jsonl", "{\"text\":\"abc\"}\n");
+        let cases = [
+            ("tasks:\n  - {name: q, kind: essay, file: q.jsonl}\n", "unknown kind `essay`"),
+            ("tasks:\n  - {name: q, kind: perplexity, file: q.jsonl, metric: acc}\n", "metric `acc` is not one of perplexity"),
+            ("tasks:\n  - {name: q, kind: perplexity, file: q.jsonl}\n  - {name: q, kind: perplexity, file: q.jsonl}\n", "listed twice"),
+            ("tasks:\n  - {name: q, kind: perplexity, file: q.jsonl, split: test}\n", "unknown field `split`"),
+            ("tasks: []\n", "no tasks"),
+        ];
+        for (yaml, want) in cases {
+            write(d.path(), "taskpool.yaml", yaml);
+            let e = TaskPool::open(d.path()).unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e}");
+            assert!(e.contains("taskpool"), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_task_file_and_folder_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        write(
+            d.path(),
+            "taskpool.yaml",
+            "tasks:\n  - {name: sums, kind: generate, file: sums.generate.jsonl}\n",
+        );
+        let e = TaskPool::open(d.path()).unwrap_err();
+        assert!(matches!(e, EvalError::MissingTaskFile { .. }));
+        let msg = e.to_string();
+        assert!(
+            msg.contains("sums") && msg.contains("sums.generate.jsonl"),
+            "{msg}"
+        );
+        let e = TaskPool::open(&d.path().join("nope"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("nope") && e.contains("does not exist"), "{e}");
+        // A file removed after the pool was opened.
+        let spec = TaskSpec {
+            name: "gone".into(),
+            kind: TaskKind::Perplexity,
+            file: d.path().join("gone.perplexity.jsonl"),
+            metric: "perplexity".into(),
+        };
+        let e = spec.load(None).unwrap_err().to_string();
+        assert!(
+            e.contains("gone.perplexity.jsonl") && e.contains("does not exist"),
+            "{e}"
+        );
+    }
+
+    fn load_err(kind: TaskKind, text: &str) -> String {
+        let d = tempfile::tempdir().unwrap();
+        let file = write(d.path(), "t.jsonl", text);
+        let spec = TaskSpec {
+            name: "t".into(),
+            kind,
+            file,
+            metric: kind.metrics()[0].into(),
+        };
+        spec.load(None).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn broken_lines_are_reported_with_file_and_line() {
+        let good = "{\"context\":\"x\",\"choices\":[\"a\",\"b\"],\"gold\":0}";
+        let cases = [
+            (
+                format!("{good}\n\n{{\"context\": \"x\", \"choices\": [\"a\"\n"),
+                ":3:",
+                "EOF",
+            ),
+            (
+                format!("{good}\n{{\"context\":\"x\",\"choices\":[\"a\",\"b\"]}}\n"),
+                ":2:",
+                "missing field `gold`",
+            ),
+            (
+                format!(
+                    "{good}\n{good}\n{{\"context\":\"x\",\"choices\":[\"a\",\"b\"],\"gold\":2}}\n"
+                ),
+                ":3:",
+                "`gold` = 2 is out of range",
+            ),
+            (
+                "{\"context\":\"x\",\"choices\":[\"a\"],\"gold\":0}\n".to_string(),
+                ":1:",
+                "at least 2",
+            ),
+            (
+                "{\"context\":\"x\",\"choices\":[\"a\",\"b\"],\"gold\":\"a\"}\n".to_string(),
+                ":1:",
+                "invalid type",
+            ),
+        ];
+        for (text, line, want) in cases {
+            let e = load_err(TaskKind::MultipleChoice, &text);
+            assert!(e.contains(&format!("t.jsonl{line}")), "{e}");
+            assert!(e.contains(want), "{e}");
+        }
+        let e = load_err(TaskKind::Generate, "{\"prompt\":\"p\"}\n");
+        assert!(
+            e.contains("t.jsonl:1:") && e.contains("missing field `answer`"),
+            "{e}"
+        );
+        let e = load_err(TaskKind::Perplexity, "{\"text\":\"\"}\n");
+        assert!(e.contains("t.jsonl:1:") && e.contains("empty"), "{e}");
+        let e = load_err(
+            TaskKind::Classification,
+            "{\"input\":\"a\",\"label\":\"x\"}\n{\"input\":\"b\",\"label\":\"x\"}\n",
+        );
+        assert!(
+            e.contains("t.jsonl") && e.contains("two distinct labels"),
+            "{e}"
+        );
+        let e = load_err(TaskKind::Generate, "\n  \n");
+        assert!(e.contains("no items"), "{e}");
+    }
+
+    #[test]
+    fn limit_keeps_the_first_items_and_labels_come_from_the_whole_file() {
+        let d = tempfile::tempdir().unwrap();
+        let file = write(
+            d.path(),
+            "c.classification.jsonl",
+            "{\"input\":\"a\",\"label\":\"pos\"}\n{\"input\":\"b\",\"label\":\"pos\",\"id\":7}\n{\"input\":\"c\",\"label\":\"neg\"}\n",
+        );
+        let spec = TaskSpec {
+            name: "c".into(),
+            kind: TaskKind::Classification,
+            file,
+            metric: "acc".into(),
+        };
+        let task = spec.load(Some(2)).unwrap();
+        assert_eq!(task.total, 3);
+        match task.items {
+            Items::Classification { items, labels } => {
+                assert_eq!(items.len(), 2);
+                assert_eq!(labels, ["pos", "neg"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
