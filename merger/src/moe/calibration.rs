@@ -2,12 +2,14 @@
 //! folder: every `*.jsonl` file under it (recursively, in path order), one
 //! JSON object per line, the first of the fields `prompt`, `context`, `text`,
 //! `input` that holds a string (labels such as `answer`, `gold` or `label`
-//! are never read). Texts are tokenised with the base's `tokenizer.json`;
-//! the base's BOS token is put in front when the tokenizer does not add it.
+//! are never read). Texts are tokenised with the base's tokenizer as
+//! [`crate::generate::TextModel::encode`] does (BOS first when the tokenizer
+//! config names one).
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{MergeError, Result};
+use crate::generate::TextTokenizer;
 
 /// The fields read as unlabeled inputs, first present wins.
 pub const INPUT_FIELDS: [&str; 4] = ["prompt", "context", "text", "input"];
@@ -67,23 +69,17 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// Token ids of `texts` with `DIR/tokenizer.json`, each starting with `bos`
-/// when given.
-pub fn tokenize(texts: &[String], tokenizer_dir: &Path, bos: Option<u32>) -> Result<Vec<Vec<u32>>> {
-    let path = tokenizer_dir.join("tokenizer.json");
-    let bad = |reason: String| MergeError::Tokenizer {
-        path: path.clone(),
-        reason,
-    };
-    let tok = tokenizers::Tokenizer::from_file(&path).map_err(|e| bad(e.to_string()))?;
+/// Token ids of `texts` with the tokenizer of the checkpoint folder
+/// `tokenizer_dir` (its `tokenizer.json` and `tokenizer_config.json`), each
+/// starting with the BOS token when the tokenizer config names one: what
+/// [`crate::generate::TextModel::encode`] gives.
+pub fn tokenize(texts: &[String], tokenizer_dir: &Path) -> Result<Vec<Vec<u32>>> {
+    let tok = TextTokenizer::load(tokenizer_dir)?;
     texts
         .iter()
         .map(|t| {
-            let enc = tok
-                .encode(t.as_str(), true)
-                .map_err(|e| bad(e.to_string()))?;
-            let mut ids = enc.get_ids().to_vec();
-            if let Some(b) = bos {
+            let mut ids = tok.encode(t)?;
+            if let Some(b) = tok.bos_id() {
                 if ids.first() != Some(&b) {
                     ids.insert(0, b);
                 }
@@ -94,11 +90,9 @@ pub fn tokenize(texts: &[String], tokenizer_dir: &Path, bos: Option<u32>) -> Res
 }
 
 /// The calibration sequences of a task pool folder, tokenised for the base
-/// checkpoint folder `base` (its tokenizer and BOS token).
+/// checkpoint folder `base`.
 pub fn from_task_pool(dir: &Path, base: &Path) -> Result<Vec<Vec<u32>>> {
-    let texts = read_inputs(dir)?;
-    let config = crate::model::ModelConfig::from_dir(base)?;
-    tokenize(&texts, base, config.bos_token_id)
+    tokenize(&read_inputs(dir)?, base)
 }
 
 #[cfg(test)]
@@ -127,7 +121,7 @@ mod tests {
         assert_eq!(texts, vec!["great film", "1+1=", "sky is"]);
 
         write_tokenizer_files(dir.path(), 64).unwrap();
-        let ids = tokenize(&texts[1..2], dir.path(), Some(BOS)).unwrap();
+        let ids = tokenize(&texts[1..2], dir.path()).unwrap();
         let mut want = vec![BOS];
         want.extend(encode_bytes("1+1="));
         assert_eq!(ids, vec![want]);

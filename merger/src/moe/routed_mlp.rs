@@ -144,7 +144,9 @@ impl Mlp for RoutedMlp {
         state: Option<&mut Option<Tensor>>,
         hooks: &mut Hooks,
     ) -> candle_core::Result<Tensor> {
-        let r = self.router.route(x, self.routing, state)?;
+        let r = self
+            .router
+            .route(x, self.routing, state, hooks.routing_lens)?;
         let gate = self.gate.forward(x, &r, hooks)?.silu()?;
         let up = self.up.forward(x, &r, hooks)?;
         self.down.forward(&(gate * up)?, &r, hooks)

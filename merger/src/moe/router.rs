@@ -190,14 +190,18 @@ impl Router {
     /// `(batch, 1, E)` per sequence (the mean of the per-token outputs) or
     /// `(batch, seq, E)` per token.
     ///
-    /// Per sequence, `state` is the layer's slot of the KV cache: when empty
-    /// the weights are computed from `x` and stored there, when full they are
-    /// reused (so generated tokens keep the prompt's routing).
+    /// Per sequence, the mean runs over the first `lens[i]` positions of
+    /// sequence i when `lens` is given (right padding, or routing on the
+    /// prompt only), over every position otherwise; `state` is the layer's
+    /// slot of the KV cache: when empty the weights are computed from `x` and
+    /// stored there, when full they are reused (so generated tokens keep the
+    /// prompt's routing).
     pub fn route(
         &self,
         x: &Tensor,
         routing: Routing,
         state: Option<&mut Option<Tensor>>,
+        lens: Option<&[usize]>,
     ) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         match (routing, state) {
@@ -213,7 +217,12 @@ impl Router {
                 Ok(r.clone())
             }
             (Routing::PerSequence, slot) => {
-                let r = self.logits(x)?.mean_keepdim(D::Minus2)?.to_dtype(dtype)?;
+                let logits = self.logits(x)?;
+                let r = match lens {
+                    None => logits.mean_keepdim(D::Minus2)?,
+                    Some(lens) => masked_mean(&logits, lens)?,
+                }
+                .to_dtype(dtype)?;
                 if let Some(slot) = slot {
                     *slot = Some(r.clone());
                 }
@@ -221,6 +230,22 @@ impl Router {
             }
         }
     }
+}
+
+/// Mean over the first `lens[i]` positions of each sequence of `(b, t, E)`
+/// outputs, as `(b, 1, E)`: a `(b, 1, t)` weight matrix times the outputs.
+fn masked_mean(logits: &Tensor, lens: &[usize]) -> candle_core::Result<Tensor> {
+    let (b, t, _) = logits.dims3()?;
+    if lens.len() != b || lens.iter().any(|&n| n == 0 || n > t) {
+        candle_core::bail!(
+            "routing lengths {lens:?} do not fit a batch of {b} sequences of {t} positions"
+        );
+    }
+    let w: Vec<f32> = lens
+        .iter()
+        .flat_map(|&n| (0..t).map(move |j| if j < n { 1.0 / n as f32 } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(w, (b, 1, t), logits.device())?.matmul(logits)
 }
 
 #[cfg(test)]
@@ -233,7 +258,7 @@ mod tests {
         assert_eq!(r.num_parameters(), 8 * 8 + 8 + 3 * 8 + 3);
         let x = Tensor::randn(0f32, 1.0, (2, 5, 8), &Device::Cpu).unwrap();
         for routing in [Routing::PerSequence, Routing::PerToken] {
-            let w = r.route(&x, routing, None).unwrap();
+            let w = r.route(&x, routing, None, None).unwrap();
             let v = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
             assert!(v.iter().all(|&y| y == 0.3f32), "{v:?}");
         }
@@ -263,21 +288,34 @@ mod tests {
         )
         .unwrap();
         let x = Tensor::new(&[[[1f32, 2.0], [3.0, 4.0]]], &dev).unwrap();
-        let tok = r.route(&x, Routing::PerToken, None).unwrap();
+        let tok = r.route(&x, Routing::PerToken, None, None).unwrap();
         assert_eq!(
             tok.to_vec3::<f32>().unwrap(),
             vec![vec![vec![1.5, 4.0], vec![3.5, 8.0]]]
         );
         let mut slot = None;
-        let seq = r.route(&x, Routing::PerSequence, Some(&mut slot)).unwrap();
+        let seq = r
+            .route(&x, Routing::PerSequence, Some(&mut slot), None)
+            .unwrap();
         assert_eq!(seq.to_vec3::<f32>().unwrap(), vec![vec![vec![2.5, 6.0]]]);
         // The slot is full now: another input reuses the stored weights.
         let y = Tensor::new(&[[[0f32, 0.0]]], &dev).unwrap();
-        let again = r.route(&y, Routing::PerSequence, Some(&mut slot)).unwrap();
+        let again = r
+            .route(&y, Routing::PerSequence, Some(&mut slot), None)
+            .unwrap();
         assert_eq!(again.to_vec3::<f32>().unwrap(), vec![vec![vec![2.5, 6.0]]]);
+        // Routing lengths: the mean of the first position only is (1.5, 4).
+        let first = r.route(&x, Routing::PerSequence, None, Some(&[1])).unwrap();
+        assert_eq!(first.to_vec3::<f32>().unwrap(), vec![vec![vec![1.5, 4.0]]]);
+        assert!(r.route(&x, Routing::PerSequence, None, Some(&[3])).is_err());
+        assert!(r
+            .route(&x, Routing::PerSequence, None, Some(&[1, 1]))
+            .is_err());
         // A different batch size cannot reuse them.
         let z = Tensor::zeros((2, 1, 2), DType::F32, &dev).unwrap();
-        assert!(r.route(&z, Routing::PerSequence, Some(&mut slot)).is_err());
+        assert!(r
+            .route(&z, Routing::PerSequence, Some(&mut slot), None)
+            .is_err());
     }
 
     #[test]

@@ -514,3 +514,81 @@ fn merge_ids_cover_spec_seed_and_calibration() {
         merge_id(&fixed, &open, &[]).unwrap()
     );
 }
+
+#[test]
+fn scoring_routes_on_the_context_and_ignores_padding() {
+    // TextModel scores a routed model with each sequence routed on its
+    // context: batched (right-padded) scores equal single ones, and equal
+    // prefilling the context into a KV cache and feeding the continuation.
+    use crate::generate::TextModel;
+    let p = pool(2, false, 0.05, DType::F32);
+    let moe = with_random_routers(&build_moe(&p, &untrained(p.spec("we_moe")), &[]), 0.5);
+    let out = p.path("moe-out");
+    moe.save(&out, &WriteOptions::default()).unwrap();
+    let tm = TextModel::load(&out, &ModelOptions::default()).unwrap();
+    let pairs: Vec<(String, String)> = [
+        ("add: 1 + 2 =", " 3"),
+        ("a much longer context than the others:", " yes"),
+        ("x", " abcdef"),
+    ]
+    .iter()
+    .map(|(c, x)| (c.to_string(), x.to_string()))
+    .collect();
+    let batch = tm.loglikelihood_batch(&pairs).unwrap();
+    let m = tm.model();
+    for ((c, x), b) in pairs.iter().zip(&batch) {
+        let single = tm.loglikelihood(c, x).unwrap();
+        assert!(
+            (single.logprob - b.logprob).abs() < 1e-4,
+            "{c:?}: {single:?} vs {b:?}"
+        );
+        let ctx = tm.encode(c).unwrap();
+        let cont = tm.tokenizer().encode(x).unwrap();
+        let mut cache = m.new_cache();
+        let first = m
+            .forward_last(&ids_tensor(&[ctx]), Some(&mut cache))
+            .unwrap();
+        let mut rows = vec![first];
+        if cont.len() > 1 {
+            let rest = m
+                .forward(
+                    &ids_tensor(&[cont[..cont.len() - 1].to_vec()]),
+                    Some(&mut cache),
+                )
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            rows.push(rest);
+        }
+        let lp = candle_nn::ops::log_softmax(&Tensor::cat(&rows, 0).unwrap(), 1).unwrap();
+        let want: f64 = cont
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                lp.get(i)
+                    .unwrap()
+                    .get(t as usize)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
+            })
+            .sum();
+        assert!(
+            (single.logprob - want).abs() < 1e-4,
+            "{c:?}: {} vs cached {want}",
+            single.logprob
+        );
+    }
+    // Embeddings of a padded batch equal those of each text alone.
+    let texts = vec!["short".to_string(), "a longer text to embed".to_string()];
+    let (both, _) = tm.embed(&texts).unwrap();
+    for (t, e) in texts.iter().zip(&both) {
+        let (alone, _) = tm.embed(std::slice::from_ref(t)).unwrap();
+        let d = e
+            .iter()
+            .zip(&alone[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(d < 1e-5, "{t:?}: {d}");
+    }
+}

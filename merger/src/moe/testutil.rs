@@ -42,13 +42,14 @@ impl Pool {
     }
 }
 
-/// The tiny architecture of the tests: d = 16, m = 24, 2 blocks.
+/// The tiny architecture of the tests: d = 16, m = 24, 2 blocks, the
+/// byte-level vocabulary.
 pub fn tiny_config(mlp_bias: bool) -> ModelConfig {
     ModelConfig::from_json(
         &format!(
-            r#"{{"model_type":"llama","vocab_size":48,"hidden_size":16,"intermediate_size":24,
+            r#"{{"model_type":"llama","vocab_size":262,"hidden_size":16,"intermediate_size":24,
             "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
-            "max_position_embeddings":64,"mlp_bias":{mlp_bias},"bos_token_id":1}}"#
+            "max_position_embeddings":64,"mlp_bias":{mlp_bias},"bos_token_id":256,"eos_token_id":257}}"#
         ),
         Path::new("config.json"),
     )
