@@ -31,6 +31,7 @@
 pub mod build;
 pub mod calibration;
 pub mod checkpoint;
+pub mod frozen;
 pub mod params;
 pub mod rankone;
 pub mod routed_mlp;

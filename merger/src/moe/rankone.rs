@@ -15,6 +15,7 @@
 use candle_core::Tensor;
 use faer::Mat;
 
+use super::frozen;
 use crate::error::Result;
 use crate::linalg::thin_svd;
 
@@ -40,17 +41,20 @@ pub fn factors(tau: &[f32], rows: usize, cols: usize, k: usize) -> Result<(Vec<f
     Ok((u, sv))
 }
 
-/// Σj rj uj (sj vjᵀ x) for an input `(batch, seq, in)`, factors `u`
-/// `(out, E)` and `sv` `(E, in)`, routing weights `(batch, 1 | seq, E)`.
-pub fn mix(x: &Tensor, u: &Tensor, sv: &Tensor, r: &Tensor) -> candle_core::Result<Tensor> {
-    let (b, t, i) = x.dims3()?;
+/// Σj rj uj (sj vjᵀ x) for the rows `x` `(batch·seq, in)` of a
+/// `(batch, seq)` input, factors `u` `(out, E)` and `sv` `(E, in)`, routing
+/// weights `(batch, 1 | seq, E)`; the result is `(batch, seq, out)`.
+pub fn mix(
+    x: &Tensor,
+    (b, t): (usize, usize),
+    u: &Tensor,
+    sv: &Tensor,
+    r: &Tensor,
+) -> candle_core::Result<Tensor> {
     let (out, e) = u.dims2()?;
-    let z = x
-        .reshape((b * t, i))?
-        .matmul(&sv.t()?)?
-        .reshape((b, t, e))?;
-    let z = z.broadcast_mul(r)?;
-    z.reshape((b * t, e))?.matmul(&u.t()?)?.reshape((b, t, out))
+    let z = frozen::matmul_t(x, sv)?.reshape((b, t, e))?;
+    let z = z.broadcast_mul(r)?.reshape((b * t, e))?;
+    frozen::matmul_t(&z, u)?.reshape((b, t, out))
 }
 
 #[cfg(test)]
@@ -96,9 +100,9 @@ mod tests {
         // (2·3, −1·5) = (6, −5).
         let dev = Device::Cpu;
         let eye = Tensor::new(&[[1f32, 0.0], [0.0, 1.0]], &dev).unwrap();
-        let x = Tensor::new(&[[[3f32, 5.0]]], &dev).unwrap();
+        let x = Tensor::new(&[[3f32, 5.0]], &dev).unwrap();
         let r = Tensor::new(&[[[2f32, -1.0]]], &dev).unwrap();
-        let y = mix(&x, &eye, &eye, &r).unwrap();
+        let y = mix(&x, (1, 1), &eye, &eye, &r).unwrap();
         assert_eq!(y.to_vec3::<f32>().unwrap(), vec![vec![vec![6.0, -5.0]]]);
     }
 }

@@ -14,7 +14,7 @@
 
 use candle_core::Tensor;
 
-use super::{rankone, LinearExperts, Router, Routing};
+use super::{frozen, rankone, LinearExperts, Router, Routing};
 use crate::model::{Hooks, Linear, Mlp};
 
 /// One projection of a routed MLP.
@@ -32,7 +32,6 @@ enum Experts {
         /// `(T, out)`.
         bias: Option<Tensor>,
         num: usize,
-        out: usize,
     },
     RankOne {
         u: Tensor,
@@ -50,7 +49,6 @@ impl RoutedLinear {
                     stack: weight.reshape((num * out, inp))?,
                     bias: bias.clone(),
                     num,
-                    out,
                 }
             }
             LinearExperts::RankOne { u, sv } => Experts::RankOne {
@@ -69,18 +67,24 @@ impl RoutedLinear {
         r: &Tensor,
         hooks: &mut Hooks,
     ) -> candle_core::Result<Tensor> {
-        let y0 = self.base.forward(x, hooks)?;
+        if let Some(c) = hooks.capture.as_deref_mut() {
+            c.capture(self.base.name(), x)?;
+        }
+        let (b, t, i) = x.dims3()?;
+        let x2 = x.reshape((b * t, i))?;
+        let mut y0 = frozen::matmul_t(&x2, self.base.weight())?;
+        if let Some(bias) = self.base.bias() {
+            y0 = y0.broadcast_add(bias)?;
+        }
+        let out = y0.dim(1)?;
+        let y0 = y0.reshape((b, t, out))?;
         match &self.experts {
             Experts::Dense {
-                stack,
-                bias,
-                num,
-                out,
+                stack, bias, num, ..
             } => {
-                let (b, t, i) = x.dims3()?;
-                let (num, out) = (*num, *out);
+                let num = *num;
                 // Every expert's output at once: (b·t, T·out).
-                let ye = x.reshape((b * t, i))?.matmul(&stack.t()?)?;
+                let ye = frozen::matmul_t(&x2, stack)?;
                 // Σi ri·yi as matmuls that contract over T (candle reduces
                 // over an inner dimension slowly, and so would its backward).
                 let mixed = if r.dim(1)? == 1 && t > 1 {
@@ -104,7 +108,7 @@ impl RoutedLinear {
                     Some(bias) => y.broadcast_add(&r.broadcast_matmul(bias)?),
                 }
             }
-            Experts::RankOne { u, sv } => y0 + rankone::mix(x, u, sv, r)?,
+            Experts::RankOne { u, sv } => y0 + rankone::mix(&x2, (b, t), u, sv, r)?,
         }
     }
 }
