@@ -21,6 +21,10 @@ enum Command {
     Merge(cli::merge::MergeArgs),
     /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
     Generate(cli::generate::GenerateArgs),
+    /// Serve the OpenAI-compatible gateway (the demo pool when no pool is configured).
+    Serve(cli::serve::ServeArgs),
+    /// Print the gateway's OpenAPI document (`fusion openapi > openapi/openapi.json`).
+    Openapi,
     /// Score a model (a merge spec, a pool checkpoint or a folder) on a task pool.
     Eval(cli::eval::EvalArgs),
     /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
@@ -40,6 +44,8 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Openapi => cli::serve::print_openapi(),
         Command::Eval(args) => cli::eval::run(args),
         Command::Compare(args) => cli::compare::run(args),
         Command::Methods => cli::methods::run(),

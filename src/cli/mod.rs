@@ -6,6 +6,7 @@ pub mod generate;
 pub mod merge;
 pub mod methods;
 pub mod moe;
+pub mod serve;
 pub mod zoo;
 
 /// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
