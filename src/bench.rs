@@ -9,8 +9,12 @@
 //! `fusion bench generate`: tokens/s of greedy generation on the model
 //! runtime against candle-transformers' Llama on the same weights, in the
 //! same run.
+//!
+//! `fusion bench moe`: tokens/s of the routed ensembles against the dense
+//! task-arithmetic merge and the base, and router training time.
 
 pub mod generate;
+mod moe;
 pub mod serve;
 
 use std::collections::HashMap;
@@ -28,6 +32,8 @@ use merger::zoo::{pool_spec, synth, SynthOptions};
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Tokens/s of the routed ensembles (we_moe, ...) against the dense task-arithmetic merge and the base, and router training time.
+    Moe(moe::MoeBenchArgs),
     /// Gateway: cache-hit latency (p50/p99) vs the in-process call; req/s of 8 clients over 4 merges, cache of 2.
     Serve(serve::ServeBenchArgs),
     /// Merge throughput of task_arithmetic, ties_merging and dare against a memory-copy floor.
@@ -92,6 +98,7 @@ fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
 /// Runs `fusion bench`.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Moe(args) => moe::run(args),
         BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Merge {
             params,

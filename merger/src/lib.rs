@@ -15,6 +15,7 @@ pub mod linalg;
 pub mod merge;
 pub mod model;
 pub mod methods;
+pub mod moe;
 pub mod select;
 pub mod spec;
 pub mod throughput;

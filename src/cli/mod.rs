@@ -5,6 +5,7 @@ pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod methods;
+pub mod moe;
 pub mod serve;
 pub mod zoo;
 

@@ -500,7 +500,7 @@ mod tests {
             Some(&pool),
         )
         .unwrap();
-        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1);
+        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 1);
         assert_eq!(
             cfg.rows[4].name,
             "task_arithmetic (scaling_coefficient=0.1)"
