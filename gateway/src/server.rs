@@ -189,7 +189,9 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
         .first()
         .ok_or_else(|| GatewayError::Startup(format!("`{bind}` resolved to no address")))?;
     tracing::info!("listening on http://{addr} (API docs at http://{addr}/docs/)");
-    Ok((server.run(), addr))
+    let server = server.run();
+    crate::evaluations::start(state);
+    Ok((server, addr))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C); readiness fails from then on,

@@ -69,6 +69,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let dir = demo_dir(args.demo_dir);
         ensure_demo_pool(&dir)?;
         config.add_demo_pool(&dir)?;
+        // The demo pool is the only one: schedule its evaluations unless
+        // the configuration has some.
+        if let Some(pool) = config.pools.keys().next().cloned() {
+            gateway::evaluations::demo::add_demo_evaluations(&mut config, &pool)?;
+        }
     }
     gateway::run(config)?;
     Ok(())
