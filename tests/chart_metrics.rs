@@ -13,7 +13,9 @@ use gateway_util::*;
 use serde_json::Value;
 
 fn chart_file(rel: &str) -> String {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("helm/fusion-gateway").join(rel);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("helm/fusion-gateway")
+        .join(rel);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -24,9 +26,14 @@ fn metric_names(text: &str, into: &mut BTreeSet<String>) {
     while let Some(at) = text[i..].find("fusion_") {
         let start = i + at;
         // Not the tail of a longer identifier.
-        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start + "fusion_".len();
-        while end < bytes.len() && (bytes[end].is_ascii_lowercase() || bytes[end].is_ascii_digit() || bytes[end] == b'_') {
+        while end < bytes.len()
+            && (bytes[end].is_ascii_lowercase()
+                || bytes[end].is_ascii_digit()
+                || bytes[end] == b'_')
+        {
             end += 1;
         }
         if boundary && end > start + "fusion_".len() {
@@ -149,7 +156,10 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
     assert_eq!(c.chat("demo/base", "hi", 3).await.status, 200);
     let merged = c.chat("simple_average(math,code)", "hi", 3).await;
     assert_eq!(merged.status, 200);
-    assert_eq!(c.chat("simple_average(math,code)", "yo", 3).await.status, 200);
+    assert_eq!(
+        c.chat("simple_average(math,code)", "yo", 3).await.status,
+        200
+    );
     let id = merged.header("x-merge-id").unwrap();
     assert_eq!(c.delete(&format!("/v1/merges/{id}")).await.status, 200);
     let start_wait = Instant::now();
@@ -158,7 +168,10 @@ async fn every_metric_of_the_dashboard_and_the_alerts_is_exported() {
         .await
         < 1.0
     {
-        assert!(start_wait.elapsed() < Duration::from_secs(120), "no evaluation run");
+        assert!(
+            start_wait.elapsed() < Duration::from_secs(120),
+            "no evaluation run"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let text = c.get("/metrics").await.text;

@@ -138,6 +138,13 @@ async fn a_schedule_fires_its_scores_are_fusion_evals_and_survive_a_restart() {
         assert_eq!(e["last"]["trigger"], "schedule");
         assert_eq!(e["last"]["tasks"].as_array().unwrap().len(), 4, "{e}");
     }
+    for e in [&base, &merged] {
+        eprintln!(
+            "evaluation `{}`: {:.3} s for 4 tasks, 10 examples",
+            e["name"].as_str().unwrap(),
+            e["last"]["duration_seconds"].as_f64().unwrap()
+        );
+    }
     assert_eq!(base["last"]["model"], "demo/base");
     assert!(merged["last"]["model"]
         .as_str()
@@ -188,7 +195,10 @@ async fn a_schedule_fires_its_scores_are_fusion_evals_and_survive_a_restart() {
         assert_eq!(
             metric_value(
                 &text,
-                &sample("fusion_eval_duration_seconds_count", &format!("merge=\"{name}\""))
+                &sample(
+                    "fusion_eval_duration_seconds_count",
+                    &format!("merge=\"{name}\"")
+                )
             ),
             1.0
         );
@@ -299,7 +309,10 @@ async fn a_failing_evaluation_names_its_file_and_line_and_chat_goes_on() {
             1.0
         );
     }
-    assert!(!text.contains("fusion_eval_score{"), "no scores from failed runs");
+    assert!(
+        !text.contains("fusion_eval_score{"),
+        "no scores from failed runs"
+    );
     // The server keeps serving.
     assert_eq!(c.chat("demo/base", "hello", 3).await.status, 200);
     assert_eq!(c.get("/health/ready").await.status, 200);
@@ -313,7 +326,10 @@ async fn post_runs_an_evaluation_now() {
         &pool,
         data.path(),
         "api_keys: [usr], admin_keys: [adm]",
-        &["{name: base, merge: demo/base, taskpool: t, every: 1h, delay: 1h, limit: 2}".to_string()],
+        &[
+            "{name: base, merge: demo/base, taskpool: t, every: 1h, delay: 1h, limit: 2}"
+                .to_string(),
+        ],
     ));
     let user = Client::new(&server).with_key("usr");
     let c = Client::new(&server).with_key("adm");
@@ -324,7 +340,10 @@ async fn post_runs_an_evaluation_now() {
         403
     );
     let before = evaluation(&c, "base").await;
-    assert!(before["last"].is_null(), "the schedule has not fired: {before}");
+    assert!(
+        before["last"].is_null(),
+        "the schedule has not fired: {before}"
+    );
     // Waiting: the answer is the evaluation after the run.
     let done = c
         .post("/v1/evaluations?wait=true", &json!({"name": "base"}))
@@ -360,15 +379,15 @@ async fn post_runs_an_evaluation_now() {
     let a = adhoc.json();
     assert_eq!(a["scheduled"], false);
     assert_eq!(a["last"]["tasks"].as_array().unwrap().len(), 1);
-    assert!(c
-        .get("/v1/evaluations")
-        .await
-        .json()["data"]
+    assert!(c.get("/v1/evaluations").await.json()["data"]
         .as_array()
         .unwrap()
         .iter()
         .any(|e| e["name"] == "ta"));
     // Errors.
+    c.post("/v1/evaluations?wait=maybe", &json!({"name": "base"}))
+        .await
+        .assert_error(400, "invalid_request_error");
     c.post("/v1/evaluations", &json!({}))
         .await
         .assert_error(400, "invalid_request_error");

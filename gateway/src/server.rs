@@ -165,10 +165,13 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .error_handler(move |err, _req| json_error(err, limit).into());
         let path = web::PathConfig::default()
             .error_handler(|err, _req| GatewayError::bad_request(err.to_string()).into());
+        let query = web::QueryConfig::default()
+            .error_handler(|err, _req| GatewayError::bad_request(err.to_string()).into());
         App::new()
             .app_data(app_state.clone())
             .app_data(json)
             .app_data(path)
+            .app_data(query)
             .configure(routes::configure)
             .route("/docs", web::get().to(docs_redirect))
             .service(SwaggerUi::new("/docs/{_:.*}").url(routes::paths::OPENAPI, doc.clone()))

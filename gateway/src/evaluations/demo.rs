@@ -100,7 +100,10 @@ mod tests {
             assert_eq!(e.taskpool, "demo");
             assert_eq!(e.every, DEMO_EVERY);
             assert_eq!(e.limit, Some(DEMO_LIMIT));
-            assert!(e.delay < Duration::from_secs(60), "first run within a minute");
+            assert!(
+                e.delay < Duration::from_secs(60),
+                "first run within a minute"
+            );
             // Every merge string parses.
             merger::spec::compact::parse(&e.merge).unwrap();
         }

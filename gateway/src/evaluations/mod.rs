@@ -433,10 +433,12 @@ impl Evaluations {
     /// Marks `name` as running: 404 when unknown, 409 when it runs already.
     pub fn begin(&self, name: &str) -> Result<()> {
         let mut entries = self.entries();
-        let e = entries.get_mut(name).ok_or_else(|| GatewayError::NotFound {
-            message: format!("unknown evaluation `{name}`"),
-            param: Some("name".to_string()),
-        })?;
+        let e = entries
+            .get_mut(name)
+            .ok_or_else(|| GatewayError::NotFound {
+                message: format!("unknown evaluation `{name}`"),
+                param: Some("name".to_string()),
+            })?;
         if e.running {
             return Err(GatewayError::Conflict(format!(
                 "evaluation `{name}` is running already"
@@ -618,8 +620,12 @@ pub async fn run_begun(
         error,
     };
     match &record.error {
-        None => tracing::info!(evaluation = %name, seconds = duration, average = ?record.average, "evaluation finished"),
-        Some(e) => tracing::warn!(evaluation = %name, seconds = duration, error = %e, "evaluation failed"),
+        None => {
+            tracing::info!(evaluation = %name, seconds = duration, average = ?record.average, "evaluation finished")
+        }
+        Some(e) => {
+            tracing::warn!(evaluation = %name, seconds = duration, error = %e, "evaluation failed")
+        }
     }
     let saved = evals.finish(&name, record)?;
     let store = evals.store.clone();

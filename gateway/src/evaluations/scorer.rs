@@ -60,7 +60,10 @@ impl<'a> AdmittedScorer<'a> {
 }
 
 impl Scorer for AdmittedScorer<'_> {
-    fn loglikelihood_batch(&self, pairs: &[(String, String)]) -> evaluator::Result<Vec<Loglikelihood>> {
+    fn loglikelihood_batch(
+        &self,
+        pairs: &[(String, String)],
+    ) -> evaluator::Result<Vec<Loglikelihood>> {
         let _slot = self.slot()?;
         Scorer::loglikelihood_batch(self.model, pairs)
     }

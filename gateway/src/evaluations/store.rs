@@ -100,8 +100,7 @@ impl Store {
             })
             .take(64)
             .collect();
-        self.dir
-            .join(format!("{safe}-{:016x}.json", fnv1a(name)))
+        self.dir.join(format!("{safe}-{:016x}.json", fnv1a(name)))
     }
 
     /// The saved results of `name`; `None` when there is no file. A file
@@ -184,7 +183,10 @@ mod tests {
         let b = s.path("ties_merging(math,code;density=0.3)");
         assert_ne!(a, b);
         let name = a.file_name().unwrap().to_str().unwrap();
-        assert!(name.starts_with("ties_merging_math_code_density_0.2_-"), "{name}");
+        assert!(
+            name.starts_with("ties_merging_math_code_density_0.2_-"),
+            "{name}"
+        );
         assert!(a.starts_with("/data/evaluations"));
         // FNV-1a of the empty string is its offset basis; of "a", the known value.
         assert_eq!(fnv1a(""), 0xcbf2_9ce4_8422_2325);

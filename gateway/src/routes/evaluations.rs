@@ -92,26 +92,47 @@ pub async fn list_evaluations(state: web::Data<AppState>) -> HttpResponse {
 fn one_off(state: &AppState, req: RunEvaluationRequest, merge: String) -> Result<Evaluation> {
     serving::target(state, Some(merge.trim()), None)?;
     let taskpool = req.taskpool.ok_or_else(|| {
-        GatewayError::bad_param("taskpool", "`taskpool` (a key of `taskpools`) is required with `merge`")
+        GatewayError::bad_param(
+            "taskpool",
+            "`taskpool` (a key of `taskpools`) is required with `merge`",
+        )
     })?;
-    let dir = state.config.taskpools.get(&taskpool).cloned().ok_or_else(|| {
-        GatewayError::NotFound {
+    let dir = state
+        .config
+        .taskpools
+        .get(&taskpool)
+        .cloned()
+        .ok_or_else(|| GatewayError::NotFound {
             message: format!(
                 "unknown task pool `{taskpool}`; task pools: {}",
-                state.config.taskpools.keys().cloned().collect::<Vec<_>>().join(", ")
+                state
+                    .config
+                    .taskpools
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             param: Some("taskpool".to_string()),
-        }
-    })?;
+        })?;
     if req.limit == Some(0) {
-        return Err(GatewayError::bad_param("limit", "`limit` must be at least 1"));
+        return Err(GatewayError::bad_param(
+            "limit",
+            "`limit` must be at least 1",
+        ));
     }
     if req.min_score.is_some_and(|m| !m.is_finite()) {
-        return Err(GatewayError::bad_param("min_score", "`min_score` must be a finite number"));
+        return Err(GatewayError::bad_param(
+            "min_score",
+            "`min_score` must be a finite number",
+        ));
     }
     let name = req.name.unwrap_or_else(|| merge.trim().to_string());
     if name.trim().is_empty() || name.len() > 256 {
-        return Err(GatewayError::bad_param("name", "`name` must have 1 to 256 characters"));
+        return Err(GatewayError::bad_param(
+            "name",
+            "`name` must have 1 to 256 characters",
+        ));
     }
     Ok(Evaluation {
         name,
@@ -167,7 +188,11 @@ pub async fn run_evaluation(
                     "give the `name` of an evaluation, or a `merge` and a `taskpool` to evaluate",
                 )
             })?;
-            if req.taskpool.is_some() || !req.tasks.is_empty() || req.limit.is_some() || req.min_score.is_some() {
+            if req.taskpool.is_some()
+                || !req.tasks.is_empty()
+                || req.limit.is_some()
+                || req.min_score.is_some()
+            {
                 return Err(GatewayError::bad_param(
                     "merge",
                     "`taskpool`, `tasks`, `limit` and `min_score` describe a one-off evaluation and need `merge`",
