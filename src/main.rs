@@ -41,7 +41,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if matches!(cli.command, Command::Zoo(cli::zoo::ZooCommand::Build { .. })) {
+    if matches!(
+        cli.command,
+        Command::Zoo(cli::zoo::ZooCommand::Build { .. })
+    ) {
         // The demo-pool build trains one expert per core; candle's own
         // threads would only compete with them (and spin while waiting).
         // Set before any thread starts; an explicit setting wins.
