@@ -48,24 +48,24 @@ fn ensure_demo_pool(dir: &Path) -> anyhow::Result<()> {
     build_demo(dir).with_context(|| format!("building the demo pool in {}", dir.display()))
 }
 
-/// Trains the demo pool (`fusion zoo build` with its defaults) into `dir`,
-/// with a progress bar.
+/// Trains the demo pool into `dir` with `fusion zoo build --out DIR` (its
+/// defaults, progress bar and accuracy report) in a child process: the build
+/// runs one expert per core with candle and rayon single-threaded, settings
+/// that must be made before any thread starts and that the server, which
+/// keeps running afterwards, should not inherit.
 fn build_demo(dir: &Path) -> anyhow::Result<()> {
-    let report = merger::zoo::build(
-        dir,
-        &merger::zoo::BuildOptions {
-            seed: 0,
-            quick: false,
-            force: false,
-            progress: true,
-            threads: None,
-        },
-    )?;
-    eprintln!(
-        "demo pool built in {:.0} s; accuracy matrix in {}",
-        report.total_seconds,
-        dir.join("REPORT.md").display()
-    );
+    let exe = std::env::current_exe().context("locating the fusion binary")?;
+    let status = std::process::Command::new(exe)
+        .args(["zoo", "build", "--out"])
+        .arg(dir)
+        .status()
+        .context("starting `fusion zoo build`")?;
+    if !status.success() {
+        anyhow::bail!(
+            "`fusion zoo build --out {}` failed ({status})",
+            dir.display()
+        );
+    }
     Ok(())
 }
 
