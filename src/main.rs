@@ -31,7 +31,7 @@ enum Command {
     Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
-    /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
+    /// Build model pools (`build`: the trained demo pool; `synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
     /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor; `generate`: tokens/s against candle-transformers).
@@ -41,6 +41,19 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Zoo(cli::zoo::ZooCommand::Build { .. })
+    ) {
+        // The demo-pool build trains one expert per core; candle's own
+        // threads would only compete with them (and spin while waiting).
+        // Set before any thread starts; an explicit setting wins.
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, "1");
+            }
+        }
+    }
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),

@@ -45,6 +45,11 @@ impl Engine {
         Ok(Engine { text, bytes })
     }
 
+    /// The runnable model (what evaluations score).
+    pub fn text_model(&self) -> &TextModel {
+        &self.text
+    }
+
     /// Bytes of the model's weights in memory (what the cache weighs).
     pub fn resident_bytes(&self) -> u64 {
         self.bytes

@@ -6,7 +6,7 @@
 //! Layout: [`config`] (YAML + env) → [`state::AppState`] ([`registry`],
 //! [`cache`], [`merges`], [`limits`], [`auth`], [`metrics`]) → [`routes`]
 //! (thin adapters) → [`serving`] (the one execution path) → [`engine`] (the
-//! model). [`error`] decides every status; [`server`] binds and shuts down.
+//! model). [`evaluations`] scores configured merges in the background. [`error`] decides every status; [`server`] binds and shuts down.
 
 #![deny(missing_docs)]
 
@@ -15,6 +15,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod error;
+pub mod evaluations;
 pub mod limits;
 pub mod merges;
 pub mod metrics;

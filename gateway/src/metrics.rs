@@ -45,6 +45,8 @@ pub const EVAL_RUNS_TOTAL: &str = "fusion_eval_runs_total";
 pub const EVAL_DURATION_SECONDS: &str = "fusion_eval_duration_seconds";
 /// Unix time of the last successful evaluation run, by merge.
 pub const EVAL_LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "fusion_eval_last_success_timestamp_seconds";
+/// 1 while a scheduled evaluation's merge scores under its `min_score`.
+pub const EVAL_DEGRADED: &str = "fusion_eval_degraded";
 
 /// Latency buckets of HTTP requests and first tokens (seconds).
 const LATENCY_BUCKETS: &[f64] = &[
@@ -97,6 +99,8 @@ pub struct Metrics {
     pub eval_duration: HistogramVec,
     /// See [`EVAL_LAST_SUCCESS_TIMESTAMP_SECONDS`].
     pub eval_last_success: IntGaugeVec,
+    /// See [`EVAL_DEGRADED`].
+    pub eval_degraded: IntGaugeVec,
 }
 
 fn opts(name: &str, help: &str) -> Opts {
@@ -216,6 +220,14 @@ impl Metrics {
             &["merge"],
         )
         .expect("valid metric");
+        let eval_degraded = IntGaugeVec::new(
+            opts(
+                EVAL_DEGRADED,
+                "1 while an evaluation scores under its min_score, else 0.",
+            ),
+            &["merge"],
+        )
+        .expect("valid metric");
         let m = Metrics {
             registry,
             http_requests,
@@ -236,6 +248,7 @@ impl Metrics {
             eval_runs,
             eval_duration,
             eval_last_success,
+            eval_degraded,
         };
         let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
             Box::new(m.http_requests.clone()),
@@ -256,6 +269,7 @@ impl Metrics {
             Box::new(m.eval_runs.clone()),
             Box::new(m.eval_duration.clone()),
             Box::new(m.eval_last_success.clone()),
+            Box::new(m.eval_degraded.clone()),
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");

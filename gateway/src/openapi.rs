@@ -7,6 +7,9 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use crate::error::{ErrorBody, ErrorResponse};
+use crate::evaluations::{
+    Degraded, EvaluationInfo, Outcome, RunRecord, RunState, TaskScore, Trigger,
+};
 use crate::merges::{MergeInfo, MergeState};
 use crate::routes;
 use crate::sse::{
@@ -32,18 +35,22 @@ use crate::sse::{
         routes::merges::list_merges,
         routes::merges::get_merge,
         routes::merges::delete_merge,
+        routes::evaluations::list_evaluations,
+        routes::evaluations::run_evaluation,
         routes::health::live,
         routes::health::ready,
         routes::health::metrics,
     ),
     components(schemas(
         ErrorResponse, ErrorBody, MergeInfo, MergeState,
+        EvaluationInfo, RunRecord, TaskScore, Outcome, Trigger, RunState, Degraded,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice,
     )),
     modifiers(&BearerKeys),
     tags(
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "merges", description = "Merges: create or warm, list, status, evict (admin key)"),
+        (name = "evaluations", description = "Scheduled evaluations: last results, run now (admin key)"),
         (name = "health", description = "Health and metrics"),
     )
 )]

@@ -165,10 +165,13 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .error_handler(move |err, _req| json_error(err, limit).into());
         let path = web::PathConfig::default()
             .error_handler(|err, _req| GatewayError::bad_request(err.to_string()).into());
+        let query = web::QueryConfig::default()
+            .error_handler(|err, _req| GatewayError::bad_request(err.to_string()).into());
         App::new()
             .app_data(app_state.clone())
             .app_data(json)
             .app_data(path)
+            .app_data(query)
             .configure(routes::configure)
             .route("/docs", web::get().to(docs_redirect))
             .service(SwaggerUi::new("/docs/{_:.*}").url(routes::paths::OPENAPI, doc.clone()))
@@ -189,7 +192,9 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
         .first()
         .ok_or_else(|| GatewayError::Startup(format!("`{bind}` resolved to no address")))?;
     tracing::info!("listening on http://{addr} (API docs at http://{addr}/docs/)");
-    Ok((server.run(), addr))
+    let server = server.run();
+    crate::evaluations::start(state);
+    Ok((server, addr))
 }
 
 /// Resolves on SIGTERM or SIGINT (Ctrl-C); readiness fails from then on,
@@ -224,6 +229,19 @@ async fn shutdown_signal(state: web::Data<AppState>) {
 pub fn run(config: Config) -> Result<()> {
     init_tracing(config.server.log_format);
     let state = web::Data::new(AppState::new(config)?);
+    for (name, pool) in state.registry.pools() {
+        tracing::info!(
+            pool = %name,
+            checkpoints = ?pool.checkpoints().keys().collect::<Vec<_>>(),
+            "pool opened"
+        );
+    }
+    tracing::info!(
+        device = %state.config.device,
+        cache_bytes = state.config.cache.max_bytes,
+        presets = ?state.registry.presets().keys().collect::<Vec<_>>(),
+        "serving"
+    );
     actix_web::rt::System::new().block_on(async move {
         let (server, _addr) = build(state)?;
         server

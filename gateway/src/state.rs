@@ -9,6 +9,7 @@ use crate::auth::Keys;
 use crate::cache::ModelCache;
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
+use crate::evaluations::Evaluations;
 use crate::limits::admission::Admission;
 use crate::merges::{Merges, Served};
 use crate::metrics::Metrics;
@@ -30,6 +31,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// API keys.
     pub keys: Keys,
+    /// Scheduled evaluations and their results.
+    pub evaluations: Evaluations,
     ready: AtomicBool,
     started: Instant,
 }
@@ -61,6 +64,7 @@ impl AppState {
             config.server.api_keys.clone(),
             config.server.admin_keys.clone(),
         );
+        let evaluations = Evaluations::new(&config, metrics.clone());
         Ok(AppState {
             config,
             registry,
@@ -69,12 +73,15 @@ impl AppState {
             admission,
             metrics,
             keys,
+            evaluations,
             ready: AtomicBool::new(true),
             started: Instant::now(),
         })
     }
 
-    /// Whether `/health/ready` says yes (false once shutdown has begun).
+    /// Whether the server takes requests (false once shutdown has begun);
+    /// `/health/ready` also fails while a `fail_readiness` evaluation is
+    /// degraded.
     pub fn is_ready(&self) -> bool {
         self.ready.load(Ordering::SeqCst)
     }

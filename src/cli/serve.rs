@@ -48,9 +48,25 @@ fn ensure_demo_pool(dir: &Path) -> anyhow::Result<()> {
     build_demo(dir).with_context(|| format!("building the demo pool in {}", dir.display()))
 }
 
-// TEMPORARY until merger::zoo::build lands on main.
-fn build_demo(_dir: &Path) -> anyhow::Result<()> {
-    anyhow::bail!("the demo pool builder is not in this build yet; pass --config")
+/// Trains the demo pool (`fusion zoo build` with its defaults) into `dir`,
+/// with a progress bar.
+fn build_demo(dir: &Path) -> anyhow::Result<()> {
+    let report = merger::zoo::build(
+        dir,
+        &merger::zoo::BuildOptions {
+            seed: 0,
+            quick: false,
+            force: false,
+            progress: true,
+            threads: None,
+        },
+    )?;
+    eprintln!(
+        "demo pool built in {:.0} s; accuracy matrix in {}",
+        report.total_seconds,
+        dir.join("REPORT.md").display()
+    );
+    Ok(())
 }
 
 /// Runs `fusion serve`.
@@ -69,6 +85,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let dir = demo_dir(args.demo_dir);
         ensure_demo_pool(&dir)?;
         config.add_demo_pool(&dir)?;
+        // The demo pool is the only one: schedule its evaluations unless
+        // the configuration has some.
+        if let Some(pool) = config.pools.keys().next().cloned() {
+            gateway::evaluations::demo::add_demo_evaluations(&mut config, &pool)?;
+        }
     }
     gateway::run(config)?;
     Ok(())

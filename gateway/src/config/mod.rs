@@ -18,8 +18,8 @@
 //! presets:
 //!   math-code: ties_merging(math,code;density=0.2)
 //! taskpools: {demo: tasks}
-//! evaluations:
-//!   - {merge: math-code, taskpool: demo, every: 1h, limit: 100}
+//! evaluations:                  # see crate::evaluations
+//!   - {merge: math-code, taskpool: demo, every: 1h, limit: 100, min_score: 0.5}
 //! ```
 //!
 //! Relative paths are relative to the config file's folder. Sizes take `B`,
@@ -106,6 +106,10 @@ pub struct ServerConfig {
     /// Request limits and admission.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Folder of the server's own files (evaluation results). Default:
+    /// `$FUSION_DATA_DIR`, else `./fusion-data`.
+    #[serde(default)]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Log output format.
@@ -202,13 +206,17 @@ impl PresetSpec {
     }
 }
 
-/// One scheduled evaluation.
+/// One scheduled evaluation (run by [`crate::evaluations`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EvaluationConfig {
+    /// Its name: the `merge` label of its metrics and its key in
+    /// `/v1/evaluations` (default: the `merge` string).
+    #[serde(default)]
+    pub name: Option<String>,
     /// What to evaluate: a preset, a checkpoint, a compact merge or `merge-<id>`.
     pub merge: String,
-    /// The task pool (a key of `taskpools`).
+    /// The task pool: a key of `taskpools`, or a task pool folder.
     pub taskpool: String,
     /// Only these tasks of the pool (default: all).
     #[serde(default)]
@@ -216,11 +224,32 @@ pub struct EvaluationConfig {
     /// Period of the schedule.
     #[serde(deserialize_with = "duration")]
     pub every: Duration,
+    /// Wait after the server starts before the first run (when no result on
+    /// disk is younger than `every`).
+    #[serde(default = "default_eval_delay", deserialize_with = "duration")]
+    pub delay: Duration,
     /// Examples per task (default: all).
     #[serde(default)]
     pub limit: Option<usize>,
+    /// A task whose headline score (a fraction: accuracy, exact match) is
+    /// under this value marks the merge degraded.
+    #[serde(default)]
+    pub min_score: Option<f64>,
+    /// Whether `/health/ready` fails (503) while this evaluation is degraded.
+    #[serde(default)]
+    pub fail_readiness: bool,
 }
 
+impl EvaluationConfig {
+    /// The name: `name`, else the `merge` string.
+    pub fn display_name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.merge)
+    }
+}
+
+fn default_eval_delay() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_device() -> String {
     "auto".to_string()
 }
@@ -268,6 +297,7 @@ impl Default for ServerConfig {
             shutdown_timeout: default_shutdown(),
             workers: None,
             limits: LimitsConfig::default(),
+            data_dir: None,
         }
     }
 }
@@ -490,6 +520,24 @@ impl Config {
             pool.experts.values_mut().for_each(fix);
         }
         self.taskpools.values_mut().for_each(fix);
+        if let Some(d) = self.server.data_dir.as_mut() {
+            fix(d);
+        }
+        // A task pool that is not a key of `taskpools` is a folder.
+        for e in &mut self.evaluations {
+            if !self.taskpools.contains_key(&e.taskpool) && Path::new(&e.taskpool).is_relative() {
+                e.taskpool = dir.join(&e.taskpool).display().to_string();
+            }
+        }
+    }
+
+    /// The task pool folder of an evaluation: its `taskpools` entry, else
+    /// the folder it names.
+    pub fn taskpool_dir(&self, evaluation: &EvaluationConfig) -> PathBuf {
+        self.taskpools
+            .get(&evaluation.taskpool)
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from(&evaluation.taskpool))
     }
 
     /// Checks ranges and cross-references; errors name the key.
@@ -578,12 +626,13 @@ impl Config {
                 ));
             }
         }
+        let mut eval_names = std::collections::BTreeSet::new();
         for (i, e) in self.evaluations.iter().enumerate() {
-            if !self.taskpools.contains_key(&e.taskpool) {
+            if !self.taskpools.contains_key(&e.taskpool) && !Path::new(&e.taskpool).is_dir() {
                 return Err(err(
                     &format!("evaluations.{i}.taskpool"),
                     format!(
-                        "`{}` is not a key of `taskpools` ({})",
+                        "`{}` is neither a key of `taskpools` ({}) nor a folder",
                         e.taskpool,
                         self.taskpools
                             .keys()
@@ -600,6 +649,31 @@ impl Config {
                 return Err(err(
                     &format!("evaluations.{i}.every"),
                     "must be at least 1s".into(),
+                ));
+            }
+            if e.limit == Some(0) {
+                return Err(err(
+                    &format!("evaluations.{i}.limit"),
+                    "must be at least 1 (leave it out for every example)".into(),
+                ));
+            }
+            if e.min_score.is_some_and(|m| !m.is_finite()) {
+                return Err(err(
+                    &format!("evaluations.{i}.min_score"),
+                    "must be a finite number".into(),
+                ));
+            }
+            let name = e.display_name();
+            if name.trim().is_empty() || name.len() > 256 {
+                return Err(err(
+                    &format!("evaluations.{i}.name"),
+                    "must have 1 to 256 characters".into(),
+                ));
+            }
+            if !eval_names.insert(name.to_string()) {
+                return Err(err(
+                    &format!("evaluations.{i}.name"),
+                    format!("`{name}` names two evaluations; give each a distinct `name`"),
                 ));
             }
         }

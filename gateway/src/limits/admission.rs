@@ -101,6 +101,17 @@ impl Admission {
         Ok(self.slot(permit))
     }
 
+    /// A slot for background work (scheduled evaluations), only when one
+    /// is free and no request is waiting: traffic always goes first, and
+    /// background work never occupies the queue. `None`: try again later.
+    pub fn try_admit_idle(&self) -> Option<Slot> {
+        if self.queued() > 0 {
+            return None;
+        }
+        let permit = self.slots.clone().try_acquire_owned().ok()?;
+        Some(self.slot(permit))
+    }
+
     fn slot(&self, permit: OwnedSemaphorePermit) -> Slot {
         self.running_gauge.inc();
         Slot {
@@ -144,6 +155,30 @@ mod tests {
         assert_eq!(q.get(), 0);
         assert_eq!(r.get(), 0);
         assert_eq!(adm.queued(), 0);
+    }
+
+    #[tokio::test]
+    async fn background_slots_yield_to_waiting_requests() {
+        let (q, r) = gauges();
+        let adm = Admission::new(1, 4, q, r.clone());
+        let bg = adm.try_admit_idle().expect("idle: a background slot");
+        assert_eq!(r.get(), 1);
+        assert!(adm.try_admit_idle().is_none(), "the only slot is taken");
+        // A request waits for the slot; once it is freed the background
+        // work must not take it back while the request waits.
+        let adm2 = adm.clone();
+        let waiter = tokio::spawn(async move { adm2.admit().await.map(|_s| ()) });
+        while adm.queued() < 1 {
+            tokio::task::yield_now().await;
+        }
+        drop(bg);
+        assert!(
+            adm.try_admit_idle().is_none(),
+            "a request is waiting: the freed slot is its"
+        );
+        waiter.await.unwrap().unwrap();
+        assert_eq!(adm.queued(), 0);
+        assert!(adm.try_admit_idle().is_some(), "idle again");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 pub mod chat;
 pub mod completions;
 pub mod embeddings;
+pub mod evaluations;
 pub mod health;
 pub mod merges;
 pub mod models;
@@ -32,6 +33,8 @@ pub mod paths {
     pub const MERGES: &str = "/v1/merges";
     /// One merge.
     pub const MERGE: &str = "/v1/merges/{id}";
+    /// Evaluations: list, run now.
+    pub const EVALUATIONS: &str = "/v1/evaluations";
     /// Liveness.
     pub const LIVE: &str = "/health/live";
     /// Readiness.
@@ -52,6 +55,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(merges::list_merges)
         .service(merges::get_merge)
         .service(merges::delete_merge)
+        .service(evaluations::list_evaluations)
+        .service(evaluations::run_evaluation)
         .service(health::live)
         .service(health::ready)
         .service(health::metrics);
