@@ -124,6 +124,7 @@ pub fn build(
         parts.meta.training = training;
     } else if params.steps > 0 {
         let opts = TrainOptions {
+            positions: params.entropy_positions,
             lr: params.lr,
             steps: params.steps,
             batch_size: params.batch_size,

@@ -49,7 +49,7 @@ pub use build::{build, merge_id};
 pub use checkpoint::is_moe_folder;
 pub use params::MoeParams;
 pub use router::Router;
-pub use train::TrainReport;
+pub use train::{EntropyPositions, TrainReport};
 
 use crate::model::{Model, ModelConfig};
 

@@ -8,6 +8,7 @@
 //! | `lr` | all | 1e-4 | > 0 |
 //! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers) |
 //! | `batch_size` | all | 16 | integer ≥ 1 |
+//! | `entropy_positions` | all | `last` | `last` \| `all` (see [`super::train`]) |
 //! | `router_checkpoint` | all | – | a saved MoE of the same method and shape |
 //! | `tv_prune_ratio` | `sparse_we_moe` | 0.9 | [0, 1) |
 //! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1 |
@@ -20,6 +21,7 @@
 use crate::error::{MergeError, Result};
 use crate::spec::{MergeSpec, ParamValue};
 
+use super::train::EntropyPositions;
 use super::{MoeMethod, Routing};
 
 /// Default λ.
@@ -54,6 +56,8 @@ pub struct MoeParams {
     pub steps: usize,
     /// Sequences per step.
     pub batch_size: usize,
+    /// The predictions whose entropy the routers minimise.
+    pub entropy_positions: EntropyPositions,
     /// Quantile of |τ| to drop below (`sparse_we_moe`).
     pub tv_prune_ratio: f64,
     /// SVD components kept per task vector (`rankone_moe`).
@@ -91,6 +95,7 @@ impl MoeParams {
             "lr",
             "steps",
             "batch_size",
+            "entropy_positions",
             "router_checkpoint",
         ];
         match method {
@@ -158,6 +163,17 @@ impl MoeParams {
                 })
             }
         };
+        let entropy_positions = match get("entropy_positions") {
+            None => EntropyPositions::default(),
+            Some(v) => match v {
+                ParamValue::Text(s) => EntropyPositions::from_name(s),
+                _ => None,
+            }
+            .ok_or_else(|| MergeError::BadParameter {
+                param: "entropy_positions".into(),
+                reason: format!("expected last | all, got {}", describe(v)),
+            })?,
+        };
         let router_checkpoint = match get("router_checkpoint") {
             None => None,
             Some(ParamValue::Text(s)) if !s.trim().is_empty() => Some(s.clone()),
@@ -177,6 +193,7 @@ impl MoeParams {
             lr,
             steps,
             batch_size,
+            entropy_positions,
             tv_prune_ratio,
             rank_k,
             router_checkpoint,

@@ -1,20 +1,30 @@
 //! Router training by test-time adaptation (WE-MoE, AdaMerging): minimise
-//! the entropy of the model's next-token distribution on unlabeled inputs,
-//! H = mean over positions of −Σv p(v) log p(v), with Adam (candle's AdamW
-//! with weight decay 0, β = (0.9, 0.999), ε = 1e-8). Only the routers are
-//! `Var`s; the backbone and the experts are frozen, and the model is built
-//! with `differentiable: true` so candle's autograd reaches the routers.
+//! the entropy of the model's next-token distribution, −Σv p(v) log p(v),
+//! on unlabeled inputs, with Adam (candle's AdamW with weight decay 0,
+//! β = (0.9, 0.999), ε = 1e-8). Only the routers are `Var`s; the backbone
+//! and the experts are frozen, and the model is built with
+//! `differentiable: true` so candle's autograd reaches the routers.
 //!
-//! Batches: per-sequence routing averages the router's outputs over every
-//! position, so a batch must not contain padding. The calibration sequences
-//! (each cut to `max_position_embeddings`) are sorted by length; a step
-//! takes `batch_size` consecutive sequences of that order from a seeded
-//! random start and cuts them to the shortest one's length, so sequences of
-//! a batch have nearly equal lengths and little is cut.
+//! Which predictions ([`EntropyPositions`]):
+//! - `last` (default): the prediction at each input's last position, the
+//!   model's answer to the input (its first token). This is the analogue of
+//!   FusionBench's image classifiers, whose entropy is that of the one
+//!   prediction per input; the other positions predict the input's own
+//!   tokens (digits, letters drawn at random), whose uncertainty is the
+//!   data's, not the model's.
+//! - `all`: the mean over every position of every input.
 //!
-//! The report's `entropy_before`/`entropy_after` are the mean entropy per
-//! position over up to four fixed batches spread over the length order,
-//! before and after training.
+//! Batches: the calibration sequences (each cut to
+//! `max_position_embeddings`) are sorted by length; a step takes
+//! `batch_size` consecutive sequences of that order from a seeded random
+//! start and right-pads them to the longest. Padding never reaches the
+//! loss: attention is causal, per-sequence routing averages over each
+//! sequence's own positions ([`Hooks::routing_on`]), and the entropy reads
+//! real positions only.
+//!
+//! The report's `entropy_before`/`entropy_after` are the mean entropy of
+//! the trained positions over up to four fixed batches spread over the
+//! length order, before and after training.
 
 use std::time::Instant;
 
@@ -27,14 +37,44 @@ use serde::{Deserialize, Serialize};
 use super::build::{assemble, bar_for};
 use super::{MoeParts, Routers};
 use crate::error::{MergeError, Result};
-use crate::model::Model;
+use crate::model::{Hooks, Model};
 
 /// Evaluation batches of the report.
 const EVAL_BATCHES: usize = 4;
 
+/// The predictions whose entropy the routers minimise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EntropyPositions {
+    /// Each input's last position: its answer's first token.
+    #[default]
+    Last,
+    /// Every position of every input.
+    All,
+}
+
+impl EntropyPositions {
+    /// The parameter value (`last`, `all`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EntropyPositions::Last => "last",
+            EntropyPositions::All => "all",
+        }
+    }
+
+    /// The variant called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [EntropyPositions::Last, EntropyPositions::All]
+            .into_iter()
+            .find(|p| p.name() == name)
+    }
+}
+
 /// How to train.
 #[derive(Debug, Clone)]
 pub struct TrainOptions {
+    /// The predictions whose entropy is minimised.
+    pub positions: EntropyPositions,
     /// Adam learning rate.
     pub lr: f64,
     /// Adam steps.
@@ -61,6 +101,10 @@ pub struct TrainReport {
     pub seed: u64,
     /// Calibration sequences available.
     pub sequences: usize,
+    /// The predictions whose entropy was minimised (`all` for MoEs saved
+    /// before the choice existed).
+    #[serde(default = "entropy_positions_before_the_choice")]
+    pub entropy_positions: EntropyPositions,
     /// Wall time of the training loop, in seconds.
     pub seconds: f64,
     /// Mean next-token entropy (nats) on the evaluation batches before training.
@@ -69,7 +113,11 @@ pub struct TrainReport {
     pub entropy_after: f64,
 }
 
-/// Calibration sequences sorted by length, cut into padding-free batches.
+fn entropy_positions_before_the_choice() -> EntropyPositions {
+    EntropyPositions::All
+}
+
+/// Calibration sequences sorted by length, cut into right-padded batches.
 struct Batches {
     seqs: Vec<Vec<u32>>,
     size: usize,
@@ -93,16 +141,18 @@ impl Batches {
         Ok(Batches { seqs, size })
     }
 
-    /// `(size, L)` token ids of the sequences `start..start + size`, cut to
-    /// the shortest one's length L.
-    fn batch(&self, start: usize, device: &Device) -> candle_core::Result<Tensor> {
+    /// The sequences `start..start + size`: `(size, L)` token ids
+    /// right-padded (with token 0) to the longest one's length L, and each
+    /// sequence's own length.
+    fn batch(&self, start: usize, device: &Device) -> candle_core::Result<(Tensor, Vec<usize>)> {
         let group = &self.seqs[start..start + self.size];
-        let len = group.iter().map(Vec::len).min().unwrap_or(0);
+        let lens: Vec<usize> = group.iter().map(Vec::len).collect();
+        let len = lens.iter().copied().max().unwrap_or(0);
         let ids: Vec<u32> = group
             .iter()
-            .flat_map(|s| s[..len].iter().copied())
+            .flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(len))
             .collect();
-        Tensor::from_vec(ids, (self.size, len), device)
+        Ok((Tensor::from_vec(ids, (self.size, len), device)?, lens))
     }
 
     /// Last valid batch start.
@@ -126,22 +176,64 @@ impl Batches {
 /// −Σv p log p, for logits `(batch, seq, vocab)` (a scalar tensor; it is
 /// differentiable).
 pub fn mean_entropy(logits: &Tensor) -> candle_core::Result<Tensor> {
-    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let h = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
-    h.mean_all()
+    entropies(logits)?.mean_all()
 }
 
-/// The mean entropy per position over `starts`' batches.
-fn evaluate(model: &Model, batches: &Batches, starts: &[usize]) -> Result<f64> {
-    let (mut total, mut positions) = (0f64, 0usize);
+/// The entropy `(batch, seq)` of each position's next-token distribution.
+fn entropies(logits: &Tensor) -> candle_core::Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()
+}
+
+/// The training loss of one batch (a differentiable scalar) and the number
+/// of predictions it averages: the mean entropy of the chosen positions of
+/// `lens`' real (unpadded) positions.
+fn batch_entropy(
+    model: &Model,
+    ids: &Tensor,
+    lens: &[usize],
+    positions: EntropyPositions,
+) -> Result<(Tensor, usize)> {
+    let logits = model.forward_with(ids, None, &mut Hooks::routing_on(lens))?;
+    let h = entropies(&logits)?;
+    let (b, t) = h.dims2()?;
+    let weights: Vec<f32> = match positions {
+        EntropyPositions::Last => {
+            let w = 1.0 / b as f32;
+            lens.iter()
+                .flat_map(|&n| (0..t).map(move |j| if j + 1 == n { w } else { 0.0 }))
+                .collect()
+        }
+        EntropyPositions::All => {
+            let w = 1.0 / lens.iter().sum::<usize>() as f32;
+            lens.iter()
+                .flat_map(|&n| (0..t).map(move |j| if j < n { w } else { 0.0 }))
+                .collect()
+        }
+    };
+    let count = match positions {
+        EntropyPositions::Last => b,
+        EntropyPositions::All => lens.iter().sum(),
+    };
+    let weights = Tensor::from_vec(weights, (b, t), h.device())?;
+    Ok(((h * weights)?.sum_all()?, count))
+}
+
+/// The mean entropy of the trained positions over `starts`' batches.
+fn evaluate(
+    model: &Model,
+    batches: &Batches,
+    starts: &[usize],
+    positions: EntropyPositions,
+) -> Result<f64> {
+    let (mut total, mut count) = (0f64, 0usize);
     for &s in starts {
-        let ids = batches.batch(s, model.device())?;
-        let n = ids.elem_count();
-        let h = mean_entropy(&model.forward(&ids, None)?)?.to_scalar::<f32>()?;
-        total += h as f64 * n as f64;
-        positions += n;
+        let (ids, lens) = batches.batch(s, model.device())?;
+        let (h, n) = batch_entropy(model, &ids, &lens, positions)?;
+        total += h.to_scalar::<f32>()? as f64 * n as f64;
+        count += n;
     }
-    Ok(total / positions.max(1) as f64)
+    Ok(total / count.max(1) as f64)
 }
 
 /// Trains copies of `parts`' routers on `calibration`; returns the trained
@@ -169,7 +261,7 @@ pub fn adapt(
     }
     let model = assemble(parts, &routers, true)?;
     let eval = batches.eval_starts();
-    let entropy_before = evaluate(&model, &batches, &eval)?;
+    let entropy_before = evaluate(&model, &batches, &eval, opts.positions)?;
     let mut adam = AdamW::new(
         vars,
         ParamsAdamW {
@@ -187,8 +279,8 @@ pub fn adapt(
     let start = Instant::now();
     for step in 0..opts.steps {
         let s = rng.random_range(0..=batches.last_start());
-        let ids = batches.batch(s, model.device())?;
-        let loss = mean_entropy(&model.forward(&ids, None)?)?;
+        let (ids, lens) = batches.batch(s, model.device())?;
+        let (loss, _) = batch_entropy(&model, &ids, &lens, opts.positions)?;
         adam.backward_step(&loss)?;
         if step % 10 == 0 || step + 1 == opts.steps {
             bar.set_message(format!("entropy {:.4}", loss.to_scalar::<f32>()?));
@@ -197,7 +289,7 @@ pub fn adapt(
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let entropy_after = evaluate(&model, &batches, &eval)?;
+    let entropy_after = evaluate(&model, &batches, &eval, opts.positions)?;
     drop(model);
     let trained = routers.try_map(|r| r.try_map(|t| Ok(t.detach().copy()?)))?;
     Ok((
@@ -208,6 +300,7 @@ pub fn adapt(
             batch_size: batches.size,
             seed: opts.seed,
             sequences: batches.seqs.len(),
+            entropy_positions: opts.positions,
             seconds,
             entropy_before,
             entropy_after,
@@ -237,7 +330,7 @@ mod tests {
     }
 
     #[test]
-    fn batches_have_no_padding() {
+    fn batches_are_right_padded_with_their_lengths() {
         let cal = vec![
             vec![1, 2, 3, 4, 5],
             vec![],
@@ -252,11 +345,12 @@ mod tests {
             vec![2, 3, 5, 8]
         );
         assert_eq!(b.last_start(), 2);
-        let ids = b.batch(1, &Device::Cpu).unwrap();
+        let (ids, lens) = b.batch(1, &Device::Cpu).unwrap();
         assert_eq!(
             ids.to_vec2::<u32>().unwrap(),
-            vec![vec![7, 8, 9], vec![1, 2, 3]]
+            vec![vec![7, 8, 9, 0, 0], vec![1, 2, 3, 4, 5]]
         );
+        assert_eq!(lens, vec![3, 5]);
         assert_eq!(b.eval_starts(), vec![0, 1, 2]);
         assert!(Batches::new(&[vec![]], 8, 2).is_err());
     }

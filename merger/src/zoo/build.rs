@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use super::score::accuracy;
 use super::tasks::{sub_seed, Format, Item, Splits, Task, TaskKind};
-use super::train::{init_weights, Batch, Schedule, Trainer};
+use super::train::{init_weights, Batch, Schedule, Trainable, Trainer};
 use crate::error::{MergeError, Result};
 use crate::generate::bytelevel::{write_tokenizer_files, BOS, EOS, VOCAB_SIZE};
 use crate::model::random::write_checkpoint;
@@ -111,19 +111,20 @@ impl Recipe {
             bos_token_id: Some(BOS),
             eos_token_ids: vec![EOS],
         };
-        let (base_steps, expert_steps) = if quick { (200, 300) } else { (400, 1000) };
-        let schedule = |steps| Schedule {
+        let (base_steps, expert_steps) = if quick { (200, 300) } else { (3000, 1000) };
+        let schedule = |steps, trainable| Schedule {
             steps,
             lr: 3e-3,
             warmup: 20,
             final_fraction: 0.1,
             weight_decay: 0.0,
+            trainable,
         };
         Recipe {
             config,
             batch: 32,
-            base: schedule(base_steps),
-            expert: schedule(expert_steps),
+            base: schedule(base_steps, Trainable::All),
+            expert: schedule(expert_steps, Trainable::Mlp),
             uniform_steps: quick,
             train_items: if quick { 1000 } else { 3000 },
             test_items: if quick { 50 } else { 200 },

@@ -126,7 +126,7 @@ mod tests {
     use crate::generate::bytelevel::{EOS, VOCAB_SIZE};
     use crate::model::ModelConfig;
     use crate::zoo::tasks::Task;
-    use crate::zoo::train::{init_weights, Batch, Schedule, Trainer};
+    use crate::zoo::train::{init_weights, Batch, Schedule, Trainable, Trainer};
     use rand::{Rng, SeedableRng};
 
     /// A tiny model that has memorised `items` (raw and chat formats).
@@ -145,6 +145,7 @@ mod tests {
             warmup: 10,
             final_fraction: 0.1,
             weight_decay: 0.0,
+            trainable: Trainable::All,
         };
         let mut tr = Trainer::new(&cfg, &init_weights(&cfg, 5).unwrap(), &sched).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);

@@ -114,6 +114,28 @@ pub struct Schedule {
     pub final_fraction: f64,
     /// AdamW's decoupled weight decay.
     pub weight_decay: f64,
+    /// Which weights the run updates (the others stay as they start).
+    pub trainable: Trainable,
+}
+
+/// The weights a training run updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trainable {
+    /// Every weight.
+    All,
+    /// Only the blocks' MLPs (`model.layers.*.mlp.*`): attention, norms,
+    /// embeddings and the output projection stay frozen.
+    Mlp,
+}
+
+impl Trainable {
+    /// Whether the weight `name` (HF naming) is updated.
+    pub fn includes(self, name: &str) -> bool {
+        match self {
+            Trainable::All => true,
+            Trainable::Mlp => name.starts_with("model.layers.") && name.contains(".mlp."),
+        }
+    }
 }
 
 impl Schedule {
@@ -133,6 +155,8 @@ impl Schedule {
 pub struct Trainer {
     config: ModelConfig,
     vars: Vec<(String, Var)>,
+    /// The weights that are not trained (see [`Schedule::trainable`]).
+    frozen: Vec<(String, Tensor)>,
     model: Model,
     /// The output projection (the embedding when tied).
     lm_head: Tensor,
@@ -148,16 +172,24 @@ impl Trainer {
     ) -> Result<Trainer> {
         let mut names: Vec<&String> = weights.keys().collect();
         names.sort();
-        let vars = names
+        let (trained, frozen): (Vec<&String>, Vec<&String>) = names
+            .into_iter()
+            .partition(|n| schedule.trainable.includes(n));
+        let vars = trained
             .into_iter()
             .map(|n| {
                 let t = weights[n].to_dtype(DType::F32)?.copy()?;
                 Ok((n.clone(), Var::from_tensor(&t)?))
             })
             .collect::<Result<Vec<_>>>()?;
+        let frozen = frozen
+            .into_iter()
+            .map(|n| Ok((n.clone(), weights[n].to_dtype(DType::F32)?.copy()?)))
+            .collect::<Result<Vec<_>>>()?;
         let tensors = vars
             .iter()
             .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .chain(frozen.iter().cloned())
             .collect();
         let model = Model::from_tensors(
             config.clone(),
@@ -174,8 +206,10 @@ impl Trainer {
         };
         let lm_head = vars
             .iter()
-            .find(|(n, _)| n == head_name)
-            .map(|(_, v)| v.as_tensor().clone())
+            .map(|(n, v)| (n, v.as_tensor()))
+            .chain(frozen.iter().map(|(n, t)| (n, t)))
+            .find(|(n, _)| *n == head_name)
+            .map(|(_, t)| t.clone())
             .ok_or_else(|| crate::MergeError::MissingTensor {
                 tensor: head_name.to_string(),
                 model: "trainer".into(),
@@ -192,6 +226,7 @@ impl Trainer {
         Ok(Trainer {
             config: config.clone(),
             vars,
+            frozen,
             model,
             lm_head,
             opt,
@@ -230,6 +265,7 @@ impl Trainer {
         self.vars
             .iter()
             .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach())))
+            .chain(self.frozen.iter().map(|(n, t)| Ok((n.clone(), t.clone()))))
             .collect()
     }
 
@@ -282,6 +318,7 @@ mod tests {
             warmup: 1,
             final_fraction: 1.0,
             weight_decay: 0.0,
+            trainable: Trainable::All,
         };
         let mut tr = Trainer::new(&cfg, &w, &sched).unwrap();
         let seqs = vec![(vec![256, 10, 11, 12, 257], 1), (vec![256, 20, 21, 257], 2)];
@@ -324,6 +361,7 @@ mod tests {
             warmup: 10,
             final_fraction: 0.1,
             weight_decay: 0.0,
+            trainable: Trainable::All,
         };
         assert!((s.lr_at(0) - 0.1).abs() < 1e-12);
         assert!((s.lr_at(9) - 1.0).abs() < 1e-12);
