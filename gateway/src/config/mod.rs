@@ -145,6 +145,10 @@ pub struct LimitsConfig {
     /// Requests that may wait for a generation slot; past it, 429.
     #[serde(default = "default_queue")]
     pub queue_depth: usize,
+    /// Most router training steps (`steps`) one routed merge (`we_moe`, ...)
+    /// may ask for; 0 allows only untrained or checkpointed routers.
+    #[serde(default = "default_max_router_steps")]
+    pub max_router_steps: usize,
 }
 
 /// `cache:`.
@@ -177,6 +181,11 @@ pub struct PoolConfig {
     /// Expert checkpoint folders by name.
     #[serde(default)]
     pub experts: BTreeMap<String, PathBuf>,
+    /// The `taskpools` entry whose inputs train the routers of this pool's
+    /// routed merges (`we_moe`, ...). Default: the task pool of the same
+    /// name, else the only configured one.
+    #[serde(default)]
+    pub calibration: Option<String>,
 }
 
 /// A preset: a compact merge string or a structured spec.
@@ -277,6 +286,9 @@ fn default_generations() -> usize {
 fn default_queue() -> usize {
     64
 }
+fn default_max_router_steps() -> usize {
+    1000
+}
 fn default_cache_bytes() -> u64 {
     4_000_000_000
 }
@@ -311,6 +323,7 @@ impl Default for LimitsConfig {
             max_spec_len: default_max_spec_len(),
             max_concurrent_generations: default_generations(),
             queue_depth: default_queue(),
+            max_router_steps: default_max_router_steps(),
         }
     }
 }
@@ -492,6 +505,7 @@ impl Config {
         let mut config = PoolConfig {
             base: pool.base,
             experts: pool.experts,
+            calibration: None,
         };
         let mut tasks = pool.taskpool;
         let fix = |p: &mut PathBuf| {
@@ -504,6 +518,8 @@ impl Config {
         if let Some(t) = tasks.as_mut() {
             fix(t);
             self.taskpools.entry(pool.name.clone()).or_insert(t.clone());
+            // Routed merges of the demo pool train on its tasks' inputs.
+            config.calibration = Some(pool.name.clone());
         }
         self.pools.insert(pool.name, config);
         self.validate(&origin)
@@ -538,6 +554,22 @@ impl Config {
             .get(&evaluation.taskpool)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&evaluation.taskpool))
+    }
+
+    /// The task pool that supplies the calibration inputs of pool `pool`'s
+    /// routed merges: its name and folder, and whether `calibration` names
+    /// it (else it is the default: the task pool named like the pool, else
+    /// the only one configured). None when there is none.
+    pub fn calibration_of(&self, pool: &str) -> Option<(String, PathBuf, bool)> {
+        let explicit = self.pools.get(pool)?.calibration.clone();
+        let name = match &explicit {
+            Some(name) => name.clone(),
+            None if self.taskpools.contains_key(pool) => pool.to_string(),
+            None if self.taskpools.len() == 1 => self.taskpools.keys().next()?.clone(),
+            None => return None,
+        };
+        let dir = self.taskpools.get(&name)?.clone();
+        Some((name, dir, explicit.is_some()))
     }
 
     /// Checks ranges and cross-references; errors name the key.
@@ -601,6 +633,17 @@ impl Config {
                     ));
                 }
                 checkpoint_names.insert(expert.clone());
+            }
+            if let Some(c) = &pool.calibration {
+                if !self.taskpools.contains_key(c) {
+                    return Err(err(
+                        &format!("pools.{name}.calibration"),
+                        format!(
+                            "`{c}` is not a key of `taskpools` ({})",
+                            self.taskpools.keys().cloned().collect::<Vec<_>>().join(", ")
+                        ),
+                    ));
+                }
             }
         }
         for (name, preset) in &self.presets {
