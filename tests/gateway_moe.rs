@@ -22,7 +22,14 @@ fn write_tasks(dir: &Path) {
     let sub = dir.join("sort");
     std::fs::create_dir_all(&sub).unwrap();
     let lines: Vec<String> = (0..12)
-        .map(|i| format!("{{\"prompt\":\"sort {}{}{}=\",\"answer\":\"x\"}}", i, 7 - i % 7, i * 3))
+        .map(|i| {
+            format!(
+                "{{\"prompt\":\"sort {}{}{}=\",\"answer\":\"x\"}}",
+                i,
+                7 - i % 7,
+                i * 3
+            )
+        })
         .collect();
     std::fs::write(sub.join("test.jsonl"), lines.join("\n")).unwrap();
 }
@@ -174,7 +181,12 @@ async fn we_moe_trains_once_then_hits_streams_and_is_weighed() {
     assert_eq!(r.header("x-merge-cache").as_deref(), Some("hit"));
     assert_eq!(r.header("x-merge-id").as_deref(), Some(id.as_str()));
     let events = sse_events(&r.text);
-    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{}", r.text);
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text
+    );
     let chunks: Vec<Value> = events[..events.len() - 1]
         .iter()
         .map(|e| serde_json::from_str(e).unwrap())
@@ -195,7 +207,13 @@ async fn routed_merges_are_refused_with_the_cause() {
     let tasks = pool.dir.path().join("tasks");
     write_tasks(&tasks);
     // The only task pool is the calibration by default.
-    let server = start(config(&pool, &[], Some(&tasks), "max_router_steps: 10", &[]));
+    let server = start(config(
+        &pool,
+        &[],
+        Some(&tasks),
+        "max_router_steps: 10",
+        &[],
+    ));
     let c = Client::new(&server);
     let good = "we_moe(math,code;steps=0)";
     let cases: &[(&str, u16, &str, &[&str])] = &[
@@ -252,7 +270,10 @@ async fn routed_merges_are_refused_with_the_cause() {
         .await;
     let e = r.assert_error(400, "invalid_request_error");
     let message = e["message"].as_str().unwrap();
-    assert!(message.contains("router_checkpoint") && message.contains("one pool"), "{message}");
+    assert!(
+        message.contains("router_checkpoint") && message.contains("one pool"),
+        "{message}"
+    );
     assert_eq!(
         c.metric(r#"fusion_merges_total{method="we_moe",outcome="success"}"#)
             .await,

@@ -291,7 +291,8 @@ impl Merges {
                     let method = plan.info().name;
                     this.run(name, method, move |opts| {
                         let progress = Progress::new(plan.tensors().len(), method, false);
-                        let (tensors, _stats) = merge_in_memory(&mut plan, &opts.device, &progress)?;
+                        let (tensors, _stats) =
+                            merge_in_memory(&mut plan, &opts.device, &progress)?;
                         Ok(Built {
                             engine: Engine::from_merge(tensors, plan.reference().dir(), opts)?,
                             output_bytes: None,

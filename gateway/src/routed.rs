@@ -96,7 +96,12 @@ impl Calibrations {
     /// The calibration inputs of `pool` (and their task pool's name) for a
     /// merge of `method` that trains `steps` steps; a 422 naming the fix
     /// when there are none.
-    fn inputs(&self, pool: &str, method: &str, steps: usize) -> Result<(String, Arc<Vec<Vec<u32>>>)> {
+    fn inputs(
+        &self,
+        pool: &str,
+        method: &str,
+        steps: usize,
+    ) -> Result<(String, Arc<Vec<Vec<u32>>>)> {
         let alternatives = "or ask for `steps=0` (untrained routers: task arithmetic) or \
                             trained routers with `router_checkpoint=<checkpoint>`";
         match self.by_pool.get(pool) {
@@ -197,15 +202,16 @@ impl RoutedPlan {
             checkpoints.insert(name.clone(), ck.clone());
         }
         if let Some(name) = &router_ck {
-            let ck = pool.checkpoints().get(name).ok_or_else(|| {
-                GatewayError::model_not_found(format!(
+            let ck =
+                pool.checkpoints().get(name).ok_or_else(|| {
+                    GatewayError::model_not_found(format!(
                     "`{ROUTER_CHECKPOINT}` names `{name}`, which is not a checkpoint of pool `{}` \
                      ({}); register the folder `fusion merge --spec '{method}(...)' --out DIR` \
                      wrote as an expert of the pool",
                     pool.name(),
                     pool.checkpoints().keys().cloned().collect::<Vec<_>>().join(", ")
                 ))
-            })?;
+                })?;
             if !moe::is_moe_folder(ck.dir())? {
                 return Err(GatewayError::bad_param(
                     "model",
@@ -276,8 +282,8 @@ impl RoutedPlan {
         let built = moe::build(&self.spec, &open, &self.calibration, &opts.device, false)?;
         let counts = built.param_counts()?;
         let stored = built.parts().store_dtype.size_in_bytes() as u64;
-        let output_bytes = (counts.backbone + counts.expert_values) as u64 * stored
-            + counts.router as u64 * 4;
+        let output_bytes =
+            (counts.backbone + counts.expert_values) as u64 * stored + counts.router as u64 * 4;
         let routers = RoutersInfo {
             training: built.meta().training.clone(),
             ..self.routers
@@ -327,7 +333,9 @@ fn bare_router_checkpoint(spec: &mut MergeSpec, pool: &Pool) -> Result<Option<St
     if bare.is_empty() {
         return Ok(None);
     }
-    spec.parameters
-        .insert(ROUTER_CHECKPOINT.to_string(), ParamValue::Text(bare.clone()));
+    spec.parameters.insert(
+        ROUTER_CHECKPOINT.to_string(),
+        ParamValue::Text(bare.clone()),
+    );
     Ok(Some(bare))
 }

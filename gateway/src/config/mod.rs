@@ -640,7 +640,11 @@ impl Config {
                         &format!("pools.{name}.calibration"),
                         format!(
                             "`{c}` is not a key of `taskpools` ({})",
-                            self.taskpools.keys().cloned().collect::<Vec<_>>().join(", ")
+                            self.taskpools
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
                         ),
                     ));
                 }
@@ -825,7 +829,68 @@ mod tests {
             dir.path().join("models/math")
         );
         assert_eq!(c.taskpools["demo"], dir.path().join("tasks"));
+        // Its routed merges train on its tasks.
+        assert_eq!(c.pools["demo"].calibration.as_deref(), Some("demo"));
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("demo".to_string(), dir.path().join("tasks"), true))
+        );
         assert!(c.add_demo_pool(dir.path()).is_err(), "added twice");
+    }
+
+    #[test]
+    fn calibration_task_pool_and_router_steps() {
+        let load = |text: &str, vars: &[(&str, &str)]| {
+            Config::from_yaml(text, "t.yaml", Path::new("/c"), env(vars))
+        };
+        // None without task pools.
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.calibration_of("demo"), None);
+        assert_eq!(c.calibration_of("nope"), None);
+        assert_eq!(c.server.limits.max_router_steps, 1000);
+        // The only task pool, by default.
+        let one = format!(
+            "{MINIMAL}taskpools: {{mix: t}}
+"
+        );
+        let c = load(&one, &[]).unwrap();
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("mix".to_string(), PathBuf::from("/c/t"), false))
+        );
+        // Several: the one named like the pool, else none.
+        let two = format!(
+            "{MINIMAL}taskpools: {{demo: a, other: b}}
+"
+        );
+        let c = load(&two, &[]).unwrap();
+        assert_eq!(c.calibration_of("demo").unwrap().0, "demo");
+        let two = format!(
+            "{MINIMAL}taskpools: {{x: a, y: b}}
+"
+        );
+        assert_eq!(load(&two, &[]).unwrap().calibration_of("demo"), None);
+        // Named by the key (here through the environment), and the limit.
+        let c = load(
+            &two,
+            &[
+                ("FUSION_POOLS__DEMO__CALIBRATION", "y"),
+                ("FUSION_SERVER__LIMITS__MAX_ROUTER_STEPS", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("y".to_string(), PathBuf::from("/c/b"), true))
+        );
+        assert_eq!(c.server.limits.max_router_steps, 0);
+        // A name that is not a task pool is an error naming the key.
+        let e = load(&two, &[("FUSION_POOLS__DEMO__CALIBRATION", "z")]).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("pools.demo.calibration") && m.contains("`z`"),
+            "{m}"
+        );
     }
 
     #[test]
