@@ -17,10 +17,10 @@ const PROMPT: &str = "Say hi";
 /// Few, small steps: the tests train in well under a second.
 const MOE: &str = "we_moe(math,code;steps=3,batch_size=2,lr=0.01)";
 
-/// A task pool folder of unlabeled prompts (and labels that must not matter).
+/// A task pool folder: one `generate` task whose prompts are the
+/// calibration inputs (its answers are never read for calibration).
 fn write_tasks(dir: &Path) {
-    let sub = dir.join("sort");
-    std::fs::create_dir_all(&sub).unwrap();
+    std::fs::create_dir_all(dir).unwrap();
     let lines: Vec<String> = (0..12)
         .map(|i| {
             format!(
@@ -31,7 +31,7 @@ fn write_tasks(dir: &Path) {
             )
         })
         .collect();
-    std::fs::write(sub.join("test.jsonl"), lines.join("\n")).unwrap();
+    std::fs::write(dir.join("sort.generate.jsonl"), lines.join("\n")).unwrap();
 }
 
 /// A config serving the pool as `demo`, with extra experts (`name: folder`),
@@ -198,6 +198,19 @@ async fn we_moe_trains_once_then_hits_streams_and_is_weighed() {
         .collect();
     assert_eq!(text, content(&first));
     assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64() > Some(0));
+
+    // A one-off evaluation of the same merge scores the resident MoE.
+    let r = c
+        .post(
+            "/v1/evaluations?wait=true",
+            &json!({"merge": MOE, "taskpool": "calib", "limit": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let last = &r.json()["last"];
+    assert_eq!(last["outcome"], "success", "{}", r.text);
+    assert_eq!(last["model"], id.as_str());
+    assert_eq!(c.metric(merges).await, 1.0);
     drop(server);
 }
 

@@ -16,11 +16,13 @@
 //! Calibration inputs ([`Calibrations`]) are read and tokenised once per
 //! pool when the server starts: the inputs of the task pool that
 //! `pools.<name>.calibration` names (default: the task pool of the same
-//! name, else the only configured one).
+//! name, else the only configured one). The checkpoints and the calibration
+//! inputs do not change while the server runs, so the id of a resolved spec
+//! is computed once (hashing the calibration inputs) and remembered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use merger::checkpoint::Checkpoint;
 use merger::model::ModelOptions;
@@ -46,10 +48,16 @@ struct Calibration {
     inputs: std::result::Result<Arc<Vec<Vec<u32>>>, String>,
 }
 
-/// Calibration inputs by pool, read once at startup.
+/// Most remembered merge ids; past it the memo starts over.
+const MAX_IDS: usize = 10_000;
+
+/// Calibration inputs by pool, read once at startup, and the ids of the
+/// routed specs resolved so far.
 #[derive(Default)]
 pub struct Calibrations {
     by_pool: BTreeMap<String, Calibration>,
+    /// Resolved spec (JSON) → merge id.
+    ids: Mutex<HashMap<String, String>>,
 }
 
 impl Calibrations {
@@ -90,7 +98,30 @@ impl Calibrations {
             }
             by_pool.insert(name.clone(), Calibration { taskpool, inputs });
         }
-        Ok(Calibrations { by_pool })
+        Ok(Calibrations {
+            by_pool,
+            ids: Mutex::default(),
+        })
+    }
+
+    fn ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, String>> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The id of a resolved spec (its JSON), computed by `compute` the first
+    /// time only.
+    fn id_of(&self, key: String, compute: impl FnOnce() -> Result<String>) -> Result<String> {
+        if let Some(id) = self.ids().get(&key) {
+            return Ok(id.clone());
+        }
+        let id = compute()?;
+        let mut ids = self.ids();
+        if ids.len() >= MAX_IDS {
+            ids.clear();
+        }
+        ids.insert(key, id.clone());
+        Ok(id)
     }
 
     /// The calibration inputs of `pool` (and their task pool's name) for a
@@ -235,7 +266,11 @@ impl RoutedPlan {
             (None, 0) => RouterSource::Untrained,
             (None, _) => RouterSource::Trained,
         };
-        let id = moe::merge_id(&spec, &opener(&checkpoints), &calibration)?;
+        let key = serde_json::to_string(&spec)
+            .map_err(|e| GatewayError::Internal(format!("cannot serialise a merge spec: {e}")))?;
+        let id = calibrations.id_of(key, || {
+            Ok(moe::merge_id(&spec, &opener(&checkpoints), &calibration)?)
+        })?;
         let tokenizer_dir = checkpoints[&params.base].dir().to_path_buf();
         Ok(RoutedPlan {
             id,
