@@ -10,6 +10,7 @@ use candle_core::Tensor;
 use merger::checkpoint::Checkpoint;
 use merger::generate::TextModel;
 use merger::model::{Model, ModelConfig, ModelOptions};
+use merger::moe::MoeModel;
 
 pub use merger::generate::{ChatMessage, Completion, FinishReason, SamplingParams, TokenEvent};
 
@@ -20,8 +21,13 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Loads a registered checkpoint (weights from its memory map).
+    /// Loads a registered checkpoint (weights from its memory map). A saved
+    /// routed ensemble (a folder `fusion merge` wrote for `we_moe`, ...)
+    /// loads as the routed model it holds.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &ModelOptions) -> merger::Result<Self> {
+        if merger::moe::is_moe_folder(ck.dir())? {
+            return Self::from_moe(MoeModel::load(ck.dir(), opts)?, ck.dir());
+        }
         let config = ModelConfig::from_dir(ck.dir())?;
         let model = Model::from_checkpoint(config, ck, opts)?;
         Self::new(model, ck.dir())
@@ -37,6 +43,17 @@ impl Engine {
         let config = ModelConfig::from_dir(reference_dir)?;
         let model = Model::from_tensors(config, merged, opts)?;
         Self::new(model, reference_dir)
+    }
+
+    /// Serves a routed ensemble, weighed by its resident bytes (backbone,
+    /// experts and routers); the tokenizer comes from `tokenizer_dir` (the
+    /// base's, or the saved ensemble's copy of it). With a KV cache,
+    /// per-sequence routing is computed on the prompt and kept for the
+    /// generated tokens.
+    pub fn from_moe(built: MoeModel, tokenizer_dir: &Path) -> merger::Result<Self> {
+        let bytes = built.bytes();
+        let text = TextModel::from_model(built.into_model(), tokenizer_dir)?;
+        Ok(Engine { text, bytes })
     }
 
     fn new(model: Model, tokenizer_dir: &Path) -> merger::Result<Self> {

@@ -21,6 +21,7 @@ pub mod merges;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
+pub mod routed;
 pub mod routes;
 pub mod server;
 pub mod serving;

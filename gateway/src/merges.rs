@@ -1,8 +1,8 @@
 //! Merge execution and the book of known merges.
 //!
-//! A load (a merge, or reading a plain checkpoint) runs off the async
-//! runtime on the blocking pool (the merge itself fans out over rayon), at
-//! most `merge.max_concurrent` at once. The book remembers every merge a
+//! A load (a merge, a routed merge with its router training, or reading a
+//! plain checkpoint) runs off the async runtime on the blocking pool (the
+//! merge itself fans out over rayon), at most `merge.max_concurrent` at once. The book remembers every merge a
 //! request or `POST /v1/merges` named (its spec, so that `merge-<id>` can be
 //! merged again after an eviction) and the state of its last run.
 
@@ -11,7 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use merger::merge::{merge_in_memory, MergePlan, Progress};
+use merger::merge::{merge_in_memory, Progress};
 use merger::model::ModelOptions;
 use merger::spec::MergeSpec;
 use serde::Serialize;
@@ -23,6 +23,7 @@ use crate::engine::Engine;
 use crate::error::{GatewayError, Result};
 use crate::metrics::Metrics;
 use crate::registry::Target;
+use crate::routed::{RouterSource, RoutersInfo};
 
 /// Most merges the book remembers; past it the oldest finished ones that
 /// are not resident are forgotten.
@@ -62,6 +63,18 @@ pub enum MergeState {
     Failed,
 }
 
+/// What a resolved merge tells the book before it runs.
+pub struct BookEntry {
+    /// The resolved spec.
+    pub spec: MergeSpec,
+    /// The method's canonical name.
+    pub method: &'static str,
+    /// Bytes of the merged tensors as stored, when known before the merge.
+    pub output_bytes: Option<u64>,
+    /// The routers of a routed merge.
+    pub routers: Option<RoutersInfo>,
+}
+
 /// What the book keeps per merge.
 #[derive(Debug, Clone)]
 struct Record {
@@ -69,6 +82,7 @@ struct Record {
     method: String,
     state: MergeState,
     output_bytes: u64,
+    routers: Option<RoutersInfo>,
     resident_bytes: Option<u64>,
     duration_seconds: Option<f64>,
     error: Option<String>,
@@ -102,6 +116,17 @@ pub struct MergeInfo {
     pub error: Option<String>,
     /// Unix time the merge was first named.
     pub created: u64,
+    /// The routers of a routed merge (`we_moe`, ...): where they come from
+    /// and how they were trained.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub routers: Option<RoutersInfo>,
+}
+
+/// A model a merge job built, with what the book records of it.
+struct Built {
+    engine: Engine,
+    output_bytes: Option<u64>,
+    routers: Option<RoutersInfo>,
 }
 
 #[derive(Default)]
@@ -141,10 +166,13 @@ impl Merges {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers a merge a request named; `resident` says whether the cache
-    /// holds it.
-    pub fn note(&self, plan: &MergePlan, resident: bool) {
-        let id = format!("merge-{}", plan.id());
+    /// Remembers a merge a request named (checkpoints are not merges);
+    /// `resident` says whether the cache holds it.
+    pub fn note(&self, target: &Target, resident: bool) {
+        let Some(entry) = target.book_entry() else {
+            return;
+        };
+        let id = target.model_name();
         let mut book = self.book();
         if book.records.contains_key(&id) {
             return;
@@ -157,14 +185,15 @@ impl Merges {
         book.records.insert(
             id,
             Record {
-                spec: plan.spec().clone(),
-                method: plan.info().name.to_string(),
+                spec: entry.spec,
+                method: entry.method.to_string(),
                 state: if resident {
                     MergeState::Ready
                 } else {
                     MergeState::Pending
                 },
-                output_bytes: plan.output_bytes(),
+                output_bytes: entry.output_bytes.unwrap_or(0),
+                routers: entry.routers,
                 resident_bytes: None,
                 duration_seconds: None,
                 error: None,
@@ -229,7 +258,7 @@ impl Merges {
         let this = self.clone();
         async move {
             let name = target.model_name();
-            if matches!(target, Target::Merge(_)) {
+            if target.is_merge() {
                 this.set(&name, |r| r.state = MergeState::Pending);
             }
             let _slot = this
@@ -257,13 +286,43 @@ impl Merges {
                         load_seconds: start.elapsed().as_secs_f64(),
                     }))
                 }
-                Target::Merge(plan) => this.merge(name, *plan).await,
+                Target::Merge(plan) => {
+                    let mut plan = *plan;
+                    let method = plan.info().name;
+                    this.run(name, method, move |opts| {
+                        let progress = Progress::new(plan.tensors().len(), method, false);
+                        let (tensors, _stats) =
+                            merge_in_memory(&mut plan, &opts.device, &progress)?;
+                        Ok(Built {
+                            engine: Engine::from_merge(tensors, plan.reference().dir(), opts)?,
+                            output_bytes: None,
+                            routers: None,
+                        })
+                    })
+                    .await
+                }
+                Target::Routed(plan) => {
+                    let method = plan.method();
+                    this.run(name, method, move |opts| {
+                        let routed = plan.build(opts)?;
+                        Ok(Built {
+                            engine: routed.engine,
+                            output_bytes: Some(routed.output_bytes),
+                            routers: Some(routed.routers),
+                        })
+                    })
+                    .await
+                }
             }
         }
     }
 
-    async fn merge(&self, id: String, mut plan: MergePlan) -> Result<Arc<Served>> {
-        let method = plan.info().name.to_string();
+    /// Runs a merge job on the blocking pool, with its metrics, logs and
+    /// book updates.
+    async fn run<F>(&self, id: String, method: &'static str, job: F) -> Result<Arc<Served>>
+    where
+        F: FnOnce(&ModelOptions) -> merger::Result<Built> + Send + 'static,
+    {
         self.set(&id, |r| {
             r.state = MergeState::Running;
             r.error = None;
@@ -271,15 +330,10 @@ impl Merges {
         tracing::info!(merge = %id, method = %method, "merge started");
         let opts = self.opts.clone();
         let start = Instant::now();
-        let result = tokio::task::spawn_blocking(move || -> merger::Result<Engine> {
-            let progress = Progress::new(plan.tensors().len(), plan.info().name, false);
-            let (tensors, _stats) = merge_in_memory(&mut plan, &opts.device, &progress)?;
-            Engine::from_merge(tensors, plan.reference().dir(), &opts)
-        })
-        .await;
+        let result = tokio::task::spawn_blocking(move || job(&opts)).await;
         let seconds = start.elapsed().as_secs_f64();
-        let result: Result<Engine> = match result {
-            Ok(Ok(engine)) => Ok(engine),
+        let result: Result<Built> = match result {
+            Ok(Ok(built)) => Ok(built),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(GatewayError::Internal(format!(
                 "the merge task failed: {e}"
@@ -288,25 +342,46 @@ impl Merges {
         let outcome = if result.is_ok() { "success" } else { "error" };
         self.metrics
             .merges
-            .with_label_values(&[&method, outcome])
+            .with_label_values(&[method, outcome])
             .inc();
         self.metrics
             .merge_duration
-            .with_label_values(&[&method])
+            .with_label_values(&[method])
             .observe(seconds);
         match result {
-            Ok(engine) => {
+            Ok(built) => {
+                let engine = built.engine;
                 let bytes = engine.resident_bytes();
+                if let Some(RoutersInfo {
+                    source: RouterSource::Trained,
+                    training: Some(t),
+                    ..
+                }) = &built.routers
+                {
+                    self.metrics
+                        .router_training
+                        .with_label_values(&[method])
+                        .observe(t.seconds);
+                    tracing::info!(merge = %id, method = %method, steps = t.steps,
+                        seconds = t.seconds, entropy_before = t.entropy_before,
+                        entropy_after = t.entropy_after, "routers trained");
+                }
                 tracing::info!(merge = %id, method = %method, seconds, bytes, "merge finished");
                 self.set(&id, |r| {
                     r.state = MergeState::Ready;
                     r.resident_bytes = Some(bytes);
                     r.duration_seconds = Some(seconds);
+                    if let Some(b) = built.output_bytes {
+                        r.output_bytes = b;
+                    }
+                    if built.routers.is_some() {
+                        r.routers = built.routers;
+                    }
                 });
                 Ok(Arc::new(Served {
                     name: id,
                     engine,
-                    method: Some(method),
+                    method: Some(method.to_string()),
                     load_seconds: seconds,
                 }))
             }
@@ -341,6 +416,7 @@ fn view(id: &str, r: &Record, resident: bool) -> MergeInfo {
         duration_seconds: r.duration_seconds,
         error: r.error.clone(),
         created: r.created,
+        routers: r.routers.clone(),
     }
 }
 

@@ -19,6 +19,8 @@ pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "fusion_time_to_first_token_second
 pub const GENERATED_TOKENS_TOTAL: &str = "fusion_generated_tokens_total";
 /// Wall time of merges by method.
 pub const MERGE_DURATION_SECONDS: &str = "fusion_merge_duration_seconds";
+/// Wall time of router training (routed merges that train), by method.
+pub const ROUTER_TRAINING_SECONDS: &str = "fusion_router_training_seconds";
 /// Merges run, by method and outcome (`success`, `error`).
 pub const MERGES_TOTAL: &str = "fusion_merges_total";
 /// Requests answered from a resident merge.
@@ -73,6 +75,8 @@ pub struct Metrics {
     pub generated_tokens: IntCounter,
     /// See [`MERGE_DURATION_SECONDS`].
     pub merge_duration: HistogramVec,
+    /// See [`ROUTER_TRAINING_SECONDS`].
+    pub router_training: HistogramVec,
     /// See [`MERGES_TOTAL`].
     pub merges: IntCounterVec,
     /// See [`MERGE_CACHE_HITS_TOTAL`].
@@ -144,6 +148,15 @@ impl Metrics {
             hist(
                 MERGE_DURATION_SECONDS,
                 "Wall time of merges by method.",
+                LONG_BUCKETS,
+            ),
+            &["method"],
+        )
+        .expect("valid metric");
+        let router_training = HistogramVec::new(
+            hist(
+                ROUTER_TRAINING_SECONDS,
+                "Wall time of router training in routed merges (we_moe, ...), by method.",
                 LONG_BUCKETS,
             ),
             &["method"],
@@ -235,6 +248,7 @@ impl Metrics {
             time_to_first_token,
             generated_tokens,
             merge_duration,
+            router_training,
             merges,
             cache_hits,
             cache_misses,
@@ -256,6 +270,7 @@ impl Metrics {
             Box::new(m.time_to_first_token.clone()),
             Box::new(m.generated_tokens.clone()),
             Box::new(m.merge_duration.clone()),
+            Box::new(m.router_training.clone()),
             Box::new(m.merges.clone()),
             Box::new(m.cache_hits.clone()),
             Box::new(m.cache_misses.clone()),

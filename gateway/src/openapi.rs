@@ -11,6 +11,7 @@ use crate::evaluations::{
     Degraded, EvaluationInfo, Outcome, RunRecord, RunState, TaskScore, Trigger,
 };
 use crate::merges::{MergeInfo, MergeState};
+use crate::routed::{RouterSource, RoutersInfo};
 use crate::routes;
 use crate::sse::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk, CompletionChunkChoice,
@@ -22,7 +23,8 @@ use crate::sse::{
     info(
         title = "Fusion Gateway",
         description = "OpenAI-compatible serving of merged fine-tuned checkpoints. A request's `model` names \
-            a checkpoint, a preset, a compact merge such as `ties_merging(math,code;density=0.2)` or \
+            a checkpoint, a preset, a compact merge such as `ties_merging(math,code;density=0.2)` \
+            (or a routed merge such as `we_moe(math,code;steps=100)`) or \
             `merge-<id>`; the gateway merges on demand and keeps merged weights in a byte-bounded LRU. \
             Responses carry `x-merge-id` and `x-merge-cache: hit | miss | joined`."
     ),
@@ -42,7 +44,7 @@ use crate::sse::{
         routes::health::metrics,
     ),
     components(schemas(
-        ErrorResponse, ErrorBody, MergeInfo, MergeState,
+        ErrorResponse, ErrorBody, MergeInfo, MergeState, RoutersInfo, RouterSource,
         EvaluationInfo, RunRecord, TaskScore, Outcome, Trigger, RunState, Degraded,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice,
     )),

@@ -11,7 +11,8 @@
 //! Merge specs name checkpoints of one pool (bare, or `pool/name`); the
 //! resolved spec carries the pool and bare names, so the same merge written
 //! either way has one id. A method that needs a base and names none gets the
-//! pool's base.
+//! pool's base. Routed methods (`we_moe`, ...) resolve to a
+//! [`RoutedPlan`] (see [`crate::routed`]).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -23,6 +24,8 @@ use merger::spec::{compact, MergeSpec};
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
+use crate::merges::BookEntry;
+use crate::routed::{Calibrations, RoutedPlan};
 
 /// The name of a pool's base checkpoint.
 pub const BASE_NAME: &str = "base";
@@ -66,6 +69,8 @@ pub enum Target {
     },
     /// A validated merge.
     Merge(Box<MergePlan>),
+    /// A validated routed merge (`we_moe`, `sparse_we_moe`, `rankone_moe`).
+    Routed(Box<RoutedPlan>),
 }
 
 impl Target {
@@ -74,7 +79,32 @@ impl Target {
         match self {
             Target::Checkpoint { pool, name, .. } => format!("{pool}/{name}"),
             Target::Merge(plan) => format!("merge-{}", plan.id()),
+            Target::Routed(plan) => format!("merge-{}", plan.id()),
         }
+    }
+
+    /// What the book of merges records of a merge (None for a checkpoint).
+    pub fn book_entry(&self) -> Option<BookEntry> {
+        match self {
+            Target::Checkpoint { .. } => None,
+            Target::Merge(plan) => Some(BookEntry {
+                spec: plan.spec().clone(),
+                method: plan.info().name,
+                output_bytes: Some(plan.output_bytes()),
+                routers: None,
+            }),
+            Target::Routed(plan) => Some(BookEntry {
+                spec: plan.spec().clone(),
+                method: plan.method(),
+                output_bytes: None,
+                routers: Some(plan.routers().clone()),
+            }),
+        }
+    }
+
+    /// Whether this is a merge (plain or routed), not a checkpoint.
+    pub fn is_merge(&self) -> bool {
+        !matches!(self, Target::Checkpoint { .. })
     }
 }
 
@@ -92,11 +122,13 @@ pub struct Registry {
     pools: BTreeMap<String, Pool>,
     presets: BTreeMap<String, MergeSpec>,
     limits: Limits,
+    calibrations: Calibrations,
 }
 
 impl Registry {
-    /// Opens every checkpoint of the configuration; fails naming the first
-    /// folder that cannot be opened.
+    /// Opens every checkpoint of the configuration (failing naming the
+    /// first folder that cannot be opened) and reads the calibration inputs
+    /// of routed merges.
     pub fn open(config: &Config) -> Result<Self> {
         if config.pools.is_empty() {
             return Err(GatewayError::Startup(
@@ -128,10 +160,12 @@ impl Registry {
             .iter()
             .map(|(name, p)| Ok((name.clone(), p.to_spec(name)?)))
             .collect::<Result<_>>()?;
+        let calibrations = Calibrations::load(config, &pools)?;
         Ok(Registry {
             pools,
             presets,
             limits: Limits::new(config.server.limits.clone()),
+            calibrations,
         })
     }
 
@@ -186,14 +220,14 @@ impl Registry {
                         "unknown merge `{id}`; create it with POST /v1/merges or name the merge itself"
                     ))
                 })?;
-                let plan = self.plan_merge(spec)?;
-                if format!("merge-{}", plan.id()) != id {
+                let target = self.plan(spec)?;
+                let now = target.model_name();
+                if now != id {
                     return Err(GatewayError::Conflict(format!(
-                        "`{id}` was made from checkpoints that have changed since; it is now merge-{}",
-                        plan.id()
+                        "`{id}` was made from checkpoints (or calibration inputs) that have changed since; it is now {now}"
                     )));
                 }
-                Ok(Target::Merge(Box::new(plan)))
+                Ok(target)
             }
             compact::Parsed::Name(name) => {
                 if let Some(spec) = self.presets.get(&name) {
@@ -283,11 +317,7 @@ impl Registry {
 
     /// Puts a spec in one pool with bare names, fills the base, validates it
     /// against the opened checkpoints.
-    fn plan(&self, spec: MergeSpec) -> Result<Target> {
-        Ok(Target::Merge(Box::new(self.plan_merge(spec)?)))
-    }
-
-    fn plan_merge(&self, mut spec: MergeSpec) -> Result<MergePlan> {
+    fn plan(&self, mut spec: MergeSpec) -> Result<Target> {
         self.limits.check_experts(&spec)?;
         let pool_name = self.pool_of(&spec)?;
         let pool = self.pool(&pool_name)?;
@@ -307,13 +337,18 @@ impl Registry {
                 }
             }
         }
+        if merger::moe::is_moe_method(&spec.method) {
+            let plan = RoutedPlan::new(spec, pool, &self.limits, &self.calibrations)?;
+            return Ok(Target::Routed(Box::new(plan)));
+        }
         let open = |name: &str| -> merger::Result<Arc<Checkpoint>> {
             pool.checkpoints
                 .get(name)
                 .cloned()
                 .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))
         };
-        Ok(MergePlan::with_checkpoints(spec, &open)?)
+        let plan = MergePlan::with_checkpoints(spec, &open)?;
+        Ok(Target::Merge(Box::new(plan)))
     }
 
     /// The pool named `name`, or a 404 listing the pools.

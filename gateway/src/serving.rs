@@ -80,9 +80,7 @@ pub async fn model(
 pub async fn acquire(state: &AppState, target: Target) -> Result<ModelHandle> {
     let key = target.model_name();
     if let Some(served) = state.cache.lookup(&key).await {
-        if let Target::Merge(plan) = &target {
-            state.merges.note(plan, true);
-        }
+        state.merges.note(&target, true);
         return Ok(ModelHandle {
             served,
             status: CacheStatus::Hit,
@@ -118,8 +116,8 @@ pub fn start_load(
     target: Target,
 ) -> tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>> {
     let key = target.model_name();
-    if let Target::Merge(plan) = &target {
-        state.merges.note(plan, false);
+    if target.is_merge() {
+        state.merges.note(&target, false);
         state.merges.mark_pending(&key);
     }
     let load = state.merges.loader(target);

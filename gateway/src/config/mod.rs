@@ -145,6 +145,10 @@ pub struct LimitsConfig {
     /// Requests that may wait for a generation slot; past it, 429.
     #[serde(default = "default_queue")]
     pub queue_depth: usize,
+    /// Most router training steps (`steps`) one routed merge (`we_moe`, ...)
+    /// may ask for; 0 allows only untrained or checkpointed routers.
+    #[serde(default = "default_max_router_steps")]
+    pub max_router_steps: usize,
 }
 
 /// `cache:`.
@@ -177,6 +181,11 @@ pub struct PoolConfig {
     /// Expert checkpoint folders by name.
     #[serde(default)]
     pub experts: BTreeMap<String, PathBuf>,
+    /// The `taskpools` entry whose inputs train the routers of this pool's
+    /// routed merges (`we_moe`, ...). Default: the task pool of the same
+    /// name, else the only configured one.
+    #[serde(default)]
+    pub calibration: Option<String>,
 }
 
 /// A preset: a compact merge string or a structured spec.
@@ -277,6 +286,9 @@ fn default_generations() -> usize {
 fn default_queue() -> usize {
     64
 }
+fn default_max_router_steps() -> usize {
+    1000
+}
 fn default_cache_bytes() -> u64 {
     4_000_000_000
 }
@@ -311,6 +323,7 @@ impl Default for LimitsConfig {
             max_spec_len: default_max_spec_len(),
             max_concurrent_generations: default_generations(),
             queue_depth: default_queue(),
+            max_router_steps: default_max_router_steps(),
         }
     }
 }
@@ -492,6 +505,7 @@ impl Config {
         let mut config = PoolConfig {
             base: pool.base,
             experts: pool.experts,
+            calibration: None,
         };
         let mut tasks = pool.taskpool;
         let fix = |p: &mut PathBuf| {
@@ -504,6 +518,8 @@ impl Config {
         if let Some(t) = tasks.as_mut() {
             fix(t);
             self.taskpools.entry(pool.name.clone()).or_insert(t.clone());
+            // Routed merges of the demo pool train on its tasks' inputs.
+            config.calibration = Some(pool.name.clone());
         }
         self.pools.insert(pool.name, config);
         self.validate(&origin)
@@ -538,6 +554,22 @@ impl Config {
             .get(&evaluation.taskpool)
             .cloned()
             .unwrap_or_else(|| PathBuf::from(&evaluation.taskpool))
+    }
+
+    /// The task pool that supplies the calibration inputs of pool `pool`'s
+    /// routed merges: its name and folder, and whether `calibration` names
+    /// it (else it is the default: the task pool named like the pool, else
+    /// the only one configured). None when there is none.
+    pub fn calibration_of(&self, pool: &str) -> Option<(String, PathBuf, bool)> {
+        let explicit = self.pools.get(pool)?.calibration.clone();
+        let name = match &explicit {
+            Some(name) => name.clone(),
+            None if self.taskpools.contains_key(pool) => pool.to_string(),
+            None if self.taskpools.len() == 1 => self.taskpools.keys().next()?.clone(),
+            None => return None,
+        };
+        let dir = self.taskpools.get(&name)?.clone();
+        Some((name, dir, explicit.is_some()))
     }
 
     /// Checks ranges and cross-references; errors name the key.
@@ -601,6 +633,21 @@ impl Config {
                     ));
                 }
                 checkpoint_names.insert(expert.clone());
+            }
+            if let Some(c) = &pool.calibration {
+                if !self.taskpools.contains_key(c) {
+                    return Err(err(
+                        &format!("pools.{name}.calibration"),
+                        format!(
+                            "`{c}` is not a key of `taskpools` ({})",
+                            self.taskpools
+                                .keys()
+                                .cloned()
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
             }
         }
         for (name, preset) in &self.presets {
@@ -782,7 +829,68 @@ mod tests {
             dir.path().join("models/math")
         );
         assert_eq!(c.taskpools["demo"], dir.path().join("tasks"));
+        // Its routed merges train on its tasks.
+        assert_eq!(c.pools["demo"].calibration.as_deref(), Some("demo"));
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("demo".to_string(), dir.path().join("tasks"), true))
+        );
         assert!(c.add_demo_pool(dir.path()).is_err(), "added twice");
+    }
+
+    #[test]
+    fn calibration_task_pool_and_router_steps() {
+        let load = |text: &str, vars: &[(&str, &str)]| {
+            Config::from_yaml(text, "t.yaml", Path::new("/c"), env(vars))
+        };
+        // None without task pools.
+        let c = load(MINIMAL, &[]).unwrap();
+        assert_eq!(c.calibration_of("demo"), None);
+        assert_eq!(c.calibration_of("nope"), None);
+        assert_eq!(c.server.limits.max_router_steps, 1000);
+        // The only task pool, by default.
+        let one = format!(
+            "{MINIMAL}taskpools: {{mix: t}}
+"
+        );
+        let c = load(&one, &[]).unwrap();
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("mix".to_string(), PathBuf::from("/c/t"), false))
+        );
+        // Several: the one named like the pool, else none.
+        let two = format!(
+            "{MINIMAL}taskpools: {{demo: a, other: b}}
+"
+        );
+        let c = load(&two, &[]).unwrap();
+        assert_eq!(c.calibration_of("demo").unwrap().0, "demo");
+        let two = format!(
+            "{MINIMAL}taskpools: {{x: a, y: b}}
+"
+        );
+        assert_eq!(load(&two, &[]).unwrap().calibration_of("demo"), None);
+        // Named by the key (here through the environment), and the limit.
+        let c = load(
+            &two,
+            &[
+                ("FUSION_POOLS__DEMO__CALIBRATION", "y"),
+                ("FUSION_SERVER__LIMITS__MAX_ROUTER_STEPS", "0"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("y".to_string(), PathBuf::from("/c/b"), true))
+        );
+        assert_eq!(c.server.limits.max_router_steps, 0);
+        // A name that is not a task pool is an error naming the key.
+        let e = load(&two, &[("FUSION_POOLS__DEMO__CALIBRATION", "z")]).unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("pools.demo.calibration") && m.contains("`z`"),
+            "{m}"
+        );
     }
 
     #[test]

@@ -39,7 +39,6 @@ use crate::config::{Config, EvaluationConfig};
 use crate::error::{GatewayError, Result};
 use crate::merges::Served;
 use crate::metrics::Metrics;
-use crate::registry::Target;
 use crate::serving;
 use crate::state::AppState;
 use scorer::AdmittedScorer;
@@ -710,9 +709,7 @@ async fn resident(state: &AppState, merge: &str) -> Result<Arc<Served>> {
     let target = serving::target(state, Some(merge), None)?;
     let key = target.model_name();
     if let Some(served) = state.cache.lookup(&key).await {
-        if let Target::Merge(plan) = &target {
-            state.merges.note(plan, true);
-        }
+        state.merges.note(&target, true);
         return Ok(served);
     }
     let (served, _) = serving::start_load(state, target)

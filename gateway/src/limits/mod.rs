@@ -1,6 +1,7 @@
 //! Request limits (`server.limits`): body size (enforced by the JSON
-//! extractor), `max_tokens`, experts per merge and merge-string length; and
-//! admission control of generations ([`admission`]).
+//! extractor), `max_tokens`, experts per merge, merge-string length and
+//! router training steps of a routed merge; and admission control of
+//! generations ([`admission`]).
 
 pub mod admission;
 
@@ -78,6 +79,23 @@ impl Limits {
         }
         Ok(())
     }
+
+    /// A routed merge that trains its routers asks for at most
+    /// `max_router_steps` steps.
+    pub fn check_router_steps(&self, method: &str, steps: usize) -> Result<()> {
+        let limit = self.cfg.max_router_steps;
+        if steps > limit {
+            return Err(GatewayError::TooLarge {
+                message: format!(
+                    "`{method}` asks for `steps` = {steps} router training steps; the limit is \
+                     {limit} per merge (server.limits.max_router_steps): ask for fewer `steps`, \
+                     or name trained routers with `router_checkpoint`"
+                ),
+                param: Some("model".to_string()),
+            });
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -127,5 +145,22 @@ mod tests {
         assert!(l.check_experts(&ok).is_ok());
         let bad = MergeSpec::new("simple_average", None, &["a", "b", "c"]);
         assert_eq!(l.check_experts(&bad).unwrap_err().status().as_u16(), 413);
+    }
+
+    #[test]
+    fn router_steps() {
+        let l = Limits::new(LimitsConfig {
+            max_router_steps: 50,
+            ..LimitsConfig::default()
+        });
+        assert!(l.check_router_steps("we_moe", 50).is_ok());
+        let e = l.check_router_steps("we_moe", 51).unwrap_err();
+        assert_eq!(e.status().as_u16(), 413);
+        let m = e.to_string();
+        assert!(
+            m.contains("`steps` = 51") && m.contains("server.limits.max_router_steps"),
+            "{m}"
+        );
+        assert_eq!(LimitsConfig::default().max_router_steps, 1000);
     }
 }

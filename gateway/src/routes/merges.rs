@@ -7,7 +7,6 @@ use utoipa::ToSchema;
 
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::merges::{MergeInfo, MergeState};
-use crate::registry::Target;
 use crate::serving;
 use crate::state::AppState;
 
@@ -73,16 +72,16 @@ pub async fn create_merge(
 ) -> Result<HttpResponse> {
     let req = body.into_inner();
     let target = serving::target(&state, req.model.as_deref(), req.merge)?;
-    let Target::Merge(plan) = &target else {
+    if !target.is_merge() {
         return Err(GatewayError::bad_param(
             "model",
             format!("`{}` is a checkpoint, not a merge", target.model_name()),
         ));
-    };
+    }
     let id = target.model_name();
     let already = state.cache.contains(&id);
     if already {
-        state.merges.note(plan, true);
+        state.merges.note(&target, true);
     } else if !state.merges.is_busy(&id) {
         // Runs on; the handle is not awaited.
         drop(serving::start_load(&state, target));
