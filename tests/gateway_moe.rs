@@ -53,9 +53,12 @@ fn config(
             .iter()
             .map(|(n, p)| format!("{n}: {}", p.display())),
     );
+    // Evaluation results go to the pool's temporary folder, never to the
+    // working directory.
     let mut yaml = format!(
-        "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{{limits}}}}}\n\
+        "device: cpu\nserver: {{bind: '127.0.0.1:0', data_dir: '{}', limits: {{{limits}}}}}\n\
          pools:\n  demo:\n    base: {}\n    experts: {{{}}}\n",
+        pool.dir.path().join("data").display(),
         pool.path("base").display(),
         experts.join(", ")
     );

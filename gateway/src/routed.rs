@@ -26,6 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use merger::checkpoint::Checkpoint;
 use merger::model::ModelOptions;
+use merger::moe::calibration::CalibrationItem;
 use merger::moe::{self, MoeParams, TrainReport};
 use merger::spec::{MergeSpec, ParamValue};
 use serde::Serialize;
@@ -45,7 +46,7 @@ struct Calibration {
     /// The `taskpools` entry they come from.
     taskpool: String,
     /// Token sequences, or why they could not be read.
-    inputs: std::result::Result<Arc<Vec<Vec<u32>>>, String>,
+    inputs: std::result::Result<Arc<Vec<CalibrationItem>>, String>,
 }
 
 /// Most remembered merge ids; past it the memo starts over.
@@ -79,8 +80,8 @@ impl Calibrations {
                 Ok(seqs) => tracing::info!(
                     pool = %name,
                     taskpool = %taskpool,
-                    sequences = seqs.len(),
-                    tokens = seqs.iter().map(Vec::len).sum::<usize>(),
+                    inputs = seqs.len(),
+                    tokens = seqs.iter().map(CalibrationItem::tokens).sum::<usize>(),
                     "calibration inputs for routed merges read"
                 ),
                 Err(e) if explicit => {
@@ -132,7 +133,7 @@ impl Calibrations {
         pool: &str,
         method: &str,
         steps: usize,
-    ) -> Result<(String, Arc<Vec<Vec<u32>>>)> {
+    ) -> Result<(String, Arc<Vec<CalibrationItem>>)> {
         let alternatives = "or ask for `steps=0` (untrained routers: task arithmetic) or \
                             trained routers with `router_checkpoint=<checkpoint>`";
         match self.by_pool.get(pool) {
@@ -190,7 +191,7 @@ pub struct RoutedPlan {
     spec: MergeSpec,
     params: MoeParams,
     checkpoints: HashMap<String, Arc<Checkpoint>>,
-    calibration: Arc<Vec<Vec<u32>>>,
+    calibration: Arc<Vec<CalibrationItem>>,
     routers: RoutersInfo,
     tokenizer_dir: PathBuf,
 }

@@ -33,14 +33,13 @@ pub fn run(
     let params = MoeParams::from_spec(spec)?;
     let calibration = match (&opts.calibration, params.needs_calibration()) {
         (Some(dir), true) => {
-            let seqs = moe::calibration::from_task_pool(dir, &resolve(&params.base)?)?;
+            let items = moe::calibration::from_task_pool(dir, &resolve(&params.base)?)?;
+            let (texts, choices, tokens) = moe::calibration::summary(&items);
             eprintln!(
-                "calibration: {} sequences ({} tokens) from {}",
-                seqs.len(),
-                seqs.iter().map(Vec::len).sum::<usize>(),
+                "calibration: {texts} texts and {choices} multiple-choice inputs ({tokens} tokens) from {}",
                 dir.display()
             );
-            seqs
+            items
         }
         (None, true) => bail!(
             "`{}` trains its routers on unlabeled inputs: pass --calibration DIR (a task pool folder), \

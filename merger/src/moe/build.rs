@@ -11,6 +11,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::calibration::{CalibrationInput, CalibrationItem};
 use super::params::MoeParams;
 use super::routed_mlp::{RoutedLinear, RoutedMlp};
 use super::train::{self, TrainOptions};
@@ -63,7 +64,11 @@ pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
 /// the spec's canonical form, every checkpoint's fingerprint (the router
 /// checkpoint's too) and, when the routers are trained, a digest of the
 /// calibration inputs.
-pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[Vec<u32>]) -> Result<String> {
+pub fn merge_id(
+    spec: &MergeSpec,
+    open: Opener,
+    calibration: &[CalibrationItem],
+) -> Result<String> {
     let params = MoeParams::from_spec(spec)?;
     let info = method_info(params.method.name()).expect("every MoeMethod has an entry");
     let mut fingerprints = Vec::new();
@@ -80,31 +85,49 @@ pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[Vec<u32>]) -> Res
     Ok(canonical::merge_id(spec, info, &fingerprints))
 }
 
-/// SHA-256 of the token sequences (lengths and ids, little-endian).
-fn calibration_digest(calibration: &[Vec<u32>]) -> String {
+/// SHA-256 of the calibration inputs: each its source, a kind tag, then its
+/// token sequences (lengths and ids, little-endian).
+fn calibration_digest(calibration: &[CalibrationItem]) -> String {
     let mut h = Sha256::new();
-    for seq in calibration {
-        h.update((seq.len() as u64).to_le_bytes());
-        for t in seq {
+    let seq = |h: &mut Sha256, ids: &[u32]| {
+        h.update((ids.len() as u64).to_le_bytes());
+        for t in ids {
             h.update(t.to_le_bytes());
+        }
+    };
+    for item in calibration {
+        h.update(item.source.to_le_bytes());
+        match &item.input {
+            CalibrationInput::Text(ids) => {
+                h.update([0u8]);
+                seq(&mut h, ids);
+            }
+            CalibrationInput::Choices { context, choices } => {
+                h.update([1u8]);
+                h.update((choices.len() as u64).to_le_bytes());
+                seq(&mut h, context);
+                for c in choices {
+                    seq(&mut h, c);
+                }
+            }
         }
     }
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Builds the routed ensemble `spec` describes on `device`: checkpoints come
-/// from `open`, the routers train on `calibration` (token sequences; unused
+/// from `open`, the routers train on `calibration` (tokenised inputs; unused
 /// with `router_checkpoint` or `steps=0`). `progress` shows bars on stderr
 /// when it is a terminal.
 pub fn build(
     spec: &MergeSpec,
     open: Opener,
-    calibration: &[Vec<u32>],
+    calibration: &[CalibrationItem],
     device: &Device,
     progress: bool,
 ) -> Result<MoeModel> {
     let params = MoeParams::from_spec(spec)?;
-    if params.needs_calibration() && calibration.iter().all(Vec::is_empty) {
+    if params.needs_calibration() && calibration.iter().all(CalibrationItem::is_empty) {
         return Err(MergeError::BadParameter {
             param: "steps".into(),
             reason: format!(

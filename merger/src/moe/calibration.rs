@@ -1,10 +1,19 @@
 //! Unlabeled calibration inputs for router training, read from a task pool
 //! folder: every `*.jsonl` file under it (recursively, in path order), one
-//! JSON object per line, the first of the fields `prompt`, `context`, `text`,
-//! `input` that holds a string (labels such as `answer`, `gold` or `label`
-//! are never read). Texts are tokenised with the base's tokenizer as
-//! [`crate::generate::TextModel::encode`] does (BOS first when the tokenizer
-//! config names one).
+//! JSON object per line.
+//!
+//! - A line with a string `context` and a `choices` list of two or more
+//!   strings is a **multiple-choice input**: the context and its candidate
+//!   continuations (what FusionBench's CLIP classifiers get as class names).
+//!   Router training minimises the entropy of the model's choice among them.
+//! - Any other line gives a **text**: the first of the fields `prompt`,
+//!   `context`, `text`, `input` that holds a string.
+//!
+//! Labels (`answer`, `gold`, `label`, …) are never read. Texts and contexts
+//! are tokenised with the base's tokenizer as
+//! [`crate::generate::TextModel::encode`] does (BOS first when the
+//! tokenizer config names one); a choice's tokens are those that follow the
+//! context's in the encoding of context + choice (lm-eval's convention).
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +22,88 @@ use crate::generate::TextTokenizer;
 
 /// The fields read as unlabeled inputs, first present wins.
 pub const INPUT_FIELDS: [&str; 4] = ["prompt", "context", "text", "input"];
+
+/// One unlabeled input, as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A prompt or text: the model's prediction at its end is trained on.
+    Text(String),
+    /// A context and its candidate continuations.
+    Choices {
+        /// The context.
+        context: String,
+        /// The candidate continuations (two or more).
+        choices: Vec<String>,
+    },
+}
+
+/// One tokenised calibration input and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CalibrationItem {
+    /// The index of its source (the `*.jsonl` file, in path order): the
+    /// inputs of one task share it, and router training draws every
+    /// source into every step.
+    pub source: u32,
+    /// Its tokens.
+    pub input: CalibrationInput,
+}
+
+/// The tokens of one calibration input.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CalibrationInput {
+    /// Token ids of a text.
+    Text(Vec<u32>),
+    /// Token ids of a context and of each candidate continuation (each
+    /// non-empty).
+    Choices {
+        /// The context's ids (BOS first when the tokenizer has one).
+        context: Vec<u32>,
+        /// Each continuation's ids.
+        choices: Vec<Vec<u32>>,
+    },
+}
+
+impl From<Vec<u32>> for CalibrationItem {
+    /// A text of source 0.
+    fn from(ids: Vec<u32>) -> Self {
+        CalibrationItem {
+            source: 0,
+            input: CalibrationInput::Text(ids),
+        }
+    }
+}
+
+impl CalibrationItem {
+    /// Tokens read by the model for this input (every choice counted).
+    pub fn tokens(&self) -> usize {
+        match &self.input {
+            CalibrationInput::Text(ids) => ids.len(),
+            CalibrationInput::Choices { context, choices } => choices
+                .iter()
+                .map(|c| context.len() + c.len())
+                .sum(),
+        }
+    }
+
+    /// Whether the input has no token to train on.
+    pub fn is_empty(&self) -> bool {
+        match &self.input {
+            CalibrationInput::Text(ids) => ids.is_empty(),
+            CalibrationInput::Choices { context, .. } => context.is_empty(),
+        }
+    }
+}
+
+/// `(texts, multiple-choice inputs, tokens)` of a calibration set, for
+/// reports.
+pub fn summary(items: &[CalibrationItem]) -> (usize, usize, usize) {
+    let choices = items
+        .iter()
+        .filter(|i| matches!(i.input, CalibrationInput::Choices { .. }))
+        .count();
+    let tokens = items.iter().map(CalibrationItem::tokens).sum();
+    (items.len() - choices, choices, tokens)
+}
 
 fn jsonl_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     let entries = std::fs::read_dir(dir).map_err(|e| MergeError::io(dir, e))?;
@@ -27,9 +118,24 @@ fn jsonl_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
     Ok(())
 }
 
-/// The input texts of every `*.jsonl` file under `dir` (or of `dir` itself
-/// when it is a file).
-pub fn read_inputs(dir: &Path) -> Result<Vec<String>> {
+/// The multiple-choice input of a line, when it is one.
+fn choices_of(v: &serde_json::Value) -> Option<Input> {
+    let context = v.get("context")?.as_str()?;
+    let choices = v
+        .get("choices")?
+        .as_array()?
+        .iter()
+        .map(|c| c.as_str().map(str::to_string))
+        .collect::<Option<Vec<_>>>()?;
+    (choices.len() >= 2).then(|| Input::Choices {
+        context: context.to_string(),
+        choices,
+    })
+}
+
+/// The inputs of every `*.jsonl` file under `dir` (or of `dir` itself when
+/// it is a file), each with the index of its file in path order.
+pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
     let mut files = Vec::new();
     if dir.is_file() {
         files.push(dir.to_path_buf());
@@ -38,7 +144,8 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<String>> {
     }
     files.sort();
     let mut texts = Vec::new();
-    for f in &files {
+    for (source, f) in files.iter().enumerate() {
+        let source = source as u32;
         let content = std::fs::read_to_string(f).map_err(|e| MergeError::io(f, e))?;
         for (i, line) in content.lines().enumerate() {
             if line.trim().is_empty() {
@@ -49,11 +156,13 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<String>> {
                     path: f.clone(),
                     reason: format!("line {}: {e}", i + 1),
                 })?;
-            if let Some(text) = INPUT_FIELDS
+            if let Some(input) = choices_of(&v) {
+                texts.push((source, input));
+            } else if let Some(text) = INPUT_FIELDS
                 .iter()
                 .find_map(|k| v.get(*k).and_then(serde_json::Value::as_str))
             {
-                texts.push(text.to_string());
+                texts.push((source, Input::Text(text.to_string())));
             }
         }
     }
@@ -69,29 +178,70 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<String>> {
     Ok(texts)
 }
 
-/// Token ids of `texts` with the tokenizer of the checkpoint folder
-/// `tokenizer_dir` (its `tokenizer.json` and `tokenizer_config.json`), each
-/// starting with the BOS token when the tokenizer config names one: what
-/// [`crate::generate::TextModel::encode`] gives.
-pub fn tokenize(texts: &[String], tokenizer_dir: &Path) -> Result<Vec<Vec<u32>>> {
+/// Tokenises `inputs` with the tokenizer of the checkpoint folder
+/// `tokenizer_dir` (its `tokenizer.json` and `tokenizer_config.json`): texts
+/// and contexts start with the BOS token when the tokenizer config names
+/// one, as [`crate::generate::TextModel::encode`] gives. A choice whose
+/// tokens would be empty is dropped; a multiple-choice input left with
+/// fewer than two choices becomes the text of its context.
+pub fn tokenize(inputs: &[(u32, Input)], tokenizer_dir: &Path) -> Result<Vec<CalibrationItem>> {
     let tok = TextTokenizer::load(tokenizer_dir)?;
-    texts
-        .iter()
-        .map(|t| {
-            let mut ids = tok.encode(t)?;
-            if let Some(b) = tok.bos_id() {
-                if ids.first() != Some(&b) {
-                    ids.insert(0, b);
-                }
+    let encode = |t: &str| -> Result<Vec<u32>> {
+        let mut ids = tok.encode(t)?;
+        if let Some(b) = tok.bos_id() {
+            if ids.first() != Some(&b) {
+                ids.insert(0, b);
             }
-            Ok(ids)
+        }
+        Ok(ids)
+    };
+    inputs
+        .iter()
+        .map(|(source, input)| {
+            Ok(CalibrationItem {
+                source: *source,
+                input: tokenize_one(input, &tok, &encode)?,
+            })
         })
         .collect()
 }
 
-/// The calibration sequences of a task pool folder, tokenised for the base
+fn tokenize_one(
+    input: &Input,
+    tok: &TextTokenizer,
+    encode: &dyn Fn(&str) -> Result<Vec<u32>>,
+) -> Result<CalibrationInput> {
+    match input {
+            Input::Text(t) => Ok(CalibrationInput::Text(encode(t)?)),
+            Input::Choices { context, choices } => {
+                let ctx = encode(context)?;
+                let mut conts = Vec::new();
+                for c in choices {
+                    let whole = encode(&format!("{context}{c}"))?;
+                    let cont = if whole.starts_with(&ctx) {
+                        whole[ctx.len()..].to_vec()
+                    } else {
+                        tok.encode(c)?
+                    };
+                    if !cont.is_empty() {
+                        conts.push(cont);
+                    }
+                }
+                Ok(if conts.len() >= 2 {
+                    CalibrationInput::Choices {
+                        context: ctx,
+                        choices: conts,
+                    }
+                } else {
+                    CalibrationInput::Text(ctx)
+                })
+            }
+    }
+}
+
+/// The calibration inputs of a task pool folder, tokenised for the base
 /// checkpoint folder `base`.
-pub fn from_task_pool(dir: &Path, base: &Path) -> Result<Vec<Vec<u32>>> {
+pub fn from_task_pool(dir: &Path, base: &Path) -> Result<Vec<CalibrationItem>> {
     tokenize(&read_inputs(dir)?, base)
 }
 
@@ -116,15 +266,61 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("notes.txt"), "{\"text\":\"ignored\"}\n").unwrap();
-        let texts = read_inputs(dir.path()).unwrap();
-        // a.jsonl sorts before math/test.jsonl.
-        assert_eq!(texts, vec!["great film", "1+1=", "sky is"]);
+        let inputs = read_inputs(dir.path()).unwrap();
+        // a.jsonl sorts before math/test.jsonl; a context with one choice
+        // is a text.
+        let text = |s: u32, t: &str| (s, Input::Text(t.to_string()));
+        assert_eq!(
+            inputs,
+            vec![text(0, "great film"), text(1, "1+1="), text(1, "sky is")]
+        );
 
         write_tokenizer_files(dir.path(), 64).unwrap();
-        let ids = tokenize(&texts[1..2], dir.path()).unwrap();
+        let ids = tokenize(&inputs[1..2], dir.path()).unwrap();
         let mut want = vec![BOS];
         want.extend(encode_bytes("1+1="));
-        assert_eq!(ids, vec![want]);
+        assert_eq!(
+            ids,
+            vec![CalibrationItem {
+                source: 1,
+                input: CalibrationInput::Text(want)
+            }]
+        );
+    }
+
+    #[test]
+    fn multiple_choice_lines_keep_their_choices_but_not_the_gold() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("mc.jsonl"),
+            "{\"context\":\"sky is\",\"choices\":[\" blue\",\" red\"],\"gold\":0}\n",
+        )
+        .unwrap();
+        let inputs = read_inputs(dir.path()).unwrap();
+        assert_eq!(
+            inputs,
+            vec![(
+                0,
+                Input::Choices {
+                    context: "sky is".into(),
+                    choices: vec![" blue".into(), " red".into()],
+                }
+            )]
+        );
+        write_tokenizer_files(dir.path(), 64).unwrap();
+        let items = tokenize(&inputs, dir.path()).unwrap();
+        let mut context = vec![BOS];
+        context.extend(encode_bytes("sky is"));
+        let want = CalibrationItem {
+            source: 0,
+            input: CalibrationInput::Choices {
+                context,
+                choices: vec![encode_bytes(" blue"), encode_bytes(" red")],
+            },
+        };
+        assert_eq!(items, vec![want]);
+        // BOS + 6 context bytes, twice, plus 5 + 4 choice bytes.
+        assert_eq!(summary(&items), (0, 1, 2 * 7 + 5 + 4));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use std::cell::Cell;
 
 use candle_core::{DType, Device, Tensor};
 
+use super::calibration::{CalibrationInput, CalibrationItem};
 use super::testutil::{ids_tensor, logits, max_diff, pool, randn, random_ids, Pool};
 use super::*;
 use crate::checkpoint::WriteOptions;
@@ -12,7 +13,36 @@ use crate::model::{Model, ModelOptions};
 use crate::spec::{MergeSpec, ParamValue};
 
 fn build_moe(p: &Pool, spec: &MergeSpec, calibration: &[Vec<u32>]) -> MoeModel {
+    build_moe_on(p, spec, &texts(calibration))
+}
+
+fn build_moe_on(p: &Pool, spec: &MergeSpec, calibration: &[CalibrationItem]) -> MoeModel {
     build(spec, &|n: &str| p.open(n), calibration, &Device::Cpu, false).unwrap()
+}
+
+/// Token sequences as text calibration inputs.
+fn texts(seqs: &[Vec<u32>]) -> Vec<CalibrationItem> {
+    seqs.iter().cloned().map(CalibrationItem::from).collect()
+}
+
+/// The entropy (nats) of the softmax of `scores`, computed in f64.
+fn entropy_of_scores(scores: &[f64]) -> f64 {
+    let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let z: f64 = scores.iter().map(|s| (s - m).exp()).sum();
+    scores
+        .iter()
+        .map(|s| {
+            let lp = s - m - z.ln();
+            -lp.exp() * lp
+        })
+        .sum()
+}
+
+/// Log-softmax of one position's logits, in f64.
+fn log_probs(row: &[f32]) -> Vec<f64> {
+    let m = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let z: f64 = row.iter().map(|&x| (x as f64 - m).exp()).sum();
+    row.iter().map(|&x| x as f64 - m - z.ln()).collect()
 }
 
 /// The merged tensors of a task_arithmetic merge with λ.
@@ -281,21 +311,43 @@ fn training_lowers_the_entropy() {
         report.entropy_before,
         report.entropy_after
     );
-    // Independently: the mean entropy of each calibration sequence alone,
-    // untrained (= task arithmetic) against trained.
+    // Independently: the entropy of each calibration sequence's last
+    // prediction, each sequence run alone, untrained (= task arithmetic)
+    // against trained.
     let untrained_moe = build_moe(&p, &untrained(p.spec("we_moe")), &[]);
     let mean = |m: &Model| -> f64 {
         calibration
             .iter()
             .map(|s| {
                 let l = logits(m, std::slice::from_ref(s));
-                train::mean_entropy(&l).unwrap().to_scalar::<f32>().unwrap() as f64
+                let last = l.narrow(1, s.len() - 1, 1).unwrap();
+                train::mean_entropy(&last).unwrap().to_scalar::<f32>().unwrap() as f64
             })
             .sum::<f64>()
             / calibration.len() as f64
     };
     let (before, after) = (mean(untrained_moe.model()), mean(trained.model()));
-    assert!(after < before, "per-sequence entropy {before} -> {after}");
+    assert!(after < before, "last-position entropy {before} -> {after}");
+    // `entropy_positions=all` lowers the entropy over every position.
+    let all = build_moe(
+        &p,
+        &spec.clone().with_value("entropy_positions", ParamValue::Text("all".into())),
+        &calibration,
+    );
+    let report = all.meta().training.clone().unwrap();
+    assert_eq!(report.entropy_positions, EntropyPositions::All);
+    let mean_all = |m: &Model| -> f64 {
+        calibration
+            .iter()
+            .map(|s| {
+                let l = logits(m, std::slice::from_ref(s));
+                train::mean_entropy(&l).unwrap().to_scalar::<f32>().unwrap() as f64 * s.len() as f64
+            })
+            .sum::<f64>()
+            / calibration.iter().map(Vec::len).sum::<usize>() as f64
+    };
+    let (before, after) = (mean_all(untrained_moe.model()), mean_all(all.model()));
+    assert!(after < before, "all-position entropy {before} -> {after}");
     // The same seed trains the same routers.
     let again = build_moe(&p, &spec, &calibration);
     let ids = random_ids(1, 5, 48, 2);
@@ -303,6 +355,74 @@ fn training_lowers_the_entropy() {
         max_diff(&logits(trained.model(), &ids), &logits(again.model(), &ids)),
         0.0
     );
+}
+
+#[test]
+fn multiple_choice_inputs_train_on_the_entropy_of_the_choice() {
+    let p = pool(2, false, 0.2, DType::F32);
+    let ctx = |i: u64| random_ids(1, 5, 48, 300 + i).remove(0);
+    let choice = |i: u64, n: usize| random_ids(1, n, 48, 400 + i).remove(0);
+    let items: Vec<CalibrationItem> = (0..8)
+        .map(|i| CalibrationItem {
+            source: 0,
+            input: CalibrationInput::Choices {
+                context: ctx(i),
+                choices: vec![choice(3 * i, 1), choice(3 * i + 1, 2), choice(3 * i + 2, 3)],
+            },
+        })
+        .collect();
+    let spec = p
+        .spec("we_moe")
+        .with("steps", 30.0)
+        .with("lr", 1e-2)
+        .with("batch_size", 8.0);
+    // Independently, from one forward pass per context + choice: a choice's
+    // score is the sum of log p(token | prefix) over its tokens, and the
+    // input's entropy is that of the softmax over its choices' scores.
+    let choice_entropy = |m: &Model| -> f64 {
+        items
+            .iter()
+            .map(|item| {
+                let CalibrationInput::Choices { context, choices } = &item.input else {
+                    unreachable!()
+                };
+                let scores: Vec<f64> = choices
+                    .iter()
+                    .map(|c| {
+                        let mut ids = context.clone();
+                        ids.extend(c);
+                        // Route on the context only, as training and scoring do.
+                        let t = ids_tensor(std::slice::from_ref(&ids));
+                        let l = m
+                            .forward_with(&t, None, &mut crate::model::Hooks::routing_on(&[context.len()]))
+                            .unwrap()
+                            .squeeze(0)
+                            .unwrap()
+                            .to_vec2::<f32>()
+                            .unwrap();
+                        (context.len()..ids.len())
+                            .map(|j| log_probs(&l[j - 1])[ids[j] as usize])
+                            .sum()
+                    })
+                    .collect();
+                entropy_of_scores(&scores)
+            })
+            .sum::<f64>()
+            / items.len() as f64
+    };
+    let untrained_moe = build_moe_on(&p, &untrained(p.spec("we_moe")), &[]);
+    let trained = build_moe_on(&p, &spec, &items);
+    let report = trained.meta().training.clone().unwrap();
+    let before = choice_entropy(untrained_moe.model());
+    // One batch holds all 8 inputs: the report evaluates exactly them.
+    assert!(
+        (report.entropy_before - before).abs() < 1e-4,
+        "report {} vs independent {before}",
+        report.entropy_before
+    );
+    let after = choice_entropy(trained.model());
+    assert!(after < before, "choice entropy {before} -> {after}");
+    assert!((report.entropy_after - after).abs() < 1e-4);
 }
 
 #[test]
@@ -494,7 +614,7 @@ fn training_needs_calibration_inputs() {
 fn merge_ids_cover_spec_seed_and_calibration() {
     let p = pool(2, false, 0.1, DType::F32);
     let open = |n: &str| p.open(n);
-    let cal = random_ids(3, 4, 48, 1);
+    let cal = texts(&random_ids(3, 4, 48, 1));
     let spec = p.spec("we_moe");
     let id = merge_id(&spec, &open, &cal).unwrap();
     assert_eq!(id.len(), 32);

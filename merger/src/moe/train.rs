@@ -14,17 +14,20 @@
 //!   data's, not the model's.
 //! - `all`: the mean over every position of every input.
 //!
-//! Batches: the calibration sequences (each cut to
-//! `max_position_embeddings`) are sorted by length; a step takes
-//! `batch_size` consecutive sequences of that order from a seeded random
-//! start and right-pads them to the longest. Padding never reaches the
-//! loss: attention is causal, per-sequence routing averages over each
-//! sequence's own positions ([`Hooks::routing_on`]), and the entropy reads
-//! real positions only.
+//! Batches: the calibration inputs are grouped by source (the task pool
+//! file they came from, i.e. the task). A step takes `batch_size` inputs
+//! from the sources in turn, starting at a seeded random one, each drawn
+//! uniformly within its source, so that every task weighs on every step as
+//! in FusionBench, where each step sums the entropy of one batch per task
+//! (here the batch is shared: `batch_size` in all, not per task). Inputs are
+//! right-padded to the longest row. Padding never reaches the loss:
+//! attention is causal, per-sequence routing averages over each row's own
+//! positions ([`Hooks::routing_on`]; a multiple-choice row is routed on its
+//! context, as scoring does), and the entropy reads real positions only.
 //!
-//! The report's `entropy_before`/`entropy_after` are the mean entropy of
-//! the trained positions over up to four fixed batches spread over the
-//! length order, before and after training.
+//! The report's `entropy_before`/`entropy_after` are the mean entropy over
+//! a fixed evaluation set (up to four batches: the first input of every
+//! source, then the second, …), before and after training.
 
 use std::time::Instant;
 
@@ -35,6 +38,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::build::{assemble, bar_for};
+use super::calibration::{CalibrationInput, CalibrationItem};
 use super::{MoeParts, Routers};
 use crate::error::{MergeError, Result};
 use crate::model::{Hooks, Model};
@@ -117,59 +121,174 @@ fn entropy_positions_before_the_choice() -> EntropyPositions {
     EntropyPositions::All
 }
 
-/// Calibration sequences sorted by length, cut into right-padded batches.
+/// Calibration inputs grouped by source (task): every training step draws
+/// from every source.
 struct Batches {
-    seqs: Vec<Vec<u32>>,
+    /// The inputs of each source that has any, cut to fit the model.
+    groups: Vec<Vec<CalibrationInput>>,
+    /// Inputs per batch.
     size: usize,
 }
 
+/// How the rows of a [`Batch`] make up its inputs.
+enum BatchInput {
+    /// A text in row `row`.
+    Text { row: usize },
+    /// A multiple-choice input: one row per choice (context + choice),
+    /// `rows`, whose context has `context` tokens.
+    Choices {
+        rows: std::ops::Range<usize>,
+        context: usize,
+    },
+}
+
+/// One training batch: `(rows, L)` token ids right-padded with token 0,
+/// each row's length, the positions its routing averages over, and the
+/// inputs the rows belong to.
+struct Batch {
+    ids: Tensor,
+    lens: Vec<usize>,
+    route_lens: Vec<usize>,
+    inputs: Vec<BatchInput>,
+}
+
 impl Batches {
-    fn new(calibration: &[Vec<u32>], max_len: usize, batch_size: usize) -> Result<Self> {
-        let mut seqs: Vec<Vec<u32>> = calibration
-            .iter()
-            .filter(|s| !s.is_empty())
-            .map(|s| s[..s.len().min(max_len)].to_vec())
-            .collect();
-        if seqs.is_empty() {
+    /// Keeps the non-empty inputs, each cut to `max_len` tokens: a text is
+    /// truncated, a choice that does not fit after its context is dropped
+    /// (and an input left with fewer than two choices trains on its context
+    /// as a text). With [`EntropyPositions::All`] every input is a text (a
+    /// multiple-choice input's context).
+    fn new(
+        calibration: &[CalibrationItem],
+        max_len: usize,
+        batch_size: usize,
+        positions: EntropyPositions,
+    ) -> Result<Self> {
+        let cut = |ids: &[u32]| CalibrationInput::Text(ids[..ids.len().min(max_len)].to_vec());
+        let mut groups: std::collections::BTreeMap<u32, Vec<CalibrationInput>> = Default::default();
+        for item in calibration.iter().filter(|i| !i.is_empty()) {
+            let input = match &item.input {
+                CalibrationInput::Text(ids) => cut(ids),
+                CalibrationInput::Choices { context, .. } if positions == EntropyPositions::All => {
+                    cut(context)
+                }
+                CalibrationInput::Choices { context, choices } => {
+                    let fit: Vec<Vec<u32>> = choices
+                        .iter()
+                        .filter(|c| !c.is_empty() && context.len() + c.len() <= max_len)
+                        .cloned()
+                        .collect();
+                    if fit.len() >= 2 {
+                        CalibrationInput::Choices {
+                            context: context.clone(),
+                            choices: fit,
+                        }
+                    } else {
+                        cut(context)
+                    }
+                }
+            };
+            groups.entry(item.source).or_default().push(input);
+        }
+        let groups: Vec<Vec<CalibrationInput>> = groups.into_values().collect();
+        let total: usize = groups.iter().map(Vec::len).sum();
+        if total == 0 {
             return Err(MergeError::BadParameter {
                 param: "calibration".into(),
-                reason: "no non-empty token sequence to train the routers on".into(),
+                reason: "no non-empty input to train the routers on".into(),
             });
         }
-        seqs.sort_by_key(Vec::len);
-        let size = batch_size.min(seqs.len());
-        Ok(Batches { seqs, size })
+        Ok(Batches {
+            groups,
+            size: batch_size.min(total),
+        })
     }
 
-    /// The sequences `start..start + size`: `(size, L)` token ids
-    /// right-padded (with token 0) to the longest one's length L, and each
-    /// sequence's own length.
-    fn batch(&self, start: usize, device: &Device) -> candle_core::Result<(Tensor, Vec<usize>)> {
-        let group = &self.seqs[start..start + self.size];
-        let lens: Vec<usize> = group.iter().map(Vec::len).collect();
-        let len = lens.iter().copied().max().unwrap_or(0);
-        let ids: Vec<u32> = group
-            .iter()
-            .flat_map(|s| s.iter().copied().chain(std::iter::repeat(0)).take(len))
-            .collect();
-        Ok((Tensor::from_vec(ids, (self.size, len), device)?, lens))
+    /// Inputs kept.
+    fn len(&self) -> usize {
+        self.groups.iter().map(Vec::len).sum()
     }
 
-    /// Last valid batch start.
-    fn last_start(&self) -> usize {
-        self.seqs.len() - self.size
+    /// A training batch: `size` inputs taken from the sources in turn,
+    /// starting at a random one, each drawn uniformly within its source.
+    fn draw(&self, rng: &mut ChaCha8Rng) -> Vec<&CalibrationInput> {
+        let start = rng.random_range(0..self.groups.len());
+        (0..self.size)
+            .map(|k| {
+                let g = &self.groups[(start + k) % self.groups.len()];
+                &g[rng.random_range(0..g.len())]
+            })
+            .collect()
     }
 
-    /// Starts of the evaluation batches: up to four, spread over the order.
-    fn eval_starts(&self) -> Vec<usize> {
-        let last = self.last_start();
-        let n = EVAL_BATCHES.min(last + 1);
-        let mut starts: Vec<usize> = (0..n)
-            .map(|k| if n == 1 { 0 } else { k * last / (n - 1) })
-            .collect();
-        starts.dedup();
-        starts
+    /// The fixed evaluation set of the report, in batches of `size`: up to
+    /// four batches' worth of inputs, the first input of every source, then
+    /// the second, and so on.
+    fn eval_batches(&self) -> Vec<Vec<&CalibrationInput>> {
+        let want = (EVAL_BATCHES * self.size).min(self.len());
+        let mut picked = Vec::with_capacity(want);
+        let mut round = 0;
+        while picked.len() < want {
+            for g in &self.groups {
+                if let Some(input) = g.get(round) {
+                    if picked.len() < want {
+                        picked.push(input);
+                    }
+                }
+            }
+            round += 1;
+        }
+        picked.chunks(self.size).map(<[_]>::to_vec).collect()
     }
+}
+
+/// `inputs` as one right-padded batch.
+fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Result<Batch> {
+    let mut rows: Vec<&[u32]> = Vec::new();
+    let mut tails: Vec<&[u32]> = Vec::new();
+    let mut route_lens = Vec::new();
+    let mut parts = Vec::new();
+    for input in inputs {
+        match input {
+            CalibrationInput::Text(ids) => {
+                parts.push(BatchInput::Text { row: rows.len() });
+                rows.push(ids);
+                tails.push(&[]);
+                route_lens.push(ids.len());
+            }
+            CalibrationInput::Choices { context, choices } => {
+                let first = rows.len();
+                for c in choices {
+                    rows.push(context);
+                    tails.push(c);
+                    route_lens.push(context.len());
+                }
+                parts.push(BatchInput::Choices {
+                    rows: first..rows.len(),
+                    context: context.len(),
+                });
+            }
+        }
+    }
+    let lens: Vec<usize> = rows.iter().zip(&tails).map(|(r, t)| r.len() + t.len()).collect();
+    let len = lens.iter().copied().max().unwrap_or(0);
+    let ids: Vec<u32> = rows
+        .iter()
+        .zip(&tails)
+        .flat_map(|(r, t)| {
+            r.iter()
+                .chain(t.iter())
+                .copied()
+                .chain(std::iter::repeat(0))
+                .take(len)
+        })
+        .collect();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
+        lens,
+        route_lens,
+        inputs: parts,
+    })
 }
 
 /// Mean over positions of the entropy of the next-token distribution,
@@ -186,50 +305,89 @@ fn entropies(logits: &Tensor) -> candle_core::Result<Tensor> {
 }
 
 /// The training loss of one batch (a differentiable scalar) and the number
-/// of predictions it averages: the mean entropy of the chosen positions of
-/// `lens`' real (unpadded) positions.
-fn batch_entropy(
-    model: &Model,
-    ids: &Tensor,
-    lens: &[usize],
-    positions: EntropyPositions,
-) -> Result<(Tensor, usize)> {
-    let logits = model.forward_with(ids, None, &mut Hooks::routing_on(lens))?;
-    let h = entropies(&logits)?;
-    let (b, t) = h.dims2()?;
-    let weights: Vec<f32> = match positions {
-        EntropyPositions::Last => {
-            let w = 1.0 / b as f32;
-            lens.iter()
-                .flat_map(|&n| (0..t).map(move |j| if j + 1 == n { w } else { 0.0 }))
-                .collect()
+/// of predictions it averages. With [`EntropyPositions::Last`], the mean
+/// over the inputs of: a text's next-token entropy at its last position; a
+/// multiple-choice input's entropy of the softmax over its choices' summed
+/// log-likelihoods. With [`EntropyPositions::All`], the mean next-token
+/// entropy over every real position.
+fn batch_entropy(model: &Model, batch: &Batch, positions: EntropyPositions) -> Result<(Tensor, usize)> {
+    let logits = model.forward_with(&batch.ids, None, &mut Hooks::routing_on(&batch.route_lens))?;
+    let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
+    let (r, t, v) = logp.dims3()?;
+    let device = logp.device();
+    // Next-token entropies of the text rows' trained positions.
+    let mut weights = vec![0f32; r * t];
+    let mut count = 0usize;
+    for input in &batch.inputs {
+        if let BatchInput::Text { row } = input {
+            let n = batch.lens[*row];
+            match positions {
+                EntropyPositions::Last => {
+                    weights[row * t + n - 1] = 1.0;
+                    count += 1;
+                }
+                EntropyPositions::All => {
+                    weights[row * t..row * t + n].fill(1.0);
+                    count += n;
+                }
+            }
         }
-        EntropyPositions::All => {
-            let w = 1.0 / lens.iter().sum::<usize>() as f32;
-            lens.iter()
-                .flat_map(|&n| (0..t).map(move |j| if j < n { w } else { 0.0 }))
-                .collect()
+    }
+    let h = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
+    let mut total = (h * Tensor::from_vec(weights, (r, t), device)?)?.sum_all()?;
+    // Choice entropies: the log-likelihood of each choice row is the sum of
+    // log p(token | prefix) over its continuation.
+    let choice_inputs: Vec<(&std::ops::Range<usize>, usize)> = batch
+        .inputs
+        .iter()
+        .filter_map(|i| match i {
+            BatchInput::Choices { rows, context } => Some((rows, *context)),
+            BatchInput::Text { .. } => None,
+        })
+        .collect();
+    if !choice_inputs.is_empty() {
+        let ids = batch.ids.to_vec2::<u32>()?;
+        let (mut picks, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        let mut n_rows = 0usize;
+        for (rows, context) in &choice_inputs {
+            for row in (*rows).clone() {
+                for p in *context..batch.lens[row] {
+                    picks.push((row * t + p - 1) as u32);
+                    targets.push(ids[row][p]);
+                    owner.push(n_rows);
+                }
+                n_rows += 1;
+            }
         }
-    };
-    let count = match positions {
-        EntropyPositions::Last => b,
-        EntropyPositions::All => lens.iter().sum(),
-    };
-    let weights = Tensor::from_vec(weights, (b, t), h.device())?;
-    Ok(((h * weights)?.sum_all()?, count))
+        let picked = logp
+            .reshape((r * t, v))?
+            .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?
+            .gather(&Tensor::from_vec(targets, (owner.len(), 1), device)?, 1)?;
+        let mut sum_matrix = vec![0f32; n_rows * owner.len()];
+        for (k, &o) in owner.iter().enumerate() {
+            sum_matrix[o * owner.len() + k] = 1.0;
+        }
+        let scores = Tensor::from_vec(sum_matrix, (n_rows, owner.len()), device)?
+            .matmul(&picked)?
+            .squeeze(1)?;
+        let mut first = 0usize;
+        for (rows, _) in &choice_inputs {
+            let k = rows.len();
+            let lp = candle_nn::ops::log_softmax(&scores.narrow(0, first, k)?, 0)?;
+            total = (total + (lp.exp()? * &lp)?.sum_all()?.neg()?)?;
+            first += k;
+            count += 1;
+        }
+    }
+    Ok(((total / count.max(1) as f64)?, count))
 }
 
-/// The mean entropy of the trained positions over `starts`' batches.
-fn evaluate(
-    model: &Model,
-    batches: &Batches,
-    starts: &[usize],
-    positions: EntropyPositions,
-) -> Result<f64> {
+/// The mean entropy of the trained positions over the evaluation batches.
+fn evaluate(model: &Model, batches: &Batches, positions: EntropyPositions) -> Result<f64> {
     let (mut total, mut count) = (0f64, 0usize);
-    for &s in starts {
-        let (ids, lens) = batches.batch(s, model.device())?;
-        let (h, n) = batch_entropy(model, &ids, &lens, positions)?;
+    for inputs in batches.eval_batches() {
+        let batch = make_batch(&inputs, model.device())?;
+        let (h, n) = batch_entropy(model, &batch, positions)?;
         total += h.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
     }
@@ -240,13 +398,14 @@ fn evaluate(
 /// routers (plain tensors) and the report.
 pub fn adapt(
     parts: &MoeParts,
-    calibration: &[Vec<u32>],
+    calibration: &[CalibrationItem],
     opts: &TrainOptions,
 ) -> Result<(Routers, TrainReport)> {
     let batches = Batches::new(
         calibration,
         parts.config.max_position_embeddings,
         opts.batch_size,
+        opts.positions,
     )?;
     // Fresh copies as Vars: the optimiser updates them in place, and the
     // routed MLPs hold the same storage.
@@ -260,8 +419,7 @@ pub fn adapt(
         }
     }
     let model = assemble(parts, &routers, true)?;
-    let eval = batches.eval_starts();
-    let entropy_before = evaluate(&model, &batches, &eval, opts.positions)?;
+    let entropy_before = evaluate(&model, &batches, opts.positions)?;
     let mut adam = AdamW::new(
         vars,
         ParamsAdamW {
@@ -278,9 +436,8 @@ pub fn adapt(
     );
     let start = Instant::now();
     for step in 0..opts.steps {
-        let s = rng.random_range(0..=batches.last_start());
-        let (ids, lens) = batches.batch(s, model.device())?;
-        let (loss, _) = batch_entropy(&model, &ids, &lens, opts.positions)?;
+        let batch = make_batch(&batches.draw(&mut rng), model.device())?;
+        let (loss, _) = batch_entropy(&model, &batch, opts.positions)?;
         adam.backward_step(&loss)?;
         if step % 10 == 0 || step + 1 == opts.steps {
             bar.set_message(format!("entropy {:.4}", loss.to_scalar::<f32>()?));
@@ -289,7 +446,7 @@ pub fn adapt(
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let entropy_after = evaluate(&model, &batches, &eval, opts.positions)?;
+    let entropy_after = evaluate(&model, &batches, opts.positions)?;
     drop(model);
     let trained = routers.try_map(|r| r.try_map(|t| Ok(t.detach().copy()?)))?;
     Ok((
@@ -299,7 +456,7 @@ pub fn adapt(
             lr: opts.lr,
             batch_size: batches.size,
             seed: opts.seed,
-            sequences: batches.seqs.len(),
+            sequences: batches.len(),
             entropy_positions: opts.positions,
             seconds,
             entropy_before,
@@ -329,29 +486,95 @@ mod tests {
         assert!((h - 0.562335).abs() < 1e-5, "{h}");
     }
 
+    fn text(source: u32, ids: Vec<u32>) -> CalibrationItem {
+        CalibrationItem {
+            source,
+            input: CalibrationInput::Text(ids),
+        }
+    }
+
     #[test]
-    fn batches_are_right_padded_with_their_lengths() {
+    fn steps_draw_from_every_source_and_pad_on_the_right() {
         let cal = vec![
-            vec![1, 2, 3, 4, 5],
-            vec![],
-            vec![1, 2],
-            vec![7, 8, 9],
-            vec![4; 10],
+            text(0, vec![1, 2, 3, 4, 5]),
+            text(0, vec![]),
+            text(2, vec![1, 2]),
+            text(2, vec![7, 8, 9]),
+            text(1, vec![4; 10]),
         ];
-        let b = Batches::new(&cal, 8, 2).unwrap();
-        // Sorted lengths (empty dropped, 10 cut to 8): 2, 3, 5, 8.
+        let b = Batches::new(&cal, 8, 3, EntropyPositions::Last).unwrap();
+        // Empty dropped, 10 cut to 8; sources in order 0, 1, 2.
+        assert_eq!(b.len(), 4);
         assert_eq!(
-            b.seqs.iter().map(Vec::len).collect::<Vec<_>>(),
-            vec![2, 3, 5, 8]
+            b.groups
+                .iter()
+                .map(|g| g.iter().map(|i| match i {
+                    CalibrationInput::Text(ids) => ids.len(),
+                    CalibrationInput::Choices { .. } => unreachable!(),
+                })
+                .collect::<Vec<_>>())
+                .collect::<Vec<_>>(),
+            vec![vec![5], vec![8], vec![2, 3]]
         );
-        assert_eq!(b.last_start(), 2);
-        let (ids, lens) = b.batch(1, &Device::Cpu).unwrap();
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        for _ in 0..20 {
+            let drawn = b.draw(&mut rng);
+            assert_eq!(drawn.len(), 3);
+            // One input of each source per batch of 3.
+            let mut lens: Vec<usize> = drawn
+                .iter()
+                .map(|i| match i {
+                    CalibrationInput::Text(ids) => ids.len(),
+                    CalibrationInput::Choices { .. } => unreachable!(),
+                })
+                .collect();
+            lens.sort();
+            assert!(lens == vec![2, 5, 8] || lens == vec![3, 5, 8], "{lens:?}");
+        }
+        // Evaluation: sources in turn, then their second inputs.
+        let eval = b.eval_batches();
+        assert_eq!(eval.len(), 2);
+        let batch = make_batch(&eval[0], &Device::Cpu).unwrap();
         assert_eq!(
-            ids.to_vec2::<u32>().unwrap(),
-            vec![vec![7, 8, 9, 0, 0], vec![1, 2, 3, 4, 5]]
+            batch.ids.to_vec2::<u32>().unwrap(),
+            vec![
+                vec![1, 2, 3, 4, 5, 0, 0, 0],
+                vec![4; 8],
+                vec![1, 2, 0, 0, 0, 0, 0, 0]
+            ]
         );
-        assert_eq!(lens, vec![3, 5]);
-        assert_eq!(b.eval_starts(), vec![0, 1, 2]);
-        assert!(Batches::new(&[vec![]], 8, 2).is_err());
+        assert_eq!(batch.lens, vec![5, 8, 2]);
+        assert_eq!(batch.route_lens, vec![5, 8, 2]);
+        assert_eq!(eval[1].len(), 1);
+        assert!(Batches::new(&[text(0, vec![])], 8, 2, EntropyPositions::Last).is_err());
+    }
+
+    #[test]
+    fn choices_become_rows_routed_on_their_context() {
+        let mc = CalibrationItem {
+            source: 0,
+            input: CalibrationInput::Choices {
+                context: vec![1, 2],
+                choices: vec![vec![5], vec![6, 7], vec![8; 9]],
+            },
+        };
+        // The 9-token choice does not fit in 8 positions after the context.
+        let b = Batches::new(&[text(0, vec![3, 3, 3]), mc.clone()], 8, 2, EntropyPositions::Last)
+            .unwrap();
+        let batch = make_batch(&b.eval_batches()[0], &Device::Cpu).unwrap();
+        assert_eq!(
+            batch.ids.to_vec2::<u32>().unwrap(),
+            vec![vec![3, 3, 3, 0], vec![1, 2, 5, 0], vec![1, 2, 6, 7]]
+        );
+        assert_eq!(batch.lens, vec![3, 3, 4]);
+        assert_eq!(batch.route_lens, vec![3, 2, 2]);
+        assert!(matches!(batch.inputs[0], BatchInput::Text { row: 0 }));
+        assert!(matches!(
+            &batch.inputs[1],
+            BatchInput::Choices { rows, context: 2 } if *rows == (1..3)
+        ));
+        // With `all`, a multiple-choice input trains on its context.
+        let b = Batches::new(&[mc], 8, 1, EntropyPositions::All).unwrap();
+        assert_eq!(b.groups, vec![vec![CalibrationInput::Text(vec![1, 2])]]);
     }
 }

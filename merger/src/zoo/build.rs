@@ -111,7 +111,7 @@ impl Recipe {
             bos_token_id: Some(BOS),
             eos_token_ids: vec![EOS],
         };
-        let (base_steps, expert_steps) = if quick { (200, 300) } else { (3000, 1000) };
+        let (base_steps, expert_steps) = if quick { (1200, 300) } else { (3000, 1000) };
         let schedule = |steps, trainable| Schedule {
             steps,
             lr: 3e-3,
