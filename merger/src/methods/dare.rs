@@ -296,7 +296,7 @@ impl DareTies {
 
 impl MergeMethod for DareTies {
     fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
-        self.ties.prepare(scan, Some(&self.dropout))
+        self.ties.prepare(scan, Some(&self.dropout), None)
     }
 
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
@@ -669,6 +669,7 @@ mod tests {
                 scope: super::super::ties::Scope::Tensor,
                 tasks: 3,
                 stats: None,
+                held: Default::default(),
             },
             lambda: Num::constant("l", 0.5),
         };
