@@ -11,7 +11,7 @@ CHART=helm/fusion-gateway
 OUT=target/chart
 mkdir -p "$OUT"
 for tool in helm kubernetes-validate promtool hadolint; do
-  command -v "$tool" >/dev/null || { echo "check-chart: $tool is missing (run scripts/install-tools.sh)" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "check-deploy: $tool is missing (run scripts/install-tools.sh)" >&2; exit 1; }
 done
 
 hadolint Dockerfile Dockerfile.cuda

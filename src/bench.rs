@@ -2,11 +2,20 @@
 //! and as a ratio to a plain memory-copy floor measured in the same run, with
 //! the peak private memory (RssAnon) sampled from /proc while each merge runs.
 //!
+//! `fusion bench serve`: the gateway's cache-hit latency against the
+//! in-process call, and requests/s of concurrent clients over more merges
+//! than the cache holds (see [`serve`]).
+//!
 //! `fusion bench generate`: tokens/s of greedy generation on the model
 //! runtime against candle-transformers' Llama on the same weights, in the
 //! same run.
+//!
+//! `fusion bench moe`: tokens/s of the routed ensembles against the dense
+//! task-arithmetic merge and the base, and router training time.
 
 pub mod generate;
+mod moe;
+pub mod serve;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +32,10 @@ use merger::zoo::{pool_spec, synth, SynthOptions};
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
 pub enum BenchCommand {
+    /// Tokens/s of the routed ensembles (we_moe, ...) against the dense task-arithmetic merge and the base, and router training time.
+    Moe(moe::MoeBenchArgs),
+    /// Gateway: cache-hit latency (p50/p99) vs the in-process call; req/s of 8 clients over 4 merges, cache of 2.
+    Serve(serve::ServeBenchArgs),
     /// Merge throughput of task_arithmetic, ties_merging and dare against a memory-copy floor.
     Merge {
         /// Parameters of the synthetic pool (e.g. 1B).
@@ -85,6 +98,8 @@ fn pool_dirs(work: &Path, experts: usize) -> Vec<PathBuf> {
 /// Runs `fusion bench`.
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Moe(args) => moe::run(args),
+        BenchCommand::Serve(args) => serve::run(args),
         BenchCommand::Merge {
             params,
             experts,

@@ -21,13 +21,17 @@ enum Command {
     Merge(cli::merge::MergeArgs),
     /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
     Generate(cli::generate::GenerateArgs),
+    /// Serve the OpenAI-compatible gateway (the demo pool when no pool is configured).
+    Serve(cli::serve::ServeArgs),
+    /// Print the gateway's OpenAPI document (`fusion openapi > openapi/openapi.json`).
+    Openapi,
     /// Score a model (a merge spec, a pool checkpoint or a folder) on a task pool.
     Eval(cli::eval::EvalArgs),
     /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
     Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters and defaults.
     Methods,
-    /// Build model pools (`synth`: random Llama-shaped pools for benchmarks).
+    /// Build model pools (`build`: the trained demo pool; `synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
     /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor; `generate`: tokens/s against candle-transformers).
@@ -37,9 +41,24 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(
+        cli.command,
+        Command::Zoo(cli::zoo::ZooCommand::Build { .. })
+    ) {
+        // The demo-pool build trains one expert per core; candle's own
+        // threads would only compete with them (and spin while waiting).
+        // Set before any thread starts; an explicit setting wins.
+        for var in ["CANDLE_NUM_THREADS", "RAYON_NUM_THREADS"] {
+            if std::env::var_os(var).is_none() {
+                std::env::set_var(var, "1");
+            }
+        }
+    }
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Serve(args) => cli::serve::run(args),
+        Command::Openapi => cli::serve::print_openapi(),
         Command::Eval(args) => cli::eval::run(args),
         Command::Compare(args) => cli::compare::run(args),
         Command::Methods => cli::methods::run(),

@@ -1,11 +1,13 @@
 //! What gets evaluated, and loading it into a runnable model: a checkpoint
 //! folder, a checkpoint of a pool, or a merge of a pool's checkpoints made
-//! in memory (never written to disk).
+//! in memory (never written to disk), routed ensembles included (their
+//! routers train on the pool's task pool inputs).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
+use merger::checkpoint::Checkpoint;
 use merger::generate::TextModel;
 use merger::merge::{merge_in_memory, MergePlan, Progress};
 use merger::model::{Model, ModelConfig, ModelOptions};
@@ -59,8 +61,44 @@ impl ModelSource {
 /// and parameters, without opening any checkpoint.
 pub fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
     let spec = pool.complete(spec)?;
-    merger::methods::build(&spec)?;
+    if merger::moe::is_moe_method(&spec.method) {
+        merger::moe::MoeParams::from_spec(&spec)?;
+    } else {
+        merger::methods::build(&spec)?;
+    }
     Ok(spec)
+}
+
+/// Builds a routed ensemble (`we_moe`, ...) of the pool's checkpoints; its
+/// routers train on the inputs of the pool's task pool (every `*.jsonl`
+/// under it, labels never read). A `router_checkpoint` names a pool
+/// checkpoint or a folder.
+fn load_moe(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<TextModel> {
+    let params = merger::moe::MoeParams::from_spec(spec)?;
+    let resolve = |name: &str| -> merger::Result<PathBuf> {
+        match pool.resolve(name) {
+            Ok(p) => Ok(p),
+            Err(_) if Path::new(name).is_dir() => Ok(PathBuf::from(name)),
+            Err(e) => Err(MergeError::Spec(e.to_string())),
+        }
+    };
+    let base = resolve(&params.base)?;
+    let calibration = if params.needs_calibration() {
+        let dir = pool.taskpool.as_ref().ok_or_else(|| EvalError::Pool {
+            path: pool.path.clone(),
+            reason: format!(
+                "`{}` trains its routers on the task pool's inputs: the pool names no `taskpool` \
+                 (or set `steps: 0` or a `router_checkpoint`)",
+                params.method.name()
+            ),
+        })?;
+        merger::moe::calibration::from_task_pool(dir, &base)?
+    } else {
+        Vec::new()
+    };
+    let open = |name: &str| Checkpoint::open(name, &resolve(name)?);
+    let built = merger::moe::build(spec, &open, &calibration, device, false)?;
+    Ok(TextModel::from_model(built.into_model(), &base)?)
 }
 
 /// A loaded model and what loading it cost.
@@ -91,6 +129,9 @@ pub fn load(source: &ModelSource, pool: Option<&ModelPool>, device: &Device) -> 
     let model = match source {
         ModelSource::Folder(dir) => TextModel::load(dir, &opts)?,
         ModelSource::Checkpoint(name) => TextModel::load(&need_pool()?.resolve(name)?, &opts)?,
+        ModelSource::Merge(spec) if merger::moe::is_moe_method(&spec.method) => {
+            load_moe(spec, need_pool()?, device)?
+        }
         ModelSource::Merge(spec) => {
             let pool = need_pool()?;
             let resolve = |name: &str| -> merger::Result<PathBuf> {

@@ -14,6 +14,10 @@ pub struct CompareArgs {
     /// The comparison config (pool, taskpool, limit, entries with sweeps).
     #[arg(long)]
     config: PathBuf,
+    /// pool.yaml to use instead of the config's `pool` (relative to the
+    /// working directory).
+    #[arg(long)]
+    pool: Option<PathBuf>,
     /// Output format: table (markdown), csv or json.
     #[arg(long, default_value = "table")]
     format: Format,
@@ -30,7 +34,7 @@ pub struct CompareArgs {
 
 /// Runs `fusion compare`.
 pub fn run(args: CompareArgs) -> anyhow::Result<()> {
-    let mut cfg = CompareConfig::load(&args.config)?;
+    let mut cfg = CompareConfig::load(&args.config, args.pool.as_deref())?;
     if args.limit.is_some() {
         cfg.run.limit = args.limit;
     }

@@ -35,6 +35,21 @@ pub struct MergeArgs {
     /// Never show a progress bar.
     #[arg(long)]
     quiet: bool,
+    /// Routed ensembles (we_moe, sparse_we_moe, rankone_moe): a task pool
+    /// folder whose `*.jsonl` inputs (prompt/context/text/input fields, never
+    /// labels) train the routers, tokenised with the base's tokenizer.
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+}
+
+impl MergeArgs {
+    fn moe_options(&self, opts: MergeOptions) -> super::moe::MoeOptions {
+        super::moe::MoeOptions {
+            write: opts.write,
+            progress: opts.progress,
+            calibration: self.calibration.clone(),
+        }
+    }
 }
 
 /// Reads a config file as a mergekit YAML or a structured spec.
@@ -93,6 +108,15 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
     };
     let resolve = resolver(config_dir);
+    if merger::moe::is_moe_method(&spec.method) {
+        return super::moe::run(&spec, &resolve, &args.out, &device, &args.moe_options(opts));
+    }
+    if args.calibration.is_some() {
+        bail!(
+            "--calibration is only used by the routed methods (we_moe, sparse_we_moe, rankone_moe), not `{}`",
+            spec.method
+        );
+    }
     let report = merge_to_dir(spec, &resolve, &args.out, &device, &opts)?;
     let s = &report.stats;
     eprintln!(

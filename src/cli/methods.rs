@@ -8,7 +8,10 @@ pub fn run() -> anyhow::Result<()> {
         "{:<18} {:<12} {:<10} {:<6} {:<7}",
         "method", "convention", "models", "base", "seeded"
     );
-    for m in REGISTRY {
+    for m in REGISTRY
+        .iter()
+        .chain(merger::moe::build::MOE_METHODS.iter())
+    {
         let models = match m.arity {
             Arity::Exactly(k) => format!("{k}"),
             Arity::AtLeast(k) => format!("{k}+"),
@@ -22,6 +25,9 @@ pub fn run() -> anyhow::Result<()> {
             if m.random { "yes" } else { "no" }
         );
     }
-    println!("\nParameters and defaults: see the README's method table.");
+    println!(
+        "\nwe_moe, sparse_we_moe and rankone_moe build routed ensembles (fusion merge --calibration DIR)."
+    );
+    println!("Parameters and defaults: see the README's method table.");
     Ok(())
 }

@@ -5,36 +5,14 @@ pub mod eval;
 pub mod generate;
 pub mod merge;
 pub mod methods;
+pub mod moe;
+pub mod serve;
 pub mod zoo;
 
-/// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count.
+/// Parses a size such as `5GB`, `500MB`, `2GiB` or a plain byte count (the
+/// same syntax as the gateway's configuration).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let x: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| format!("`{s}` is not a size (e.g. 5GB, 500MB, 1000000)"))?;
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024.0 * 1024.0,
-        "gib" => 1024.0 * 1024.0 * 1024.0,
-        other => {
-            return Err(format!(
-                "unknown unit `{other}` in `{s}` (use B, KB, MB, GB, KiB, MiB, GiB)"
-            ))
-        }
-    };
-    if !(x.is_finite() && x > 0.0) {
-        return Err(format!("`{s}` must be positive"));
-    }
-    Ok((x * mult) as u64)
+    gateway::config::parse_bytes(s)
 }
 
 /// Parses a count such as `1B`, `100M`, `50k` or a plain number.

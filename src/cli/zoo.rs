@@ -4,11 +4,27 @@ use std::path::PathBuf;
 
 use clap::Subcommand;
 use merger::checkpoint::parse_dtype;
-use merger::zoo::{synth, LlamaShape, SynthOptions};
+use merger::zoo::{build, keep_freed_memory, synth, BuildOptions, LlamaShape, SynthOptions};
 
 /// Subcommands of `fusion zoo`.
 #[derive(Subcommand)]
 pub enum ZooCommand {
+    /// Train the demo pool: a tiny Llama base on synthetic tasks and one
+    /// fine-tuned expert per task, with the task pool to measure them.
+    Build {
+        /// Output folder (gets models/, tasks/, train/, pool.yaml, REPORT.md).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the data, the initial weights and the batches.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Fewer steps and smaller test splits (under a minute; for tests).
+        #[arg(long)]
+        quick: bool,
+        /// Replace the pool files of a previous build in `--out`.
+        #[arg(long)]
+        force: bool,
+    },
     /// Write a random Llama-shaped pool: `base` and `expert_1..K` (base + small deltas).
     Synth {
         /// Approximate parameter count (e.g. 1B, 100M).
@@ -35,6 +51,42 @@ pub enum ZooCommand {
 /// Runs `fusion zoo`.
 pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
     match cmd {
+        ZooCommand::Build {
+            out,
+            seed,
+            quick,
+            force,
+        } => {
+            eprintln!(
+                "building the demo pool{} with seed {seed} into {}",
+                if quick { " (--quick)" } else { "" },
+                out.display()
+            );
+            keep_freed_memory();
+            let report = build(
+                &out,
+                &BuildOptions {
+                    seed,
+                    quick,
+                    force,
+                    progress: true,
+                    threads: None,
+                },
+            )?;
+            println!("accuracy (%) on the test splits, raw prompts:\n");
+            println!("{}", report.matrix_markdown(false));
+            println!("chat prompts:\n");
+            println!("{}", report.matrix_markdown(true));
+            println!(
+                "{} parameters per model; {:.1} s (base {:.1} s, experts {:.1} s); report in {}",
+                report.parameters,
+                report.total_seconds,
+                report.base_seconds,
+                report.experts_seconds,
+                out.join("REPORT.md").display()
+            );
+            Ok(())
+        }
         ZooCommand::Synth {
             params,
             experts,

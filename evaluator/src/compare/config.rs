@@ -2,7 +2,7 @@
 //! hyperparameter sweeps) scored on one task pool, as one table.
 //!
 //! ```yaml
-//! pool: pool.yaml            # the model pool (relative to this file)
+//! pool: pool.yaml            # the model pool (relative to this file; `--pool` overrides)
 //! taskpool: tasks            # optional; default: the pool's `taskpool`
 //! limit: 100                 # optional: first N items of each task
 //! batch_size: 16             # optional: log-likelihood requests per call
@@ -64,7 +64,8 @@ pub struct CompareConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    pool: PathBuf,
+    #[serde(default)]
+    pool: Option<PathBuf>,
     #[serde(default)]
     taskpool: Option<PathBuf>,
     #[serde(default)]
@@ -75,22 +76,28 @@ struct RawConfig {
 }
 
 impl CompareConfig {
-    /// Reads, expands and validates `compare.yaml`.
-    pub fn load(path: &Path) -> Result<CompareConfig> {
+    /// Reads, expands and validates `compare.yaml`. `pool` (a pool.yaml
+    /// path, relative to the working directory) replaces the config's own
+    /// `pool`, so one config serves several pools.
+    pub fn load(path: &Path, pool: Option<&Path>) -> Result<CompareConfig> {
         let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
-        Self::parse(&text, path)
+        Self::parse(&text, path, pool)
     }
 
     /// Parses the text of a config read from `path` (paths in it are
-    /// relative to `path`'s folder).
-    pub fn parse(text: &str, path: &Path) -> Result<CompareConfig> {
+    /// relative to `path`'s folder); see [`CompareConfig::load`].
+    pub fn parse(text: &str, path: &Path, pool: Option<&Path>) -> Result<CompareConfig> {
         let bad = |reason: String| EvalError::Config {
             path: path.to_path_buf(),
             reason,
         };
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| bad(e.to_string()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
-        let pool = ModelPool::load(&dir.join(&raw.pool))?;
+        let pool = match (pool, &raw.pool) {
+            (Some(p), _) => ModelPool::load(p)?,
+            (None, Some(p)) => ModelPool::load(&dir.join(p))?,
+            (None, None) => return Err(bad("no `pool`: give one here or with --pool".into())),
+        };
         let taskpool = match (&raw.taskpool, &pool.taskpool) {
             (Some(t), _) => dir.join(t),
             (None, Some(t)) => t.clone(),
@@ -386,7 +393,7 @@ mod tests {
         .unwrap();
         let text = format!("pool: pool.yaml\nlimit: 5\nentries:\n{entries}");
         let path = d.path().join("compare.yaml");
-        let cfg = CompareConfig::parse(&text, &path);
+        let cfg = CompareConfig::parse(&text, &path, None);
         (d, cfg)
     }
 
@@ -480,6 +487,29 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn the_demo_example_config_is_valid_for_any_pool() {
+        let (d, _) = setup("  - base\n");
+        let example = include_str!("../../../examples/compare-demo.yaml");
+        let pool = d.path().join("pool.yaml");
+        let cfg = CompareConfig::parse(
+            example,
+            Path::new("examples/compare-demo.yaml"),
+            Some(&pool),
+        )
+        .unwrap();
+        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 1);
+        assert_eq!(
+            cfg.rows[4].name,
+            "task_arithmetic (scaling_coefficient=0.1)"
+        );
+        assert_eq!(cfg.run.limit, Some(100));
+        let e = CompareConfig::parse(example, Path::new("c.yaml"), None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no `pool`"), "{e}");
     }
 
     #[test]

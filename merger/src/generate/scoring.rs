@@ -11,6 +11,9 @@
 //! position. Sequences longer than the context window lose tokens from the
 //! left of the context. Batches are right-padded (the causal mask keeps
 //! padding out of every scored position), so they give the same numbers.
+//! A routed (MoE) model routes each sequence on its context tokens, the way
+//! cached decoding routes on the prompt, so padding and the continuation
+//! being scored never change the routing.
 
 use candle_core::{DType, Tensor, D};
 
@@ -113,9 +116,11 @@ impl TextModel {
             }
             let refs: Vec<&[u32]> = seqs[start..end].iter().map(Vec::as_slice).collect();
             let ids = self.padded(&refs, w)?;
+            // Routed (MoE) models route each text on its own tokens only.
+            let lens: Vec<usize> = refs.iter().map(|s| s.len()).collect();
             let h = self
                 .model()
-                .hidden_states(&ids, None, &mut Hooks::default())?;
+                .hidden_states(&ids, None, &mut Hooks::routing_on(&lens))?;
             for (row, seq) in refs.iter().enumerate() {
                 let mean = h
                     .get(row)?
@@ -202,7 +207,15 @@ impl TextModel {
             let width = scored.iter().map(|r| r.input.len()).max().unwrap_or(1);
             let inputs: Vec<&[u32]> = scored.iter().map(|r| r.input.as_slice()).collect();
             let ids = self.padded(&inputs, width)?;
-            let logits = self.model().forward(&ids, None)?;
+            // Routed (MoE) models route each sequence on its context, as
+            // cached decoding routes on the prompt (and never on padding).
+            let context: Vec<usize> = scored
+                .iter()
+                .map(|r| r.input.len() + 1 - r.cont.len())
+                .collect();
+            let logits = self
+                .model()
+                .forward_with(&ids, None, &mut Hooks::routing_on(&context))?;
             let device = self.model().device();
             for (row, r) in scored.iter().enumerate() {
                 let n = r.cont.len();

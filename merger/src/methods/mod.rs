@@ -347,15 +347,19 @@ pub static REGISTRY: &[MethodInfo] = &[
 
 /// Looks a method up by name (either convention). mergekit's `slerp`,
 /// `task_arithmetic`, `model_stock` and `breadcrumbs` share the entry of
-/// the same name.
+/// the same name. The routed ensembles (`we_moe`, ...) are found too: their
+/// entries validate the spec's shape, but they build with
+/// [`crate::moe::build`], not as a tensor-by-tensor merge.
 pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
     REGISTRY
         .iter()
         .find(|m| m.name == name)
+        .or_else(|| crate::moe::build::method_info(name))
         .ok_or_else(|| MergeError::UnknownMethod {
             name: name.to_string(),
             known: REGISTRY
                 .iter()
+                .chain(crate::moe::build::MOE_METHODS.iter())
                 .map(|m| m.name)
                 .collect::<Vec<_>>()
                 .join(", "),

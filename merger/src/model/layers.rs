@@ -36,12 +36,29 @@ impl<F: FnMut(&str, &Tensor) -> Result<()>> LinearCapture for F {
 pub struct Hooks<'a> {
     /// Where linear inputs go, when capturing.
     pub capture: Option<&'a mut dyn LinearCapture>,
+    /// For each sequence of the batch, how many leading positions a routed
+    /// MLP's per-sequence routing averages over (`None`: every position).
+    /// Pass the real lengths of right-padded sequences so that padding never
+    /// changes the routing, or the prompt (context) lengths to route on the
+    /// prompt as cached decoding does. Plain MLPs ignore it.
+    pub routing_lens: Option<&'a [usize]>,
 }
 
 impl<'a> Hooks<'a> {
     /// Hooks that capture every linear input into `c`.
     pub fn capturing(c: &'a mut dyn LinearCapture) -> Self {
-        Hooks { capture: Some(c) }
+        Hooks {
+            capture: Some(c),
+            routing_lens: None,
+        }
+    }
+
+    /// Hooks that only set [`Hooks::routing_lens`].
+    pub fn routing_on(lens: &'a [usize]) -> Self {
+        Hooks {
+            capture: None,
+            routing_lens: Some(lens),
+        }
     }
 }
 
@@ -222,6 +239,21 @@ pub trait Mlp: Send + Sync {
     /// Maps `(batch, seq, hidden)` to `(batch, seq, hidden)`. Implementations
     /// pass `hooks` on to their linear layers so captures see them.
     fn forward(&self, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor>;
+
+    /// [`Mlp::forward`] with this layer's per-sequence state slot of the KV
+    /// cache (`None` when the forward pass has no cache). A routed MLP keeps
+    /// its routing weights there: computed and stored when the slot is empty
+    /// (the prompt), reused while it is full (the generated tokens). The
+    /// default ignores the slot.
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        state: Option<&mut Option<Tensor>>,
+        hooks: &mut Hooks,
+    ) -> Result<Tensor> {
+        let _ = state;
+        self.forward(x, hooks)
+    }
 }
 
 /// The SwiGLU MLP of Llama, Mistral and Qwen2:

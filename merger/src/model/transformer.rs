@@ -71,8 +71,13 @@ pub struct Model {
 
 impl Model {
     /// Loads `DIR/config.json` and the checkpoint's weights
-    /// (`model.safetensors` or a sharded index).
+    /// (`model.safetensors` or a sharded index). A folder written by
+    /// [`crate::moe::MoeModel::save`] (its config.json has a `fusion_moe`
+    /// object) loads as the routed ensemble it holds.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Self> {
+        if crate::moe::is_moe_folder(dir)? {
+            return Ok(crate::moe::MoeModel::load(dir, opts)?.into_model());
+        }
         let config = ModelConfig::from_dir(dir)?;
         let name = dir
             .file_name()
@@ -312,10 +317,12 @@ impl Model {
             let h = block.attn_norm.forward(&x)?;
             x = (x + block.attn.forward(&h, &ctx, slot, hooks)?)?;
             let h = block.mlp_norm.forward(&x)?;
-            x = (x + block.mlp.forward(&h, hooks)?)?;
+            let state = cache.as_deref_mut().map(|c| &mut c.mlp_state[i]);
+            x = (x + block.mlp.forward_cached(&h, state, hooks)?)?;
         }
         if let Some(c) = cache {
             c.len = start + t;
+            c.note_mlp_state();
         }
         Ok(x)
     }

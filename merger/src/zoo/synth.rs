@@ -1,6 +1,6 @@
-//! Pools of checkpoints to merge. [`synth`] writes a random Llama-shaped
-//! pool (a base and K experts that are the base plus small deltas) of any
-//! size, for throughput benchmarks and tests.
+//! Random pools: [`synth`] writes a Llama-shaped pool (a base and K experts
+//! that are the base plus small deltas) of any size, for throughput
+//! benchmarks and tests.
 
 use std::path::{Path, PathBuf};
 
@@ -179,7 +179,7 @@ pub fn pool_spec(method: &str, dirs: &[PathBuf]) -> crate::spec::MergeSpec {
 
 const CHUNK: usize = 1 << 14;
 
-fn splitmix(mut z: u64) -> u64 {
+pub(crate) fn splitmix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -1,0 +1,358 @@
+//! Merge execution and the book of known merges.
+//!
+//! A load (a merge, or reading a plain checkpoint) runs off the async
+//! runtime on the blocking pool (the merge itself fans out over rayon), at
+//! most `merge.max_concurrent` at once. The book remembers every merge a
+//! request or `POST /v1/merges` named (its spec, so that `merge-<id>` can be
+//! merged again after an eviction) and the state of its last run.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use merger::merge::{merge_in_memory, MergePlan, Progress};
+use merger::model::ModelOptions;
+use merger::spec::MergeSpec;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+use utoipa::ToSchema;
+
+use crate::cache::Resident;
+use crate::engine::Engine;
+use crate::error::{GatewayError, Result};
+use crate::metrics::Metrics;
+use crate::registry::Target;
+
+/// Most merges the book remembers; past it the oldest finished ones that
+/// are not resident are forgotten.
+pub const MAX_RECORDS: usize = 10_000;
+
+/// A model in the cache, ready to answer.
+pub struct Served {
+    /// `merge-<id>` or `pool/name`.
+    pub name: String,
+    /// The model.
+    pub engine: Engine,
+    /// The merge method, for merges.
+    pub method: Option<String>,
+    /// Seconds the merge (or load) took.
+    pub load_seconds: f64,
+}
+
+impl Resident for Served {
+    fn resident_bytes(&self) -> u64 {
+        self.engine.resident_bytes()
+    }
+}
+
+/// Where a merge stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MergeState {
+    /// Known, waiting for a merge slot.
+    Pending,
+    /// Merging now.
+    Running,
+    /// Merged and resident.
+    Ready,
+    /// Merged once, since evicted (a request merges it again).
+    Evicted,
+    /// The last run failed (not cached; a request retries it).
+    Failed,
+}
+
+/// What the book keeps per merge.
+#[derive(Debug, Clone)]
+struct Record {
+    spec: MergeSpec,
+    method: String,
+    state: MergeState,
+    output_bytes: u64,
+    resident_bytes: Option<u64>,
+    duration_seconds: Option<f64>,
+    error: Option<String>,
+    created: u64,
+    seq: u64,
+}
+
+/// A merge as `GET /v1/merges` shows it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct MergeInfo {
+    /// `merge-<id>`; usable as a `model`.
+    pub id: String,
+    /// Always `merge`.
+    pub object: &'static str,
+    /// The state.
+    pub status: MergeState,
+    /// The method's canonical name.
+    pub method: String,
+    /// The pool of its checkpoints.
+    pub pool: Option<String>,
+    /// The resolved spec.
+    #[schema(value_type = Object)]
+    pub spec: MergeSpec,
+    /// Bytes of the merged tensors (as stored).
+    pub output_bytes: u64,
+    /// Bytes of the resident model (when merged).
+    pub bytes: Option<u64>,
+    /// Wall time of the last merge, in seconds.
+    pub duration_seconds: Option<f64>,
+    /// Why the last run failed.
+    pub error: Option<String>,
+    /// Unix time the merge was first named.
+    pub created: u64,
+}
+
+#[derive(Default)]
+struct Book {
+    records: HashMap<String, Record>,
+    next_seq: u64,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The merge executor and its book.
+#[derive(Clone)]
+pub struct Merges {
+    slots: Arc<Semaphore>,
+    book: Arc<Mutex<Book>>,
+    opts: ModelOptions,
+    metrics: Metrics,
+}
+
+impl Merges {
+    /// `max_concurrent` loads at once; models built with `opts` (device, dtype).
+    pub fn new(max_concurrent: usize, opts: ModelOptions, metrics: Metrics) -> Self {
+        Merges {
+            slots: Arc::new(Semaphore::new(max_concurrent)),
+            book: Arc::new(Mutex::new(Book::default())),
+            opts,
+            metrics,
+        }
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        // A panic while holding the lock leaves plain data; keep serving.
+        self.book.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Remembers a merge a request named; `resident` says whether the cache
+    /// holds it.
+    pub fn note(&self, plan: &MergePlan, resident: bool) {
+        let id = format!("merge-{}", plan.id());
+        let mut book = self.book();
+        if book.records.contains_key(&id) {
+            return;
+        }
+        if book.records.len() >= MAX_RECORDS {
+            forget_oldest(&mut book);
+        }
+        let seq = book.next_seq;
+        book.next_seq += 1;
+        book.records.insert(
+            id,
+            Record {
+                spec: plan.spec().clone(),
+                method: plan.info().name.to_string(),
+                state: if resident {
+                    MergeState::Ready
+                } else {
+                    MergeState::Pending
+                },
+                output_bytes: plan.output_bytes(),
+                resident_bytes: None,
+                duration_seconds: None,
+                error: None,
+                created: unix_now(),
+                seq,
+            },
+        );
+    }
+
+    /// Marks a merge whose load is about to start as pending (unless it is
+    /// running already).
+    pub fn mark_pending(&self, id: &str) {
+        self.set(id, |r| {
+            if r.state != MergeState::Running {
+                r.state = MergeState::Pending;
+            }
+        });
+    }
+
+    /// The spec of a known merge.
+    pub fn spec_of(&self, id: &str) -> Option<MergeSpec> {
+        self.book().records.get(id).map(|r| r.spec.clone())
+    }
+
+    /// Whether a merge is pending or running.
+    pub fn is_busy(&self, id: &str) -> bool {
+        self.book()
+            .records
+            .get(id)
+            .is_some_and(|r| matches!(r.state, MergeState::Pending | MergeState::Running))
+    }
+
+    /// One merge as the API shows it; `resident` tells whether the cache holds it.
+    pub fn info(&self, id: &str, resident: &dyn Fn(&str) -> bool) -> Option<MergeInfo> {
+        let book = self.book();
+        book.records.get(id).map(|r| view(id, r, resident(id)))
+    }
+
+    /// Every known merge, newest first.
+    pub fn list(&self, resident: &dyn Fn(&str) -> bool) -> Vec<MergeInfo> {
+        let book = self.book();
+        let mut records: Vec<(&String, &Record)> = book.records.iter().collect();
+        records.sort_by_key(|(_, r)| std::cmp::Reverse(r.seq));
+        records
+            .into_iter()
+            .map(|(id, r)| view(id, r, resident(id)))
+            .collect()
+    }
+
+    fn set(&self, id: &str, f: impl FnOnce(&mut Record)) {
+        if let Some(r) = self.book().records.get_mut(id) {
+            f(r);
+        }
+    }
+
+    /// The future that makes `target` resident: a merge, or loading a
+    /// checkpoint. It holds a merge slot while it runs.
+    pub fn loader(
+        &self,
+        target: Target,
+    ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
+        let this = self.clone();
+        async move {
+            let name = target.model_name();
+            if matches!(target, Target::Merge(_)) {
+                this.set(&name, |r| r.state = MergeState::Pending);
+            }
+            let _slot = this
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| GatewayError::Unavailable("the server is shutting down".into()))?;
+            match target {
+                Target::Checkpoint { checkpoint, .. } => {
+                    let opts = this.opts.clone();
+                    let start = Instant::now();
+                    let engine = tokio::task::spawn_blocking(move || {
+                        Engine::from_checkpoint(&checkpoint, &opts)
+                    })
+                    .await
+                    .map_err(|e| {
+                        GatewayError::Internal(format!("loading `{name}` failed: {e}"))
+                    })??;
+                    tracing::info!(model = %name, bytes = engine.resident_bytes(), "checkpoint loaded");
+                    Ok(Arc::new(Served {
+                        name,
+                        engine,
+                        method: None,
+                        load_seconds: start.elapsed().as_secs_f64(),
+                    }))
+                }
+                Target::Merge(plan) => this.merge(name, *plan).await,
+            }
+        }
+    }
+
+    async fn merge(&self, id: String, mut plan: MergePlan) -> Result<Arc<Served>> {
+        let method = plan.info().name.to_string();
+        self.set(&id, |r| {
+            r.state = MergeState::Running;
+            r.error = None;
+        });
+        tracing::info!(merge = %id, method = %method, "merge started");
+        let opts = self.opts.clone();
+        let start = Instant::now();
+        let result = tokio::task::spawn_blocking(move || -> merger::Result<Engine> {
+            let progress = Progress::new(plan.tensors().len(), plan.info().name, false);
+            let (tensors, _stats) = merge_in_memory(&mut plan, &opts.device, &progress)?;
+            Engine::from_merge(tensors, plan.reference().dir(), &opts)
+        })
+        .await;
+        let seconds = start.elapsed().as_secs_f64();
+        let result: Result<Engine> = match result {
+            Ok(Ok(engine)) => Ok(engine),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(GatewayError::Internal(format!(
+                "the merge task failed: {e}"
+            ))),
+        };
+        let outcome = if result.is_ok() { "success" } else { "error" };
+        self.metrics
+            .merges
+            .with_label_values(&[&method, outcome])
+            .inc();
+        self.metrics
+            .merge_duration
+            .with_label_values(&[&method])
+            .observe(seconds);
+        match result {
+            Ok(engine) => {
+                let bytes = engine.resident_bytes();
+                tracing::info!(merge = %id, method = %method, seconds, bytes, "merge finished");
+                self.set(&id, |r| {
+                    r.state = MergeState::Ready;
+                    r.resident_bytes = Some(bytes);
+                    r.duration_seconds = Some(seconds);
+                });
+                Ok(Arc::new(Served {
+                    name: id,
+                    engine,
+                    method: Some(method),
+                    load_seconds: seconds,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(merge = %id, method = %method, error = %e, "merge failed");
+                self.set(&id, |r| {
+                    r.state = MergeState::Failed;
+                    r.error = Some(e.to_string());
+                    r.duration_seconds = Some(seconds);
+                });
+                Err(e)
+            }
+        }
+    }
+}
+
+fn view(id: &str, r: &Record, resident: bool) -> MergeInfo {
+    let status = match r.state {
+        MergeState::Ready | MergeState::Evicted if resident => MergeState::Ready,
+        MergeState::Ready => MergeState::Evicted,
+        s => s,
+    };
+    MergeInfo {
+        id: id.to_string(),
+        object: "merge",
+        status,
+        method: r.method.clone(),
+        pool: r.spec.pool.clone(),
+        spec: r.spec.clone(),
+        output_bytes: r.output_bytes,
+        bytes: r.resident_bytes,
+        duration_seconds: r.duration_seconds,
+        error: r.error.clone(),
+        created: r.created,
+    }
+}
+
+/// Drops the oldest record that is neither pending nor running.
+fn forget_oldest(book: &mut Book) {
+    let oldest = book
+        .records
+        .iter()
+        .filter(|(_, r)| !matches!(r.state, MergeState::Pending | MergeState::Running))
+        .min_by_key(|(_, r)| r.seq)
+        .map(|(k, _)| k.clone());
+    if let Some(k) = oldest {
+        book.records.remove(&k);
+    }
+}

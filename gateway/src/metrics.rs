@@ -1,0 +1,325 @@
+//! Every Prometheus metric of the gateway: names as constants, registered in
+//! one function ([`Metrics::new`]), rendered in the text exposition format.
+//!
+//! Counters end in `_total`, durations are in seconds and sizes in bytes, so
+//! `promtool check metrics` accepts the exposition.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// HTTP requests by route pattern and status code.
+pub const HTTP_REQUESTS_TOTAL: &str = "fusion_http_requests_total";
+/// HTTP request latency by route pattern.
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "fusion_http_request_duration_seconds";
+/// Time from the start of a generation to its first token.
+pub const TIME_TO_FIRST_TOKEN_SECONDS: &str = "fusion_time_to_first_token_seconds";
+/// Tokens generated, all requests together.
+pub const GENERATED_TOKENS_TOTAL: &str = "fusion_generated_tokens_total";
+/// Wall time of merges by method.
+pub const MERGE_DURATION_SECONDS: &str = "fusion_merge_duration_seconds";
+/// Merges run, by method and outcome (`success`, `error`).
+pub const MERGES_TOTAL: &str = "fusion_merges_total";
+/// Requests answered from a resident merge.
+pub const MERGE_CACHE_HITS_TOTAL: &str = "fusion_merge_cache_hits_total";
+/// Requests that started a merge (or a checkpoint load).
+pub const MERGE_CACHE_MISSES_TOTAL: &str = "fusion_merge_cache_misses_total";
+/// Requests that waited for a merge another request had started.
+pub const MERGE_CACHE_JOINS_TOTAL: &str = "fusion_merge_cache_joins_total";
+/// Entries removed from the cache, by cause (`size`, `explicit`, `expired`).
+pub const MERGE_CACHE_EVICTIONS_TOTAL: &str = "fusion_merge_cache_evictions_total";
+/// Bytes of resident models in the cache.
+pub const MERGE_CACHE_BYTES: &str = "fusion_merge_cache_bytes";
+/// Resident models in the cache.
+pub const MERGE_CACHE_ENTRIES: &str = "fusion_merge_cache_entries";
+/// Generation requests waiting for a slot.
+pub const GENERATION_QUEUE_DEPTH: &str = "fusion_generation_queue_depth";
+/// Generations running.
+pub const GENERATIONS_RUNNING: &str = "fusion_generations_running";
+/// Latest score of a scheduled evaluation, by merge, task and metric.
+pub const EVAL_SCORE: &str = "fusion_eval_score";
+/// Evaluation runs by merge and outcome.
+pub const EVAL_RUNS_TOTAL: &str = "fusion_eval_runs_total";
+/// Wall time of evaluation runs, by merge.
+pub const EVAL_DURATION_SECONDS: &str = "fusion_eval_duration_seconds";
+/// Unix time of the last successful evaluation run, by merge.
+pub const EVAL_LAST_SUCCESS_TIMESTAMP_SECONDS: &str = "fusion_eval_last_success_timestamp_seconds";
+/// 1 while a scheduled evaluation's merge scores under its `min_score`.
+pub const EVAL_DEGRADED: &str = "fusion_eval_degraded";
+
+/// Latency buckets of HTTP requests and first tokens (seconds).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+/// Buckets of merges and evaluations (seconds).
+const LONG_BUCKETS: &[f64] = &[
+    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+/// The gateway's metrics, in their own registry (so several servers can run
+/// in one process, as the tests do).
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// See [`HTTP_REQUESTS_TOTAL`].
+    pub http_requests: IntCounterVec,
+    /// See [`HTTP_REQUEST_DURATION_SECONDS`].
+    pub http_duration: HistogramVec,
+    /// See [`TIME_TO_FIRST_TOKEN_SECONDS`].
+    pub time_to_first_token: Histogram,
+    /// See [`GENERATED_TOKENS_TOTAL`].
+    pub generated_tokens: IntCounter,
+    /// See [`MERGE_DURATION_SECONDS`].
+    pub merge_duration: HistogramVec,
+    /// See [`MERGES_TOTAL`].
+    pub merges: IntCounterVec,
+    /// See [`MERGE_CACHE_HITS_TOTAL`].
+    pub cache_hits: IntCounter,
+    /// See [`MERGE_CACHE_MISSES_TOTAL`].
+    pub cache_misses: IntCounter,
+    /// See [`MERGE_CACHE_JOINS_TOTAL`].
+    pub cache_joins: IntCounter,
+    /// See [`MERGE_CACHE_EVICTIONS_TOTAL`].
+    pub cache_evictions: IntCounterVec,
+    /// See [`MERGE_CACHE_BYTES`].
+    pub cache_bytes: IntGauge,
+    /// See [`MERGE_CACHE_ENTRIES`].
+    pub cache_entries: IntGauge,
+    /// See [`GENERATION_QUEUE_DEPTH`].
+    pub queue_depth: IntGauge,
+    /// See [`GENERATIONS_RUNNING`].
+    pub generations_running: IntGauge,
+    /// See [`EVAL_SCORE`].
+    pub eval_score: prometheus::GaugeVec,
+    /// See [`EVAL_RUNS_TOTAL`].
+    pub eval_runs: IntCounterVec,
+    /// See [`EVAL_DURATION_SECONDS`].
+    pub eval_duration: HistogramVec,
+    /// See [`EVAL_LAST_SUCCESS_TIMESTAMP_SECONDS`].
+    pub eval_last_success: IntGaugeVec,
+    /// See [`EVAL_DEGRADED`].
+    pub eval_degraded: IntGaugeVec,
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+fn hist(name: &str, help: &str, buckets: &[f64]) -> HistogramOpts {
+    HistogramOpts::new(name, help).buckets(buckets.to_vec())
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let http_requests = IntCounterVec::new(
+            opts(HTTP_REQUESTS_TOTAL, "HTTP requests by route and status."),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let http_duration = HistogramVec::new(
+            hist(
+                HTTP_REQUEST_DURATION_SECONDS,
+                "HTTP request latency by route, until the response head (streams: first byte).",
+                LATENCY_BUCKETS,
+            ),
+            &["route"],
+        )
+        .expect("valid metric");
+        let time_to_first_token = Histogram::with_opts(hist(
+            TIME_TO_FIRST_TOKEN_SECONDS,
+            "Time from the start of a generation to its first token.",
+            LATENCY_BUCKETS,
+        ))
+        .expect("valid metric");
+        let generated_tokens = IntCounter::with_opts(opts(
+            GENERATED_TOKENS_TOTAL,
+            "Tokens generated by completions and chat completions.",
+        ))
+        .expect("valid metric");
+        let merge_duration = HistogramVec::new(
+            hist(
+                MERGE_DURATION_SECONDS,
+                "Wall time of merges by method.",
+                LONG_BUCKETS,
+            ),
+            &["method"],
+        )
+        .expect("valid metric");
+        let merges = IntCounterVec::new(
+            opts(MERGES_TOTAL, "Merges run, by method and outcome."),
+            &["method", "outcome"],
+        )
+        .expect("valid metric");
+        let cache_hits = IntCounter::with_opts(opts(
+            MERGE_CACHE_HITS_TOTAL,
+            "Requests served from a resident model.",
+        ))
+        .expect("valid metric");
+        let cache_misses = IntCounter::with_opts(opts(
+            MERGE_CACHE_MISSES_TOTAL,
+            "Requests that started a merge or a checkpoint load.",
+        ))
+        .expect("valid metric");
+        let cache_joins = IntCounter::with_opts(opts(
+            MERGE_CACHE_JOINS_TOTAL,
+            "Requests that waited for a merge started by another request.",
+        ))
+        .expect("valid metric");
+        let cache_evictions = IntCounterVec::new(
+            opts(
+                MERGE_CACHE_EVICTIONS_TOTAL,
+                "Models removed from the cache, by cause (size, explicit, expired).",
+            ),
+            &["cause"],
+        )
+        .expect("valid metric");
+        let cache_bytes = IntGauge::with_opts(opts(
+            MERGE_CACHE_BYTES,
+            "Bytes of the resident models in the cache.",
+        ))
+        .expect("valid metric");
+        let cache_entries =
+            IntGauge::with_opts(opts(MERGE_CACHE_ENTRIES, "Resident models in the cache."))
+                .expect("valid metric");
+        let queue_depth = IntGauge::with_opts(opts(
+            GENERATION_QUEUE_DEPTH,
+            "Generation requests waiting for a slot.",
+        ))
+        .expect("valid metric");
+        let generations_running =
+            IntGauge::with_opts(opts(GENERATIONS_RUNNING, "Generations running."))
+                .expect("valid metric");
+        let eval_score = prometheus::GaugeVec::new(
+            opts(EVAL_SCORE, "Latest score of a scheduled evaluation."),
+            &["merge", "task", "metric"],
+        )
+        .expect("valid metric");
+        let eval_runs = IntCounterVec::new(
+            opts(EVAL_RUNS_TOTAL, "Evaluation runs by merge and outcome."),
+            &["merge", "outcome"],
+        )
+        .expect("valid metric");
+        let eval_duration = HistogramVec::new(
+            hist(
+                EVAL_DURATION_SECONDS,
+                "Wall time of evaluation runs.",
+                LONG_BUCKETS,
+            ),
+            &["merge"],
+        )
+        .expect("valid metric");
+        let eval_last_success = IntGaugeVec::new(
+            opts(
+                EVAL_LAST_SUCCESS_TIMESTAMP_SECONDS,
+                "Unix time of the last successful evaluation run.",
+            ),
+            &["merge"],
+        )
+        .expect("valid metric");
+        let eval_degraded = IntGaugeVec::new(
+            opts(
+                EVAL_DEGRADED,
+                "1 while an evaluation scores under its min_score, else 0.",
+            ),
+            &["merge"],
+        )
+        .expect("valid metric");
+        let m = Metrics {
+            registry,
+            http_requests,
+            http_duration,
+            time_to_first_token,
+            generated_tokens,
+            merge_duration,
+            merges,
+            cache_hits,
+            cache_misses,
+            cache_joins,
+            cache_evictions,
+            cache_bytes,
+            cache_entries,
+            queue_depth,
+            generations_running,
+            eval_score,
+            eval_runs,
+            eval_duration,
+            eval_last_success,
+            eval_degraded,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.http_requests.clone()),
+            Box::new(m.http_duration.clone()),
+            Box::new(m.time_to_first_token.clone()),
+            Box::new(m.generated_tokens.clone()),
+            Box::new(m.merge_duration.clone()),
+            Box::new(m.merges.clone()),
+            Box::new(m.cache_hits.clone()),
+            Box::new(m.cache_misses.clone()),
+            Box::new(m.cache_joins.clone()),
+            Box::new(m.cache_evictions.clone()),
+            Box::new(m.cache_bytes.clone()),
+            Box::new(m.cache_entries.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.generations_running.clone()),
+            Box::new(m.eval_score.clone()),
+            Box::new(m.eval_runs.clone()),
+            Box::new(m.eval_duration.clone()),
+            Box::new(m.eval_last_success.clone()),
+            Box::new(m.eval_degraded.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        m
+    }
+
+    /// The registry, for collectors added by other parts (evaluations).
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding of gathered metrics");
+        String::from_utf8(buf).expect("the text format is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_and_labels() {
+        let m = Metrics::new();
+        m.merges
+            .with_label_values(&["ties_merging", "success"])
+            .inc();
+        m.merges
+            .with_label_values(&["ties_merging", "success"])
+            .inc();
+        m.cache_hits.inc_by(3);
+        m.cache_bytes.set(1024);
+        let text = m.render();
+        assert!(
+            text.contains("fusion_merges_total{method=\"ties_merging\",outcome=\"success\"} 2"),
+            "{text}"
+        );
+        assert!(text.contains("fusion_merge_cache_hits_total 3"), "{text}");
+        assert!(text.contains("fusion_merge_cache_bytes 1024"), "{text}");
+        assert!(text.contains("# TYPE fusion_merge_cache_misses_total counter"));
+    }
+}

@@ -1,0 +1,365 @@
+//! The registry: pools of opened checkpoints and named presets, and the
+//! resolution of a request's `model` (or `merge`) field to what serves it.
+//!
+//! Requests name registered checkpoints only, never paths. The `model` field
+//! is, in this order:
+//! 1. `merge-<id>`: a merge made earlier (by `POST /v1/merges` or by a request);
+//! 2. a compact merge, `[pool/]method(a,b;key=value)`;
+//! 3. a preset name;
+//! 4. a checkpoint, `pool/name` or a bare `name` found in exactly one pool.
+//!
+//! Merge specs name checkpoints of one pool (bare, or `pool/name`); the
+//! resolved spec carries the pool and bare names, so the same merge written
+//! either way has one id. A method that needs a base and names none gets the
+//! pool's base.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use merger::checkpoint::Checkpoint;
+use merger::merge::MergePlan;
+use merger::spec::{compact, MergeSpec};
+
+use crate::config::Config;
+use crate::error::{GatewayError, Result};
+use crate::limits::Limits;
+
+/// The name of a pool's base checkpoint.
+pub const BASE_NAME: &str = "base";
+
+/// A base checkpoint with its experts, opened (memory-mapped) once.
+pub struct Pool {
+    name: String,
+    checkpoints: BTreeMap<String, Arc<Checkpoint>>,
+}
+
+impl Pool {
+    /// The pool's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Checkpoints by name (`base` and the experts).
+    pub fn checkpoints(&self) -> &BTreeMap<String, Arc<Checkpoint>> {
+        &self.checkpoints
+    }
+
+    fn names(&self) -> String {
+        self.checkpoints
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// What a request's model resolves to.
+pub enum Target {
+    /// A registered checkpoint, served as it is.
+    Checkpoint {
+        /// Its pool.
+        pool: String,
+        /// Its name in the pool.
+        name: String,
+        /// The opened checkpoint.
+        checkpoint: Arc<Checkpoint>,
+    },
+    /// A validated merge.
+    Merge(Box<MergePlan>),
+}
+
+impl Target {
+    /// The cache key and public model name: `merge-<id>` or `pool/name`.
+    pub fn model_name(&self) -> String {
+        match self {
+            Target::Checkpoint { pool, name, .. } => format!("{pool}/{name}"),
+            Target::Merge(plan) => format!("merge-{}", plan.id()),
+        }
+    }
+}
+
+/// Kinds of entries of `GET /v1/models`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ModelKind {
+    /// A registered checkpoint.
+    Checkpoint,
+    /// A configured preset.
+    Preset,
+}
+
+/// Pools and presets.
+pub struct Registry {
+    pools: BTreeMap<String, Pool>,
+    presets: BTreeMap<String, MergeSpec>,
+    limits: Limits,
+}
+
+impl Registry {
+    /// Opens every checkpoint of the configuration; fails naming the first
+    /// folder that cannot be opened.
+    pub fn open(config: &Config) -> Result<Self> {
+        if config.pools.is_empty() {
+            return Err(GatewayError::Startup(
+                "no pool configured: add `pools` to the configuration, or give none to serve the demo pool"
+                    .to_string(),
+            ));
+        }
+        let mut pools = BTreeMap::new();
+        for (pool_name, pool) in &config.pools {
+            let mut checkpoints = BTreeMap::new();
+            let entries = std::iter::once((BASE_NAME, &pool.base))
+                .chain(pool.experts.iter().map(|(k, v)| (k.as_str(), v)));
+            for (name, dir) in entries {
+                let ck = Checkpoint::open(name, dir).map_err(|e| {
+                    GatewayError::Startup(format!("pool `{pool_name}`, checkpoint `{name}`: {e}"))
+                })?;
+                checkpoints.insert(name.to_string(), ck);
+            }
+            pools.insert(
+                pool_name.clone(),
+                Pool {
+                    name: pool_name.clone(),
+                    checkpoints,
+                },
+            );
+        }
+        let presets = config
+            .presets
+            .iter()
+            .map(|(name, p)| Ok((name.clone(), p.to_spec(name)?)))
+            .collect::<Result<_>>()?;
+        Ok(Registry {
+            pools,
+            presets,
+            limits: Limits::new(config.server.limits.clone()),
+        })
+    }
+
+    /// The pools by name.
+    pub fn pools(&self) -> &BTreeMap<String, Pool> {
+        &self.pools
+    }
+
+    /// The presets by name.
+    pub fn presets(&self) -> &BTreeMap<String, MergeSpec> {
+        &self.presets
+    }
+
+    /// The request limits.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Every checkpoint (`pool/name`) and preset, for `GET /v1/models`.
+    pub fn models(&self) -> Vec<(String, ModelKind)> {
+        let mut out: Vec<(String, ModelKind)> = self
+            .pools
+            .values()
+            .flat_map(|p| {
+                p.checkpoints
+                    .keys()
+                    .map(move |n| (format!("{}/{n}", p.name), ModelKind::Checkpoint))
+            })
+            .collect();
+        out.extend(self.presets.keys().map(|n| (n.clone(), ModelKind::Preset)));
+        out
+    }
+
+    /// Resolves a `model` field. `merge_spec` returns the spec of a known
+    /// `merge-<id>`.
+    pub fn resolve_model(
+        &self,
+        model: &str,
+        merge_spec: &dyn Fn(&str) -> Option<MergeSpec>,
+    ) -> Result<Target> {
+        self.limits.check_spec_len(model)?;
+        let parsed = compact::parse(model).map_err(|e| GatewayError::BadRequest {
+            message: e.to_string(),
+            param: Some("model".to_string()),
+            code: "invalid_merge_spec",
+        })?;
+        match parsed {
+            compact::Parsed::Merge(spec) => self.plan(spec),
+            compact::Parsed::MergeId(id) => {
+                let spec = merge_spec(&id).ok_or_else(|| {
+                    GatewayError::model_not_found(format!(
+                        "unknown merge `{id}`; create it with POST /v1/merges or name the merge itself"
+                    ))
+                })?;
+                let plan = self.plan_merge(spec)?;
+                if format!("merge-{}", plan.id()) != id {
+                    return Err(GatewayError::Conflict(format!(
+                        "`{id}` was made from checkpoints that have changed since; it is now merge-{}",
+                        plan.id()
+                    )));
+                }
+                Ok(Target::Merge(Box::new(plan)))
+            }
+            compact::Parsed::Name(name) => {
+                if let Some(spec) = self.presets.get(&name) {
+                    return self.plan(spec.clone());
+                }
+                let (pool, ck_name, ck) = self.checkpoint(&name, None)?;
+                Ok(Target::Checkpoint {
+                    pool: pool.to_string(),
+                    name: ck_name,
+                    checkpoint: ck,
+                })
+            }
+        }
+    }
+
+    /// Validates a structured merge spec (a request's `merge` field, or
+    /// `POST /v1/merges`) into a merge target.
+    pub fn resolve_spec(&self, spec: MergeSpec) -> Result<Target> {
+        self.plan(spec)
+    }
+
+    /// Finds a checkpoint by `pool/name` or bare name; `pool` restricts the
+    /// search to one pool.
+    fn checkpoint(
+        &self,
+        name: &str,
+        pool: Option<&str>,
+    ) -> Result<(&str, String, Arc<Checkpoint>)> {
+        let (pool, bare) = match name.split_once('/') {
+            Some((p, n)) => {
+                if let Some(want) = pool {
+                    if want != p {
+                        return Err(GatewayError::bad_param(
+                            "model",
+                            format!("checkpoint `{name}` is not in pool `{want}`: a merge uses one pool"),
+                        ));
+                    }
+                }
+                (Some(p), n)
+            }
+            None => (pool, name),
+        };
+        if let Some(p) = pool {
+            let found = self.pool(p)?;
+            let ck = found.checkpoints.get(bare).ok_or_else(|| {
+                GatewayError::model_not_found(format!(
+                    "unknown checkpoint `{bare}` in pool `{p}` ({})",
+                    found.names()
+                ))
+            })?;
+            return Ok((found.name.as_str(), bare.to_string(), ck.clone()));
+        }
+        let hits: Vec<&Pool> = self
+            .pools
+            .values()
+            .filter(|p| p.checkpoints.contains_key(bare))
+            .collect();
+        match hits.as_slice() {
+            [one] => Ok((
+                one.name.as_str(),
+                bare.to_string(),
+                one.checkpoints[bare].clone(),
+            )),
+            [] => Err(GatewayError::model_not_found(format!(
+                "unknown model `{name}`: not a preset ({}) nor a checkpoint ({}); \
+                 a merge looks like `ties_merging(a,b;density=0.2)`",
+                self.presets.keys().cloned().collect::<Vec<_>>().join(", "),
+                self.models()
+                    .into_iter()
+                    .filter(|(_, k)| *k == ModelKind::Checkpoint)
+                    .map(|(n, _)| n)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ))),
+            many => Err(GatewayError::bad_param(
+                "model",
+                format!(
+                    "`{bare}` is in several pools ({}); write `pool/{bare}`",
+                    many.iter()
+                        .map(|p| p.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// Puts a spec in one pool with bare names, fills the base, validates it
+    /// against the opened checkpoints.
+    fn plan(&self, spec: MergeSpec) -> Result<Target> {
+        Ok(Target::Merge(Box::new(self.plan_merge(spec)?)))
+    }
+
+    fn plan_merge(&self, mut spec: MergeSpec) -> Result<MergePlan> {
+        self.limits.check_experts(&spec)?;
+        let pool_name = self.pool_of(&spec)?;
+        let pool = self.pool(&pool_name)?;
+        let bare = |n: &str| n.split_once('/').map_or(n, |(_, b)| b).to_string();
+        for name in spec.checkpoint_names() {
+            self.checkpoint(name, Some(&pool_name))?;
+        }
+        spec.base = spec.base.as_deref().map(bare);
+        for m in &mut spec.models {
+            m.name = bare(&m.name);
+        }
+        spec.pool = Some(pool_name.clone());
+        if spec.base.is_none() {
+            if let Ok(info) = merger::methods::lookup(&spec.method) {
+                if info.needs_base {
+                    spec.base = Some(BASE_NAME.to_string());
+                }
+            }
+        }
+        let open = |name: &str| -> merger::Result<Arc<Checkpoint>> {
+            pool.checkpoints
+                .get(name)
+                .cloned()
+                .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))
+        };
+        Ok(MergePlan::with_checkpoints(spec, &open)?)
+    }
+
+    /// The pool named `name`, or a 404 listing the pools.
+    fn pool(&self, name: &str) -> Result<&Pool> {
+        self.pools.get(name).ok_or_else(|| {
+            GatewayError::model_not_found(format!(
+                "unknown pool `{name}`; pools: {}",
+                self.pools.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })
+    }
+
+    /// The pool a spec's checkpoints belong to (an existing one).
+    fn pool_of(&self, spec: &MergeSpec) -> Result<String> {
+        if let Some(p) = &spec.pool {
+            return Ok(self.pool(p)?.name.clone());
+        }
+        let names = spec.checkpoint_names();
+        if let Some(q) = names.iter().find_map(|n| n.split_once('/').map(|(p, _)| p)) {
+            return Ok(self.pool(q)?.name.clone());
+        }
+        if self.pools.len() == 1 {
+            return Ok(self.pools.keys().next().expect("one pool").clone());
+        }
+        let fits: Vec<&String> = self
+            .pools
+            .iter()
+            .filter(|(_, p)| names.iter().all(|n| p.checkpoints.contains_key(*n)))
+            .map(|(k, _)| k)
+            .collect();
+        match fits.as_slice() {
+            [one] => Ok((*one).clone()),
+            [] => Err(GatewayError::model_not_found(format!(
+                "no pool holds every checkpoint of the merge ({})",
+                names.join(", ")
+            ))),
+            many => Err(GatewayError::bad_param(
+                "model",
+                format!(
+                    "the merge fits several pools ({}); prefix it with `pool/`",
+                    many.iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            )),
+        }
+    }
+}

@@ -1,0 +1,309 @@
+//! The parameters of a routed-ensemble spec, validated apart from execution
+//! into [`MoeParams`] (no optional fields left but the router checkpoint).
+//!
+//! | parameter | methods | default | range |
+//! |---|---|---|---|
+//! | `init_lambda` | all | 0.3 | finite |
+//! | `routing` | all | `per_sequence` | `per_sequence` \| `per_token` |
+//! | `lr` | all | 1e-4 | > 0 |
+//! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers) |
+//! | `batch_size` | all | 16 | integer ≥ 1 |
+//! | `router_checkpoint` | all | – | a saved MoE of the same method and shape |
+//! | `tv_prune_ratio` | `sparse_we_moe` | 0.9 | [0, 1) |
+//! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1 |
+//!
+//! Numbers may also be written as strings (`lr: "1e-4"`: YAML 1.1 reads a
+//! float without a dot as a string). Any other key is an error that lists
+//! the accepted ones; the spec's `seed` (default 0) seeds the router
+//! initialisation and the order of the training batches.
+
+use crate::error::{MergeError, Result};
+use crate::spec::{MergeSpec, ParamValue};
+
+use super::{MoeMethod, Routing};
+
+/// Default λ.
+pub const DEFAULT_INIT_LAMBDA: f64 = 0.3;
+/// Default Adam learning rate.
+pub const DEFAULT_LR: f64 = 1e-4;
+/// Default number of training steps.
+pub const DEFAULT_STEPS: usize = 1000;
+/// Default batch size.
+pub const DEFAULT_BATCH_SIZE: usize = 16;
+/// Default pruning quantile of `sparse_we_moe`.
+pub const DEFAULT_TV_PRUNE_RATIO: f64 = 0.9;
+/// Default rank of `rankone_moe`.
+pub const DEFAULT_RANK_K: usize = 32;
+
+/// A validated routed-ensemble spec.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MoeParams {
+    /// The method.
+    pub method: MoeMethod,
+    /// The base checkpoint's name.
+    pub base: String,
+    /// The experts' names, in spec order.
+    pub experts: Vec<String>,
+    /// λ of the backbone and of the routers' initial output.
+    pub init_lambda: f64,
+    /// Per-sequence or per-token routing.
+    pub routing: Routing,
+    /// Adam learning rate.
+    pub lr: f64,
+    /// Adam steps (0: no training).
+    pub steps: usize,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Quantile of |τ| to drop below (`sparse_we_moe`).
+    pub tv_prune_ratio: f64,
+    /// SVD components kept per task vector (`rankone_moe`).
+    pub rank_k: usize,
+    /// A trained router folder to load instead of training.
+    pub router_checkpoint: Option<String>,
+    /// Seed of the router initialisation and the batch order.
+    pub seed: u64,
+    /// Stored dtype (`float32`, `float16`, `bfloat16`); default the base's.
+    pub dtype: Option<String>,
+}
+
+impl MoeParams {
+    /// Validates `spec`: the method, the base, at least one expert, every
+    /// parameter's type and range, and no unknown parameter.
+    pub fn from_spec(spec: &MergeSpec) -> Result<Self> {
+        let method =
+            MoeMethod::from_name(&spec.method).ok_or_else(|| MergeError::UnknownMethod {
+                name: spec.method.clone(),
+                known: MoeMethod::ALL.map(MoeMethod::name).join(", "),
+            })?;
+        let base = spec.base.clone().ok_or_else(|| MergeError::MissingBase {
+            method: method.name().into(),
+        })?;
+        if spec.models.is_empty() {
+            return Err(MergeError::ModelCount {
+                method: method.name().into(),
+                expected: "at least 1".into(),
+                found: 0,
+            });
+        }
+        let mut accepted = vec![
+            "init_lambda",
+            "routing",
+            "lr",
+            "steps",
+            "batch_size",
+            "router_checkpoint",
+        ];
+        match method {
+            MoeMethod::WeMoe => {}
+            MoeMethod::SparseWeMoe => accepted.push("tv_prune_ratio"),
+            MoeMethod::RankoneMoe => accepted.push("rank_k"),
+        }
+        let unknown = |param: String| MergeError::UnknownParameter {
+            method: method.name().into(),
+            param,
+            accepted: accepted.join(", "),
+        };
+        if let Some(k) = spec
+            .parameters
+            .keys()
+            .find(|k| !accepted.contains(&k.as_str()))
+        {
+            return Err(unknown(k.clone()));
+        }
+        for m in &spec.models {
+            if m.weight.is_some() {
+                return Err(unknown(format!("models[{}].weight", m.name)));
+            }
+            if let Some(k) = m.parameters.keys().next() {
+                return Err(unknown(format!("models[{}].{k}", m.name)));
+            }
+        }
+        if let Some(d) = &spec.dtype {
+            if crate::checkpoint::parse_dtype(d).is_none() {
+                return Err(MergeError::BadParameter {
+                    param: "dtype".into(),
+                    reason: format!("`{d}` is not one of float32, float16, bfloat16"),
+                });
+            }
+        }
+        let get = |k: &str| spec.parameters.get(k);
+        let init_lambda = number(get("init_lambda"), "init_lambda", DEFAULT_INIT_LAMBDA)?;
+        let lr = number(get("lr"), "lr", DEFAULT_LR)?;
+        if lr <= 0.0 {
+            return Err(MergeError::range("lr", lr, "a positive number"));
+        }
+        let steps = integer(get("steps"), "steps", DEFAULT_STEPS, 0)?;
+        let batch_size = integer(get("batch_size"), "batch_size", DEFAULT_BATCH_SIZE, 1)?;
+        let tv_prune_ratio = number(
+            get("tv_prune_ratio"),
+            "tv_prune_ratio",
+            DEFAULT_TV_PRUNE_RATIO,
+        )?;
+        if !(0.0..1.0).contains(&tv_prune_ratio) {
+            return Err(MergeError::range(
+                "tv_prune_ratio",
+                tv_prune_ratio,
+                "in [0, 1)",
+            ));
+        }
+        let rank_k = integer(get("rank_k"), "rank_k", DEFAULT_RANK_K, 1)?;
+        let routing = match get("routing") {
+            None => Routing::PerSequence,
+            Some(ParamValue::Text(s)) if s == "per_sequence" => Routing::PerSequence,
+            Some(ParamValue::Text(s)) if s == "per_token" => Routing::PerToken,
+            Some(v) => {
+                return Err(MergeError::BadParameter {
+                    param: "routing".into(),
+                    reason: format!("expected per_sequence | per_token, got {}", describe(v)),
+                })
+            }
+        };
+        let router_checkpoint = match get("router_checkpoint") {
+            None => None,
+            Some(ParamValue::Text(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(v) => {
+                return Err(MergeError::BadParameter {
+                    param: "router_checkpoint".into(),
+                    reason: format!("expected a checkpoint name, got {}", describe(v)),
+                })
+            }
+        };
+        Ok(MoeParams {
+            method,
+            base,
+            experts: spec.models.iter().map(|m| m.name.clone()).collect(),
+            init_lambda,
+            routing,
+            lr,
+            steps,
+            batch_size,
+            tv_prune_ratio,
+            rank_k,
+            router_checkpoint,
+            seed: spec.seed.unwrap_or(0),
+            dtype: spec.dtype.clone(),
+        })
+    }
+
+    /// Whether building needs calibration inputs: the routers are trained
+    /// (steps > 0) and not loaded from a checkpoint.
+    pub fn needs_calibration(&self) -> bool {
+        self.steps > 0 && self.router_checkpoint.is_none()
+    }
+}
+
+fn describe(v: &ParamValue) -> String {
+    match v {
+        ParamValue::Text(s) => format!("`{s}`"),
+        ParamValue::Number(x) => format!("the number {x}"),
+        other => other.kind().to_string(),
+    }
+}
+
+/// A finite scalar, written as a number or as a string holding one.
+fn number(v: Option<&ParamValue>, name: &str, default: f64) -> Result<f64> {
+    let x = match v {
+        None => return Ok(default),
+        Some(ParamValue::Number(x)) => *x,
+        Some(ParamValue::Text(s)) => {
+            s.trim()
+                .parse::<f64>()
+                .map_err(|_| MergeError::BadParameter {
+                    param: name.into(),
+                    reason: format!("expected a number, got `{s}`"),
+                })?
+        }
+        Some(other) => {
+            return Err(MergeError::BadParameter {
+                param: name.into(),
+                reason: format!("expected a single number, got {}", other.kind()),
+            })
+        }
+    };
+    if !x.is_finite() {
+        return Err(MergeError::range(name, x, "a finite number"));
+    }
+    Ok(x)
+}
+
+/// An integer ≥ `min`, written as a number or a string.
+fn integer(v: Option<&ParamValue>, name: &str, default: usize, min: usize) -> Result<usize> {
+    let x = number(v, name, default as f64)?;
+    if x.fract() != 0.0 || x < min as f64 || x > u32::MAX as f64 {
+        return Err(MergeError::range(name, x, &format!("an integer ≥ {min}")));
+    }
+    Ok(x as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ModelSpec;
+
+    fn spec(method: &str) -> MergeSpec {
+        MergeSpec::new(method, Some("base"), &["a", "b"])
+    }
+
+    #[test]
+    fn defaults_follow_the_reference() {
+        let p = MoeParams::from_spec(&spec("we_moe")).unwrap();
+        assert_eq!(p.method, MoeMethod::WeMoe);
+        assert_eq!(p.init_lambda, 0.3);
+        assert_eq!(p.routing, Routing::PerSequence);
+        assert_eq!((p.lr, p.steps, p.batch_size), (1e-4, 1000, 16));
+        assert_eq!((p.tv_prune_ratio, p.rank_k), (0.9, 32));
+        assert_eq!(p.experts, vec!["a", "b"]);
+        assert!(p.needs_calibration());
+    }
+
+    #[test]
+    fn strings_are_accepted_for_numbers_and_words() {
+        let s = spec("rankone_moe")
+            .with_value("lr", ParamValue::Text("1e-3".into()))
+            .with_value("rank_k", ParamValue::Text("8".into()))
+            .with_value("routing", ParamValue::Text("per_token".into()))
+            .with_value("router_checkpoint", ParamValue::Text("trained".into()))
+            .with("steps", 5.0);
+        let p = MoeParams::from_spec(&s).unwrap();
+        assert_eq!((p.lr, p.rank_k, p.steps), (1e-3, 8, 5));
+        assert_eq!(p.routing, Routing::PerToken);
+        assert_eq!(p.router_checkpoint.as_deref(), Some("trained"));
+        assert!(!p.needs_calibration());
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let err = |s: MergeSpec| MoeParams::from_spec(&s).unwrap_err().to_string();
+        let e = err(spec("we_moe").with("rank_k", 4.0));
+        assert!(
+            e.contains("`rank_k`") && !e.contains("tv_prune_ratio"),
+            "{e}"
+        );
+        let e = err(spec("sparse_we_moe").with("tv_prune_ratio", 1.0));
+        assert!(e.contains("tv_prune_ratio") && e.contains("[0, 1)"), "{e}");
+        let e = err(spec("we_moe").with("steps", 2.5));
+        assert!(e.contains("`steps`") && e.contains("integer"), "{e}");
+        let e = err(spec("we_moe").with("batch_size", 0.0));
+        assert!(e.contains("`batch_size`"), "{e}");
+        let e = err(spec("we_moe").with("lr", -1.0));
+        assert!(e.contains("`lr`") && e.contains("positive"), "{e}");
+        let e = err(spec("we_moe").with_value("lr", ParamValue::Text("fast".into())));
+        assert!(e.contains("`lr`") && e.contains("fast"), "{e}");
+        let e = err(spec("we_moe").with_value("routing", ParamValue::Text("top1".into())));
+        assert!(e.contains("`routing`") && e.contains("per_token"), "{e}");
+        let mut s = spec("we_moe");
+        s.models[0] = ModelSpec {
+            weight: Some(ParamValue::Number(0.5)),
+            ..ModelSpec::named("a")
+        };
+        assert!(err(s).contains("models[a].weight"));
+        let mut s = spec("we_moe");
+        s.base = None;
+        assert!(err(s).contains("base"));
+        let s = MergeSpec::new("we_moe", Some("base"), &[]);
+        assert!(err(s).contains("at least 1"));
+        let mut s = spec("we_moe");
+        s.dtype = Some("int8".into());
+        assert!(err(s).contains("`dtype`"));
+    }
+}
