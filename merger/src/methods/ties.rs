@@ -173,8 +173,8 @@ use crate::kernels::OutElem;
 pub use mergekit::build_mergekit;
 pub(crate) use mergekit::{densities, MkMerge};
 use onepass::{Hold, Lambda, HOLD_CAP_BYTES};
+pub(crate) use source::Source;
 use source::{add_trimmed, Chunk};
-pub(crate) use source::{for_each_hit, Source};
 use stats::{fb_stats_radix_hold, fb_stats_tensor, RadixOpts, TiesStats};
 
 /// How the selected entries are combined.
