@@ -683,6 +683,8 @@ mod tests {
     struct Stored {
         name: String,
         shape: Vec<usize>,
+        /// BF16 or F32.
+        dtype: DType,
         base: Vec<u8>,
         experts: Vec<Vec<u8>>,
     }
@@ -700,12 +702,32 @@ mod tests {
     }
 
     fn words(v: &[f32]) -> Vec<u8> {
-        v.iter()
-            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
-            .collect()
+        encode(v, DType::BF16)
+    }
+
+    /// `v` stored as bf16 or f32.
+    fn encode(v: &[f32], dtype: DType) -> Vec<u8> {
+        match dtype {
+            DType::BF16 => v
+                .iter()
+                .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+                .collect(),
+            _ => v.iter().flat_map(|&x| x.to_le_bytes()).collect(),
+        }
     }
 
     fn stored(rng: &mut ChaCha8Rng, name: &str, n: usize, tasks: usize, kind: Kind) -> Stored {
+        stored_as(rng, name, n, tasks, kind, DType::BF16)
+    }
+
+    fn stored_as(
+        rng: &mut ChaCha8Rng,
+        name: &str,
+        n: usize,
+        tasks: usize,
+        kind: Kind,
+        dtype: DType,
+    ) -> Stored {
         let base: Vec<f32> = (0..n)
             .map(|_| match kind {
                 Kind::Coarse if rng.random_bool(0.01) => -0.0,
@@ -723,13 +745,14 @@ mod tests {
                         Kind::Zeros => b + rng.random_range(-3i32..=3) as f32 * 0.25,
                     })
                     .collect();
-                words(&e)
+                encode(&e, dtype)
             })
             .collect();
         Stored {
             name: name.into(),
             shape: vec![n],
-            base: words(&base),
+            dtype,
+            base: encode(&base, dtype),
             experts,
         }
     }
@@ -737,17 +760,15 @@ mod tests {
     static CPU: Device = Device::Cpu;
 
     fn inputs(s: &Stored, out: DType) -> TensorInputs<'_> {
-        fn r<'a>(shape: &'a [usize], b: &'a [u8]) -> TensorRef<'a> {
-            TensorRef {
-                dtype: DType::BF16,
-                shape,
-                bytes: b,
-            }
-        }
+        let r = |bytes| TensorRef {
+            dtype: s.dtype,
+            shape: &s.shape,
+            bytes,
+        };
         TensorInputs {
             ctx: TensorCtx::new(&s.name, 1),
-            base: Some(r(&s.shape, &s.base)),
-            experts: s.experts.iter().map(|e| r(&s.shape, e)).collect(),
+            base: Some(r(s.base.as_slice())),
+            experts: s.experts.iter().map(|e| r(e.as_slice())).collect(),
             device: &CPU,
             out_dtype: out,
         }
@@ -758,6 +779,7 @@ mod tests {
         Stored {
             name: "all".into(),
             shape: vec![model.iter().map(|s| s.shape[0]).sum()],
+            dtype: model[0].dtype,
             base: model.iter().flat_map(|s| s.base.clone()).collect(),
             experts: (0..model[0].experts.len())
                 .map(|i| model.iter().flat_map(|s| s.experts[i].clone()).collect())
@@ -947,6 +969,7 @@ mod tests {
         let m = vec![Stored {
             name: "w".into(),
             shape: vec![n],
+            dtype: DType::BF16,
             base: words(&base),
             experts,
         }];
@@ -1018,5 +1041,88 @@ mod tests {
             let want = fb_fused_tensor(&src, &stats, func, 0.9).unwrap().unwrap();
             assert_eq!(bits(&got), bits(&want), "{func:?}");
         }
+    }
+
+    #[test]
+    fn in_memory_and_streamed_merges_are_the_same_bits() {
+        // The method as the merge engine drives it: `prepare` on a scan that
+        // keeps its outputs (the in-memory merge: one pass where it
+        // applies) or not (thresholds first, then a merge pass), then
+        // `merge` of every tensor. Sizes around the block and chunk sizes;
+        // magnitudes tied on a grid, mostly zero, or continuous; density 1,
+        // tiny (int(d·density) = 0: only the largest magnitude and its ties
+        // are kept) and ordinary; every merge function; bf16 inputs (one
+        // pass) and f32 inputs (never held, two passes either way).
+        let sizes = [
+            1,
+            31,
+            BLOCK - 1,
+            BLOCK + 1,
+            CHUNK - 1,
+            CHUNK,
+            CHUNK + 1,
+            3 * CHUNK + 77,
+        ];
+        let lambda = |i: &TensorInputs| Ok(lambda_of(&i.ctx.name));
+        let mut held_somewhere = 0;
+        for seed in 0..3u64 {
+            let mut rng = ChaCha8Rng::seed_from_u64(40 + seed);
+            let (tasks, kind) =
+                [(3, Kind::Coarse), (2, Kind::Zeros), (4, Kind::Continuous)][seed as usize];
+            for (dtype, out) in [
+                (DType::BF16, DType::BF16),
+                (DType::BF16, DType::F32),
+                (DType::F32, DType::F32),
+            ] {
+                let model: Vec<Stored> = sizes
+                    .iter()
+                    .enumerate()
+                    .map(|(t, &n)| stored_as(&mut rng, &format!("t{t}"), n, tasks, kind, dtype))
+                    .collect();
+                for density in [1.0, 0.2, 1e-6] {
+                    for func in [MergeFunc::Sum, MergeFunc::Mean, MergeFunc::Max] {
+                        let merged = |keeps: bool| {
+                            let mut ties = FbTies {
+                                density,
+                                ..fb(func, Scope::Model, tasks)
+                            };
+                            let scan = Scan {
+                                model: &model,
+                                out,
+                                keeps,
+                            };
+                            ties.prepare(&scan, None, Some(&lambda)).unwrap();
+                            let held = ties.held.lock().unwrap().len();
+                            let tensors: Vec<Vec<u32>> = model
+                                .iter()
+                                .map(|s| {
+                                    let inp = inputs(s, out);
+                                    let src = Source::new(&inp, None).unwrap();
+                                    let t = ties.merge(&src, lambda_of(&s.name), true).unwrap();
+                                    assert_eq!(t.dtype(), out);
+                                    bits(&t)
+                                })
+                                .collect();
+                            (held, tensors)
+                        };
+                        let ((held, one), (none, two)) = (merged(true), merged(false));
+                        let case =
+                            format!("seed {seed} {dtype:?}->{out:?} density {density} {func:?}");
+                        assert_eq!(none, 0, "{case}");
+                        assert_eq!(
+                            held,
+                            if dtype == DType::BF16 { model.len() } else { 0 },
+                            "{case}"
+                        );
+                        held_somewhere += held;
+                        for ((s, a), b) in model.iter().zip(&one).zip(&two) {
+                            let bad = a.iter().zip(b).position(|(x, y)| x != y);
+                            assert!(bad.is_none(), "{case}: tensor {} entry {bad:?}", s.name);
+                        }
+                    }
+                }
+            }
+        }
+        assert!(held_somewhere > 0);
     }
 }
