@@ -489,15 +489,16 @@ fn entry<const T: usize, const F: u8>(
         live |= u32::from(kept & (key != 0));
         kt[i] = if kept { tau[i] } else { 0.0 };
     }
-    let sum = trimmed_sum(&kt);
-    let zero = u32::from(!(sum > 0.0)) & u32::from(!(sum < 0.0));
+    // sign(sum), 0 for a zero or NaN sum (the majority decides).
+    let sign = sgn32(trimmed_sum(&kt));
+    let zero = u32::from(sign == 0);
     Entry {
         // The majority is not known yet: entries that need it are pending
         // and merged again.
         r: fb_entry::<T, F>(bj, &kt, 0.0, lambda),
         low,
         at_keep,
-        sign: sgn32(sum),
+        sign,
         hit: (zero & live) | open << 1,
     }
 }
