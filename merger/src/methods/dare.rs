@@ -610,6 +610,44 @@ mod tests {
         assert_eq!(bits, PINNED, "{bits:#010x}");
     }
 
+    #[test]
+    fn every_build_of_the_mask_loop_gives_the_same_bits() {
+        let d = Dropout {
+            seed: 4,
+            keep: vec![Num::constant("q", 0.37)],
+            streams: streams(&["a"]),
+            rescale: true,
+            only_linear: false,
+        };
+        let td = d.for_tensor(&ones(1000).inputs()).unwrap().unwrap();
+        let e = td.experts[0].expect("dropped");
+        let tau: Vec<f32> = (0..5000).map(|j| (j as f32 - 2500.0) * 1e-3).collect();
+        let start = 123_457;
+        let mut want = tau.clone();
+        drop_body(&e, start, &mut want);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let isa = Isa::detect();
+            if isa != Isa::Base {
+                let mut got = tau.clone();
+                // SAFETY: the CPU has AVX2 and FMA (`Isa::detect`).
+                unsafe { drop_avx2(&e, start, &mut got) };
+                assert_eq!(got, want);
+            }
+            if isa == Isa::Avx512 {
+                let mut got = tau.clone();
+                // SAFETY: the CPU has AVX-512 (`Isa::detect`).
+                unsafe { drop_avx512(&e, start, &mut got) };
+                assert_eq!(got, want);
+            }
+        }
+        // Kept entries are τ/q, the others 0.
+        assert!(want
+            .iter()
+            .zip(&tau)
+            .all(|(&w, &t)| w == 0.0 || w == t / 0.37f32));
+    }
+
     /// The first 32 keep flags (bit j = entry j) of seed 42, tensor
     /// `model.layers.0.mlp.up_proj.weight`, model `a`, q = 1/2 (also
     /// computed by an independent Python transcription of the header).
