@@ -14,9 +14,11 @@ use crate::checkpoint::TensorRef;
 /// A zeroed vector of `n` elements whose pages are backed by transparent
 /// huge pages where the kernel allows it (`madvise` mode): a merged tensor
 /// is written once, front to back, and 4 KiB page faults were a measured
-/// share of a task-arithmetic merge.
+/// share of a task-arithmetic merge. The memory comes zeroed from the
+/// allocator (fresh pages for large vectors), so that no page is touched
+/// before the advice: the merge's first write faults each huge page in.
 pub fn output_vec<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
-    let v = vec![T::zeroed(); n];
+    let v = zeroed_vec::<T>(n);
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -32,6 +34,28 @@ pub fn output_vec<T: bytemuck::Zeroable + Clone>(n: usize) -> Vec<T> {
         }
     }
     v
+}
+
+/// `n` zeroed elements from `alloc_zeroed` (`vec![T::zeroed(); n]` writes
+/// every element for types the standard library does not know to be
+/// zero, such as `half::bf16`).
+fn zeroed_vec<T: bytemuck::Zeroable>(n: usize) -> Vec<T> {
+    let layout = std::alloc::Layout::array::<T>(n).expect("output tensor size");
+    if layout.size() == 0 {
+        let mut v = Vec::with_capacity(n);
+        v.resize_with(n, T::zeroed);
+        return v;
+    }
+    // SAFETY: the layout has a nonzero size; all-zero bytes are a valid `T`
+    // (`Zeroable`); the vector owns the allocation with the layout that
+    // `Vec` itself uses for `n` elements of `T`.
+    unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, n, n)
+    }
 }
 
 /// Elements per work item: small enough that the f32 accumulator stays in L1.

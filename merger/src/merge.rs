@@ -69,6 +69,12 @@ pub struct MergeStats {
 pub trait Sink: Sync {
     /// Stores the f32 result for `tensor`.
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()>;
+
+    /// Whether the sink keeps every merged tensor in memory (see
+    /// [`ModelScan::keeps_outputs`]); false by default.
+    fn keeps_outputs(&self) -> bool {
+        false
+    }
 }
 
 /// Calls `f` with the contiguous f32 data of a tensor (copied to the CPU first
@@ -131,6 +137,10 @@ impl MemorySink {
 }
 
 impl Sink for MemorySink {
+    fn keeps_outputs(&self) -> bool {
+        true
+    }
+
     fn put(&self, tensor: &PlannedTensor, value: Tensor) -> Result<()> {
         let err = |e| MergeError::in_tensor(&tensor.name, e);
         let value = if value.dtype() == tensor.dtype
@@ -365,7 +375,11 @@ impl MergePlan {
         // The method is taken out while it scans the plan it belongs to.
         progress.bar.set_message("model-wide statistics");
         let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
-        let prepared = method.prepare(&PlanScan { plan: self, device });
+        let prepared = method.prepare(&PlanScan {
+            plan: self,
+            device,
+            keeps_outputs: sink.keeps_outputs(),
+        });
         self.method = method;
         prepared?;
         let per_tensor_input = |t: &PlannedTensor| -> u64 {
@@ -423,6 +437,7 @@ impl MergeMethod for Unprepared {
 struct PlanScan<'a> {
     plan: &'a MergePlan,
     device: &'a Device,
+    keeps_outputs: bool,
 }
 
 impl ModelScan for PlanScan<'_> {
@@ -431,6 +446,10 @@ impl ModelScan for PlanScan<'_> {
             .schedule()
             .into_par_iter()
             .try_for_each(|i| f(&self.plan.inputs(&self.plan.tensors[i], self.device)?))
+    }
+
+    fn keeps_outputs(&self) -> bool {
+        self.keeps_outputs
     }
 }
 

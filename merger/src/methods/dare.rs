@@ -31,33 +31,33 @@
 //! or with (`dare_ties`) the sign consensus: θ0 + λ·(Σ wi τi′ [·mask] /
 //! divisor).
 //!
-//! Randomness: seed = the spec's `seed` (0 when absent); root = SHA-256(
+//! Randomness: a counter-based hash, so that a mask is cheap (a few
+//! integer operations per entry, in vector registers) and depends on
+//! nothing but (seed, tensor, model, c, j): not on the thread count nor on
+//! how a tensor is split into chunks, and every pass over a tensor redraws
+//! the same mask. The stream key is SHA-256("fusion-gateway/dare/v2",
 //! seed, tensor name, model name, c) for the model's mask in that tensor, c
 //! counting the models of the same name listed before it (so the masks do
 //! not depend on the order of the models, which the canonical id of these
-//! order-free methods ignores, and a model listed twice draws two masks).
-//! Entries come in blocks of
-//! 2¹⁴; block b has a primary ChaCha8 stream seeded with SHA-256(root, b)
-//! and a secondary one seeded with SHA-256(root, 2⁶³ + b). Entry j of the
-//! block draws a 32-bit uniform U whose top byte is byte j of the primary
-//! stream and whose low 24 bits are taken, in entry order, from the words
-//! of the secondary stream (24 high bits of each) only when that byte
-//! equals the top byte of ⌊q·2³²⌉; it is kept iff U < ⌊q·2³²⌉. That is
-//! exactly a 32-bit comparison (keep probability ⌊q·2³²⌉/2³², a resolution
-//! of 2⁻³²) while reading a byte of keystream per entry instead of four;
-//! ChaCha8 is most of DARE's cost. The masks depend on nothing but
-//! (seed, tensor, model, c, j): not on thread scheduling nor on how a tensor
-//! is split into chunks, and every pass over a tensor redraws the same mask.
+//! order-free methods ignores, and a model listed twice draws two masks);
+//! its first 12 bytes are three little-endian words k0, k1, k2. Entry j
+//! (lo, hi its low and high 32 bits) draws the 32-bit word
+//! U = mix(mix(lo ⊕ k0) ⊕ k1 ⊕ mix(hi ⊕ k2)), mix being the `lowbias32`
+//! integer hash (x ⊕= x≫16; x ·= 0x21f0aaad; x ⊕= x≫15; x ·= 0x735a2d97;
+//! x ⊕= x≫15, wrapping), a bijection of 32 bits; the entry is kept iff
+//! U < ⌊q·2³²⌉ (keep probability ⌊q·2³²⌉/2³², a resolution of 2⁻³²). One
+//! word per entry: for a fixed high half, U is a bijection of lo, so over a
+//! whole run of 2³² entries exactly ⌊q·2³²⌉ are kept. The fused CPU loop
+//! and the tensor path (mask drawn on the CPU, then moved to the device)
+//! call the same function. Versions before this scheme drew the masks from
+//! ChaCha8 streams: the same seed now gives other masks.
 
 use candle_core::{DType, Tensor};
-use rand::SeedableRng;
-use rand_chacha::rand_core::block::BlockRngCore;
-use rand_chacha::ChaCha8Core;
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::params::LAMBDA_KEYS;
-use super::ties::{densities, for_each_hit, FbTies, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
+use super::ties::{densities, FbTies, Isa, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 
@@ -74,15 +74,59 @@ pub(crate) struct Dropout {
     pub only_linear: bool,
 }
 
-/// One expert's dropout in one tensor.
-#[derive(Debug, Clone)]
-struct ExpertDrop {
-    /// SHA-256(seed, tensor, model stream): the root of the block seeds.
-    seed: [u8; 32],
+/// One expert's dropout in one tensor: its mask stream (see the module
+/// header) and rescaling.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ExpertDrop {
+    /// k0, k1, k2 of the stream.
+    key: [u32; 3],
     /// Keep an entry when its random word is below this.
     keep_below: u32,
     /// q when rescaling, else 1.
     divisor: f32,
+}
+
+/// `lowbias32` (C. Wellons): a bijective 32-bit integer hash with strong
+/// avalanche, wrapping multiplications only, so that it vectorises.
+#[inline(always)]
+fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x21f0_aaad);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x735a_2d97);
+    x ^ (x >> 15)
+}
+
+impl ExpertDrop {
+    /// The part of U shared by the entries whose index has high half `hi`:
+    /// k1 ⊕ mix(hi ⊕ k2).
+    #[inline(always)]
+    fn high(&self, hi: u32) -> u32 {
+        self.key[1] ^ mix32(hi ^ self.key[2])
+    }
+
+    /// U of the entry with low half `lo`, given [`ExpertDrop::high`].
+    #[inline(always)]
+    fn word(&self, lo: u32, high: u32) -> u32 {
+        mix32(mix32(lo ^ self.key[0]) ^ high)
+    }
+
+    /// Calls `f(x, keep)` on `xs`, entries `start..start + xs.len()` of
+    /// the stream, in order: a plain loop over the entries that share the
+    /// high half of their index, so that it vectorises.
+    #[inline(always)]
+    fn for_each_keep<X>(&self, start: usize, xs: &mut [X], f: impl Fn(&mut X, bool)) {
+        let mut off = 0;
+        while off < xs.len() {
+            let j = (start + off) as u64;
+            let run = ((1u64 << 32) - (j & 0xffff_ffff)).min((xs.len() - off) as u64) as usize;
+            let (lo, high) = (j as u32, self.high((j >> 32) as u32));
+            for (k, x) in (0u32..).zip(&mut xs[off..off + run]) {
+                f(x, self.word(lo.wrapping_add(k), high) < self.keep_below);
+            }
+            off += run;
+        }
+    }
 }
 
 /// The dropout of one tensor, per expert (`None`: kept whole).
@@ -109,18 +153,19 @@ pub(crate) fn streams(names: &[&str]) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// The root seed of (seed, tensor, model stream): a stable hash, the same
-/// on every platform and run.
-fn stream_seed(seed: u64, tensor: &str, stream: &(String, u64)) -> [u8; 32] {
+/// The key of (seed, tensor, model stream): words of a stable hash, the
+/// same on every platform and run.
+fn stream_key(seed: u64, tensor: &str, stream: &(String, u64)) -> [u32; 3] {
     let mut h = Sha256::new();
-    h.update(b"fusion-gateway/dare/v1\0");
+    h.update(b"fusion-gateway/dare/v2\0");
     h.update(seed.to_le_bytes());
     for part in [tensor, stream.0.as_str()] {
         h.update((part.len() as u64).to_le_bytes());
         h.update(part.as_bytes());
     }
     h.update(stream.1.to_le_bytes());
-    h.finalize().into()
+    let root: [u8; 32] = h.finalize().into();
+    std::array::from_fn(|i| u32::from_le_bytes(root[4 * i..4 * i + 4].try_into().expect("4 bytes")))
 }
 
 impl Dropout {
@@ -140,7 +185,7 @@ impl Dropout {
                 let q = q.at(ctx)?;
                 let below = (q * 4_294_967_296.0).round();
                 Ok((below < 4_294_967_296.0).then(|| ExpertDrop {
-                    seed: stream_seed(self.seed, &ctx.name, &self.streams[i]),
+                    key: stream_key(self.seed, &ctx.name, &self.streams[i]),
                     keep_below: below as u32,
                     divisor: if self.rescale { q as f32 } else { 1.0 },
                 }))
@@ -153,112 +198,49 @@ impl Dropout {
     }
 }
 
-/// Entries per independently seeded block of a mask stream: part of the
-/// definition of the masks, never to be changed.
-const MASK_BLOCK: usize = 1 << 14;
-
-/// The ChaCha8 seed of one block of one expert's stream.
-fn block_seed(root: &[u8; 32], block: u64) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(root);
-    h.update(block.to_le_bytes());
-    h.finalize().into()
-}
-
-/// Keystream bytes per ChaCha8 call (64 words).
-const BATCH: usize = 256;
-
-/// A lazily generated stream of words.
-struct Words {
-    core: ChaCha8Core,
-    buf: <ChaCha8Core as BlockRngCore>::Results,
-    next: usize,
-}
-
-impl Words {
-    fn new(seed: [u8; 32]) -> Self {
-        Words {
-            core: ChaCha8Core::from_seed(seed),
-            buf: Default::default(),
-            next: 64,
-        }
-    }
-
-    #[inline]
-    fn word(&mut self) -> u32 {
-        if self.next == 64 {
-            self.core.generate(&mut self.buf);
-            self.next = 0;
-        }
-        self.next += 1;
-        self.buf.as_ref()[self.next - 1]
-    }
-}
-
 /// Writes the keep flags (0 or 1) of entries `start..start + out.len()` of
-/// one expert's stream into `out` (see the module header for the draw).
-#[inline(always)]
+/// one expert's stream into `out`.
 fn keep_flags(e: &ExpertDrop, start: usize, out: &mut [u8]) {
-    let end = start + out.len();
-    let (top, low) = ((e.keep_below >> 24) as u8, e.keep_below & 0x00ff_ffff);
-    let mut bytes = [0u8; BATCH];
-    let mut pos = start;
-    while pos < end {
-        let block = pos / MASK_BLOCK;
-        let block_end = ((block + 1) * MASK_BLOCK).min(end);
-        let mut primary = <ChaCha8Core as BlockRngCore>::Results::default();
-        let mut core = ChaCha8Core::from_seed(block_seed(&e.seed, block as u64));
-        let mut secondary = Words::new(block_seed(&e.seed, (1 << 63) | block as u64));
-        // `w`: the entry of the first byte of the next batch.
-        let mut w = block * MASK_BLOCK;
-        while w < block_end {
-            core.generate(&mut primary);
-            for (b, word) in bytes.chunks_exact_mut(4).zip(primary.as_ref()) {
-                b.copy_from_slice(&word.to_le_bytes());
-            }
-            let n = BATCH.min(block_end - w);
-            let bytes = &bytes[..n];
-            if w + n <= pos {
-                // Entries before `start` still consume their secondary
-                // words, so that the draw does not depend on `start`.
-                for _ in bytes.iter().filter(|&&b| b == top) {
-                    secondary.word();
-                }
-            } else {
-                let skip = pos.saturating_sub(w);
-                let flags = &mut out[w + skip - start..w + n - start];
-                for (f, &b) in flags.iter_mut().zip(&bytes[skip..]) {
-                    *f = u8::from(b < top);
-                }
-                for_each_hit(
-                    bytes,
-                    |b| b == top,
-                    |l| {
-                        let keep = u8::from(secondary.word() >> 8 < low);
-                        if l >= skip {
-                            flags[l - skip] = keep;
-                        }
-                    },
-                );
-            }
-            w += BATCH;
-        }
-        pos = block_end;
-    }
+    e.for_each_keep(start, out, |f, keep| *f = u8::from(keep));
+}
+
+/// τ′ = τ ⊙ m / divisor in place, entries `start..start + tau.len()`.
+#[inline(always)]
+fn drop_body(e: &ExpertDrop, start: usize, tau: &mut [f32]) {
+    let div = e.divisor;
+    e.for_each_keep(start, tau, |v, keep| *v = if keep { *v / div } else { 0.0 });
+}
+
+/// [`drop_body`] built for AVX-512 (16 lanes of 32-bit multiplies).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+unsafe fn drop_avx512(e: &ExpertDrop, start: usize, tau: &mut [f32]) {
+    drop_body(e, start, tau)
+}
+
+/// [`drop_body`] built for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn drop_avx2(e: &ExpertDrop, start: usize, tau: &mut [f32]) {
+    drop_body(e, start, tau)
 }
 
 impl TensorDropout {
-    /// Sparsifies entries `start..start + tau.len()` of expert `i` in place
-    /// (inlined into the callers' multiversioned loops).
-    #[inline(always)]
+    /// Sparsifies entries `start..start + tau.len()` of expert `i` in place,
+    /// with the widest build of the loop the CPU runs (the mask is integer
+    /// arithmetic and one division per entry: every build gives the same
+    /// bits).
     pub fn apply(&self, i: usize, start: usize, tau: &mut [f32]) {
-        if let Some(e) = &self.experts[i] {
-            let div = e.divisor;
-            let mut flags = vec![0u8; tau.len()];
-            keep_flags(e, start, &mut flags);
-            for (v, &f) in tau.iter_mut().zip(flags.iter()) {
-                *v = if f != 0 { *v / div } else { 0.0 };
-            }
+        let Some(e) = &self.experts[i] else {
+            return;
+        };
+        match Isa::detect() {
+            // SAFETY: `Isa::detect` reports what the CPU supports.
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => unsafe { drop_avx512(e, start, tau) },
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => unsafe { drop_avx2(e, start, tau) },
+            _ => drop_body(e, start, tau),
         }
     }
 
@@ -296,7 +278,7 @@ impl DareTies {
 
 impl MergeMethod for DareTies {
     fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
-        self.ties.prepare(scan, Some(&self.dropout))
+        self.ties.prepare(scan, Some(&self.dropout), None)
     }
 
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
@@ -471,7 +453,7 @@ mod tests {
 
     #[test]
     fn masks_do_not_depend_on_chunking_or_path() {
-        // 40k entries: three blocks of the mask streams.
+        // 40k entries, drawn whole, in uneven pieces and as a tensor.
         let n = 40_000;
         let d = Dropout {
             seed: 3,
@@ -484,8 +466,7 @@ mod tests {
         let td = d.for_tensor(&fx.inputs()).unwrap().unwrap();
         let mut whole = vec![1f32; n];
         td.apply(0, 0, &mut whole);
-        // Uneven pieces, drawn separately, give the same mask, also when a
-        // piece starts inside a block or spans a block boundary.
+        // Uneven pieces, drawn separately, give the same mask.
         let mut pieces = vec![1f32; n];
         let mut at = 0;
         for len in [1_001, 4_567, 11_000, 17_000, 6_432] {
@@ -494,8 +475,15 @@ mod tests {
         }
         assert_eq!(at, n);
         assert_eq!(whole, pieces);
-        // The tensor path draws the same mask: kept entries are 1/0.3.
-        let t = Tensor::from_vec(vec![1f32; n], (n / 100, 100), &candle_core::Device::Cpu).unwrap();
+        assert!(whole
+            .iter()
+            .all(|&v| v == 0.0 || (v - 1.0 / 0.3).abs() < 1e-6));
+        // The tensor path (the device merges') draws the same mask and
+        // rescales alike: the same bits, on varied τ.
+        let tau: Vec<f32> = (0..n).map(|j| ((j % 13) as f32 - 6.0) * 0.37).collect();
+        let mut fused = tau.clone();
+        td.apply(0, 0, &mut fused);
+        let t = Tensor::from_vec(tau, (n / 100, 100), &candle_core::Device::Cpu).unwrap();
         let tensor = td
             .apply_tensor(0, &t)
             .unwrap()
@@ -503,10 +491,7 @@ mod tests {
             .unwrap()
             .to_vec1::<f32>()
             .unwrap();
-        assert_close(&tensor, &whole, 1e-6);
-        assert!(whole
-            .iter()
-            .all(|&v| v == 0.0 || (v - 1.0 / 0.3).abs() < 1e-6));
+        assert_eq!(tensor, fused);
         // Another tensor name gives another mask.
         let other = Fixture::new(
             "model.layers.1.mlp.up_proj.weight",
@@ -559,15 +544,13 @@ mod tests {
 
     #[test]
     fn the_keep_rate_has_32_bit_resolution() {
-        // q = 1.5/256: threshold T = 1.5·2²⁴, top byte 1, low 24 bits 2²³.
-        // Byte 0 keeps (1/256), byte 1 keeps iff the secondary 24 bits are
-        // below 2²³ (1/2 of 1/256): rate 1.5/256 ≈ 0.005859. Over 1M draws
-        // that is 5859 ± 76 kept; dropping or keeping every tied byte would
-        // give 3906 or 7813 (25 standard deviations away).
-        let n = 1 << 20;
+        // q = 1.5·2⁻¹⁶: a 16-bit draw would keep at 1 or 2 in 2¹⁶ (256 or
+        // 512 of 2²⁴ entries); 32 bits keep 384 ± 20 (5σ: 98).
+        let n = 1 << 24;
+        let q = 1.5 / 65536.0;
         let d = Dropout {
             seed: 9,
-            keep: vec![Num::constant("q", 1.5 / 256.0)],
+            keep: vec![Num::constant("q", q)],
             streams: streams(&["a"]),
             rescale: false,
             only_linear: false,
@@ -577,12 +560,98 @@ mod tests {
         let mut v = vec![1f32; n];
         td.apply(0, 0, &mut v);
         let kept = v.iter().filter(|&&x| x == 1.0).count() as f64;
-        let want = n as f64 * 1.5 / 256.0;
+        let want = n as f64 * q;
         assert!(
-            (kept - want).abs() < 5.0 * (want * (1.0 - 1.5 / 256.0)).sqrt(),
+            (kept - want).abs() < 5.0 * (want * (1.0 - q)).sqrt(),
             "{kept} vs {want}"
         );
     }
+
+    #[test]
+    fn masks_are_pinned_and_continue_past_2_to_the_32() {
+        let d = Dropout {
+            seed: 42,
+            keep: vec![Num::constant("q", 0.5)],
+            streams: streams(&["a"]),
+            rescale: false,
+            only_linear: false,
+        };
+        let fx = ones(1000);
+        let td = d.for_tensor(&fx.inputs()).unwrap().unwrap();
+        let e = td.experts[0].expect("dropped");
+        // The draw of the module header, spelled out for entries j of
+        // 2³² − 3 … 2³² + 2 (high halves 0 and 1).
+        let start = (1usize << 32) - 3;
+        let want: Vec<u8> = (0..6u64)
+            .map(|k| {
+                let j = start as u64 + k;
+                let (lo, hi) = (j as u32, (j >> 32) as u32);
+                let u = mix32(mix32(lo ^ e.key[0]) ^ e.key[1] ^ mix32(hi ^ e.key[2]));
+                u8::from(u < 1 << 31)
+            })
+            .collect();
+        let mut flags = vec![0u8; 6];
+        keep_flags(&e, start, &mut flags);
+        assert_eq!(flags, want);
+        let mut tau = vec![1f32; 6];
+        td.apply(0, start, &mut tau);
+        assert_eq!(tau, want.iter().map(|&f| f32::from(f)).collect::<Vec<_>>());
+        // Pieces across the boundary draw the same mask.
+        let mut pieces = vec![1f32; 6];
+        td.apply(0, start, &mut pieces[..2]);
+        td.apply(0, start + 2, &mut pieces[2..]);
+        assert_eq!(pieces, tau);
+        // The mask of a fixed (seed, tensor, model) is part of the format:
+        // the first 32 keep flags of this stream (a change here changes
+        // every DARE merge).
+        let mut first = vec![0u8; 32];
+        keep_flags(&e, 0, &mut first);
+        let bits: u32 = first.iter().rev().fold(0, |a, &f| a << 1 | u32::from(f));
+        assert_eq!(bits, PINNED, "{bits:#010x}");
+    }
+
+    #[test]
+    fn every_build_of_the_mask_loop_gives_the_same_bits() {
+        let d = Dropout {
+            seed: 4,
+            keep: vec![Num::constant("q", 0.37)],
+            streams: streams(&["a"]),
+            rescale: true,
+            only_linear: false,
+        };
+        let td = d.for_tensor(&ones(1000).inputs()).unwrap().unwrap();
+        let e = td.experts[0].expect("dropped");
+        let tau: Vec<f32> = (0..5000).map(|j| (j as f32 - 2500.0) * 1e-3).collect();
+        let start = 123_457;
+        let mut want = tau.clone();
+        drop_body(&e, start, &mut want);
+        #[cfg(target_arch = "x86_64")]
+        {
+            let isa = Isa::detect();
+            if isa != Isa::Base {
+                let mut got = tau.clone();
+                // SAFETY: the CPU has AVX2 and FMA (`Isa::detect`).
+                unsafe { drop_avx2(&e, start, &mut got) };
+                assert_eq!(got, want);
+            }
+            if isa == Isa::Avx512 {
+                let mut got = tau.clone();
+                // SAFETY: the CPU has AVX-512 (`Isa::detect`).
+                unsafe { drop_avx512(&e, start, &mut got) };
+                assert_eq!(got, want);
+            }
+        }
+        // Kept entries are τ/q, the others 0.
+        assert!(want
+            .iter()
+            .zip(&tau)
+            .all(|(&w, &t)| w == 0.0 || w == t / 0.37f32));
+    }
+
+    /// The first 32 keep flags (bit j = entry j) of seed 42, tensor
+    /// `model.layers.0.mlp.up_proj.weight`, model `a`, q = 1/2 (also
+    /// computed by an independent Python transcription of the header).
+    const PINNED: u32 = 0x86d3_2691;
 
     #[test]
     fn only_linear_weights_leaves_other_tensors_whole() {
@@ -669,6 +738,7 @@ mod tests {
                 scope: super::super::ties::Scope::Tensor,
                 tasks: 3,
                 stats: None,
+                held: Default::default(),
             },
             lambda: Num::constant("l", 0.5),
         };

@@ -115,6 +115,15 @@ impl TensorInputs<'_> {
 pub trait ModelScan: Sync {
     /// Calls `f` on each tensor's inputs (in parallel, in no fixed order).
     fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()>;
+
+    /// Whether every merged tensor is kept in memory until the merge ends
+    /// (the in-memory merge): a method may then merge tensors during its
+    /// model-wide pass and hand them over from [`MergeMethod::merge`],
+    /// holding no more than the merge's result holds anyway. False by
+    /// default (a merge streamed to disk holds one tensor at a time).
+    fn keeps_outputs(&self) -> bool {
+        false
+    }
 }
 
 /// A validated merge method, ready to merge tensors.

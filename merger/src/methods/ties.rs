@@ -25,7 +25,7 @@
 //! - A small sample (the first 1/64 of every chunk of every tensor) counts
 //!   the high 16 bits of |τi|: each task gets a coarse range of keys (at
 //!   most 4 high-half buckets) that should hold its k-th. A larger sample
-//!   (the first 1/8 of every chunk) collects its keys inside those ranges
+//!   (the first 1/8 of every chunk) counts its keys inside those ranges
 //!   and narrows each to the exact keys at its sample ranks q·m ± (8σ + 64);
 //!   if that fails, the 1/8 sample's high halves propose whole buckets.
 //! - The range pass reads everything once: per task it counts the keys
@@ -44,8 +44,18 @@
 //!   them). Sums are formed in task order exactly as the merge forms them,
 //!   so the majority equals the one of the merged signs bit for bit.
 //!
+//! - Where the merged tensors are kept in memory anyway (the in-memory
+//!   merge the gateway serves from) and the inputs are stored as bf16 (up
+//!   to 4 tasks, CPU), the range pass merges every tensor too and the model
+//!   is read once ([`onepass`]): each entry is merged with the trimming at
+//!   the last key of each range, and the few entries that the exact
+//!   thresholds or the majority could still change (a key inside a range,
+//!   or an elected sign of 0) are recorded with their stored words and
+//!   merged again once both are known, with the same arithmetic, so the
+//!   result is the same bits as the two-pass route.
+//!
 //! Tensor scope does the same per tensor (tensors up to 2¹⁶ entries by an
-//! in-memory selection).
+//! in-memory selection; larger bf16 tensors in one pass).
 //!
 //! Parameters: `density` in (0, 1] (default 0.2) or FusionBench's
 //! `threshold` (a percentage in (0, 100]; a value ≤ 1 is read as a fraction,
@@ -66,7 +76,8 @@
 //! All arithmetic is f32. On the CPU every pass is a fused loop over chunks
 //! of the stored bytes, in parallel (the FusionBench passes in L1-sized
 //! blocks, the next block's bytes prefetched), task by task over contiguous
-//! slices so that the loops vectorise (built for AVX2 too, chosen at run time), and the
+//! slices so that the loops vectorise (built for AVX2 too, and the one-pass
+//! loop for AVX-512, chosen at run time), and the
 //! result is written in the output dtype in the same pass (inputs stored as
 //! bf16 without dropout, up to 4 tasks: the FusionBench range and merge
 //! passes decode straight from the stored words with every τ in registers,
@@ -74,6 +85,9 @@
 //! threshold gather, in the vector loop); elsewhere the
 //! merge runs as candle ops and returns f32 (the thresholds are always found
 //! on the CPU, from the memory-mapped bytes).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
@@ -109,6 +123,34 @@ macro_rules! multiversion {
     };
 }
 
+/// The widest build of a fused loop the CPU runs: AVX-512 (F, BW, VL, DQ),
+/// AVX2 with FMA, or the baseline. Every build does the same operations
+/// without floating-point contraction, so all give the same bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Isa {
+    Avx512,
+    Avx2,
+    Base,
+}
+
+impl Isa {
+    /// What this CPU supports.
+    pub(crate) fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let avx2 = has!("avx2") && has!("fma");
+            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
+                return Isa::Avx512;
+            }
+            if avx2 {
+                return Isa::Avx2;
+            }
+        }
+        Isa::Base
+    }
+}
+
 /// Entries per chunk of the fused loops.
 pub(crate) const CHUNK: usize = 1 << 14;
 /// Entries per block of a chunk that the FusionBench loops decode and work
@@ -123,15 +165,17 @@ pub(crate) const ROW_CAP_BYTES: usize = 64 << 20;
 pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "scaling_factor"];
 
 mod mergekit;
+mod onepass;
 mod source;
 mod stats;
 
 use crate::kernels::OutElem;
 pub use mergekit::build_mergekit;
 pub(crate) use mergekit::{densities, MkMerge};
+use onepass::{Hold, Lambda, HOLD_CAP_BYTES};
+pub(crate) use source::Source;
 use source::{add_trimmed, Chunk};
-pub(crate) use source::{for_each_hit, Source};
-use stats::{fb_stats_radix, fb_stats_tensor, RadixOpts, TiesStats};
+use stats::{fb_stats_radix_hold, fb_stats_tensor, RadixOpts, TiesStats};
 
 /// How the selected entries are combined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,47 +383,80 @@ fn fb_fused_block<const T: usize, const F: u8>(
     let n = r.len();
     let (b, e) = (&b[..n], e.map(|e| &e[..n]));
     for j in 0..n {
-        let bj = f32::from_bits(u32::from(b[j]) << 16);
-        // The trimmed τ: `picked(sg, v) & kept` is `picked(sg, trimmed v)`
-        // (a dropped entry is 0, which is never picked).
-        let kt: [f32; T] = std::array::from_fn(|i| {
-            let v = f32::from_bits(u32::from(e[i][j]) << 16) - bj;
-            if abs_key(v) as i32 >= keys[i] {
-                v
-            } else {
-                0.0
-            }
-        });
-        let mut s = 0f32;
-        for &v in &kt {
-            s += v;
-        }
-        let sg = if s > 0.0 {
-            1.0
-        } else if s < 0.0 {
-            -1.0
+        let bj = bf16_value(b[j]);
+        let tau: [f32; T] = std::array::from_fn(|i| bf16_value(e[i][j]) - bj);
+        r[j] = fb_entry::<T, F>(bj, &trimmed(&tau, keys), m, lambda);
+    }
+}
+
+/// The f32 value of a stored bf16 word.
+#[inline(always)]
+pub(crate) fn bf16_value(w: u16) -> f32 {
+    f32::from_bits(u32::from(w) << 16)
+}
+
+/// Every τ trimmed at its task's key (keys of magnitudes fit in i31): τ
+/// where `abs_key(τ) >= key`, else 0.
+#[inline(always)]
+pub(crate) fn trimmed<const T: usize>(tau: &[f32; T], keys: &[i32; T]) -> [f32; T] {
+    std::array::from_fn(|i| {
+        if abs_key(tau[i]) as i32 >= keys[i] {
+            tau[i]
         } else {
-            m
-        };
-        // `picked(sg, v)` is `v > 0` where sg > 0, else `-v > 0`.
-        let flip = if sg > 0.0 { 0 } else { 0x8000_0000u32 };
-        let (mut acc, mut aux) = (0f32, 0f32);
-        for &v in &kt {
-            let p = f32::from_bits(v.to_bits() ^ flip) > 0.0;
-            match F {
-                0 => acc += if p { v } else { 0.0 },
-                1 => {
-                    acc += if p { v } else { 0.0 };
-                    aux += if p { 1.0 } else { 0.0 };
-                }
-                _ => aux = aux.max(if p { v.abs() } else { 0.0 }),
-            }
+            0.0
         }
-        r[j] = match F {
-            0 => bj + lambda * acc,
-            1 => bj + lambda * (acc / aux.max(1.0)),
-            _ => bj + lambda * (aux * sg),
-        };
+    })
+}
+
+/// Σi trimmed τi, in task order from 0.
+#[inline(always)]
+pub(crate) fn trimmed_sum<const T: usize>(kt: &[f32; T]) -> f32 {
+    let mut s = 0f32;
+    for &v in kt {
+        s += v;
+    }
+    s
+}
+
+/// θ0 + λ·merged for one entry from its trimmed τ (`F` = 0 sum, 1 mean,
+/// 2 max; `m` the majority sign): the arithmetic of every fused
+/// FusionBench loop, the same operations in the same order as
+/// [`fb_kernel`], so the same bits.
+#[inline(always)]
+pub(crate) fn fb_entry<const T: usize, const F: u8>(
+    bj: f32,
+    kt: &[f32; T],
+    m: f32,
+    lambda: f32,
+) -> f32 {
+    // `picked(sg, v) & kept` is `picked(sg, trimmed v)` (a dropped entry
+    // is 0, which is never picked).
+    let s = trimmed_sum(kt);
+    let sg = if s > 0.0 {
+        1.0
+    } else if s < 0.0 {
+        -1.0
+    } else {
+        m
+    };
+    // `picked(sg, v)` is `v > 0` where sg > 0, else `-v > 0`.
+    let flip = if sg > 0.0 { 0 } else { 0x8000_0000u32 };
+    let (mut acc, mut aux) = (0f32, 0f32);
+    for &v in kt {
+        let p = f32::from_bits(v.to_bits() ^ flip) > 0.0;
+        match F {
+            0 => acc += if p { v } else { 0.0 },
+            1 => {
+                acc += if p { v } else { 0.0 };
+                aux += if p { 1.0 } else { 0.0 };
+            }
+            _ => aux = aux.max(if p { v.abs() } else { 0.0 }),
+        }
+    }
+    match F {
+        0 => bj + lambda * acc,
+        1 => bj + lambda * (acc / aux.max(1.0)),
+        _ => bj + lambda * (aux * sg),
     }
 }
 
@@ -478,6 +555,9 @@ pub(crate) struct FbTies {
     pub scope: Scope,
     pub tasks: usize,
     pub stats: Option<TiesStats>,
+    /// Tensors merged by the one-pass route of the model-wide pass
+    /// ([`onepass`]), handed over (once) by [`FbTies::merge`].
+    pub held: Mutex<HashMap<String, Tensor>>,
 }
 
 impl FbTies {
@@ -537,11 +617,19 @@ impl FbTies {
             scope,
             tasks: p.num_models,
             stats: None,
+            held: Mutex::default(),
         })
     }
 
-    /// The model-wide pass (model scope only).
-    pub fn prepare(&mut self, scan: &dyn ModelScan, dropout: Option<&Dropout>) -> Result<()> {
+    /// The model-wide pass (model scope only). With `lambda` (λ of each
+    /// tensor), and where the scan keeps every merged tensor in memory, the
+    /// pass merges the tensors it can too ([`onepass`]).
+    pub fn prepare(
+        &mut self,
+        scan: &dyn ModelScan,
+        dropout: Option<&Dropout>,
+        lambda: Option<Lambda>,
+    ) -> Result<()> {
         if self.scope == Scope::Model {
             let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| {
                 scan.for_each(&|inputs: &TensorInputs| {
@@ -549,8 +637,18 @@ impl FbTies {
                     f(&Source::new(inputs, d)?)
                 })
             };
-            self.stats =
-                Some(fb_stats_radix(self.density, self.tasks, &visit, RadixOpts::default())?.0);
+            let hold = lambda
+                .filter(|_| dropout.is_none() && scan.keeps_outputs())
+                .map(|l| Hold::new(self.func, l, HOLD_CAP_BYTES));
+            let opts = RadixOpts::default();
+            let stats =
+                fb_stats_radix_hold(self.density, self.tasks, &visit, opts, hold.as_ref())?.0;
+            let held = match hold {
+                Some(h) => h.finish(&stats)?,
+                None => HashMap::new(),
+            };
+            self.stats = Some(stats);
+            self.held = Mutex::new(held);
         }
         Ok(())
     }
@@ -558,8 +656,31 @@ impl FbTies {
     /// Merges one tensor: θ0 + λ·merged.
     pub fn merge(&self, src: &Source, lambda: f32, fused: bool) -> Result<Tensor> {
         let stats = match (self.scope, &self.stats) {
+            (Scope::Tensor, _) if fused && src.numel() > SMALL => {
+                // One pass for the thresholds and the merge.
+                let l = |_: &TensorInputs| Ok(lambda);
+                let hold = Hold::new(self.func, &l, HOLD_CAP_BYTES);
+                let visit = |f: &(dyn Fn(&Source) -> Result<()> + Sync)| f(src);
+                let opts = RadixOpts::default();
+                let stats =
+                    fb_stats_radix_hold(self.density, src.tasks(), &visit, opts, Some(&hold))?.0;
+                if let Some(t) = hold.finish(&stats)?.remove(&src.inputs.ctx.name) {
+                    return Ok(t);
+                }
+                stats
+            }
             (Scope::Tensor, _) => fb_stats_tensor(src, self.density)?,
-            (Scope::Model, Some(s)) => s.clone(),
+            (Scope::Model, Some(s)) => {
+                let held = self
+                    .held
+                    .lock()
+                    .expect("held tensors poisoned")
+                    .remove(&src.inputs.ctx.name);
+                if let Some(t) = held {
+                    return Ok(t);
+                }
+                s.clone()
+            }
             (Scope::Model, None) => {
                 return Err(MergeError::Spec(format!(
                     "tensor `{}` merged before the model-wide TIES pass",
@@ -588,7 +709,9 @@ struct TiesMerging {
 
 impl MergeMethod for TiesMerging {
     fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
-        self.ties.prepare(scan, None)
+        let lambda = &self.lambda;
+        let at = |inputs: &TensorInputs| Ok(lambda.at(&inputs.ctx)? as f32);
+        self.ties.prepare(scan, None, Some(&at))
     }
 
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
@@ -799,6 +922,7 @@ mod tests {
                 scope: Scope::Tensor,
                 tasks: 3,
                 stats: None,
+                held: Default::default(),
             };
             let fused = ties
                 .merge(&src, 0.7, true)
@@ -932,7 +1056,7 @@ mod tests {
         use crate::methods::testutil::typed_bytes;
         use crate::spec::TensorCtx;
         use candle_core::Device;
-        use stats::fb_stats_direct;
+        use stats::{fb_stats_direct, fb_stats_radix};
         static CPU: Device = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(21);
         // Large enough for the sampled route (bf16 rounding makes many
@@ -997,6 +1121,7 @@ mod tests {
                         scope: Scope::Model,
                         tasks,
                         stats: Some(stats.clone()),
+                        held: Default::default(),
                     };
                     let fused = ties.merge(&src, 0.7, true).unwrap();
                     assert_eq!(fused.dtype(), out);

@@ -369,30 +369,6 @@ pub(super) fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
     }
 }
 
-/// Calls `f(j)` for every j with `hit(xs[j])`: 32 entries at a time are
-/// tested into a bit mask (one vector compare) and only set bits visited,
-/// so rare hits cost neither a branch per entry nor a misprediction.
-#[inline(always)]
-pub(crate) fn for_each_hit<T: Copy>(xs: &[T], hit: impl Fn(T) -> bool, mut f: impl FnMut(usize)) {
-    let mut blocks = xs.chunks_exact(32);
-    for (b, block) in (&mut blocks).enumerate() {
-        let mut mask = 0u32;
-        for (l, &x) in block.iter().enumerate() {
-            mask |= u32::from(hit(x)) << l;
-        }
-        while mask != 0 {
-            f(b * 32 + mask.trailing_zeros() as usize);
-            mask &= mask - 1;
-        }
-    }
-    let tail = xs.len() - blocks.remainder().len();
-    for (l, &x) in blocks.remainder().iter().enumerate() {
-        if hit(x) {
-            f(tail + l);
-        }
-    }
-}
-
 /// The high bits of 16 flag bytes (0 or 0xff) as a mask.
 #[inline(always)]
 pub(super) fn mask16(w: &[u8]) -> u32 {

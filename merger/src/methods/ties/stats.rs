@@ -4,6 +4,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use super::onepass::Hold;
 use super::source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
 use super::{BLOCK, CHUNK, ROW_CAP_BYTES, SMALL};
 use crate::error::Result;
@@ -106,7 +107,7 @@ pub(crate) type Visit<'v> =
 /// (probably, when estimated from a sample) and is counted at full
 /// resolution.
 #[derive(Clone, Copy)]
-enum Cut {
+pub(super) enum Cut {
     Known(u32),
     Range { from: u32, width: u32 },
 }
@@ -150,12 +151,12 @@ impl Default for RadixOpts {
 /// Range-pass accumulator: per task the keys below its range and the
 /// full-resolution counts inside it, the majority's settled part, the
 /// difference tables (indexed like the counts) and the undecided rows.
-struct Pass2 {
-    below: Vec<u64>,
-    low: Vec<u64>,
-    diff: Vec<i64>,
-    settled: i64,
-    rows: Vec<f32>,
+pub(super) struct Pass2 {
+    pub below: Vec<u64>,
+    pub low: Vec<u64>,
+    pub diff: Vec<i64>,
+    pub settled: i64,
+    pub rows: Vec<f32>,
 }
 
 multiversion!(
@@ -169,10 +170,10 @@ multiversion!(
 /// known threshold), where its counters start, and a spare counter (past
 /// every task's counters) for the keys outside the range.
 #[derive(Clone, Copy)]
-struct Lane {
-    from: u32,
-    width: u32,
-    offset: usize,
+pub(super) struct Lane {
+    pub from: u32,
+    pub width: u32,
+    pub offset: usize,
     spare: usize,
     /// The last key of the range, which the fused pass counts apart
     /// ([`NO_LAST`] for an empty range or one that reaches past the i32
@@ -274,7 +275,7 @@ fn pass2_body(c: &mut Chunk, cuts: &[Cut], lanes: &[Lane], acc: &mut Pass2, over
 
 /// Runs one chunk's range pass `pass(acc, overflowed)` on a pooled
 /// accumulator, then applies the row budget.
-type PerChunk<'p> = &'p (dyn Fn(&mut dyn FnMut(&mut Pass2, bool)) + Sync);
+pub(super) type PerChunk<'p> = &'p (dyn Fn(&mut dyn FnMut(&mut Pass2, bool)) + Sync);
 
 /// The range pass over `src` straight from the stored words (bf16 inputs
 /// without dropout, up to 4 tasks; `false`, doing nothing, otherwise):
@@ -464,7 +465,7 @@ fn pass2_fused_chunk<const T: usize>(
 
 /// sign(x) as -1, 0 or 1 (0 for NaN).
 #[inline(always)]
-fn sgn32(x: f32) -> i32 {
+pub(super) fn sgn32(x: f32) -> i32 {
     i32::from(x > 0.0) - i32::from(x < 0.0)
 }
 
@@ -557,10 +558,11 @@ fn sample_ranks(k: u64, d: u64, m: u64, sigmas: f64) -> (u64, u64) {
 }
 
 /// Sample accumulator of [`fine_cuts`]: per task the sampled keys below
-/// its coarse range and the sampled keys inside it.
+/// its coarse range and the counts of the sampled keys inside it (one
+/// counter per key of the range, at most [`MAX_SPAN`] buckets).
 struct Fine {
     below: Vec<u64>,
-    keys: Vec<Vec<u32>>,
+    counts: Vec<Vec<u64>>,
 }
 
 multiversion!(
@@ -585,8 +587,8 @@ fn fine_body(c: &mut Chunk, coarse: &[Cut], acc: &mut Fine) {
             *f = if d < width { 0xff } else { 0 };
         }
         acc.below[i] += u64::from(below);
-        let keys = &mut acc.keys[i];
-        for_each_flag(flags, |j| keys.push(abs_key(t[j])));
+        let counts = &mut acc.counts[i];
+        for_each_flag(flags, |j| counts[(abs_key(t[j]) - from) as usize] += 1);
     }
 }
 
@@ -614,7 +616,7 @@ fn fine_cuts(
             pool.with(
                 || Fine {
                     below: vec![0; tasks],
-                    keys: vec![Vec::new(); tasks],
+                    counts: coarse.iter().map(|c| vec![0; c.width()]).collect(),
                 },
                 |acc| load(&mut |c| fine_block(c, coarse, acc)),
             )
@@ -625,22 +627,23 @@ fn fine_cuts(
     let accs = pool.into_inner();
     let mut cuts = Vec::with_capacity(tasks);
     for (i, (cut, rank)) in coarse.iter().zip(ranks).enumerate() {
-        let (Cut::Range { .. }, Some(k)) = (cut, rank) else {
+        let (&Cut::Range { from, .. }, Some(k)) = (cut, rank) else {
             cuts.push(*cut);
             continue;
         };
         let below: u64 = accs.iter().map(|a| a.below[i]).sum();
-        let mut keys: Vec<u32> = accs
-            .iter()
-            .flat_map(|a| a.keys[i].iter().copied())
-            .collect();
+        let mut counts = vec![0u64; cut.width()];
+        for a in &accs {
+            add_into(&mut counts, &a.counts[i]);
+        }
         let (lo, hi) = sample_ranks(*k, d, m, 8.0);
-        let inside = keys.len() as u64;
+        let inside: u64 = counts.iter().sum();
         if lo <= below || hi > below + inside {
             return Ok(None);
         }
-        let first = order_small(&mut keys, lo - below).key;
-        let last = order_small(&mut keys, hi - below).key;
+        // The keys at the two sample ranks, from the counts.
+        let first = from + locate_high(&counts, lo - below).high;
+        let last = from + locate_high(&counts, hi - below).high;
         cuts.push(Cut::Range {
             from: first,
             width: last - first + 1,
@@ -686,7 +689,12 @@ fn range_pass(
     ranks: &[Option<u64>],
     visit: Visit,
     opts: RadixOpts,
+    hold: Option<&Hold>,
 ) -> Result<Option<TiesStats>> {
+    if let Some(h) = hold {
+        // Whatever an earlier range pass merged is stale.
+        h.clear();
+    }
     let tasks = cuts.len();
     let mut offsets = Vec::with_capacity(tasks);
     let mut width = 0;
@@ -746,6 +754,11 @@ fn range_pass(
         })
     };
     visit(&|src: &Source| {
+        if let Some(h) = hold {
+            if h.pass(src, cuts, &lanes, &per_chunk)? {
+                return Ok(());
+            }
+        }
         if !pass2_fused(src, cuts, &lanes, &per_chunk) {
             src.for_each_chunk_blocks(1, |load| {
                 per_chunk(&mut |acc, overflowed| {
@@ -825,9 +838,22 @@ pub(super) fn fb_stats_radix(
     visit: Visit,
     opts: RadixOpts,
 ) -> Result<(TiesStats, Route)> {
+    fb_stats_radix_hold(density, tasks, visit, opts, None)
+}
+
+/// [`fb_stats_radix`] whose range pass also merges the sources that
+/// `hold` takes (their outputs are then patched by [`Hold::finish`] with
+/// the statistics returned here).
+pub(super) fn fb_stats_radix_hold(
+    density: f64,
+    tasks: usize,
+    visit: Visit,
+    opts: RadixOpts,
+    hold: Option<&Hold>,
+) -> Result<(TiesStats, Route)> {
     if density >= 1.0 {
         let known = vec![Cut::Known(0); tasks];
-        let stats = range_pass(&known, &vec![None; tasks], visit, opts)?;
+        let stats = range_pass(&known, &vec![None; tasks], visit, opts, hold)?;
         return Ok((stats.expect("nothing to locate"), Route::Majority));
     }
     if opts.sample {
@@ -837,14 +863,14 @@ pub(super) fn fb_stats_radix(
         let ranks = vec![fb_rank(d, density); tasks];
         if let Some(coarse) = sampled_cuts(&ranks, d, &pre, 12.0) {
             if let Some(cuts) = fine_cuts(&coarse, &ranks, d, visit)? {
-                if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
+                if let Some(stats) = range_pass(&cuts, &ranks, visit, opts, hold)? {
                     return Ok((stats, Route::Sampled));
                 }
             }
         }
         let (sample, d) = high_pass(tasks, SAMPLE_PART, visit)?;
         if let Some(cuts) = sampled_cuts(&ranks, d, &sample, 8.0) {
-            if let Some(stats) = range_pass(&cuts, &ranks, visit, opts)? {
+            if let Some(stats) = range_pass(&cuts, &ranks, visit, opts, hold)? {
                 return Ok((stats, Route::Sampled));
             }
         }
@@ -862,7 +888,7 @@ pub(super) fn fb_stats_radix(
             },
         })
         .collect();
-    let stats = range_pass(&cuts, &ranks, visit, opts)?;
+    let stats = range_pass(&cuts, &ranks, visit, opts, hold)?;
     Ok((
         stats.expect("the bucket of the k-th smallest holds it"),
         Route::Exact,
