@@ -234,7 +234,12 @@ pub fn run(a: MoeBenchArgs) -> anyhow::Result<()> {
 
     if a.steps > 0 {
         let calibration: Vec<merger::moe::calibration::CalibrationItem> = (0..4 * a.batch_size)
-            .map(|_| (0..a.seq_len).map(|_| rng.next(vocab)).collect::<Vec<u32>>().into())
+            .map(|_| {
+                (0..a.seq_len)
+                    .map(|_| rng.next(vocab))
+                    .collect::<Vec<u32>>()
+                    .into()
+            })
             .collect();
         println!(
             "\nrouter training (we_moe, per_sequence): {} steps, batch {} x {} tokens",

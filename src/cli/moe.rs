@@ -76,12 +76,13 @@ pub fn run(
     if let Some(t) = &meta.training {
         eprintln!(
             "routers trained: {} steps (batch {}, lr {}) in {:.2}s ({:.1} ms/step); \
-             mean next-token entropy {:.4} -> {:.4}",
+             mean entropy ({} positions) {:.4} -> {:.4}",
             t.steps,
             t.batch_size,
             t.lr,
             t.seconds,
             1e3 * t.seconds / t.steps.max(1) as f64,
+            t.entropy_positions.name(),
             t.entropy_before,
             t.entropy_after
         );

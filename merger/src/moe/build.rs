@@ -64,11 +64,7 @@ pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
 /// the spec's canonical form, every checkpoint's fingerprint (the router
 /// checkpoint's too) and, when the routers are trained, a digest of the
 /// calibration inputs.
-pub fn merge_id(
-    spec: &MergeSpec,
-    open: Opener,
-    calibration: &[CalibrationItem],
-) -> Result<String> {
+pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem]) -> Result<String> {
     let params = MoeParams::from_spec(spec)?;
     let info = method_info(params.method.name()).expect("every MoeMethod has an entry");
     let mut fingerprints = Vec::new();

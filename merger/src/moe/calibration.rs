@@ -78,10 +78,9 @@ impl CalibrationItem {
     pub fn tokens(&self) -> usize {
         match &self.input {
             CalibrationInput::Text(ids) => ids.len(),
-            CalibrationInput::Choices { context, choices } => choices
-                .iter()
-                .map(|c| context.len() + c.len())
-                .sum(),
+            CalibrationInput::Choices { context, choices } => {
+                choices.iter().map(|c| context.len() + c.len()).sum()
+            }
         }
     }
 
@@ -212,30 +211,30 @@ fn tokenize_one(
     encode: &dyn Fn(&str) -> Result<Vec<u32>>,
 ) -> Result<CalibrationInput> {
     match input {
-            Input::Text(t) => Ok(CalibrationInput::Text(encode(t)?)),
-            Input::Choices { context, choices } => {
-                let ctx = encode(context)?;
-                let mut conts = Vec::new();
-                for c in choices {
-                    let whole = encode(&format!("{context}{c}"))?;
-                    let cont = if whole.starts_with(&ctx) {
-                        whole[ctx.len()..].to_vec()
-                    } else {
-                        tok.encode(c)?
-                    };
-                    if !cont.is_empty() {
-                        conts.push(cont);
-                    }
-                }
-                Ok(if conts.len() >= 2 {
-                    CalibrationInput::Choices {
-                        context: ctx,
-                        choices: conts,
-                    }
+        Input::Text(t) => Ok(CalibrationInput::Text(encode(t)?)),
+        Input::Choices { context, choices } => {
+            let ctx = encode(context)?;
+            let mut conts = Vec::new();
+            for c in choices {
+                let whole = encode(&format!("{context}{c}"))?;
+                let cont = if whole.starts_with(&ctx) {
+                    whole[ctx.len()..].to_vec()
                 } else {
-                    CalibrationInput::Text(ctx)
-                })
+                    tok.encode(c)?
+                };
+                if !cont.is_empty() {
+                    conts.push(cont);
+                }
             }
+            Ok(if conts.len() >= 2 {
+                CalibrationInput::Choices {
+                    context: ctx,
+                    choices: conts,
+                }
+            } else {
+                CalibrationInput::Text(ctx)
+            })
+        }
     }
 }
 

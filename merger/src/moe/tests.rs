@@ -321,7 +321,10 @@ fn training_lowers_the_entropy() {
             .map(|s| {
                 let l = logits(m, std::slice::from_ref(s));
                 let last = l.narrow(1, s.len() - 1, 1).unwrap();
-                train::mean_entropy(&last).unwrap().to_scalar::<f32>().unwrap() as f64
+                train::mean_entropy(&last)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap() as f64
             })
             .sum::<f64>()
             / calibration.len() as f64
@@ -331,7 +334,9 @@ fn training_lowers_the_entropy() {
     // `entropy_positions=all` lowers the entropy over every position.
     let all = build_moe(
         &p,
-        &spec.clone().with_value("entropy_positions", ParamValue::Text("all".into())),
+        &spec
+            .clone()
+            .with_value("entropy_positions", ParamValue::Text("all".into())),
         &calibration,
     );
     let report = all.meta().training.clone().unwrap();
@@ -394,7 +399,11 @@ fn multiple_choice_inputs_train_on_the_entropy_of_the_choice() {
                         // Route on the context only, as training and scoring do.
                         let t = ids_tensor(std::slice::from_ref(&ids));
                         let l = m
-                            .forward_with(&t, None, &mut crate::model::Hooks::routing_on(&[context.len()]))
+                            .forward_with(
+                                &t,
+                                None,
+                                &mut crate::model::Hooks::routing_on(&[context.len()]),
+                            )
                             .unwrap()
                             .squeeze(0)
                             .unwrap()

@@ -270,7 +270,11 @@ fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Res
             }
         }
     }
-    let lens: Vec<usize> = rows.iter().zip(&tails).map(|(r, t)| r.len() + t.len()).collect();
+    let lens: Vec<usize> = rows
+        .iter()
+        .zip(&tails)
+        .map(|(r, t)| r.len() + t.len())
+        .collect();
     let len = lens.iter().copied().max().unwrap_or(0);
     let ids: Vec<u32> = rows
         .iter()
@@ -310,7 +314,11 @@ fn entropies(logits: &Tensor) -> candle_core::Result<Tensor> {
 /// multiple-choice input's entropy of the softmax over its choices' summed
 /// log-likelihoods. With [`EntropyPositions::All`], the mean next-token
 /// entropy over every real position.
-fn batch_entropy(model: &Model, batch: &Batch, positions: EntropyPositions) -> Result<(Tensor, usize)> {
+fn batch_entropy(
+    model: &Model,
+    batch: &Batch,
+    positions: EntropyPositions,
+) -> Result<(Tensor, usize)> {
     let logits = model.forward_with(&batch.ids, None, &mut Hooks::routing_on(&batch.route_lens))?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
     let (r, t, v) = logp.dims3()?;
@@ -351,9 +359,15 @@ fn batch_entropy(model: &Model, batch: &Batch, positions: EntropyPositions) -> R
         let mut n_rows = 0usize;
         for (rows, context) in &choice_inputs {
             for row in (*rows).clone() {
-                for p in *context..batch.lens[row] {
+                // Position p − 1 predicts the continuation's token at p.
+                for (p, &token) in ids[row]
+                    .iter()
+                    .enumerate()
+                    .take(batch.lens[row])
+                    .skip(*context)
+                {
                     picks.push((row * t + p - 1) as u32);
-                    targets.push(ids[row][p]);
+                    targets.push(token);
                     owner.push(n_rows);
                 }
                 n_rows += 1;
@@ -508,11 +522,13 @@ mod tests {
         assert_eq!(
             b.groups
                 .iter()
-                .map(|g| g.iter().map(|i| match i {
-                    CalibrationInput::Text(ids) => ids.len(),
-                    CalibrationInput::Choices { .. } => unreachable!(),
-                })
-                .collect::<Vec<_>>())
+                .map(|g| g
+                    .iter()
+                    .map(|i| match i {
+                        CalibrationInput::Text(ids) => ids.len(),
+                        CalibrationInput::Choices { .. } => unreachable!(),
+                    })
+                    .collect::<Vec<_>>())
                 .collect::<Vec<_>>(),
             vec![vec![5], vec![8], vec![2, 3]]
         );
@@ -559,8 +575,13 @@ mod tests {
             },
         };
         // The 9-token choice does not fit in 8 positions after the context.
-        let b = Batches::new(&[text(0, vec![3, 3, 3]), mc.clone()], 8, 2, EntropyPositions::Last)
-            .unwrap();
+        let b = Batches::new(
+            &[text(0, vec![3, 3, 3]), mc.clone()],
+            8,
+            2,
+            EntropyPositions::Last,
+        )
+        .unwrap();
         let batch = make_batch(&b.eval_batches()[0], &Device::Cpu).unwrap();
         assert_eq!(
             batch.ids.to_vec2::<u32>().unwrap(),
