@@ -183,18 +183,7 @@ async fn we_moe_trains_once_then_hits_streams_and_is_weighed() {
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(r.header("x-merge-cache").as_deref(), Some("hit"));
     assert_eq!(r.header("x-merge-id").as_deref(), Some(id.as_str()));
-    let events = sse_events(&r.text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{}",
-        r.text
-    );
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let chunks = chat_stream_chunks(&r.text);
     let text: String = chunks
         .iter()
         .filter_map(|ch| ch["choices"][0]["delta"]["content"].as_str())

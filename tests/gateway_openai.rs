@@ -72,18 +72,7 @@ async fn chat_on_a_checkpoint_matches_fusion_generate() {
         .unwrap()
         .starts_with("text/event-stream"));
     assert_eq!(r.header("x-merge-cache").as_deref(), Some("hit"));
-    let events = sse_events(&r.text);
-    assert_eq!(
-        events.last().map(String::as_str),
-        Some("[DONE]"),
-        "{}",
-        r.text
-    );
-    let chunks: Vec<Value> = events[..events.len() - 1]
-        .iter()
-        .map(|e| serde_json::from_str(e).unwrap())
-        .collect();
-    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let chunks = chat_stream_chunks(&r.text);
     let id = chunks[0]["id"].as_str().unwrap();
     let mut text = String::new();
     for ch in &chunks {

@@ -73,7 +73,10 @@ fn we_moe_trains_on_a_task_pool_and_loads_back() {
             "moe",
         ],
     ));
-    assert!(err.contains("calibration: 12 sequences"), "{err}");
+    assert!(
+        err.contains("calibration: 12 texts and 0 multiple-choice inputs"),
+        "{err}"
+    );
     assert!(err.contains("routers trained: 4 steps"), "{err}");
     let out = dir.path().join("moe");
     let config: serde_json::Value =

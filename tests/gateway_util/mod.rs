@@ -287,6 +287,19 @@ pub fn sse_events(body: &str) -> Vec<String> {
         .collect()
 }
 
+/// The JSON chunks of a streamed chat answer whose last event is `[DONE]`
+/// (checked); the first chunk carries the assistant role (checked).
+pub fn chat_stream_chunks(body: &str) -> Vec<Value> {
+    let events = sse_events(body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"), "{body}");
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    chunks
+}
+
 /// Text of `fusion generate --chat PROMPT --temperature 0` on a checkpoint folder.
 pub fn fusion_generate_chat(model: &Path, prompt: &str, max_tokens: usize) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_fusion"))
