@@ -305,7 +305,15 @@ pub fn mean_entropy(logits: &Tensor) -> candle_core::Result<Tensor> {
 /// The entropy `(batch, seq)` of each position's next-token distribution.
 fn entropies(logits: &Tensor) -> candle_core::Result<Tensor> {
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()
+    entropy_of(&logp, D::Minus1)
+}
+
+/// −Σ p log p along `dim` of log-probabilities `logp`.
+fn entropy_of<Dim: candle_core::shape::Dim>(
+    logp: &Tensor,
+    dim: Dim,
+) -> candle_core::Result<Tensor> {
+    (logp.exp()? * logp)?.sum(dim)?.neg()
 }
 
 /// The training loss of one batch (a differentiable scalar) and the number
@@ -321,7 +329,7 @@ fn batch_entropy(
 ) -> Result<(Tensor, usize)> {
     let logits = model.forward_with(&batch.ids, None, &mut Hooks::routing_on(&batch.route_lens))?;
     let logp = candle_nn::ops::log_softmax(&logits.to_dtype(DType::F32)?, D::Minus1)?;
-    let (r, t, v) = logp.dims3()?;
+    let (r, t, _) = logp.dims3()?;
     let device = logp.device();
     // Next-token entropies of the text rows' trained positions.
     let mut weights = vec![0f32; r * t];
@@ -341,10 +349,21 @@ fn batch_entropy(
             }
         }
     }
-    let h = (logp.exp()? * &logp)?.sum(D::Minus1)?.neg()?;
+    let h = entropy_of(&logp, D::Minus1)?;
     let mut total = (h * Tensor::from_vec(weights, (r, t), device)?)?.sum_all()?;
-    // Choice entropies: the log-likelihood of each choice row is the sum of
-    // log p(token | prefix) over its continuation.
+    let choices = choice_entropies(&logp, batch)?;
+    count += choices.len();
+    for h in choices {
+        total = (total + h)?;
+    }
+    Ok(((total / count.max(1) as f64)?, count))
+}
+
+/// The entropy of each multiple-choice input of `batch` (scalars, in input
+/// order): that of the softmax over its choices' log-likelihoods, each the
+/// sum of log p(token | prefix) over the choice's tokens, read from the
+/// batch's next-token log-probabilities `logp` `(rows, L, vocab)`.
+fn choice_entropies(logp: &Tensor, batch: &Batch) -> Result<Vec<Tensor>> {
     let choice_inputs: Vec<(&std::ops::Range<usize>, usize)> = batch
         .inputs
         .iter()
@@ -353,47 +372,52 @@ fn batch_entropy(
             BatchInput::Text { .. } => None,
         })
         .collect();
-    if !choice_inputs.is_empty() {
-        let ids = batch.ids.to_vec2::<u32>()?;
-        let (mut picks, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-        let mut n_rows = 0usize;
-        for (rows, context) in &choice_inputs {
-            for row in (*rows).clone() {
-                // Position p − 1 predicts the continuation's token at p.
-                for (p, &token) in ids[row]
-                    .iter()
-                    .enumerate()
-                    .take(batch.lens[row])
-                    .skip(*context)
-                {
-                    picks.push((row * t + p - 1) as u32);
-                    targets.push(token);
-                    owner.push(n_rows);
-                }
-                n_rows += 1;
+    if choice_inputs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (r, t, v) = logp.dims3()?;
+    let device = logp.device();
+    let ids = batch.ids.to_vec2::<u32>()?;
+    // For every continuation token: its flat position, its id, its row.
+    let (mut picks, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    let mut n_rows = 0usize;
+    for (rows, context) in &choice_inputs {
+        for row in (*rows).clone() {
+            // Position p − 1 predicts the continuation's token at p.
+            for (p, &token) in ids[row]
+                .iter()
+                .enumerate()
+                .take(batch.lens[row])
+                .skip(*context)
+            {
+                picks.push((row * t + p - 1) as u32);
+                targets.push(token);
+                owner.push(n_rows);
             }
-        }
-        let picked = logp
-            .reshape((r * t, v))?
-            .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?
-            .gather(&Tensor::from_vec(targets, (owner.len(), 1), device)?, 1)?;
-        let mut sum_matrix = vec![0f32; n_rows * owner.len()];
-        for (k, &o) in owner.iter().enumerate() {
-            sum_matrix[o * owner.len() + k] = 1.0;
-        }
-        let scores = Tensor::from_vec(sum_matrix, (n_rows, owner.len()), device)?
-            .matmul(&picked)?
-            .squeeze(1)?;
-        let mut first = 0usize;
-        for (rows, _) in &choice_inputs {
-            let k = rows.len();
-            let lp = candle_nn::ops::log_softmax(&scores.narrow(0, first, k)?, 0)?;
-            total = (total + (lp.exp()? * &lp)?.sum_all()?.neg()?)?;
-            first += k;
-            count += 1;
+            n_rows += 1;
         }
     }
-    Ok(((total / count.max(1) as f64)?, count))
+    let picked = logp
+        .reshape((r * t, v))?
+        .index_select(&Tensor::new(picks.as_slice(), device)?, 0)?
+        .gather(&Tensor::from_vec(targets, (owner.len(), 1), device)?, 1)?;
+    // Sum each row's tokens: a (rows, tokens) 0/1 matrix times the picks.
+    let mut sum_matrix = vec![0f32; n_rows * owner.len()];
+    for (k, &o) in owner.iter().enumerate() {
+        sum_matrix[o * owner.len() + k] = 1.0;
+    }
+    let scores = Tensor::from_vec(sum_matrix, (n_rows, owner.len()), device)?
+        .matmul(&picked)?
+        .squeeze(1)?;
+    let mut first = 0usize;
+    let mut out = Vec::with_capacity(choice_inputs.len());
+    for (rows, _) in &choice_inputs {
+        let k = rows.len();
+        let lp = candle_nn::ops::log_softmax(&scores.narrow(0, first, k)?, 0)?;
+        out.push(entropy_of(&lp, 0)?);
+        first += k;
+    }
+    Ok(out)
 }
 
 /// The mean entropy of the trained positions over the evaluation batches.
