@@ -234,7 +234,7 @@ impl BuildReport {
         let mut s = format!(
             "# Demo pool\n\nBuilt by `fusion zoo build` with seed {}{}: a Llama base of {} parameters \
              (hidden {}, {} layers, {} heads, {} key/value heads, MLP {}, byte-level vocabulary {}) \
-             and one fully fine-tuned expert per task.\n\n",
+             pre-trained on the mix of tasks, and one expert per task that fine-tuned only the MLPs.\n\n",
             self.seed,
             if self.quick { " (`--quick`)" } else { "" },
             self.parameters,
