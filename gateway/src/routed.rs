@@ -77,13 +77,17 @@ impl Calibrations {
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
             match &inputs {
-                Ok(seqs) => tracing::info!(
-                    pool = %name,
-                    taskpool = %taskpool,
-                    inputs = seqs.len(),
-                    tokens = seqs.iter().map(CalibrationItem::tokens).sum::<usize>(),
-                    "calibration inputs for routed merges read"
-                ),
+                Ok(items) => {
+                    let (texts, choices, tokens) = moe::calibration::summary(items);
+                    tracing::info!(
+                        pool = %name,
+                        taskpool = %taskpool,
+                        texts,
+                        choices,
+                        tokens,
+                        "calibration inputs for routed merges read"
+                    )
+                }
                 Err(e) if explicit => {
                     return Err(GatewayError::Config {
                         origin: format!("`pools.{name}.calibration`"),

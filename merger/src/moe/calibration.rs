@@ -142,7 +142,7 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
         jsonl_files(dir, &mut files)?;
     }
     files.sort();
-    let mut texts = Vec::new();
+    let mut inputs = Vec::new();
     for (source, f) in files.iter().enumerate() {
         let source = source as u32;
         let content = std::fs::read_to_string(f).map_err(|e| MergeError::io(f, e))?;
@@ -156,16 +156,16 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
                     reason: format!("line {}: {e}", i + 1),
                 })?;
             if let Some(input) = choices_of(&v) {
-                texts.push((source, input));
+                inputs.push((source, input));
             } else if let Some(text) = INPUT_FIELDS
                 .iter()
                 .find_map(|k| v.get(*k).and_then(serde_json::Value::as_str))
             {
-                texts.push((source, Input::Text(text.to_string())));
+                inputs.push((source, Input::Text(text.to_string())));
             }
         }
     }
-    if texts.is_empty() {
+    if inputs.is_empty() {
         return Err(MergeError::Config {
             path: dir.to_path_buf(),
             reason: format!(
@@ -174,7 +174,7 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
             ),
         });
     }
-    Ok(texts)
+    Ok(inputs)
 }
 
 /// Tokenises `inputs` with the tokenizer of the checkpoint folder
