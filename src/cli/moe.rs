@@ -76,7 +76,7 @@ pub fn run(
     if let Some(t) = &meta.training {
         eprintln!(
             "routers trained: {} steps (batch {}, lr {}) in {:.2}s ({:.1} ms/step); \
-             mean entropy ({} positions) {:.4} -> {:.4}",
+             objective `{}` {:.4} -> {:.4}",
             t.steps,
             t.batch_size,
             t.lr,

@@ -8,7 +8,7 @@
 //! | `lr` | all | 1e-4 | > 0 |
 //! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers) |
 //! | `batch_size` | all | 16 | integer ≥ 1 |
-//! | `entropy_positions` | all | `last` | `last` \| `all` (see [`super::train`]) |
+//! | `entropy_positions` | all | `answer` | `answer` \| `last` \| `all` (see [`super::train`]) |
 //! | `router_checkpoint` | all | – | a saved MoE of the same method and shape |
 //! | `tv_prune_ratio` | `sparse_we_moe` | 0.9 | [0, 1) |
 //! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1 |
@@ -171,7 +171,7 @@ impl MoeParams {
             }
             .ok_or_else(|| MergeError::BadParameter {
                 param: "entropy_positions".into(),
-                reason: format!("expected last | all, got {}", describe(v)),
+                reason: format!("expected answer | last | all, got {}", describe(v)),
             })?,
         };
         let router_checkpoint = match get("router_checkpoint") {

@@ -298,7 +298,8 @@ fn training_lowers_the_entropy() {
         .spec("we_moe")
         .with("steps", 40.0)
         .with("lr", 1e-2)
-        .with("batch_size", 4.0);
+        .with("batch_size", 4.0)
+        .with_value("entropy_positions", ParamValue::Text("last".into()));
     let trained = build_moe(&p, &spec, &calibration);
     let report = trained.meta().training.clone().unwrap();
     assert_eq!(
@@ -383,8 +384,10 @@ fn multiple_choice_inputs_train_on_the_entropy_of_the_choice() {
         .with("batch_size", 8.0);
     // Independently, from one forward pass per context + choice: a choice's
     // score is the sum of log p(token | prefix) over its tokens, and the
-    // input's entropy is that of the softmax over its choices' scores.
-    let choice_entropy = |m: &Model| -> f64 {
+    // input's entropy is that of the softmax over its choices' scores; the
+    // `answer` objective adds −log Σ exp(score), the choices' mass (no two
+    // inputs offer the same choices, so no diversity term).
+    let choice_loss = |m: &Model, with_mass: bool| -> f64 {
         items
             .iter()
             .map(|item| {
@@ -414,23 +417,132 @@ fn multiple_choice_inputs_train_on_the_entropy_of_the_choice() {
                             .sum()
                     })
                     .collect();
-                entropy_of_scores(&scores)
+                let max = scores.iter().cloned().fold(f64::MIN, f64::max);
+                let log_mass = max + scores.iter().map(|s| (s - max).exp()).sum::<f64>().ln();
+                entropy_of_scores(&scores) - if with_mass { log_mass } else { 0.0 }
             })
             .sum::<f64>()
             / items.len() as f64
     };
     let untrained_moe = build_moe_on(&p, &untrained(p.spec("we_moe")), &[]);
-    let trained = build_moe_on(&p, &spec, &items);
+    for (objective, with_mass) in [("last", false), ("answer", true)] {
+        let spec = spec
+            .clone()
+            .with_value("entropy_positions", ParamValue::Text(objective.into()));
+        let trained = build_moe_on(&p, &spec, &items);
+        let report = trained.meta().training.clone().unwrap();
+        let before = choice_loss(untrained_moe.model(), with_mass);
+        // One batch holds all 8 inputs: the report evaluates exactly them.
+        assert!(
+            (report.entropy_before - before).abs() < 1e-4,
+            "{objective}: report {} vs independent {before}",
+            report.entropy_before
+        );
+        let after = choice_loss(trained.model(), with_mass);
+        assert!(after < before, "{objective}: {before} -> {after}");
+        assert!((report.entropy_after - after).abs() < 1e-4);
+    }
+}
+
+/// Greedy decoding of `prompt` by `m`, routed on the prompt, as the
+/// `answer` objective reads it: the log-probabilities of each prediction
+/// (at most `ANSWER_TOKENS`), until one predicts `eos`; and whether it did.
+fn greedy_answer(m: &Model, prompt: &[u32], eos: usize) -> (Vec<Vec<f64>>, bool) {
+    let mut ids = prompt.to_vec();
+    let mut preds = Vec::new();
+    loop {
+        let l = m
+            .forward_with(
+                &ids_tensor(std::slice::from_ref(&ids)),
+                None,
+                &mut crate::model::Hooks::routing_on(&[prompt.len()]),
+            )
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        let lp = log_probs(&l[ids.len() - 1]);
+        let next = (0..lp.len())
+            .max_by(|&a, &b| lp[a].total_cmp(&lp[b]))
+            .unwrap();
+        preds.push(lp);
+        if next == eos {
+            return (preds, true);
+        }
+        if preds.len() == train::ANSWER_TOKENS {
+            return (preds, false);
+        }
+        ids.push(next as u32);
+    }
+}
+
+/// Sets every checkpoint's EOS token of pool `p` to `eos`.
+fn set_eos(p: &Pool, eos: u32) {
+    for name in std::iter::once("base").chain(p.experts.iter().map(String::as_str)) {
+        let path = p.path(name).join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        v["eos_token_id"] = eos.into();
+        std::fs::write(&path, v.to_string()).unwrap();
+    }
+}
+
+#[test]
+fn answer_objective_is_the_entropy_of_the_greedy_answer() {
+    let p = pool(2, false, 0.2, DType::F32);
+    let calibration: Vec<Vec<u32>> = (0..12)
+        .map(|i| random_ids(1, 4 + i % 5, 48, 90 + i as u64).remove(0))
+        .collect();
+    // Make EOS a token the untrained model often decodes, so that answers
+    // end at different lengths: the most frequent of its first 4 tokens.
+    let untrained_moe = build_moe(&p, &untrained(p.spec("we_moe")), &[]);
+    let mut counts = HashMap::new();
+    for prompt in &calibration {
+        let (preds, _) = greedy_answer(untrained_moe.model(), prompt, usize::MAX);
+        for lp in &preds[..4] {
+            let next = (0..lp.len()).max_by(|&a, &b| lp[a].total_cmp(&lp[b]));
+            *counts.entry(next.unwrap()).or_insert(0usize) += 1;
+        }
+    }
+    let eos = counts.into_iter().max_by_key(|&(t, n)| (n, t)).unwrap().0;
+    set_eos(&p, eos as u32);
+    let spec = p
+        .spec("we_moe")
+        .with("steps", 30.0)
+        .with("lr", 1e-2)
+        .with("batch_size", 12.0);
+    let trained = build_moe(&p, &spec, &calibration);
     let report = trained.meta().training.clone().unwrap();
-    let before = choice_entropy(untrained_moe.model());
-    // One batch holds all 8 inputs: the report evaluates exactly them.
+    assert_eq!(report.entropy_positions, EntropyPositions::Answer);
+    // Independently, one sequence at a time: the mean entropy of the
+    // answer's predictions plus −ln(1 − p(EOS)) of the first.
+    let untrained_moe = build_moe(&p, &untrained(p.spec("we_moe")), &[]);
+    let objective = |m: &Model| -> (f64, usize) {
+        let mut ended = 0;
+        let total = calibration
+            .iter()
+            .map(|prompt| {
+                let (preds, at_eos) = greedy_answer(m, prompt, eos);
+                ended += usize::from(at_eos);
+                let h: f64 = preds
+                    .iter()
+                    .map(|lp| -lp.iter().map(|x| x.exp() * x).sum::<f64>())
+                    .sum();
+                h / preds.len() as f64 - (1.0 - preds[0][eos].exp()).ln()
+            })
+            .sum::<f64>();
+        (total / calibration.len() as f64, ended)
+    };
+    let (before, ended) = objective(untrained_moe.model());
+    assert!(ended >= 2, "only {ended} answers end at EOS");
     assert!(
         (report.entropy_before - before).abs() < 1e-4,
         "report {} vs independent {before}",
         report.entropy_before
     );
-    let after = choice_entropy(trained.model());
-    assert!(after < before, "choice entropy {before} -> {after}");
+    let (after, _) = objective(trained.model());
+    assert!(after < before, "answer objective {before} -> {after}");
     assert!((report.entropy_after - after).abs() < 1e-4);
 }
 

@@ -6,12 +6,28 @@
 //! `differentiable: true` so candle's autograd reaches the routers.
 //!
 //! Which predictions ([`EntropyPositions`]):
-//! - `last` (default): the prediction at each input's last position, the
-//!   model's answer to the input (its first token). This is the analogue of
-//!   FusionBench's image classifiers, whose entropy is that of the one
-//!   prediction per input; the other positions predict the input's own
-//!   tokens (digits, letters drawn at random), whose uncertainty is the
-//!   data's, not the model's.
+//! - `answer` (default): the model's whole answer to each input, the
+//!   analogue of FusionBench's image classifiers, whose entropy is that of
+//!   the one prediction per input.
+//!   - A text (a prompt) is continued greedily by the current model, routed
+//!     on the prompt (no gradient), until it predicts EOS or made
+//!     [`ANSWER_TOKENS`] predictions; its loss is the mean entropy of those
+//!     predictions plus −log(1 − p(EOS)) at the first: the answer exists.
+//!   - A multiple-choice input's loss is the entropy of the softmax over its
+//!     choices' summed log-likelihoods ℓc, plus −log Σc exp ℓc: the answer
+//!     is one of the choices. Inputs of a batch offering the same choices
+//!     (one task's) also share −H(p̄), the entropy of their mean choice
+//!     distribution (the diversity term of information maximisation, Liang
+//!     et al. 2020, "SHOT").
+//!   Each extra term closes a degenerate minimum that plain entropy
+//!   minimisation found on the demo pool: answering nothing with certainty
+//!   (EOS at once), answering none of the choices (all ℓc very low, yet far
+//!   apart, so their softmax is sharp), and answering one class for every
+//!   input.
+//! - `last`: the prediction at each input's last position (the answer's
+//!   first token); a multiple-choice input's choice entropy alone. The other
+//!   positions predict the input's own tokens (digits, letters drawn at
+//!   random), whose uncertainty is the data's, not the model's.
 //! - `all`: the mean over every position of every input.
 //!
 //! Batches: the calibration inputs are grouped by source (the task pool
@@ -25,7 +41,7 @@
 //! positions ([`Hooks::routing_on`]; a multiple-choice row is routed on its
 //! context, as scoring does), and the entropy reads real positions only.
 //!
-//! The report's `entropy_before`/`entropy_after` are the mean entropy over
+//! The report's `entropy_before`/`entropy_after` are the objective's mean over
 //! a fixed evaluation set (up to four batches: the first input of every
 //! source, then the second, …), before and after training.
 
@@ -46,12 +62,19 @@ use crate::model::{Hooks, Model};
 /// Evaluation batches of the report.
 const EVAL_BATCHES: usize = 4;
 
+/// Most tokens of a text's greedy answer ([`EntropyPositions::Answer`]).
+pub const ANSWER_TOKENS: usize = 16;
+
 /// The predictions whose entropy the routers minimise.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EntropyPositions {
-    /// Each input's last position: its answer's first token.
+    /// The model's whole answer: a text's greedy continuation (up to
+    /// [`ANSWER_TOKENS`] tokens or EOS), a multiple-choice input's choice,
+    /// which must be one of the choices.
     #[default]
+    Answer,
+    /// Each input's last position: its answer's first token.
     Last,
     /// Every position of every input.
     All,
@@ -61,6 +84,7 @@ impl EntropyPositions {
     /// The parameter value (`last`, `all`).
     pub fn name(self) -> &'static str {
         match self {
+            EntropyPositions::Answer => "answer",
             EntropyPositions::Last => "last",
             EntropyPositions::All => "all",
         }
@@ -68,7 +92,11 @@ impl EntropyPositions {
 
     /// The variant called `name`.
     pub fn from_name(name: &str) -> Option<Self> {
-        [EntropyPositions::Last, EntropyPositions::All]
+        [
+            EntropyPositions::Answer,
+            EntropyPositions::Last,
+            EntropyPositions::All,
+        ]
             .into_iter()
             .find(|p| p.name() == name)
     }
@@ -111,7 +139,9 @@ pub struct TrainReport {
     pub entropy_positions: EntropyPositions,
     /// Wall time of the training loop, in seconds.
     pub seconds: f64,
-    /// Mean next-token entropy (nats) on the evaluation batches before training.
+    /// The training objective (nats; see [`EntropyPositions`]) on the
+    /// evaluation batches before training: the mean entropy, plus with
+    /// `answer` the answer-exists and diversity terms (so it can be < 0).
     pub entropy_before: f64,
     /// The same after training.
     pub entropy_after: f64,
@@ -295,6 +325,90 @@ fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Res
     })
 }
 
+/// With [`EntropyPositions::Answer`], `batch` with each text row continued
+/// by the model's greedy answer (no gradient; routed on the prompt, as
+/// cached decoding is): tokens are appended until the model predicts EOS,
+/// [`ANSWER_TOKENS`] predictions were made or the row fills `max_len`. The
+/// EOS itself is not appended: the row's last position is the prediction
+/// that ended the answer. Other objectives, and multiple-choice rows, are
+/// returned unchanged.
+fn with_answers(
+    model: &Model,
+    batch: Batch,
+    positions: EntropyPositions,
+    max_len: usize,
+) -> Result<Batch> {
+    if positions != EntropyPositions::Answer {
+        return Ok(batch);
+    }
+    let device = model.device();
+    let eos = &model.config().eos_token_ids;
+    let mut rows: Vec<Vec<u32>> = batch
+        .ids
+        .to_vec2::<u32>()?
+        .into_iter()
+        .zip(&batch.lens)
+        .map(|(r, &n)| r[..n].to_vec())
+        .collect();
+    let mut open: Vec<usize> = batch
+        .inputs
+        .iter()
+        .filter_map(|i| match i {
+            BatchInput::Text { row } if batch.lens[*row] < max_len => Some(*row),
+            _ => None,
+        })
+        .collect();
+    for _ in 1..ANSWER_TOKENS {
+        if open.is_empty() {
+            break;
+        }
+        let len = open.iter().map(|&r| rows[r].len()).max().unwrap_or(0);
+        let ids: Vec<u32> = open
+            .iter()
+            .flat_map(|&r| rows[r].iter().copied().chain(std::iter::repeat(0)).take(len))
+            .collect();
+        let route: Vec<usize> = open.iter().map(|&r| batch.route_lens[r]).collect();
+        let ids = Tensor::from_vec(ids, (open.len(), len), device)?;
+        let logits = model
+            .forward_with(&ids, None, &mut Hooks::routing_on(&route))?
+            .detach();
+        let v = logits.dim(2)?;
+        let last: Vec<u32> = open
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| (i * len + rows[r].len() - 1) as u32)
+            .collect();
+        let next = logits
+            .reshape((open.len() * len, v))?
+            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?
+            .argmax(D::Minus1)?
+            .to_vec1::<u32>()?;
+        open = open
+            .into_iter()
+            .zip(next)
+            .filter_map(|(r, token)| {
+                if eos.contains(&token) {
+                    return None;
+                }
+                rows[r].push(token);
+                (rows[r].len() < max_len).then_some(r)
+            })
+            .collect();
+    }
+    let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
+    let len = lens.iter().copied().max().unwrap_or(0);
+    let ids: Vec<u32> = rows
+        .iter()
+        .flat_map(|r| r.iter().copied().chain(std::iter::repeat(0)).take(len))
+        .collect();
+    Ok(Batch {
+        ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
+        lens,
+        route_lens: batch.route_lens,
+        inputs: batch.inputs,
+    })
+}
+
 /// Mean over positions of the entropy of the next-token distribution,
 /// −Σv p log p, for logits `(batch, seq, vocab)` (a scalar tensor; it is
 /// differentiable).
@@ -338,6 +452,14 @@ fn batch_entropy(
         if let BatchInput::Text { row } = input {
             let n = batch.lens[*row];
             match positions {
+                EntropyPositions::Answer => {
+                    // The prompt's last position, then the answer's tokens
+                    // (see `with_answers`), each input weighing one.
+                    let prompt = batch.route_lens[*row];
+                    let share = 1.0 / (n + 1 - prompt) as f32;
+                    weights[row * t + prompt - 1..row * t + n].fill(share);
+                    count += 1;
+                }
                 EntropyPositions::Last => {
                     weights[row * t + n - 1] = 1.0;
                     count += 1;
@@ -351,7 +473,10 @@ fn batch_entropy(
     }
     let h = entropy_of(&logp, D::Minus1)?;
     let mut total = (h * Tensor::from_vec(weights, (r, t), device)?)?.sum_all()?;
-    let choices = choice_entropies(&logp, batch)?;
+    if positions == EntropyPositions::Answer {
+        total = (total + empty_answer_losses(&logp, batch, &model.config().eos_token_ids)?)?;
+    }
+    let choices = choice_losses(&logp, batch, positions == EntropyPositions::Answer)?;
     count += choices.len();
     for h in choices {
         total = (total + h)?;
@@ -359,11 +484,42 @@ fn batch_entropy(
     Ok(((total / count.max(1) as f64)?, count))
 }
 
-/// The entropy of each multiple-choice input of `batch` (scalars, in input
-/// order): that of the softmax over its choices' log-likelihoods, each the
-/// sum of log p(token | prefix) over the choice's tokens, read from the
-/// batch's next-token log-probabilities `logp` `(rows, L, vocab)`.
-fn choice_entropies(logp: &Tensor, batch: &Batch) -> Result<Vec<Tensor>> {
+/// The sum over the text rows of `batch` of −log(1 − p(EOS)) at the
+/// prompt's last position: the negative log-probability that the answer is
+/// not empty. Without it, answering nothing with certainty (EOS at once)
+/// would have the lowest entropy of all.
+fn empty_answer_losses(logp: &Tensor, batch: &Batch, eos: &[u32]) -> Result<Tensor> {
+    let (_, t, v) = logp.dims3()?;
+    let device = logp.device();
+    let firsts: Vec<u32> = batch
+        .inputs
+        .iter()
+        .filter_map(|i| match i {
+            BatchInput::Text { row } => Some((row * t + batch.route_lens[*row] - 1) as u32),
+            BatchInput::Choices { .. } => None,
+        })
+        .collect();
+    if firsts.is_empty() || eos.is_empty() {
+        return Ok(Tensor::zeros((), DType::F32, device)?);
+    }
+    let p_eos = logp
+        .reshape(((), v))?
+        .index_select(&Tensor::new(firsts.as_slice(), device)?, 0)?
+        .index_select(&Tensor::new(eos, device)?, 1)?
+        .exp()?
+        .sum(1)?;
+    Ok((1.0 - p_eos)?.clamp(1e-12, 1.0)?.log()?.neg()?.sum_all()?)
+}
+
+/// The loss of each multiple-choice input of `batch` (scalars, in input
+/// order): the entropy of the softmax over its choices' log-likelihoods
+/// ℓc, each the sum of log p(token | prefix) over the choice's tokens, read
+/// from the batch's next-token log-probabilities `logp` `(rows, L, vocab)`.
+/// With `in_choices`, plus −log Σc exp ℓc, the negative log-probability that
+/// the answer is one of the choices: without it a mixture that answers
+/// none of them (all ℓc very low) still has a near-zero entropy over them,
+/// since their differences grow with their size.
+fn choice_losses(logp: &Tensor, batch: &Batch, in_choices: bool) -> Result<Vec<Tensor>> {
     let choice_inputs: Vec<(&std::ops::Range<usize>, usize)> = batch
         .inputs
         .iter()
@@ -411,20 +567,59 @@ fn choice_entropies(logp: &Tensor, batch: &Batch) -> Result<Vec<Tensor>> {
         .squeeze(1)?;
     let mut first = 0usize;
     let mut out = Vec::with_capacity(choice_inputs.len());
+    let mut dists = Vec::with_capacity(choice_inputs.len());
     for (rows, _) in &choice_inputs {
         let k = rows.len();
-        let lp = candle_nn::ops::log_softmax(&scores.narrow(0, first, k)?, 0)?;
-        out.push(entropy_of(&lp, 0)?);
+        let scores = scores.narrow(0, first, k)?;
+        let lp = candle_nn::ops::log_softmax(&scores, 0)?;
+        let h = entropy_of(&lp, 0)?;
+        out.push(if in_choices {
+            // log Σ exp ℓc = ℓc − log softmax(ℓ)c, for any c.
+            let mass = (scores.narrow(0, 0, 1)? - lp.narrow(0, 0, 1)?)?.squeeze(0)?;
+            (h - mass)?
+        } else {
+            h
+        });
+        dists.push(lp.exp()?);
         first += k;
+    }
+    if in_choices {
+        // Diversity: inputs offering the same choices (one task's) share
+        // −H(p̄), the entropy of their mean choice distribution.
+        let mut groups: std::collections::BTreeMap<Vec<&[u32]>, Vec<usize>> = Default::default();
+        for (i, (rows, context)) in choice_inputs.iter().enumerate() {
+            let key = (*rows)
+                .clone()
+                .map(|row| &ids[row][*context..batch.lens[row]])
+                .collect();
+            groups.entry(key).or_default().push(i);
+        }
+        for members in groups.values().filter(|m| m.len() >= 2) {
+            let stacked = Tensor::stack(
+                &members.iter().map(|&i| &dists[i]).collect::<Vec<_>>(),
+                0,
+            )?;
+            let mean = stacked.mean(0)?;
+            let h_mean = entropy_of(&mean.clamp(1e-12, 1.0)?.log()?, 0)?;
+            for &i in members {
+                out[i] = (&out[i] - &h_mean)?;
+            }
+        }
     }
     Ok(out)
 }
 
 /// The mean entropy of the trained positions over the evaluation batches.
-fn evaluate(model: &Model, batches: &Batches, positions: EntropyPositions) -> Result<f64> {
+fn evaluate(
+    model: &Model,
+    batches: &Batches,
+    positions: EntropyPositions,
+    max_len: usize,
+) -> Result<f64> {
     let (mut total, mut count) = (0f64, 0usize);
     for inputs in batches.eval_batches() {
         let batch = make_batch(&inputs, model.device())?;
+        let batch = with_answers(model, batch, positions, max_len)?;
         let (h, n) = batch_entropy(model, &batch, positions)?;
         total += h.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
@@ -439,9 +634,10 @@ pub fn adapt(
     calibration: &[CalibrationItem],
     opts: &TrainOptions,
 ) -> Result<(Routers, TrainReport)> {
+    let max_len = parts.config.max_position_embeddings;
     let batches = Batches::new(
         calibration,
-        parts.config.max_position_embeddings,
+        max_len,
         opts.batch_size,
         opts.positions,
     )?;
@@ -457,7 +653,7 @@ pub fn adapt(
         }
     }
     let model = assemble(parts, &routers, true)?;
-    let entropy_before = evaluate(&model, &batches, opts.positions)?;
+    let entropy_before = evaluate(&model, &batches, opts.positions, max_len)?;
     let mut adam = AdamW::new(
         vars,
         ParamsAdamW {
@@ -475,6 +671,7 @@ pub fn adapt(
     let start = Instant::now();
     for step in 0..opts.steps {
         let batch = make_batch(&batches.draw(&mut rng), model.device())?;
+        let batch = with_answers(&model, batch, opts.positions, max_len)?;
         let (loss, _) = batch_entropy(&model, &batch, opts.positions)?;
         adam.backward_step(&loss)?;
         if step % 10 == 0 || step + 1 == opts.steps {
@@ -484,7 +681,7 @@ pub fn adapt(
     }
     let seconds = start.elapsed().as_secs_f64();
     bar.finish_and_clear();
-    let entropy_after = evaluate(&model, &batches, opts.positions)?;
+    let entropy_after = evaluate(&model, &batches, opts.positions, max_len)?;
     drop(model);
     let trained = routers.try_map(|r| r.try_map(|t| Ok(t.detach().copy()?)))?;
     Ok((
@@ -522,6 +719,131 @@ mod tests {
         let two = Tensor::new(&[[[3f32.ln(), 0.0]]], &dev).unwrap();
         let h = mean_entropy(&two).unwrap().to_scalar::<f32>().unwrap();
         assert!((h - 0.562335).abs() < 1e-5, "{h}");
+    }
+
+    /// A batch of `rows` over a 4-token vocabulary whose next-token
+    /// distribution at position 0 of row i is `first[i]` (position 1: uniform).
+    fn batch_with_first_distributions(
+        ids: Vec<Vec<u32>>,
+        inputs: Vec<BatchInput>,
+        route_lens: Vec<usize>,
+        first: &[[f32; 4]],
+    ) -> (Tensor, Batch) {
+        let dev = Device::Cpu;
+        let rows = ids.len();
+        let lp: Vec<f32> = first
+            .iter()
+            .flat_map(|p| p.iter().map(|x| x.ln()).chain([0.25f32.ln(); 4]))
+            .collect();
+        let logp = Tensor::from_vec(lp, (rows, 2, 4), &dev).unwrap();
+        let lens = ids.iter().map(Vec::len).collect();
+        let flat: Vec<u32> = ids.concat();
+        let batch = Batch {
+            ids: Tensor::from_vec(flat, (rows, 2), &dev).unwrap(),
+            lens,
+            route_lens,
+            inputs,
+        };
+        (logp, batch)
+    }
+
+    #[test]
+    fn choice_loss_adds_the_choice_mass_and_a_shared_diversity_term() {
+        // Two inputs, context [1], choices [2] and [3]. Input A: p(2) = 0.6,
+        // p(3) = 0.2, so the choices' softmax is (0.75, 0.25): H = 0.562335,
+        // and their mass is 0.8: −ln 0.8 = 0.223144. Input B mirrors it:
+        // (0.25, 0.75), the same H and mass. Same choices, so they share
+        // −H(p̄) with p̄ = (0.5, 0.5): −ln 2 = −0.693147.
+        let a = [0.1, 0.1, 0.6, 0.2];
+        let b = [0.1, 0.1, 0.2, 0.6];
+        let (logp, batch) = batch_with_first_distributions(
+            vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 3]],
+            vec![
+                BatchInput::Choices {
+                    rows: 0..2,
+                    context: 1,
+                },
+                BatchInput::Choices {
+                    rows: 2..4,
+                    context: 1,
+                },
+            ],
+            vec![1; 4],
+            &[a, a, b, b],
+        );
+        let values = |in_choices| -> Vec<f32> {
+            choice_losses(&logp, &batch, in_choices)
+                .unwrap()
+                .iter()
+                .map(|t| t.to_scalar::<f32>().unwrap())
+                .collect()
+        };
+        for h in values(false) {
+            assert!((h - 0.562335).abs() < 1e-5, "{h}");
+        }
+        for l in values(true) {
+            assert!((l - (0.562335 + 0.223144 - 0.693147)).abs() < 1e-5, "{l}");
+        }
+        // Different choices: no shared term.
+        let (logp, mut batch) = batch_with_first_distributions(
+            vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 0]],
+            vec![],
+            vec![1; 4],
+            &[a, a, b, b],
+        );
+        batch.inputs = vec![
+            BatchInput::Choices {
+                rows: 0..2,
+                context: 1,
+            },
+            BatchInput::Choices {
+                rows: 2..4,
+                context: 1,
+            },
+        ];
+        let losses: Vec<f32> = choice_losses(&logp, &batch, true)
+            .unwrap()
+            .iter()
+            .map(|t| t.to_scalar::<f32>().unwrap())
+            .collect();
+        assert!((losses[0] - (0.562335 + 0.223144)).abs() < 1e-5, "{losses:?}");
+        // B's choices [2] and [0]: p = 0.2 and 0.1, softmax (2/3, 1/3):
+        // H = 0.636514, mass 0.3: −ln 0.3 = 1.203973.
+        assert!((losses[1] - (0.636514 + 1.203973)).abs() < 1e-5, "{losses:?}");
+    }
+
+    #[test]
+    fn an_empty_answer_costs_minus_log_of_one_minus_p_eos() {
+        // EOS is token 3; the text rows' prompts end at position 0 with
+        // p(EOS) = 0.25 and 0.5: −ln 0.75 − ln 0.5 = 0.980829. The choice
+        // rows are not texts.
+        let (logp, batch) = batch_with_first_distributions(
+            vec![vec![1, 2], vec![1, 1], vec![1, 2]],
+            vec![
+                BatchInput::Text { row: 0 },
+                BatchInput::Text { row: 1 },
+                BatchInput::Choices {
+                    rows: 2..3,
+                    context: 1,
+                },
+            ],
+            vec![1, 1, 1],
+            &[
+                [0.25, 0.25, 0.25, 0.25],
+                [0.2, 0.2, 0.1, 0.5],
+                [0.0, 0.0, 0.0, 1.0],
+            ],
+        );
+        let l = empty_answer_losses(&logp, &batch, &[3])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!((l - 0.980829).abs() < 1e-5, "{l}");
+        let none = empty_answer_losses(&logp, &batch, &[])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert_eq!(none, 0.0);
     }
 
     fn text(source: u32, ids: Vec<u32>) -> CalibrationItem {
