@@ -501,9 +501,10 @@ mod tests {
         )
         .unwrap();
         // base, 2 experts, simple_average, 4 task_arithmetic, ties, dare,
-        // 2 we_moe learning rates.
-        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 2);
+        // 2 we_moe learning rates, we_moe with a larger batch.
+        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 2 + 1);
         assert_eq!(cfg.rows[11].name, "we_moe (lr=0.001)");
+        assert_eq!(cfg.rows[12].name, "we_moe (lr=0.001, batch_size=32)");
         assert_eq!(
             cfg.rows[4].name,
             "task_arithmetic (scaling_coefficient=0.1)"
