@@ -183,8 +183,9 @@ pub struct RoutersInfo {
     pub checkpoint: Option<String>,
     /// The task pool whose inputs trained them (when trained here).
     pub calibration: Option<String>,
-    /// How they were trained (steps, seconds, mean training entropy before
-    /// and after); for a checkpoint, as recorded in it. Absent until built.
+    /// How they were trained (objective, steps, seconds, the objective's
+    /// mean before and after); for a checkpoint, as recorded in it. Absent
+    /// until built.
     #[schema(value_type = Option<Object>)]
     pub training: Option<TrainReport>,
 }

@@ -327,12 +327,13 @@ fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Res
 }
 
 /// With [`EntropyPositions::Answer`], `batch` with each text row continued
-/// by the model's greedy answer (no gradient; routed on the prompt, as
-/// cached decoding is): tokens are appended until the model predicts EOS,
-/// [`ANSWER_TOKENS`] predictions were made or the row fills `max_len`. The
-/// EOS itself is not appended: the row's last position is the prediction
-/// that ended the answer. Other objectives, and multiple-choice rows, are
-/// returned unchanged.
+/// by the model's greedy answer (no gradient), decoded as serving decodes
+/// it: the prompt prefilled into a KV cache (which routes on the prompt),
+/// then one token at a time, until the model predicts EOS, made
+/// [`ANSWER_TOKENS`] predictions or the row fills `max_len`. The EOS itself
+/// is not appended: the row's last position is the prediction that ended
+/// the answer. Other objectives, and multiple-choice rows, are returned
+/// unchanged.
 fn with_answers(
     model: &Model,
     batch: Batch,
@@ -351,56 +352,28 @@ fn with_answers(
         .zip(&batch.lens)
         .map(|(r, &n)| r[..n].to_vec())
         .collect();
-    let mut open: Vec<usize> = batch
-        .inputs
-        .iter()
-        .filter_map(|i| match i {
-            BatchInput::Text { row } if batch.lens[*row] < max_len => Some(*row),
-            _ => None,
-        })
-        .collect();
-    for _ in 1..ANSWER_TOKENS {
-        if open.is_empty() {
-            break;
+    for input in &batch.inputs {
+        let BatchInput::Text { row } = input else {
+            continue;
+        };
+        let row = &mut rows[*row];
+        if row.len() >= max_len {
+            continue;
         }
-        let len = open.iter().map(|&r| rows[r].len()).max().unwrap_or(0);
-        let ids: Vec<u32> = open
-            .iter()
-            .flat_map(|&r| {
-                rows[r]
-                    .iter()
-                    .copied()
-                    .chain(std::iter::repeat(0))
-                    .take(len)
-            })
-            .collect();
-        let route: Vec<usize> = open.iter().map(|&r| batch.route_lens[r]).collect();
-        let ids = Tensor::from_vec(ids, (open.len(), len), device)?;
-        let logits = model
-            .forward_with(&ids, None, &mut Hooks::routing_on(&route))?
-            .detach();
-        let v = logits.dim(2)?;
-        let last: Vec<u32> = open
-            .iter()
-            .enumerate()
-            .map(|(i, &r)| (i * len + rows[r].len() - 1) as u32)
-            .collect();
-        let next = logits
-            .reshape((open.len() * len, v))?
-            .index_select(&Tensor::new(last.as_slice(), device)?, 0)?
-            .argmax(D::Minus1)?
-            .to_vec1::<u32>()?;
-        open = open
-            .into_iter()
-            .zip(next)
-            .filter_map(|(r, token)| {
-                if eos.contains(&token) {
-                    return None;
-                }
-                rows[r].push(token);
-                (rows[r].len() < max_len).then_some(r)
-            })
-            .collect();
+        let mut cache = model.new_cache();
+        let mut input = Tensor::new(row.as_slice(), device)?.unsqueeze(0)?;
+        for _ in 1..ANSWER_TOKENS {
+            let logits = model.forward_last(&input, Some(&mut cache))?.detach();
+            let token = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+            if eos.contains(&token) {
+                break;
+            }
+            row.push(token);
+            if row.len() >= max_len {
+                break;
+            }
+            input = Tensor::new(&[token], device)?.unsqueeze(0)?;
+        }
     }
     let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
     let len = lens.iter().copied().max().unwrap_or(0);
