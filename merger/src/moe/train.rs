@@ -82,7 +82,7 @@ pub enum EntropyPositions {
 }
 
 impl EntropyPositions {
-    /// The parameter value (`last`, `all`).
+    /// The parameter value (`answer`, `last`, `all`).
     pub fn name(self) -> &'static str {
         match self {
             EntropyPositions::Answer => "answer",
