@@ -729,69 +729,37 @@ mod tests {
         // −H(p̄) with p̄ = (0.5, 0.5): −ln 2 = −0.693147.
         let a = [0.1, 0.1, 0.6, 0.2];
         let b = [0.1, 0.1, 0.2, 0.6];
-        let (logp, batch) = batch_with_first_distributions(
-            vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 3]],
-            vec![
-                BatchInput::Choices {
-                    rows: 0..2,
-                    context: 1,
-                },
-                BatchInput::Choices {
-                    rows: 2..4,
-                    context: 1,
-                },
-            ],
-            vec![1; 4],
-            &[a, a, b, b],
-        );
-        let values = |in_choices| -> Vec<f32> {
+        // Input A's choices are rows 0 and 1, B's rows 2 and 3 (context [1]);
+        // the losses of `ids`' batch.
+        let losses = |ids: Vec<Vec<u32>>, in_choices| -> Vec<f32> {
+            let inputs = [0..2, 2..4]
+                .into_iter()
+                .map(|rows| BatchInput::Choices { rows, context: 1 })
+                .collect();
+            let (logp, batch) =
+                batch_with_first_distributions(ids, inputs, vec![1; 4], &[a, a, b, b]);
             choice_losses(&logp, &batch, in_choices)
                 .unwrap()
                 .iter()
                 .map(|t| t.to_scalar::<f32>().unwrap())
                 .collect()
         };
-        for h in values(false) {
+        let same = vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 3]];
+        for h in losses(same.clone(), false) {
             assert!((h - 0.562335).abs() < 1e-5, "{h}");
         }
-        for l in values(true) {
+        for l in losses(same, true) {
             assert!(
                 (l - (0.562335 + 0.223144 - std::f32::consts::LN_2)).abs() < 1e-5,
                 "{l}"
             );
         }
-        // Different choices: no shared term.
-        let (logp, mut batch) = batch_with_first_distributions(
-            vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 0]],
-            vec![],
-            vec![1; 4],
-            &[a, a, b, b],
-        );
-        batch.inputs = vec![
-            BatchInput::Choices {
-                rows: 0..2,
-                context: 1,
-            },
-            BatchInput::Choices {
-                rows: 2..4,
-                context: 1,
-            },
-        ];
-        let losses: Vec<f32> = choice_losses(&logp, &batch, true)
-            .unwrap()
-            .iter()
-            .map(|t| t.to_scalar::<f32>().unwrap())
-            .collect();
-        assert!(
-            (losses[0] - (0.562335 + 0.223144)).abs() < 1e-5,
-            "{losses:?}"
-        );
-        // B's choices [2] and [0]: p = 0.2 and 0.1, softmax (2/3, 1/3):
-        // H = 0.636514, mass 0.3: −ln 0.3 = 1.203973.
-        assert!(
-            (losses[1] - (0.636514 + 1.203973)).abs() < 1e-5,
-            "{losses:?}"
-        );
+        // Different choices: no shared term. B's choices [2] and [0]:
+        // p = 0.2 and 0.1, softmax (2/3, 1/3): H = 0.636514, mass 0.3:
+        // −ln 0.3 = 1.203973.
+        let l = losses(vec![vec![1, 2], vec![1, 3], vec![1, 2], vec![1, 0]], true);
+        assert!((l[0] - (0.562335 + 0.223144)).abs() < 1e-5, "{l:?}");
+        assert!((l[1] - (0.636514 + 1.203973)).abs() < 1e-5, "{l:?}");
     }
 
     #[test]
