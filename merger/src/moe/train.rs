@@ -273,25 +273,30 @@ impl Batches {
     }
 }
 
-/// `inputs` as one right-padded batch.
-fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Result<Batch> {
-    let mut rows: Vec<&[u32]> = Vec::new();
-    let mut tails: Vec<&[u32]> = Vec::new();
+/// `inputs` as one right-padded batch; each text row passes through
+/// `extend` first, which may append tokens to it (its routing stays on the
+/// input's own tokens).
+fn make_batch(
+    inputs: &[&CalibrationInput],
+    device: &Device,
+    mut extend: impl FnMut(&mut Vec<u32>) -> Result<()>,
+) -> Result<Batch> {
+    let mut rows: Vec<Vec<u32>> = Vec::new();
     let mut route_lens = Vec::new();
     let mut parts = Vec::new();
     for input in inputs {
         match input {
             CalibrationInput::Text(ids) => {
                 parts.push(BatchInput::Text { row: rows.len() });
-                rows.push(ids);
-                tails.push(&[]);
+                let mut row = ids.clone();
+                extend(&mut row)?;
+                rows.push(row);
                 route_lens.push(ids.len());
             }
             CalibrationInput::Choices { context, choices } => {
                 let first = rows.len();
                 for c in choices {
-                    rows.push(context);
-                    tails.push(c);
+                    rows.push([context.as_slice(), c].concat());
                     route_lens.push(context.len());
                 }
                 parts.push(BatchInput::Choices {
@@ -299,80 +304,6 @@ fn make_batch(inputs: &[&CalibrationInput], device: &Device) -> candle_core::Res
                     context: context.len(),
                 });
             }
-        }
-    }
-    let lens: Vec<usize> = rows
-        .iter()
-        .zip(&tails)
-        .map(|(r, t)| r.len() + t.len())
-        .collect();
-    let len = lens.iter().copied().max().unwrap_or(0);
-    let ids: Vec<u32> = rows
-        .iter()
-        .zip(&tails)
-        .flat_map(|(r, t)| {
-            r.iter()
-                .chain(t.iter())
-                .copied()
-                .chain(std::iter::repeat(0))
-                .take(len)
-        })
-        .collect();
-    Ok(Batch {
-        ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
-        lens,
-        route_lens,
-        inputs: parts,
-    })
-}
-
-/// With [`EntropyPositions::Answer`], `batch` with each text row continued
-/// by the model's greedy answer (no gradient), decoded as serving decodes
-/// it: the prompt prefilled into a KV cache (which routes on the prompt),
-/// then one token at a time, until the model predicts EOS, made
-/// [`ANSWER_TOKENS`] predictions or the row fills `max_len`. The EOS itself
-/// is not appended: the row's last position is the prediction that ended
-/// the answer. Other objectives, and multiple-choice rows, are returned
-/// unchanged.
-fn with_answers(
-    model: &Model,
-    batch: Batch,
-    positions: EntropyPositions,
-    max_len: usize,
-) -> Result<Batch> {
-    if positions != EntropyPositions::Answer {
-        return Ok(batch);
-    }
-    let device = model.device();
-    let eos = &model.config().eos_token_ids;
-    let mut rows: Vec<Vec<u32>> = batch
-        .ids
-        .to_vec2::<u32>()?
-        .into_iter()
-        .zip(&batch.lens)
-        .map(|(r, &n)| r[..n].to_vec())
-        .collect();
-    for input in &batch.inputs {
-        let BatchInput::Text { row } = input else {
-            continue;
-        };
-        let row = &mut rows[*row];
-        if row.len() >= max_len {
-            continue;
-        }
-        let mut cache = model.new_cache();
-        let mut input = Tensor::new(row.as_slice(), device)?.unsqueeze(0)?;
-        for _ in 1..ANSWER_TOKENS {
-            let logits = model.forward_last(&input, Some(&mut cache))?.detach();
-            let token = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
-            if eos.contains(&token) {
-                break;
-            }
-            row.push(token);
-            if row.len() >= max_len {
-                break;
-            }
-            input = Tensor::new(&[token], device)?.unsqueeze(0)?;
         }
     }
     let lens: Vec<usize> = rows.iter().map(Vec::len).collect();
@@ -384,9 +315,52 @@ fn with_answers(
     Ok(Batch {
         ids: Tensor::from_vec(ids, (rows.len(), len), device)?,
         lens,
-        route_lens: batch.route_lens,
-        inputs: batch.inputs,
+        route_lens,
+        inputs: parts,
     })
+}
+
+/// The batch that `positions` trains on: with [`EntropyPositions::Answer`]
+/// each text is continued by the model's answer ([`append_answer`]).
+fn training_batch(
+    model: &Model,
+    inputs: &[&CalibrationInput],
+    positions: EntropyPositions,
+    max_len: usize,
+) -> Result<Batch> {
+    make_batch(inputs, model.device(), |row| match positions {
+        EntropyPositions::Answer => append_answer(model, row, max_len),
+        EntropyPositions::Last | EntropyPositions::All => Ok(()),
+    })
+}
+
+/// Appends the model's greedy answer to the prompt `row` (no gradient),
+/// decoded as serving decodes it: the prompt prefilled into a KV cache
+/// (which routes on the prompt), then one token at a time, until the model
+/// predicts EOS, made [`ANSWER_TOKENS`] predictions or the row fills
+/// `max_len`. The EOS itself is not appended: the row's last position is
+/// the prediction that ended the answer.
+fn append_answer(model: &Model, row: &mut Vec<u32>, max_len: usize) -> Result<()> {
+    if row.len() >= max_len {
+        return Ok(());
+    }
+    let device = model.device();
+    let eos = &model.config().eos_token_ids;
+    let mut cache = model.new_cache();
+    let mut input = Tensor::new(row.as_slice(), device)?.unsqueeze(0)?;
+    for _ in 1..ANSWER_TOKENS {
+        let logits = model.forward_last(&input, Some(&mut cache))?.detach();
+        let token = logits.squeeze(0)?.argmax(D::Minus1)?.to_scalar::<u32>()?;
+        if eos.contains(&token) {
+            break;
+        }
+        row.push(token);
+        if row.len() >= max_len {
+            break;
+        }
+        input = Tensor::new(&[token], device)?.unsqueeze(0)?;
+    }
+    Ok(())
 }
 
 /// Mean over positions of the entropy of the next-token distribution,
@@ -434,7 +408,7 @@ fn batch_entropy(
             match positions {
                 EntropyPositions::Answer => {
                     // The prompt's last position, then the answer's tokens
-                    // (see `with_answers`), each input weighing one.
+                    // (see `append_answer`), each input weighing one.
                     let prompt = batch.route_lens[*row];
                     let share = 1.0 / (n + 1 - prompt) as f32;
                     weights[row * t + prompt - 1..row * t + n].fill(share);
@@ -560,7 +534,9 @@ fn choice_losses(logp: &Tensor, batch: &Batch, in_choices: bool) -> Result<Vec<T
         } else {
             h
         });
-        dists.push(lp.exp()?);
+        if in_choices {
+            dists.push(lp.exp()?);
+        }
         first += k;
     }
     if in_choices {
@@ -596,8 +572,7 @@ fn evaluate(
 ) -> Result<f64> {
     let (mut total, mut count) = (0f64, 0usize);
     for inputs in batches.eval_batches() {
-        let batch = make_batch(&inputs, model.device())?;
-        let batch = with_answers(model, batch, positions, max_len)?;
+        let batch = training_batch(model, &inputs, positions, max_len)?;
         let (h, n) = batch_entropy(model, &batch, positions)?;
         total += h.to_scalar::<f32>()? as f64 * n as f64;
         count += n;
@@ -643,8 +618,7 @@ pub fn adapt(
     );
     let start = Instant::now();
     for step in 0..opts.steps {
-        let batch = make_batch(&batches.draw(&mut rng), model.device())?;
-        let batch = with_answers(&model, batch, opts.positions, max_len)?;
+        let batch = training_batch(&model, &batches.draw(&mut rng), opts.positions, max_len)?;
         let (loss, _) = batch_entropy(&model, &batch, opts.positions)?;
         adam.backward_step(&loss)?;
         if step % 10 == 0 || step + 1 == opts.steps {
@@ -846,7 +820,7 @@ mod tests {
         // Evaluation: sources in turn, then their second inputs.
         let eval = b.eval_batches();
         assert_eq!(eval.len(), 2);
-        let batch = make_batch(&eval[0], &Device::Cpu).unwrap();
+        let batch = make_batch(&eval[0], &Device::Cpu, |_| Ok(())).unwrap();
         assert_eq!(
             batch.ids.to_vec2::<u32>().unwrap(),
             vec![
@@ -878,7 +852,7 @@ mod tests {
             EntropyPositions::Last,
         )
         .unwrap();
-        let batch = make_batch(&b.eval_batches()[0], &Device::Cpu).unwrap();
+        let batch = make_batch(&b.eval_batches()[0], &Device::Cpu, |_| Ok(())).unwrap();
         assert_eq!(
             batch.ids.to_vec2::<u32>().unwrap(),
             vec![vec![3, 3, 3, 0], vec![1, 2, 5, 0], vec![1, 2, 6, 7]]
