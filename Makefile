@@ -7,7 +7,7 @@
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
-.PHONY: test test-deps build lint fmt bench-merge check-deploy
+.PHONY: test test-deps build lint fmt bench-merge check-deploy fuzz
 
 test: test-deps
 	$(CARGO) test --release --workspace --all-targets
@@ -31,3 +31,8 @@ fmt:
 
 bench-merge:
 	$(CARGO) run --release -- bench merge --params 1B --experts 3 --dtype bf16
+
+# Fuzz the safetensors reader, the compact spec parser and the mergekit YAML
+# reader, FUZZ_SECONDS each (default 60); not part of `make test`.
+fuzz:
+	scripts/fuzz.sh

@@ -9,8 +9,13 @@
 //!   `admin_keys` is empty they follow the rule of the OpenAI routes.
 //!
 //! No key, or an unknown one, is 401.
+//!
+//! The class is decided on the route the request is routed to (its pattern
+//! in [`ROUTES`]), never on the path string, so encoded or odd spellings of a
+//! path cannot reach a route under another route's class.
 
 use crate::error::{GatewayError, Result};
+use crate::routes::paths;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,22 +28,38 @@ pub enum Access {
     Admin,
 }
 
-/// The route class of a request path.
-pub fn access_of(path: &str) -> Access {
-    let under = |prefix: &str| {
-        path == prefix
-            || path
-                .strip_prefix(prefix)
-                .is_some_and(|rest| rest.starts_with('/'))
-    };
-    if under("/v1/merges") || under("/v1/evaluations") {
-        Access::Admin
-    } else if under("/v1") {
-        Access::User
-    } else {
-        Access::Public
+/// The access class of a route, by the pattern the router matched
+/// (`/v1/merges/{id}`), never by the request's path string: percent-encoded,
+/// double-slash or dot-segment spellings of a path reach the class of the
+/// route they are routed to. `None` (no route matched: the 404 handler) is
+/// public; a matched pattern missing from [`ROUTES`] needs an admin key, so
+/// a route added without a class fails closed.
+pub fn access_of_route(pattern: Option<&str>) -> Access {
+    match pattern {
+        None => Access::Public,
+        Some(p) => ROUTES
+            .iter()
+            .find(|(route, _)| *route == p)
+            .map_or(Access::Admin, |&(_, access)| access),
     }
 }
+
+/// Every route pattern of the gateway with its access class.
+pub const ROUTES: &[(&str, Access)] = &[
+    (paths::CHAT, Access::User),
+    (paths::COMPLETIONS, Access::User),
+    (paths::EMBEDDINGS, Access::User),
+    (paths::MODELS, Access::User),
+    (paths::MERGES, Access::Admin),
+    (paths::MERGE, Access::Admin),
+    (paths::EVALUATIONS, Access::Admin),
+    (paths::LIVE, Access::Public),
+    (paths::READY, Access::Public),
+    (paths::METRICS, Access::Public),
+    (paths::OPENAPI, Access::Public),
+    (paths::DOCS, Access::Public),
+    (paths::DOCS_FILES, Access::Public),
+];
 
 /// The configured keys.
 #[derive(Debug, Clone, Default)]
@@ -69,9 +90,14 @@ impl Keys {
         Keys { user, admin }
     }
 
-    /// Checks the `Authorization` header value of a request to `path`.
-    pub fn authorize(&self, path: &str, authorization: Option<&str>) -> Result<()> {
-        let access = access_of(path);
+    /// Checks the `Authorization` header value of a request to a route of
+    /// class `access` (`route` names it in the 403 message).
+    pub fn authorize(
+        &self,
+        access: Access,
+        route: &str,
+        authorization: Option<&str>,
+    ) -> Result<()> {
         let needs_admin = access == Access::Admin && !self.admin.is_empty();
         let needs_user = access != Access::Public && !self.user.is_empty();
         if !needs_admin && !needs_user {
@@ -94,7 +120,7 @@ impl Keys {
                 Ok(())
             } else if is_user {
                 Err(GatewayError::Forbidden(format!(
-                    "`{path}` needs an admin key (`server.admin_keys`); this is a user key"
+                    "`{route}` needs an admin key (`server.admin_keys`); this is a user key"
                 )))
             } else {
                 Err(GatewayError::Unauthorized("invalid API key".to_string()))
@@ -121,49 +147,78 @@ mod tests {
 
     #[test]
     fn route_classes() {
-        assert_eq!(access_of("/v1/merges"), Access::Admin);
-        assert_eq!(access_of("/v1/merges/merge-00"), Access::Admin);
-        assert_eq!(access_of("/v1/evaluations"), Access::Admin);
-        assert_eq!(access_of("/v1/mergesx"), Access::User);
-        assert_eq!(access_of("/v1/chat/completions"), Access::User);
-        assert_eq!(access_of("/health/live"), Access::Public);
-        assert_eq!(access_of("/metrics"), Access::Public);
-        assert_eq!(access_of("/v1x"), Access::Public);
+        let of = |p: &str| access_of_route(Some(p));
+        assert_eq!(of(paths::MERGES), Access::Admin);
+        assert_eq!(of(paths::MERGE), Access::Admin);
+        assert_eq!(of(paths::EVALUATIONS), Access::Admin);
+        assert_eq!(of(paths::CHAT), Access::User);
+        assert_eq!(of(paths::MODELS), Access::User);
+        assert_eq!(of(paths::LIVE), Access::Public);
+        assert_eq!(of(paths::METRICS), Access::Public);
+        assert_eq!(of(paths::DOCS_FILES), Access::Public);
+        // No route matched: the 404 handler.
+        assert_eq!(access_of_route(None), Access::Public);
+        // A matched pattern without a class fails closed.
+        assert_eq!(of("/v1/something-new"), Access::Admin);
     }
 
     #[test]
     fn no_keys_means_open() {
         let k = Keys::default();
-        assert_eq!(status(k.authorize("/v1/merges", None)), 200);
-        assert_eq!(status(k.authorize("/v1/models", None)), 200);
+        assert_eq!(status(k.authorize(Access::Admin, "/v1/merges", None)), 200);
+        assert_eq!(status(k.authorize(Access::User, "/v1/models", None)), 200);
     }
 
     #[test]
     fn user_and_admin_keys() {
         let k = Keys::new(vec!["u1".into()], vec!["a1".into()]);
         let chat = "/v1/chat/completions";
-        assert_eq!(status(k.authorize(chat, None)), 401);
-        assert_eq!(status(k.authorize(chat, Some("Bearer nope"))), 401);
-        assert_eq!(status(k.authorize(chat, Some("Basic u1"))), 401);
-        assert_eq!(status(k.authorize(chat, Some("Bearer u1"))), 200);
-        assert_eq!(status(k.authorize(chat, Some("bearer  a1 "))), 200);
-        assert_eq!(status(k.authorize("/v1/merges", Some("Bearer u1"))), 403);
-        assert_eq!(status(k.authorize("/v1/merges", Some("Bearer a1"))), 200);
-        assert_eq!(status(k.authorize("/v1/merges", Some("Bearer u"))), 401);
-        assert_eq!(status(k.authorize("/v1/merges", None)), 401);
-        assert_eq!(status(k.authorize("/metrics", None)), 200);
+        assert_eq!(status(k.authorize(Access::User, chat, None)), 401);
+        assert_eq!(
+            status(k.authorize(Access::User, chat, Some("Bearer nope"))),
+            401
+        );
+        assert_eq!(
+            status(k.authorize(Access::User, chat, Some("Basic u1"))),
+            401
+        );
+        assert_eq!(
+            status(k.authorize(Access::User, chat, Some("Bearer u1"))),
+            200
+        );
+        assert_eq!(
+            status(k.authorize(Access::User, chat, Some("bearer  a1 "))),
+            200
+        );
+        assert_eq!(
+            status(k.authorize(Access::Admin, "/v1/merges", Some("Bearer u1"))),
+            403
+        );
+        assert_eq!(
+            status(k.authorize(Access::Admin, "/v1/merges", Some("Bearer a1"))),
+            200
+        );
+        assert_eq!(
+            status(k.authorize(Access::Admin, "/v1/merges", Some("Bearer u"))),
+            401
+        );
+        assert_eq!(status(k.authorize(Access::Admin, "/v1/merges", None)), 401);
+        assert_eq!(status(k.authorize(Access::Public, "/metrics", None)), 200);
     }
 
     #[test]
     fn admin_only_or_user_only() {
         // Only admin keys: the OpenAI routes are open, the admin APIs are not.
         let k = Keys::new(vec![], vec!["a1".into()]);
-        assert_eq!(status(k.authorize("/v1/models", None)), 200);
-        assert_eq!(status(k.authorize("/v1/merges", None)), 401);
+        assert_eq!(status(k.authorize(Access::User, "/v1/models", None)), 200);
+        assert_eq!(status(k.authorize(Access::Admin, "/v1/merges", None)), 401);
         // Only user keys: the admin APIs follow them.
         let k = Keys::new(vec!["u1".into()], vec![]);
-        assert_eq!(status(k.authorize("/v1/merges", Some("Bearer u1"))), 200);
-        assert_eq!(status(k.authorize("/v1/merges", None)), 401);
+        assert_eq!(
+            status(k.authorize(Access::Admin, "/v1/merges", Some("Bearer u1"))),
+            200
+        );
+        assert_eq!(status(k.authorize(Access::Admin, "/v1/merges", None)), 401);
     }
 
     #[test]

@@ -77,10 +77,15 @@ impl Engine {
         self.text.model().config().max_position_embeddings
     }
 
-    /// Token ids of a chat: the chat template with the generation prompt.
-    pub fn chat_prompt(&self, messages: &[ChatMessage]) -> merger::Result<Vec<u32>> {
-        let text = self.text.apply_chat_template(messages)?;
-        self.text.encode(&text)
+    /// Token ids of a chat: the chat template with the generation prompt;
+    /// with `split_special_tokens`, special-token markers in message content
+    /// are plain text (see [`merger::generate::TextModel::encode_chat`]).
+    pub fn chat_prompt(
+        &self,
+        messages: &[ChatMessage],
+        split_special_tokens: bool,
+    ) -> merger::Result<Vec<u32>> {
+        self.text.encode_chat(messages, split_special_tokens)
     }
 
     /// Token ids of a raw completion prompt.
@@ -102,5 +107,14 @@ impl Engine {
     /// Mean-pooled embeddings of `texts` and the number of tokens read.
     pub fn embed(&self, texts: &[String]) -> merger::Result<(Vec<Vec<f32>>, usize)> {
         self.text.embed(texts)
+    }
+
+    /// [`Engine::embed`] that stops once `cancelled()` (the client left).
+    pub fn embed_until(
+        &self,
+        texts: &[String],
+        cancelled: &dyn Fn() -> bool,
+    ) -> merger::Result<(Vec<Vec<f32>>, usize)> {
+        self.text.embed_until(texts, cancelled)
     }
 }

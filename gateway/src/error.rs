@@ -153,6 +153,17 @@ impl GatewayError {
         }
     }
 
+    /// The same error naming `param` when it names no parameter yet.
+    pub fn or_param(mut self, name: &str) -> Self {
+        if let GatewayError::BadRequest { param, .. }
+        | GatewayError::NotFound { param, .. }
+        | GatewayError::TooLarge { param, .. } = &mut self
+        {
+            param.get_or_insert_with(|| name.to_string());
+        }
+        self
+    }
+
     /// The HTTP status of this error.
     pub fn status(&self) -> StatusCode {
         match self {
@@ -268,6 +279,24 @@ impl ResponseError for GatewayError {
 impl From<MergeError> for GatewayError {
     fn from(e: MergeError) -> Self {
         let message = e.to_string();
+        match &e {
+            MergeError::ContextLength { .. } => {
+                return GatewayError::BadRequest {
+                    message,
+                    param: None,
+                    code: "context_length_exceeded",
+                }
+            }
+            // A request's text or messages, not its merge.
+            MergeError::Template(_) | MergeError::Generation(_) => {
+                return GatewayError::BadRequest {
+                    message,
+                    param: None,
+                    code: "invalid_value",
+                }
+            }
+            _ => {}
+        }
         match e.kind() {
             ErrorKind::Invalid => GatewayError::BadRequest {
                 message,

@@ -114,23 +114,55 @@ async fn observe(
     Ok(res)
 }
 
-/// Bearer keys (see [`crate::auth`]).
+/// The route pattern the router will match for `req`: the router's own
+/// resource map applied to the router's own (percent-decoded) path, so
+/// `/%76%31/merges` and `/v1/%6derges` are `/v1/merges`.
+fn routed_pattern(req: &ServiceRequest) -> Option<String> {
+    req.request()
+        .resource_map()
+        .match_pattern(req.match_info().as_str())
+}
+
+/// Bearer keys (see [`crate::auth`]), decided on the route the request is
+/// routed to, not on its path string.
 async fn authenticate(
     req: ServiceRequest,
     next: Next<impl MessageBody + 'static>,
 ) -> std::result::Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let pattern = routed_pattern(&req);
+    let access = crate::auth::access_of_route(pattern.as_deref());
     let verdict = match req.app_data::<web::Data<AppState>>() {
         Some(state) => {
             let header = req
                 .headers()
                 .get(actix_web::http::header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            state.keys.authorize(req.path(), header)
+            state
+                .keys
+                .authorize(access, pattern.as_deref().unwrap_or("?"), header)
         }
         None => Err(GatewayError::Internal("no application state".to_string())),
     };
     match verdict {
-        Ok(()) => Ok(next.call(req).await?.map_into_left_body()),
+        Ok(()) => {
+            let res = next.call(req).await?;
+            // The route that answered must be of the class that was checked
+            // (the same resource map decides both); a disagreement is a bug:
+            // it is logged and its answer withheld.
+            let answered = res.request().match_pattern();
+            let answered_access = crate::auth::access_of_route(answered.as_deref());
+            if answered.is_some() && answered_access != access {
+                tracing::error!(
+                    checked = ?pattern,
+                    answered = ?answered,
+                    "authorization checked a different route than the one that answered"
+                );
+                let err = GatewayError::Internal("route resolution disagreed".to_string());
+                let (req, _) = res.into_parts();
+                return Ok(ServiceResponse::from_err(err, req).map_into_right_body());
+            }
+            Ok(res.map_into_left_body())
+        }
         Err(e) => Ok(req.error_response(e).map_into_right_body()),
     }
 }
@@ -173,12 +205,19 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .app_data(path)
             .app_data(query)
             .configure(routes::configure)
-            .route("/docs", web::get().to(docs_redirect))
-            .service(SwaggerUi::new("/docs/{_:.*}").url(routes::paths::OPENAPI, doc.clone()))
+            .route(routes::paths::DOCS, web::get().to(docs_redirect))
+            .service(
+                SwaggerUi::new(routes::paths::DOCS_FILES).url(routes::paths::OPENAPI, doc.clone()),
+            )
             .default_service(web::to(unknown_route))
             .wrap(from_fn(authenticate))
             .wrap(from_fn(observe))
     })
+    // A client that closes its side of the connection has gone away: the
+    // connection shuts down and the request's handler is dropped, which
+    // stops its generation or embedding and frees its slot (actix's
+    // default keeps half-closed connections until the handler finishes).
+    .h1_allow_half_closed(false)
     .shutdown_timeout(shutdown.as_secs().max(1))
     .shutdown_signal(shutdown_signal(state.clone()));
     if let Some(w) = workers {

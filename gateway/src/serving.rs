@@ -3,6 +3,7 @@
 //! `merge.max_wait`), take a generation slot, then tokenize and generate on
 //! the blocking pool, streaming text deltas through a channel.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -152,9 +153,16 @@ pub struct Generation {
 }
 
 /// Token ids of a prompt, checked to leave room for a completion.
-fn prompt_ids(engine: &crate::engine::Engine, prompt: &Prompt) -> Result<Vec<u32>> {
+fn prompt_ids(
+    engine: &crate::engine::Engine,
+    prompt: &Prompt,
+    split_special_tokens: bool,
+) -> Result<Vec<u32>> {
     let (ids, param) = match prompt {
-        Prompt::Chat(messages) => (engine.chat_prompt(messages)?, "messages"),
+        Prompt::Chat(messages) => (
+            engine.chat_prompt(messages, split_special_tokens)?,
+            "messages",
+        ),
         Prompt::Text(text) => (engine.text_prompt(text)?, "prompt"),
     };
     let context = engine.context_length();
@@ -186,11 +194,12 @@ pub async fn generate(
     let slot = state.admission.admit().await?;
     let served = handle.served.clone();
     let metrics = state.metrics.clone();
+    let split_special_tokens = state.config.server.split_special_tokens;
     let (ready_tx, ready_rx) = oneshot::channel::<Result<usize>>();
     let (tx, events) = mpsc::channel(EVENT_BUFFER);
     tokio::task::spawn_blocking(move || {
         let engine = &served.engine;
-        let ids = match prompt_ids(engine, &prompt) {
+        let ids = match prompt_ids(engine, &prompt, split_special_tokens) {
             Ok(ids) => ids,
             Err(e) => {
                 drop(slot);
@@ -265,11 +274,29 @@ pub async fn embed(
 ) -> Result<(Vec<Vec<f32>>, usize)> {
     let slot = state.admission.admit().await?;
     let served = handle.served.clone();
-    tokio::task::spawn_blocking(move || {
+    // Set when this future is dropped (the client went away): the blocking
+    // task stops at its next text or batch and frees its slot.
+    let left = ClientGone::default();
+    let flag = left.0.clone();
+    let result = tokio::task::spawn_blocking(move || {
         let _slot = slot;
-        served.engine.embed(&texts)
+        served
+            .engine
+            .embed_until(&texts, &|| flag.load(Ordering::Relaxed))
     })
     .await
     .map_err(|e| GatewayError::Internal(format!("the embedding task failed: {e}")))?
-    .map_err(GatewayError::from)
+    .map_err(|e| GatewayError::from(e).or_param("input"));
+    drop(left);
+    result
+}
+
+/// Raises its flag when dropped.
+#[derive(Default)]
+struct ClientGone(Arc<AtomicBool>);
+
+impl Drop for ClientGone {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }

@@ -124,6 +124,16 @@ pub enum MergeError {
     Template(String),
     #[error("generation: {0}")]
     Generation(String),
+    #[error("{what} has {tokens} tokens, more than the model's context ({max} tokens, max_position_embeddings)")]
+    ContextLength {
+        what: String,
+        tokens: usize,
+        max: usize,
+    },
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    #[error("{what} has non-finite values: {reason}")]
+    NonFinite { what: String, reason: String },
     #[error("model: {0}")]
     Model(String),
     #[error("{0}")]
@@ -135,9 +145,12 @@ impl MergeError {
     pub fn kind(&self) -> ErrorKind {
         use MergeError::*;
         match self {
-            Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
+            Io { .. } | Device(..) | Tensor { .. } | Candle(_) | Cancelled(_) => {
+                ErrorKind::Internal
+            }
             ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
-            Template(_) | Generation(_) | Model(_) => ErrorKind::Invalid,
+            Template(_) | Generation(_) | Model(_) | ContextLength { .. } => ErrorKind::Invalid,
+            NonFinite { .. } => ErrorKind::Unprocessable,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
             Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
             ShapeMismatch { .. }

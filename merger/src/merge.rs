@@ -406,6 +406,7 @@ impl MergePlan {
                         expected: t.shape.clone().into(),
                     });
                 }
+                check_finite(&t.name, &merged)?;
                 sink.put(t, merged)?;
                 done.fetch_add(1, Ordering::Relaxed);
                 progress.tick(per_tensor_input(t));
@@ -419,6 +420,26 @@ impl MergePlan {
             seconds: start.elapsed().as_secs_f64(),
         })
     }
+}
+
+/// Refuses a merged tensor with an infinite or NaN value (parameters that
+/// overflow f32, such as `scaling_coefficient=1e308`): such a model would
+/// only ever produce NaN, so the merge fails, naming the tensor, and nothing
+/// is written or cached.
+pub fn check_finite(name: &str, merged: &Tensor) -> Result<()> {
+    let (bad, total) = with_f32_data(merged, |d| {
+        (d.iter().filter(|x| !x.is_finite()).count(), d.len())
+    })
+    .map_err(|e| MergeError::in_tensor(name, e))?;
+    if bad > 0 {
+        return Err(MergeError::NonFinite {
+            what: format!("merged tensor `{name}`"),
+            reason: format!(
+                "{bad} of {total} values are infinite or NaN (the merge's parameters overflow f32)"
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Placeholder swapped in while the real method is borrowed mutably by

@@ -24,6 +24,12 @@ pub struct GenerateArgs {
     /// A system message before the user message (with --chat).
     #[arg(long, requires = "chat")]
     system: Option<String>,
+    /// Parse special-token markers (`<|assistant|>`, `</s>`) written in the
+    /// --chat/--system text, as Hugging Face tokenizers do by default;
+    /// without it they are plain text and only the template inserts special
+    /// tokens (as the gateway does with `server.split_special_tokens`).
+    #[arg(long, requires = "chat")]
+    parse_special_tokens: bool,
     /// Most tokens to generate.
     #[arg(long, default_value_t = 256)]
     max_tokens: usize,
@@ -74,19 +80,18 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let model = TextModel::load(&args.model, &opts)?;
-    let text = match (args.prompt, args.chat) {
-        (Some(p), _) => p,
+    let prompt = match (args.prompt, args.chat) {
+        (Some(p), _) => model.encode(&p)?,
         (None, Some(user)) => {
             let mut messages = Vec::new();
             if let Some(s) = args.system {
                 messages.push(ChatMessage::new("system", s));
             }
             messages.push(ChatMessage::new("user", user));
-            model.apply_chat_template(&messages)?
+            model.encode_chat(&messages, !args.parse_special_tokens)?
         }
         (None, None) => anyhow::bail!("pass --prompt TEXT or --chat TEXT"),
     };
-    let prompt = model.encode(&text)?;
     let stdout = std::io::stdout();
     let mut out = stdout.lock();
     let start = Instant::now();

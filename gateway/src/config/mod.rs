@@ -110,6 +110,12 @@ pub struct ServerConfig {
     /// `$FUSION_DATA_DIR`, else `./fusion-data`.
     #[serde(default)]
     pub data_dir: Option<PathBuf>,
+    /// Chat message content is encoded as plain text (true, the default:
+    /// `<|assistant|>` or `</s>` written by a client are characters, so only
+    /// the chat template inserts special tokens), or with special-token
+    /// markers parsed (false: the Hugging Face tokenizers default).
+    #[serde(default = "default_true")]
+    pub split_special_tokens: bool,
 }
 
 /// Log output format.
@@ -265,6 +271,9 @@ fn default_device() -> String {
 fn default_bind() -> String {
     "127.0.0.1:8080".to_string()
 }
+fn default_true() -> bool {
+    true
+}
 fn default_shutdown() -> Duration {
     Duration::from_secs(30)
 }
@@ -310,6 +319,7 @@ impl Default for ServerConfig {
             workers: None,
             limits: LimitsConfig::default(),
             data_dir: None,
+            split_special_tokens: true,
         }
     }
 }

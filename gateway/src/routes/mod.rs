@@ -43,6 +43,10 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
     /// The OpenAPI document.
     pub const OPENAPI: &str = "/openapi.json";
+    /// Redirect to the Swagger UI.
+    pub const DOCS: &str = "/docs";
+    /// The Swagger UI's files.
+    pub const DOCS_FILES: &str = "/docs/{_:.*}";
 }
 
 /// Registers every route.

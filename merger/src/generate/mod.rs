@@ -24,6 +24,6 @@ pub use detokenize::StreamDecoder;
 pub use sampling::{Sampler, SamplingParams};
 pub use scoring::LogLikelihood;
 pub use stop::{StopMatcher, StopStep};
-pub use template::{ChatMessage, ChatTemplate};
+pub use template::{ChatMessage, ChatTemplate, RenderedChat};
 pub use text_model::{Completion, FinishReason, TextModel, TokenEvent};
 pub use tokenizer::{TextTokenizer, TokenizerConfig};

@@ -196,8 +196,18 @@ impl Sampler {
             self.presence_penalty,
         );
         if self.temperature > 0.0 {
+            // Shifted so the largest logit is 0 before dividing (softmax,
+            // top_k and top_p do not change under a shift), so a tiny
+            // temperature sends the others to -inf instead of overflowing
+            // the largest to +inf.
+            let max = logits
+                .iter()
+                .copied()
+                .filter(|l| l.is_finite())
+                .fold(f32::NEG_INFINITY, f32::max);
+            let shift = if max.is_finite() { max } else { 0.0 };
             for l in logits.iter_mut() {
-                *l /= self.temperature;
+                *l = (*l - shift) / self.temperature;
             }
         }
     }
@@ -220,15 +230,17 @@ impl Sampler {
         }
         order.sort_unstable_by(by_logit);
         let Some(&first) = order.first() else {
-            return Err(MergeError::Generation(
-                "the model produced no finite logit".into(),
-            ));
+            return Err(MergeError::NonFinite {
+                what: "the model's logits".into(),
+                reason: "every logit is NaN".into(),
+            });
         };
         let max = logits[first as usize];
         if !max.is_finite() {
-            return Err(MergeError::Generation(format!(
-                "the model produced a non-finite logit ({max})"
-            )));
+            return Err(MergeError::NonFinite {
+                what: "the model's logits".into(),
+                reason: format!("the largest is {max}"),
+            });
         }
         let mut probs: Vec<(u32, f32)> = order
             .iter()
@@ -266,9 +278,10 @@ impl Sampler {
         self.adjust(logits);
         let token = if self.temperature == 0.0 {
             if logits.iter().all(|l| l.is_nan()) {
-                return Err(MergeError::Generation(
-                    "the model produced only NaN logits".into(),
-                ));
+                return Err(MergeError::NonFinite {
+                    what: "the model's logits".into(),
+                    reason: "every logit is NaN".into(),
+                });
             }
             argmax(logits)
         } else {
@@ -423,6 +436,21 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, 1.0]), 1);
         let mut s = Sampler::new(&SamplingParams::greedy(4)).unwrap();
         assert_eq!(s.sample(&mut [0.5, 0.1, 0.7, 0.7]).unwrap(), 2);
+    }
+
+    #[test]
+    fn tiny_temperatures_sample_the_argmax() {
+        for t in [1e-38f32, f32::MIN_POSITIVE, 1e-45] {
+            let mut s = Sampler::new(&SamplingParams {
+                seed: Some(3),
+                ..params(t)
+            })
+            .unwrap();
+            for _ in 0..20 {
+                let mut l = [10.0f32, 30.0, 29.9999, -5.0];
+                assert_eq!(s.sample(&mut l).unwrap(), 1, "temperature {t}");
+            }
+        }
     }
 
     #[test]

@@ -35,6 +35,10 @@ pub struct LogLikelihood {
 /// Bytes of f32 logits one forward pass of a batch may produce.
 const LOGITS_BUDGET: usize = 256 << 20;
 
+/// Tokens (padding included) of one embedding batch: bounds the attention
+/// scores a batch holds, and how long a cancelled request runs on.
+const EMBED_BATCH_TOKENS: usize = 8192;
+
 /// One scoring request, tokenized.
 struct Scored {
     /// Model input (context and continuation minus the last token).
@@ -82,19 +86,40 @@ impl TextModel {
     /// Mean-pooled final hidden states of each text (tokenized with
     /// [`TextModel::encode`]), and the number of tokens read.
     pub fn embed(&self, texts: &[String]) -> Result<(Vec<Vec<f32>>, usize)> {
+        self.embed_until(texts, &|| false)
+    }
+
+    /// [`TextModel::embed`] that stops with [`MergeError::Cancelled`] as
+    /// soon as `cancelled()` says so (checked before each text is tokenized
+    /// and before each batch runs; a client that went away, say).
+    pub fn embed_until(
+        &self,
+        texts: &[String],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<(Vec<Vec<f32>>, usize)> {
+        let stop = || -> Result<()> {
+            if cancelled() {
+                Err(MergeError::Cancelled(
+                    "the embedding's client went away".into(),
+                ))
+            } else {
+                Ok(())
+            }
+        };
         let max_pos = self.model().config().max_position_embeddings;
         let mut seqs = Vec::with_capacity(texts.len());
         for (i, t) in texts.iter().enumerate() {
+            stop()?;
             let ids = self.encode(t)?;
             if ids.is_empty() {
                 return Err(MergeError::Generation(format!("input {i} has no tokens")));
             }
             if ids.len() > max_pos {
-                return Err(MergeError::Generation(format!(
-                    "input {i} has {} tokens, more than the model's context \
-                     (max_position_embeddings = {max_pos})",
-                    ids.len()
-                )));
+                return Err(MergeError::ContextLength {
+                    what: format!("input {i}"),
+                    tokens: ids.len(),
+                    max: max_pos,
+                });
             }
             seqs.push(ids);
         }
@@ -103,12 +128,15 @@ impl TextModel {
         let mut out = Vec::with_capacity(seqs.len());
         let mut start = 0;
         while start < seqs.len() {
+            stop()?;
             let width = seqs[start].len();
             let mut end = start + 1;
             let mut w = width;
             while end < seqs.len() {
                 let nw = w.max(seqs[end].len());
-                if (end - start + 1) * nw * hidden * 4 > LOGITS_BUDGET {
+                if (end - start + 1) * nw * hidden * 4 > LOGITS_BUDGET
+                    || (end - start + 1) * nw > EMBED_BATCH_TOKENS
+                {
                     break;
                 }
                 w = nw;

@@ -107,6 +107,76 @@ impl ChatTemplate {
     }
 }
 
+/// A rendered conversation and the byte ranges of it that are message
+/// content (what a client wrote, as opposed to what the template added).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RenderedChat {
+    /// The rendered text, exactly as [`ChatTemplate::render`] returns it.
+    pub text: String,
+    /// Byte ranges of `text` that came from `messages[..].content`, sorted.
+    pub content: Vec<std::ops::Range<usize>>,
+}
+
+/// Marks message `i`'s content while rendering: private-use code points a
+/// template passes through untouched.
+fn marker(i: usize) -> String {
+    format!("\u{F0000}{i}\u{F0001}")
+}
+
+impl ChatTemplate {
+    /// Renders `messages` like [`ChatTemplate::render`] and says which parts
+    /// of the text are message content. The template is rendered with a
+    /// marker in place of each content and the content put back at each
+    /// marker; the result must equal the plain rendering (a template that
+    /// trims content is followed; one that otherwise rewrites it is an
+    /// error, since its content could not be told from its own text).
+    pub fn render_with_content(
+        &self,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<RenderedChat> {
+        let plain = self.render(messages, add_generation_prompt)?;
+        let marked: Vec<ChatMessage> = messages
+            .iter()
+            .enumerate()
+            .map(|(i, m)| ChatMessage::new(m.role.clone(), marker(i)))
+            .collect();
+        let with_markers = self.render(&marked, add_generation_prompt)?;
+        for trim in [false, true] {
+            let mut text = String::with_capacity(plain.len());
+            let mut content = Vec::new();
+            let mut rest = with_markers.as_str();
+            while let Some(start) = rest.find('\u{F0000}') {
+                let after = &rest[start + '\u{F0000}'.len_utf8()..];
+                let Some(end) = after.find('\u{F0001}') else {
+                    break;
+                };
+                let Ok(i) = after[..end].parse::<usize>() else {
+                    break;
+                };
+                let Some(m) = messages.get(i) else { break };
+                text.push_str(&rest[..start]);
+                let c = if trim { m.content.trim() } else { &m.content };
+                if !c.is_empty() {
+                    content.push(text.len()..text.len() + c.len());
+                }
+                text.push_str(c);
+                rest = &after[end + '\u{F0001}'.len_utf8()..];
+            }
+            text.push_str(rest);
+            if text == plain {
+                return Ok(RenderedChat { text, content });
+            }
+        }
+        Err(MergeError::Template(
+            "the chat template rewrites message content, so the content cannot be told apart \
+             from the template's own special tokens; encode content with special tokens parsed \
+             (the Hugging Face default) to use this template"
+                .into(),
+        ))
+    }
+}
+
 fn raise_exception(message: String) -> std::result::Result<String, Error> {
     Err(Error::new(ErrorKind::InvalidOperation, message))
 }

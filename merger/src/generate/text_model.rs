@@ -162,6 +162,33 @@ impl TextModel {
         Ok(ids)
     }
 
+    /// Token ids of a conversation rendered by the chat template with the
+    /// generation prompt. With `split_special_tokens` (Hugging Face's name),
+    /// special-token markers inside message content (`<|assistant|>`,
+    /// `</s>`) are encoded as plain text, so only the template inserts
+    /// special tokens and a message cannot forge a turn; without it the
+    /// rendered text is encoded as a whole, markers parsed everywhere (the
+    /// Hugging Face default). A BOS is added as [`TextModel::encode`] does.
+    pub fn encode_chat(
+        &self,
+        messages: &[ChatMessage],
+        split_special_tokens: bool,
+    ) -> Result<Vec<u32>> {
+        if !split_special_tokens {
+            return self.encode(&self.apply_chat_template(messages)?);
+        }
+        let chat = self.template.render_with_content(messages, true)?;
+        let mut ids = self
+            .tokenizer
+            .encode_with_literals(&chat.text, &chat.content)?;
+        if let Some(bos) = self.tokenizer.bos_id() {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
     /// The text of `ids`, special tokens left out.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.tokenizer.decode(ids, true)

@@ -1,6 +1,7 @@
 //! A checkpoint's tokenizer: `tokenizer.json` through the `tokenizers` crate,
 //! with the special tokens and chat template of `tokenizer_config.json`.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -81,6 +82,11 @@ impl TokenizerConfig {
 #[derive(Clone)]
 pub struct TextTokenizer {
     inner: tokenizers::Tokenizer,
+    /// The same tokenizer with special-token markers encoded as plain text
+    /// (Hugging Face's `split_special_tokens=True`).
+    plain: tokenizers::Tokenizer,
+    /// The texts of the special added tokens with their ids, longest first.
+    specials: Vec<(String, u32)>,
     path: PathBuf,
     config: TokenizerConfig,
     bos_id: Option<u32>,
@@ -136,8 +142,19 @@ impl TextTokenizer {
         let bos_id = id_of(&config.bos_token, "bos_token")?;
         let eos_id = id_of(&config.eos_token, "eos_token")?;
         let pad_id = id_of(&config.pad_token, "pad_token")?;
+        let mut plain = inner.clone();
+        plain.set_encode_special_tokens(true);
+        let mut specials: Vec<(String, u32)> = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special && !t.content.is_empty())
+            .map(|(id, t)| (t.content, id))
+            .collect();
+        specials.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then(a.1.cmp(&b.1)));
         Ok(TextTokenizer {
             inner,
+            plain,
+            specials,
             path,
             config,
             bos_id,
@@ -187,6 +204,57 @@ impl TextTokenizer {
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| self.error(e))?;
         Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` with special-token markers parsed only outside
+    /// the byte ranges `literal` (sorted, disjoint): inside them `<s>` or
+    /// `<|assistant|>` are plain text, as Hugging Face tokenizers encode
+    /// with `split_special_tokens=True`. The text is cut at the special
+    /// tokens found outside `literal` (where the tokenizer cuts it too), and
+    /// each piece between them is encoded with special tokens split, so a
+    /// text whose literal ranges hold no marker encodes exactly as
+    /// [`TextTokenizer::encode`] would.
+    pub fn encode_with_literals(&self, text: &str, literal: &[Range<usize>]) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        let mut piece_start = 0;
+        let mut i = 0;
+        let mut ranges = literal.iter().peekable();
+        while i < text.len() {
+            while ranges.peek().is_some_and(|r| r.end <= i) {
+                ranges.next();
+            }
+            if let Some(r) = ranges.peek() {
+                if r.start <= i {
+                    i = r.end;
+                    continue;
+                }
+            }
+            let next_literal = ranges.peek().map_or(text.len(), |r| r.start);
+            let rest = &text[i..];
+            let found = self
+                .specials
+                .iter()
+                .find(|(s, _)| rest.starts_with(s.as_str()) && i + s.len() <= next_literal);
+            match found {
+                Some((s, id)) => {
+                    self.encode_plain_into(&text[piece_start..i], &mut ids)?;
+                    ids.push(*id);
+                    i += s.len();
+                    piece_start = i;
+                }
+                None => i += rest.chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        self.encode_plain_into(&text[piece_start..], &mut ids)?;
+        Ok(ids)
+    }
+
+    fn encode_plain_into(&self, text: &str, ids: &mut Vec<u32>) -> Result<()> {
+        if !text.is_empty() {
+            let enc = self.plain.encode(text, false).map_err(|e| self.error(e))?;
+            ids.extend_from_slice(enc.get_ids());
+        }
+        Ok(())
     }
 
     /// The text of `ids`; special tokens are left out when `skip_special`.

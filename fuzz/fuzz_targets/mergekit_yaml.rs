@@ -1,0 +1,18 @@
+//! The mergekit YAML reader: any text gives a spec or an error (never a
+//! panic, never unbounded work); a spec validates or gives an error.
+#![no_main]
+
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    if let Ok(spec) = merger::spec::mergekit::from_yaml(text, Path::new("fuzz.yaml")) {
+        if let Ok((info, _method)) = merger::methods::build(&spec) {
+            let _ = merger::spec::canonical::merge_id(&spec, info, &[]);
+        }
+    }
+});
