@@ -108,6 +108,64 @@ fn slerp_with_filtered_t() {
 }
 
 #[test]
+fn magnitude_pruning_yaml_prunes_the_difference_from_base_model() {
+    // base and ft: τ = ft − base on the linear weight, rows
+    // [0.5, −0.3, 0.2] and [−1, 0.1, 2]; the embedding and norm change too,
+    // but diff mode adds back only the linear weights' pruned τ.
+    let dir = tempfile::tempdir().unwrap();
+    let up = "model.layers.0.mlp.up_proj.weight";
+    for (name, embed, w, norm) in [
+        ("base", [1., 2., 3., 4.], [1.; 6], [1., 1.]),
+        (
+            "ft",
+            [5., 6., 7., 8.],
+            [1.5, 0.7, 1.2, 0., 1.1, 3.],
+            [2., 2.],
+        ),
+    ] {
+        write_checkpoint(
+            &dir.path().join(name),
+            Dtype::F32,
+            &[
+                T("model.embed_tokens.weight", &[2, 2], &embed),
+                T(up, &[2, 3], &w),
+                T("model.norm.weight", &[2], &norm),
+            ],
+        );
+    }
+    let merge = |yaml: &str, out: &str| {
+        std::fs::write(dir.path().join("mp.yaml"), yaml).unwrap();
+        ok(&fusion(dir.path(), &["merge", "mp.yaml", "--out", out]));
+        read_checkpoint(&dir.path().join(out))
+    };
+    // The base listed among the models, as mergekit configs do; major: per
+    // row zero the ⌊0.34·3⌋ = 1 largest |τ| (0.5, then 2) → θ0 + the rest.
+    let major = merge(
+        "merge_method: magnitude_pruning\nbase_model: base\nmodels:\n  - model: base\n  - model: ft\nparameters:\n  prune_ratio: 0.34\n  prune_type: major\n",
+        "major",
+    );
+    close(&major[up].2, &[1., 0.7, 1.2, 0., 1.1, 1.], 1e-6);
+    close(
+        &major["model.embed_tokens.weight"].2,
+        &[1., 2., 3., 4.],
+        0.0,
+    );
+    close(&major["model.norm.weight"].2, &[1., 1.], 0.0);
+    // Only the pruned model listed; minor (default): zero the smallest |τ|
+    // per row (0.2, then 0.1).
+    let minor = merge(
+        "merge_method: magnitude_pruning\nbase_model: base\nmodels:\n  - model: ft\nparameters:\n  prune_ratio: 0.5\n",
+        "minor",
+    );
+    close(&minor[up].2, &[1.5, 0.7, 1., 0., 1., 3.], 1e-6);
+    close(
+        &minor["model.embed_tokens.weight"].2,
+        &[1., 2., 3., 4.],
+        0.0,
+    );
+}
+
+#[test]
 fn bf16_round_trip_and_mixed_dtypes() {
     let pool = Pool::new(Dtype::BF16);
     pool.write(

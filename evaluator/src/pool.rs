@@ -137,7 +137,7 @@ impl ModelPool {
         for name in spec.checkpoint_names() {
             self.resolve(name)?;
         }
-        if spec.base.is_none() && merger::methods::lookup(&spec.method)?.needs_base {
+        if spec.base.is_none() && merger::methods::lookup(&spec.method)?.needs_base() {
             spec.base = Some(BASE_NAME.to_string());
         }
         Ok(spec)

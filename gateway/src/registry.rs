@@ -332,7 +332,7 @@ impl Registry {
         spec.pool = Some(pool_name.clone());
         if spec.base.is_none() {
             if let Ok(info) = merger::methods::lookup(&spec.method) {
-                if info.needs_base {
+                if info.needs_base() {
                     spec.base = Some(BASE_NAME.to_string());
                 }
             }

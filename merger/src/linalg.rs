@@ -129,15 +129,9 @@ pub fn hcat(rows: usize, blocks: &[MatRef<'_, f64>]) -> Mat<f64> {
     out
 }
 
-/// True when a tensor is merged through an SVD: a non-empty 2-D tensor whose
-/// name is a linear layer's weight (embeddings and norms are not).
-pub fn is_svd_target(inputs: &TensorInputs) -> bool {
-    let shape = inputs.shape();
-    shape.len() == 2 && shape[0] > 0 && shape[1] > 0 && inputs.ctx.is_linear_weight()
-}
-
 /// θ0 + α·(1/T) Σ τi = (1 − α)·θ0 + (α/T)·Σ θi, in f32 on the merge device:
-/// how the SVD methods merge every tensor that is not a linear weight.
+/// how the matrix methods (iso, tsv_m, wudi) merge every tensor they do not
+/// treat as a matrix: 1-D tensors and those named in `exclude_keys`.
 pub fn base_plus_mean(inputs: &TensorInputs, alpha: f64) -> Result<Tensor> {
     let t = inputs.experts.len();
     inputs.combine(

@@ -1,11 +1,11 @@
 //! `fusion methods`: the method registry as a table.
 
-use merger::methods::{Arity, REGISTRY};
+use merger::methods::{Arity, BaseUse, REGISTRY};
 
 /// Prints every method with its convention and input requirements.
 pub fn run() -> anyhow::Result<()> {
     println!(
-        "{:<18} {:<12} {:<10} {:<6} {:<7}",
+        "{:<18} {:<12} {:<10} {:<8} {:<7}",
         "method", "convention", "models", "base", "seeded"
     );
     for m in REGISTRY
@@ -17,11 +17,15 @@ pub fn run() -> anyhow::Result<()> {
             Arity::AtLeast(k) => format!("{k}+"),
         };
         println!(
-            "{:<18} {:<12} {:<10} {:<6} {:<7}",
+            "{:<18} {:<12} {:<10} {:<8} {:<7}",
             m.name,
             m.convention,
             models,
-            if m.needs_base { "yes" } else { "no" },
+            match m.base {
+                BaseUse::Required => "yes",
+                BaseUse::Optional => "optional",
+                BaseUse::Unused => "no",
+            },
             if m.random { "yes" } else { "no" }
         );
     }

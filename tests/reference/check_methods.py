@@ -1,7 +1,9 @@
 # Independent numpy re-implementations of FusionBench's ties_merging (model
 # scope, as fusion_bench/method/ties_merging/ties_merging_utils.py computes
-# it), mergekit's ties (per tensor) and slerp, compared with `fusion merge`
-# on a random f32 pool. Usage: check_methods.py FUSION_BINARY (run in an
+# it), mergekit's ties (per tensor) and slerp, FusionBench's iso_c, iso_cts,
+# tsv_m and wudi (every 2-D tensor, the embedding included, unless named in
+# exclude_keys) and MagnitudeDiffPruningAlgorithm (from a mergekit YAML),
+# compared with `fusion merge` on a random f32 pool. Usage: check_methods.py FUSION_BINARY (run in an
 # empty folder). Exit status 0 when every method agrees within 1e-5.
 import json, os, subprocess, sys
 import numpy as np
@@ -93,4 +95,55 @@ got = run(["slerp.yaml"], "sl")
 want = mk_slerp(0.3, experts[0], experts[1])
 err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
 print(f"slerp t=0.3: max abs diff {err:.2e}")
+
+# FusionBench's matrix methods, transcribed from iso_utils.py, TSVM_utils.py
+# and wudi.py: 2-D tensors not in exclude_keys are merged as matrices, the
+# others take the mean of the task vectors.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from matrix_methods_4x3 import iso_c, iso_cts, tsv_m, wudi
+
+def fb_matrix(merge, scale, exclude):
+    out = {}
+    for kk in keys:
+        tvs = [(e[kk] - base[kk]).astype(np.float64) for e in experts]
+        if len(base[kk].shape) == 2 and kk not in exclude:
+            tv = merge(tvs)
+        else:
+            tv = sum(tvs) / len(tvs)
+        out[kk] = base[kk] + scale * tv
+    return out
+
+cases = [
+    ("iso_c", "scaling_factor=1.5", lambda t: iso_c(t), 1.5),
+    ("iso_cts", "common_space_fraction=0.8", lambda t: iso_cts(t, 0.8), 1.0),
+    ("tsv_m", "alpha=0.7", lambda t: tsv_m(t), 0.7),
+    ("wudi", "iter_num=400", lambda t: wudi(t, 400, 1e-5), 1.0),
+]
+embed = "model.embed_tokens.weight"
+for method, params, merge, scale in cases:
+    for exclude in [[], [embed]]:
+        extra = f",exclude_keys=[{','.join(exclude)}]" if exclude else ""
+        got = run(["--spec", f"{method}(e0,e1,e2;base=base,{params}{extra})"], "mx")
+        want = fb_matrix(merge, scale, exclude)
+        err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+        print(f"{method} exclude_keys={exclude}: max abs diff {err:.2e}")
+
+def fb_magnitude_diff(ft, ratio, major):
+    out = {k: base[k].copy() for k in keys}
+    for kk in keys:
+        # FusionBench prunes nn.Linear weights: here the mlp projections.
+        if "mlp" in kk:
+            d = ft[kk] - base[kk]
+            metric = -np.abs(d) if major else np.abs(d)
+            idx = np.argsort(metric, axis=-1, kind="stable")[:, :int(d.shape[1] * ratio)]
+            np.put_along_axis(d, idx, 0.0, axis=1)
+            out[kk] = base[kk] + d
+    return out
+
+for ptype in ["minor", "major"]:
+    open("mp.yaml", "w").write(f"merge_method: magnitude_pruning\nbase_model: base\nmodels:\n  - model: base\n  - model: e1\nparameters:\n  prune_ratio: 0.5\n  prune_type: {ptype}\n")
+    got = run(["mp.yaml"], "mp")
+    want = fb_magnitude_diff(experts[1], 0.5, ptype == "major")
+    err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+    print(f"magnitude_pruning (YAML, diff) {ptype}: max abs diff {err:.2e}")
 sys.exit(0 if worst < 1e-5 else 1)

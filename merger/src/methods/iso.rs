@@ -5,8 +5,8 @@
 //! and Task-Specific Subspaces", arXiv:2502.04959, as implemented by
 //! FusionBench (`method/isotropic_merging/iso_utils.py`).
 //!
-//! `iso_c`, per linear weight (2-D and
-//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)):
+//! `iso_c`, per matrix (every 2-D tensor not named in `exclude_keys`, the
+//! token embedding and `lm_head` included, as in FusionBench):
 //!
 //! ```text
 //! Δ = Σi τi = U diag(s) Vᵀ          (thin SVD, r = min(rows, cols) values)
@@ -14,7 +14,7 @@
 //! θ = θ0 + α·s̄·U Vᵀ
 //! ```
 //!
-//! `iso_cts`, per linear weight, with f = `common_space_fraction`:
+//! `iso_cts`, per matrix, with f = `common_space_fraction`:
 //!
 //! ```text
 //! k0 = ⌊f·r⌋;  n = round((r − k0)/T) (half to even, as Python's round),
@@ -31,20 +31,22 @@
 //! columns. When n = 0 (f = 1, or too few dimensions per task) the common
 //! subspace is everything and `iso_cts` equals `iso_c`.
 //!
-//! Every other tensor (biases, norms, embeddings, 1-D): θ0 + α·(1/T) Σ τi.
+//! Every other tensor (1-D norms and biases, and the tensors named in
+//! `exclude_keys`): θ0 + α·(1/T) Σ τi.
 //!
 //! Parameters:
 //! - `alpha` (alias FusionBench's `scaling_factor`): any finite number,
 //!   default 1.0; per-tensor values allowed. FusionBench's ISO-CTS table used
 //!   1.5, ISO-C 1.0.
 //! - `common_space_fraction` (`iso_cts` only): in (0, 1], default 0.8.
+//! - `exclude_keys`: tensor names (or `*` patterns) left to the plain mean,
+//!   default none; see `matrix_targets`. The embedding is the costly
+//!   matrix (an SVD of vocab × hidden, and for `iso_cts` one per task too).
 //!
-//! Choices against FusionBench: (1) FusionBench decomposes every 2-D tensor
-//! not listed in `exclude_keys`, including 2-D embeddings (CLIP's position
-//! embedding); here only linear weights are, embeddings take the mean like
-//! biases. (2) FusionBench's k = r − T·round((r − ⌊f r⌋)/T) turns negative
-//! when the rounding goes up past r (r = 2, T = 3, f = 0.1); here n is
-//! capped so that k ≥ 0; otherwise the split is FusionBench's. (3) Singular
+//! Choices against FusionBench: (1) FusionBench's k = r − T·round((r −
+//! ⌊f r⌋)/T) turns negative when the rounding goes up past r (r = 2, T = 3,
+//! f = 0.1); here n is capped so that k ≥ 0; otherwise the split is
+//! FusionBench's. (2) Singular
 //! values equal to zero keep their (arbitrary) singular vectors, as in
 //! FusionBench: a rank-deficient Σ τi gives a result that is s̄ times an
 //! orthogonal map on the whole space, not unique on the null space.
@@ -52,7 +54,8 @@
 use candle_core::Tensor;
 use faer::{Mat, Scale};
 
-use super::{MergeMethod, Num, Params, TensorInputs};
+use super::matrix_targets::MatrixTargets;
+use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::linalg::{self, TaskVectors, ThinSvd};
 
@@ -62,7 +65,8 @@ const ALPHA_KEYS: &[&str] = &["alpha", "scaling_factor"];
 /// Builds `iso_c`.
 pub fn build_iso_c(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     let alpha = p.number(ALPHA_KEYS, 1.0)?;
-    Ok(Box::new(IsoC { alpha }))
+    let targets = MatrixTargets::from_params(p)?;
+    Ok(Box::new(IsoC { alpha, targets }))
 }
 
 /// Builds `iso_cts`.
@@ -71,24 +75,35 @@ pub fn build_iso_cts(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     let fraction = p
         .number(&["common_space_fraction"], 0.8)?
         .check(|x| x > 0.0 && x <= 1.0, "in (0, 1]")?;
-    Ok(Box::new(IsoCts { alpha, fraction }))
+    let targets = MatrixTargets::from_params(p)?;
+    Ok(Box::new(IsoCts {
+        alpha,
+        fraction,
+        targets,
+    }))
 }
 
 /// ISO-C: the SVD of the summed task vectors with a flat spectrum.
 struct IsoC {
     alpha: Num,
+    targets: MatrixTargets,
 }
 
 /// ISO-CTS: common plus task-specific subspaces with a flat spectrum.
 struct IsoCts {
     alpha: Num,
     fraction: Num,
+    targets: MatrixTargets,
 }
 
 impl MergeMethod for IsoC {
+    fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
+        self.targets.check(scan)
+    }
+
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let alpha = self.alpha.at(&inputs.ctx)?;
-        if !linalg::is_svd_target(inputs) {
+        if !self.targets.includes(inputs) {
             return linalg::base_plus_mean(inputs, alpha);
         }
         let tv = TaskVectors::new(inputs)?;
@@ -98,9 +113,13 @@ impl MergeMethod for IsoC {
 }
 
 impl MergeMethod for IsoCts {
+    fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
+        self.targets.check(scan)
+    }
+
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let alpha = self.alpha.at(&inputs.ctx)?;
-        if !linalg::is_svd_target(inputs) {
+        if !self.targets.includes(inputs) {
             return linalg::base_plus_mean(inputs, alpha);
         }
         let fraction = self.fraction.at(&inputs.ctx)?;
@@ -164,7 +183,10 @@ fn iso_cts_delta(tv: &TaskVectors, fraction: f64) -> candle_core::Result<Mat<f64
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::testutil::{assert_close, merge1, Fixture};
+    use crate::methods::testutil::{
+        assert_close, generic_embedding, merge1, merge_one, Fixture, GENERIC_EMBEDDING_MEAN,
+    };
+    use crate::spec::{MergeSpec, ParamValue};
 
     const W: &str = "model.layers.0.mlp.up_proj.weight";
 
@@ -235,17 +257,81 @@ mod tests {
         assert_close(&merge1(&s, &fx), &[2., 1.5, 0.5], 1e-6);
     }
 
+    const EMBED: &str = "model.embed_tokens.weight";
+
+    /// `exclude_keys: [names]`.
+    fn excluding(spec: MergeSpec, names: &[&str]) -> MergeSpec {
+        let names = names.iter().map(|n| n.to_string()).collect();
+        spec.with_value("exclude_keys", ParamValue::Names(names))
+    }
+
     #[test]
-    fn iso_c_embedding_takes_mean_not_svd() {
-        // An embedding is 2-D but not a linear weight: θ0 + mean τ.
-        // τ1 = diag(1, 1), τ2 = diag(2, 0): mean = diag(1.5, 0.5) (iso would give 2·I).
+    fn iso_c_decomposes_the_embedding_unless_excluded() {
+        // The embedding is a 2-D tensor like any other, as in FusionBench:
+        // τ1 = diag(1, 1), τ2 = diag(2, 0) give 2·I (see the first test).
         let fx = fixture(
-            "model.embed_tokens.weight",
+            EMBED,
             &[2, 2],
             &[0.; 4],
             &[&[1., 0., 0., 1.], &[2., 0., 0., 0.]],
         );
-        assert_close(&merge1(&spec("iso_c", 2), &fx), &[1.5, 0., 0., 0.5], 1e-6);
+        assert_close(&merge1(&spec("iso_c", 2), &fx), &[2., 0., 0., 2.], 1e-5);
+        // Excluded: θ0 + mean τ = diag(1.5, 0.5).
+        let s = excluding(spec("iso_c", 2), &[EMBED]);
+        assert_close(&merge1(&s, &fx), &[1.5, 0., 0., 0.5], 1e-6);
+        // A pattern excludes it too; α still scales the mean: 0.5·diag(1.5, 0.5).
+        let s = excluding(spec("iso_c", 2).with("alpha", 0.5), &["*embed*"]);
+        assert_close(&merge1(&s, &fx), &[0.75, 0., 0., 0.25], 1e-6);
+        // A name that is not this tensor's leaves it decomposed... and, being
+        // in no tensor of the model, is refused by the model-wide check.
+        let s = excluding(spec("iso_c", 2), &["model.embed_tokens"]);
+        let mut m = crate::methods::testutil::build(&s);
+        let err = m
+            .prepare(&crate::methods::testutil::FixtureScan(
+                std::slice::from_ref(&fx),
+            ))
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("`model.embed_tokens` matches no tensor"),
+            "{err}"
+        );
+        assert_close(&merge_one(m.as_ref(), &fx), &[2., 0., 0., 2.], 1e-5);
+    }
+
+    #[test]
+    fn embedding_numbers_agree_with_a_numpy_transcription_of_fusionbench() {
+        // Expected values: tests/reference/matrix_methods_4x3.py, FusionBench's
+        // iso_c and iso_cts (isotropic_merging/iso_utils.py) transcribed line
+        // by line to numpy (float64), run on these inputs; iso_cts with
+        // common_space_fraction 0.5 (r = 3, T = 2: 1 common + 1 per task).
+        let fx = generic_embedding();
+        let iso_c = [
+            1.9776424, -1.5519526, 1.1996147, 0.9122823, 1.2326098, 1.2886396, 0.2596724,
+            1.4412991, -1.4926574, 0.9871600, 2.6305004, 2.9003457,
+        ];
+        assert_close(&merge1(&spec("iso_c", 2), &fx), &iso_c, 1e-5);
+        let iso_cts = [
+            1.6532804, -2.5904614, 1.9223261, 1.3521308, 1.6363733, 1.0348558, -0.3435444,
+            0.4049457, -0.3481564, 0.8027592, 2.2884124, 3.4225694,
+        ];
+        let s = spec("iso_cts", 2).with("common_space_fraction", 0.5);
+        assert_close(&merge1(&s, &fx), &iso_cts, 1e-5);
+        for m in ["iso_c", "iso_cts"] {
+            let s = excluding(spec(m, 2), &[EMBED]);
+            assert_close(&merge1(&s, &fx), &GENERIC_EMBEDDING_MEAN, 1e-6);
+        }
+    }
+
+    #[test]
+    fn iso_cts_decomposes_the_embedding_unless_excluded() {
+        // T = 1, τ = diag(3, 1), f = 0.5 → θ0 + 2·I (as for a linear weight);
+        // excluded: θ0 + τ.
+        let fx = fixture(EMBED, &[2, 2], &[1., 0., 0., 1.], &[&[3., 0., 0., 1.]]);
+        let s = spec("iso_cts", 1).with("common_space_fraction", 0.5);
+        assert_close(&merge1(&s, &fx), &[3., 0., 0., 3.], 1e-5);
+        let s = excluding(s, &[EMBED]);
+        assert_close(&merge1(&s, &fx), &[4., 0., 0., 2.], 1e-6);
     }
 
     #[test]
@@ -393,5 +479,18 @@ mod tests {
         assert!(
             crate::methods::build(&spec("iso_c", 2).with("common_space_fraction", 0.5)).is_err()
         );
+        // exclude_keys is a list of names: a lone word, a number or an empty
+        // name is refused with the parameter named.
+        for bad in [
+            ParamValue::Text(EMBED.into()),
+            ParamValue::Number(1.0),
+            ParamValue::Names(vec!["".into()]),
+        ] {
+            let s = spec("iso_cts", 2).with_value("exclude_keys", bad);
+            let err = crate::methods::build(&s).err().expect("refused");
+            assert!(err.to_string().contains("exclude_keys"), "{err}");
+        }
+        let s = spec("iso_c", 2).with_value("exclude_keys", ParamValue::Gradient(vec![]));
+        assert!(crate::methods::build(&s).is_ok());
     }
 }

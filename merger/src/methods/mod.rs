@@ -13,6 +13,7 @@ mod expo;
 mod iso;
 mod linear;
 mod magnitude_pruning;
+mod matrix_targets;
 mod model_stock;
 mod simple_average;
 mod slerp;
@@ -147,6 +148,18 @@ pub enum Arity {
     AtLeast(usize),
 }
 
+/// What a method does with a base model θ0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BaseUse {
+    /// θ0 is required (the task-vector methods).
+    Required,
+    /// θ0 is taken when given, and its parameters decide whether it must be
+    /// (`magnitude_pruning`: `mode: diff` needs it, `mode: weights` refuses it).
+    Optional,
+    /// θ0 plays no part (averages and interpolations of the models).
+    Unused,
+}
+
 /// A method's entry in the registry.
 pub struct MethodInfo {
     /// The canonical name.
@@ -155,8 +168,8 @@ pub struct MethodInfo {
     pub convention: &'static str,
     /// Number of expert models.
     pub arity: Arity,
-    /// Whether a base model θ0 is required.
-    pub needs_base: bool,
+    /// What it does with a base model θ0.
+    pub base: BaseUse,
     /// Whether the result depends on the order of the models.
     pub order_matters: bool,
     /// Whether the method is random (then the seed is part of the id).
@@ -165,13 +178,20 @@ pub struct MethodInfo {
     pub build: fn(&mut Params) -> Result<Box<dyn MergeMethod>>,
 }
 
+impl MethodInfo {
+    /// Whether a base model θ0 is required.
+    pub fn needs_base(&self) -> bool {
+        self.base == BaseUse::Required
+    }
+}
+
 macro_rules! entry {
-    ($name:literal, $conv:literal, $arity:expr, base=$base:literal, ordered=$ord:literal, random=$rand:literal, $build:path) => {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, $build:path) => {
         MethodInfo {
             name: $name,
             convention: $conv,
             arity: $arity,
-            needs_base: $base,
+            base: BaseUse::$base,
             order_matters: $ord,
             random: $rand,
             build: $build,
@@ -185,7 +205,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "simple_average",
         "FusionBench",
         Arity::AtLeast(1),
-        base = false,
+        base = Unused,
         ordered = false,
         random = false,
         simple_average::build
@@ -194,7 +214,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "weighted_average",
         "FusionBench",
         Arity::AtLeast(1),
-        base = false,
+        base = Unused,
         ordered = false,
         random = false,
         weighted_average::build
@@ -203,7 +223,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "task_arithmetic",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         task_arithmetic::build
@@ -212,7 +232,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "slerp",
         "FusionBench",
         Arity::Exactly(2),
-        base = false,
+        base = Unused,
         ordered = true,
         random = false,
         slerp::build
@@ -221,7 +241,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "ties_merging",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         ties::build_fusionbench
@@ -230,7 +250,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "dare",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = true,
         dare::build_fusionbench
@@ -239,7 +259,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "magnitude_pruning",
         "FusionBench",
         Arity::AtLeast(1),
-        base = false,
+        base = Optional,
         ordered = false,
         random = false,
         magnitude_pruning::build
@@ -248,7 +268,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "expo",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         expo::build
@@ -257,7 +277,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "model_stock",
         "FusionBench",
         Arity::AtLeast(2),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         model_stock::build
@@ -266,7 +286,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "breadcrumbs",
         "mergekit",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         breadcrumbs::build
@@ -275,7 +295,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "iso_c",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         iso::build_iso_c
@@ -284,7 +304,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "iso_cts",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         iso::build_iso_cts
@@ -293,7 +313,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "tsv_m",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         tsv_m::build
@@ -302,7 +322,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "wudi",
         "FusionBench",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         wudi::build
@@ -311,7 +331,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "linear",
         "mergekit",
         Arity::AtLeast(1),
-        base = false,
+        base = Unused,
         ordered = false,
         random = false,
         linear::build
@@ -320,7 +340,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "ties",
         "mergekit",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = false,
         ties::build_mergekit
@@ -329,7 +349,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "dare_linear",
         "mergekit",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = true,
         dare::build_mergekit_linear
@@ -338,7 +358,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         "dare_ties",
         "mergekit",
         Arity::AtLeast(1),
-        base = true,
+        base = Required,
         ordered = false,
         random = true,
         dare::build_mergekit_ties
@@ -390,7 +410,7 @@ pub fn build(spec: &MergeSpec) -> Result<(&'static MethodInfo, Box<dyn MergeMeth
             found: n,
         });
     }
-    if info.needs_base && spec.base.is_none() {
+    if info.needs_base() && spec.base.is_none() {
         return Err(MergeError::MissingBase {
             method: info.name.to_string(),
         });

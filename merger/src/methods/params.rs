@@ -192,6 +192,34 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A global list of names (empty by default), each non-empty. A lone
+    /// word is refused rather than taken as a one-name list, so that
+    /// `exclude_keys: model.embed_tokens.weight` is not silently read in
+    /// some other way (Python's `key in "text"` would test substrings).
+    pub fn names(&mut self, keys: &[&str]) -> Result<Vec<String>> {
+        match self.global(keys) {
+            None => Ok(Vec::new()),
+            Some((_, ParamValue::Gradient(g))) if g.is_empty() => Ok(Vec::new()),
+            Some((k, ParamValue::Names(names))) => {
+                if names.iter().any(|n| n.trim().is_empty()) {
+                    return Err(MergeError::BadParameter {
+                        param: k,
+                        reason: "a name in the list is empty".into(),
+                    });
+                }
+                Ok(names)
+            }
+            Some((k, ParamValue::Text(s))) => Err(MergeError::BadParameter {
+                param: k,
+                reason: format!("expected a list of names, got the single word `{s}`; write it as a list: [{s}]"),
+            }),
+            Some((k, v)) => Err(MergeError::BadParameter {
+                param: k,
+                reason: format!("expected a list of names, got {}", v.kind()),
+            }),
+        }
+    }
+
     /// A per-model numeric parameter: the model's own value (`weight` also
     /// from `ModelSpec::weight`), else the global one, else `default`.
     pub fn per_model(&mut self, key: &str, default: f64) -> Result<Vec<Num>> {

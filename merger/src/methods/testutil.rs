@@ -66,6 +66,28 @@ impl Fixture {
     }
 }
 
+/// `model.embed_tokens.weight`, 4×3, a base and two task vectors of no
+/// special structure: the inputs on which the matrix methods' tests compare
+/// with `tests/reference/matrix_methods_4x3.py`, numpy transcriptions of
+/// FusionBench's code.
+pub fn generic_embedding() -> Fixture {
+    let base = [
+        0.5, -1.0, 2.0, 0.0, 1.5, -0.5, 1.0, 1.0, -2.0, 0.25, 0.75, 3.0,
+    ];
+    let t1 = [
+        0.3, -1.2, 0.5, 2.0, 1.1, 0.4, -0.7, 0.2, -0.6, 0.9, 1.5, -0.1,
+    ];
+    let t2 = [
+        1.0, 0.2, -0.4, 0.3, -0.8, 1.6, 0.1, 0.5, 0.7, -0.3, 0.2, 1.2,
+    ];
+    Fixture::from_task_vectors("model.embed_tokens.weight", &[4, 3], &base, &[&t1, &t2])
+}
+
+/// θ0 + (τ1 + τ2)/2 of [`generic_embedding`]: what it merges to when excluded.
+pub const GENERIC_EMBEDDING_MEAN: [f32; 12] = [
+    1.15, -1.5, 2.05, 1.15, 1.65, 0.5, 0.7, 1.35, -1.95, 0.55, 1.6, 3.55,
+];
+
 /// A spec for `method` with base `base` and `n` experts `m0..m{n-1}`.
 pub fn spec_n(method: &str, n: usize) -> MergeSpec {
     let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();

@@ -5,9 +5,9 @@
 //! FusionBench (`method/task_singular_vector/utils/TSVM_utils.py`,
 //! `compute_and_sum_svd_mem_reduction`).
 //!
-//! Per linear weight (2-D and
-//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)), with T
-//! tasks and r = min(rows, cols):
+//! Per matrix (every 2-D tensor not named in `exclude_keys`, the token
+//! embedding and `lm_head` included, as in FusionBench), with T tasks and
+//! r = min(rows, cols):
 //!
 //! ```text
 //! k = ⌊r/T⌋
@@ -19,44 +19,53 @@
 //!
 //! polar(A) = X Yᵀ for A = X Σ Yᵀ, the nearest matrix with orthonormal
 //! columns: it decorrelates the tasks' singular vectors while keeping each
-//! task's singular values. Every other tensor (biases, norms, embeddings,
-//! 1-D): θ0 + α·(1/T) Σ τi, as FusionBench's mean for non-2-D tensors.
+//! task's singular values. Every other tensor (1-D norms and biases, and
+//! the tensors named in `exclude_keys`): θ0 + α·(1/T) Σ τi, FusionBench's
+//! mean.
 //!
 //! Parameters: `alpha`, any finite number, default 1.0, per-tensor values
 //! allowed; it scales the whole merged task vector, as FusionBench's scalar
 //! `alpha` does (FusionBench's per-model list form is not supported).
+//! `exclude_keys`: tensor names (or `*` patterns) left to the plain mean,
+//! default none (see `matrix_targets`); the embedding costs T SVDs of
+//! vocab × hidden.
 //!
-//! Choices against FusionBench: (1) FusionBench decomposes every 2-D tensor
-//! not in `exclude_keys`, embeddings included; here only linear weights are.
-//! (2) A triplet whose singular value is numerically zero (below
+//! Choices against FusionBench: (1) A triplet whose singular value is numerically zero (below
 //! s_max·max(rows, cols)·ε) is dropped: it adds nothing to τm, but its
 //! arbitrary singular vectors would tilt the other tasks' vectors through
 //! the polar factor. FusionBench keeps them; results agree whenever every
-//! τi has rank ≥ k. (3) As in FusionBench, T > r gives k = 0: the tensor
+//! τi has rank ≥ k. (2) As in FusionBench, T > r gives k = 0: the tensor
 //! keeps θ0.
 
 use candle_core::Tensor;
 use faer::Mat;
 
-use super::{MergeMethod, Num, Params, TensorInputs};
+use super::matrix_targets::MatrixTargets;
+use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::Result;
 use crate::linalg::{self, TaskVectors};
 
 /// Builds `tsv_m`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     let alpha = p.number(&["alpha"], 1.0)?;
-    Ok(Box::new(TsvM { alpha }))
+    let targets = MatrixTargets::from_params(p)?;
+    Ok(Box::new(TsvM { alpha, targets }))
 }
 
 /// TSV-M with its validated scale.
 struct TsvM {
     alpha: Num,
+    targets: MatrixTargets,
 }
 
 impl MergeMethod for TsvM {
+    fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
+        self.targets.check(scan)
+    }
+
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let alpha = self.alpha.at(&inputs.ctx)?;
-        if !linalg::is_svd_target(inputs) {
+        if !self.targets.includes(inputs) {
             return linalg::base_plus_mean(inputs, alpha);
         }
         let tv = TaskVectors::new(inputs)?;
@@ -65,7 +74,7 @@ impl MergeMethod for TsvM {
     }
 }
 
-/// τm, the merged task vector of one linear weight (before α).
+/// τm, the merged task vector of one matrix (before α).
 fn tsv_delta(tv: &TaskVectors) -> candle_core::Result<Mat<f64>> {
     let k = tv.rank() / tv.len();
     let mut us = Vec::new();
@@ -93,8 +102,10 @@ fn tsv_delta(tv: &TaskVectors) -> candle_core::Result<Mat<f64>> {
 
 #[cfg(test)]
 mod tests {
-    use crate::methods::testutil::{assert_close, merge1, spec_n, Fixture};
-    use crate::spec::MergeSpec;
+    use crate::methods::testutil::{
+        assert_close, generic_embedding, merge1, spec_n, Fixture, GENERIC_EMBEDDING_MEAN,
+    };
+    use crate::spec::{MergeSpec, ParamValue};
 
     const W: &str = "model.layers.1.self_attn.o_proj.weight";
 
@@ -188,6 +199,36 @@ mod tests {
             &[&[2., 0.], &[0., -4.]],
         );
         assert_close(&merge1(&spec(2), &fx), &[2., -1.], 1e-6);
+    }
+
+    #[test]
+    fn the_embedding_is_decomposed_unless_excluded() {
+        // As a linear weight: τ1 = diag(2, 0), τ2 = diag(0, 3) → τm =
+        // diag(2, 3) (see `orthogonal_supports_add_up`); excluded: θ0 + α·mean
+        // = diag(1, 1.5), and α = 2 doubles it.
+        let embed = "model.embed_tokens.weight";
+        let fx = fixture(
+            embed,
+            &[2, 2],
+            &[0.; 4],
+            &[&[2., 0., 0., 0.], &[0., 0., 0., 3.]],
+        );
+        assert_close(&merge1(&spec(2), &fx), &[2., 0., 0., 3.], 1e-5);
+        let excluded = spec(2).with_value("exclude_keys", ParamValue::Names(vec![embed.into()]));
+        assert_close(&merge1(&excluded, &fx), &[1., 0., 0., 1.5], 1e-6);
+        let s = excluded.clone().with("alpha", 2.0);
+        assert_close(&merge1(&s, &fx), &[2., 0., 0., 3.], 1e-6);
+
+        // A generic 4×3 embedding: tests/reference/matrix_methods_4x3.py,
+        // FusionBench's compute_and_sum_svd_mem_reduction transcribed to
+        // numpy (float64); k = ⌊3/2⌋ = 1 triplet per task.
+        let fx = generic_embedding();
+        let want = [
+            0.3262777, -1.0874694, 1.5197637, 1.1887725, 2.3768569, 0.9186423, -0.4415667,
+            -0.5216222, -0.6448982, 1.2633131, 1.5497474, 3.8582149,
+        ];
+        assert_close(&merge1(&spec(2), &fx), &want, 1e-5);
+        assert_close(&merge1(&excluded, &fx), &GENERIC_EMBEDDING_MEAN, 1e-6);
     }
 
     #[test]

@@ -5,9 +5,9 @@
 //! Data-Free Model Merging via Task Vectors", arXiv:2503.08099, as
 //! implemented by FusionBench (`method/wudi/wudi.py`).
 //!
-//! Per linear weight (2-D and
-//! [`is_linear_weight`](crate::spec::TensorCtx::is_linear_weight)), the rows
-//! of τi stand in for the inputs of task i, and the merged task vector τm
+//! Per matrix (every 2-D tensor not named in `exclude_keys`, the token
+//! embedding and `lm_head` included, as in FusionBench), the rows of τi
+//! stand in for the inputs of task i, and the merged task vector τm
 //! minimises
 //!
 //! ```text
@@ -31,21 +31,23 @@
 //! no information and are left out of L (FusionBench would divide by zero).
 //!
 //! θ = θ0 + τm, with no scaling (FusionBench adds τm as is). Every other
-//! tensor (biases, norms, embeddings, 1-D): θ0 + (1/T) Σ τi.
+//! tensor (1-D norms and biases, and the tensors named in `exclude_keys`):
+//! θ0 + (1/T) Σ τi.
 //!
 //! Parameters:
 //! - `iterations` (alias FusionBench's `iter_num`): integer ≥ 1, default 400.
 //! - `lr`: > 0, default 1e-5 (FusionBench's fixed rate).
-//!
-//! Choice against FusionBench: it optimises every 2-D tensor not in
-//! `exclude_keys`, embeddings included; here only linear weights are.
+//! - `exclude_keys`: tensor names (or `*` patterns) left to the plain mean,
+//!   default none (see `matrix_targets`). The embedding (vocab × hidden) is
+//!   the costly matrix: each step multiplies it by a hidden × hidden Gram.
 
 use candle_core::Tensor;
 use faer::linalg::matmul::matmul;
 use faer::{Accum, MatMut, MatRef};
 use rayon::prelude::*;
 
-use super::{MergeMethod, Params, TensorInputs};
+use super::matrix_targets::MatrixTargets;
+use super::{MergeMethod, ModelScan, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::linalg;
 
@@ -69,9 +71,11 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     if lr <= 0.0 {
         return Err(MergeError::range("lr", lr, "> 0"));
     }
+    let targets = MatrixTargets::from_params(p)?;
     Ok(Box::new(Wudi {
         iterations: iterations as usize,
         lr,
+        targets,
     }))
 }
 
@@ -79,11 +83,16 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 struct Wudi {
     iterations: usize,
     lr: f64,
+    targets: MatrixTargets,
 }
 
 impl MergeMethod for Wudi {
+    fn prepare(&mut self, scan: &dyn ModelScan) -> Result<()> {
+        self.targets.check(scan)
+    }
+
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        if !linalg::is_svd_target(inputs) {
+        if !self.targets.includes(inputs) {
             return linalg::base_plus_mean(inputs, 1.0);
         }
         let base = inputs.base_f32()?;
@@ -271,8 +280,10 @@ impl Interference {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::methods::testutil::{assert_close, merge1, spec_n, Fixture};
-    use crate::spec::MergeSpec;
+    use crate::methods::testutil::{
+        assert_close, generic_embedding, merge1, spec_n, Fixture, GENERIC_EMBEDDING_MEAN,
+    };
+    use crate::spec::{MergeSpec, ParamValue};
     use candle_core::Device;
 
     const W: &str = "model.layers.2.mlp.down_proj.weight";
@@ -316,7 +327,11 @@ mod tests {
     }
 
     fn wudi(iterations: usize, lr: f64) -> Wudi {
-        Wudi { iterations, lr }
+        Wudi {
+            iterations,
+            lr,
+            targets: MatrixTargets::default(),
+        }
     }
 
     #[test]
@@ -521,6 +536,33 @@ mod tests {
             &[&[2., 0.], &[0., -4.]],
         );
         assert_close(&merge1(&spec(2), &fx), &[2., -1.], 1e-6);
+    }
+
+    #[test]
+    fn the_embedding_is_optimised_unless_excluded() {
+        // A 1×2 embedding with τ1 = [1, 1], τ2 = [1, 0]: optimised as a
+        // linear weight, one step at lr 0.1 gives [1.9, 0.9] (see
+        // `adam_first_steps_by_hand`); excluded: θ0 + mean = [1, 0.5].
+        let embed = "model.embed_tokens.weight";
+        let fx = fixture(embed, &[1, 2], &[0., 0.], &[&[1., 1.], &[1., 0.]]);
+        let s = spec(2).with("iterations", 1.0).with("lr", 0.1);
+        assert_close(&merge1(&s, &fx), &[1.9, 0.9], 1e-6);
+        let exclude = ParamValue::Names(vec![embed.into()]);
+        let excluded = s.with_value("exclude_keys", exclude.clone());
+        assert_close(&merge1(&excluded, &fx), &[1., 0.5], 1e-6);
+
+        // A generic 4×3 embedding, 20 steps at lr 0.01:
+        // tests/reference/matrix_methods_4x3.py, FusionBench's wudi_merging
+        // loss with torch's Adam written out in numpy (float64).
+        let fx = generic_embedding();
+        let s = spec(2).with("iterations", 20.0).with("lr", 0.01);
+        let want = [
+            1.6055003, -2.1796865, 1.9034802, 2.1029236, 1.9941343, 1.3142051, 0.2241982,
+            1.5106781, -1.7069130, 0.6671062, 2.2777068, 4.2863866,
+        ];
+        assert_close(&merge1(&s, &fx), &want, 1e-4);
+        let excluded = s.with_value("exclude_keys", exclude);
+        assert_close(&merge1(&excluded, &fx), &GENERIC_EMBEDDING_MEAN, 1e-6);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::{
 use crate::checkpoint::Checkpoint;
 use crate::error::{MergeError, Result};
 use crate::merge::{merge_in_memory, MergePlan, Opener, Progress};
-use crate::methods::{Arity, MergeMethod, MethodInfo, Params};
+use crate::methods::{Arity, BaseUse, MergeMethod, MethodInfo, Params};
 use crate::model::{Linear, Model, ModelConfig, ModelOptions};
 use crate::spec::{canonical, MergeSpec};
 
@@ -39,7 +39,7 @@ const fn moe_info(name: &'static str) -> MethodInfo {
         name,
         convention: "FusionBench",
         arity: Arity::AtLeast(1),
-        needs_base: true,
+        base: BaseUse::Required,
         // Expert i is router output i, and the seed draws the routers.
         order_matters: true,
         random: true,

@@ -168,6 +168,9 @@ fn value_json(v: &ParamValue) -> Value {
         ParamValue::Number(x) => number(*x),
         ParamValue::Text(s) => Value::String(s.clone()),
         ParamValue::Gradient(g) => Value::Array(g.iter().map(|x| number(*x)).collect()),
+        ParamValue::Names(names) => {
+            Value::Array(names.iter().map(|n| Value::String(n.clone())).collect())
+        }
         ParamValue::Filtered(entries) => Value::Array(
             entries
                 .iter()

@@ -9,8 +9,10 @@
 //! params      := param ("," param)*
 //! param       := ident "=" value
 //! weight      := number | gradient | filters
-//! value       := number | "true" | "false" | word | gradient | filters
+//! value       := number | "true" | "false" | word | gradient | names | filters
 //! gradient    := "[" number ("," number)* "]"
+//! names       := "[" name ("," name)* "]"    (first item not a number)
+//! name        := [A-Za-z0-9_.*-]+
 //! filters     := "{" entry ("," entry)* "}"
 //! entry       := [ident ":"] (number | gradient)
 //! ident       := [A-Za-z0-9_.-]+
@@ -19,7 +21,8 @@
 //! Examples: `ties_merging(math,code;density=0.2,scaling_coefficient=0.3)`,
 //! `task_arithmetic(math:0.5,code:1.0;base=llama,scaling_coefficient=0.3)`,
 //! `demo/simple_average(a,b)`, `dare_ties(a{density=0.3},b;seed=7)`,
-//! `slerp(a,b;t={self_attn:[0,0.5,1],mlp:0.3,0.5})`.
+//! `slerp(a,b;t={self_attn:[0,0.5,1],mlp:0.3,0.5})`,
+//! `iso_c(a,b;base=llama,exclude_keys=[model.embed_tokens.weight])`.
 //!
 //! Three keys of the parameter list fill spec fields instead of parameters:
 //! `base=NAME`, `seed=N` (a non-negative integer) and `dtype=` one of
@@ -70,7 +73,9 @@ pub fn dtype_name(s: &str) -> Option<&'static str> {
 /// `parse(&to_compact(s))` gives back `s` for every spec in the FusionBench
 /// dialect whose checkpoint names, parameter keys, filters and word values
 /// are identifiers (`[A-Za-z0-9_.-]+`, and words not spelling a number or a
-/// boolean), whose gradients are not empty and which has no parameter named
+/// boolean), whose lists of names hold names of `[A-Za-z0-9_.*-]+` that do
+/// not spell a number, whose gradients and lists are not empty and which
+/// has no parameter named
 /// `base`, `seed` or `dtype`. The compact form always means the FusionBench
 /// dialect, so a mergekit spec written this way takes FusionBench defaults.
 pub fn to_compact(spec: &MergeSpec) -> String {
@@ -136,6 +141,7 @@ fn value_to_compact(v: &ParamValue) -> String {
             let items: Vec<String> = g.iter().map(f64::to_string).collect();
             format!("[{}]", items.join(","))
         }
+        ParamValue::Names(names) => format!("[{}]", names.join(",")),
         ParamValue::Filtered(entries) => {
             let items: Vec<String> = entries
                 .iter()
@@ -156,6 +162,11 @@ fn is_ident_char(c: char) -> bool {
 /// Characters of a bare value word: identifiers plus `+` for `1e+3`.
 fn is_word_char(c: char) -> bool {
     is_ident_char(c) || c == '+'
+}
+
+/// Characters of a name in a list: identifiers plus `*` for patterns.
+fn is_name_char(c: char) -> bool {
+    is_ident_char(c) || c == '*'
 }
 
 /// A recursive-descent parser over the characters of the input; positions
@@ -381,7 +392,7 @@ impl<'a> Parser<'a> {
     /// Any parameter value.
     fn value(&mut self) -> Result<ParamValue> {
         match self.peek() {
-            Some('[') => self.gradient(),
+            Some('[') => self.list(),
             Some('{') => self.filters(),
             _ => {
                 let (start, word) = self.take_while(is_word_char);
@@ -402,6 +413,49 @@ impl<'a> Parser<'a> {
                     }
                     _ => Ok(ParamValue::Text(word)),
                 }
+            }
+        }
+    }
+
+    /// `[...]` as a parameter value, the `[` not yet consumed: a gradient
+    /// when the first item is a number (or missing: the gradient's error
+    /// says so), else a list of names.
+    fn list(&mut self) -> Result<ParamValue> {
+        let open = self.pos;
+        self.eat('[');
+        let (_, first) = self.take_while(|c| is_word_char(c) || c == '*');
+        self.pos = open;
+        if first.is_empty() || parse_number(&first).is_some() {
+            self.gradient()
+        } else {
+            self.names()
+        }
+    }
+
+    /// `[name, ...]`, the `[` not yet consumed.
+    fn names(&mut self) -> Result<ParamValue> {
+        self.eat('[');
+        let mut names = Vec::new();
+        loop {
+            let (start, word) = self.take_while(is_name_char);
+            if word.is_empty() {
+                return Err(self.unexpected(start, "expected a name in the list"));
+            }
+            if parse_number(&word).is_some() {
+                return Err(self.error_at(
+                    start,
+                    format!("expected a name in the list, found the number `{word}` (a list holds only numbers or only names)"),
+                ));
+            }
+            names.push(word);
+            match self.peek() {
+                Some(',') => self.pos += 1,
+                Some(']') => {
+                    self.pos += 1;
+                    return Ok(ParamValue::Names(names));
+                }
+                None => return Err(self.error_at(self.pos, "expected `]`")),
+                Some(_) => return Err(self.unexpected(self.pos, "expected `,` or `]`")),
             }
         }
     }
@@ -601,7 +655,7 @@ mod tests {
 
     #[test]
     fn parses_every_kind_of_value() {
-        let spec = merge("m(a;x=1e-3,y=-2,z=true,w=false,f=mean,g=[0, 0.5 ,1],p=1e+3,q=.5)");
+        let spec = merge("m(a;x=1e-3,y=-2,z=true,w=false,f=mean,g=[0, 0.5 ,1],p=1e+3,q=.5,n=[ model.embed_tokens.weight ,*mlp*],h=[1e+3])");
         let p = &spec.parameters;
         assert_eq!(p["x"], ParamValue::Number(0.001));
         assert_eq!(p["y"], ParamValue::Number(-2.0));
@@ -611,6 +665,11 @@ mod tests {
         assert_eq!(p["g"], ParamValue::Gradient(vec![0.0, 0.5, 1.0]));
         assert_eq!(p["p"], ParamValue::Number(1000.0));
         assert_eq!(p["q"], ParamValue::Number(0.5));
+        assert_eq!(
+            p["n"],
+            ParamValue::Names(vec!["model.embed_tokens.weight".into(), "*mlp*".into()])
+        );
+        assert_eq!(p["h"], ParamValue::Gradient(vec![1000.0]));
     }
 
     #[test]
@@ -716,6 +775,14 @@ mod tests {
             ("m(a;x=[])", 6, "empty gradient list"),
             ("m(a;x=[0,a])", 9, "expected a number in the gradient list"),
             ("m(a;x=[0,1)", 10, "expected `,` or `]`"),
+            (
+                "m(a;x=[a,0])",
+                9,
+                "expected a name in the list, found the number `0`",
+            ),
+            ("m(a;x=[a,])", 9, "expected a name in the list"),
+            ("m(a;x=[a b])", 9, "expected `,` or `]`"),
+            ("m(a;x=[a", 8, "expected `]`"),
             ("m(a;seed=-1)", 9, "`seed` must be a non-negative integer"),
             ("m(a;dtype=int8)", 10, "unknown dtype `int8`"),
             ("m(a;x=1 y=2)", 8, "expected `,` or `)`"),
@@ -788,6 +855,13 @@ mod tests {
                 .with_value("merge_func", ParamValue::Text("mean".into())),
             MergeSpec::new("task_arithmetic", Some("base"), &["x.y", "z_w"])
                 .with_value("lambda", ParamValue::Gradient(vec![0.0, 0.25, 1.0])),
+            MergeSpec::new("iso_c", Some("base"), &["a", "b"]).with_value(
+                "exclude_keys",
+                ParamValue::Names(vec![
+                    "model.embed_tokens.weight".into(),
+                    "model.layers.*.mlp.down_proj.weight".into(),
+                ]),
+            ),
             dare,
             slerp,
         ];

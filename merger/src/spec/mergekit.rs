@@ -28,8 +28,15 @@
 //! - `slerp` takes `base_model` and one other model (the base may or may not
 //!   be listed among `models`): the spec's models are `[base_model, other]`
 //!   with no base, so that `t = 0` gives the base and `t = 1` the other;
+//! - methods whose base is optional (`magnitude_pruning`: its default
+//!   `mode: diff` prunes θ1 − θ0) keep `base_model` as the base, and drop
+//!   the entry equal to it from `models` as above; without `base_model` the
+//!   spec has no base;
 //! - methods without a base (`linear`, `simple_average`, ...) ignore
 //!   `base_model`: every listed model is merged and the spec has no base.
+//!
+//! A parameter set to nothing (`exclude_keys: null`, as FusionBench's
+//! configs write their defaults) is left out, so it takes its default.
 //!
 //! Model names are kept as written (paths or hub names); the CLI resolves
 //! them relative to the YAML's folder.
@@ -41,7 +48,7 @@ use serde_yaml_ng::{Mapping, Value};
 
 use super::compact::dtype_name;
 use crate::error::{MergeError, Result};
-use crate::methods;
+use crate::methods::{self, BaseUse};
 use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
 
 /// The top-level keys we read.
@@ -182,20 +189,25 @@ pub fn from_yaml(text: &str, path: &Path) -> Result<MergeSpec> {
                 others.into_iter().next().expect("one other model"),
             ],
         )
-    } else if info.needs_base {
-        let base_model = base_model.ok_or_else(|| {
-            file.field(
-                "base_model",
-                format!("merge_method `{method}` needs a base model"),
-            )
-        })?;
-        let models = models
-            .into_iter()
-            .filter(|m| !same_model(&m.name, &base_model))
-            .collect();
-        (Some(base_model), models)
-    } else {
+    } else if info.base == BaseUse::Unused {
         (None, models)
+    } else {
+        match base_model {
+            Some(base_model) => {
+                let models = models
+                    .into_iter()
+                    .filter(|m| !same_model(&m.name, &base_model))
+                    .collect();
+                (Some(base_model), models)
+            }
+            None if info.base == BaseUse::Required => {
+                return Err(file.field(
+                    "base_model",
+                    format!("merge_method `{method}` needs a base model"),
+                ))
+            }
+            None => (None, models),
+        }
     };
 
     Ok(MergeSpec {
@@ -297,6 +309,9 @@ impl File<'_> {
                     format!("parameter names must be strings, found {}", describe(&key)),
                 ));
             };
+            if value.is_null() {
+                continue;
+            }
             let name = format!("{field}.{key}");
             let value = self.param_value(value, &name)?;
             out.insert(key, value);
@@ -310,13 +325,13 @@ impl File<'_> {
             let detail = if kind == "a list" {
                 // A list that is neither numbers nor `{filter, value}` entries;
                 // serde's message for an untagged enum says nothing useful.
-                "a list must hold only numbers (a gradient) or only `{filter, value}` entries".to_string()
+                "a list must hold only numbers (a gradient), only names, or only `{filter, value}` entries".to_string()
             } else {
                 format!("found {kind} ({e})")
             };
             self.field(
                 field,
-                format!("expected a number, a boolean, a word, a gradient list or a list of `{{filter, value}}`; {detail}"),
+                format!("expected a number, a boolean, a word, a gradient list, a list of names or a list of `{{filter, value}}`; {detail}"),
             )
         })
     }
@@ -657,6 +672,51 @@ base_model: a
             }
             other => panic!("expected Unsupported, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn magnitude_pruning_keeps_its_optional_base() {
+        // Diff mode prunes θ1 − θ0: `base_model` is the base, whether or not
+        // it is listed among the models too.
+        let listed = "merge_method: magnitude_pruning\nbase_model: ./base\nmodels:\n  - model: base\n  - model: math\nparameters:\n  prune_ratio: 0.25\n  prune_type: major\n";
+        let unlisted = "merge_method: magnitude_pruning\nbase_model: base\nmodels:\n  - model: math\nparameters:\n  prune_ratio: 0.25\n  prune_type: major\n";
+        for yaml in [listed, unlisted] {
+            let spec = read(yaml).unwrap();
+            assert!(
+                spec.base.as_deref().is_some_and(|b| same_model(b, "base")),
+                "{spec:?}"
+            );
+            assert_eq!(spec.models, vec![ModelSpec::named("math")]);
+            // It validates as a one-model diff-mode merge.
+            crate::methods::build(&spec).expect("a valid magnitude_pruning spec");
+        }
+        // Without `base_model` there is no base (mode: weights).
+        let spec = read(
+            "merge_method: magnitude_pruning\nmodels:\n  - model: math\nparameters:\n  mode: weights\n",
+        )
+        .unwrap();
+        assert_eq!(spec.base, None);
+        assert_eq!(spec.models.len(), 1);
+        crate::methods::build(&spec).expect("a valid weights-mode spec");
+    }
+
+    #[test]
+    fn lists_of_names_and_null_parameters() {
+        let spec = read(
+            "merge_method: iso_c\nbase_model: base\nmodels:\n  - model: a\n  - model: b\nparameters:\n  exclude_keys: [model.embed_tokens.weight]\n  scaling_factor: null\n",
+        )
+        .unwrap();
+        assert_eq!(
+            spec.parameters["exclude_keys"],
+            ParamValue::Names(vec!["model.embed_tokens.weight".into()])
+        );
+        // `null` (FusionBench's way of writing a default) leaves it out.
+        assert!(!spec.parameters.contains_key("scaling_factor"));
+        let spec = read(
+            "merge_method: tsv_m\nbase_model: base\nmodels:\n  - model: a\nparameters:\n  exclude_keys: null\n",
+        )
+        .unwrap();
+        assert!(spec.parameters.is_empty());
     }
 
     #[test]

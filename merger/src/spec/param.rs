@@ -1,6 +1,7 @@
 //! Parameter values as mergekit allows them: a scalar, a gradient list
 //! interpolated across the layers, or a list of `{filter, value}` entries
-//! matched against tensor names; plus booleans and strings for options.
+//! matched against tensor names; plus booleans, strings for options and
+//! lists of names (FusionBench's `exclude_keys`).
 
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +85,10 @@ pub enum ParamValue {
     Gradient(Vec<f64>),
     /// Values chosen by tensor-name filters, first match wins.
     Filtered(Vec<FilterEntry>),
+    /// A list of names, such as FusionBench's `exclude_keys:
+    /// [model.embed_tokens.weight]`. (An empty list reads as an empty
+    /// [`ParamValue::Gradient`]; [`crate::methods::Params::names`] takes both.)
+    Names(Vec<String>),
 }
 
 impl ParamValue {
@@ -95,6 +100,7 @@ impl ParamValue {
             ParamValue::Text(_) => "a string",
             ParamValue::Gradient(_) => "a gradient list",
             ParamValue::Filtered(_) => "a filter list",
+            ParamValue::Names(_) => "a list of names",
         }
     }
 
@@ -133,7 +139,7 @@ impl ParamValue {
                 .iter()
                 .find(|e| e.filter.as_deref().is_none_or(|f| ctx.name.contains(f)))
                 .and_then(|e| e.value.resolve(ctx)),
-            ParamValue::Bool(_) | ParamValue::Text(_) => None,
+            ParamValue::Bool(_) | ParamValue::Text(_) | ParamValue::Names(_) => None,
         }
     }
 }
@@ -185,6 +191,26 @@ mod tests {
             g.resolve(&TensorCtx::new("model.norm.weight", 5)),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn lists_of_names_read_from_yaml_and_json() {
+        let names = ParamValue::Names(vec![
+            "model.embed_tokens.weight".into(),
+            "lm_head.weight".into(),
+        ]);
+        let v: ParamValue =
+            serde_yaml_ng::from_str("[model.embed_tokens.weight, lm_head.weight]").unwrap();
+        assert_eq!(v, names);
+        let v: ParamValue =
+            serde_json::from_str(r#"["model.embed_tokens.weight","lm_head.weight"]"#).unwrap();
+        assert_eq!(v, names);
+        assert!(!v.is_numeric());
+        assert_eq!(v.resolve(&TensorCtx::new("lm_head.weight", 2)), None);
+        // Numbers stay a gradient; a mixed list is neither.
+        let v: ParamValue = serde_yaml_ng::from_str("[0, 1]").unwrap();
+        assert_eq!(v, ParamValue::Gradient(vec![0.0, 1.0]));
+        assert!(serde_yaml_ng::from_str::<ParamValue>("[a, 1]").is_err());
     }
 
     #[test]
