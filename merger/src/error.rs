@@ -25,6 +25,10 @@ pub enum ErrorKind {
     Conflict,
     /// I/O or tensor backend failure.
     Internal,
+    /// A parameter asks for more work or memory than the configured bound.
+    TooLarge,
+    /// The merge was cancelled while it ran ([`crate::Cancel`]).
+    Cancelled,
 }
 
 /// Everything that can go wrong while reading specs, checkpoints or merging.
@@ -86,6 +90,15 @@ pub enum MergeError {
     },
     #[error("parameter `{param}`: {reason}")]
     BadParameter { param: String, reason: String },
+    #[error("parameter `{param}` = {value} is over the limit of {limit} {}", work.unit())]
+    OverBound {
+        param: String,
+        value: u64,
+        limit: u64,
+        work: crate::bounds::Work,
+    },
+    #[error("the merge was cancelled")]
+    Cancelled,
     #[error("method `{method}` takes {expected} models, got {found}")]
     ModelCount {
         method: String,
@@ -153,6 +166,8 @@ impl MergeError {
             | Config { .. }
             | Spec(_) => ErrorKind::Invalid,
             OutputNotEmpty(_) => ErrorKind::Conflict,
+            OverBound { .. } => ErrorKind::TooLarge,
+            Cancelled => ErrorKind::Cancelled,
         }
     }
 
