@@ -194,10 +194,11 @@ async fn structured_specs_and_their_lists_are_bounded() {
     );
     assert_eq!(e["param"], "merge");
     // A per-model list, inside a filter entry, in a chat request.
+    let w = vec![0.5; 300];
     let body = json!({"model": "x", "max_tokens": 2,
         "messages": [{"role": "user", "content": "hi"}],
         "merge": {"method": "task_arithmetic",
-            "models": [{"name": "math", "weight": [{"filter": "mlp", "value": vec![0.5; 300]}, {"value": 1.0}]},
+            "models": [{"name": "math", "weight": [{"filter": "mlp", "value": w}, {"value": 1.0}]},
                        {"name": "code"}]}});
     let e = c
         .post("/v1/chat/completions", &body)
