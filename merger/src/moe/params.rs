@@ -345,7 +345,7 @@ mod tests {
     fn work_parameters_are_bounded() {
         let b = Bounds {
             router_steps: 10,
-            batch_size: 4,
+            batch_size: 16,
             rank: 8,
             ..Bounds::default()
         };
@@ -354,9 +354,9 @@ mod tests {
         assert_eq!(e.kind(), crate::error::ErrorKind::TooLarge);
         assert!(e.to_string().contains("`steps` = 11"), "{e}");
         assert!(
-            err(spec("we_moe").with("steps", 10.0).with("batch_size", 5.0))
+            err(spec("we_moe").with("steps", 10.0).with("batch_size", 17.0))
                 .to_string()
-                .contains("`batch_size` = 5")
+                .contains("`batch_size` = 17")
         );
         assert!(
             err(spec("rankone_moe").with("steps", 0.0).with("rank_k", 9.0))
