@@ -4,8 +4,6 @@
 
 mod gateway_util;
 
-use std::time::{Duration, Instant};
-
 use gateway_util::*;
 use serde_json::json;
 
@@ -312,33 +310,6 @@ async fn a_full_queue_is_429_with_retry_after() {
     assert_eq!(c.chat("demo/base", "hi", 4).await.status, 200);
     assert_eq!(c.metric("fusion_generation_queue_depth").await, 0.0);
     assert_eq!(c.metric("fusion_generations_running").await, 0.0);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deleting_a_running_merge_is_409() {
-    // An SVD method on larger models: the merge runs long enough to be caught.
-    let pool = Pool::with(256, 4, false);
-    let server = start(pool.config(""));
-    let c = Client::new(&server);
-    let r = c
-        .post("/v1/merges", &json!({"model": "tsv_m(math,code,chat)"}))
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text);
-    let id = r.json()["id"].as_str().unwrap().to_string();
-    let d = c.delete(&format!("/v1/merges/{id}")).await;
-    let e = d.assert_error(409, "conflict_error");
-    assert!(e["message"].as_str().unwrap().contains("running"), "{e}");
-    let start = Instant::now();
-    loop {
-        let v = c.get(&format!("/v1/merges/{id}")).await.json();
-        if v["status"] == "ready" {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(120), "{v}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let d = c.delete(&format!("/v1/merges/{id}")).await;
-    assert_eq!(d.status, 200, "{}", d.text);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

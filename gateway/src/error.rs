@@ -71,12 +71,11 @@ pub enum GatewayError {
         /// When to retry.
         retry_after: Duration,
     },
-    /// A merge is still running after `merge.max_wait`; it goes on.
-    #[error(
-        "merge `{id}` is still running after {waited:?}; retry later or poll GET /v1/merges/{id}"
-    )]
+    /// A merge (or a checkpoint's load) is still running after
+    /// `merge.max_wait`; it goes on.
+    #[error("{}", pending_message(id, waited))]
     MergePending {
-        /// The merge id (`merge-…`).
+        /// The merge id (`merge-…`), or the checkpoint (`pool/name`).
         id: String,
         /// How long the request waited.
         waited: Duration,
@@ -100,6 +99,21 @@ pub enum GatewayError {
     /// A startup failure outside the configuration (binding, opening checkpoints).
     #[error("{0}")]
     Startup(String),
+}
+
+/// The message of [`GatewayError::MergePending`]: where to poll a merge;
+/// a checkpoint is no merge (`GET /v1/merges/{id}` does not know it), so
+/// its message points to the list of merges that hold the merge slots its
+/// load waits for.
+fn pending_message(id: &str, waited: &Duration) -> String {
+    if id.starts_with("merge-") {
+        format!("merge `{id}` is still running after {waited:?}; retry later or poll GET /v1/merges/{id}")
+    } else {
+        format!(
+            "checkpoint `{id}` is still loading after {waited:?} (loads share the merge slots); \
+             retry later, GET /v1/merges lists the merges running"
+        )
+    }
 }
 
 /// Result alias of the gateway crate.
@@ -142,6 +156,26 @@ impl GatewayError {
             message: message.into(),
             param: None,
             code: "invalid_request",
+        }
+    }
+
+    /// The same error naming the request field `param` (400, 404 and 413).
+    pub fn with_param(self, field: &str) -> Self {
+        match self {
+            GatewayError::BadRequest { message, code, .. } => GatewayError::BadRequest {
+                message,
+                param: Some(field.to_string()),
+                code,
+            },
+            GatewayError::NotFound { message, .. } => GatewayError::NotFound {
+                message,
+                param: Some(field.to_string()),
+            },
+            GatewayError::TooLarge { message, .. } => GatewayError::TooLarge {
+                message,
+                param: Some(field.to_string()),
+            },
+            other => other,
         }
     }
 
@@ -268,6 +302,9 @@ impl ResponseError for GatewayError {
             res.insert_header((header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer")));
         }
         if let GatewayError::MergePending { id, .. } = self {
+            if !id.starts_with("merge-") {
+                return res.json(self.body());
+            }
             if let Ok(v) = HeaderValue::from_str(id) {
                 res.insert_header((crate::MERGE_ID_HEADER, v));
             }
@@ -278,6 +315,13 @@ impl ResponseError for GatewayError {
 
 impl From<MergeError> for GatewayError {
     fn from(e: MergeError) -> Self {
+        if let MergeError::OverBound { work, .. } = &e {
+            let (key, hint) = crate::limits::bound_key(*work);
+            return GatewayError::TooLarge {
+                message: format!("{e} ({key}): {hint}"),
+                param: None,
+            };
+        }
         let message = e.to_string();
         match &e {
             MergeError::ContextLength { .. } => {
@@ -309,6 +353,11 @@ impl From<MergeError> for GatewayError {
             },
             ErrorKind::Unprocessable => GatewayError::Unprocessable(message),
             ErrorKind::Conflict => GatewayError::Conflict(message),
+            ErrorKind::TooLarge => GatewayError::TooLarge {
+                message,
+                param: None,
+            },
+            ErrorKind::Cancelled => GatewayError::Conflict(message),
             // A corrupt registered checkpoint is the server's problem, not the client's.
             ErrorKind::Corrupt | ErrorKind::Internal => GatewayError::Internal(message),
         }

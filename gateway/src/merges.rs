@@ -4,16 +4,28 @@
 //! plain checkpoint) runs off the async runtime on the blocking pool (the
 //! merge itself fans out over rayon), at most `merge.max_concurrent` at once. The book remembers every merge a
 //! request or `POST /v1/merges` named (its spec, so that `merge-<id>` can be
-//! merged again after an eviction) and the state of its last run.
+//! merged again after an eviction) and the state of its last run, within
+//! `server.limits.max_book_bytes` (the bytes of its specs, errors and
+//! router reports) and [`MAX_RECORDS`] merges: past either, the oldest
+//! finished merges are forgotten, and a merge that finds the book full of
+//! pending and running ones is refused (503).
+//!
+//! A pending or running merge holds a [`Cancel`] token: `DELETE
+//! /v1/merges/{id}` ([`Merges::cancel`]) and the server's shutdown
+//! ([`Merges::cancel_all`]) cancel it; the merge stops at its next check
+//! (between tensors, WUDI iterations, router training steps), fails to its
+//! waiters, frees its slot and is not cached.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use merger::merge::{merge_in_memory, Progress};
 use merger::model::ModelOptions;
 use merger::spec::MergeSpec;
+use merger::{Cancel, MergeError};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;
@@ -25,9 +37,12 @@ use crate::metrics::Metrics;
 use crate::registry::Target;
 use crate::routed::{RouterSource, RoutersInfo};
 
-/// Most merges the book remembers; past it the oldest finished ones that
-/// are not resident are forgotten.
+/// Most merges the book remembers; past it the oldest finished ones are
+/// forgotten.
 pub const MAX_RECORDS: usize = 10_000;
+
+/// Bytes a record weighs besides its spec, error and router report.
+const RECORD_OVERHEAD: u64 = 256;
 
 /// A model in the cache, ready to answer.
 pub struct Served {
@@ -61,6 +76,9 @@ pub enum MergeState {
     Evicted,
     /// The last run failed (not cached; a request retries it).
     Failed,
+    /// The last run was cancelled (`DELETE /v1/merges/{id}`, or the
+    /// server's shutdown); not cached, a request merges it again.
+    Cancelled,
 }
 
 /// What a resolved merge tells the book before it runs.
@@ -88,6 +106,25 @@ struct Record {
     error: Option<String>,
     created: u64,
     seq: u64,
+    /// Cancels the pending or running load (none once it is over).
+    cancel: Option<Cancel>,
+    /// What the record weighs in the book's byte bound.
+    weight: u64,
+}
+
+impl Record {
+    /// Bytes of the record: its id, spec (as JSON), error and routers.
+    fn weigh(&self, id: &str) -> u64 {
+        RECORD_OVERHEAD
+            + (id.len() + self.method.len() + self.error.as_ref().map_or(0, String::len)) as u64
+            + json_len(&self.spec)
+            + self.routers.as_ref().map_or(0, json_len)
+    }
+}
+
+/// Bytes of `v` as JSON.
+fn json_len<T: Serialize>(v: &T) -> u64 {
+    serde_json::to_vec(v).map_or(0, |b| b.len() as u64)
 }
 
 /// A merge as `GET /v1/merges` shows it.
@@ -133,6 +170,20 @@ struct Built {
 struct Book {
     records: HashMap<String, Record>,
     next_seq: u64,
+    /// Σ of the records' weights.
+    bytes: u64,
+}
+
+impl Book {
+    /// Applies `f` to record `id`, keeping its weight and the total right.
+    fn update(&mut self, id: &str, f: impl FnOnce(&mut Record)) {
+        if let Some(r) = self.records.get_mut(id) {
+            f(r);
+            let w = r.weigh(id);
+            self.bytes = self.bytes - r.weight + w;
+            r.weight = w;
+        }
+    }
 }
 
 fn unix_now() -> u64 {
@@ -146,18 +197,28 @@ fn unix_now() -> u64 {
 pub struct Merges {
     slots: Arc<Semaphore>,
     book: Arc<Mutex<Book>>,
+    max_book_bytes: u64,
     opts: ModelOptions,
     metrics: Metrics,
+    shutting_down: Arc<AtomicBool>,
 }
 
 impl Merges {
-    /// `max_concurrent` loads at once; models built with `opts` (device, dtype).
-    pub fn new(max_concurrent: usize, opts: ModelOptions, metrics: Metrics) -> Self {
+    /// `max_concurrent` loads at once, a book of at most `max_book_bytes`;
+    /// models built with `opts` (device, dtype).
+    pub fn new(
+        max_concurrent: usize,
+        max_book_bytes: u64,
+        opts: ModelOptions,
+        metrics: Metrics,
+    ) -> Self {
         Merges {
             slots: Arc::new(Semaphore::new(max_concurrent)),
             book: Arc::new(Mutex::new(Book::default())),
+            max_book_bytes,
             opts,
             metrics,
+            shutting_down: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -167,50 +228,105 @@ impl Merges {
     }
 
     /// Remembers a merge a request named (checkpoints are not merges);
-    /// `resident` says whether the cache holds it.
-    pub fn note(&self, target: &Target, resident: bool) {
+    /// `resident` says whether the cache holds it. The oldest finished
+    /// merges make room; a 503 when pending and running ones fill the book.
+    pub fn note(&self, target: &Target, resident: bool) -> Result<()> {
         let Some(entry) = target.book_entry() else {
-            return;
+            return Ok(());
         };
         let id = target.model_name();
         let mut book = self.book();
         if book.records.contains_key(&id) {
-            return;
-        }
-        if book.records.len() >= MAX_RECORDS {
-            forget_oldest(&mut book);
+            return Ok(());
         }
         let seq = book.next_seq;
-        book.next_seq += 1;
-        book.records.insert(
-            id,
-            Record {
-                spec: entry.spec,
-                method: entry.method.to_string(),
-                state: if resident {
-                    MergeState::Ready
-                } else {
-                    MergeState::Pending
-                },
-                output_bytes: entry.output_bytes.unwrap_or(0),
-                routers: entry.routers,
-                resident_bytes: None,
-                duration_seconds: None,
-                error: None,
-                created: unix_now(),
-                seq,
+        let mut record = Record {
+            spec: entry.spec,
+            method: entry.method.to_string(),
+            state: if resident {
+                MergeState::Ready
+            } else {
+                MergeState::Pending
             },
-        );
+            output_bytes: entry.output_bytes.unwrap_or(0),
+            routers: entry.routers,
+            resident_bytes: None,
+            duration_seconds: None,
+            error: None,
+            created: unix_now(),
+            seq,
+            cancel: None,
+            weight: 0,
+        };
+        record.weight = record.weigh(&id);
+        while book.records.len() >= MAX_RECORDS || book.bytes + record.weight > self.max_book_bytes
+        {
+            if !forget_oldest(&mut book) {
+                return Err(GatewayError::Unavailable(format!(
+                    "the book of merges is full of pending and running merges ({} of {} bytes, \
+                     server.limits.max_book_bytes); retry once some are done",
+                    book.bytes, self.max_book_bytes
+                )));
+            }
+        }
+        book.next_seq += 1;
+        book.bytes += record.weight;
+        book.records.insert(id, record);
+        Ok(())
     }
 
     /// Marks a merge whose load is about to start as pending (unless it is
-    /// running already).
+    /// running already), with a cancellation token unless its load has one.
     pub fn mark_pending(&self, id: &str) {
         self.set(id, |r| {
             if r.state != MergeState::Running {
                 r.state = MergeState::Pending;
             }
+            r.cancel.get_or_insert_with(Cancel::new);
         });
+    }
+
+    /// Cancels the pending or running load of merge `id`; whether there
+    /// was one.
+    pub fn cancel(&self, id: &str) -> bool {
+        let book = self.book();
+        match book.records.get(id) {
+            Some(r) if matches!(r.state, MergeState::Pending | MergeState::Running) => {
+                match &r.cancel {
+                    Some(c) => {
+                        c.cancel();
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Cancels every pending and running merge and refuses new ones (the
+    /// server is shutting down).
+    pub fn cancel_all(&self) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        for r in self.book().records.values() {
+            if let Some(c) = &r.cancel {
+                c.cancel();
+            }
+        }
+    }
+
+    /// The token of the load of `id` (a fresh one when the book has none).
+    fn token(&self, id: &str) -> Cancel {
+        self.book()
+            .records
+            .get(id)
+            .and_then(|r| r.cancel.clone())
+            .unwrap_or_default()
+    }
+
+    /// Bytes the book's records weigh.
+    pub fn book_bytes(&self) -> u64 {
+        self.book().bytes
     }
 
     /// The spec of a known merge.
@@ -232,21 +348,24 @@ impl Merges {
         book.records.get(id).map(|r| view(id, r, resident(id)))
     }
 
-    /// Every known merge, newest first.
-    pub fn list(&self, resident: &dyn Fn(&str) -> bool) -> Vec<MergeInfo> {
+    /// The ids of every known merge, newest first.
+    pub fn ids(&self) -> Vec<String> {
         let book = self.book();
         let mut records: Vec<(&String, &Record)> = book.records.iter().collect();
         records.sort_by_key(|(_, r)| std::cmp::Reverse(r.seq));
-        records
-            .into_iter()
-            .map(|(id, r)| view(id, r, resident(id)))
+        records.into_iter().map(|(id, _)| id.clone()).collect()
+    }
+
+    /// The merges `ids` as the API shows them (those still known).
+    pub fn infos(&self, ids: &[String], resident: &dyn Fn(&str) -> bool) -> Vec<MergeInfo> {
+        let book = self.book();
+        ids.iter()
+            .filter_map(|id| book.records.get(id).map(|r| view(id, r, resident(id))))
             .collect()
     }
 
     fn set(&self, id: &str, f: impl FnOnce(&mut Record)) {
-        if let Some(r) = self.book().records.get_mut(id) {
-            f(r);
-        }
+        self.book().update(id, f);
     }
 
     /// The future that makes `target` resident: a merge, or loading a
@@ -258,15 +377,19 @@ impl Merges {
         let this = self.clone();
         async move {
             let name = target.model_name();
-            if target.is_merge() {
+            let cancel = if target.is_merge() {
                 this.set(&name, |r| r.state = MergeState::Pending);
-            }
-            let _slot = this
-                .slots
-                .clone()
-                .acquire_owned()
-                .await
-                .map_err(|_| GatewayError::Unavailable("the server is shutting down".into()))?;
+                this.token(&name)
+            } else {
+                Cancel::new()
+            };
+            let slot = this.slots.clone().acquire_owned().await;
+            let Ok(_slot) = slot else {
+                this.set(&name, |r| r.cancel = None);
+                return Err(GatewayError::Unavailable(
+                    "the server is shutting down".into(),
+                ));
+            };
             match target {
                 Target::Checkpoint { checkpoint, .. } => {
                     let opts = this.opts.clone();
@@ -288,8 +411,9 @@ impl Merges {
                 }
                 Target::Merge(plan) => {
                     let mut plan = *plan;
+                    plan.set_cancel(cancel.clone());
                     let method = plan.info().name;
-                    this.run(name, method, move |opts| {
+                    this.run(name, method, cancel, move |opts, _cancel| {
                         let progress = Progress::new(plan.tensors().len(), method, false);
                         let (tensors, _stats) =
                             merge_in_memory(&mut plan, &opts.device, &progress)?;
@@ -303,8 +427,8 @@ impl Merges {
                 }
                 Target::Routed(plan) => {
                     let method = plan.method();
-                    this.run(name, method, move |opts| {
-                        let routed = plan.build(opts)?;
+                    this.run(name, method, cancel, move |opts, cancel| {
+                        let routed = plan.build(opts, cancel)?;
                         Ok(Built {
                             engine: routed.engine,
                             output_bytes: Some(routed.output_bytes),
@@ -319,10 +443,19 @@ impl Merges {
 
     /// Runs a merge job on the blocking pool, with its metrics, logs and
     /// book updates.
-    async fn run<F>(&self, id: String, method: &'static str, job: F) -> Result<Arc<Served>>
+    async fn run<F>(
+        &self,
+        id: String,
+        method: &'static str,
+        cancel: Cancel,
+        job: F,
+    ) -> Result<Arc<Served>>
     where
-        F: FnOnce(&ModelOptions) -> merger::Result<Built> + Send + 'static,
+        F: FnOnce(&ModelOptions, &Cancel) -> merger::Result<Built> + Send + 'static,
     {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            cancel.cancel();
+        }
         self.set(&id, |r| {
             r.state = MergeState::Running;
             r.error = None;
@@ -330,16 +463,39 @@ impl Merges {
         tracing::info!(merge = %id, method = %method, "merge started");
         let opts = self.opts.clone();
         let start = Instant::now();
-        let result = tokio::task::spawn_blocking(move || job(&opts)).await;
+        let token = cancel.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            // Cancelled while it waited for its slot: it does not start.
+            token.check()?;
+            job(&opts, &token)
+        })
+        .await;
         let seconds = start.elapsed().as_secs_f64();
+        let mut cancelled = false;
         let result: Result<Built> = match result {
             Ok(Ok(built)) => Ok(built),
+            Ok(Err(MergeError::Cancelled)) => {
+                cancelled = true;
+                Err(if self.shutting_down.load(Ordering::SeqCst) {
+                    GatewayError::Unavailable(format!(
+                        "the server is shutting down: merge `{id}` was cancelled"
+                    ))
+                } else {
+                    GatewayError::Conflict(format!(
+                        "merge `{id}` was cancelled (DELETE /v1/merges/{id}); name it again to merge it again"
+                    ))
+                })
+            }
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(GatewayError::Internal(format!(
                 "the merge task failed: {e}"
             ))),
         };
-        let outcome = if result.is_ok() { "success" } else { "error" };
+        let outcome = match (&result, cancelled) {
+            (Ok(_), _) => "success",
+            (Err(_), true) => "cancelled",
+            (Err(_), false) => "error",
+        };
         self.metrics
             .merges
             .with_label_values(&[method, outcome])
@@ -369,6 +525,7 @@ impl Merges {
                 tracing::info!(merge = %id, method = %method, seconds, bytes, "merge finished");
                 self.set(&id, |r| {
                     r.state = MergeState::Ready;
+                    r.cancel = None;
                     r.resident_bytes = Some(bytes);
                     r.duration_seconds = Some(seconds);
                     if let Some(b) = built.output_bytes {
@@ -388,7 +545,12 @@ impl Merges {
             Err(e) => {
                 tracing::warn!(merge = %id, method = %method, error = %e, "merge failed");
                 self.set(&id, |r| {
-                    r.state = MergeState::Failed;
+                    r.state = if cancelled {
+                        MergeState::Cancelled
+                    } else {
+                        MergeState::Failed
+                    };
+                    r.cancel = None;
                     r.error = Some(e.to_string());
                     r.duration_seconds = Some(seconds);
                 });
@@ -420,15 +582,20 @@ fn view(id: &str, r: &Record, resident: bool) -> MergeInfo {
     }
 }
 
-/// Drops the oldest record that is neither pending nor running.
-fn forget_oldest(book: &mut Book) {
+/// Drops the oldest record that is neither pending nor running; whether
+/// there was one.
+fn forget_oldest(book: &mut Book) -> bool {
     let oldest = book
         .records
         .iter()
         .filter(|(_, r)| !matches!(r.state, MergeState::Pending | MergeState::Running))
         .min_by_key(|(_, r)| r.seq)
         .map(|(k, _)| k.clone());
-    if let Some(k) = oldest {
-        book.records.remove(&k);
+    match oldest.and_then(|k| book.records.remove(&k)) {
+        Some(r) => {
+            book.bytes -= r.weight;
+            true
+        }
+        None => false,
     }
 }

@@ -44,7 +44,8 @@ use crate::sse::{
         routes::health::metrics,
     ),
     components(schemas(
-        ErrorResponse, ErrorBody, MergeInfo, MergeState, RoutersInfo, RouterSource,
+        ErrorResponse, ErrorBody, MergeInfo, MergeState, routes::merges::DeleteStatus,
+        RoutersInfo, RouterSource,
         EvaluationInfo, RunRecord, TaskScore, Outcome, Trigger, RunState, Degraded,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice,
     )),

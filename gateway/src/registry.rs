@@ -213,7 +213,10 @@ impl Registry {
             code: "invalid_merge_spec",
         })?;
         match parsed {
-            compact::Parsed::Merge(spec) => self.plan(spec),
+            compact::Parsed::Merge(spec) => self.plan(spec).map_err(|e| match e {
+                GatewayError::TooLarge { .. } => e.with_param("model"),
+                e => e,
+            }),
             compact::Parsed::MergeId(id) => {
                 let spec = merge_spec(&id).ok_or_else(|| {
                     GatewayError::model_not_found(format!(
@@ -246,7 +249,11 @@ impl Registry {
     /// Validates a structured merge spec (a request's `merge` field, or
     /// `POST /v1/merges`) into a merge target.
     pub fn resolve_spec(&self, spec: MergeSpec) -> Result<Target> {
-        self.plan(spec)
+        self.limits.check_structured(&spec, "merge")?;
+        self.plan(spec).map_err(|e| match e {
+            GatewayError::TooLarge { .. } => e.with_param("merge"),
+            e => e,
+        })
     }
 
     /// Finds a checkpoint by `pool/name` or bare name; `pool` restricts the
@@ -347,7 +354,7 @@ impl Registry {
                 .cloned()
                 .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))
         };
-        let plan = MergePlan::with_checkpoints(spec, &open)?;
+        let plan = MergePlan::with_bounds(spec, &open, &self.limits.bounds())?;
         Ok(Target::Merge(Box::new(plan)))
     }
 

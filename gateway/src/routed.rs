@@ -3,10 +3,10 @@
 //! tensor-by-tensor merge engine.
 //!
 //! - Validation ([`RoutedPlan::new`], on the request path, no tensor work):
-//!   the method's parameters, the router training limit
-//!   (`server.limits.max_router_steps`), the `router_checkpoint` (a
-//!   registered checkpoint of the pool holding a saved routed ensemble,
-//!   never a path) and, when the routers train, the pool's calibration
+//!   the method's parameters and the bounds of those that scale the work
+//!   (`server.limits`: `max_router_steps`, `max_batch_size`, `max_rank`),
+//!   the `router_checkpoint` (a registered checkpoint of the pool holding a
+//!   saved routed ensemble, never a path) and, when the routers train, the pool's calibration
 //!   inputs; then the canonical id (`merger::moe::merge_id`: the spec, the
 //!   checkpoints' fingerprints and a digest of the calibration inputs).
 //! - Execution ([`RoutedPlan::build`], on a blocking thread): build, train
@@ -223,11 +223,8 @@ impl RoutedPlan {
         calibrations: &Calibrations,
     ) -> Result<Self> {
         let router_ck = bare_router_checkpoint(&mut spec, pool)?;
-        let params = MoeParams::from_spec(&spec)?;
+        let params = MoeParams::from_spec_bounded(&spec, &limits.bounds())?;
         let method = params.method.name();
-        if params.needs_calibration() {
-            limits.check_router_steps(method, params.steps)?;
-        }
         let mut checkpoints = HashMap::new();
         for name in std::iter::once(&params.base).chain(&params.experts) {
             let ck = pool.checkpoints().get(name).ok_or_else(|| {
@@ -316,11 +313,18 @@ impl RoutedPlan {
 
     /// Builds the routed model on `opts.device`: the backbone and experts,
     /// then the routers (trained on the calibration inputs, loaded from
-    /// `router_checkpoint`, or left untrained). Blocking: call it off the
-    /// async runtime.
-    pub fn build(self, opts: &ModelOptions) -> merger::Result<Routed> {
+    /// `router_checkpoint`, or left untrained); `cancel` stops it.
+    /// Blocking: call it off the async runtime.
+    pub fn build(self, opts: &ModelOptions, cancel: &merger::Cancel) -> merger::Result<Routed> {
         let open = opener(&self.checkpoints);
-        let built = moe::build(&self.spec, &open, &self.calibration, &opts.device, false)?;
+        let built = moe::build_cancellable(
+            &self.spec,
+            &open,
+            &self.calibration,
+            &opts.device,
+            false,
+            cancel,
+        )?;
         let counts = built.param_counts()?;
         let stored = built.parts().store_dtype.size_in_bytes() as u64;
         let output_bytes =

@@ -81,14 +81,14 @@ pub async fn model(
 pub async fn acquire(state: &AppState, target: Target) -> Result<ModelHandle> {
     let key = target.model_name();
     if let Some(served) = state.cache.lookup(&key).await {
-        state.merges.note(&target, true);
+        state.merges.note(&target, true)?;
         return Ok(ModelHandle {
             served,
             status: CacheStatus::Hit,
         });
     }
     let started = Instant::now();
-    let task = start_load(state, target);
+    let task = start_load(state, target)?;
     let max_wait = state.config.merge.max_wait;
     match tokio::time::timeout(max_wait, task).await {
         Ok(Ok(Ok((served, status)))) => Ok(ModelHandle { served, status }),
@@ -111,19 +111,20 @@ fn retry_after(max_wait: Duration) -> Duration {
 }
 
 /// Starts loading `target` in a task of its own, so that the load goes on
-/// when the request that started it stops waiting.
+/// when the request that started it stops waiting; a 503 when the book of
+/// merges has no room for it.
 pub fn start_load(
     state: &AppState,
     target: Target,
-) -> tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>> {
+) -> Result<tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>>> {
     let key = target.model_name();
     if target.is_merge() {
-        state.merges.note(&target, false);
+        state.merges.note(&target, false)?;
         state.merges.mark_pending(&key);
     }
     let load = state.merges.loader(target);
     let cache = state.cache.clone();
-    tokio::spawn(async move { cache.load(key, load).await })
+    Ok(tokio::spawn(async move { cache.load(key, load).await }))
 }
 
 /// The prompt of a generation.

@@ -52,7 +52,12 @@ impl AppState {
             device,
             ..ModelOptions::default()
         };
-        let merges = Merges::new(config.merge.max_concurrent, opts, metrics.clone());
+        let merges = Merges::new(
+            config.merge.max_concurrent,
+            config.server.limits.max_book_bytes,
+            opts,
+            metrics.clone(),
+        );
         let limits = &config.server.limits;
         let admission = Admission::new(
             limits.max_concurrent_generations,
@@ -86,9 +91,11 @@ impl AppState {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Marks the server as going away: readiness fails from now on.
+    /// Marks the server as going away: readiness fails from now on, and
+    /// every pending or running merge is cancelled (its waiters get a 503).
     pub fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::SeqCst);
+        self.merges.cancel_all();
     }
 
     /// Seconds since the state was built.

@@ -25,6 +25,10 @@ pub enum ErrorKind {
     Conflict,
     /// I/O or tensor backend failure.
     Internal,
+    /// A parameter asks for more work or memory than the configured bound.
+    TooLarge,
+    /// The merge was cancelled while it ran ([`crate::Cancel`]).
+    Cancelled,
 }
 
 /// Everything that can go wrong while reading specs, checkpoints or merging.
@@ -86,6 +90,15 @@ pub enum MergeError {
     },
     #[error("parameter `{param}`: {reason}")]
     BadParameter { param: String, reason: String },
+    #[error("parameter `{param}` = {value} is over the limit of {limit} {}", work.unit())]
+    OverBound {
+        param: String,
+        value: u64,
+        limit: u64,
+        work: crate::bounds::Work,
+    },
+    #[error("the work was cancelled (a merge deleted or shut down, or a client that went away)")]
+    Cancelled,
     #[error("method `{method}` takes {expected} models, got {found}")]
     ModelCount {
         method: String,
@@ -130,8 +143,6 @@ pub enum MergeError {
         tokens: usize,
         max: usize,
     },
-    #[error("cancelled: {0}")]
-    Cancelled(String),
     #[error("{what} has non-finite values: {reason}")]
     NonFinite { what: String, reason: String },
     #[error("model: {0}")]
@@ -145,9 +156,7 @@ impl MergeError {
     pub fn kind(&self) -> ErrorKind {
         use MergeError::*;
         match self {
-            Io { .. } | Device(..) | Tensor { .. } | Candle(_) | Cancelled(_) => {
-                ErrorKind::Internal
-            }
+            Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
             ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
             Template(_) | Generation(_) | Model(_) | ContextLength { .. } => ErrorKind::Invalid,
             NonFinite { .. } => ErrorKind::Unprocessable,
@@ -166,6 +175,8 @@ impl MergeError {
             | Config { .. }
             | Spec(_) => ErrorKind::Invalid,
             OutputNotEmpty(_) => ErrorKind::Conflict,
+            OverBound { .. } => ErrorKind::TooLarge,
+            Cancelled => ErrorKind::Cancelled,
         }
     }
 

@@ -6,6 +6,7 @@
 //! methods of FusionBench and mergekit ([`methods`]), streaming the result
 //! into a new checkpoint folder ([`merge`]).
 
+pub mod bounds;
 pub mod checkpoint;
 pub mod device;
 pub mod error;
@@ -21,4 +22,5 @@ pub mod spec;
 pub mod throughput;
 pub mod zoo;
 
+pub use bounds::{Bounds, Cancel, Work};
 pub use error::{MergeError, Result};

@@ -17,6 +17,7 @@ use candle_core::{CpuStorage, DType, Device, Storage, Tensor};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
+use crate::bounds::{Bounds, Cancel};
 use crate::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorRef, WriteOptions};
 use crate::error::{MergeError, Result};
 use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
@@ -50,6 +51,7 @@ pub struct MergePlan {
     tensors: Vec<PlannedTensor>,
     num_layers: usize,
     id: String,
+    cancel: Cancel,
 }
 
 /// Figures of a finished merge.
@@ -232,9 +234,16 @@ impl MergePlan {
         Self::with_checkpoints(spec, &|name: &str| Checkpoint::open(name, &resolve(name)?))
     }
 
-    /// Validates `spec` against checkpoints obtained from `open`.
+    /// Validates `spec` against checkpoints obtained from `open`, with the
+    /// default [`Bounds`].
     pub fn with_checkpoints(spec: MergeSpec, open: Opener) -> Result<Self> {
-        let (info, method) = methods::build(&spec)?;
+        Self::with_bounds(spec, open, &Bounds::default())
+    }
+
+    /// Validates `spec` against checkpoints obtained from `open`, its work
+    /// parameters and lists against `bounds`.
+    pub fn with_bounds(spec: MergeSpec, open: Opener, bounds: &Bounds) -> Result<Self> {
+        let (info, method) = methods::build_bounded(&spec, bounds)?;
         let dtype = match &spec.dtype {
             None => None,
             Some(d) => Some(parse_dtype(d).ok_or_else(|| MergeError::BadParameter {
@@ -292,7 +301,20 @@ impl MergePlan {
             tensors,
             num_layers,
             id,
+            cancel: Cancel::new(),
         })
+    }
+
+    /// The token that cancels [`MergePlan::execute`] (checked between
+    /// tensors, and by methods that loop long on one tensor); a clone
+    /// cancels it from another thread.
+    pub fn cancel_token(&self) -> &Cancel {
+        &self.cancel
+    }
+
+    /// Makes `cancel` the plan's token (shared with whoever may cancel).
+    pub fn set_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
     }
 
     /// The canonical merge id (without the `merge-` prefix).
@@ -354,6 +376,7 @@ impl MergePlan {
                 .collect::<Result<Vec<TensorRef>>>()?,
             device,
             out_dtype: t.dtype,
+            cancel: &self.cancel,
         })
     }
 
@@ -364,7 +387,8 @@ impl MergePlan {
         order
     }
 
-    /// Runs the merge on `device`, handing each merged tensor to `sink`.
+    /// Runs the merge on `device`, handing each merged tensor to `sink`;
+    /// [`MergeError::Cancelled`] once the plan's token is cancelled.
     pub fn execute(
         &mut self,
         device: &Device,
@@ -372,6 +396,7 @@ impl MergePlan {
         progress: &Progress,
     ) -> Result<MergeStats> {
         let start = Instant::now();
+        self.cancel.check()?;
         // The method is taken out while it scans the plan it belongs to.
         progress.bar.set_message("model-wide statistics");
         let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
@@ -394,6 +419,7 @@ impl MergePlan {
         self.schedule()
             .into_par_iter()
             .try_for_each(|i| -> Result<()> {
+                self.cancel.check()?;
                 let t = &self.tensors[i];
                 let inputs = self.inputs(t, device)?;
                 let merged = self.method.merge(&inputs)?;
@@ -463,10 +489,10 @@ struct PlanScan<'a> {
 
 impl ModelScan for PlanScan<'_> {
     fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()> {
-        self.plan
-            .schedule()
-            .into_par_iter()
-            .try_for_each(|i| f(&self.plan.inputs(&self.plan.tensors[i], self.device)?))
+        self.plan.schedule().into_par_iter().try_for_each(|i| {
+            self.plan.cancel.check()?;
+            f(&self.plan.inputs(&self.plan.tensors[i], self.device)?)
+        })
     }
 
     fn keeps_outputs(&self) -> bool {

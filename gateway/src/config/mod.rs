@@ -9,7 +9,10 @@
 //!   log_format: text             # text | json
 //!   shutdown_timeout: 30s
 //!   limits: {max_body_bytes: 1MiB, max_tokens: 1024, max_experts: 8,
-//!            max_spec_len: 2048, max_concurrent_generations: 2, queue_depth: 64}
+//!            max_spec_len: 2048, max_concurrent_generations: 2, queue_depth: 64,
+//!            max_router_steps: 1000, max_iterations: 1000, max_batch_size: 64,
+//!            max_rank: 256, max_list_len: 256, max_book_bytes: 16MiB,
+//!            max_evaluations: 64}
 //! device: auto                   # auto | cpu | cuda:N
 //! cache: {max_bytes: 4GB}
 //! merge: {max_concurrent: 1, max_wait: 30s}
@@ -155,6 +158,29 @@ pub struct LimitsConfig {
     /// may ask for; 0 allows only untrained or checkpointed routers.
     #[serde(default = "default_max_router_steps")]
     pub max_router_steps: usize,
+    /// Most optimiser iterations per tensor a merge may ask for (WUDI's
+    /// `iterations`).
+    #[serde(default = "default_max_iterations")]
+    pub max_iterations: u64,
+    /// Largest router training batch (`batch_size` of a routed merge).
+    #[serde(default = "default_max_batch_size")]
+    pub max_batch_size: u64,
+    /// Largest rank a merge may ask for (`rank_k` of `rankone_moe`).
+    #[serde(default = "default_max_rank")]
+    pub max_rank: u64,
+    /// Most entries in one list of a merge spec (gradient and filter lists)
+    /// and in a request's `tasks`.
+    #[serde(default = "default_max_list_len")]
+    pub max_list_len: usize,
+    /// Bytes of specs and states the book of merges keeps; past it the
+    /// oldest finished merges are forgotten.
+    #[serde(default = "default_max_book_bytes", deserialize_with = "bytes")]
+    pub max_book_bytes: u64,
+    /// One-off evaluations (`POST /v1/evaluations` with a `merge`) kept,
+    /// with their results and metric series; past it the oldest idle one
+    /// is forgotten.
+    #[serde(default = "default_max_evaluations")]
+    pub max_evaluations: usize,
 }
 
 /// `cache:`.
@@ -298,6 +324,24 @@ fn default_queue() -> usize {
 fn default_max_router_steps() -> usize {
     1000
 }
+fn default_max_iterations() -> u64 {
+    1000
+}
+fn default_max_batch_size() -> u64 {
+    64
+}
+fn default_max_rank() -> u64 {
+    256
+}
+fn default_max_list_len() -> usize {
+    256
+}
+fn default_max_book_bytes() -> u64 {
+    16 << 20
+}
+fn default_max_evaluations() -> usize {
+    64
+}
 fn default_cache_bytes() -> u64 {
     4_000_000_000
 }
@@ -334,6 +378,12 @@ impl Default for LimitsConfig {
             max_concurrent_generations: default_generations(),
             queue_depth: default_queue(),
             max_router_steps: default_max_router_steps(),
+            max_iterations: default_max_iterations(),
+            max_batch_size: default_max_batch_size(),
+            max_rank: default_max_rank(),
+            max_list_len: default_max_list_len(),
+            max_book_bytes: default_max_book_bytes(),
+            max_evaluations: default_max_evaluations(),
         }
     }
 }
@@ -594,11 +644,28 @@ impl Config {
                 "server.limits.max_concurrent_generations",
                 l.max_concurrent_generations,
             ),
+            ("server.limits.max_list_len", l.max_list_len),
+            ("server.limits.max_evaluations", l.max_evaluations),
             ("merge.max_concurrent", self.merge.max_concurrent),
         ] {
             if v == 0 {
                 return Err(err(key, "must be at least 1".into()));
             }
+        }
+        for (key, v) in [
+            ("server.limits.max_iterations", l.max_iterations),
+            ("server.limits.max_batch_size", l.max_batch_size),
+            ("server.limits.max_rank", l.max_rank),
+        ] {
+            if v == 0 {
+                return Err(err(key, "must be at least 1".into()));
+            }
+        }
+        if l.max_book_bytes < 1024 {
+            return Err(err(
+                "server.limits.max_book_bytes",
+                format!("{} is below the 1 KiB minimum", l.max_book_bytes),
+            ));
         }
         if l.max_body_bytes < 1024 {
             return Err(err(

@@ -19,6 +19,10 @@
 //!   never compared with `min_score`.
 //! - The first run comes `delay` after the start, or `every` after the last
 //!   run on disk when that is later; then every `every`.
+//! - One-off evaluations (`POST /v1/evaluations` with a `merge`) are kept up
+//!   to `server.limits.max_evaluations`: a new one past it forgets the
+//!   oldest idle one (its entry, metric series and result file); when every
+//!   one is running or waiting, the new one is refused (409).
 
 pub mod demo;
 pub mod scorer;
@@ -255,6 +259,8 @@ pub struct Degraded {
 struct Entry {
     def: Evaluation,
     scheduled: bool,
+    /// Order of definition (one-offs: the oldest idle one is forgotten first).
+    seq: u64,
     running: bool,
     next_run: Option<f64>,
     last: Option<RunRecord>,
@@ -264,10 +270,11 @@ struct Entry {
 }
 
 impl Entry {
-    fn new(def: Evaluation, scheduled: bool) -> Self {
+    fn new(def: Evaluation, scheduled: bool, seq: u64) -> Self {
         Entry {
             def,
             scheduled,
+            seq,
             running: false,
             next_run: None,
             last: None,
@@ -304,6 +311,10 @@ impl Entry {
 /// The evaluations, their last results and the runner's lock.
 pub struct Evaluations {
     entries: Mutex<BTreeMap<String, Entry>>,
+    /// Next [`Entry::seq`].
+    next_seq: std::sync::atomic::AtomicU64,
+    /// Most one-off evaluations kept.
+    max_one_off: usize,
     store: Store,
     metrics: Metrics,
     runner: tokio::sync::Mutex<()>,
@@ -336,7 +347,7 @@ impl Evaluations {
             }
             metrics.eval_duration.with_label_values(&[&name]);
             metrics.eval_degraded.with_label_values(&[&name]).set(0);
-            let mut entry = Entry::new(def, true);
+            let mut entry = Entry::new(def, true, 0);
             match store.load(&name) {
                 Ok(Some(saved)) => {
                     entry.last = saved.last;
@@ -354,6 +365,8 @@ impl Evaluations {
         }
         Evaluations {
             entries: Mutex::new(entries),
+            next_seq: std::sync::atomic::AtomicU64::new(1),
+            max_one_off: config.server.limits.max_evaluations,
             store,
             metrics,
             runner: tokio::sync::Mutex::new(()),
@@ -371,9 +384,18 @@ impl Evaluations {
         &self.store
     }
 
-    /// Every evaluation (scheduled ones, then those requested), by name.
-    pub fn list(&self) -> Vec<EvaluationInfo> {
-        self.entries().values().map(Entry::info).collect()
+    /// The names of every evaluation (scheduled and requested), sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.entries().keys().cloned().collect()
+    }
+
+    /// The evaluations `names` (those still known).
+    pub fn infos(&self, names: &[String]) -> Vec<EvaluationInfo> {
+        let entries = self.entries();
+        names
+            .iter()
+            .filter_map(|n| entries.get(n).map(Entry::info))
+            .collect()
     }
 
     /// One evaluation.
@@ -406,9 +428,33 @@ impl Evaluations {
     }
 
     /// Adds (or replaces) an evaluation requested through the API; 409 when
-    /// a scheduled one has its name.
+    /// a scheduled one has its name. A new one past
+    /// `server.limits.max_evaluations` forgets the oldest idle one-off
+    /// (entry, metric series, result file); 409 when all are busy.
     pub fn define(&self, def: Evaluation) -> Result<()> {
         let mut entries = self.entries();
+        if !entries.contains_key(&def.name) {
+            while entries.values().filter(|e| !e.scheduled).count() >= self.max_one_off {
+                let oldest = entries
+                    .iter()
+                    .filter(|(_, e)| !e.scheduled && !e.running)
+                    .min_by_key(|(_, e)| e.seq)
+                    .map(|(k, _)| k.clone());
+                let Some(name) = oldest else {
+                    return Err(GatewayError::Conflict(format!(
+                        "{} one-off evaluations are running or waiting \
+                         (server.limits.max_evaluations); retry once one is over",
+                        self.max_one_off
+                    )));
+                };
+                if let Some(gone) = entries.remove(&name) {
+                    self.forget(&name, &gone);
+                }
+            }
+        }
+        let seq = self
+            .next_seq
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         match entries.get_mut(&def.name) {
             Some(e) if e.scheduled => Err(GatewayError::Conflict(format!(
                 "`{}` is a scheduled evaluation; run it with {{\"name\": \"{}\"}} or pick another `name`",
@@ -423,10 +469,33 @@ impl Evaluations {
                 Ok(())
             }
             None => {
-                entries.insert(def.name.clone(), Entry::new(def, false));
+                entries.insert(def.name.clone(), Entry::new(def, false, seq));
                 Ok(())
             }
         }
+    }
+
+    /// Drops the metric series and the result file of a forgotten one-off
+    /// evaluation.
+    fn forget(&self, name: &str, entry: &Entry) {
+        let m = &self.metrics;
+        for outcome in [Outcome::Success, Outcome::Error] {
+            let _ = m.eval_runs.remove_label_values(&[name, outcome.as_str()]);
+        }
+        let _ = m.eval_duration.remove_label_values(&[name]);
+        let _ = m.eval_degraded.remove_label_values(&[name]);
+        let _ = m.eval_last_success.remove_label_values(&[name]);
+        if let Some(run) = &entry.last_success {
+            for t in &run.tasks {
+                for metric in t.metrics.keys() {
+                    let _ = m.eval_score.remove_label_values(&[name, &t.task, metric]);
+                }
+            }
+        }
+        if let Err(e) = self.store.remove(name) {
+            tracing::warn!(evaluation = %name, error = %e, "cannot remove the result file");
+        }
+        tracing::info!(evaluation = %name, "one-off evaluation forgotten");
     }
 
     /// Marks `name` as running: 404 when unknown, 409 when it runs already.
@@ -464,11 +533,18 @@ impl Evaluations {
             .and_then(|e| e.last.as_ref().map(|r| r.finished))
     }
 
-    /// Records a finished run: the entry, the metrics; returns what to save.
+    /// Marks `name` idle (its run is recorded and saved).
+    fn done(&self, name: &str) {
+        if let Some(e) = self.entries().get_mut(name) {
+            e.running = false;
+        }
+    }
+
+    /// Records a finished run: the entry, the metrics; returns what to save
+    /// (the entry stays running until [`Evaluations::done`]).
     fn finish(&self, name: &str, mut record: RunRecord) -> Option<Saved> {
         let mut entries = self.entries();
         let e = entries.get_mut(name)?;
-        e.running = false;
         let m = &self.metrics;
         m.eval_runs
             .with_label_values(&[name, record.outcome.as_str()])
@@ -626,7 +702,10 @@ pub async fn run_begun(
             tracing::warn!(evaluation = %name, seconds = duration, error = %e, "evaluation failed")
         }
     }
-    let saved = evals.finish(&name, record)?;
+    let Some(saved) = evals.finish(&name, record) else {
+        evals.done(&name);
+        return None;
+    };
     let store = evals.store.clone();
     let write = tokio::task::spawn_blocking(move || store.save(&saved)).await;
     match write {
@@ -634,6 +713,7 @@ pub async fn run_begun(
         Ok(Err(e)) => tracing::warn!(evaluation = %name, error = %e, "cannot save the result"),
         Err(e) => tracing::warn!(evaluation = %name, error = %e, "cannot save the result"),
     }
+    evals.done(&name);
     evals.info(&name).and_then(|i| i.last)
 }
 
@@ -709,10 +789,10 @@ async fn resident(state: &AppState, merge: &str) -> Result<Arc<Served>> {
     let target = serving::target(state, Some(merge), None)?;
     let key = target.model_name();
     if let Some(served) = state.cache.lookup(&key).await {
-        state.merges.note(&target, true);
+        state.merges.note(&target, true)?;
         return Ok(served);
     }
-    let (served, _) = serving::start_load(state, target)
+    let (served, _) = serving::start_load(state, target)?
         .await
         .map_err(|e| GatewayError::Internal(format!("loading `{key}` failed: {e}")))??;
     Ok(served)

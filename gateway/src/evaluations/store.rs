@@ -130,6 +130,19 @@ impl Store {
         Ok(Some(saved))
     }
 
+    /// Removes the file of `name` (none is fine).
+    pub fn remove(&self, name: &str) -> Result<()> {
+        let path = self.path(name);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(GatewayError::Internal(format!(
+                "cannot remove {}: {e}",
+                path.display()
+            ))),
+        }
+    }
+
     /// Writes `saved` atomically: readers see the old file or the new one,
     /// never a part.
     pub fn save(&self, saved: &Saved) -> Result<()> {
@@ -213,5 +226,8 @@ mod tests {
         std::fs::write(s.path("x"), "{not json").unwrap();
         let e = s.load("x").unwrap_err().to_string();
         assert!(e.contains("not an evaluation result"), "{e}");
+        s.remove("x").unwrap();
+        assert_eq!(s.load("x").unwrap(), None);
+        s.remove("x").unwrap();
     }
 }

@@ -1,11 +1,14 @@
 //! Request limits (`server.limits`): body size (enforced by the JSON
-//! extractor), `max_tokens`, experts per merge, merge-string length and
-//! router training steps of a routed merge; and admission control of
-//! generations ([`admission`]).
+//! extractor), `max_tokens`, experts per merge, merge-string length, the
+//! size of structured specs and of their lists, the parameters that scale a
+//! merge's work (handed to the merger as [`merger::Bounds`]: WUDI's
+//! iterations, router training steps and batch sizes, ranks), list lengths
+//! of other requests; and admission control of generations ([`admission`]).
 
 pub mod admission;
 
-use merger::spec::MergeSpec;
+use merger::spec::{compact, MergeSpec};
+use merger::{Bounds, Work};
 
 use crate::config::LimitsConfig;
 use crate::error::{GatewayError, Result};
@@ -65,6 +68,54 @@ impl Limits {
         Ok(())
     }
 
+    /// The bounds of the parameters that scale a merge's work, for the
+    /// merger's validation.
+    pub fn bounds(&self) -> Bounds {
+        Bounds {
+            iterations: self.cfg.max_iterations,
+            router_steps: self.cfg.max_router_steps as u64,
+            batch_size: self.cfg.max_batch_size,
+            rank: self.cfg.max_rank,
+            list_len: self.cfg.max_list_len as u64,
+        }
+    }
+
+    /// A structured spec of a request (`field`: `merge`): every list at
+    /// most `max_list_len` entries (the error names the list), and the spec
+    /// written compactly at most `max_spec_len` characters, the limit of a
+    /// merge string.
+    pub fn check_structured(&self, spec: &MergeSpec, field: &str) -> Result<()> {
+        self.bounds()
+            .check_lists(spec)
+            .map_err(|e| GatewayError::from(e).with_param(field))?;
+        let n = compact::to_compact(spec).chars().count();
+        if n > self.cfg.max_spec_len {
+            return Err(GatewayError::TooLarge {
+                message: format!(
+                    "`{field}` is {n} characters long written as a merge string; the limit is {} \
+                     (server.limits.max_spec_len)",
+                    self.cfg.max_spec_len
+                ),
+                param: Some(field.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    /// A list of a request (`tasks`) has at most `max_list_len` entries.
+    pub fn check_list(&self, param: &str, len: usize) -> Result<()> {
+        let limit = self.cfg.max_list_len;
+        if len > limit {
+            return Err(GatewayError::TooLarge {
+                message: format!(
+                    "`{param}` has {len} entries; the limit is {limit} (server.limits.max_list_len)"
+                ),
+                param: Some(param.to_string()),
+            });
+        }
+        Ok(())
+    }
+
     /// A merge names at most `max_experts` models.
     pub fn check_experts(&self, spec: &MergeSpec) -> Result<()> {
         let n = spec.models.len();
@@ -79,22 +130,22 @@ impl Limits {
         }
         Ok(())
     }
+}
 
-    /// A routed merge that trains its routers asks for at most
-    /// `max_router_steps` steps.
-    pub fn check_router_steps(&self, method: &str, steps: usize) -> Result<()> {
-        let limit = self.cfg.max_router_steps;
-        if steps > limit {
-            return Err(GatewayError::TooLarge {
-                message: format!(
-                    "`{method}` asks for `steps` = {steps} router training steps; the limit is \
-                     {limit} per merge (server.limits.max_router_steps): ask for fewer `steps`, \
-                     or name trained routers with `router_checkpoint`"
-                ),
-                param: Some("model".to_string()),
-            });
-        }
-        Ok(())
+/// The `server.limits` key that bounds `work`, and what to do instead.
+pub fn bound_key(work: Work) -> (&'static str, &'static str) {
+    match work {
+        Work::Iterations => ("server.limits.max_iterations", "ask for fewer iterations"),
+        Work::RouterSteps => (
+            "server.limits.max_router_steps",
+            "ask for fewer `steps`, or name trained routers with `router_checkpoint`",
+        ),
+        Work::BatchSize => (
+            "server.limits.max_batch_size",
+            "ask for a smaller `batch_size`",
+        ),
+        Work::Rank => ("server.limits.max_rank", "ask for a smaller rank"),
+        Work::ListLength => ("server.limits.max_list_len", "give shorter lists"),
     }
 }
 
@@ -148,13 +199,16 @@ mod tests {
     }
 
     #[test]
-    fn router_steps() {
+    fn work_bounds_come_from_the_limits_and_errors_name_the_key() {
         let l = Limits::new(LimitsConfig {
             max_router_steps: 50,
+            max_iterations: 7,
+            max_list_len: 3,
             ..LimitsConfig::default()
         });
-        assert!(l.check_router_steps("we_moe", 50).is_ok());
-        let e = l.check_router_steps("we_moe", 51).unwrap_err();
+        let b = l.bounds();
+        assert_eq!((b.router_steps, b.iterations, b.list_len), (50, 7, 3));
+        let e: GatewayError = b.check("steps", 51, Work::RouterSteps).unwrap_err().into();
         assert_eq!(e.status().as_u16(), 413);
         let m = e.to_string();
         assert!(
@@ -162,5 +216,17 @@ mod tests {
             "{m}"
         );
         assert_eq!(LimitsConfig::default().max_router_steps, 1000);
+        let long = MergeSpec::new("task_arithmetic", None, &["a"]).with_value(
+            "scaling_coefficient",
+            merger::spec::ParamValue::Gradient(vec![0.5; 4]),
+        );
+        let e = l.check_structured(&long, "merge").unwrap_err();
+        assert_eq!(e.status().as_u16(), 413);
+        assert!(
+            e.to_string().contains("parameters.scaling_coefficient"),
+            "{e}"
+        );
+        assert!(l.check_list("tasks", 3).is_ok());
+        assert_eq!(l.check_list("tasks", 4).unwrap_err().status().as_u16(), 413);
     }
 }

@@ -4,18 +4,25 @@ use actix_web::{get, post, web, HttpResponse};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
+use super::PageQuery;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::evaluations::{self, Evaluation, EvaluationInfo, Trigger};
 use crate::serving;
 use crate::state::AppState;
 
-/// The evaluations.
+/// A page of the evaluations.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EvaluationList {
     /// `list`.
     pub object: String,
-    /// Scheduled evaluations, then those requested, by name.
+    /// By name (scheduled and requested ones together).
     pub data: Vec<EvaluationInfo>,
+    /// Whether more follow (ask with `after` = `last_id`).
+    pub has_more: bool,
+    /// The name of the first evaluation of the page.
+    pub first_id: Option<String>,
+    /// The name of the last evaluation of the page.
+    pub last_id: Option<String>,
 }
 
 /// A run to start: `{name}` of a configured evaluation, or a one-off
@@ -67,24 +74,37 @@ pub struct RunStarted {
     pub status: String,
 }
 
-/// Every evaluation with its last result.
+/// The evaluations with their last results, by name, a page at a time
+/// (`limit`, default 20, at most 100; `after`: the previous page's
+/// `last_id`).
 #[utoipa::path(
     get,
     path = "/v1/evaluations",
     tag = "evaluations",
+    params(PageQuery),
     responses(
-        (status = 200, description = "The evaluations", body = EvaluationList),
+        (status = 200, description = "A page of the evaluations", body = EvaluationList),
+        (status = 400, description = "Bad `limit` or `after`", body = ErrorResponse),
         (status = 401, description = "Missing or invalid key", body = ErrorResponse),
         (status = 403, description = "Not an admin key", body = ErrorResponse),
     ),
     security(("admin_key" = []))
 )]
 #[get("/v1/evaluations")]
-pub async fn list_evaluations(state: web::Data<AppState>) -> HttpResponse {
-    HttpResponse::Ok().json(EvaluationList {
+pub async fn list_evaluations(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse> {
+    let names = state.evaluations.names();
+    let page = query.page(&names)?;
+    let data = state.evaluations.infos(&names[page.range.clone()]);
+    Ok(HttpResponse::Ok().json(EvaluationList {
         object: "list".to_string(),
-        data: state.evaluations.list(),
-    })
+        first_id: data.first().map(|e| e.name.clone()),
+        last_id: data.last().map(|e| e.name.clone()),
+        has_more: page.has_more,
+        data,
+    }))
 }
 
 /// The one-off evaluation a request describes, checked (its merge resolves,
@@ -115,6 +135,10 @@ fn one_off(state: &AppState, req: RunEvaluationRequest, merge: String) -> Result
             ),
             param: Some("taskpool".to_string()),
         })?;
+    state
+        .registry
+        .limits()
+        .check_list("tasks", req.tasks.len())?;
     if req.limit == Some(0) {
         return Err(GatewayError::bad_param(
             "limit",

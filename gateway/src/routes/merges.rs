@@ -5,6 +5,7 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::PageQuery;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::merges::{MergeInfo, MergeState};
 use crate::serving;
@@ -22,13 +23,32 @@ pub struct CreateMergeRequest {
     pub merge: Option<MergeSpec>,
 }
 
-/// The merges.
+/// A page of the merges.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MergeList {
     /// `list`.
     pub object: String,
     /// Newest first.
     pub data: Vec<MergeInfo>,
+    /// Whether older merges follow (ask with `after` = `last_id`).
+    pub has_more: bool,
+    /// The id of the first merge of the page.
+    pub first_id: Option<String>,
+    /// The id of the last merge of the page.
+    pub last_id: Option<String>,
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DeleteStatus {
+    /// The resident weights were evicted.
+    Evicted,
+    /// It was not resident: nothing to evict.
+    NotResident,
+    /// It was pending or running: it is cancelled (it fails to its
+    /// waiters, frees its slot and is not cached).
+    Cancelled,
 }
 
 /// The answer of a delete.
@@ -38,8 +58,11 @@ pub struct MergeDeleted {
     pub id: String,
     /// `merge.deleted`.
     pub object: String,
-    /// Whether resident weights were evicted (false: it was not resident).
+    /// Whether resident weights were evicted (false: it was not resident,
+    /// or it was cancelled).
     pub deleted: bool,
+    /// What the delete did.
+    pub status: DeleteStatus,
 }
 
 fn resident(state: &AppState) -> impl Fn(&str) -> bool + '_ {
@@ -81,10 +104,10 @@ pub async fn create_merge(
     let id = target.model_name();
     let already = state.cache.contains(&id);
     if already {
-        state.merges.note(&target, true);
+        state.merges.note(&target, true)?;
     } else if !state.merges.is_busy(&id) {
         // Runs on; the handle is not awaited.
-        drop(serving::start_load(&state, target));
+        drop(serving::start_load(&state, target)?);
     }
     let info = state
         .merges
@@ -100,23 +123,37 @@ pub async fn create_merge(
     Ok(res.json(info))
 }
 
-/// Every merge the server knows, newest first.
+/// The merges the server knows, newest first, a page at a time (`limit`,
+/// default 20, at most 100; `after`: the previous page's `last_id`).
 #[utoipa::path(
     get,
     path = "/v1/merges",
     tag = "merges",
+    params(PageQuery),
     responses(
-        (status = 200, description = "The merges", body = MergeList),
+        (status = 200, description = "A page of the merges", body = MergeList),
+        (status = 400, description = "Bad `limit` or `after`", body = ErrorResponse),
         (status = 401, description = "Missing or invalid key", body = ErrorResponse),
         (status = 403, description = "Not an admin key", body = ErrorResponse),
     ),
     security(("admin_key" = []))
 )]
 #[get("/v1/merges")]
-pub async fn list_merges(state: web::Data<AppState>) -> Result<HttpResponse> {
+pub async fn list_merges(
+    state: web::Data<AppState>,
+    query: web::Query<PageQuery>,
+) -> Result<HttpResponse> {
+    let ids = state.merges.ids();
+    let page = query.page(&ids)?;
+    let data = state
+        .merges
+        .infos(&ids[page.range.clone()], &resident(&state));
     Ok(HttpResponse::Ok().json(MergeList {
         object: "list".to_string(),
-        data: state.merges.list(&resident(&state)),
+        first_id: data.first().map(|m| m.id.clone()),
+        last_id: data.last().map(|m| m.id.clone()),
+        has_more: page.has_more,
+        data,
     }))
 }
 
@@ -151,18 +188,20 @@ pub async fn get_merge(state: web::Data<AppState>, id: web::Path<String>) -> Res
     Ok(HttpResponse::Ok().json(info))
 }
 
-/// Evicts a merge's weights (the spec stays known; a request merges it again).
+/// Evicts a merge's weights (the spec stays known; a request merges it
+/// again), or cancels it while it is pending or running (`status:
+/// cancelled`: it fails to its waiters, frees its merge slot and is not
+/// cached). Only merges: a checkpoint id is 404.
 #[utoipa::path(
     delete,
     path = "/v1/merges/{id}",
     tag = "merges",
     params(("id" = String, Path, description = "`merge-<id>`")),
     responses(
-        (status = 200, description = "Evicted (or was not resident)", body = MergeDeleted),
+        (status = 200, description = "Evicted, not resident, or cancelled", body = MergeDeleted),
         (status = 401, description = "Missing or invalid key", body = ErrorResponse),
         (status = 403, description = "Not an admin key", body = ErrorResponse),
-        (status = 404, description = "Unknown merge", body = ErrorResponse),
-        (status = 409, description = "The merge is running", body = ErrorResponse),
+        (status = 404, description = "Unknown merge, or not a merge", body = ErrorResponse),
     ),
     security(("admin_key" = []))
 )]
@@ -172,18 +211,30 @@ pub async fn delete_merge(
     id: web::Path<String>,
 ) -> Result<HttpResponse> {
     let id = id.into_inner().to_ascii_lowercase();
+    if !id.starts_with("merge-") {
+        return Err(GatewayError::NotFound {
+            message: format!(
+                "`{id}` is not a merge: DELETE /v1/merges/{{id}} takes a merge id (`merge-…`), \
+                 checkpoints are not evicted through it"
+            ),
+            param: Some("id".to_string()),
+        });
+    }
     if state.merges.spec_of(&id).is_none() && !state.cache.contains(&id) {
         return Err(unknown(&id));
     }
-    if state.merges.is_busy(&id) {
-        return Err(GatewayError::Conflict(format!(
-            "merge `{id}` is running; delete it once it is done"
-        )));
-    }
-    let deleted = state.cache.evict(&id).await;
+    let (deleted, status) = if state.merges.cancel(&id) {
+        tracing::info!(merge = %id, "merge cancelled");
+        (false, DeleteStatus::Cancelled)
+    } else if state.cache.evict(&id).await {
+        (true, DeleteStatus::Evicted)
+    } else {
+        (false, DeleteStatus::NotResident)
+    };
     Ok(HttpResponse::Ok().json(MergeDeleted {
         id,
         object: "merge.deleted".to_string(),
         deleted,
+        status,
     }))
 }

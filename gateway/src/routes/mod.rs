@@ -11,7 +11,7 @@ pub mod models;
 
 use actix_web::{web, HttpResponseBuilder};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
 use crate::engine::SamplingParams;
 use crate::error::{GatewayError, Result};
@@ -64,6 +64,62 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(health::live)
         .service(health::ready)
         .service(health::metrics);
+}
+
+/// Items of a listing page when the query does not say.
+pub const DEFAULT_PAGE: usize = 20;
+/// Most items of a listing page.
+pub const MAX_PAGE: usize = 100;
+
+/// Pagination of the listing routes (OpenAI style): `limit` items after
+/// the item `after`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+pub struct PageQuery {
+    /// Items of the page, 1 to 100 (default 20).
+    #[serde(default)]
+    pub limit: Option<usize>,
+    /// The id of the last item of the previous page (its `last_id`).
+    #[serde(default)]
+    pub after: Option<String>,
+}
+
+/// A page of a listing: the range of `ids` (in list order) to show, and
+/// whether more follow.
+pub struct Page {
+    /// Positions in the full list.
+    pub range: std::ops::Range<usize>,
+    /// Whether items follow the page.
+    pub has_more: bool,
+}
+
+impl PageQuery {
+    /// The page of `ids` this query asks for: a 400 when `limit` is out of
+    /// 1..=100 or `after` is not an id of the list.
+    pub fn page(&self, ids: &[String]) -> Result<Page> {
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(GatewayError::bad_param(
+                "limit",
+                format!("`limit` = {limit} is out of range: expected 1..={MAX_PAGE}"),
+            ));
+        }
+        let start = match &self.after {
+            None => 0,
+            Some(after) => {
+                ids.iter().position(|id| id == after).ok_or_else(|| {
+                    GatewayError::bad_param(
+                        "after",
+                        format!("`after` = `{after}` is not in the list (forgotten since?); list again from the start"),
+                    )
+                })? + 1
+            }
+        };
+        let end = (start + limit).min(ids.len());
+        Ok(Page {
+            range: start..end,
+            has_more: end < ids.len(),
+        })
+    }
 }
 
 /// Token counts of a request.

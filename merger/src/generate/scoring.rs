@@ -99,9 +99,7 @@ impl TextModel {
     ) -> Result<(Vec<Vec<f32>>, usize)> {
         let stop = || -> Result<()> {
             if cancelled() {
-                Err(MergeError::Cancelled(
-                    "the embedding's client went away".into(),
-                ))
+                Err(MergeError::Cancelled)
             } else {
                 Ok(())
             }

@@ -27,6 +27,7 @@ use candle_core::{DType, Device, Tensor};
 
 pub use params::{Num, Params};
 
+use crate::bounds::{Bounds, Cancel};
 use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::spec::{MergeSpec, TensorCtx};
@@ -44,6 +45,9 @@ pub struct TensorInputs<'a> {
     /// The dtype the merged tensor is stored in. A method may return its
     /// result in this dtype (fused kernels cast in the same pass) or in f32.
     pub out_dtype: DType,
+    /// Cancels the merge; a method that loops long on one tensor (WUDI's
+    /// iterations) checks it between rounds.
+    pub cancel: &'a Cancel,
 }
 
 impl TensorInputs<'_> {
@@ -386,8 +390,19 @@ pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
         })
 }
 
-/// Validates a spec's method, model count and parameters, and builds it.
+/// Validates a spec's method, model count and parameters, and builds it,
+/// with the default [`Bounds`].
 pub fn build(spec: &MergeSpec) -> Result<(&'static MethodInfo, Box<dyn MergeMethod>)> {
+    build_bounded(spec, &Bounds::default())
+}
+
+/// [`build`], with the parameters that scale the work (and every list of
+/// the spec) checked against `bounds`.
+pub fn build_bounded(
+    spec: &MergeSpec,
+    bounds: &Bounds,
+) -> Result<(&'static MethodInfo, Box<dyn MergeMethod>)> {
+    bounds.check_lists(spec)?;
     if spec.method == "passthrough" {
         return Err(MergeError::Unsupported {
             feature: "merge_method `passthrough`".into(),
@@ -415,7 +430,7 @@ pub fn build(spec: &MergeSpec) -> Result<(&'static MethodInfo, Box<dyn MergeMeth
             method: info.name.to_string(),
         });
     }
-    let mut params = Params::new(info.name, spec);
+    let mut params = Params::with_bounds(info.name, spec, *bounds);
     let method = (info.build)(&mut params)?;
     params.finish()?;
     Ok((info, method))

@@ -3,9 +3,12 @@
 //! A method's `build` function asks for each parameter it accepts by name,
 //! with its default; [`Params::finish`] then rejects any key nobody asked
 //! for, so a misspelt parameter is an error rather than silently ignored.
+//! A parameter that scales the merge's work is declared with the [`Work`]
+//! it counts ([`Params::work`]) and checked against the [`Bounds`].
 
 use std::collections::BTreeSet;
 
+use crate::bounds::{Bounds, Work};
 use crate::error::{MergeError, Result};
 use crate::spec::{Dialect, MergeSpec, ParamValue, TensorCtx};
 
@@ -60,18 +63,26 @@ pub struct Params<'a> {
     spec: &'a MergeSpec,
     used: BTreeSet<String>,
     used_model: BTreeSet<String>,
+    bounds: Bounds,
     /// Number of expert models (excluding the base).
     pub num_models: usize,
 }
 
 impl<'a> Params<'a> {
-    /// Wraps a spec's parameters for the method `method`.
+    /// Wraps a spec's parameters for the method `method`, with the default
+    /// [`Bounds`].
     pub fn new(method: &str, spec: &'a MergeSpec) -> Self {
+        Self::with_bounds(method, spec, Bounds::default())
+    }
+
+    /// Wraps a spec's parameters, checking work parameters against `bounds`.
+    pub fn with_bounds(method: &str, spec: &'a MergeSpec, bounds: Bounds) -> Self {
         Params {
             method: method.to_string(),
             spec,
             used: BTreeSet::new(),
             used_model: BTreeSet::new(),
+            bounds,
             num_models: spec.models.len(),
         }
     }
@@ -158,6 +169,20 @@ impl<'a> Params<'a> {
             return Err(MergeError::range(keys[0], x, "a non-negative integer"));
         }
         Ok(x as u64)
+    }
+
+    /// A global integer ≥ `min` that scales the merge's work: at most the
+    /// bound of `work` (an error naming the parameter and the bound).
+    pub fn work(&mut self, keys: &[&str], default: u64, min: u64, work: Work) -> Result<u64> {
+        let x = self.integer(keys, default)?;
+        let name = self
+            .global(keys)
+            .map_or_else(|| keys[0].to_string(), |(k, _)| k);
+        if x < min {
+            return Err(MergeError::range(&name, x, &format!("an integer ≥ {min}")));
+        }
+        self.bounds.check(&name, x, work)?;
+        Ok(x)
     }
 
     /// A global boolean.

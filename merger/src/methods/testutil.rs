@@ -9,6 +9,10 @@ use crate::checkpoint::TensorRef;
 use crate::error::Result;
 use crate::spec::{MergeSpec, TensorCtx};
 
+/// A token never cancelled, for test inputs.
+pub static NO_CANCEL: std::sync::LazyLock<crate::bounds::Cancel> =
+    std::sync::LazyLock::new(crate::bounds::Cancel::new);
+
 /// One tensor's inputs, owned.
 pub struct Fixture {
     pub name: String,
@@ -62,6 +66,7 @@ impl Fixture {
             experts: self.experts.iter().map(r).collect(),
             device: &CPU,
             out_dtype: DType::F32,
+            cancel: &crate::methods::testutil::NO_CANCEL,
         }
     }
 }
@@ -200,6 +205,7 @@ pub fn merge_typed(
         experts: experts.iter().map(|e| r(e, shape)).collect(),
         device: &CPU,
         out_dtype: DType::F32,
+        cancel: &crate::methods::testutil::NO_CANCEL,
     };
     let mut m = build(spec);
     m.prepare(&One(&inputs)).expect("prepare");

@@ -1092,6 +1092,7 @@ mod tests {
                 experts: experts.iter().map(|e| r(e)).collect(),
                 device: &CPU,
                 out_dtype: DType::F32,
+                cancel: &crate::methods::testutil::NO_CANCEL,
             };
             let src = Source::new(&inputs, None).unwrap();
             assert!(src.bf16_inputs().is_some());

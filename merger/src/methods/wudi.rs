@@ -35,7 +35,9 @@
 //! θ0 + (1/T) Σ τi.
 //!
 //! Parameters:
-//! - `iterations` (alias FusionBench's `iter_num`): integer ≥ 1, default 400.
+//! - `iterations` (alias FusionBench's `iter_num`): integer ≥ 1, default 400,
+//!   at most [`Bounds::iterations`](crate::Bounds) (the work it scales); the
+//!   merge's [`Cancel`] token is checked between iterations.
 //! - `lr`: > 0, default 1e-5 (FusionBench's fixed rate).
 //! - `exclude_keys`: tensor names (or `*` patterns) left to the plain mean,
 //!   default none (see `matrix_targets`). The embedding (vocab × hidden) is
@@ -48,6 +50,7 @@ use rayon::prelude::*;
 
 use super::matrix_targets::MatrixTargets;
 use super::{MergeMethod, ModelScan, Params, TensorInputs};
+use crate::bounds::{Cancel, Work};
 use crate::error::{MergeError, Result};
 use crate::linalg;
 
@@ -59,14 +62,7 @@ const CHUNK: usize = 1 << 14;
 
 /// Builds `wudi`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let iterations = p.integer(&["iterations", "iter_num"], 400)?;
-    if iterations < 1 {
-        return Err(MergeError::range(
-            "iterations",
-            iterations,
-            "an integer ≥ 1",
-        ));
-    }
+    let iterations = p.work(&["iterations", "iter_num"], 400, 1, Work::Iterations)?;
     let lr = p.scalar(&["lr"], 1e-5)?;
     if lr <= 0.0 {
         return Err(MergeError::range("lr", lr, "> 0"));
@@ -97,36 +93,56 @@ impl MergeMethod for Wudi {
         }
         let base = inputs.base_f32()?;
         let taus = inputs.task_vectors()?;
-        let run = || -> candle_core::Result<Tensor> {
-            let tm = self.optimise(&taus, None)?;
-            base.add(&tm)
+        let run = || -> candle_core::Result<Option<Tensor>> {
+            let Some(tm) = self.optimise(&taus, None, inputs.cancel)? else {
+                return Ok(None);
+            };
+            base.add(&tm).map(Some)
         };
-        run().map_err(|e| inputs.err(e))
+        match run() {
+            Ok(Some(t)) => Ok(t),
+            Ok(None) => Err(MergeError::Cancelled),
+            Err(e) => Err(inputs.err(e)),
+        }
     }
 }
 
 impl Wudi {
-    /// τm after `iterations` Adam steps from Σ τi.
-    fn optimise(&self, taus: &[Tensor], path: Option<Path>) -> candle_core::Result<Tensor> {
+    /// τm after `iterations` Adam steps from Σ τi; `None` when `cancel`
+    /// stopped the steps.
+    fn optimise(
+        &self,
+        taus: &[Tensor],
+        path: Option<Path>,
+        cancel: &Cancel,
+    ) -> candle_core::Result<Option<Tensor>> {
         let mut tm = taus[0].clone();
         for t in &taus[1..] {
             tm = tm.add(t)?;
         }
         let Some(problem) = Interference::new(taus, path)? else {
-            return Ok(tm);
+            return Ok(Some(tm));
         };
         if tm.device().is_cpu() {
-            self.adam_cpu(&problem, &tm)
+            self.adam_cpu(&problem, &tm, cancel)
         } else {
-            self.adam(&problem, tm)
+            self.adam(&problem, tm, cancel)
         }
     }
 
     /// Adam in candle tensor operations (any device).
-    fn adam(&self, problem: &Interference, mut tm: Tensor) -> candle_core::Result<Tensor> {
+    fn adam(
+        &self,
+        problem: &Interference,
+        mut tm: Tensor,
+        cancel: &Cancel,
+    ) -> candle_core::Result<Option<Tensor>> {
         let mut m = tm.zeros_like()?;
         let mut v = tm.zeros_like()?;
         for step in 1..=self.iterations as i32 {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
             let g = problem.gradient(&tm)?;
             m = ((m * BETA1)? + (&g * (1.0 - BETA1))?)?;
             v = ((v * BETA2)? + (g.sqr()? * (1.0 - BETA2))?)?;
@@ -135,7 +151,7 @@ impl Wudi {
             let denom = ((v.sqrt()? / bias2.sqrt())? + EPS)?;
             tm = (tm - (m.div(&denom)? * (self.lr / bias1))?)?;
         }
-        Ok(tm)
+        Ok(Some(tm))
     }
 
     /// The same Adam on the CPU: the product by faer into a reused buffer and
@@ -143,7 +159,12 @@ impl Wudi {
     /// T = 4, Gram order: 2 ms per step against 22 ms for [`Wudi::adam`] on
     /// the CPU, where candle's dozen allocating elementwise operations per
     /// step cost more than the product itself.
-    fn adam_cpu(&self, problem: &Interference, tm: &Tensor) -> candle_core::Result<Tensor> {
+    fn adam_cpu(
+        &self,
+        problem: &Interference,
+        tm: &Tensor,
+        cancel: &Cancel,
+    ) -> candle_core::Result<Option<Tensor>> {
         let (rows, cols) = tm.dims2()?;
         let vec = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
         let mut x = vec(tm)?;
@@ -157,6 +178,9 @@ impl Wudi {
         let mut p = vec![0f32; rows * op.2];
         let (mut m, mut v) = (vec![0f32; rows * cols], vec![0f32; rows * cols]);
         for step in 1..=self.iterations as i32 {
+            if cancel.is_cancelled() {
+                return Ok(None);
+            }
             {
                 let xr = MatRef::from_row_major_slice(&x, rows, cols);
                 let hm = MatMut::from_row_major_slice_mut(&mut h, rows, cols);
@@ -188,7 +212,7 @@ impl Wudi {
                     }
                 });
         }
-        Tensor::from_vec(x, (rows, cols), tm.device())
+        Tensor::from_vec(x, (rows, cols), tm.device()).map(Some)
     }
 }
 
@@ -507,8 +531,9 @@ mod tests {
             let p = Interference::new(&[t1.clone(), t2.clone()], Some(path))
                 .unwrap()
                 .unwrap();
-            let fused = flat(&w.adam_cpu(&p, &start).unwrap());
-            let ops = flat(&w.adam(&p, start.clone()).unwrap());
+            let none = Cancel::new();
+            let fused = flat(&w.adam_cpu(&p, &start, &none).unwrap().unwrap());
+            let ops = flat(&w.adam(&p, start.clone(), &none).unwrap().unwrap());
             assert_close(&fused, &ops, 1e-5);
             assert!(fused
                 .iter()
@@ -520,10 +545,25 @@ mod tests {
     #[test]
     fn optimise_without_interference_returns_the_sum() {
         let taus = [tensor(1, 2, &[0., 0.]), tensor(1, 2, &[0., 0.])];
+        let none = Cancel::new();
         assert_eq!(
-            flat(&wudi(3, 0.1).optimise(&taus, None).unwrap()),
+            flat(&wudi(3, 0.1).optimise(&taus, None, &none).unwrap().unwrap()),
             vec![0., 0.]
         );
+    }
+
+    #[test]
+    fn a_cancelled_token_stops_the_iterations() {
+        let taus = [tensor(1, 2, &[1., 1.]), tensor(1, 2, &[1., 0.])];
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let w = wudi(1_000_000_000, 0.1);
+        for path in [Path::Gram, Path::Tasks] {
+            let p = Interference::new(&taus, Some(path)).unwrap().unwrap();
+            let start = taus[0].add(&taus[1]).unwrap();
+            assert!(w.adam_cpu(&p, &start, &cancel).unwrap().is_none());
+            assert!(w.adam(&p, start, &cancel).unwrap().is_none());
+        }
     }
 
     #[test]
@@ -577,5 +617,20 @@ mod tests {
         bad(spec(2).with("lr", -1e-5), "lr");
         bad(spec(2).with("alpha", 1.0), "alpha");
         assert!(crate::methods::build(&spec(2).with("iter_num", 10.0)).is_ok());
+        // The bound on the work: named with the parameter as written.
+        let bounds = crate::bounds::Bounds {
+            iterations: 50,
+            ..Default::default()
+        };
+        assert!(crate::methods::build_bounded(&spec(2).with("iterations", 50.0), &bounds).is_ok());
+        let err = crate::methods::build_bounded(&spec(2).with("iter_num", 51.0), &bounds)
+            .err()
+            .expect("over the bound");
+        let m = err.to_string();
+        assert!(
+            m.contains("`iter_num` = 51") && m.contains("limit of 50"),
+            "{m}"
+        );
+        assert_eq!(err.kind(), crate::error::ErrorKind::TooLarge);
     }
 }

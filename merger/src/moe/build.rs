@@ -19,6 +19,7 @@ use super::{
     checkpoint, rankone, sparse, LinearExperts, MoeMeta, MoeMethod, MoeModel, MoeParts, Router,
     RouterMeta, Routers, PROJECTIONS,
 };
+use crate::bounds::Cancel;
 use crate::checkpoint::Checkpoint;
 use crate::error::{MergeError, Result};
 use crate::merge::{merge_in_memory, MergePlan, Opener, Progress};
@@ -122,6 +123,19 @@ pub fn build(
     device: &Device,
     progress: bool,
 ) -> Result<MoeModel> {
+    build_cancellable(spec, open, calibration, device, progress, &Cancel::new())
+}
+
+/// [`build`], stopped by `cancel` (between the backbone's tensors and
+/// between router training steps) with [`MergeError::Cancelled`].
+pub fn build_cancellable(
+    spec: &MergeSpec,
+    open: Opener,
+    calibration: &[CalibrationItem],
+    device: &Device,
+    progress: bool,
+    cancel: &Cancel,
+) -> Result<MoeModel> {
     let params = MoeParams::from_spec(spec)?;
     if params.needs_calibration() && calibration.iter().all(CalibrationItem::is_empty) {
         return Err(MergeError::BadParameter {
@@ -135,7 +149,7 @@ pub fn build(
             ),
         });
     }
-    let mut parts = extract(&params, spec, open, device, progress)?;
+    let mut parts = extract(&params, spec, open, device, progress, cancel)?;
     if let Some(name) = &params.router_checkpoint {
         let ck = open(name)?;
         let (routers, training) = checkpoint::load_routers(&ck, &parts)?;
@@ -149,6 +163,7 @@ pub fn build(
             batch_size: params.batch_size,
             seed: params.seed,
             progress,
+            cancel: cancel.clone(),
         };
         let (routers, report) = train::adapt(&parts, calibration, &opts)?;
         parts.routers = routers;
@@ -172,6 +187,7 @@ fn extract(
     open: Opener,
     device: &Device,
     progress: bool,
+    cancel: &Cancel,
 ) -> Result<MoeParts> {
     let name = params.method.name();
     // The backbone: task arithmetic over every tensor (the MLPs' entries are
@@ -181,6 +197,7 @@ fn extract(
         .with("scaling_coefficient", params.init_lambda);
     ta.dtype = params.dtype.clone();
     let mut plan = MergePlan::with_checkpoints(ta, open)?;
+    plan.set_cancel(cancel.clone());
     let bar = Progress::new(plan.tensors().len(), &format!("{name} backbone"), progress);
     let (mut backbone, _) = merge_in_memory(&mut plan, device, &bar)?;
 

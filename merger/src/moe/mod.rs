@@ -45,7 +45,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
-pub use build::{build, merge_id};
+pub use build::{build, build_cancellable, merge_id};
 pub use checkpoint::is_moe_folder;
 pub use params::MoeParams;
 pub use router::Router;

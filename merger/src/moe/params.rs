@@ -6,18 +6,19 @@
 //! | `init_lambda` | all | 0.3 | finite |
 //! | `routing` | all | `per_sequence` | `per_sequence` \| `per_token` |
 //! | `lr` | all | 1e-4 | > 0 |
-//! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers) |
-//! | `batch_size` | all | 16 | integer ≥ 1 |
+//! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers); at most [`Bounds::router_steps`] when training |
+//! | `batch_size` | all | 16 | integer ≥ 1, at most [`Bounds::batch_size`] |
 //! | `entropy_positions` | all | `answer` | `answer` \| `last` \| `all` (see [`super::train`]) |
 //! | `router_checkpoint` | all | – | a saved MoE of the same method and shape |
 //! | `tv_prune_ratio` | `sparse_we_moe` | 0.9 | [0, 1) |
-//! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1 |
+//! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1, at most [`Bounds::rank`] |
 //!
 //! Numbers may also be written as strings (`lr: "1e-4"`: YAML 1.1 reads a
 //! float without a dot as a string). Any other key is an error that lists
 //! the accepted ones; the spec's `seed` (default 0) seeds the router
 //! initialisation and the order of the training batches.
 
+use crate::bounds::{Bounds, Work};
 use crate::error::{MergeError, Result};
 use crate::spec::{MergeSpec, ParamValue};
 
@@ -72,8 +73,17 @@ pub struct MoeParams {
 
 impl MoeParams {
     /// Validates `spec`: the method, the base, at least one expert, every
-    /// parameter's type and range, and no unknown parameter.
+    /// parameter's type and range, and no unknown parameter; the work
+    /// parameters against the default [`Bounds`].
     pub fn from_spec(spec: &MergeSpec) -> Result<Self> {
+        Self::from_spec_bounded(spec, &Bounds::default())
+    }
+
+    /// [`MoeParams::from_spec`] with the parameters that scale the work
+    /// (`steps` when the routers train, `batch_size`, `rank_k`) and the
+    /// spec's lists checked against `bounds`.
+    pub fn from_spec_bounded(spec: &MergeSpec, bounds: &Bounds) -> Result<Self> {
+        bounds.check_lists(spec)?;
         let method =
             MoeMethod::from_name(&spec.method).ok_or_else(|| MergeError::UnknownMethod {
                 name: spec.method.clone(),
@@ -184,6 +194,13 @@ impl MoeParams {
                 })
             }
         };
+        bounds.check("batch_size", batch_size as u64, Work::BatchSize)?;
+        if method == MoeMethod::RankoneMoe {
+            bounds.check("rank_k", rank_k as u64, Work::Rank)?;
+        }
+        if steps > 0 && router_checkpoint.is_none() {
+            bounds.check("steps", steps as u64, Work::RouterSteps)?;
+        }
         Ok(MoeParams {
             method,
             base,
@@ -322,5 +339,35 @@ mod tests {
         let mut s = spec("we_moe");
         s.dtype = Some("int8".into());
         assert!(err(s).contains("`dtype`"));
+    }
+
+    #[test]
+    fn work_parameters_are_bounded() {
+        let b = Bounds {
+            router_steps: 10,
+            batch_size: 16,
+            rank: 8,
+            ..Bounds::default()
+        };
+        let err = |s: MergeSpec| MoeParams::from_spec_bounded(&s, &b).unwrap_err();
+        let e = err(spec("we_moe").with("steps", 11.0));
+        assert_eq!(e.kind(), crate::error::ErrorKind::TooLarge);
+        assert!(e.to_string().contains("`steps` = 11"), "{e}");
+        assert!(
+            err(spec("we_moe").with("steps", 10.0).with("batch_size", 17.0))
+                .to_string()
+                .contains("`batch_size` = 17")
+        );
+        assert!(
+            err(spec("rankone_moe").with("steps", 0.0).with("rank_k", 9.0))
+                .to_string()
+                .contains("`rank_k` = 9")
+        );
+        // Steps are work only when the routers train here.
+        let loaded = spec("we_moe")
+            .with("steps", 5000.0)
+            .with_value("router_checkpoint", ParamValue::Text("r".into()));
+        assert!(MoeParams::from_spec_bounded(&loaded, &b).is_ok());
+        assert!(MoeParams::from_spec_bounded(&spec("we_moe").with("steps", 10.0), &b).is_ok());
     }
 }

@@ -118,6 +118,8 @@ pub struct TrainOptions {
     pub seed: u64,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Stops the training between steps ([`MergeError::Cancelled`]).
+    pub cancel: crate::bounds::Cancel,
 }
 
 /// What training did, recorded in the saved MoE's config.json.
@@ -618,6 +620,7 @@ pub fn adapt(
     );
     let start = Instant::now();
     for step in 0..opts.steps {
+        opts.cancel.check()?;
         let batch = training_batch(&model, &batches.draw(&mut rng), opts.positions, max_len)?;
         let (loss, _) = batch_entropy(&model, &batch, opts.positions)?;
         adam.backward_step(&loss)?;

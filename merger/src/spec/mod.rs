@@ -111,6 +111,25 @@ impl MergeSpec {
         self
     }
 
+    /// Every list in the spec's parameters (gradients and filter lists, at
+    /// any depth) with its length, named by its path:
+    /// `parameters.t`, `models[math].weight`, `parameters.t[0].value`.
+    pub fn lists(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        for (k, v) in &self.parameters {
+            param::lists_of(&format!("parameters.{k}"), v, &mut out);
+        }
+        for m in &self.models {
+            if let Some(w) = &m.weight {
+                param::lists_of(&format!("models[{}].weight", m.name), w, &mut out);
+            }
+            for (k, v) in &m.parameters {
+                param::lists_of(&format!("models[{}].{k}", m.name), v, &mut out);
+            }
+        }
+        out
+    }
+
     /// Every checkpoint name the spec refers to: base first, then models.
     pub fn checkpoint_names(&self) -> Vec<&str> {
         self.base

@@ -144,6 +144,21 @@ impl ParamValue {
     }
 }
 
+/// Pushes every list of `value` (itself, and those inside its filter
+/// entries) with its length, named from `path`.
+pub(crate) fn lists_of(path: &str, value: &ParamValue, out: &mut Vec<(String, usize)>) {
+    match value {
+        ParamValue::Gradient(g) => out.push((path.to_string(), g.len())),
+        ParamValue::Filtered(entries) => {
+            out.push((path.to_string(), entries.len()));
+            for (i, e) in entries.iter().enumerate() {
+                lists_of(&format!("{path}[{i}].value"), &e.value, out);
+            }
+        }
+        ParamValue::Bool(_) | ParamValue::Number(_) | ParamValue::Text(_) => {}
+    }
+}
+
 /// Linear interpolation of `g` at position `t` in [0, 1] (mergekit gradients).
 pub fn interpolate(g: &[f64], t: f64) -> f64 {
     match g.len() {

@@ -772,6 +772,7 @@ mod tests {
             experts: s.experts.iter().map(|e| r(e.as_slice())).collect(),
             device: &CPU,
             out_dtype: out,
+            cancel: &crate::methods::testutil::NO_CANCEL,
         }
     }
 

@@ -468,6 +468,7 @@ mod tests {
                     }],
                     device: &CPU,
                     out_dtype: DType::F32,
+                    cancel: &crate::methods::testutil::NO_CANCEL,
                 };
                 let src = Source::new(&inputs, None).unwrap();
                 let c = src.load_all();

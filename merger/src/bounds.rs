@@ -1,0 +1,207 @@
+//! Upper bounds of the work a merge may ask for, and cancellation.
+//!
+//! A parameter that scales a merge's work or memory (an optimiser's
+//! iterations, router training steps and batch sizes, a rank, the length of
+//! a list in the spec) is declared with the [`Work`] it counts; validation
+//! checks its value against the [`Bounds`] of that kind, so a spec asking
+//! for hours of work is refused before it runs. The gateway takes the
+//! bounds from its configuration (`server.limits`); the CLI and the library
+//! default to [`Bounds::default`], generous values meant for local use.
+//!
+//! A [`Cancel`] token stops a running merge: the merge loop checks it
+//! between tensors, WUDI between iterations and router training between
+//! steps, and the merge then fails with [`MergeError::Cancelled`].
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use crate::error::{MergeError, Result};
+use crate::spec::MergeSpec;
+
+/// What a bounded parameter counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Work {
+    /// Optimiser iterations per tensor (WUDI's `iterations`).
+    Iterations,
+    /// Router training steps (`steps` of `we_moe`, ...).
+    RouterSteps,
+    /// Sequences per router training step (`batch_size`).
+    BatchSize,
+    /// Components kept per task vector (`rank_k` of `rankone_moe`).
+    Rank,
+    /// Entries of one list in a spec (gradient or filter lists).
+    ListLength,
+}
+
+impl Work {
+    /// Every kind.
+    pub const ALL: [Work; 5] = [
+        Work::Iterations,
+        Work::RouterSteps,
+        Work::BatchSize,
+        Work::Rank,
+        Work::ListLength,
+    ];
+
+    /// What the bound counts, for error messages.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Work::Iterations => "optimiser iterations",
+            Work::RouterSteps => "router training steps",
+            Work::BatchSize => "sequences per training step",
+            Work::Rank => "components per task vector",
+            Work::ListLength => "entries in one list",
+        }
+    }
+}
+
+/// The upper bound of each [`Work`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Most optimiser iterations per tensor.
+    pub iterations: u64,
+    /// Most router training steps.
+    pub router_steps: u64,
+    /// Most sequences per router training step.
+    pub batch_size: u64,
+    /// Most components per task vector.
+    pub rank: u64,
+    /// Most entries in one list of a spec.
+    pub list_len: u64,
+}
+
+impl Default for Bounds {
+    /// Generous bounds for local use (the CLI): a typo of a few orders of
+    /// magnitude is still caught.
+    fn default() -> Self {
+        Bounds {
+            iterations: 1_000_000,
+            router_steps: 1_000_000,
+            batch_size: 65_536,
+            rank: 65_536,
+            list_len: 65_536,
+        }
+    }
+}
+
+impl Bounds {
+    /// The bound of `work`.
+    pub fn limit(&self, work: Work) -> u64 {
+        match work {
+            Work::Iterations => self.iterations,
+            Work::RouterSteps => self.router_steps,
+            Work::BatchSize => self.batch_size,
+            Work::Rank => self.rank,
+            Work::ListLength => self.list_len,
+        }
+    }
+
+    /// `value` of parameter `param` against the bound of `work`.
+    pub fn check(&self, param: &str, value: u64, work: Work) -> Result<()> {
+        let limit = self.limit(work);
+        if value > limit {
+            return Err(MergeError::OverBound {
+                param: param.to_string(),
+                value,
+                limit,
+                work,
+            });
+        }
+        Ok(())
+    }
+
+    /// Every list of `spec` (gradients and filter lists, at any depth)
+    /// against [`Bounds::list_len`]; the error names the list.
+    pub fn check_lists(&self, spec: &MergeSpec) -> Result<()> {
+        for (path, len) in spec.lists() {
+            self.check(&path, len as u64, Work::ListLength)?;
+        }
+        Ok(())
+    }
+}
+
+/// A cancellation token shared by whoever may cancel a merge and the merge
+/// itself; clones share the flag.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A token not cancelled.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Asks the merge to stop (at its next check).
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// [`MergeError::Cancelled`] once cancelled.
+    pub fn check(&self) -> Result<()> {
+        if self.is_cancelled() {
+            return Err(MergeError::Cancelled);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{FilterEntry, ModelSpec, ParamValue};
+
+    #[test]
+    fn lists_at_any_depth_are_bounded_and_named() {
+        let b = Bounds {
+            list_len: 3,
+            ..Bounds::default()
+        };
+        let ok = MergeSpec::new("task_arithmetic", Some("base"), &["a"])
+            .with_value("scaling_coefficient", ParamValue::Gradient(vec![0.1; 3]));
+        assert!(b.check_lists(&ok).is_ok());
+        let long = ok
+            .clone()
+            .with_value("scaling_coefficient", ParamValue::Gradient(vec![0.1; 4]));
+        let e = b.check_lists(&long).unwrap_err().to_string();
+        assert!(
+            e.contains("`parameters.scaling_coefficient` = 4") && e.contains("limit of 3"),
+            "{e}"
+        );
+        let mut nested = ok.clone();
+        nested.models[0] = ModelSpec {
+            weight: Some(ParamValue::Filtered(vec![FilterEntry {
+                filter: Some("mlp".into()),
+                value: ParamValue::Gradient(vec![1.0; 5]),
+            }])),
+            ..ModelSpec::named("a")
+        };
+        let e = b.check_lists(&nested).unwrap_err().to_string();
+        assert!(e.contains("`models[a].weight[0].value` = 5"), "{e}");
+    }
+
+    #[test]
+    fn bounds_and_cancel() {
+        let b = Bounds {
+            iterations: 10,
+            ..Bounds::default()
+        };
+        assert!(b.check("iterations", 10, Work::Iterations).is_ok());
+        let e = b.check("iterations", 11, Work::Iterations).unwrap_err();
+        assert_eq!(e.kind(), crate::error::ErrorKind::TooLarge);
+        assert!(e.to_string().contains("optimiser iterations"), "{e}");
+        let c = Cancel::new();
+        let other = c.clone();
+        assert!(c.check().is_ok());
+        other.cancel();
+        assert!(c.is_cancelled());
+        assert_eq!(
+            c.check().unwrap_err().kind(),
+            crate::error::ErrorKind::Cancelled
+        );
+    }
+}
