@@ -149,6 +149,7 @@ impl ParamValue {
 pub(crate) fn lists_of(path: &str, value: &ParamValue, out: &mut Vec<(String, usize)>) {
     match value {
         ParamValue::Gradient(g) => out.push((path.to_string(), g.len())),
+        ParamValue::Names(n) => out.push((path.to_string(), n.len())),
         ParamValue::Filtered(entries) => {
             out.push((path.to_string(), entries.len()));
             for (i, e) in entries.iter().enumerate() {
