@@ -11,6 +11,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use merger::checkpoint::Stamps;
 use merger::merge::{merge_in_memory, Progress};
 use merger::model::ModelOptions;
 use merger::spec::MergeSpec;
@@ -39,6 +40,17 @@ pub struct Served {
     pub method: Option<String>,
     /// Seconds the merge (or load) took.
     pub load_seconds: f64,
+    /// The checkpoint files it was made from, as they were then: while any
+    /// has changed on disk, the model is stale and not served.
+    pub sources: Vec<Stamps>,
+}
+
+impl Served {
+    /// The first source file that changed on disk since the model was
+    /// made, with what changed.
+    pub fn stale(&self) -> Option<(std::path::PathBuf, String)> {
+        self.sources.iter().find_map(Stamps::changed)
+    }
 }
 
 impl Resident for Served {
@@ -258,6 +270,7 @@ impl Merges {
         let this = self.clone();
         async move {
             let name = target.model_name();
+            let sources = target.sources();
             if target.is_merge() {
                 this.set(&name, |r| r.state = MergeState::Pending);
             }
@@ -284,12 +297,13 @@ impl Merges {
                         engine,
                         method: None,
                         load_seconds: start.elapsed().as_secs_f64(),
+                        sources,
                     }))
                 }
                 Target::Merge(plan) => {
                     let mut plan = *plan;
                     let method = plan.info().name;
-                    this.run(name, method, move |opts| {
+                    this.run(name, method, sources, move |opts| {
                         let progress = Progress::new(plan.tensors().len(), method, false);
                         let (tensors, _stats) =
                             merge_in_memory(&mut plan, &opts.device, &progress)?;
@@ -303,7 +317,7 @@ impl Merges {
                 }
                 Target::Routed(plan) => {
                     let method = plan.method();
-                    this.run(name, method, move |opts| {
+                    this.run(name, method, sources, move |opts| {
                         let routed = plan.build(opts)?;
                         Ok(Built {
                             engine: routed.engine,
@@ -319,7 +333,13 @@ impl Merges {
 
     /// Runs a merge job on the blocking pool, with its metrics, logs and
     /// book updates.
-    async fn run<F>(&self, id: String, method: &'static str, job: F) -> Result<Arc<Served>>
+    async fn run<F>(
+        &self,
+        id: String,
+        method: &'static str,
+        sources: Vec<Stamps>,
+        job: F,
+    ) -> Result<Arc<Served>>
     where
         F: FnOnce(&ModelOptions) -> merger::Result<Built> + Send + 'static,
     {
@@ -383,6 +403,7 @@ impl Merges {
                     engine,
                     method: Some(method.to_string()),
                     load_seconds: seconds,
+                    sources,
                 }))
             }
             Err(e) => {
