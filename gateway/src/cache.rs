@@ -111,6 +111,34 @@ impl<V: Resident> ModelCache<V> {
         v
     }
 
+    /// The resident model `key` if `fresh` accepts it, counting a hit; one
+    /// it rejects is evicted (cause `explicit`) and not returned.
+    pub async fn lookup_fresh(&self, key: &str, fresh: impl FnOnce(&V) -> bool) -> Option<Arc<V>> {
+        let v = self.inner.get(key).await?;
+        if !fresh(&v) {
+            self.inner.invalidate(key).await;
+            self.inner.run_pending_tasks().await;
+            return None;
+        }
+        self.metrics.cache_hits.inc();
+        Some(v)
+    }
+
+    /// Evicts every resident model `stale` says is; returns their keys.
+    pub async fn evict_where(&self, stale: impl Fn(&V) -> bool) -> Vec<String> {
+        let keys: Vec<String> = self
+            .inner
+            .iter()
+            .filter(|(_, v)| stale(v))
+            .map(|(k, _)| k.as_ref().clone())
+            .collect();
+        for k in &keys {
+            self.inner.invalidate(k).await;
+        }
+        self.inner.run_pending_tasks().await;
+        keys
+    }
+
     /// Whether `key` is resident (no hit counted, no recency update).
     pub fn contains(&self, key: &str) -> bool {
         self.inner.contains_key(key)
@@ -281,6 +309,25 @@ mod tests {
         );
         cache.refresh_gauges().await;
         assert_eq!(metrics.cache_entries.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn rejected_entries_are_evicted_not_served() {
+        let metrics = Metrics::new();
+        let cache: ModelCache<Blob> = ModelCache::new(1 << 20, metrics.clone());
+        for (k, size) in [("a", 1), ("b", 2), ("c", 3)] {
+            cache
+                .load(k.into(), async move { Ok(Arc::new(Blob(size))) })
+                .await
+                .unwrap();
+        }
+        assert!(cache.lookup_fresh("a", |b| b.0 != 1).await.is_none());
+        assert!(!cache.contains("a"));
+        assert_eq!(metrics.cache_hits.get(), 0);
+        assert_eq!(cache.lookup_fresh("b", |b| b.0 != 1).await.unwrap().0, 2);
+        assert_eq!(metrics.cache_hits.get(), 1);
+        assert_eq!(cache.evict_where(|b| b.0 == 3).await, vec!["c".to_string()]);
+        assert!(cache.contains("b") && !cache.contains("c"));
     }
 
     #[test]

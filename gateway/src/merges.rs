@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use merger::checkpoint::Stamps;
 use merger::merge::{merge_in_memory, Progress};
 use merger::model::ModelOptions;
 use merger::spec::MergeSpec;
@@ -54,6 +55,17 @@ pub struct Served {
     pub method: Option<String>,
     /// Seconds the merge (or load) took.
     pub load_seconds: f64,
+    /// The checkpoint files it was made from, as they were then: while any
+    /// has changed on disk, the model is stale and not served.
+    pub sources: Vec<Stamps>,
+}
+
+impl Served {
+    /// The first source file that changed on disk since the model was
+    /// made, with what changed.
+    pub fn stale(&self) -> Option<(std::path::PathBuf, String)> {
+        self.sources.iter().find_map(Stamps::changed)
+    }
 }
 
 impl Resident for Served {
@@ -377,6 +389,7 @@ impl Merges {
         let this = self.clone();
         async move {
             let name = target.model_name();
+            let sources = target.sources();
             let cancel = if target.is_merge() {
                 this.set(&name, |r| r.state = MergeState::Pending);
                 this.token(&name)
@@ -407,13 +420,14 @@ impl Merges {
                         engine,
                         method: None,
                         load_seconds: start.elapsed().as_secs_f64(),
+                        sources,
                     }))
                 }
                 Target::Merge(plan) => {
                     let mut plan = *plan;
                     plan.set_cancel(cancel.clone());
                     let method = plan.info().name;
-                    this.run(name, method, cancel, move |opts, _cancel| {
+                    this.run(name, method, cancel, sources, move |opts, _cancel| {
                         let progress = Progress::new(plan.tensors().len(), method, false);
                         let (tensors, _stats) =
                             merge_in_memory(&mut plan, &opts.device, &progress)?;
@@ -427,7 +441,7 @@ impl Merges {
                 }
                 Target::Routed(plan) => {
                     let method = plan.method();
-                    this.run(name, method, cancel, move |opts, cancel| {
+                    this.run(name, method, cancel, sources, move |opts, cancel| {
                         let routed = plan.build(opts, cancel)?;
                         Ok(Built {
                             engine: routed.engine,
@@ -448,6 +462,7 @@ impl Merges {
         id: String,
         method: &'static str,
         cancel: Cancel,
+        sources: Vec<Stamps>,
         job: F,
     ) -> Result<Arc<Served>>
     where
@@ -540,6 +555,7 @@ impl Merges {
                     engine,
                     method: Some(method.to_string()),
                     load_seconds: seconds,
+                    sources,
                 }))
             }
             Err(e) => {

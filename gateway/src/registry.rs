@@ -13,11 +13,21 @@
 //! either way has one id. A method that needs a base and names none gets the
 //! pool's base. Routed methods (`we_moe`, ...) resolve to a
 //! [`RoutedPlan`] (see [`crate::routed`]).
+//!
+//! Checkpoint files may change while the server runs. Every resolution
+//! re-checks the checkpoints it uses (a `stat` per file) and reopens one
+//! whose files changed (rehashing the changed weights), so a changed
+//! checkpoint gets a new fingerprint and every merge of it a new id; one
+//! that can no longer be read fails the requests that use it, naming the
+//! file. The targets carry the [`Stamps`] of the files they were resolved
+//! from, which the cache re-checks before it serves a resident model.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
-use merger::checkpoint::Checkpoint;
+use merger::checkpoint::{Checkpoint, Stamps};
 use merger::merge::MergePlan;
 use merger::spec::{compact, MergeSpec};
 
@@ -30,10 +40,20 @@ use crate::routed::{Calibrations, RoutedPlan};
 /// The name of a pool's base checkpoint.
 pub const BASE_NAME: &str = "base";
 
-/// A base checkpoint with its experts, opened (memory-mapped) once.
+/// One registered checkpoint: its folder and the version opened last.
+struct Slot {
+    dir: PathBuf,
+    current: Mutex<Arc<Checkpoint>>,
+}
+
+/// A base checkpoint with its experts, each opened once and reopened when
+/// its files change.
 pub struct Pool {
     name: String,
-    checkpoints: BTreeMap<String, Arc<Checkpoint>>,
+    checkpoints: BTreeMap<String, Slot>,
+    /// Set when a checkpoint of any pool was reopened (shared by the pools
+    /// of a registry).
+    reopened: Arc<AtomicBool>,
 }
 
 impl Pool {
@@ -42,9 +62,60 @@ impl Pool {
         &self.name
     }
 
-    /// Checkpoints by name (`base` and the experts).
-    pub fn checkpoints(&self) -> &BTreeMap<String, Arc<Checkpoint>> {
-        &self.checkpoints
+    /// Names of the checkpoints (`base` and the experts), sorted.
+    pub fn checkpoint_names(&self) -> impl Iterator<Item = &str> {
+        self.checkpoints.keys().map(String::as_str)
+    }
+
+    /// Whether `name` is a checkpoint of the pool.
+    pub fn contains(&self, name: &str) -> bool {
+        self.checkpoints.contains_key(name)
+    }
+
+    /// The folder of checkpoint `name`.
+    pub fn dir(&self, name: &str) -> Option<&Path> {
+        self.checkpoints.get(name).map(|s| s.dir.as_path())
+    }
+
+    /// Checkpoint `name` as its files are now (`None`: not in the pool).
+    /// Costs a `stat` per file; a checkpoint whose files changed since it
+    /// was opened is opened again (and its weights rehashed), and one that
+    /// cannot be is an error naming the file, until it can.
+    pub fn checkpoint(&self, name: &str) -> Option<Result<Arc<Checkpoint>>> {
+        let slot = self.checkpoints.get(name)?;
+        let mut current = slot.current.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((file, change)) = current.changed() else {
+            return Some(Ok(current.clone()));
+        };
+        self.reopened.store(true, Ordering::SeqCst);
+        tracing::info!(pool = %self.name, checkpoint = %name, file = %file.display(),
+            change = %change, "checkpoint changed on disk; reopening it");
+        let reopened = Checkpoint::open(name, &slot.dir).and_then(|ck| {
+            ck.fingerprint()?;
+            Ok(ck)
+        });
+        Some(match reopened {
+            Ok(ck) => {
+                *current = ck.clone();
+                Ok(ck)
+            }
+            Err(e) => {
+                tracing::warn!(pool = %self.name, checkpoint = %name, error = %e,
+                    "changed checkpoint cannot be read");
+                let status = GatewayError::from(e);
+                let message = format!(
+                    "checkpoint `{}/{name}` changed on disk ({}: {change}) and cannot be read: {status}",
+                    self.name,
+                    file.display()
+                );
+                Err(match status {
+                    GatewayError::NotFound { param, .. } => {
+                        GatewayError::NotFound { message, param }
+                    }
+                    _ => GatewayError::Internal(message),
+                })
+            }
+        })
     }
 
     fn names(&self) -> String {
@@ -80,6 +151,33 @@ impl Target {
             Target::Checkpoint { pool, name, .. } => format!("{pool}/{name}"),
             Target::Merge(plan) => format!("merge-{}", plan.id()),
             Target::Routed(plan) => format!("merge-{}", plan.id()),
+        }
+    }
+
+    /// The key of its resident model: the model name, and for a checkpoint
+    /// its fingerprint too (merge ids already hash them), so that a request
+    /// for changed weights never joins a load of the old ones.
+    pub fn cache_key(&self) -> String {
+        match self {
+            Target::Checkpoint {
+                pool,
+                name,
+                checkpoint,
+            } => match checkpoint.fingerprint() {
+                Ok(fp) => format!("{pool}/{name}@{fp}"),
+                Err(_) => format!("{pool}/{name}"),
+            },
+            _ => self.model_name(),
+        }
+    }
+
+    /// The files the target was resolved from, one [`Stamps`] per checkpoint:
+    /// what a resident model of it must still match to be served.
+    pub fn sources(&self) -> Vec<Stamps> {
+        match self {
+            Target::Checkpoint { checkpoint, .. } => vec![checkpoint.stamps().clone()],
+            Target::Merge(plan) => plan.checkpoints().map(|c| c.stamps().clone()).collect(),
+            Target::Routed(plan) => plan.sources(),
         }
     }
 
@@ -123,6 +221,7 @@ pub struct Registry {
     presets: BTreeMap<String, MergeSpec>,
     limits: Limits,
     calibrations: Calibrations,
+    reopened: Arc<AtomicBool>,
 }
 
 impl Registry {
@@ -137,21 +236,38 @@ impl Registry {
             ));
         }
         let mut pools = BTreeMap::new();
+        let reopened = Arc::new(AtomicBool::new(false));
         for (pool_name, pool) in &config.pools {
             let mut checkpoints = BTreeMap::new();
             let entries = std::iter::once((BASE_NAME, &pool.base))
                 .chain(pool.experts.iter().map(|(k, v)| (k.as_str(), v)));
             for (name, dir) in entries {
-                let ck = Checkpoint::open(name, dir).map_err(|e| {
-                    GatewayError::Startup(format!("pool `{pool_name}`, checkpoint `{name}`: {e}"))
-                })?;
-                checkpoints.insert(name.to_string(), ck);
+                // The weights are hashed now, so that requests find the
+                // fingerprints ready.
+                let ck = Checkpoint::open(name, dir)
+                    .and_then(|ck| {
+                        ck.fingerprint()?;
+                        Ok(ck)
+                    })
+                    .map_err(|e| {
+                        GatewayError::Startup(format!(
+                            "pool `{pool_name}`, checkpoint `{name}`: {e}"
+                        ))
+                    })?;
+                checkpoints.insert(
+                    name.to_string(),
+                    Slot {
+                        dir: dir.clone(),
+                        current: Mutex::new(ck),
+                    },
+                );
             }
             pools.insert(
                 pool_name.clone(),
                 Pool {
                     name: pool_name.clone(),
                     checkpoints,
+                    reopened: reopened.clone(),
                 },
             );
         }
@@ -166,7 +282,14 @@ impl Registry {
             presets,
             limits: Limits::new(config.server.limits.clone()),
             calibrations,
+            reopened,
         })
+    }
+
+    /// Whether a checkpoint was reopened (its files changed) since the last
+    /// call: resident models made from the old version are then stale.
+    pub fn take_reopened(&self) -> bool {
+        self.reopened.swap(false, Ordering::SeqCst)
     }
 
     /// The pools by name.
@@ -279,13 +402,13 @@ impl Registry {
         };
         if let Some(p) = pool {
             let found = self.pool(p)?;
-            let ck = found.checkpoints.get(bare).ok_or_else(|| {
+            let ck = found.checkpoint(bare).ok_or_else(|| {
                 GatewayError::model_not_found(format!(
                     "unknown checkpoint `{bare}` in pool `{p}` ({})",
                     found.names()
                 ))
-            })?;
-            return Ok((found.name.as_str(), bare.to_string(), ck.clone()));
+            })??;
+            return Ok((found.name.as_str(), bare.to_string(), ck));
         }
         let hits: Vec<&Pool> = self
             .pools
@@ -296,7 +419,7 @@ impl Registry {
             [one] => Ok((
                 one.name.as_str(),
                 bare.to_string(),
-                one.checkpoints[bare].clone(),
+                one.checkpoint(bare).expect("the pool holds it")?,
             )),
             [] => Err(GatewayError::model_not_found(format!(
                 "unknown model `{name}`: not a preset ({}) nor a checkpoint ({}); \
@@ -329,8 +452,10 @@ impl Registry {
         let pool_name = self.pool_of(&spec)?;
         let pool = self.pool(&pool_name)?;
         let bare = |n: &str| n.split_once('/').map_or(n, |(_, b)| b).to_string();
+        let mut opened: BTreeMap<String, Arc<Checkpoint>> = BTreeMap::new();
         for name in spec.checkpoint_names() {
-            self.checkpoint(name, Some(&pool_name))?;
+            let (_, bare_name, ck) = self.checkpoint(name, Some(&pool_name))?;
+            opened.insert(bare_name, ck);
         }
         spec.base = spec.base.as_deref().map(bare);
         for m in &mut spec.models {
@@ -348,8 +473,15 @@ impl Registry {
             let plan = RoutedPlan::new(spec, pool, &self.limits, &self.calibrations)?;
             return Ok(Target::Routed(Box::new(plan)));
         }
+        // The checkpoints checked above (the base filled in is checked here).
+        if let Some(base) = &spec.base {
+            if !opened.contains_key(base) {
+                let (_, bare_name, ck) = self.checkpoint(base, Some(&pool_name))?;
+                opened.insert(bare_name, ck);
+            }
+        }
         let open = |name: &str| -> merger::Result<Arc<Checkpoint>> {
-            pool.checkpoints
+            opened
                 .get(name)
                 .cloned()
                 .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))

@@ -16,9 +16,10 @@
 //! Calibration inputs ([`Calibrations`]) are read and tokenised once per
 //! pool when the server starts: the inputs of the task pool that
 //! `pools.<name>.calibration` names (default: the task pool of the same
-//! name, else the only configured one). The checkpoints and the calibration
-//! inputs do not change while the server runs, so the id of a resolved spec
-//! is computed once (hashing the calibration inputs) and remembered.
+//! name, else the only configured one). The calibration inputs do not change
+//! while the server runs, so the id of a resolved spec with given checkpoint
+//! fingerprints is computed once (hashing the calibration inputs) and
+//! remembered.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -72,7 +73,10 @@ impl Calibrations {
             let Some((taskpool, dir, explicit)) = config.calibration_of(name) else {
                 continue;
             };
-            let base = pool.checkpoints()[BASE_NAME].dir().to_path_buf();
+            let base = pool
+                .dir(BASE_NAME)
+                .expect("every pool has a base")
+                .to_path_buf();
             let inputs = moe::calibration::from_task_pool(&dir, &base)
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
@@ -227,25 +231,24 @@ impl RoutedPlan {
         let method = params.method.name();
         let mut checkpoints = HashMap::new();
         for name in std::iter::once(&params.base).chain(&params.experts) {
-            let ck = pool.checkpoints().get(name).ok_or_else(|| {
+            let ck = pool.checkpoint(name).ok_or_else(|| {
                 GatewayError::model_not_found(format!(
                     "unknown checkpoint `{name}` in pool `{}`",
                     pool.name()
                 ))
-            })?;
-            checkpoints.insert(name.clone(), ck.clone());
+            })??;
+            checkpoints.insert(name.clone(), ck);
         }
         if let Some(name) = &router_ck {
-            let ck =
-                pool.checkpoints().get(name).ok_or_else(|| {
-                    GatewayError::model_not_found(format!(
+            let ck = pool.checkpoint(name).ok_or_else(|| {
+                GatewayError::model_not_found(format!(
                     "`{ROUTER_CHECKPOINT}` names `{name}`, which is not a checkpoint of pool `{}` \
                      ({}); register the folder `fusion merge --spec '{method}(...)' --out DIR` \
                      wrote as an expert of the pool",
                     pool.name(),
-                    pool.checkpoints().keys().cloned().collect::<Vec<_>>().join(", ")
+                    pool.checkpoint_names().collect::<Vec<_>>().join(", ")
                 ))
-                })?;
+            })??;
             if !moe::is_moe_folder(ck.dir())? {
                 return Err(GatewayError::bad_param(
                     "model",
@@ -256,7 +259,7 @@ impl RoutedPlan {
                     ),
                 ));
             }
-            checkpoints.insert(name.clone(), ck.clone());
+            checkpoints.insert(name.clone(), ck);
         }
         let (calibration, taskpool) = if params.needs_calibration() {
             let (taskpool, inputs) = calibrations.inputs(pool.name(), method, params.steps)?;
@@ -269,8 +272,15 @@ impl RoutedPlan {
             (None, 0) => RouterSource::Untrained,
             (None, _) => RouterSource::Trained,
         };
-        let key = serde_json::to_string(&spec)
+        // The memo key holds the checkpoints' fingerprints: a changed
+        // checkpoint is another merge.
+        let mut key = serde_json::to_string(&spec)
             .map_err(|e| GatewayError::Internal(format!("cannot serialise a merge spec: {e}")))?;
+        let mut names: Vec<&String> = checkpoints.keys().collect();
+        names.sort();
+        for name in names {
+            key.push_str(&format!("\n{name}={}", checkpoints[name].fingerprint()?));
+        }
         let id = calibrations.id_of(key, || {
             Ok(moe::merge_id(&spec, &opener(&checkpoints), &calibration)?)
         })?;
@@ -304,6 +314,14 @@ impl RoutedPlan {
     /// The method's name.
     pub fn method(&self) -> &'static str {
         self.params.method.name()
+    }
+
+    /// The files of the checkpoints the merge reads, as resolved.
+    pub fn sources(&self) -> Vec<merger::checkpoint::Stamps> {
+        self.checkpoints
+            .values()
+            .map(|c| c.stamps().clone())
+            .collect()
     }
 
     /// The routers as known before the build (no training report yet).

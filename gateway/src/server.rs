@@ -271,7 +271,7 @@ pub fn run(config: Config) -> Result<()> {
     for (name, pool) in state.registry.pools() {
         tracing::info!(
             pool = %name,
-            checkpoints = ?pool.checkpoints().keys().collect::<Vec<_>>(),
+            checkpoints = ?pool.checkpoint_names().collect::<Vec<_>>(),
             "pool opened"
         );
     }

@@ -2,6 +2,10 @@
 //! model, make it resident (merging if needed, waiting at most
 //! `merge.max_wait`), take a generation slot, then tokenize and generate on
 //! the blocking pool, streaming text deltas through a channel.
+//!
+//! A resident model is served only while the checkpoint files it was made
+//! from are unchanged on disk ([`resident`]); a stale one is evicted, and
+//! the request resolves the model again from the files as they are now.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -63,7 +67,7 @@ pub async fn model(
     if merge.is_none() {
         if let Some(name) = model.map(str::trim).filter(|m| m.starts_with("merge-")) {
             let key = name.to_ascii_lowercase();
-            if let Some(served) = state.cache.lookup(&key).await {
+            if let Some(served) = resident(state, &key).await {
                 return Ok(ModelHandle {
                     served,
                     status: CacheStatus::Hit,
@@ -79,8 +83,8 @@ pub async fn model(
 /// many requests ask) awaited for at most `merge.max_wait`; past it, 503
 /// with Retry-After while the load goes on in the background.
 pub async fn acquire(state: &AppState, target: Target) -> Result<ModelHandle> {
-    let key = target.model_name();
-    if let Some(served) = state.cache.lookup(&key).await {
+    let key = target.cache_key();
+    if let Some(served) = resident(state, &key).await {
         state.merges.note(&target, true)?;
         return Ok(ModelHandle {
             served,
@@ -88,19 +92,51 @@ pub async fn acquire(state: &AppState, target: Target) -> Result<ModelHandle> {
         });
     }
     let started = Instant::now();
+    let target_name = target.model_name();
     let task = start_load(state, target)?;
     let max_wait = state.config.merge.max_wait;
     match tokio::time::timeout(max_wait, task).await {
         Ok(Ok(Ok((served, status)))) => Ok(ModelHandle { served, status }),
         Ok(Ok(Err(e))) => Err(e),
         Ok(Err(join)) => Err(GatewayError::Internal(format!(
-            "loading `{key}` failed: {join}"
+            "loading `{target_name}` failed: {join}"
         ))),
         Err(_) => Err(GatewayError::MergePending {
-            id: key,
+            id: target_name,
             waited: started.elapsed(),
             retry_after: retry_after(max_wait),
         }),
+    }
+}
+
+/// The resident model `key`, counting a hit, unless a checkpoint file it
+/// was made from changed since: then it is evicted and `None` returned.
+/// Once a checkpoint has been reopened (its files changed), every resident
+/// model made from the old files is evicted first.
+pub async fn resident(state: &AppState, key: &str) -> Option<Arc<Served>> {
+    if state.registry.take_reopened() {
+        evict_stale(state).await;
+    }
+    let mut stale = None;
+    let served = state
+        .cache
+        .lookup_fresh(key, |s| {
+            stale = s.stale();
+            stale.is_none()
+        })
+        .await;
+    if let Some((file, change)) = stale {
+        tracing::info!(model = %key, file = %file.display(), change = %change,
+            "resident model is stale (a checkpoint file changed); evicted");
+        evict_stale(state).await;
+    }
+    served
+}
+
+/// Evicts every resident model made from checkpoint files that changed.
+async fn evict_stale(state: &AppState) {
+    for key in state.cache.evict_where(|s| s.stale().is_some()).await {
+        tracing::info!(model = %key, "resident model is stale (a checkpoint file changed); evicted");
     }
 }
 
@@ -117,11 +153,11 @@ pub fn start_load(
     state: &AppState,
     target: Target,
 ) -> Result<tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>>> {
-    let key = target.model_name();
     if target.is_merge() {
         state.merges.note(&target, false)?;
-        state.merges.mark_pending(&key);
+        state.merges.mark_pending(&target.model_name());
     }
+    let key = target.cache_key();
     let load = state.merges.loader(target);
     let cache = state.cache.clone();
     Ok(tokio::spawn(async move { cache.load(key, load).await }))

@@ -19,7 +19,7 @@ pub enum ErrorKind {
     NotFound,
     /// Well-formed, but the inputs cannot be merged (shapes, expert counts).
     Unprocessable,
-    /// A checkpoint file is corrupt or truncated.
+    /// A checkpoint file is corrupt, truncated, or changed while read.
     Corrupt,
     /// The output location is in a state we refuse to touch.
     Conflict,
@@ -48,6 +48,8 @@ pub enum MergeError {
     NoWeights { path: PathBuf },
     #[error("corrupt safetensors file `{path}`: {reason}")]
     Corrupt { path: PathBuf, reason: String },
+    #[error("checkpoint file `{path}` changed while in use: {reason}")]
+    Changed { path: PathBuf, reason: String },
     #[error("corrupt shard index `{path}`: {reason}")]
     BadIndex { path: PathBuf, reason: String },
     #[error("tensor `{tensor}` appears in more than one shard of `{path}`")]
@@ -161,7 +163,9 @@ impl MergeError {
             Template(_) | Generation(_) | Model(_) | ContextLength { .. } => ErrorKind::Invalid,
             NonFinite { .. } => ErrorKind::Unprocessable,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
-            Corrupt { .. } | BadIndex { .. } | DuplicateTensor { .. } => ErrorKind::Corrupt,
+            Corrupt { .. } | Changed { .. } | BadIndex { .. } | DuplicateTensor { .. } => {
+                ErrorKind::Corrupt
+            }
             ShapeMismatch { .. }
             | ModelCount { .. }
             | MissingBase { .. }

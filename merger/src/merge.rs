@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::bounds::{Bounds, Cancel};
-use crate::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorRef, WriteOptions};
+use crate::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 use crate::error::{MergeError, Result};
 use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
 use crate::spec::{canonical, MergeSpec, TensorCtx};
@@ -225,7 +225,7 @@ impl Progress {
 pub type Resolver<'a> = &'a dyn Fn(&str) -> Result<PathBuf>;
 
 /// Resolves a checkpoint name of the spec to an opened checkpoint (a
-/// registry that keeps its checkpoints mapped, like the gateway's).
+/// registry that keeps its checkpoints open, like the gateway's).
 pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<Checkpoint>>;
 
 impl MergePlan {
@@ -289,8 +289,8 @@ impl MergePlan {
         let fingerprints: Vec<(String, String)> = base
             .iter()
             .chain(experts.iter())
-            .map(|c| (c.name().to_string(), c.fingerprint().to_string()))
-            .collect();
+            .map(|c| Ok((c.name().to_string(), c.fingerprint()?.to_string())))
+            .collect::<Result<_>>()?;
         let id = canonical::merge_id(&spec, info, &fingerprints);
         Ok(MergePlan {
             spec,
@@ -337,6 +337,11 @@ impl MergePlan {
         &self.tensors
     }
 
+    /// The base (if any), then the experts in spec order.
+    pub fn checkpoints(&self) -> impl Iterator<Item = &Arc<Checkpoint>> {
+        self.base.iter().chain(self.experts.iter())
+    }
+
     /// The checkpoint whose config and tokenizer the output carries.
     pub fn reference(&self) -> &Checkpoint {
         self.base.as_ref().unwrap_or(&self.experts[0])
@@ -365,19 +370,34 @@ impl MergePlan {
         self.tensors.iter().map(PlannedTensor::bytes).sum()
     }
 
-    fn inputs<'a>(&'a self, t: &PlannedTensor, device: &'a Device) -> Result<TensorInputs<'a>> {
-        Ok(TensorInputs {
-            ctx: TensorCtx::new(&t.name, self.num_layers),
+    /// Reads one tensor of the base and of every expert into owned
+    /// buffers (a file changed since it was opened fails the read).
+    fn read(&self, t: &PlannedTensor) -> Result<ReadTensors> {
+        Ok(ReadTensors {
             base: self.base.as_ref().map(|b| b.tensor(&t.name)).transpose()?,
             experts: self
                 .experts
                 .iter()
                 .map(|e| e.tensor(&t.name))
-                .collect::<Result<Vec<TensorRef>>>()?,
+                .collect::<Result<Vec<TensorBuf>>>()?,
+        })
+    }
+
+    /// The inputs of `t` over buffers `read` from the checkpoints.
+    fn inputs<'a>(
+        &self,
+        t: &PlannedTensor,
+        read: &'a ReadTensors,
+        device: &'a Device,
+    ) -> TensorInputs<'a> {
+        TensorInputs {
+            ctx: TensorCtx::new(&t.name, self.num_layers),
+            base: read.base.as_ref().map(TensorBuf::view),
+            experts: read.experts.iter().map(TensorBuf::view).collect(),
             device,
             out_dtype: t.dtype,
             cancel: &self.cancel,
-        })
+        }
     }
 
     /// Tensor indices, largest first, so the big ones do not end up last.
@@ -421,7 +441,8 @@ impl MergePlan {
             .try_for_each(|i| -> Result<()> {
                 self.cancel.check()?;
                 let t = &self.tensors[i];
-                let inputs = self.inputs(t, device)?;
+                let read = self.read(t)?;
+                let inputs = self.inputs(t, &read, device);
                 let merged = self.method.merge(&inputs)?;
                 if merged.dims() != t.shape.as_slice() {
                     return Err(MergeError::ShapeMismatch {
@@ -468,6 +489,12 @@ pub fn check_finite(name: &str, merged: &Tensor) -> Result<()> {
     Ok(())
 }
 
+/// One tensor of the base and of every expert, read from their files.
+struct ReadTensors {
+    base: Option<TensorBuf>,
+    experts: Vec<TensorBuf>,
+}
+
 /// Placeholder swapped in while the real method is borrowed mutably by
 /// `prepare`; never merges.
 struct Unprepared;
@@ -491,7 +518,9 @@ impl ModelScan for PlanScan<'_> {
     fn for_each(&self, f: &(dyn Fn(&TensorInputs) -> Result<()> + Sync)) -> Result<()> {
         self.plan.schedule().into_par_iter().try_for_each(|i| {
             self.plan.cancel.check()?;
-            f(&self.plan.inputs(&self.plan.tensors[i], self.device)?)
+            let t = &self.plan.tensors[i];
+            let read = self.plan.read(t)?;
+            f(&self.plan.inputs(t, &read, self.device))
         })
     }
 

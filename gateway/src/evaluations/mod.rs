@@ -787,14 +787,14 @@ fn read_tasks(
 /// `merge.max_wait`: an evaluation waits for its merge).
 async fn resident(state: &AppState, merge: &str) -> Result<Arc<Served>> {
     let target = serving::target(state, Some(merge), None)?;
-    let key = target.model_name();
-    if let Some(served) = state.cache.lookup(&key).await {
+    let key = target.cache_key();
+    if let Some(served) = serving::resident(state, &key).await {
         state.merges.note(&target, true)?;
         return Ok(served);
     }
     let (served, _) = serving::start_load(state, target)?
         .await
-        .map_err(|e| GatewayError::Internal(format!("loading `{key}` failed: {e}")))??;
+        .map_err(|e| GatewayError::Internal(format!("loading `{merge}` failed: {e}")))??;
     Ok(served)
 }
 

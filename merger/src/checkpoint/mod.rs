@@ -4,12 +4,19 @@
 //!
 //! Every file is treated as hostile input: headers are parsed by the
 //! `safetensors` crate (capped header size, offsets checked to be contiguous
-//! and to cover the file exactly) and each failure names the file.
+//! and to cover the file exactly) and each failure names the file. Files may
+//! also change while they are used: tensors are read into owned buffers and
+//! checked against the file's identity (see [`reader`]), and a checkpoint
+//! knows the files it was read from ([`Stamps`]) to tell when the folder has
+//! changed since.
 
+pub(crate) mod fingerprint;
+pub(crate) mod identity;
 pub(crate) mod reader;
 pub(crate) mod writer;
 
-pub use reader::{Checkpoint, TensorEntry, TensorRef};
+pub use identity::{FileStamp, Identity, Stamps};
+pub use reader::{Checkpoint, TensorBuf, TensorEntry, TensorRef};
 pub use writer::{CheckpointWriter, WriteOptions, SIDE_FILES};
 
 use candle_core::DType;

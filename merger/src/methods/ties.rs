@@ -84,7 +84,7 @@
 //! and the range pass counts the last key of each range, where ties at the
 //! threshold gather, in the vector loop); elsewhere the
 //! merge runs as candle ops and returns f32 (the thresholds are always found
-//! on the CPU, from the memory-mapped bytes).
+//! on the CPU, from the stored bytes).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

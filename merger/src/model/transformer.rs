@@ -99,8 +99,9 @@ impl Model {
             if ck.entry(&name).is_none() {
                 continue; // reported by name below
             }
-            let t = ck.tensor(&name)?;
-            let tensor = Tensor::from_raw_buffer(t.bytes, t.dtype, t.shape, &Device::Cpu)
+            let tensor = ck
+                .tensor(&name)?
+                .into_tensor()
                 .map_err(|e| MergeError::in_tensor(&name, e))?;
             weights.insert(name, tensor);
         }

@@ -74,7 +74,7 @@ pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem])
         .chain(params.router_checkpoint.iter());
     for name in names {
         let ck = open(name)?;
-        fingerprints.push((name.clone(), ck.fingerprint().to_string()));
+        fingerprints.push((name.clone(), ck.fingerprint()?.to_string()));
     }
     if params.needs_calibration() {
         fingerprints.push(("(calibration)".into(), calibration_digest(calibration)));
@@ -428,16 +428,17 @@ impl Extractor<'_> {
     /// θ0's values and the task vectors τi of one tensor.
     fn task_vectors(&self, name: &str) -> Result<TaskVectors> {
         let b = self.base.tensor(name)?;
-        let base = b.to_f32_vec();
+        let shape = b.shape.clone();
+        let base = b.into_f32_vec();
         let taus = self
             .experts
             .iter()
             .map(|e| {
-                let v = e.tensor(name)?.to_f32_vec();
+                let v = e.tensor(name)?.into_f32_vec();
                 Ok(v.iter().zip(&base).map(|(x, y)| x - y).collect())
             })
             .collect::<Result<Vec<Vec<f32>>>>()?;
-        Ok((base, taus, b.shape.to_vec()))
+        Ok((base, taus, shape))
     }
 
     /// θ0's tensors and the experts of projection `p` of block `layer`.

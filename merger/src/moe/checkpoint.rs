@@ -169,7 +169,7 @@ impl Reader<'_> {
             e => e,
         })?;
         let err = |e| MergeError::in_tensor(name, e);
-        Tensor::from_raw_buffer(t.bytes, t.dtype, t.shape, &Device::Cpu)
+        t.into_tensor()
             .and_then(|t| t.to_device(self.device))
             .and_then(|t| t.to_dtype(dtype))
             .map_err(err)
