@@ -13,6 +13,17 @@ use util::*;
 
 const EOS: u32 = 257;
 
+/// Accuracy by which every quick expert beats the base and every other
+/// expert on its own task: 10 points, 20 of 200 test items. Measured on a
+/// 2-core AMD EPYC (`fusion zoo build --quick`, seeds 0, 1, 7), the smallest
+/// gap (expert minus the best rival) per task was add 64, reverse 30.5, sort
+/// 94, upper 26.5, filter 56, category 76, compare 40.5 points; the rivals
+/// score near zero on the generate tasks and near chance on the others, so
+/// the gap is the expert's own accuracy, which varies with the seed (upper:
+/// 26.5 to 98) as it would with another CPU's rounding. (Before, with a
+/// 1200-step base and MLP-only experts, `add` lost to the base, 8 % to 10 %.)
+const WIN_MARGIN: f64 = 0.1;
+
 fn build(cwd: &Path, out: &str, seed: &str) -> String {
     ok(&fusion(
         cwd,
@@ -109,23 +120,26 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
         }
     }
 
-    // Every expert beats the base, and every other expert, on its own task.
+    // Every expert beats the base, and every other expert, on its own task,
+    // by at least WIN_MARGIN.
     let report: BuildReport =
         serde_json::from_str(&std::fs::read_to_string(a.join("report.json")).unwrap()).unwrap();
     assert!(std::fs::read_to_string(a.join("REPORT.md"))
         .unwrap()
         .contains("| base |"));
-    for task in Task::ALL {
+    for (entry, task) in report.tasks.iter().zip(Task::ALL) {
+        // category's test split is its whole list of 50 words.
+        let want = if task == Task::Category { 50 } else { 200 };
+        assert_eq!(entry.test_items, want, "{}", task.name());
         let own = report.accuracy(task.name(), task.name()).unwrap();
-        let base = report.accuracy("base", task.name()).unwrap();
-        assert!(own > base, "{}: expert {own} vs base {base}", task.name());
-        for other in Task::ALL.iter().filter(|&&o| o != task) {
-            let theirs = report.accuracy(other.name(), task.name()).unwrap();
+        for rival in std::iter::once("base")
+            .chain(Task::ALL.iter().filter(|&&o| o != task).map(|o| o.name()))
+        {
+            let theirs = report.accuracy(rival, task.name()).unwrap();
             assert!(
-                own > theirs,
-                "{}: expert {own} vs {} {theirs}",
+                own >= theirs + WIN_MARGIN,
+                "{}: expert {own} vs {rival} {theirs} (margin {WIN_MARGIN})",
                 task.name(),
-                other.name()
             );
         }
     }

@@ -18,7 +18,8 @@ pub enum ZooCommand {
         /// Seed of the data, the initial weights and the batches.
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Fewer steps and smaller test splits (under a minute; for tests).
+        /// The test recipe: a brief base and experts that fine-tune every
+        /// weight (about a minute).
         #[arg(long)]
         quick: bool,
         /// Replace the pool files of a previous build in `--out`.
