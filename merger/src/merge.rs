@@ -385,7 +385,7 @@ impl MergePlan {
 
     /// The inputs of `t` over buffers `read` from the checkpoints.
     fn inputs<'a>(
-        &self,
+        &'a self,
         t: &PlannedTensor,
         read: &'a ReadTensors,
         device: &'a Device,
