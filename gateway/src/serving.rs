@@ -149,10 +149,7 @@ fn retry_after(max_wait: Duration) -> Duration {
 /// Starts loading `target` in a task of its own, so that the load goes on
 /// when the request that started it stops waiting; a 503 when the book of
 /// merges has no room for it.
-pub fn start_load(
-    state: &AppState,
-    target: Target,
-) -> Result<tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>>> {
+pub fn start_load(state: &AppState, target: Target) -> Result<LoadTask> {
     if target.is_merge() {
         state.merges.note(&target, false)?;
         state.merges.mark_pending(&target.model_name());
@@ -162,6 +159,10 @@ pub fn start_load(
     let cache = state.cache.clone();
     Ok(tokio::spawn(async move { cache.load(key, load).await }))
 }
+
+/// A load running in a task of its own: the resident model and how the
+/// cache answered.
+pub type LoadTask = tokio::task::JoinHandle<Result<(Arc<Served>, CacheStatus)>>;
 
 /// The prompt of a generation.
 pub enum Prompt {
