@@ -21,7 +21,7 @@ fuzz_target!(|data: &[u8]| {
         let names: Vec<String> = ckpt.tensors().keys().cloned().collect();
         for name in names {
             if let Ok(t) = ckpt.tensor(&name) {
-                let n = t.numel();
+                let n: usize = t.shape.iter().product();
                 assert_eq!(t.to_f32_vec().len(), n, "{name}");
             }
         }
