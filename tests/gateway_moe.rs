@@ -82,13 +82,6 @@ fn we_moe_bytes(t: usize) -> u64 {
     (values * 4) as u64
 }
 
-fn content(v: &Value) -> String {
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn we_moe_trains_once_then_hits_streams_and_is_weighed() {
     let pool = Pool::with(32, 2, false);

@@ -18,13 +18,6 @@ fn chat_prompt_tokens(prompt: &str) -> u64 {
     3 + prompt.len() as u64
 }
 
-fn content(v: &Value) -> String {
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_on_a_checkpoint_matches_fusion_generate() {
     let pool = Pool::small();

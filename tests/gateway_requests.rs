@@ -15,13 +15,6 @@ fn chat_body(model: &str, content: &str, temperature: f64) -> serde_json::Value 
            "messages": [{"role": "user", "content": content}]})
 }
 
-fn content(v: &serde_json::Value) -> String {
-    v["choices"][0]["message"]["content"]
-        .as_str()
-        .unwrap()
-        .to_string()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_codes_name_the_request_not_the_server() {
     let pool = Pool::small();

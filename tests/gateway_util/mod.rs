@@ -268,6 +268,14 @@ impl Client {
     }
 }
 
+/// The assistant's text of a chat completion response.
+pub fn content(v: &Value) -> String {
+    v["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// The value of `sample` in a Prometheus exposition; 0 when absent.
 pub fn metric_value(text: &str, sample: &str) -> f64 {
     text.lines()
