@@ -1,5 +1,5 @@
 //! Criterion benches of greedy generation (tokens/s, with the KV cache) on
-//! `merger::model` against candle-transformers' Llama on the same random
+//! `runtime::model` against candle-transformers' Llama on the same random
 //! weights, for a demo-base-like tiny model and a 110M-parameter Llama.
 //! Compare the elements/s criterion reports for `ours` and `candle_llama`
 //! in each group; `fusion bench generate` prints the ratio directly.

@@ -9,10 +9,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use merger::checkpoint::{Checkpoint, WriteOptions};
 use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Progress};
 use merger::throughput::copy_floor;
-use merger::zoo::{pool_spec, synth, SynthOptions};
+use runtime::checkpoint::{Checkpoint, WriteOptions};
+use zoo::{pool_spec, synth, SynthOptions};
 
 fn merge_throughput(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -24,10 +24,10 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::Subcommand;
-use merger::checkpoint::{parse_dtype, Checkpoint, WriteOptions};
 use merger::merge::{merge_in_memory, merge_to_dir, MergeOptions, MergePlan, Progress};
 use merger::throughput::{copy_floor, AnonSampler};
-use merger::zoo::{pool_spec, synth, SynthOptions};
+use runtime::checkpoint::{parse_dtype, Checkpoint, WriteOptions};
+use zoo::{pool_spec, synth, SynthOptions};
 
 /// Subcommands of `fusion bench`.
 #[derive(Subcommand)]
@@ -133,7 +133,7 @@ fn generate_tps(
             config.max_position_embeddings
         );
     }
-    let dev = merger::device::parse_device(device)?;
+    let dev = runtime::device::parse_device(device)?;
     eprintln!("building both models on random weights ...");
     let pair = generate::Pair::new(size, 0, &dev)?;
     println!(
@@ -145,7 +145,7 @@ fn generate_tps(
         config.num_attention_heads,
         config.intermediate_size,
         config.vocab_size,
-        merger::device::device_name(&dev),
+        runtime::device::device_name(&dev),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
@@ -156,7 +156,7 @@ fn generate_tps(
     println!("| implementation | seconds | tokens/s |");
     println!("|---|---|---|");
     println!(
-        "| merger::model | {:.3} | {:.1} |",
+        "| runtime::model | {:.3} | {:.1} |",
         c.ours_seconds,
         c.ours_tps()
     );
@@ -166,7 +166,7 @@ fn generate_tps(
         c.reference_tps()
     );
     println!(
-        "\nratio (merger::model / candle-transformers): {:.2}x; same tokens: {}",
+        "\nratio (runtime::model / candle-transformers): {:.2}x; same tokens: {}",
         c.ratio(),
         if c.same_tokens { "yes" } else { "NO" }
     );
@@ -241,10 +241,10 @@ fn merge(
         by_name
             .get(n)
             .cloned()
-            .ok_or_else(|| merger::MergeError::MissingCheckpoint(PathBuf::from(n)))
+            .ok_or_else(|| runtime::RuntimeError::MissingCheckpoint(PathBuf::from(n)).into())
     };
     let out = work.join("bench-out");
-    let cpu = merger::device::parse_device("cpu")?;
+    let cpu = runtime::device::parse_device("cpu")?;
     for method in methods {
         let mut spec = pool_spec(method, &dirs);
         if method == "dare" {

@@ -10,8 +10,8 @@ mod util;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use merger::generate::bytelevel::{self, BOS, EOS};
-use merger::model::{random, ModelConfig};
+use runtime::generate::bytelevel::{self, BOS, EOS};
+use runtime::model::{random, ModelConfig};
 use serde_json::Value;
 use util::*;
 

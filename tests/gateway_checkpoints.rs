@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use gateway_util::*;
-use merger::model::random::random_weights;
+use runtime::model::random::random_weights;
 use serde_json::{json, Value};
 
 /// A pool whose experts differ from the base (and from each other) only in

@@ -6,8 +6,8 @@
 mod gateway_util;
 
 use gateway_util::*;
-use merger::generate::TextModel;
-use merger::model::ModelOptions;
+use runtime::generate::TextModel;
+use runtime::model::ModelOptions;
 use serde_json::{json, Value};
 
 const PROMPT: &str = "What is 2+3?";

@@ -6,9 +6,9 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use candle_core::{DType, Tensor};
-use merger::generate::bytelevel::{self, encode_bytes, ASSISTANT, BOS, EOS, USER};
-use merger::model::random::{random_weights, write_checkpoint};
-use merger::model::{Model, ModelConfig, ModelOptions};
+use runtime::generate::bytelevel::{self, encode_bytes, ASSISTANT, BOS, EOS, USER};
+use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::{Model, ModelConfig, ModelOptions};
 
 const MAX_POS: usize = 128;
 

@@ -8,9 +8,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Tensor};
-use merger::generate::bytelevel::{write_tokenizer_files, VOCAB_SIZE};
-use merger::model::random::{random_weights, write_checkpoint};
-use merger::model::{Model, ModelConfig, ModelOptions};
+use runtime::generate::bytelevel::{write_tokenizer_files, VOCAB_SIZE};
+use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::{ModelConfig, ModelOptions};
 use util::{fails_with, fusion, ok};
 
 /// Writes `base`, `e1`, `e2` (experts = base + N(0, 0.05²) on every matrix)
@@ -88,7 +88,7 @@ fn we_moe_trains_on_a_task_pool_and_loads_back() {
     assert_eq!(meta["training"]["sequences"], 12);
     assert!(out.join("tokenizer.json").is_file());
     // The runtime loads the folder as the routed model.
-    let model = Model::load(&out, &ModelOptions::default()).unwrap();
+    let model = merger::load_model(&out, &ModelOptions::default()).unwrap();
     let ids = Tensor::new(&[[256u32, 97, 100, 100]], model.device()).unwrap();
     let logits = model.forward(&ids, None).unwrap();
     assert_eq!(logits.dims(), &[1, 4, VOCAB_SIZE]);

@@ -7,9 +7,9 @@ mod util;
 use std::path::Path;
 
 use candle_core::{Device, Tensor, D};
-use merger::model::{Model, ModelOptions};
-use merger::zoo::{pool_models, BuildReport, Item, Task};
+use runtime::model::{Model, ModelOptions};
 use util::*;
+use zoo::{pool_models, BuildReport, Item, Task};
 
 const EOS: u32 = 257;
 
@@ -115,7 +115,7 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
             assert!(!items.is_empty());
             for item in &items {
                 let is_mc = matches!(item, Item::MultipleChoice { .. });
-                assert_eq!(is_mc, task.kind() == merger::zoo::TaskKind::MultipleChoice);
+                assert_eq!(is_mc, task.kind() == zoo::TaskKind::MultipleChoice);
             }
         }
     }

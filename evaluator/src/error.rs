@@ -93,9 +93,12 @@ pub enum EvalError {
         #[source]
         source: Box<EvalError>,
     },
-    /// Loading or merging a model failed.
+    /// Merging a model failed (or loading one, through the merger).
     #[error(transparent)]
     Model(#[from] merger::MergeError),
+    /// Loading or running a model failed.
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
 }
 
 impl EvalError {

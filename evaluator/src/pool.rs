@@ -39,6 +39,26 @@ pub struct ModelPool {
     pub taskpool: Option<PathBuf>,
 }
 
+/// The file name of a model pool.
+pub const POOL_FILE: &str = "pool.yaml";
+
+/// `pool.yaml` as written, before the checks of [`ModelPool::load`]: paths
+/// relative to the file's folder, experts in file order. Writers of pools
+/// (the demo-pool trainer, `fusion zoo synth`) build one and call
+/// [`PoolFile::write`]; readers that only need the names call
+/// [`PoolFile::read`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolFile {
+    /// Pool name.
+    pub name: String,
+    /// Base checkpoint folder, relative to pool.yaml.
+    pub base: PathBuf,
+    /// Expert names and folders, relative to pool.yaml, in order.
+    pub experts: Vec<(String, PathBuf)>,
+    /// Task pool folder, relative to pool.yaml, if any.
+    pub taskpool: Option<PathBuf>,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawPool {
@@ -49,15 +69,61 @@ struct RawPool {
     taskpool: Option<PathBuf>,
 }
 
-impl ModelPool {
-    /// Reads `pool.yaml`; folders are relative to its own folder and must exist.
-    pub fn load(path: &Path) -> Result<ModelPool> {
+impl PoolFile {
+    /// Reads and parses a `pool.yaml` (no folder is checked).
+    pub fn read(path: &Path) -> Result<PoolFile> {
         let text = std::fs::read_to_string(path).map_err(|e| EvalError::io(path, e))?;
         let bad = |reason: String| EvalError::Pool {
             path: path.to_path_buf(),
             reason,
         };
         let raw: RawPool = serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut experts = Vec::with_capacity(raw.experts.len());
+        for (k, v) in &raw.experts {
+            let (Some(name), Some(p)) = (k.as_str(), v.as_str()) else {
+                return Err(bad("`experts` maps names to folder paths (strings)".into()));
+            };
+            experts.push((name.to_string(), PathBuf::from(p)));
+        }
+        Ok(PoolFile {
+            name: raw.name,
+            base: raw.base,
+            experts,
+            taskpool: raw.taskpool,
+        })
+    }
+
+    /// The YAML text of this pool file.
+    pub fn to_yaml(&self) -> String {
+        let path = |p: &Path| serde_yaml_ng::Value::from(p.to_string_lossy().into_owned());
+        let mut experts = serde_yaml_ng::Mapping::new();
+        for (name, p) in &self.experts {
+            experts.insert(name.as_str().into(), path(p));
+        }
+        let mut doc = serde_yaml_ng::Mapping::new();
+        doc.insert("name".into(), self.name.as_str().into());
+        doc.insert("base".into(), path(&self.base));
+        doc.insert("experts".into(), experts.into());
+        if let Some(t) = &self.taskpool {
+            doc.insert("taskpool".into(), path(t));
+        }
+        serde_yaml_ng::to_string(&doc).expect("a mapping serialises")
+    }
+
+    /// Writes the file to `path` (`DIR/pool.yaml`).
+    pub fn write(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_yaml()).map_err(|e| EvalError::io(path, e))
+    }
+}
+
+impl ModelPool {
+    /// Reads `pool.yaml`; folders are relative to its own folder and must exist.
+    pub fn load(path: &Path) -> Result<ModelPool> {
+        let bad = |reason: String| EvalError::Pool {
+            path: path.to_path_buf(),
+            reason,
+        };
+        let raw = PoolFile::read(path)?;
         let dir = path.parent().unwrap_or(Path::new("."));
         let folder = |what: &str, p: &Path| -> Result<PathBuf> {
             let full = dir.join(p);
@@ -72,19 +138,13 @@ impl ModelPool {
         };
         let base = folder("base", &raw.base)?;
         let mut experts = Vec::with_capacity(raw.experts.len());
-        for (k, v) in &raw.experts {
-            let (Some(name), Some(p)) = (k.as_str(), v.as_str()) else {
-                return Err(bad("`experts` maps names to folder paths (strings)".into()));
-            };
+        for (name, p) in &raw.experts {
             if name == BASE_NAME {
                 return Err(bad(format!(
                     "an expert may not be named `{BASE_NAME}` (the base's name)"
                 )));
             }
-            experts.push((
-                name.to_string(),
-                folder(&format!("expert `{name}`"), Path::new(p))?,
-            ));
+            experts.push((name.clone(), folder(&format!("expert `{name}`"), p)?));
         }
         if experts.is_empty() {
             return Err(bad("`experts` is empty".into()));

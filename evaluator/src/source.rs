@@ -7,12 +7,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use merger::checkpoint::Checkpoint;
-use merger::generate::TextModel;
 use merger::merge::{merge_in_memory, MergePlan, Progress};
-use merger::model::{Model, ModelConfig, ModelOptions};
 use merger::spec::{compact, MergeSpec};
 use merger::MergeError;
+use runtime::checkpoint::Checkpoint;
+use runtime::generate::TextModel;
+use runtime::model::{Model, ModelConfig, ModelOptions};
 
 use crate::error::{EvalError, Result};
 use crate::pool::ModelPool;
@@ -96,7 +96,7 @@ fn load_moe(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<TextM
     } else {
         Vec::new()
     };
-    let open = |name: &str| Checkpoint::open(name, &resolve(name)?);
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
     let built = merger::moe::build(spec, &open, &calibration, device, false)?;
     Ok(TextModel::from_model(built.into_model(), &base)?)
 }
@@ -127,8 +127,10 @@ pub fn load(source: &ModelSource, pool: Option<&ModelPool>, device: &Device) -> 
         })
     };
     let model = match source {
-        ModelSource::Folder(dir) => TextModel::load(dir, &opts)?,
-        ModelSource::Checkpoint(name) => TextModel::load(&need_pool()?.resolve(name)?, &opts)?,
+        ModelSource::Folder(dir) => merger::load_text_model(dir, &opts)?,
+        ModelSource::Checkpoint(name) => {
+            merger::load_text_model(&need_pool()?.resolve(name)?, &opts)?
+        }
         ModelSource::Merge(spec) if merger::moe::is_moe_method(&spec.method) => {
             load_moe(spec, need_pool()?, device)?
         }

@@ -125,22 +125,42 @@ pub struct TaskPool {
     pub tasks: Vec<TaskSpec>,
 }
 
-#[derive(Deserialize)]
+/// `taskpool.yaml` as written: the pool's name and its tasks, before the
+/// checks of [`TaskPool::open`]. Writers of task pools (the demo-pool
+/// trainer) build one and call [`TaskPoolFile::write`].
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawPool {
-    #[serde(default)]
-    name: Option<String>,
-    tasks: Vec<RawTask>,
+pub struct TaskPoolFile {
+    /// Pool name (the folder's name when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The tasks, in order.
+    pub tasks: Vec<TaskFileEntry>,
 }
 
-#[derive(Deserialize)]
+/// One task of a `taskpool.yaml`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
-struct RawTask {
-    name: String,
-    kind: String,
-    file: PathBuf,
-    #[serde(default)]
-    metric: Option<String>,
+pub struct TaskFileEntry {
+    /// Unique task name.
+    pub name: String,
+    /// Task kind (`multiple_choice`, `generate`, `perplexity`,
+    /// `classification`).
+    pub kind: String,
+    /// The JSONL file, relative to the pool folder.
+    pub file: PathBuf,
+    /// The headline metric (the kind's first when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metric: Option<String>,
+}
+
+impl TaskPoolFile {
+    /// Writes `dir/taskpool.yaml`.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(TASKPOOL_FILE);
+        let yaml = serde_yaml_ng::to_string(self).expect("a task pool serialises");
+        std::fs::write(&path, yaml).map_err(|e| EvalError::io(&path, e))
+    }
 }
 
 impl TaskPool {
@@ -175,7 +195,7 @@ impl TaskPool {
             path: yaml.to_path_buf(),
             reason,
         };
-        let raw: RawPool = serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let raw: TaskPoolFile = serde_yaml_ng::from_str(&text).map_err(|e| bad(e.to_string()))?;
         let mut seen = HashSet::new();
         let mut tasks = Vec::with_capacity(raw.tasks.len());
         for t in raw.tasks {

@@ -9,7 +9,7 @@
 //! (temperature 0) and stops at an end-of-sequence token. Token counts are
 //! of the raw text, without BOS.
 
-use merger::generate::{SamplingParams, TextModel};
+use runtime::generate::{SamplingParams, TextModel};
 
 use crate::error::Result;
 use crate::runner::{Loglikelihood, Scorer};

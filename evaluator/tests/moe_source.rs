@@ -7,8 +7,8 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use evaluator::pool::ModelPool;
 use evaluator::source::{load, ModelSource};
-use merger::generate::bytelevel::{self, BOS, EOS};
-use merger::model::{random, ModelConfig};
+use runtime::generate::bytelevel::{self, BOS, EOS};
+use runtime::model::{random, ModelConfig};
 
 /// A pool of a base and two experts (base + N(0, 0.05²) on every matrix)
 /// with a task pool of one generate task; `taskpool` decides whether

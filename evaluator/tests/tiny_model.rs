@@ -7,9 +7,9 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use evaluator::runner::{run_task, RunOptions};
 use evaluator::taskpool::{TaskKind, TaskPool};
-use merger::generate::bytelevel::{self, encode_bytes, BOS, EOS};
-use merger::generate::TextModel;
-use merger::model::{random, Model, ModelConfig, ModelOptions};
+use runtime::generate::bytelevel::{self, encode_bytes, BOS, EOS};
+use runtime::generate::TextModel;
+use runtime::model::{random, Model, ModelConfig, ModelOptions};
 
 fn config() -> ModelConfig {
     let json = serde_json::json!({

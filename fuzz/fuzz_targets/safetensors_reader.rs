@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use merger::checkpoint::Checkpoint;
+use runtime::checkpoint::Checkpoint;
 
 fuzz_target!(|data: &[u8]| {
     // A folder in memory-backed storage when there is one.

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::Tensor;
-use merger::checkpoint::Checkpoint;
-use merger::generate::TextModel;
-use merger::model::{Model, ModelConfig, ModelOptions};
 use merger::moe::MoeModel;
+use runtime::checkpoint::Checkpoint;
+use runtime::generate::TextModel;
+use runtime::model::{Model, ModelConfig, ModelOptions};
 
-pub use merger::generate::{ChatMessage, Completion, FinishReason, SamplingParams, TokenEvent};
+pub use runtime::generate::{ChatMessage, Completion, FinishReason, SamplingParams, TokenEvent};
 
 /// A model ready to answer requests, shared read-only between requests.
 pub struct Engine {
@@ -79,18 +79,18 @@ impl Engine {
 
     /// Token ids of a chat: the chat template with the generation prompt;
     /// with `split_special_tokens`, special-token markers in message content
-    /// are plain text (see [`merger::generate::TextModel::encode_chat`]).
+    /// are plain text (see [`runtime::generate::TextModel::encode_chat`]).
     pub fn chat_prompt(
         &self,
         messages: &[ChatMessage],
         split_special_tokens: bool,
     ) -> merger::Result<Vec<u32>> {
-        self.text.encode_chat(messages, split_special_tokens)
+        Ok(self.text.encode_chat(messages, split_special_tokens)?)
     }
 
     /// Token ids of a raw completion prompt.
     pub fn text_prompt(&self, prompt: &str) -> merger::Result<Vec<u32>> {
-        self.text.encode(prompt)
+        Ok(self.text.encode(prompt)?)
     }
 
     /// Generates from `prompt`; `on_token` gets each text delta and returns
@@ -101,12 +101,12 @@ impl Engine {
         params: &SamplingParams,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> merger::Result<Completion> {
-        self.text.generate(prompt, params, on_token)
+        Ok(self.text.generate(prompt, params, on_token)?)
     }
 
     /// Mean-pooled embeddings of `texts` and the number of tokens read.
     pub fn embed(&self, texts: &[String]) -> merger::Result<(Vec<Vec<f32>>, usize)> {
-        self.text.embed(texts)
+        Ok(self.text.embed(texts)?)
     }
 
     /// [`Engine::embed`] that stops once `cancelled()` (the client left).
@@ -115,6 +115,6 @@ impl Engine {
         texts: &[String],
         cancelled: &dyn Fn() -> bool,
     ) -> merger::Result<(Vec<Vec<f32>>, usize)> {
-        self.text.embed_until(texts, cancelled)
+        Ok(self.text.embed_until(texts, cancelled)?)
     }
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use merger::error::ErrorKind;
 use merger::MergeError;
+use runtime::{ErrorKind, RuntimeError};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -322,26 +322,40 @@ impl From<MergeError> for GatewayError {
                 param: None,
             };
         }
+        if let MergeError::Runtime(e) = e {
+            return e.into();
+        }
+        from_kind(e.kind(), e.to_string())
+    }
+}
+
+impl From<RuntimeError> for GatewayError {
+    fn from(e: RuntimeError) -> Self {
         let message = e.to_string();
         match &e {
-            MergeError::ContextLength { .. } => {
-                return GatewayError::BadRequest {
-                    message,
-                    param: None,
-                    code: "context_length_exceeded",
-                }
-            }
+            RuntimeError::ContextLength { .. } => GatewayError::BadRequest {
+                message,
+                param: None,
+                code: "context_length_exceeded",
+            },
             // A request's text or messages, not its merge.
-            MergeError::Template(_) | MergeError::Generation(_) => {
-                return GatewayError::BadRequest {
-                    message,
-                    param: None,
-                    code: "invalid_value",
-                }
-            }
-            _ => {}
+            RuntimeError::Template(_)
+            | RuntimeError::InvalidInput(_)
+            | RuntimeError::BadParameter { .. }
+            | RuntimeError::OutOfRange { .. } => GatewayError::BadRequest {
+                message,
+                param: None,
+                code: "invalid_value",
+            },
+            _ => from_kind(e.kind(), message),
         }
-        match e.kind() {
+    }
+}
+
+/// The status of an error of the layers below, by its broad class.
+fn from_kind(kind: ErrorKind, message: String) -> GatewayError {
+    {
+        match kind {
             ErrorKind::Invalid => GatewayError::BadRequest {
                 message,
                 param: None,
@@ -499,7 +513,12 @@ mod tests {
         }
         .into();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
-        let e: GatewayError = MergeError::MissingCheckpoint("a".into()).into();
+        let e: GatewayError = MergeError::from(RuntimeError::MissingCheckpoint("a".into())).into();
         assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        // A model that fails while it runs is the server's problem.
+        let e: GatewayError = RuntimeError::Generation("empty logits".into()).into();
+        assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let e: GatewayError = RuntimeError::InvalidInput("the prompt has no tokens".into()).into();
+        assert_eq!(e.status(), StatusCode::BAD_REQUEST);
     }
 }

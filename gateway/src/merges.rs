@@ -22,11 +22,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
-use merger::checkpoint::Stamps;
 use merger::merge::{merge_in_memory, Progress};
-use merger::model::ModelOptions;
 use merger::spec::MergeSpec;
 use merger::{Cancel, MergeError};
+use runtime::checkpoint::Stamps;
+use runtime::model::ModelOptions;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 use utoipa::ToSchema;

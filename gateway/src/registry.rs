@@ -27,9 +27,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use merger::checkpoint::{Checkpoint, Stamps};
 use merger::merge::MergePlan;
 use merger::spec::{compact, MergeSpec};
+use runtime::checkpoint::{Checkpoint, Stamps};
 
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
@@ -484,7 +484,7 @@ impl Registry {
             opened
                 .get(name)
                 .cloned()
-                .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))
+                .ok_or_else(|| runtime::RuntimeError::MissingCheckpoint(name.into()).into())
         };
         let plan = MergePlan::with_bounds(spec, &open, &self.limits.bounds())?;
         Ok(Target::Merge(Box::new(plan)))

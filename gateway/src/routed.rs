@@ -25,11 +25,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use merger::checkpoint::Checkpoint;
-use merger::model::ModelOptions;
 use merger::moe::calibration::CalibrationItem;
 use merger::moe::{self, MoeParams, TrainReport};
 use merger::spec::{MergeSpec, ParamValue};
+use runtime::checkpoint::Checkpoint;
+use runtime::model::ModelOptions;
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -317,7 +317,7 @@ impl RoutedPlan {
     }
 
     /// The files of the checkpoints the merge reads, as resolved.
-    pub fn sources(&self) -> Vec<merger::checkpoint::Stamps> {
+    pub fn sources(&self) -> Vec<runtime::checkpoint::Stamps> {
         self.checkpoints
             .values()
             .map(|c| c.stamps().clone())
@@ -368,7 +368,7 @@ fn opener(
         checkpoints
             .get(name)
             .cloned()
-            .ok_or_else(|| merger::MergeError::MissingCheckpoint(name.into()))
+            .ok_or_else(|| runtime::RuntimeError::MissingCheckpoint(name.into()).into())
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
-use merger::model::ModelOptions;
+use runtime::model::ModelOptions;
 
 use crate::auth::Keys;
 use crate::cache::ModelCache;
@@ -41,7 +41,7 @@ impl AppState {
     /// Opens the registry's checkpoints and builds the shared state.
     pub fn new(config: Config) -> Result<Self> {
         let device =
-            merger::device::parse_device(&config.device).map_err(|e| GatewayError::Config {
+            runtime::device::parse_device(&config.device).map_err(|e| GatewayError::Config {
                 origin: "`device`".to_string(),
                 reason: e.to_string(),
             })?;

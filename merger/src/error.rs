@@ -9,27 +9,7 @@ use std::path::PathBuf;
 /// Result alias used across the crate.
 pub type Result<T, E = MergeError> = std::result::Result<T, E>;
 
-/// Broad class of an error, used by callers that map errors to exit codes or
-/// HTTP statuses without matching every variant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The request or spec is malformed (syntax, unknown names, bad values).
-    Invalid,
-    /// Something named does not exist (checkpoint folder, tensor, file).
-    NotFound,
-    /// Well-formed, but the inputs cannot be merged (shapes, expert counts).
-    Unprocessable,
-    /// A checkpoint file is corrupt, truncated, or changed while read.
-    Corrupt,
-    /// The output location is in a state we refuse to touch.
-    Conflict,
-    /// I/O or tensor backend failure.
-    Internal,
-    /// A parameter asks for more work or memory than the configured bound.
-    TooLarge,
-    /// The merge was cancelled while it ran ([`crate::Cancel`]).
-    Cancelled,
-}
+pub use runtime::ErrorKind;
 
 /// Everything that can go wrong while reading specs, checkpoints or merging.
 #[derive(Debug, thiserror::Error)]
@@ -40,20 +20,6 @@ pub enum MergeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("checkpoint folder `{0}` does not exist")]
-    MissingCheckpoint(PathBuf),
-    #[error(
-        "checkpoint folder `{path}` has no model.safetensors nor model.safetensors.index.json"
-    )]
-    NoWeights { path: PathBuf },
-    #[error("corrupt safetensors file `{path}`: {reason}")]
-    Corrupt { path: PathBuf, reason: String },
-    #[error("checkpoint file `{path}` changed while in use: {reason}")]
-    Changed { path: PathBuf, reason: String },
-    #[error("corrupt shard index `{path}`: {reason}")]
-    BadIndex { path: PathBuf, reason: String },
-    #[error("tensor `{tensor}` appears in more than one shard of `{path}`")]
-    DuplicateTensor { path: PathBuf, tensor: String },
     #[error("tensor `{tensor}` is missing from model `{model}` ({path})")]
     MissingTensor {
         tensor: String,
@@ -67,14 +33,6 @@ pub enum MergeError {
         found: Box<[usize]>,
         reference: String,
         expected: Box<[usize]>,
-    },
-    #[error(
-        "unsupported dtype {dtype} for tensor `{tensor}` in `{path}` (supported: F32, F16, BF16)"
-    )]
-    UnsupportedDtype {
-        tensor: String,
-        dtype: String,
-        path: PathBuf,
     },
     #[error("unknown merge method `{name}`; known methods: {known}")]
     UnknownMethod { name: String, known: String },
@@ -123,8 +81,6 @@ pub enum MergeError {
     Spec(String),
     #[error("output folder `{0}` exists and is not empty (pass --force to replace it)")]
     OutputNotEmpty(PathBuf),
-    #[error("device `{0}` is not available: {1}")]
-    Device(String, String),
     #[error("while merging tensor `{tensor}`: {source}")]
     Tensor {
         tensor: String,
@@ -133,24 +89,13 @@ pub enum MergeError {
     },
     #[error("model config `{path}`: {reason}")]
     ModelConfig { path: PathBuf, reason: String },
-    #[error("tokenizer `{path}`: {reason}")]
-    Tokenizer { path: PathBuf, reason: String },
-    #[error("chat template: {0}")]
-    Template(String),
-    #[error("generation: {0}")]
-    Generation(String),
-    #[error("{what} has {tokens} tokens, more than the model's context ({max} tokens, max_position_embeddings)")]
-    ContextLength {
-        what: String,
-        tokens: usize,
-        max: usize,
-    },
     #[error("{what} has non-finite values: {reason}")]
     NonFinite { what: String, reason: String },
-    #[error("model: {0}")]
-    Model(String),
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+    /// An error of the model runtime (reading a checkpoint, running a model).
+    #[error(transparent)]
+    Runtime(#[from] runtime::RuntimeError),
 }
 
 impl MergeError {
@@ -158,18 +103,13 @@ impl MergeError {
     pub fn kind(&self) -> ErrorKind {
         use MergeError::*;
         match self {
-            Io { .. } | Device(..) | Tensor { .. } | Candle(_) => ErrorKind::Internal,
-            ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
-            Template(_) | Generation(_) | Model(_) | ContextLength { .. } => ErrorKind::Invalid,
+            Io { .. } | Tensor { .. } | Candle(_) => ErrorKind::Internal,
+            ModelConfig { .. } => ErrorKind::Corrupt,
             NonFinite { .. } => ErrorKind::Unprocessable,
-            MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
-            Corrupt { .. } | Changed { .. } | BadIndex { .. } | DuplicateTensor { .. } => {
-                ErrorKind::Corrupt
+            MissingTensor { .. } => ErrorKind::NotFound,
+            ShapeMismatch { .. } | ModelCount { .. } | MissingBase { .. } => {
+                ErrorKind::Unprocessable
             }
-            ShapeMismatch { .. }
-            | ModelCount { .. }
-            | MissingBase { .. }
-            | UnsupportedDtype { .. } => ErrorKind::Unprocessable,
             UnknownMethod { .. }
             | UnknownParameter { .. }
             | OutOfRange { .. }
@@ -181,6 +121,7 @@ impl MergeError {
             OutputNotEmpty(_) => ErrorKind::Conflict,
             OverBound { .. } => ErrorKind::TooLarge,
             Cancelled => ErrorKind::Cancelled,
+            Runtime(e) => e.kind(),
         }
     }
 

@@ -7,9 +7,9 @@
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use crate::checkpoint::reader::decode_chunk;
-use crate::checkpoint::writer::bf16_bits;
-use crate::checkpoint::TensorRef;
+use runtime::checkpoint::codec::bf16_bits;
+use runtime::checkpoint::codec::decode_chunk;
+use runtime::checkpoint::TensorRef;
 
 /// A zeroed vector of `n` elements whose pages are backed by transparent
 /// huge pages where the kernel allows it (`madvise` mode): a merged tensor

@@ -7,20 +7,17 @@
 //! into a new checkpoint folder ([`merge`]).
 
 pub mod bounds;
-pub mod checkpoint;
-pub mod device;
 pub mod error;
-pub mod generate;
 pub mod kernels;
 pub mod linalg;
+pub mod load;
 pub mod merge;
 pub mod methods;
-pub mod model;
 pub mod moe;
 pub mod select;
 pub mod spec;
 pub mod throughput;
-pub mod zoo;
 
 pub use bounds::{Bounds, Cancel, Work};
 pub use error::{MergeError, Result};
+pub use load::{load_model, load_text_model};

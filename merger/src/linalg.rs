@@ -21,9 +21,9 @@
 use candle_core::{Device, Tensor};
 use faer::{Mat, MatRef, Scale};
 
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::methods::TensorInputs;
+use runtime::checkpoint::TensorRef;
 
 /// A thin SVD A = U diag(s) Vᵀ of an m×n matrix: U is m×r, V is n×r with
 /// r = min(m, n), and s is non-negative and non-increasing.

@@ -18,10 +18,10 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 
 use crate::bounds::{Bounds, Cancel};
-use crate::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 use crate::error::{MergeError, Result};
 use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
 use crate::spec::{canonical, MergeSpec, TensorCtx};
+use runtime::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 
 /// One output tensor of a plan.
 #[derive(Debug, Clone)]
@@ -118,9 +118,9 @@ impl Sink for CheckpointWriter {
                 Storage::Cpu(CpuStorage::F32(v)) => bytemuck::cast_slice(&v[start..end]),
                 _ => unreachable!("output dtypes are F32, F16 or BF16"),
             };
-            return self.write_raw(&tensor.name, bytes);
+            return Ok(self.write_raw(&tensor.name, bytes)?);
         }
-        with_f32_data(&value, |data| self.write_f32(&tensor.name, data)).map_err(err)?
+        Ok(with_f32_data(&value, |data| self.write_f32(&tensor.name, data)).map_err(err)??)
     }
 }
 
@@ -171,7 +171,7 @@ fn cast_cpu(data: &[f32], tensor: &PlannedTensor) -> candle_core::Result<Tensor>
     bytes
         .par_chunks_mut(CHUNK * width)
         .zip(data.par_chunks(CHUNK))
-        .for_each(|(b, v)| crate::checkpoint::writer::encode_chunk(tensor.dtype, v, b));
+        .for_each(|(b, v)| runtime::checkpoint::codec::encode_chunk(tensor.dtype, v, b));
     Tensor::from_raw_buffer(&bytes, tensor.dtype, &tensor.shape, &Device::Cpu)
 }
 
@@ -231,7 +231,9 @@ pub type Opener<'a> = &'a dyn Fn(&str) -> Result<Arc<Checkpoint>>;
 impl MergePlan {
     /// Validates `spec` and opens its checkpoint folders through `resolve`.
     pub fn new(spec: MergeSpec, resolve: Resolver) -> Result<Self> {
-        Self::with_checkpoints(spec, &|name: &str| Checkpoint::open(name, &resolve(name)?))
+        Self::with_checkpoints(spec, &|name: &str| {
+            Ok(Checkpoint::open(name, &resolve(name)?)?)
+        })
     }
 
     /// Validates `spec` against checkpoints obtained from `open`, with the
@@ -379,7 +381,7 @@ impl MergePlan {
                 .experts
                 .iter()
                 .map(|e| e.tensor(&t.name))
-                .collect::<Result<Vec<TensorBuf>>>()?,
+                .collect::<runtime::Result<Vec<TensorBuf>>>()?,
         })
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
 
-use crate::checkpoint::Checkpoint;
+use runtime::checkpoint::Checkpoint;
 
 /// Reads every tensor of every checkpoint into an owned buffer (what a
 /// merge does with its inputs), in parallel across tensors: the floor that

@@ -1,4 +1,4 @@
-//! Greedy generation on `merger::model` against candle-transformers' Llama
+//! Greedy generation on `runtime::model` against candle-transformers' Llama
 //! on the same weights: the loops `fusion bench generate` times and the
 //! criterion bench `benches/generate.rs` (which includes this file) runs.
 //!
@@ -13,8 +13,8 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use candle_transformers::models::llama;
-use merger::model::random::random_weights;
-use merger::model::{Model, ModelConfig, ModelOptions};
+use runtime::model::random::random_weights;
+use runtime::model::{Model, ModelConfig, ModelOptions};
 
 /// The benchmarked model shapes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -18,11 +18,11 @@ use std::time::Instant;
 use anyhow::Context;
 use candle_core::{DType, Tensor, D};
 use clap::Args;
-use merger::checkpoint::Checkpoint;
 use merger::merge::{merge_in_memory, MergePlan, Progress};
-use merger::model::{Model, ModelOptions};
 use merger::spec::{MergeSpec, ParamValue};
-use merger::zoo::{pool_spec, synth, SynthOptions};
+use runtime::checkpoint::Checkpoint;
+use runtime::model::{Model, ModelOptions};
+use zoo::{pool_spec, synth, SynthOptions};
 
 /// Options of `fusion bench moe`.
 #[derive(Args)]
@@ -118,7 +118,7 @@ fn bytes_of(w: &std::collections::HashMap<String, Tensor>) -> u64 {
 
 /// Runs `fusion bench moe`.
 pub fn run(a: MoeBenchArgs) -> anyhow::Result<()> {
-    let device = merger::device::parse_device(&a.device)?;
+    let device = runtime::device::parse_device(&a.device)?;
     let pool = a
         .work
         .join(format!("moe-pool-{}-{}-f32", a.params, a.experts));
@@ -151,7 +151,7 @@ pub fn run(a: MoeBenchArgs) -> anyhow::Result<()> {
         cks.iter()
             .find(|c| c.name() == n)
             .cloned()
-            .ok_or_else(|| merger::MergeError::MissingCheckpoint(PathBuf::from(n)))
+            .ok_or_else(|| runtime::RuntimeError::MissingCheckpoint(PathBuf::from(n)).into())
     };
     let opts = ModelOptions {
         device: device.clone(),
@@ -170,7 +170,7 @@ pub fn run(a: MoeBenchArgs) -> anyhow::Result<()> {
         c.num_hidden_layers,
         c.vocab_size,
         a.experts,
-        merger::device::device_name(&device),
+        runtime::device::device_name(&device),
         candle_core::utils::get_num_threads()
     );
     println!(

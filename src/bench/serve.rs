@@ -18,9 +18,9 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Tensor};
 use clap::Args;
 use gateway::Config;
-use merger::generate::{bytelevel, SamplingParams};
-use merger::model::random::{random_weights, write_checkpoint};
-use merger::model::ModelConfig;
+use runtime::generate::{bytelevel, SamplingParams};
+use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::ModelConfig;
 use serde_json::json;
 
 /// Arguments of `fusion bench serve`.
@@ -96,14 +96,16 @@ fn write_random_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result
             .collect::<candle_core::Result<_>>()?;
         write(name, &w)?;
     }
-    let experts: Vec<String> = EXPERTS.iter().map(|e| format!("{e}: models/{e}")).collect();
-    std::fs::write(
-        dir.join("pool.yaml"),
-        format!(
-            "name: bench\nbase: models/base\nexperts: {{{}}}\n",
-            experts.join(", ")
-        ),
-    )?;
+    evaluator::pool::PoolFile {
+        name: "bench".into(),
+        base: "models/base".into(),
+        experts: EXPERTS
+            .iter()
+            .map(|e| (e.to_string(), format!("models/{e}").into()))
+            .collect(),
+        taskpool: None,
+    }
+    .write(&dir.join(evaluator::pool::POOL_FILE))?;
     Ok(())
 }
 

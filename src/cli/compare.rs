@@ -38,7 +38,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
     if args.limit.is_some() {
         cfg.run.limit = args.limit;
     }
-    let device = merger::device::parse_device(&args.device)?;
+    let device = runtime::device::parse_device(&args.device)?;
     let start = Instant::now();
     let table = run_compare(
         &cfg,
@@ -53,7 +53,7 @@ pub fn run(args: CompareArgs) -> anyhow::Result<()> {
         table.rows.len(),
         table.columns.len(),
         start.elapsed().as_secs_f64(),
-        merger::device::device_name(&device)
+        runtime::device::device_name(&device)
     );
     Ok(())
 }

@@ -77,7 +77,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         (None, None) => bail!("give --taskpool DIR (the pool names none)"),
     };
     let taskpool = TaskPool::open(&taskpool_dir)?;
-    let device = merger::device::parse_device(&args.device)?;
+    let device = runtime::device::parse_device(&args.device)?;
     let start = Instant::now();
     let loaded = load(&source, pool.as_ref(), &device)
         .with_context(|| format!("loading `{}`", source.describe()))?;
@@ -100,7 +100,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         taskpool.name,
         start.elapsed().as_secs_f64(),
         loaded.seconds,
-        merger::device::device_name(&device)
+        runtime::device::device_name(&device)
     );
     Ok(())
 }

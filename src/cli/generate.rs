@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use clap::{ArgGroup, Args};
-use merger::generate::{ChatMessage, SamplingParams, TextModel};
-use merger::model::ModelOptions;
+use runtime::generate::{ChatMessage, SamplingParams};
+use runtime::model::ModelOptions;
 
 /// Arguments of `fusion generate`.
 #[derive(Args)]
@@ -76,10 +76,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
     params.validate()?;
     let opts = ModelOptions {
-        device: merger::device::parse_device(&args.device)?,
+        device: runtime::device::parse_device(&args.device)?,
         ..Default::default()
     };
-    let model = TextModel::load(&args.model, &opts)?;
+    let model = merger::load_text_model(&args.model, &opts)?;
     let prompt = match (args.prompt, args.chat) {
         (Some(p), _) => model.encode(&p)?,
         (None, Some(user)) => {

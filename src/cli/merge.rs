@@ -5,10 +5,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use merger::checkpoint::WriteOptions;
 use merger::merge::{merge_to_dir, MergeOptions};
 use merger::spec::{compact, mergekit, MergeSpec};
 use merger::MergeError;
+use runtime::checkpoint::WriteOptions;
 
 /// Arguments of `fusion merge`.
 #[derive(Args)]
@@ -85,7 +85,7 @@ fn resolver(config_dir: Option<PathBuf>) -> impl Fn(&str) -> merger::Result<Path
                 return Ok(rel);
             }
         }
-        Err(MergeError::MissingCheckpoint(direct))
+        Err(runtime::RuntimeError::MissingCheckpoint(direct).into())
     }
 }
 
@@ -99,7 +99,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         },
         _ => bail!("give a config file or --spec"),
     };
-    let device = merger::device::parse_device(&args.device)?;
+    let device = runtime::device::parse_device(&args.device)?;
     let opts = MergeOptions {
         write: WriteOptions {
             shard_size: args.shard_size,
@@ -126,7 +126,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         s.output_bytes as f64 / 1e9,
         s.seconds,
         s.input_bytes as f64 / 1e9 / s.seconds.max(1e-9),
-        merger::device::device_name(&device),
+        runtime::device::device_name(&device),
         report.out.display(),
         report.id
     );

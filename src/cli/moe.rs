@@ -7,10 +7,10 @@ use std::time::Instant;
 
 use anyhow::bail;
 use candle_core::Device;
-use merger::checkpoint::{Checkpoint, WriteOptions};
 use merger::merge::Resolver;
 use merger::moe::{self, MoeParams};
 use merger::spec::MergeSpec;
+use runtime::checkpoint::{Checkpoint, WriteOptions};
 
 /// What the routed build needs beyond the spec.
 pub struct MoeOptions {
@@ -52,7 +52,7 @@ pub fn run(
         }
         (None, false) => Vec::new(),
     };
-    let open = |name: &str| Checkpoint::open(name, &resolve(name)?);
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
     let id = moe::merge_id(spec, &open, &calibration)?;
     let start = Instant::now();
     let built = moe::build(spec, &open, &calibration, device, opts.progress)?;
@@ -66,7 +66,7 @@ pub fn run(
         meta.method.name(),
         meta.num_experts,
         meta.routing.name(),
-        merger::device::device_name(device),
+        runtime::device::device_name(device),
         counts.backbone,
         counts.expert_values,
         counts.expert_nonzero,

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Subcommand;
-use merger::checkpoint::parse_dtype;
-use merger::zoo::{build, keep_freed_memory, synth, BuildOptions, LlamaShape, SynthOptions};
+use runtime::checkpoint::parse_dtype;
+use zoo::{build, keep_freed_memory, synth, BuildOptions, LlamaShape, SynthOptions};
 
 /// Subcommands of `fusion zoo`.
 #[derive(Subcommand)]

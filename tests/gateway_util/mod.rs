@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor};
 use gateway::{Config, RunningServer};
-use merger::generate::bytelevel;
-use merger::model::random::{random_weights, write_checkpoint};
-use merger::model::ModelConfig;
 use reqwest::header::HeaderMap;
+use runtime::generate::bytelevel;
+use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::ModelConfig;
 use serde_json::Value;
 
 /// Context length of the test models.

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use evaluator::runner::{Loglikelihood, Scorer};
 use evaluator::EvalError;
-use merger::generate::TextModel;
+use runtime::generate::TextModel;
 
 use crate::limits::admission::{Admission, Slot};
 

@@ -28,9 +28,9 @@ use candle_core::{DType, Device, Tensor};
 pub use params::{Num, Params};
 
 use crate::bounds::{Bounds, Cancel};
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::spec::{MergeSpec, TensorCtx};
+use runtime::checkpoint::TensorRef;
 
 /// The inputs of one tensor: the base's and every expert's stored bytes.
 pub struct TensorInputs<'a> {

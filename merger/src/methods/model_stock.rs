@@ -31,10 +31,10 @@
 use candle_core::Tensor;
 
 use super::{MergeMethod, Params, TensorInputs};
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::kernels::linear_combination;
 use crate::spec::Dialect;
+use runtime::checkpoint::TensorRef;
 
 /// Below this, (T − 1) cos φ + 1 is treated as zero (opposite task vectors).
 const DEGENERATE: f64 = 1e-8;

@@ -26,9 +26,9 @@
 use candle_core::{Device, Tensor};
 
 use super::{MergeMethod, Num, Params, TensorInputs};
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::kernels::linear_combination_as;
+use runtime::checkpoint::TensorRef;
 
 /// Slerp between the two experts.
 #[derive(Debug)]

@@ -5,9 +5,9 @@ use std::sync::Mutex;
 use candle_core::{DType, Device};
 
 use super::{MergeMethod, ModelScan, TensorInputs};
-use crate::checkpoint::TensorRef;
 use crate::error::Result;
 use crate::spec::{MergeSpec, TensorCtx};
+use runtime::checkpoint::TensorRef;
 
 /// A token never cancelled, for test inputs.
 pub static NO_CANCEL: std::sync::LazyLock<crate::bounds::Cancel> =

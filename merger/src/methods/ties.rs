@@ -1052,10 +1052,10 @@ mod tests {
         // their thresholds, majority and merged bits must equal the generic
         // loops' (the in-memory selection, and `fb_kernel` on the decoded
         // chunks), for every merge function and output dtype.
-        use crate::checkpoint::TensorRef;
         use crate::methods::testutil::typed_bytes;
         use crate::spec::TensorCtx;
         use candle_core::Device;
+        use runtime::checkpoint::TensorRef;
         use stats::{fb_stats_direct, fb_stats_radix};
         static CPU: Device = Device::Cpu;
         let mut rng = ChaCha8Rng::seed_from_u64(21);

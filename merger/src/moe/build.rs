@@ -20,12 +20,12 @@ use super::{
     RouterMeta, Routers, PROJECTIONS,
 };
 use crate::bounds::Cancel;
-use crate::checkpoint::Checkpoint;
 use crate::error::{MergeError, Result};
 use crate::merge::{merge_in_memory, MergePlan, Opener, Progress};
 use crate::methods::{Arity, BaseUse, MergeMethod, MethodInfo, Params};
-use crate::model::{Linear, Model, ModelConfig, ModelOptions};
 use crate::spec::{canonical, MergeSpec};
+use runtime::checkpoint::Checkpoint;
+use runtime::model::{Linear, Model, ModelConfig, ModelOptions};
 
 /// The registry entries of the routed methods (for the canonical merge id
 /// and method listings); they cannot run as tensor-by-tensor merges.

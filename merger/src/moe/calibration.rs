@@ -11,14 +11,14 @@
 //!
 //! Labels (`answer`, `gold`, `label`, …) are never read. Texts and contexts
 //! are tokenised with the base's tokenizer as
-//! [`crate::generate::TextModel::encode`] does (BOS first when the
+//! [`runtime::generate::TextModel::encode`] does (BOS first when the
 //! tokenizer config names one); a choice's tokens are those that follow the
 //! context's in the encoding of context + choice (lm-eval's convention).
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{MergeError, Result};
-use crate::generate::TextTokenizer;
+use runtime::generate::TextTokenizer;
 
 /// The fields read as unlabeled inputs, first present wins.
 pub const INPUT_FIELDS: [&str; 4] = ["prompt", "context", "text", "input"];
@@ -180,7 +180,7 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
 /// Tokenises `inputs` with the tokenizer of the checkpoint folder
 /// `tokenizer_dir` (its `tokenizer.json` and `tokenizer_config.json`): texts
 /// and contexts start with the BOS token when the tokenizer config names
-/// one, as [`crate::generate::TextModel::encode`] gives. A choice whose
+/// one, as [`runtime::generate::TextModel::encode`] gives. A choice whose
 /// tokens would be empty is dropped; a multiple-choice input left with
 /// fewer than two choices becomes the text of its context.
 pub fn tokenize(inputs: &[(u32, Input)], tokenizer_dir: &Path) -> Result<Vec<CalibrationItem>> {
@@ -247,7 +247,7 @@ pub fn from_task_pool(dir: &Path, base: &Path) -> Result<Vec<CalibrationItem>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::generate::bytelevel::{encode_bytes, write_tokenizer_files, BOS};
+    use runtime::generate::bytelevel::{encode_bytes, write_tokenizer_files, BOS};
 
     #[test]
     fn reads_input_fields_but_never_labels() {

@@ -16,7 +16,7 @@
 //!   method, experts, routing, λ, router shape, training report, spec);
 //! - the base's tokenizer and generation files, copied.
 //!
-//! [`crate::model::Model::load`] recognises the `fusion_moe` key and loads
+//! [`runtime::model::Model::load`] recognises the `fusion_moe` key and loads
 //! the folder as the routed model, with logits identical to the saved one:
 //! every tensor is rounded to the stored dtype when the MoE is built, so
 //! writing it loses nothing.
@@ -31,10 +31,11 @@ use super::build::compute_dtype;
 use super::{
     LinearExperts, MoeMeta, MoeMethod, MoeParts, Router, Routers, TrainReport, PROJECTIONS,
 };
-use crate::checkpoint::{dtype_name, Checkpoint, CheckpointWriter, WriteOptions};
 use crate::error::{MergeError, Result};
 use crate::merge::with_f32_data;
-use crate::model::{ModelConfig, ModelOptions};
+use runtime::checkpoint::{dtype_name, Checkpoint, CheckpointWriter, WriteOptions};
+use runtime::model::{ModelConfig, ModelOptions};
+use runtime::RuntimeError;
 
 /// The config.json key that marks a routed ensemble.
 pub const META_KEY: &str = "fusion_moe";
@@ -149,7 +150,7 @@ pub fn save(parts: &MoeParts, dir: &Path, opts: &WriteOptions) -> Result<PathBuf
         "config.json",
         &serde_json::to_vec_pretty(&config).expect("json"),
     )?;
-    writer.finish()
+    Ok(writer.finish()?)
 }
 
 /// Reads tensors of an opened checkpoint onto a device in a dtype.
@@ -161,12 +162,12 @@ struct Reader<'a> {
 impl Reader<'_> {
     fn get(&self, name: &str, dtype: DType) -> Result<Tensor> {
         let t = self.ck.tensor(name).map_err(|e| match e {
-            MergeError::MissingTensor { tensor, .. } => MergeError::MissingTensor {
+            RuntimeError::MissingTensor { tensor, .. } => MergeError::MissingTensor {
                 tensor,
                 model: self.ck.name().to_string(),
                 path: self.ck.dir().to_path_buf(),
             },
-            e => e,
+            e => e.into(),
         })?;
         let err = |e| MergeError::in_tensor(name, e);
         t.into_tensor()

@@ -26,7 +26,7 @@
 //! minimisation of the next-token distribution on unlabeled inputs, with
 //! Adam; only the routers are trainable. [`build`] does it all from a spec;
 //! [`MoeModel::save`] writes a Hugging Face style folder that
-//! [`crate::model::Model::load`] loads back ([`checkpoint`]).
+//! [`runtime::model::Model::load`] loads back ([`checkpoint`]).
 
 pub mod build;
 pub mod calibration;
@@ -51,7 +51,7 @@ pub use params::MoeParams;
 pub use router::Router;
 pub use train::{EntropyPositions, TrainReport};
 
-use crate::model::{Model, ModelConfig};
+use runtime::model::{Model, ModelConfig};
 
 /// The routed-ensemble methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,13 +358,13 @@ impl MoeModel {
     pub fn save(
         &self,
         dir: &Path,
-        opts: &crate::checkpoint::WriteOptions,
+        opts: &runtime::checkpoint::WriteOptions,
     ) -> crate::Result<PathBuf> {
         checkpoint::save(&self.parts, dir, opts)
     }
 
     /// Loads a folder written by [`MoeModel::save`].
-    pub fn load(dir: &Path, opts: &crate::model::ModelOptions) -> crate::Result<Self> {
+    pub fn load(dir: &Path, opts: &runtime::model::ModelOptions) -> crate::Result<Self> {
         let parts = checkpoint::load(dir, opts)?;
         Self::from_parts(parts)
     }

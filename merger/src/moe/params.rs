@@ -134,7 +134,7 @@ impl MoeParams {
             }
         }
         if let Some(d) = &spec.dtype {
-            if crate::checkpoint::parse_dtype(d).is_none() {
+            if runtime::checkpoint::parse_dtype(d).is_none() {
                 return Err(MergeError::BadParameter {
                     param: "dtype".into(),
                     reason: format!("`{d}` is not one of float32, float16, bfloat16"),

@@ -1,4 +1,4 @@
-//! The routed MLP that replaces a block's MLP ([`crate::model::Mlp`]): the
+//! The routed MLP that replaces a block's MLP ([`runtime::model::Mlp`]): the
 //! frozen base MLP θ0 plus experts mixed by routing weights r,
 //! `down(silu(gate(x)) ⊙ up(x))` with every projection's weight
 //! W0 + Σi ri τi.
@@ -15,7 +15,7 @@
 use candle_core::Tensor;
 
 use super::{frozen, rankone, LinearExperts, Router, Routing};
-use crate::model::{Hooks, Linear, Mlp};
+use runtime::model::{Hooks, Linear, Mlp};
 
 /// One projection of a routed MLP.
 #[derive(Debug, Clone)]

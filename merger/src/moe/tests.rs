@@ -7,10 +7,10 @@ use candle_core::{DType, Device, Tensor};
 use super::calibration::{CalibrationInput, CalibrationItem};
 use super::testutil::{ids_tensor, logits, max_diff, pool, randn, random_ids, Pool};
 use super::*;
-use crate::checkpoint::WriteOptions;
 use crate::merge::{merge_in_memory, MergePlan, Progress};
-use crate::model::{Model, ModelOptions};
 use crate::spec::{MergeSpec, ParamValue};
+use runtime::checkpoint::WriteOptions;
+use runtime::model::{Model, ModelOptions};
 
 fn build_moe(p: &Pool, spec: &MergeSpec, calibration: &[Vec<u32>]) -> MoeModel {
     build_moe_on(p, spec, &texts(calibration))
@@ -405,7 +405,7 @@ fn multiple_choice_inputs_train_on_the_entropy_of_the_choice() {
                             .forward_with(
                                 &t,
                                 None,
-                                &mut crate::model::Hooks::routing_on(&[context.len()]),
+                                &mut runtime::model::Hooks::routing_on(&[context.len()]),
                             )
                             .unwrap()
                             .squeeze(0)
@@ -455,7 +455,7 @@ fn greedy_answer(m: &Model, prompt: &[u32], eos: usize) -> (Vec<Vec<f64>>, bool)
             .forward_with(
                 &ids_tensor(std::slice::from_ref(&ids)),
                 None,
-                &mut crate::model::Hooks::routing_on(&[prompt.len()]),
+                &mut runtime::model::Hooks::routing_on(&[prompt.len()]),
             )
             .unwrap()
             .squeeze(0)
@@ -664,7 +664,7 @@ fn saved_moe_loads_back_with_identical_logits() {
             );
             assert!(out.join("tokenizer.json").is_file());
             assert!(is_moe_folder(&out).unwrap() && !is_moe_folder(&p.path("base")).unwrap());
-            let loaded = Model::load(&out, &ModelOptions::default()).unwrap();
+            let loaded = crate::load_model(&out, &ModelOptions::default()).unwrap();
             let ids = random_ids(2, 7, 48, 4);
             let d = max_diff(&logits(moe.model(), &ids), &logits(&loaded, &ids));
             assert_eq!(d, 0.0, "{method} {dtype:?}");
@@ -761,12 +761,11 @@ fn scoring_routes_on_the_context_and_ignores_padding() {
     // TextModel scores a routed model with each sequence routed on its
     // context: batched (right-padded) scores equal single ones, and equal
     // prefilling the context into a KV cache and feeding the continuation.
-    use crate::generate::TextModel;
     let p = pool(2, false, 0.05, DType::F32);
     let moe = with_random_routers(&build_moe(&p, &untrained(p.spec("we_moe")), &[]), 0.5);
     let out = p.path("moe-out");
     moe.save(&out, &WriteOptions::default()).unwrap();
-    let tm = TextModel::load(&out, &ModelOptions::default()).unwrap();
+    let tm = crate::load_text_model(&out, &ModelOptions::default()).unwrap();
     let pairs: Vec<(String, String)> = [
         ("add: 1 + 2 =", " 3"),
         ("a much longer context than the others:", " yes"),

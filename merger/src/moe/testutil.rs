@@ -10,12 +10,12 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
-use crate::checkpoint::Checkpoint;
-use crate::generate::bytelevel::write_tokenizer_files;
-use crate::model::random::{random_weights, write_checkpoint};
-use crate::model::{Model, ModelConfig};
 use crate::spec::MergeSpec;
 use crate::Result;
+use runtime::checkpoint::Checkpoint;
+use runtime::generate::bytelevel::write_tokenizer_files;
+use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::{Model, ModelConfig};
 
 /// A pool in a temporary folder: `base`, `e1`, …, `eT`.
 pub struct Pool {
@@ -27,7 +27,7 @@ pub struct Pool {
 impl Pool {
     /// Opens checkpoints of the pool by name (names are folders under it).
     pub fn open(&self, name: &str) -> Result<Arc<Checkpoint>> {
-        Checkpoint::open(name, &self.dir.path().join(name))
+        Ok(Checkpoint::open(name, &self.dir.path().join(name))?)
     }
 
     /// A spec over every expert of the pool.

@@ -58,7 +58,7 @@ use super::build::{assemble, bar_for};
 use super::calibration::{CalibrationInput, CalibrationItem};
 use super::{MoeParts, Routers};
 use crate::error::{MergeError, Result};
-use crate::model::{Hooks, Model};
+use runtime::model::{Hooks, Model};
 
 /// Evaluation batches of the report.
 const EVAL_BATCHES: usize = 4;

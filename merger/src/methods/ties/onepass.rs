@@ -676,9 +676,9 @@ mod tests {
     use super::super::stats::{fb_stats_direct, fb_stats_radix_hold, RadixOpts, Route};
     use super::super::{fb_fused_tensor, FbTies, Scope};
     use super::*;
-    use crate::checkpoint::TensorRef;
     use crate::methods::ModelScan;
     use crate::spec::TensorCtx;
+    use runtime::checkpoint::TensorRef;
 
     /// One tensor stored as bf16: θ0 and every θi.
     struct Stored {

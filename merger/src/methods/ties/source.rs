@@ -8,12 +8,12 @@ use rayon::prelude::*;
 use super::super::dare::TensorDropout;
 use super::super::TensorInputs;
 use super::{BLOCK, CHUNK};
-use crate::checkpoint::reader::decode_chunk;
-use crate::checkpoint::TensorRef;
 use crate::error::{MergeError, Result};
 use crate::kernels::output_vec;
 use crate::kernels::OutElem;
 use crate::select::abs_key;
+use runtime::checkpoint::codec::decode_chunk;
+use runtime::checkpoint::TensorRef;
 
 /// θ0 and every (possibly DARE-sparsified) τi for `len` consecutive
 /// entries, with the kernels' scratch.

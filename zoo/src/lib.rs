@@ -1,0 +1,22 @@
+//! Pools of checkpoints to merge: the demo-pool trainer and synthetic pools.
+//!
+//! - [`build()`]: the demo pool, a tiny Llama base trained on synthetic tasks
+//!   ([`tasks`]) and one fine-tuned expert per task, with the task pool to
+//!   measure them (`fusion zoo build`).
+//! - [`synth()`]: random Llama-shaped pools of any size for throughput
+//!   benchmarks (`fusion zoo synth`).
+
+pub mod build;
+pub mod error;
+pub mod score;
+pub mod synth;
+pub mod tasks;
+pub mod train;
+
+pub use build::{
+    build, keep_freed_memory, pool_models, BuildOptions, BuildReport, ModelScores, Recipe,
+    TaskEntry,
+};
+pub use error::{Result, ZooError};
+pub use synth::{pool_spec, synth, LlamaShape, SynthOptions};
+pub use tasks::{Format, Item, Task, TaskKind};
