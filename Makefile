@@ -2,7 +2,7 @@
 # It installs what the tests need when it is missing (numpy + safetensors,
 # promtool, Helm, kubernetes-validate, hadolint: scripts/install-tools.sh),
 # builds once in release mode and runs every test of the workspace, benches in
-# test mode, then checks the Dockerfiles and the Helm chart.
+# test mode and the crates' doctests, then checks the Dockerfiles and the Helm chart.
 
 CARGO ?= cargo
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
@@ -11,6 +11,7 @@ export PATH := $(CURDIR)/.tools/bin:$(PATH)
 
 test: test-deps
 	$(CARGO) test --release --workspace --all-targets
+	$(CARGO) test --release --workspace --doc
 	scripts/check-deploy.sh
 
 test-deps:

@@ -6,6 +6,8 @@
 //! methods of FusionBench and mergekit ([`methods`]), streaming the result
 //! into a new checkpoint folder ([`merge`]).
 
+#![deny(missing_docs)]
+
 pub mod bounds;
 pub mod error;
 pub mod kernels;

@@ -6,6 +6,8 @@
 //! - [`synth()`]: random Llama-shaped pools of any size for throughput
 //!   benchmarks (`fusion zoo synth`).
 
+#![deny(missing_docs)]
+
 pub mod build;
 pub mod error;
 pub mod score;
