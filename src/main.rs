@@ -1,5 +1,7 @@
 //! `fusion`: the Fusion Gateway command line.
 
+#![deny(missing_docs)]
+
 mod bench;
 mod cli;
 

@@ -3,9 +3,10 @@
 //! - [`checkpoint`]: Hugging Face checkpoint folders (safetensors, single
 //!   file or sharded), read as hostile input into owned buffers, and the
 //!   streaming writer;
-//! - [`model`]: the architecture families on candle, configured from a
-//!   `config.json` (a new family is one module plus one registration, see
-//!   [`model::Family`]);
+//! - [`architectures`]: the registry of architecture families, recognised
+//!   from a `config.json` (a new family is one module plus one entry there);
+//! - [`model`]: the decoder-only transformer (Llama, Mistral, Qwen2) on
+//!   candle;
 //! - [`generate`]: tokenizer, chat template, sampling, KV cache, token stream,
 //!   log-likelihoods and embeddings ([`generate::TextModel`]);
 //! - [`device`]: `auto | cpu | cuda:N`.
@@ -48,6 +49,7 @@
 
 #![deny(missing_docs)]
 
+pub mod architectures;
 pub mod checkpoint;
 pub mod device;
 pub mod error;

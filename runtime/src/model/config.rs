@@ -110,16 +110,14 @@ impl ModelConfig {
             .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default()
             .to_ascii_lowercase();
-        let family = if kind.starts_with("llama") {
-            Family::Llama
-        } else if kind.starts_with("mistral") {
-            Family::Mistral
-        } else if kind.starts_with("qwen2") {
-            Family::Qwen2
-        } else {
-            return Err(bad(format!(
-                "model_type `{kind}` is not supported (llama, mistral, qwen2)"
-            )));
+        let family = match crate::architectures::recognise(&kind) {
+            Some(a) => a.family,
+            None => {
+                return Err(bad(format!(
+                    "model_type `{kind}` is not supported ({})",
+                    crate::architectures::supported()
+                )))
+            }
         };
         if let Some(act) = &raw.hidden_act {
             if act != "silu" {
@@ -212,11 +210,8 @@ impl ModelConfig {
 
     /// The config.json a Hugging Face loader reads for this architecture.
     pub fn to_hf_json(&self) -> serde_json::Value {
-        let (model_type, arch) = match self.family {
-            Family::Llama => ("llama", "LlamaForCausalLM"),
-            Family::Mistral => ("mistral", "MistralForCausalLM"),
-            Family::Qwen2 => ("qwen2", "Qwen2ForCausalLM"),
-        };
+        let entry = crate::architectures::of(self.family);
+        let (model_type, arch) = (entry.model_type, entry.hf_architecture);
         let mut v = serde_json::json!({
             "architectures": [arch],
             "model_type": model_type,

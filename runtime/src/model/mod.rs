@@ -1,5 +1,5 @@
-//! The model runtime: a decoder-only transformer for the Llama, Mistral and
-//! Qwen2 families on candle, configured from a Hugging Face config.json and
+//! The decoder-only transformer for the Llama, Mistral and Qwen2 families
+//! ([`crate::architectures`] registers them) on candle, configured from a Hugging Face config.json and
 //! fed weights by their Hugging Face names, from a checkpoint folder or from
 //! an in-memory tensor map (used without a copy when already in the compute
 //! dtype and on the device).
@@ -14,7 +14,7 @@
 //!   or computed from one (AdaMerging's coefficients, router training).
 //!
 //! Logits match candle-transformers' `llama` and `qwen2` within 1e-4 in f32
-//! (`merger/tests/parity.rs`). Mistral's sliding-window attention is not
+//! (`runtime/tests/parity.rs`). Mistral's sliding-window attention is not
 //! applied: attention is full causal, which is exact for sequences no longer
 //! than `sliding_window`.
 
