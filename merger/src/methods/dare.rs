@@ -57,9 +57,10 @@ use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use super::params::LAMBDA_KEYS;
-use super::ties::{densities, FbTies, Isa, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
+use super::ties::{densities, FbTies, MkMerge, Source, CHUNK, FB_LAMBDA_KEYS};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
+use crate::kernels::Isa;
 
 /// The dropout of a whole merge: seed, per-model keep probability and
 /// options; resolved per tensor by [`Dropout::for_tensor`].

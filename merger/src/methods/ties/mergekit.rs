@@ -10,6 +10,7 @@ use super::super::{MergeMethod, Num, Params, TensorInputs};
 use super::source::{Chunk, Source};
 use super::SMALL;
 use crate::error::Result;
+use crate::kernels::multiversion;
 use crate::select::{
     abs_key, add_into, count_high_ways, count_low, fold_ways, key_value, locate_high, order_small,
     Order, Pending, Pool, BUCKETS, WAYS,

@@ -40,9 +40,9 @@ use rayon::prelude::*;
 
 use super::source::{mask16, Source};
 use super::stats::{sgn32, Cut, Lane, Pass2, PerChunk, TiesStats};
-use super::{bf16_value, fb_entry, trimmed, trimmed_sum, Isa, MergeFunc, BLOCK, CHUNK};
+use super::{bf16_value, fb_entry, trimmed, trimmed_sum, MergeFunc, BLOCK, CHUNK};
 use crate::error::{MergeError, Result};
-use crate::kernels::{output_vec, OutElem};
+use crate::kernels::{output_vec, Isa, OutElem};
 use crate::methods::TensorInputs;
 use crate::select::abs_key;
 

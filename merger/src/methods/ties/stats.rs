@@ -8,6 +8,7 @@ use super::onepass::Hold;
 use super::source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
 use super::{BLOCK, CHUNK, ROW_CAP_BYTES, SMALL};
 use crate::error::Result;
+use crate::kernels::multiversion;
 use crate::select::{
     abs_key, add_into, count_high_ways, fold_ways, locate_high, order_small, Pool, BUCKETS, WAYS,
 };
