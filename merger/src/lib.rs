@@ -8,6 +8,7 @@
 
 pub mod bounds;
 pub mod error;
+pub mod inputs;
 pub mod kernels;
 pub mod linalg;
 pub mod load;

@@ -19,7 +19,8 @@ use rayon::prelude::*;
 
 use crate::bounds::{Bounds, Cancel};
 use crate::error::{MergeError, Result};
-use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
+use crate::inputs::TensorInputs;
+use crate::methods::{self, MergeMethod, MethodInfo, ModelScan};
 use crate::spec::{canonical, MergeSpec, TensorCtx};
 use runtime::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 
