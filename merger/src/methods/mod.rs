@@ -18,6 +18,7 @@ mod model_stock;
 mod simple_average;
 mod slerp;
 mod task_arithmetic;
+mod task_vectors;
 mod ties;
 mod tsv_m;
 mod weighted_average;
