@@ -11,8 +11,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(spec) = merger::spec::mergekit::from_yaml(text, Path::new("fuzz.yaml")) {
-        if let Ok((info, _method)) = merger::methods::build(&spec) {
-            let _ = merger::spec::canonical::merge_id(&spec, info, &[]);
+        if let Ok(plan) = merger::plan::Plan::new(spec.clone()) {
+            let _ = plan.info().merge_id(plan.spec(), &[]);
         }
     }
 });

@@ -1,10 +1,11 @@
 //! Checkpoints → merge spec → merged model.
 //!
 //! The merge engine of Fusion Gateway: reads Hugging Face checkpoint folders
-//! lazily through memory maps ([`checkpoint`]), validates merge specs written
-//! in any of three forms ([`spec`]), and merges tensor by tensor with the
-//! methods of FusionBench and mergekit ([`methods`]), streaming the result
-//! into a new checkpoint folder ([`merge`]).
+//! lazily ([`runtime::checkpoint`]), validates merge specs written in any of
+//! three forms ([`spec`]) into one [`plan::Plan`], and either merges tensor
+//! by tensor with the methods of FusionBench and mergekit ([`methods`]),
+//! streaming the result into memory or a new checkpoint folder ([`merge`]),
+//! or builds a routed ensemble of the experts ([`moe`]).
 
 pub mod bounds;
 pub mod error;
@@ -15,6 +16,7 @@ pub mod load;
 pub mod merge;
 pub mod methods;
 pub mod moe;
+pub mod plan;
 pub mod select;
 pub mod spec;
 pub mod throughput;

@@ -22,44 +22,9 @@ use super::{
 use crate::bounds::Cancel;
 use crate::error::{MergeError, Result};
 use crate::merge::{merge_in_memory, MergePlan, Opener, Progress};
-use crate::methods::{Arity, BaseUse, MergeMethod, MethodInfo, Params};
-use crate::spec::{canonical, MergeSpec};
+use crate::spec::MergeSpec;
 use runtime::checkpoint::Checkpoint;
 use runtime::model::{Linear, Model, ModelConfig, ModelOptions};
-
-/// The registry entries of the routed methods (for the canonical merge id
-/// and method listings); they cannot run as tensor-by-tensor merges.
-pub static MOE_METHODS: [MethodInfo; 3] = [
-    moe_info("we_moe"),
-    moe_info("sparse_we_moe"),
-    moe_info("rankone_moe"),
-];
-
-const fn moe_info(name: &'static str) -> MethodInfo {
-    MethodInfo {
-        name,
-        convention: "FusionBench",
-        arity: Arity::AtLeast(1),
-        base: BaseUse::Required,
-        // Expert i is router output i, and the seed draws the routers.
-        order_matters: true,
-        random: true,
-        build: not_per_tensor,
-    }
-}
-
-fn not_per_tensor(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    Err(MergeError::Unsupported {
-        feature: format!("`{}` as a tensor-by-tensor merge", p.method()),
-        hint: "it builds a routed model: use merger::moe::build (`fusion merge --calibration DIR`)"
-            .into(),
-    })
-}
-
-/// The registry entry of a routed method.
-pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
-    MOE_METHODS.iter().find(|m| m.name == name)
-}
 
 /// The canonical id of a routed merge (32 hex digits, no `merge-` prefix):
 /// the spec's canonical form, every checkpoint's fingerprint (the router
@@ -67,7 +32,7 @@ pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
 /// calibration inputs.
 pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem]) -> Result<String> {
     let params = MoeParams::from_spec(spec)?;
-    let info = method_info(params.method.name()).expect("every MoeMethod has an entry");
+    let info = crate::methods::lookup(params.method.name())?;
     let mut fingerprints = Vec::new();
     let names = std::iter::once(&params.base)
         .chain(&params.experts)
@@ -79,7 +44,7 @@ pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem])
     if params.needs_calibration() {
         fingerprints.push(("(calibration)".into(), calibration_digest(calibration)));
     }
-    Ok(canonical::merge_id(spec, info, &fingerprints))
+    Ok(info.merge_id(spec, &fingerprints))
 }
 
 /// SHA-256 of the calibration inputs: each its source, a kind tag, then its

@@ -46,7 +46,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 pub use build::{build, build_cancellable, merge_id};
-pub use checkpoint::is_moe_folder;
+pub(crate) use checkpoint::is_moe_folder;
 pub use params::MoeParams;
 pub use router::Router;
 pub use train::{EntropyPositions, TrainReport};
@@ -86,12 +86,6 @@ impl MoeMethod {
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.name() == name)
     }
-}
-
-/// True for the methods that build a routed model ([`build`]) rather than
-/// one merged weight set ([`crate::merge`]).
-pub fn is_moe_method(name: &str) -> bool {
-    MoeMethod::from_name(name).is_some()
 }
 
 /// How routing weights are computed from the router's per-token outputs.
