@@ -55,7 +55,7 @@ pub enum MergeError {
         param: String,
         value: u64,
         limit: u64,
-        work: crate::bounds::Work,
+        work: crate::work::Work,
     },
     #[error("the work was cancelled (a merge deleted or shut down, or a client that went away)")]
     Cancelled,

@@ -14,12 +14,14 @@ pub mod kernels;
 pub mod linalg;
 pub mod load;
 pub mod merge;
+pub mod mergekit;
 pub mod methods;
 pub mod moe;
 pub mod plan;
 pub mod select;
 pub mod spec;
 pub mod throughput;
+pub mod work;
 
 pub use bounds::{Bounds, Cancel, Work};
 pub use error::{MergeError, Result};

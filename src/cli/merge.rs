@@ -5,8 +5,9 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
+use merger::mergekit;
 use merger::plan::{Plan, Run, Written};
-use merger::spec::{compact, mergekit, MergeSpec};
+use merger::spec::{compact, MergeSpec};
 use merger::{Cancel, MergeError};
 use runtime::checkpoint::{Checkpoint, WriteOptions};
 

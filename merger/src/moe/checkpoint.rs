@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::build::compute_dtype;
+use super::assemble::compute_dtype;
 use super::{
     LinearExperts, MoeMeta, MoeMethod, MoeParts, Router, Routers, TrainReport, PROJECTIONS,
 };

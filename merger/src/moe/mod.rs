@@ -28,11 +28,13 @@
 //! [`MoeModel::save`] writes a Hugging Face style folder that
 //! [`runtime::model::Model::load`] loads back ([`checkpoint`]).
 
+mod assemble;
 pub mod build;
 pub mod calibration;
 pub mod checkpoint;
 pub mod frozen;
 pub mod params;
+mod progress;
 pub mod rankone;
 pub mod routed_mlp;
 pub mod router;
@@ -278,7 +280,7 @@ pub struct MoeModel {
 impl MoeModel {
     /// Assembles the runnable (inference) model from its parts.
     pub fn from_parts(parts: MoeParts) -> crate::Result<Self> {
-        let model = build::assemble(&parts, &parts.routers, false)?;
+        let model = assemble::assemble(&parts, &parts.routers, false)?;
         Ok(MoeModel { parts, model })
     }
 
