@@ -76,7 +76,7 @@ pub enum Written {
     /// A merged checkpoint folder.
     Tensorwise(MergeReport),
     /// A saved routed ensemble.
-    Routed(RoutedReport),
+    Routed(Box<RoutedReport>),
 }
 
 /// A routed ensemble saved by [`Plan::write`].
@@ -158,7 +158,7 @@ impl Plan {
     pub fn write(self, run: &Run, out: &Path, write: &WriteOptions) -> Result<Written> {
         Ok(match self {
             Plan::Tensorwise(t) => Written::Tensorwise(t.write(run, out, write)?),
-            Plan::Routed(r) => Written::Routed(r.write(run, out, write)?),
+            Plan::Routed(r) => Written::Routed(Box::new(r.write(run, out, write)?)),
         })
     }
 }
