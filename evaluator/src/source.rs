@@ -7,12 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
-use merger::merge::{merge_in_memory, MergePlan, Progress};
+use merger::moe::calibration::CalibrationItem;
+use merger::moe::MoeParams;
+use merger::plan::{Plan, Run};
 use merger::spec::{compact, MergeSpec};
-use merger::MergeError;
+use merger::{Cancel, MergeError};
 use runtime::checkpoint::Checkpoint;
 use runtime::generate::TextModel;
-use runtime::model::{Model, ModelConfig, ModelOptions};
+use runtime::model::ModelOptions;
 
 use crate::error::{EvalError, Result};
 use crate::pool::ModelPool;
@@ -61,44 +63,60 @@ impl ModelSource {
 /// and parameters, without opening any checkpoint.
 pub fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
     let spec = pool.complete(spec)?;
-    if merger::moe::is_moe_method(&spec.method) {
-        merger::moe::MoeParams::from_spec(&spec)?;
-    } else {
-        merger::methods::build(&spec)?;
-    }
-    Ok(spec)
+    Ok(Plan::new(spec)?.into_spec())
 }
 
-/// Builds a routed ensemble (`we_moe`, ...) of the pool's checkpoints; its
-/// routers train on the inputs of the pool's task pool (every `*.jsonl`
-/// under it, labels never read). A `router_checkpoint` names a pool
-/// checkpoint or a folder.
-fn load_moe(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<TextModel> {
-    let params = merger::moe::MoeParams::from_spec(spec)?;
+/// Merges `spec` in memory from the pool's checkpoints: one weight set, or
+/// a routed ensemble (`we_moe`, ...) whose routers train on the inputs of
+/// the pool's task pool (every `*.jsonl` under it, labels never read). A
+/// routed merge's `router_checkpoint` names a pool checkpoint or a folder.
+fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<TextModel> {
+    let plan = Plan::new(spec.clone())?;
+    let routed = matches!(plan, Plan::Routed(_));
     let resolve = |name: &str| -> merger::Result<PathBuf> {
         match pool.resolve(name) {
             Ok(p) => Ok(p),
-            Err(_) if Path::new(name).is_dir() => Ok(PathBuf::from(name)),
+            Err(_) if routed && Path::new(name).is_dir() => Ok(PathBuf::from(name)),
             Err(e) => Err(MergeError::Spec(e.to_string())),
         }
     };
-    let base = resolve(&params.base)?;
-    let calibration = if params.needs_calibration() {
-        let dir = pool.taskpool.as_ref().ok_or_else(|| EvalError::Pool {
-            path: pool.path.clone(),
-            reason: format!(
-                "`{}` trains its routers on the task pool's inputs: the pool names no `taskpool` \
-                 (or set `steps: 0` or a `router_checkpoint`)",
-                params.method.name()
-            ),
-        })?;
-        merger::moe::calibration::from_task_pool(dir, &base)?
-    } else {
-        Vec::new()
+    let calibration = match &plan {
+        Plan::Routed(r) => calibration(r.params(), pool, &resolve)?,
+        Plan::Tensorwise(_) => Vec::new(),
     };
     let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
-    let built = merger::moe::build(spec, &open, &calibration, device, false)?;
-    Ok(TextModel::from_model(built.into_model(), &base)?)
+    let cancel = Cancel::new();
+    let run = Run {
+        open: &open,
+        calibration: &calibration,
+        device,
+        progress: false,
+        cancel: &cancel,
+    };
+    Ok(plan.build(&run)?.into_text_model()?)
+}
+
+/// The inputs a routed merge's routers train on: the pool's task pool,
+/// tokenised with the base's tokenizer (none when the routers are loaded or
+/// left untrained).
+fn calibration(
+    params: &MoeParams,
+    pool: &ModelPool,
+    resolve: &dyn Fn(&str) -> merger::Result<PathBuf>,
+) -> Result<Vec<CalibrationItem>> {
+    let base = resolve(&params.base)?;
+    if !params.needs_calibration() {
+        return Ok(Vec::new());
+    }
+    let dir = pool.taskpool.as_ref().ok_or_else(|| EvalError::Pool {
+        path: pool.path.clone(),
+        reason: format!(
+            "`{}` trains its routers on the task pool's inputs: the pool names no `taskpool` \
+             (or set `steps: 0` or a `router_checkpoint`)",
+            params.method.name()
+        ),
+    })?;
+    Ok(merger::moe::calibration::from_task_pool(dir, &base)?)
 }
 
 /// A loaded model and what loading it cost.
@@ -131,23 +149,7 @@ pub fn load(source: &ModelSource, pool: Option<&ModelPool>, device: &Device) -> 
         ModelSource::Checkpoint(name) => {
             merger::load_text_model(&need_pool()?.resolve(name)?, &opts)?
         }
-        ModelSource::Merge(spec) if merger::moe::is_moe_method(&spec.method) => {
-            load_moe(spec, need_pool()?, device)?
-        }
-        ModelSource::Merge(spec) => {
-            let pool = need_pool()?;
-            let resolve = |name: &str| -> merger::Result<PathBuf> {
-                pool.resolve(name)
-                    .map_err(|e| MergeError::Spec(e.to_string()))
-            };
-            let mut plan = MergePlan::new(spec.clone(), &resolve)?;
-            let progress = Progress::new(plan.tensors().len(), plan.info().name, false);
-            let (tensors, _) = merge_in_memory(&mut plan, device, &progress)?;
-            let reference = plan.reference().dir().to_path_buf();
-            let config = ModelConfig::from_dir(&reference)?;
-            let model = Model::from_tensors(config, tensors, &opts)?;
-            TextModel::from_model(model, &reference)?
-        }
+        ModelSource::Merge(spec) => load_merge(spec, need_pool()?, device)?,
     };
     Ok(Loaded {
         model,

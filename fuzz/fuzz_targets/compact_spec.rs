@@ -12,8 +12,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(Parsed::Merge(spec)) = parse(text) {
-        if let Ok((info, _method)) = merger::methods::build(&spec) {
-            let _ = merger::spec::canonical::merge_id(&spec, info, &[]);
+        if let Ok(plan) = merger::plan::Plan::new(spec.clone()) {
+            let _ = plan.info().merge_id(plan.spec(), &[]);
         }
         let again = to_compact(&spec);
         let _ = parse(&again);

@@ -10,9 +10,9 @@ fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    if let Ok(spec) = merger::spec::mergekit::from_yaml(text, Path::new("fuzz.yaml")) {
-        if let Ok((info, _method)) = merger::methods::build(&spec) {
-            let _ = merger::spec::canonical::merge_id(&spec, info, &[]);
+    if let Ok(spec) = merger::mergekit::from_yaml(text, Path::new("fuzz.yaml")) {
+        if let Ok(plan) = merger::plan::Plan::new(spec.clone()) {
+            let _ = plan.info().merge_id(plan.spec(), &[]);
         }
     }
 });

@@ -25,12 +25,12 @@ impl Engine {
     /// routed ensemble (a folder `fusion merge` wrote for `we_moe`, ...)
     /// loads as the routed model it holds.
     pub fn from_checkpoint(ck: &Checkpoint, opts: &ModelOptions) -> merger::Result<Self> {
-        if merger::moe::is_moe_folder(ck.dir())? {
-            return Self::from_moe(MoeModel::load(ck.dir(), opts)?, ck.dir());
-        }
-        let config = ModelConfig::from_dir(ck.dir())?;
-        let model = Model::from_checkpoint(config, ck, opts)?;
-        Self::new(model, ck.dir())
+        let loaded = merger::load::load_checkpoint(ck, opts)?;
+        let bytes = loaded.resident_bytes;
+        Ok(Engine {
+            text: loaded.into_text_model()?,
+            bytes,
+        })
     }
 
     /// Builds a model from merged tensors; the config and tokenizer come from

@@ -28,6 +28,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use merger::merge::MergePlan;
+use merger::plan::Plan;
 use merger::spec::{compact, MergeSpec};
 use runtime::checkpoint::{Checkpoint, Stamps};
 
@@ -469,12 +470,16 @@ impl Registry {
                 }
             }
         }
-        if merger::moe::is_moe_method(&spec.method) {
-            let plan = RoutedPlan::new(spec, pool, &self.limits, &self.calibrations)?;
-            return Ok(Target::Routed(Box::new(plan)));
-        }
+        let plan = match Plan::with_bounds(spec, &self.limits.bounds())? {
+            Plan::Routed(routed) => {
+                let spec = routed.into_spec();
+                let plan = RoutedPlan::new(spec, pool, &self.limits, &self.calibrations)?;
+                return Ok(Target::Routed(Box::new(plan)));
+            }
+            Plan::Tensorwise(plan) => plan,
+        };
         // The checkpoints checked above (the base filled in is checked here).
-        if let Some(base) = &spec.base {
+        if let Some(base) = &plan.spec().base {
             if !opened.contains_key(base) {
                 let (_, bare_name, ck) = self.checkpoint(base, Some(&pool_name))?;
                 opened.insert(bare_name, ck);
@@ -486,8 +491,7 @@ impl Registry {
                 .cloned()
                 .ok_or_else(|| runtime::RuntimeError::MissingCheckpoint(name.into()).into())
         };
-        let plan = MergePlan::with_bounds(spec, &open, &self.limits.bounds())?;
-        Ok(Target::Merge(Box::new(plan)))
+        Ok(Target::Merge(Box::new(plan.open(&open)?)))
     }
 
     /// The pool named `name`, or a 404 listing the pools.

@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use merger::load::FolderKind;
 use merger::moe::calibration::CalibrationItem;
 use merger::moe::{self, MoeParams, TrainReport};
 use merger::spec::{MergeSpec, ParamValue};
@@ -249,7 +250,7 @@ impl RoutedPlan {
                     pool.checkpoint_names().collect::<Vec<_>>().join(", ")
                 ))
             })??;
-            if !moe::is_moe_folder(ck.dir())? {
+            if merger::load::folder_kind(ck.dir())? != FolderKind::Routed {
                 return Err(GatewayError::bad_param(
                     "model",
                     format!(

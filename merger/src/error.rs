@@ -94,7 +94,7 @@ pub enum MergeError {
         /// The configured bound.
         limit: u64,
         /// What the parameter scales.
-        work: crate::bounds::Work,
+        work: crate::work::Work,
     },
     /// The merge was cancelled while it ran ([`crate::Cancel`]).
     #[error("the work was cancelled (a merge deleted or shut down, or a client that went away)")]

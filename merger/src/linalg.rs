@@ -22,7 +22,7 @@ use candle_core::{Device, Tensor};
 use faer::{Mat, MatRef, Scale};
 
 use crate::error::{MergeError, Result};
-use crate::methods::TensorInputs;
+use crate::inputs::TensorInputs;
 use runtime::checkpoint::TensorRef;
 
 /// A thin SVD A = U diag(s) Vᵀ of an m×n matrix: U is m×r, V is n×r with

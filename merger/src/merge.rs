@@ -19,8 +19,9 @@ use rayon::prelude::*;
 
 use crate::bounds::{Bounds, Cancel};
 use crate::error::{MergeError, Result};
-use crate::methods::{self, MergeMethod, MethodInfo, ModelScan, TensorInputs};
-use crate::spec::{canonical, MergeSpec, TensorCtx};
+use crate::inputs::TensorInputs;
+use crate::methods::{self, MergeMethod, MethodInfo, ModelScan};
+use crate::spec::{MergeSpec, TensorCtx};
 use runtime::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 
 /// One output tensor of a plan.
@@ -246,6 +247,18 @@ impl MergePlan {
     /// parameters and lists against `bounds`.
     pub fn with_bounds(spec: MergeSpec, open: Opener, bounds: &Bounds) -> Result<Self> {
         let (info, method) = methods::build_bounded(&spec, bounds)?;
+        Self::from_method(spec, info, method, open)
+    }
+
+    /// The plan of `spec`, whose method `info` is already built as
+    /// `method`: opens the checkpoints through `open` and checks that every
+    /// input holds every tensor with one shape.
+    pub(crate) fn from_method(
+        spec: MergeSpec,
+        info: &'static MethodInfo,
+        method: Box<dyn MergeMethod>,
+        open: Opener,
+    ) -> Result<Self> {
         let dtype = match &spec.dtype {
             None => None,
             Some(d) => Some(parse_dtype(d).ok_or_else(|| MergeError::BadParameter {
@@ -293,7 +306,7 @@ impl MergePlan {
             .chain(experts.iter())
             .map(|c| Ok((c.name().to_string(), c.fingerprint()?.to_string())))
             .collect::<Result<_>>()?;
-        let id = canonical::merge_id(&spec, info, &fingerprints);
+        let id = info.merge_id(&spec, &fingerprints);
         Ok(MergePlan {
             spec,
             info,
@@ -574,6 +587,17 @@ pub fn merge_to_dir(
     opts: &MergeOptions,
 ) -> Result<MergeReport> {
     let mut plan = MergePlan::new(spec, resolve)?;
+    write_to_dir(&mut plan, out, device, opts)
+}
+
+/// Runs the validated `plan` on `device` and writes a checkpoint folder at
+/// `out`, as [`merge_to_dir`] does.
+pub fn write_to_dir(
+    plan: &mut MergePlan,
+    out: &Path,
+    device: &Device,
+    opts: &MergeOptions,
+) -> Result<MergeReport> {
     let layout: Vec<_> = plan
         .tensors()
         .iter()

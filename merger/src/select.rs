@@ -17,6 +17,9 @@
 //! Histograms are plain `u64` slices, so partial counts from different
 //! threads add up; [`Pool`] hands out per-thread accumulators and merges them
 //! at the end without a lock per element.
+//!
+//! Within one tensor held in memory, [`rank_range_mask`] selects by rank
+//! with ties ordered by position (magnitude pruning, breadcrumbs).
 
 use std::sync::Mutex;
 
@@ -210,6 +213,54 @@ pub fn add_into<T: Copy + std::ops::AddAssign>(dst: &mut [T], src: &[T]) {
     dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
 }
 
+/// The mask of the entries whose rank lies in [lo, hi) when `keys` are
+/// sorted ascending (by `f32::total_cmp`), ties ordered by position.
+///
+/// O(n): two selections on a copy and two counting passes, no full sort.
+pub fn rank_range_mask(keys: &[f32], lo: usize, hi: usize) -> Vec<bool> {
+    let n = keys.len();
+    let hi = hi.min(n);
+    if lo >= hi {
+        return vec![false; n];
+    }
+    if lo == 0 && hi == n {
+        return vec![true; n];
+    }
+    let cmp = |a: &f32, b: &f32| a.total_cmp(b);
+    let mut sorted = keys.to_vec();
+    let lo_v = *sorted.select_nth_unstable_by(lo, cmp).1;
+    let hi_v = if hi - 1 == lo {
+        lo_v
+    } else {
+        *sorted[lo + 1..].select_nth_unstable_by(hi - 2 - lo, cmp).1
+    };
+    drop(sorted);
+    let below = |v: f32| keys.iter().filter(|k| k.total_cmp(&v).is_lt()).count();
+    let (below_lo, below_hi) = (below(lo_v), below(hi_v));
+    let (mut seen_lo, mut seen_hi) = (0, 0);
+    keys.iter()
+        .map(|k| {
+            let (a, b) = (k.total_cmp(&lo_v), k.total_cmp(&hi_v));
+            if a.is_lt() || b.is_gt() {
+                return false;
+            }
+            if a.is_gt() && b.is_lt() {
+                return true;
+            }
+            // Equal to a boundary value: its rank is the count below that
+            // value plus the earlier entries equal to it.
+            let rank = if a.is_eq() {
+                seen_lo += 1;
+                below_lo + seen_lo - 1
+            } else {
+                seen_hi += 1;
+                below_hi + seen_hi - 1
+            };
+            (lo..hi).contains(&rank)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -349,5 +400,30 @@ mod tests {
     #[should_panic(expected = "exceeds")]
     fn rank_past_the_end_panics() {
         order_radix(&[1, 2, 3], 4);
+    }
+
+    #[test]
+    fn rank_ranges_with_ties() {
+        // keys 3 1 2 1 5: ascending with position ties → ranks 3:3 1:0 2:2 1:1 5:4.
+        let k = [3., 1., 2., 1., 5.];
+        assert_eq!(
+            rank_range_mask(&k, 1, 4),
+            vec![true, false, true, true, false]
+        );
+        assert_eq!(
+            rank_range_mask(&k, 0, 1),
+            vec![false, true, false, false, false]
+        );
+        assert_eq!(
+            rank_range_mask(&k, 2, 5),
+            vec![true, false, true, false, true]
+        );
+        // all equal: ranks are positions.
+        assert_eq!(
+            rank_range_mask(&[7.; 5], 1, 3),
+            vec![false, true, true, false, false]
+        );
+        assert_eq!(rank_range_mask(&k, 2, 2), vec![false; 5]);
+        assert_eq!(rank_range_mask(&k, 0, 9), vec![true; 5]);
     }
 }

@@ -5,10 +5,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use merger::merge::{merge_to_dir, MergeOptions};
-use merger::spec::{compact, mergekit, MergeSpec};
-use merger::MergeError;
-use runtime::checkpoint::WriteOptions;
+use merger::mergekit;
+use merger::plan::{Plan, Run, Written};
+use merger::spec::{compact, MergeSpec};
+use merger::{Cancel, MergeError};
+use runtime::checkpoint::{Checkpoint, WriteOptions};
 
 /// Arguments of `fusion merge`.
 #[derive(Args)]
@@ -40,16 +41,6 @@ pub struct MergeArgs {
     /// labels) train the routers, tokenised with the base's tokenizer.
     #[arg(long)]
     calibration: Option<PathBuf>,
-}
-
-impl MergeArgs {
-    fn moe_options(&self, opts: MergeOptions) -> super::moe::MoeOptions {
-        super::moe::MoeOptions {
-            write: opts.write,
-            progress: opts.progress,
-            calibration: self.calibration.clone(),
-        }
-    }
 }
 
 /// Reads a config file as a mergekit YAML or a structured spec.
@@ -100,24 +91,38 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         _ => bail!("give a config file or --spec"),
     };
     let device = runtime::device::parse_device(&args.device)?;
-    let opts = MergeOptions {
-        write: WriteOptions {
-            shard_size: args.shard_size,
-            force: args.force,
-        },
-        progress: !args.quiet,
+    let write = WriteOptions {
+        shard_size: args.shard_size,
+        force: args.force,
     };
     let resolve = resolver(config_dir);
-    if merger::moe::is_moe_method(&spec.method) {
-        return super::moe::run(&spec, &resolve, &args.out, &device, &args.moe_options(opts));
-    }
-    if args.calibration.is_some() {
-        bail!(
+    let plan = Plan::new(spec)?;
+    let calibration = match &plan {
+        Plan::Routed(routed) => {
+            super::moe::calibration(routed.params(), args.calibration.as_deref(), &resolve)?
+        }
+        Plan::Tensorwise(_) if args.calibration.is_some() => bail!(
             "--calibration is only used by the routed methods (we_moe, sparse_we_moe, rankone_moe), not `{}`",
-            spec.method
-        );
-    }
-    let report = merge_to_dir(spec, &resolve, &args.out, &device, &opts)?;
+            plan.spec().method
+        ),
+        Plan::Tensorwise(_) => Vec::new(),
+    };
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
+    let cancel = Cancel::new();
+    let run = Run {
+        open: &open,
+        calibration: &calibration,
+        device: &device,
+        progress: !args.quiet,
+        cancel: &cancel,
+    };
+    let report = match plan.write(&run, &args.out, &write)? {
+        Written::Tensorwise(report) => report,
+        Written::Routed(report) => {
+            super::moe::print_report(&report, &device);
+            return Ok(());
+        }
+    };
     let s = &report.stats;
     eprintln!(
         "merged {} tensors ({:.3} GB in, {:.3} GB out) in {:.2}s ({:.2} GB/s) on {} -> {} (merge-{})",

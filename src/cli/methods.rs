@@ -8,10 +8,7 @@ pub fn run() -> anyhow::Result<()> {
         "{:<18} {:<12} {:<10} {:<8} {:<7}",
         "method", "convention", "models", "base", "seeded"
     );
-    for m in REGISTRY
-        .iter()
-        .chain(merger::moe::build::MOE_METHODS.iter())
-    {
+    for m in REGISTRY {
         let models = match m.arity {
             Arity::Exactly(k) => format!("{k}"),
             Arity::AtLeast(k) => format!("{k}+"),

@@ -1,40 +1,29 @@
 //! `fusion merge` for the routed ensembles (`we_moe`, `sparse_we_moe`,
-//! `rankone_moe`): build the MoE, train its routers on the calibration task
-//! pool, and write it as a folder that `Model::load` (and the gateway) load.
+//! `rankone_moe`): the calibration task pool the routers train on, and what
+//! the saved ensemble (a folder that `Model::load` and the gateway load) is
+//! made of.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::Path;
 
 use anyhow::bail;
 use candle_core::Device;
 use merger::merge::Resolver;
-use merger::moe::{self, MoeParams};
-use merger::spec::MergeSpec;
-use runtime::checkpoint::{Checkpoint, WriteOptions};
+use merger::moe::calibration::{self, CalibrationItem};
+use merger::moe::MoeParams;
+use merger::plan::RoutedReport;
 
-/// What the routed build needs beyond the spec.
-pub struct MoeOptions {
-    /// Output layout and overwrite policy.
-    pub write: WriteOptions,
-    /// Show progress bars (only when stderr is a terminal).
-    pub progress: bool,
-    /// Task pool folder of unlabeled inputs.
-    pub calibration: Option<PathBuf>,
-}
-
-/// Builds, trains and writes the routed ensemble `spec`.
-pub fn run(
-    spec: &MergeSpec,
+/// The inputs the routers train on: the task pool folder `--calibration`
+/// names, tokenised with the base's tokenizer; none when the routers are
+/// loaded (`router_checkpoint`) or left untrained (`steps=0`).
+pub fn calibration(
+    params: &MoeParams,
+    dir: Option<&Path>,
     resolve: Resolver,
-    out: &Path,
-    device: &Device,
-    opts: &MoeOptions,
-) -> anyhow::Result<()> {
-    let params = MoeParams::from_spec(spec)?;
-    let calibration = match (&opts.calibration, params.needs_calibration()) {
+) -> anyhow::Result<Vec<CalibrationItem>> {
+    Ok(match (dir, params.needs_calibration()) {
         (Some(dir), true) => {
-            let items = moe::calibration::from_task_pool(dir, &resolve(&params.base)?)?;
-            let (texts, choices, tokens) = moe::calibration::summary(&items);
+            let items = calibration::from_task_pool(dir, &resolve(&params.base)?)?;
+            let (texts, choices, tokens) = calibration::summary(&items);
             eprintln!(
                 "calibration: {texts} texts and {choices} multiple-choice inputs ({tokens} tokens) from {}",
                 dir.display()
@@ -51,27 +40,25 @@ pub fn run(
             Vec::new()
         }
         (None, false) => Vec::new(),
-    };
-    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
-    let id = moe::merge_id(spec, &open, &calibration)?;
-    let start = Instant::now();
-    let built = moe::build(spec, &open, &calibration, device, opts.progress)?;
-    let seconds = start.elapsed().as_secs_f64();
-    let dir = built.save(out, &opts.write)?;
-    let counts = built.param_counts()?;
-    let meta = built.meta();
+    })
+}
+
+/// Prints what the built ensemble is made of and how its routers trained.
+pub fn print_report(report: &RoutedReport, device: &Device) {
+    let (counts, meta) = (&report.counts, &report.meta);
     eprintln!(
-        "built {} over {} experts (routing {}) in {seconds:.2}s on {}: backbone {} params, \
+        "built {} over {} experts (routing {}) in {:.2}s on {}: backbone {} params, \
          experts {} values ({} non-zero), routers {} params, {:.1} MB resident",
         meta.method.name(),
         meta.num_experts,
         meta.routing.name(),
+        report.seconds,
         runtime::device::device_name(device),
         counts.backbone,
         counts.expert_values,
         counts.expert_nonzero,
         counts.router,
-        built.bytes() as f64 / 1e6
+        report.resident_bytes as f64 / 1e6
     );
     if let Some(t) = &meta.training {
         eprintln!(
@@ -87,6 +74,5 @@ pub fn run(
             t.entropy_after
         );
     }
-    eprintln!("-> {} (merge-{id})", dir.display());
-    Ok(())
+    eprintln!("-> {} (merge-{})", report.out.display(), report.id);
 }

@@ -40,17 +40,15 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::magnitude_pruning::rank_range_mask;
 use super::params::LAMBDA_KEYS;
 use super::task_arithmetic::default_lambda;
+use super::task_vectors::magnitude_outliers;
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::spec::Dialect;
 
 /// mergekit leaves Σ wi undivided below this.
 const ZERO_SUM: f64 = 1e-8;
-/// mergekit skips the L1 rescale when a norm is below this.
-const RESCALE_EPS: f64 = 1e-7;
 
 /// Outlier-and-small-magnitude sparsification, then task arithmetic.
 #[derive(Debug)]
@@ -95,33 +93,6 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     }))
 }
 
-/// Zeroes the smallest and the largest |τ| of `tau` in place, keeping
-/// ⌊density·n⌋ entries in between; optionally restores the L1 norm.
-fn sparsify(tau: &mut [f32], density: f64, gamma: f64, rescale: bool) {
-    if density >= 1.0 {
-        return;
-    }
-    let n = tau.len();
-    let keep = (density * n as f64) as usize;
-    let top = ((gamma * n as f64) as usize).min(n - keep);
-    let bottom = n - keep - top;
-    let magnitudes: Vec<f32> = tau.par_iter().map(|x| x.abs()).collect();
-    let mask = rank_range_mask(&magnitudes, bottom, n - top);
-    let before: f64 = magnitudes.par_iter().map(|&x| x as f64).sum();
-    drop(magnitudes);
-    tau.par_iter_mut()
-        .zip(mask)
-        .filter(|(_, k)| !k)
-        .for_each(|(x, _)| *x = 0.0);
-    if rescale {
-        let after: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
-        if before >= RESCALE_EPS && after >= RESCALE_EPS {
-            let s = (before / after) as f32;
-            tau.par_iter_mut().for_each(|x| *x *= s);
-        }
-    }
-}
-
 impl MergeMethod for Breadcrumbs {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
         let base = inputs
@@ -138,7 +109,7 @@ impl MergeMethod for Breadcrumbs {
             let w = self.weights[i].at(ctx)?;
             let mut tau = expert.to_f32_vec();
             tau.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
-            sparsify(
+            magnitude_outliers(
                 &mut tau,
                 self.density[i].at(ctx)?,
                 self.gamma[i].at(ctx)?,
@@ -171,71 +142,13 @@ impl MergeMethod for Breadcrumbs {
 mod tests {
     use candle_core::DType;
 
-    use super::sparsify;
-    use crate::methods::testutil::{assert_close, merge1, merge_typed, Fixture};
+    use crate::methods::testutil::{assert_close, merge1, merge_typed, Fixture, TAU};
     use crate::spec::{Dialect, MergeSpec, ParamValue};
 
     fn spec(models: &[&str], dialect: Dialect) -> MergeSpec {
         let mut s = MergeSpec::new("breadcrumbs", Some("base"), models);
         s.dialect = dialect;
         s
-    }
-
-    /// τ = ±1..±10 in scrambled order, so ranks by |τ| are easy to read.
-    const TAU: [f32; 10] = [3., -9., 1., 10., -5., 2., -7., 4., 8., -6.];
-
-    #[test]
-    fn drops_outliers_and_small_entries() {
-        // n = 10, density 0.5, gamma 0.1: keep 5, top 1, bottom 4 → keep |τ| in {5, 6, 7, 8, 9}.
-        let mut t = TAU;
-        sparsify(&mut t, 0.5, 0.1, false);
-        assert_eq!(t, [0., -9., 0., 0., -5., 0., -7., 0., 8., -6.]);
-    }
-
-    #[test]
-    fn gamma_rounding_to_zero_keeps_the_largest() {
-        // n = 10, gamma 0.05 → ⌊0.5⌋ = 0 outliers; density 0.3 → keep the 3 largest
-        // (mergekit's indices[7:-0] would keep nothing).
-        let mut t = TAU;
-        sparsify(&mut t, 0.3, 0.05, false);
-        assert_eq!(t, [0., -9., 0., 10., 0., 0., 0., 0., 8., 0.]);
-    }
-
-    #[test]
-    fn density_plus_gamma_above_one_shrinks_the_outliers() {
-        // n = 10, density 0.9 → keep 9, gamma 0.2 → top 2, bottom = −1 → top 1, bottom 0:
-        // only |τ| = 10 is dropped.
-        let mut t = TAU;
-        sparsify(&mut t, 0.9, 0.2, false);
-        assert_eq!(t, [3., -9., 1., 0., -5., 2., -7., 4., 8., -6.]);
-        // density 1 keeps everything, whatever gamma.
-        let mut t = TAU;
-        sparsify(&mut t, 1.0, 0.5, false);
-        assert_eq!(t, TAU);
-    }
-
-    #[test]
-    fn rescale_restores_the_l1_norm() {
-        // Σ|τ| = 55; kept {9, 5, 7, 8, 6} sum to 35 → × 55/35 = 1.5714286.
-        let mut t = TAU;
-        sparsify(&mut t, 0.5, 0.1, true);
-        let s = 55.0f32 / 35.0;
-        assert_close(
-            &t,
-            &[
-                0.,
-                -9. * s,
-                0.,
-                0.,
-                -5. * s,
-                0.,
-                -7. * s,
-                0.,
-                8. * s,
-                -6. * s,
-            ],
-            1e-5,
-        );
     }
 
     #[test]

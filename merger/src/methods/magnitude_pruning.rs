@@ -40,6 +40,7 @@ use rayon::prelude::*;
 
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
+use crate::select::rank_range_mask;
 use crate::spec::TensorCtx;
 
 /// Which model's tensors are pruned.
@@ -139,54 +140,6 @@ fn is_linear_2d(ctx: &TensorCtx, shape: &[usize]) -> bool {
         && ctx.is_linear_weight()
         && !ctx.name.contains("wte")
         && !ctx.name.contains("wpe")
-}
-
-/// The mask of the entries whose rank lies in [lo, hi) when `keys` are
-/// sorted ascending (by `f32::total_cmp`), ties ordered by position.
-///
-/// O(n): two selections on a copy and two counting passes, no full sort.
-pub(super) fn rank_range_mask(keys: &[f32], lo: usize, hi: usize) -> Vec<bool> {
-    let n = keys.len();
-    let hi = hi.min(n);
-    if lo >= hi {
-        return vec![false; n];
-    }
-    if lo == 0 && hi == n {
-        return vec![true; n];
-    }
-    let cmp = |a: &f32, b: &f32| a.total_cmp(b);
-    let mut sorted = keys.to_vec();
-    let lo_v = *sorted.select_nth_unstable_by(lo, cmp).1;
-    let hi_v = if hi - 1 == lo {
-        lo_v
-    } else {
-        *sorted[lo + 1..].select_nth_unstable_by(hi - 2 - lo, cmp).1
-    };
-    drop(sorted);
-    let below = |v: f32| keys.iter().filter(|k| k.total_cmp(&v).is_lt()).count();
-    let (below_lo, below_hi) = (below(lo_v), below(hi_v));
-    let (mut seen_lo, mut seen_hi) = (0, 0);
-    keys.iter()
-        .map(|k| {
-            let (a, b) = (k.total_cmp(&lo_v), k.total_cmp(&hi_v));
-            if a.is_lt() || b.is_gt() {
-                return false;
-            }
-            if a.is_gt() && b.is_lt() {
-                return true;
-            }
-            // Equal to a boundary value: its rank is the count below that
-            // value plus the earlier entries equal to it.
-            let rank = if a.is_eq() {
-                seen_lo += 1;
-                below_lo + seen_lo - 1
-            } else {
-                seen_hi += 1;
-                below_hi + seen_hi - 1
-            };
-            (lo..hi).contains(&rank)
-        })
-        .collect()
 }
 
 /// The pruning key: ascending key order = pruning order.
@@ -303,7 +256,6 @@ impl MergeMethod for MagnitudePruning {
 mod tests {
     use candle_core::DType;
 
-    use super::rank_range_mask;
     use crate::error::MergeError;
     use crate::methods::testutil::{assert_close, build, merge1, merge_typed, Fixture};
     use crate::spec::{MergeSpec, ParamValue};
@@ -317,31 +269,6 @@ mod tests {
     fn weights() -> MergeSpec {
         MergeSpec::new("magnitude_pruning", None, &["x"])
             .with_value("mode", ParamValue::Text("weights".into()))
-    }
-
-    #[test]
-    fn rank_ranges_with_ties() {
-        // keys 3 1 2 1 5: ascending with position ties → ranks 3:3 1:0 2:2 1:1 5:4.
-        let k = [3., 1., 2., 1., 5.];
-        assert_eq!(
-            rank_range_mask(&k, 1, 4),
-            vec![true, false, true, true, false]
-        );
-        assert_eq!(
-            rank_range_mask(&k, 0, 1),
-            vec![false, true, false, false, false]
-        );
-        assert_eq!(
-            rank_range_mask(&k, 2, 5),
-            vec![true, false, true, false, true]
-        );
-        // all equal: ranks are positions.
-        assert_eq!(
-            rank_range_mask(&[7.; 5], 1, 3),
-            vec![false, true, true, false, false]
-        );
-        assert_eq!(rank_range_mask(&k, 2, 2), vec![false; 5]);
-        assert_eq!(rank_range_mask(&k, 0, 9), vec![true; 5]);
     }
 
     #[test]

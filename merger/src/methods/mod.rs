@@ -18,103 +18,20 @@ mod model_stock;
 mod simple_average;
 mod slerp;
 mod task_arithmetic;
+mod task_vectors;
 mod ties;
 mod tsv_m;
 mod weighted_average;
 mod wudi;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
+pub use crate::inputs::TensorInputs;
 pub use params::{Num, Params};
 
-use crate::bounds::{Bounds, Cancel};
+use crate::bounds::Bounds;
 use crate::error::{MergeError, Result};
-use crate::spec::{MergeSpec, TensorCtx};
-use runtime::checkpoint::TensorRef;
-
-/// The inputs of one tensor: the base's and every expert's stored bytes.
-pub struct TensorInputs<'a> {
-    /// Name and position of the tensor.
-    pub ctx: TensorCtx,
-    /// θ0's tensor, when the merge has a base.
-    pub base: Option<TensorRef<'a>>,
-    /// Each expert's tensor, in spec order.
-    pub experts: Vec<TensorRef<'a>>,
-    /// Where tensor arithmetic runs.
-    pub device: &'a Device,
-    /// The dtype the merged tensor is stored in. A method may return its
-    /// result in this dtype (fused kernels cast in the same pass) or in f32.
-    pub out_dtype: DType,
-    /// Cancels the merge; a method that loops long on one tensor (WUDI's
-    /// iterations) checks it between rounds.
-    pub cancel: &'a Cancel,
-}
-
-impl TensorInputs<'_> {
-    /// The tensor's shape.
-    pub fn shape(&self) -> &[usize] {
-        self.base.as_ref().unwrap_or(&self.experts[0]).shape
-    }
-
-    /// The base as an f32 tensor on the merge device.
-    pub fn base_f32(&self) -> Result<Tensor> {
-        let base = self.base.as_ref().ok_or_else(|| {
-            MergeError::Spec(format!(
-                "tensor `{}`: this method needs a base model",
-                self.ctx.name
-            ))
-        })?;
-        base.to_f32_tensor(self.device).map_err(|e| self.err(e))
-    }
-
-    /// Expert `i` as an f32 tensor on the merge device.
-    pub fn expert_f32(&self, i: usize) -> Result<Tensor> {
-        self.experts[i]
-            .to_f32_tensor(self.device)
-            .map_err(|e| self.err(e))
-    }
-
-    /// Every expert as f32 tensors.
-    pub fn experts_f32(&self) -> Result<Vec<Tensor>> {
-        (0..self.experts.len())
-            .map(|i| self.expert_f32(i))
-            .collect()
-    }
-
-    /// Task vectors τi = θi − θ0 as f32 tensors.
-    pub fn task_vectors(&self) -> Result<Vec<Tensor>> {
-        let base = self.base_f32()?;
-        (0..self.experts.len())
-            .map(|i| self.expert_f32(i)?.sub(&base).map_err(|e| self.err(e)))
-            .collect()
-    }
-
-    /// c0·θ0 + Σi ci·θi in the output dtype (fused on the CPU): the final
-    /// step of every method that is a linear combination of its inputs.
-    /// `base` is θ0's coefficient (`None`: the base is not part of it).
-    pub fn combine(&self, base: Option<f32>, experts: &[f32]) -> Result<Tensor> {
-        let mut refs = Vec::with_capacity(experts.len() + 1);
-        let mut coeffs = Vec::with_capacity(experts.len() + 1);
-        if let Some(c) = base {
-            refs.push(*self.base.as_ref().ok_or_else(|| {
-                MergeError::Spec(format!(
-                    "tensor `{}`: this method needs a base model",
-                    self.ctx.name
-                ))
-            })?);
-            coeffs.push(c);
-        }
-        refs.extend(self.experts.iter().copied());
-        coeffs.extend_from_slice(experts);
-        crate::kernels::linear_combination_as(&refs, &coeffs, self.device, self.out_dtype)
-            .map_err(|e| self.err(e))
-    }
-
-    /// Wraps a candle error with this tensor's name.
-    pub fn err(&self, e: candle_core::Error) -> MergeError {
-        MergeError::in_tensor(&self.ctx.name, e)
-    }
-}
+use crate::spec::{canonical, MergeSpec};
 
 /// A model-wide pass over every tensor's inputs, run before merging.
 pub trait ModelScan: Sync {
@@ -164,6 +81,18 @@ pub enum BaseUse {
     Unused,
 }
 
+/// How a method builds its result.
+#[derive(Clone, Copy)]
+pub enum MethodKind {
+    /// One weight set, merged tensor by tensor by the merge engine
+    /// ([`crate::merge`]) with the method this builds from the spec's
+    /// parameters.
+    Tensorwise(fn(&mut Params) -> Result<Box<dyn MergeMethod>>),
+    /// A routed ensemble: the experts' MLP task vectors behind routers, built
+    /// by [`crate::moe`] from its own parameters ([`crate::moe::MoeParams`]).
+    Routed,
+}
+
 /// A method's entry in the registry.
 pub struct MethodInfo {
     /// The canonical name.
@@ -178,8 +107,8 @@ pub struct MethodInfo {
     pub order_matters: bool,
     /// Whether the method is random (then the seed is part of the id).
     pub random: bool,
-    /// Builds the validated method from the spec's parameters.
-    pub build: fn(&mut Params) -> Result<Box<dyn MergeMethod>>,
+    /// Tensor by tensor (with its builder) or routed.
+    pub kind: MethodKind,
 }
 
 impl MethodInfo {
@@ -187,9 +116,28 @@ impl MethodInfo {
     pub fn needs_base(&self) -> bool {
         self.base == BaseUse::Required
     }
+
+    /// The canonical id of a merge of this method (see
+    /// [`crate::spec::canonical`]): `spec` and the `(name, fingerprint)` of
+    /// every checkpoint it reads; models sorted when their order does not
+    /// matter, the seed counted when the method is random.
+    pub fn merge_id(&self, spec: &MergeSpec, fingerprints: &[(String, String)]) -> String {
+        canonical::merge_id(spec, self.order_matters, self.random, fingerprints)
+    }
 }
 
 macro_rules! entry {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, routed) => {
+        MethodInfo {
+            name: $name,
+            convention: $conv,
+            arity: $arity,
+            base: BaseUse::$base,
+            order_matters: $ord,
+            random: $rand,
+            kind: MethodKind::Routed,
+        }
+    };
     ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, $build:path) => {
         MethodInfo {
             name: $name,
@@ -198,12 +146,13 @@ macro_rules! entry {
             base: BaseUse::$base,
             order_matters: $ord,
             random: $rand,
-            build: $build,
+            kind: MethodKind::Tensorwise($build),
         }
     };
 }
 
-/// Every method, FusionBench names first, then mergekit's.
+/// Every method: the tensor-wise ones (FusionBench names first, then
+/// mergekit's), then the routed ensembles.
 pub static REGISTRY: &[MethodInfo] = &[
     entry!(
         "simple_average",
@@ -367,23 +316,49 @@ pub static REGISTRY: &[MethodInfo] = &[
         random = true,
         dare::build_mergekit_ties
     ),
+    // Routed: expert i is router output i, and the seed draws the routers.
+    entry!(
+        "we_moe",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = true,
+        random = true,
+        routed
+    ),
+    entry!(
+        "sparse_we_moe",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = true,
+        random = true,
+        routed
+    ),
+    entry!(
+        "rankone_moe",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = true,
+        random = true,
+        routed
+    ),
 ];
 
 /// Looks a method up by name (either convention). mergekit's `slerp`,
 /// `task_arithmetic`, `model_stock` and `breadcrumbs` share the entry of
-/// the same name. The routed ensembles (`we_moe`, ...) are found too: their
-/// entries validate the spec's shape, but they build with
-/// [`crate::moe::build`], not as a tensor-by-tensor merge.
+/// the same name. The routed ensembles (`we_moe`, ...) are found too; they
+/// build with [`crate::moe`] (see [`crate::plan::Plan`]), not tensor by
+/// tensor.
 pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
     REGISTRY
         .iter()
         .find(|m| m.name == name)
-        .or_else(|| crate::moe::build::method_info(name))
         .ok_or_else(|| MergeError::UnknownMethod {
             name: name.to_string(),
             known: REGISTRY
                 .iter()
-                .chain(crate::moe::build::MOE_METHODS.iter())
                 .map(|m| m.name)
                 .collect::<Vec<_>>()
                 .join(", "),
@@ -391,7 +366,8 @@ pub fn lookup(name: &str) -> Result<&'static MethodInfo> {
 }
 
 /// Validates a spec's method, model count and parameters, and builds it,
-/// with the default [`Bounds`].
+/// with the default [`Bounds`]: a tensor-wise method only (a routed one is
+/// refused; [`crate::plan::Plan`] takes both).
 pub fn build(spec: &MergeSpec) -> Result<(&'static MethodInfo, Box<dyn MergeMethod>)> {
     build_bounded(spec, &Bounds::default())
 }
@@ -430,8 +406,15 @@ pub fn build_bounded(
             method: info.name.to_string(),
         });
     }
+    let MethodKind::Tensorwise(build) = info.kind else {
+        return Err(MergeError::Unsupported {
+            feature: format!("`{}` as a tensor-by-tensor merge", info.name),
+            hint: "it builds a routed model: use merger::plan::Plan (`fusion merge --calibration DIR`)"
+                .into(),
+        });
+    };
     let mut params = Params::with_bounds(info.name, spec, *bounds);
-    let method = (info.build)(&mut params)?;
+    let method = build(&mut params)?;
     params.finish()?;
     Ok((info, method))
 }

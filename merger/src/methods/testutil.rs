@@ -93,6 +93,21 @@ pub const GENERIC_EMBEDDING_MEAN: [f32; 12] = [
     1.15, -1.5, 2.05, 1.15, 1.65, 0.5, 0.7, 1.35, -1.95, 0.55, 1.6, 3.55,
 ];
 
+/// One linear weight (`model.layers.0.mlp.up_proj.weight`, n/100 × 100)
+/// with θ0 = 0 and one expert θ1 = 1: τ = 1 everywhere, so a merged entry
+/// shows what dropout or trimming did to it.
+pub fn ones(n: usize) -> Fixture {
+    Fixture::new(
+        "model.layers.0.mlp.up_proj.weight",
+        &[n / 100, 100],
+        Some(&vec![0.0; n]),
+        &[&vec![1.0; n]],
+    )
+}
+
+/// τ = ±1..±10 in scrambled order, so ranks by |τ| are easy to read.
+pub const TAU: [f32; 10] = [3., -9., 1., 10., -5., 2., -7., 4., 8., -6.];
+
 /// A spec for `method` with base `base` and `n` experts `m0..m{n-1}`.
 pub fn spec_n(method: &str, n: usize) -> MergeSpec {
     let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();

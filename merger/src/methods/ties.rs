@@ -1,6 +1,11 @@
 //! TIES merging (Yadav et al., "TIES-Merging: Resolving Interference When
 //! Merging Models", arXiv:2306.01708), as FusionBench's `ties_merging` and
-//! as mergekit's `ties`; plus the task-vector engine the DARE variants share.
+//! as mergekit's `ties`. Both run on the task-vector engine
+//! ([`super::task_vectors`]: the chunk source, the sign elections, and for
+//! mergekit's `ties` its generalized task arithmetic with magnitude
+//! trimming); the exact model-wide trimming of `ties_merging` is here
+//! ([`stats`], [`onepass`]), and `dare` with `combine: ties` runs it on the
+//! dropped-out task vectors.
 //!
 //! **`ties_merging` (FusionBench)**, τi = θi − θ0:
 //! 1. trim: per task keep τi where |τi| ≥ v, v the k-th smallest |τi| with
@@ -92,72 +97,14 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::dare::Dropout;
+use super::task_vectors::{
+    add_trimmed, elect, elect_tensor, picked, Chunk, Dropout, Source, BLOCK, CHUNK, SMALL,
+};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::kernels::output_vec;
+use crate::kernels::{multiversion, output_vec, OutElem};
 use crate::select::{abs_key, key_value};
 
-/// Defines `fn $name(args)` that runs `$body(args)` compiled for AVX2 and
-/// FMA when the CPU has them (checked at run time; the loops are
-/// compute-bound at SSE2 width), else the baseline build. `$body` must be
-/// `#[inline(always)]` so that it is compiled into each version. No floating
-/// point contraction happens in either build, so both give the same bits.
-macro_rules! multiversion {
-    ($(#[$m:meta])* $vis:vis fn $name:ident => $body:ident ($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)?) => {
-        $(#[$m])*
-        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
-            #[cfg(target_arch = "x86_64")]
-            {
-                #[target_feature(enable = "avx2,fma")]
-                unsafe fn wide($($arg: $ty),*) $(-> $ret)? {
-                    $body($($arg),*)
-                }
-                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-                    // SAFETY: the CPU supports AVX2 and FMA (checked just above).
-                    return unsafe { wide($($arg),*) };
-                }
-            }
-            $body($($arg),*)
-        }
-    };
-}
-
-/// The widest build of a fused loop the CPU runs: AVX-512 (F, BW, VL, DQ),
-/// AVX2 with FMA, or the baseline. Every build does the same operations
-/// without floating-point contraction, so all give the same bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Isa {
-    Avx512,
-    Avx2,
-    Base,
-}
-
-impl Isa {
-    /// What this CPU supports.
-    pub(crate) fn detect() -> Isa {
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            let avx2 = has!("avx2") && has!("fma");
-            if avx2 && has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq") {
-                return Isa::Avx512;
-            }
-            if avx2 {
-                return Isa::Avx2;
-            }
-        }
-        Isa::Base
-    }
-}
-
-/// Entries per chunk of the fused loops.
-pub(crate) const CHUNK: usize = 1 << 14;
-/// Entries per block of a chunk that the FusionBench loops decode and work
-/// on at once (θ0, every τ and the scratch stay in L1).
-pub(crate) const BLOCK: usize = 1 << 10;
-/// Tensors up to this size find their thresholds by in-memory selection.
-const SMALL: usize = 1 << 16;
 /// Undecided rows kept during the range pass before the majority is
 /// recounted in a pass of its own instead.
 pub(crate) const ROW_CAP_BYTES: usize = 64 << 20;
@@ -166,15 +113,11 @@ pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "s
 
 mod mergekit;
 mod onepass;
-mod source;
 mod stats;
 
-use crate::kernels::OutElem;
 pub use mergekit::build_mergekit;
-pub(crate) use mergekit::{densities, MkMerge};
+pub(crate) use mergekit::densities;
 use onepass::{Hold, Lambda, HOLD_CAP_BYTES};
-pub(crate) use source::Source;
-use source::{add_trimmed, Chunk};
 use stats::{fb_stats_radix_hold, fb_stats_tensor, RadixOpts, TiesStats};
 
 /// How the selected entries are combined.
@@ -190,13 +133,6 @@ pub(crate) enum MergeFunc {
 pub(crate) enum Scope {
     Model,
     Tensor,
-}
-
-/// FusionBench's selection: `where(s > 0, τ > 0, τ < 0)`, branchless.
-#[inline(always)]
-fn picked(sign: f32, v: f32) -> bool {
-    let up = sign > 0.0;
-    (up & (v > 0.0)) | (!up & (v < 0.0))
 }
 
 multiversion!(
@@ -222,15 +158,7 @@ fn fb_kernel_body(c: &mut Chunk, stats: &TiesStats, func: MergeFunc, lambda: f32
         add_trimmed(sign, &t[..n], k);
     }
     let m = stats.majority;
-    sign.iter_mut().for_each(|x| {
-        *x = if *x > 0.0 {
-            1.0
-        } else if *x < 0.0 {
-            -1.0
-        } else {
-            m
-        }
-    });
+    sign.iter_mut().for_each(|x| *x = elect(*x, m));
     acc.fill(0.0);
     aux.fill(0.0);
     for (t, &k) in tau.iter().zip(&stats.keys) {
@@ -431,14 +359,7 @@ pub(crate) fn fb_entry<const T: usize, const F: u8>(
 ) -> f32 {
     // `picked(sg, v) & kept` is `picked(sg, trimmed v)` (a dropped entry
     // is 0, which is never picked).
-    let s = trimmed_sum(kt);
-    let sg = if s > 0.0 {
-        1.0
-    } else if s < 0.0 {
-        -1.0
-    } else {
-        m
-    };
+    let sg = elect(trimmed_sum(kt), m);
     // `picked(sg, v)` is `v > 0` where sg > 0, else `-v > 0`.
     let flip = if sg > 0.0 { 0 } else { 0x8000_0000u32 };
     let (mut acc, mut aux) = (0f32, 0f32);
@@ -523,8 +444,7 @@ fn fb_candle(
     for t in &trimmed[1..] {
         s = (s + t)?;
     }
-    let sign = s.sign()?;
-    let sign = (&sign + (sign.eq(0f32)?.to_dtype(DType::F32)? * stats.majority as f64)?)?;
+    let sign = elect_tensor(&s, stats.majority)?;
     let pos = sign.gt(0f32)?.to_dtype(DType::F32)?;
     let neg = pos.affine(-1.0, 1.0)?;
     let mut sum = base.zeros_like()?;

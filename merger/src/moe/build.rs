@@ -3,17 +3,14 @@
 //! experts from the checkpoints, initialise the routers, then load trained
 //! routers or train them ([`super::train`]).
 
-use std::collections::HashMap;
-use std::io::IsTerminal;
-
 use candle_core::{DType, Device, Tensor};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
+use super::assemble::compute_dtype;
 use super::calibration::{CalibrationInput, CalibrationItem};
 use super::params::MoeParams;
-use super::routed_mlp::{RoutedLinear, RoutedMlp};
+use super::progress::bar_for;
 use super::train::{self, TrainOptions};
 use super::{
     checkpoint, rankone, sparse, LinearExperts, MoeMeta, MoeMethod, MoeModel, MoeParts, Router,
@@ -22,44 +19,9 @@ use super::{
 use crate::bounds::Cancel;
 use crate::error::{MergeError, Result};
 use crate::merge::{merge_in_memory, MergePlan, Opener, Progress};
-use crate::methods::{Arity, BaseUse, MergeMethod, MethodInfo, Params};
-use crate::spec::{canonical, MergeSpec};
+use crate::spec::MergeSpec;
 use runtime::checkpoint::Checkpoint;
-use runtime::model::{Linear, Model, ModelConfig, ModelOptions};
-
-/// The registry entries of the routed methods (for the canonical merge id
-/// and method listings); they cannot run as tensor-by-tensor merges.
-pub static MOE_METHODS: [MethodInfo; 3] = [
-    moe_info("we_moe"),
-    moe_info("sparse_we_moe"),
-    moe_info("rankone_moe"),
-];
-
-const fn moe_info(name: &'static str) -> MethodInfo {
-    MethodInfo {
-        name,
-        convention: "FusionBench",
-        arity: Arity::AtLeast(1),
-        base: BaseUse::Required,
-        // Expert i is router output i, and the seed draws the routers.
-        order_matters: true,
-        random: true,
-        build: not_per_tensor,
-    }
-}
-
-fn not_per_tensor(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    Err(MergeError::Unsupported {
-        feature: format!("`{}` as a tensor-by-tensor merge", p.method()),
-        hint: "it builds a routed model: use merger::moe::build (`fusion merge --calibration DIR`)"
-            .into(),
-    })
-}
-
-/// The registry entry of a routed method.
-pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
-    MOE_METHODS.iter().find(|m| m.name == name)
-}
+use runtime::model::ModelConfig;
 
 /// The canonical id of a routed merge (32 hex digits, no `merge-` prefix):
 /// the spec's canonical form, every checkpoint's fingerprint (the router
@@ -67,7 +29,7 @@ pub fn method_info(name: &str) -> Option<&'static MethodInfo> {
 /// calibration inputs.
 pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem]) -> Result<String> {
     let params = MoeParams::from_spec(spec)?;
-    let info = method_info(params.method.name()).expect("every MoeMethod has an entry");
+    let info = crate::methods::lookup(params.method.name())?;
     let mut fingerprints = Vec::new();
     let names = std::iter::once(&params.base)
         .chain(&params.experts)
@@ -79,7 +41,7 @@ pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem])
     if params.needs_calibration() {
         fingerprints.push(("(calibration)".into(), calibration_digest(calibration)));
     }
-    Ok(canonical::merge_id(spec, info, &fingerprints))
+    Ok(info.merge_id(spec, &fingerprints))
 }
 
 /// SHA-256 of the calibration inputs: each its source, a kind tag, then its
@@ -362,36 +324,6 @@ pub(crate) fn init_routers(
     })
 }
 
-/// The compute dtype: the one asked for, else f32 on the CPU and the stored
-/// dtype elsewhere (as [`Model::from_tensors`] decides).
-pub(crate) fn compute_dtype(device: &Device, asked: Option<DType>, stored: DType) -> DType {
-    match asked {
-        Some(d) => d,
-        None if device.is_cpu() => DType::F32,
-        None => stored,
-    }
-}
-
-/// A progress bar over `n` items, drawn only when `show` and stderr is a
-/// terminal.
-pub(crate) fn bar_for(n: usize, label: &str, show: bool) -> ProgressBar {
-    let target = if show && std::io::stderr().is_terminal() {
-        ProgressDrawTarget::stderr()
-    } else {
-        ProgressDrawTarget::hidden()
-    };
-    let bar = ProgressBar::with_draw_target(Some(n as u64), target);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} [{bar:30}] {pos}/{len} {msg} ({elapsed}, eta {eta})",
-        )
-        .expect("template")
-        .progress_chars("=> "),
-    );
-    bar.set_prefix(label.to_string());
-    bar
-}
-
 struct Extractor<'a> {
     base: &'a Checkpoint,
     experts: &'a [std::sync::Arc<Checkpoint>],
@@ -505,56 +437,4 @@ impl Extractor<'_> {
             experts: LinearExperts::Dense { weight, bias },
         })
     }
-}
-
-/// The runnable model of `parts` with `routers` (Vars when training).
-pub(crate) fn assemble(parts: &MoeParts, routers: &Routers, differentiable: bool) -> Result<Model> {
-    let embed = parts
-        .backbone
-        .get("model.embed_tokens.weight")
-        .ok_or_else(|| MergeError::MissingTensor {
-            tensor: "model.embed_tokens.weight".into(),
-            model: "routed ensemble".into(),
-            path: Default::default(),
-        })?;
-    let opts = ModelOptions {
-        device: embed.device().clone(),
-        dtype: Some(embed.dtype()),
-        differentiable,
-    };
-    let mut model = Model::from_tensors(parts.config.clone(), parts.backbone.clone(), &opts)?;
-    let backbone: &HashMap<String, Tensor> = &parts.backbone;
-    for (l, experts) in parts.experts.iter().enumerate() {
-        let mut projections = Vec::with_capacity(3);
-        for (p, e) in PROJECTIONS.iter().zip(experts) {
-            let prefix = format!("model.layers.{l}.mlp.{p}");
-            let get = |n: &str| {
-                backbone
-                    .get(n)
-                    .cloned()
-                    .ok_or_else(|| MergeError::MissingTensor {
-                        tensor: n.to_string(),
-                        model: "routed ensemble".into(),
-                        path: Default::default(),
-                    })
-            };
-            let wname = format!("{prefix}.weight");
-            let bias = if parts.config.mlp_bias {
-                Some(get(&format!("{prefix}.bias"))?)
-            } else {
-                None
-            };
-            let base = Linear::new(wname.clone(), get(&wname)?, bias);
-            projections
-                .push(RoutedLinear::new(base, e).map_err(|e| MergeError::in_tensor(&wname, e))?);
-        }
-        let projections: [RoutedLinear; 3] = projections.try_into().expect("three projections");
-        let mlp = RoutedMlp::new(
-            projections,
-            routers.for_layer(l).clone(),
-            parts.meta.routing,
-        );
-        model.set_mlp(l, Box::new(mlp))?;
-    }
-    Ok(model)
 }

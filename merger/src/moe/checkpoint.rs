@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::build::compute_dtype;
+use super::assemble::compute_dtype;
 use super::{
     LinearExperts, MoeMeta, MoeMethod, MoeParts, Router, Routers, TrainReport, PROJECTIONS,
 };
@@ -62,7 +62,7 @@ fn is_moe_tensor(name: &str) -> bool {
 
 /// True when `DIR/config.json` has a `fusion_moe` object. A folder without
 /// a readable config.json is not one (loading it reports the real problem).
-pub fn is_moe_folder(dir: &Path) -> Result<bool> {
+pub(crate) fn is_moe_folder(dir: &Path) -> Result<bool> {
     let path = dir.join("config.json");
     let Ok(text) = std::fs::read_to_string(&path) else {
         return Ok(false);

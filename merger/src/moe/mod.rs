@@ -28,11 +28,13 @@
 //! [`MoeModel::save`] writes a Hugging Face style folder that
 //! [`runtime::model::Model::load`] loads back ([`checkpoint`]).
 
+mod assemble;
 pub mod build;
 pub mod calibration;
 pub mod checkpoint;
 pub mod frozen;
 pub mod params;
+mod progress;
 pub mod rankone;
 pub mod routed_mlp;
 pub mod router;
@@ -46,7 +48,7 @@ use candle_core::Tensor;
 use serde::{Deserialize, Serialize};
 
 pub use build::{build, build_cancellable, merge_id};
-pub use checkpoint::is_moe_folder;
+pub(crate) use checkpoint::is_moe_folder;
 pub use params::MoeParams;
 pub use router::Router;
 pub use train::{EntropyPositions, TrainReport};
@@ -86,12 +88,6 @@ impl MoeMethod {
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|m| m.name() == name)
     }
-}
-
-/// True for the methods that build a routed model ([`build`]) rather than
-/// one merged weight set ([`crate::merge`]).
-pub fn is_moe_method(name: &str) -> bool {
-    MoeMethod::from_name(name).is_some()
 }
 
 /// How routing weights are computed from the router's per-token outputs.
@@ -284,7 +280,7 @@ pub struct MoeModel {
 impl MoeModel {
     /// Assembles the runnable (inference) model from its parts.
     pub fn from_parts(parts: MoeParts) -> crate::Result<Self> {
-        let model = build::assemble(&parts, &parts.routers, false)?;
+        let model = assemble::assemble(&parts, &parts.routers, false)?;
         Ok(MoeModel { parts, model })
     }
 

@@ -54,8 +54,9 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::build::{assemble, bar_for};
+use super::assemble::assemble;
 use super::calibration::{CalibrationInput, CalibrationItem};
+use super::progress::bar_for;
 use super::{MoeParts, Routers};
 use crate::error::{MergeError, Result};
 use runtime::model::{Hooks, Model};

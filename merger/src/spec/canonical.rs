@@ -21,7 +21,6 @@ use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
 use super::compact::dtype_name;
-use crate::methods::MethodInfo;
 use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
 
 /// Significant digits kept when normalising numbers.
@@ -76,9 +75,16 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
 
 /// The id of a merge: 32 hex digits, without the `merge-` prefix.
 ///
-/// `fingerprints` pairs each checkpoint name the spec uses with its
-/// fingerprint; their order does not matter.
-pub fn merge_id(spec: &MergeSpec, info: &MethodInfo, fingerprints: &[(String, String)]) -> String {
+/// `order_matters` and `random` are the method's (its registry entry's
+/// [`crate::methods::MethodInfo::merge_id`] passes them); `fingerprints`
+/// pairs each checkpoint name the spec uses with its fingerprint; their
+/// order does not matter.
+pub fn merge_id(
+    spec: &MergeSpec,
+    order_matters: bool,
+    random: bool,
+    fingerprints: &[(String, String)],
+) -> String {
     let mut pairs: Vec<(&str, &str)> = fingerprints
         .iter()
         .map(|(n, f)| (n.as_str(), f.as_str()))
@@ -90,10 +96,7 @@ pub fn merge_id(spec: &MergeSpec, info: &MethodInfo, fingerprints: &[(String, St
         .map(|(n, f)| Value::Array(vec![Value::String(n.into()), Value::String(f.into())]))
         .collect();
     let mut doc = Map::new();
-    doc.insert(
-        "spec".into(),
-        canonical_json(spec, info.order_matters, info.random),
-    );
+    doc.insert("spec".into(), canonical_json(spec, order_matters, random));
     doc.insert("checkpoints".into(), Value::Array(checkpoints));
     let digest = Sha256::digest(to_canonical_string(&Value::Object(doc)).as_bytes());
     digest[..ID_BYTES]
@@ -228,7 +231,7 @@ mod tests {
     fn id(s: &MergeSpec) -> String {
         let info = lookup(&s.method).unwrap();
         let names: Vec<&str> = s.checkpoint_names();
-        merge_id(s, info, &fps(&names))
+        info.merge_id(s, &fps(&names))
     }
 
     #[test]
@@ -322,10 +325,10 @@ mod tests {
         let fp = fps(&["c", "a", "b"]);
         let mut reordered = fp.clone();
         reordered.reverse();
-        assert_eq!(merge_id(&s, info, &fp), merge_id(&s, info, &reordered));
+        assert_eq!(info.merge_id(&s, &fp), info.merge_id(&s, &reordered));
         let mut changed = fp.clone();
         changed[1].1 = "fp-a-retrained".into();
-        assert_ne!(merge_id(&s, info, &fp), merge_id(&s, info, &changed));
+        assert_ne!(info.merge_id(&s, &fp), info.merge_id(&s, &changed));
     }
 
     #[test]
@@ -347,7 +350,7 @@ mod tests {
         // The id is SHA-256 of {"checkpoints":[["a","x"]],"spec":<text>}, first
         // 16 bytes; the literal comes from `printf '%s' '...' | sha256sum`.
         let info = lookup("task_arithmetic").unwrap();
-        let id = merge_id(&s, info, &[("a".into(), "x".into())]);
+        let id = info.merge_id(&s, &[("a".into(), "x".into())]);
         assert_eq!(id, "4f3e898f446a0a96a26f06c00a4f5914");
         assert_eq!(id.len(), 32);
     }

@@ -3,13 +3,13 @@
 //! 1. Structured ([`MergeSpec`], JSON in a request's `merge` field or YAML).
 //! 2. The compact string of the OpenAI `model` field ([`compact::parse`]):
 //!    `ties_merging(math,code;density=0.2,scaling_coefficient=0.3)`.
-//! 3. A mergekit YAML file ([`mergekit::from_yaml`]).
+//! 3. A mergekit YAML file ([`crate::mergekit::from_yaml`], which places
+//!    the base by the method registry's rules).
 //!
 //! [`canonical`] computes the id that equal specs share.
 
 pub mod canonical;
 pub mod compact;
-pub mod mergekit;
 pub mod param;
 
 use std::collections::BTreeMap;

@@ -38,11 +38,11 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
-use super::source::{mask16, Source};
+use super::super::task_vectors::{mask16, Source, BLOCK, CHUNK};
 use super::stats::{sgn32, Cut, Lane, Pass2, PerChunk, TiesStats};
-use super::{bf16_value, fb_entry, trimmed, trimmed_sum, Isa, MergeFunc, BLOCK, CHUNK};
+use super::{bf16_value, fb_entry, trimmed, trimmed_sum, MergeFunc};
 use crate::error::{MergeError, Result};
-use crate::kernels::{output_vec, OutElem};
+use crate::kernels::{output_vec, Isa, OutElem};
 use crate::methods::TensorInputs;
 use crate::select::abs_key;
 
@@ -1030,7 +1030,7 @@ mod tests {
         let s = stored(
             &mut rng,
             "w",
-            super::super::SMALL + 3 * CHUNK + 5,
+            crate::methods::task_vectors::SMALL + 3 * CHUNK + 5,
             3,
             Kind::Coarse,
         );

@@ -4,10 +4,13 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
+use super::super::task_vectors::{
+    add_trimmed, for_each_flag, mask16, sgn, Chunk, Source, BLOCK, CHUNK, SMALL,
+};
 use super::onepass::Hold;
-use super::source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
-use super::{BLOCK, CHUNK, ROW_CAP_BYTES, SMALL};
+use super::ROW_CAP_BYTES;
 use crate::error::Result;
+use crate::kernels::multiversion;
 use crate::select::{
     abs_key, add_into, count_high_ways, fold_ways, locate_high, order_small, Pool, BUCKETS, WAYS,
 };
@@ -906,7 +909,6 @@ pub(super) fn fb_stats_tensor(src: &Source, density: f64) -> Result<TiesStats> {
 #[cfg(test)]
 mod tests {
     use super::super::test_data::{concat, random_fixture};
-    use super::super::CHUNK;
     use super::*;
     use crate::methods::testutil::{merge1, Fixture, FixtureScan};
     use crate::methods::{ModelScan, TensorInputs};

@@ -2,7 +2,12 @@
 //! runs candle operations on any device and, on the CPU, a fused loop that
 //! reads the stored bytes directly (measured faster: one pass over the inputs
 //! with the accumulator in L1, instead of one pass per operation with f32
-//! copies of whole tensors).
+//! copies of whole tensors). The loops are compiled for several instruction
+//! sets and dispatched at run time (the `simd` submodule).
+
+mod simd;
+
+pub(crate) use simd::{multiversion, Isa};
 
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;

@@ -1,16 +1,15 @@
 //! Task vectors chunk by chunk, straight from the stored bytes: the loader
-//! and output writer that every fused TIES and DARE loop runs on, and the
-//! small branch-free loops they share.
+//! and output writer that every fused TIES, DARE and mergekit loop runs on,
+//! and the small branch-free loops they share.
 
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
-use super::super::dare::TensorDropout;
-use super::super::TensorInputs;
+use super::dropout::TensorDropout;
 use super::{BLOCK, CHUNK};
 use crate::error::{MergeError, Result};
-use crate::kernels::output_vec;
-use crate::kernels::OutElem;
+use crate::inputs::TensorInputs;
+use crate::kernels::{multiversion, output_vec, OutElem};
 use crate::select::abs_key;
 use runtime::checkpoint::codec::decode_chunk;
 use runtime::checkpoint::TensorRef;
@@ -76,7 +75,7 @@ impl<'a> Source<'a> {
     }
 
     /// Every entry at once (for small tensors).
-    pub(super) fn load_all(&self) -> Chunk {
+    pub(crate) fn load_all(&self) -> Chunk {
         let n = self.numel();
         let mut c = self.chunk(n);
         self.load(0, n, &mut c);
@@ -91,7 +90,7 @@ impl<'a> Source<'a> {
 
     /// [`Source::map_chunks`] over the first ⌈len/`part`⌉ entries of each
     /// chunk only (a sample spread over the whole tensor).
-    pub(super) fn map_chunk_heads<R: Send>(
+    pub(crate) fn map_chunk_heads<R: Send>(
         &self,
         part: usize,
         f: impl Fn(usize, &mut Chunk) -> R + Sync,
@@ -120,7 +119,7 @@ impl<'a> Source<'a> {
     /// Loads entries `start..start + len` block by block into `c` (made by
     /// [`Source::block_scratch`]) and calls `g(c)` on each.
     #[inline]
-    pub(super) fn blocks(
+    pub(crate) fn blocks(
         &self,
         start: usize,
         len: usize,
@@ -145,7 +144,7 @@ impl<'a> Source<'a> {
     /// θ0 and every θi as bf16 words read in place, when every input is
     /// stored as aligned bf16 and there is no dropout (the fused loops that
     /// decode straight from the stored words).
-    pub(super) fn bf16_inputs(&self) -> Option<(&'a [u16], Vec<&'a [u16]>)> {
+    pub(crate) fn bf16_inputs(&self) -> Option<(&'a [u16], Vec<&'a [u16]>)> {
         if self.dropout.is_some() {
             return None;
         }
@@ -162,7 +161,7 @@ impl<'a> Source<'a> {
 
     /// Asks the cache for the stored bytes of entries `range` of every input.
     #[inline]
-    pub(super) fn prefetch(&self, range: std::ops::Range<usize>) {
+    pub(crate) fn prefetch(&self, range: std::ops::Range<usize>) {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -186,7 +185,7 @@ impl<'a> Source<'a> {
     /// Runs `f(load)` over every chunk in parallel (over the first
     /// ⌈len/`part`⌉ entries of each when `part` > 1), where `load(g)` calls
     /// `g` on the chunk's entries block by block (see [`Source::blocks`]).
-    pub(super) fn for_each_chunk_blocks(
+    pub(crate) fn for_each_chunk_blocks(
         &self,
         part: usize,
         f: impl Fn(&mut dyn FnMut(&mut dyn FnMut(&mut Chunk))) + Sync,
@@ -355,14 +354,14 @@ fn load_body(src: &Source, start: usize, len: usize, c: &mut Chunk) {
 multiversion!(fn load_chunk => load_body(src: &Source, start: usize, len: usize, c: &mut Chunk));
 
 #[inline]
-pub(super) fn sgn(x: f32) -> i64 {
+pub(crate) fn sgn(x: f32) -> i64 {
     i64::from(x > 0.0) - i64::from(x < 0.0)
 }
 
 /// `s += τ` where `abs_key(τ) >= key`, else `s += 0` (branchless, so the
 /// loop vectorises; keys of magnitudes fit in i31).
 #[inline(always)]
-pub(super) fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
+pub(crate) fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
     let key = key.min(i32::MAX as u32) as i32;
     for (s, &v) in s.iter_mut().zip(t) {
         *s += if abs_key(v) as i32 >= key { v } else { 0.0 };
@@ -371,7 +370,7 @@ pub(super) fn add_trimmed(s: &mut [f32], t: &[f32], key: u32) {
 
 /// The high bits of 16 flag bytes (0 or 0xff) as a mask.
 #[inline(always)]
-pub(super) fn mask16(w: &[u8]) -> u32 {
+pub(crate) fn mask16(w: &[u8]) -> u32 {
     debug_assert!(w.len() >= 16);
     #[cfg(target_arch = "x86_64")]
     {
@@ -393,7 +392,7 @@ pub(super) fn mask16(w: &[u8]) -> u32 {
 /// 32 flags at a time become a bit mask (two vector moves) and only set
 /// bits are visited.
 #[inline(always)]
-pub(super) fn for_each_flag(flags: &[u8], mut f: impl FnMut(usize)) {
+pub(crate) fn for_each_flag(flags: &[u8], mut f: impl FnMut(usize)) {
     let mut blocks = flags.chunks_exact(32);
     for (b, block) in (&mut blocks).enumerate() {
         let mut mask = mask16(&block[..16]) | mask16(&block[16..]) << 16;

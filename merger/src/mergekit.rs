@@ -40,15 +40,19 @@
 //!
 //! Model names are kept as written (paths or hub names); the CLI resolves
 //! them relative to the YAML's folder.
+//!
+//! The third way to write a spec (after the structured and compact forms of
+//! [`crate::spec`]); it lives above the method registry, whose base use
+//! decides where `base_model` goes.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde_yaml_ng::{Mapping, Value};
 
-use super::compact::dtype_name;
 use crate::error::{MergeError, Result};
 use crate::methods::{self, BaseUse};
+use crate::spec::compact::dtype_name;
 use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
 
 /// The top-level keys we read.

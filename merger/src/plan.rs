@@ -1,0 +1,364 @@
+//! One plan for every merge. A spec resolves to a [`Plan`] that says which
+//! kind of merge it is:
+//! - [`Plan::Tensorwise`]: one weight set, merged tensor by tensor by the
+//!   merge engine ([`crate::merge`]) with a method of [`crate::methods`];
+//! - [`Plan::Routed`]: a routed ensemble, the experts' MLP task vectors
+//!   behind routers over a task-arithmetic backbone, built by [`crate::moe`].
+//!
+//! Validation is apart from execution: [`Plan::new`] checks the method, the
+//! number of models, the base and every parameter (those that scale the
+//! work against [`Bounds`]) without opening a checkpoint. Either kind then
+//! builds a servable model in memory ([`Plan::build`]) or writes a folder
+//! that [`crate::load_model`] loads back ([`Plan::write`]).
+//!
+//! The registry ([`crate::methods::REGISTRY`]) lists both kinds; the kind of
+//! a method is its entry's [`MethodKind`], read here.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::Device;
+use runtime::checkpoint::WriteOptions;
+use runtime::model::{Model, ModelConfig, ModelOptions};
+
+use crate::bounds::{Bounds, Cancel};
+use crate::error::Result;
+use crate::load::Servable;
+use crate::merge::{
+    merge_in_memory, write_to_dir, MergeOptions, MergePlan, MergeReport, Opener, Progress,
+};
+use crate::methods::{self, MergeMethod, MethodInfo, MethodKind};
+use crate::moe::calibration::CalibrationItem;
+use crate::moe::{self, MoeMeta, MoeParams, ParamCounts};
+use crate::spec::MergeSpec;
+
+/// A validated merge of either kind, ready to build.
+pub enum Plan {
+    /// One weight set, merged tensor by tensor.
+    Tensorwise(Tensorwise),
+    /// A routed ensemble.
+    Routed(Routed),
+}
+
+/// A validated tensor-wise merge: the method's registry entry and the
+/// method built from the spec's parameters.
+pub struct Tensorwise {
+    spec: MergeSpec,
+    info: &'static MethodInfo,
+    method: Box<dyn MergeMethod>,
+}
+
+/// A validated routed ensemble: its registry entry and parameters.
+pub struct Routed {
+    spec: MergeSpec,
+    info: &'static MethodInfo,
+    params: MoeParams,
+}
+
+/// How a plan runs: where its checkpoints and calibration inputs come
+/// from, where it runs, its progress bars and its cancellation.
+pub struct Run<'a> {
+    /// Opens a checkpoint of the spec by name.
+    pub open: Opener<'a>,
+    /// Tokenised inputs the routers of a routed merge train on; unused by
+    /// tensor-wise merges and by routers loaded or left untrained.
+    pub calibration: &'a [CalibrationItem],
+    /// Where the merge runs and the built model lives.
+    pub device: &'a Device,
+    /// Show progress bars on stderr (only when it is a terminal).
+    pub progress: bool,
+    /// Stops the work with [`crate::MergeError::Cancelled`].
+    pub cancel: &'a Cancel,
+}
+
+/// What [`Plan::write`] wrote.
+pub enum Written {
+    /// A merged checkpoint folder.
+    Tensorwise(MergeReport),
+    /// A saved routed ensemble.
+    Routed(Box<RoutedReport>),
+}
+
+/// A routed ensemble saved by [`Plan::write`].
+#[derive(Debug, Clone)]
+pub struct RoutedReport {
+    /// The canonical merge id (without the `merge-` prefix).
+    pub id: String,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Seconds spent building it (backbone, experts and routers; saving
+    /// not included).
+    pub seconds: f64,
+    /// Its parameter counts by part.
+    pub counts: ParamCounts,
+    /// What it is and how its routers were trained.
+    pub meta: MoeMeta,
+    /// Bytes of its tensors in memory.
+    pub resident_bytes: u64,
+}
+
+impl Plan {
+    /// Validates `spec`, its work parameters against the default [`Bounds`].
+    pub fn new(spec: MergeSpec) -> Result<Plan> {
+        Self::with_bounds(spec, &Bounds::default())
+    }
+
+    /// Validates `spec`: the method, the model count, the base and every
+    /// parameter, those that scale the work (and every list of the spec)
+    /// against `bounds`. No checkpoint is opened.
+    pub fn with_bounds(spec: MergeSpec, bounds: &Bounds) -> Result<Plan> {
+        let routed = methods::lookup(&spec.method)
+            .ok()
+            .filter(|info| matches!(info.kind, MethodKind::Routed));
+        if let Some(info) = routed {
+            let params = MoeParams::from_spec_bounded(&spec, bounds)?;
+            return Ok(Plan::Routed(Routed { spec, info, params }));
+        }
+        let (info, method) = methods::build_bounded(&spec, bounds)?;
+        Ok(Plan::Tensorwise(Tensorwise { spec, info, method }))
+    }
+
+    /// The validated spec.
+    pub fn spec(&self) -> &MergeSpec {
+        match self {
+            Plan::Tensorwise(t) => &t.spec,
+            Plan::Routed(r) => &r.spec,
+        }
+    }
+
+    /// The method's registry entry.
+    pub fn info(&self) -> &'static MethodInfo {
+        match self {
+            Plan::Tensorwise(t) => t.info,
+            Plan::Routed(r) => r.info,
+        }
+    }
+
+    /// The validated spec, the plan dropped.
+    pub fn into_spec(self) -> MergeSpec {
+        match self {
+            Plan::Tensorwise(t) => t.spec,
+            Plan::Routed(r) => r.spec,
+        }
+    }
+
+    /// Builds the model in memory, ready to serve: the merged weights, or
+    /// the routed ensemble (its routers trained on `run.calibration`, loaded
+    /// from `router_checkpoint`, or left untrained).
+    pub fn build(self, run: &Run) -> Result<Servable> {
+        match self {
+            Plan::Tensorwise(t) => t.build(run),
+            Plan::Routed(r) => r.build(run),
+        }
+    }
+
+    /// Writes the model to the folder `out` (what `fusion merge` does): a
+    /// checkpoint with the reference's config and tokenizer files and a
+    /// `fusion_merge.json` provenance, or a saved routed ensemble.
+    pub fn write(self, run: &Run, out: &Path, write: &WriteOptions) -> Result<Written> {
+        Ok(match self {
+            Plan::Tensorwise(t) => Written::Tensorwise(t.write(run, out, write)?),
+            Plan::Routed(r) => Written::Routed(Box::new(r.write(run, out, write)?)),
+        })
+    }
+}
+
+impl Tensorwise {
+    /// The validated spec.
+    pub fn spec(&self) -> &MergeSpec {
+        &self.spec
+    }
+
+    /// The method's registry entry.
+    pub fn info(&self) -> &'static MethodInfo {
+        self.info
+    }
+
+    /// Opens the spec's checkpoints through `open` and checks that every
+    /// input holds every tensor with one shape: the merge, ready to run.
+    pub fn open(self, open: Opener) -> Result<MergePlan> {
+        MergePlan::from_method(self.spec, self.info, self.method, open)
+    }
+
+    /// [`Plan::build`] of a tensor-wise merge: the merged tensors in their
+    /// output dtypes on `run.device`, with the reference's architecture and
+    /// tokenizer.
+    pub fn build(self, run: &Run) -> Result<Servable> {
+        let mut plan = self.open(run.open)?;
+        plan.set_cancel(run.cancel.clone());
+        let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
+        let (tensors, _) = merge_in_memory(&mut plan, run.device, &progress)?;
+        let reference = plan.reference().dir().to_path_buf();
+        let config = ModelConfig::from_dir(&reference)?;
+        let opts = ModelOptions {
+            device: run.device.clone(),
+            ..ModelOptions::default()
+        };
+        let model = Model::from_tensors(config, tensors, &opts)?;
+        Ok(Servable::plain(model, reference))
+    }
+
+    /// [`Plan::write`] of a tensor-wise merge.
+    pub fn write(self, run: &Run, out: &Path, write: &WriteOptions) -> Result<MergeReport> {
+        let mut plan = self.open(run.open)?;
+        plan.set_cancel(run.cancel.clone());
+        let opts = MergeOptions {
+            write: write.clone(),
+            progress: run.progress,
+        };
+        write_to_dir(&mut plan, out, run.device, &opts)
+    }
+}
+
+impl Routed {
+    /// The validated spec.
+    pub fn spec(&self) -> &MergeSpec {
+        &self.spec
+    }
+
+    /// The validated parameters.
+    pub fn params(&self) -> &MoeParams {
+        &self.params
+    }
+
+    /// The spec, the plan dropped.
+    pub fn into_spec(self) -> MergeSpec {
+        self.spec
+    }
+
+    /// [`Plan::build`] of a routed ensemble, weighed by its resident bytes
+    /// (backbone, experts and routers); the tokenizer is the base's.
+    pub fn build(self, run: &Run) -> Result<Servable> {
+        let built = moe::build_cancellable(
+            &self.spec,
+            run.open,
+            run.calibration,
+            run.device,
+            run.progress,
+            run.cancel,
+        )?;
+        Servable::routed(built)
+    }
+
+    /// [`Plan::write`] of a routed ensemble: its id (the spec, the
+    /// checkpoints' fingerprints and, when the routers train, a digest of
+    /// the calibration inputs), then the build and the saved folder.
+    pub fn write(self, run: &Run, out: &Path, write: &WriteOptions) -> Result<RoutedReport> {
+        let id = moe::merge_id(&self.spec, run.open, run.calibration)?;
+        let start = Instant::now();
+        let built = moe::build_cancellable(
+            &self.spec,
+            run.open,
+            run.calibration,
+            run.device,
+            run.progress,
+            run.cancel,
+        )?;
+        let seconds = start.elapsed().as_secs_f64();
+        let out = built.save(out, write)?;
+        Ok(RoutedReport {
+            id,
+            out,
+            seconds,
+            counts: built.param_counts()?,
+            meta: built.meta().clone(),
+            resident_bytes: built.bytes(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::DType;
+
+    use super::*;
+    use crate::error::MergeError;
+    use crate::methods::REGISTRY;
+    use crate::moe::testutil::{logits, max_diff, pool, random_ids};
+    use crate::moe::MoeMethod;
+
+    #[test]
+    fn the_routed_registry_entries_are_the_moe_methods() {
+        let routed: Vec<&str> = REGISTRY
+            .iter()
+            .filter(|m| matches!(m.kind, MethodKind::Routed))
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(routed, MoeMethod::ALL.map(MoeMethod::name));
+        for m in MoeMethod::ALL {
+            let info = methods::lookup(m.name()).unwrap();
+            assert!(info.needs_base() && info.order_matters && info.random);
+        }
+    }
+
+    #[test]
+    fn a_spec_resolves_to_its_kind() {
+        let ta = MergeSpec::new("task_arithmetic", Some("base"), &["e1", "e2"]);
+        let plan = Plan::new(ta).unwrap();
+        assert!(matches!(plan, Plan::Tensorwise(_)));
+        assert_eq!(plan.info().name, "task_arithmetic");
+        let moe = MergeSpec::new("we_moe", Some("base"), &["e1", "e2"]).with("steps", 0.0);
+        let plan = Plan::new(moe.clone()).unwrap();
+        assert!(matches!(&plan, Plan::Routed(r) if !r.params().needs_calibration()));
+        assert_eq!(plan.info().name, "we_moe");
+        assert_eq!(plan.into_spec(), moe);
+        // Each kind validates its own parameters and names the bad one.
+        let bad =
+            MergeSpec::new("sparse_we_moe", Some("base"), &["e1"]).with("tv_prune_ratio", 2.0);
+        let err = Plan::new(bad).err().expect("out of range");
+        assert!(err.to_string().contains("tv_prune_ratio"), "{err}");
+        let bad = MergeSpec::new("ties_merging", Some("base"), &["e1"]).with("density", 2.0);
+        let err = Plan::new(bad).err().expect("out of range");
+        assert!(err.to_string().contains("density"), "{err}");
+        let err = Plan::new(MergeSpec::new("nope", None, &["e1"])).err();
+        assert!(
+            matches!(err, Some(MergeError::UnknownMethod { .. })),
+            "{err:?}"
+        );
+        // A routed method never builds as a tensor-by-tensor merge.
+        let err = methods::build(&MergeSpec::new("we_moe", Some("base"), &["e1"])).err();
+        assert!(matches!(err, Some(MergeError::Unsupported { .. })));
+    }
+
+    #[test]
+    fn a_model_built_in_memory_equals_the_one_written_and_loaded() {
+        let p = pool(2, false, 0.05, DType::F32);
+        let open = |name: &str| p.open(name);
+        let cancel = Cancel::new();
+        let run = Run {
+            open: &open,
+            calibration: &[],
+            device: &Device::Cpu,
+            progress: false,
+            cancel: &cancel,
+        };
+        let ids = random_ids(2, 6, 48, 3);
+        for spec in [p.spec("ties_merging"), p.spec("we_moe").with("steps", 0.0)] {
+            let method = spec.method.clone();
+            let built = Plan::new(spec.clone()).unwrap().build(&run).unwrap();
+            assert_eq!(built.side_files, p.path("base"));
+            let out = p.path(&format!("{method}-out"));
+            let written = Plan::new(spec)
+                .unwrap()
+                .write(&run, &out, &WriteOptions::default())
+                .unwrap();
+            let dir = match written {
+                Written::Tensorwise(report) => {
+                    // Every weight in f32: the parameters times 4 bytes.
+                    let params = built.model.config().num_parameters() as u64;
+                    assert_eq!(built.resident_bytes, 4 * params);
+                    assert_eq!(report.stats.output_bytes, built.resident_bytes);
+                    report.out
+                }
+                Written::Routed(report) => {
+                    assert_eq!(report.meta.method.name(), method);
+                    assert_eq!(report.resident_bytes, built.resident_bytes);
+                    report.out
+                }
+            };
+            let loaded = crate::load_model(&dir, &runtime::model::ModelOptions::default()).unwrap();
+            let d = max_diff(&logits(&built.model, &ids), &logits(&loaded, &ids));
+            assert_eq!(d, 0.0, "{method}");
+        }
+    }
+}
