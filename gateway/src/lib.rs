@@ -21,11 +21,9 @@ pub mod merges;
 pub mod metrics;
 pub mod openapi;
 pub mod registry;
-pub mod routed;
 pub mod routes;
 pub mod server;
 pub mod serving;
-pub mod sse;
 pub mod state;
 
 pub use config::Config;

@@ -36,7 +36,7 @@ use crate::engine::Engine;
 use crate::error::{GatewayError, Result};
 use crate::metrics::Metrics;
 use crate::registry::Target;
-use crate::routed::{RouterSource, RoutersInfo};
+use crate::registry::routed::{RouterSource, RoutersInfo};
 
 /// Most merges the book remembers; past it the oldest finished ones are
 /// forgotten.

@@ -11,9 +11,9 @@ use crate::evaluations::{
     Degraded, EvaluationInfo, Outcome, RunRecord, RunState, TaskScore, Trigger,
 };
 use crate::merges::{MergeInfo, MergeState};
-use crate::routed::{RouterSource, RoutersInfo};
+use crate::registry::routed::{RouterSource, RoutersInfo};
 use crate::routes;
-use crate::sse::{
+use crate::routes::sse::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk, CompletionChunkChoice,
 };
 

@@ -9,7 +9,7 @@ use super::{model_headers, response_id, unix_time, SamplingFields, Usage};
 use crate::engine::ChatMessage;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use crate::sse::{self, StreamKind, StreamMeta};
+use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// Roles a message may have.

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 use super::{model_headers, response_id, unix_time, SamplingFields, Usage};
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use crate::sse::{self, StreamKind, StreamMeta};
+use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// A text completion request (OpenAI fields plus `merge`).

@@ -8,6 +8,7 @@ pub mod evaluations;
 pub mod health;
 pub mod merges;
 pub mod models;
+pub mod sse;
 
 use actix_web::{web, HttpResponseBuilder};
 use serde::{Deserialize, Serialize};

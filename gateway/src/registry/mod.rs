@@ -12,7 +12,7 @@
 //! resolved spec carries the pool and bare names, so the same merge written
 //! either way has one id. A method that needs a base and names none gets the
 //! pool's base. Routed methods (`we_moe`, ...) resolve to a
-//! [`RoutedPlan`] (see [`crate::routed`]).
+//! [`RoutedPlan`] (see [`routed`]).
 //!
 //! Checkpoint files may change while the server runs. Every resolution
 //! re-checks the checkpoints it uses (a `stat` per file) and reopens one
@@ -35,7 +35,9 @@ use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
 use crate::merges::BookEntry;
-use crate::routed::{Calibrations, RoutedPlan};
+use routed::{Calibrations, RoutedPlan};
+
+pub mod routed;
 
 /// The name of a pool's base checkpoint.
 pub const BASE_NAME: &str = "base";

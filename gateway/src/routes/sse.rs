@@ -16,7 +16,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::GatewayError;
-use crate::routes::{model_headers, Usage};
+use super::{model_headers, Usage};
 use crate::serving::{Event, Generation, ModelHandle};
 
 /// Interval of `: keep-alive` comments while no token arrives.
