@@ -15,7 +15,7 @@
 //! path cannot reach a route under another route's class.
 
 use crate::error::{GatewayError, Result};
-use crate::routes::paths;
+use crate::paths;
 
 /// Who may call a route.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,14 +6,17 @@
 //! [`GatewayError::status`] decides the status, [`GatewayError::error_type`]
 //! the stable snake_case `type`, and [`GatewayError::body`] the
 //! `{"error": {"message", "type", "param", "code"}}` document, which SSE
-//! streams reuse for errors after the first byte.
+//! streams reuse for errors after the first byte. The errors of the layers
+//! below become gateway errors here too, by their kind and the [`Stage`]
+//! they arose at ([`GatewayError::at`]): validation errors are 4xx, a
+//! server-side failure once a request was accepted is a 500.
 
 use std::time::Duration;
 
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
-use merger::MergeError;
+use merger::{MergeError, Work};
 use runtime::{ErrorKind, RuntimeError};
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -313,27 +316,52 @@ impl ResponseError for GatewayError {
     }
 }
 
-impl From<MergeError> for GatewayError {
-    fn from(e: MergeError) -> Self {
-        if let MergeError::OverBound { work, .. } = &e {
-            let (key, hint) = crate::limits::bound_key(*work);
-            return GatewayError::TooLarge {
-                message: format!("{e} ({key}): {hint}"),
-                param: None,
-            };
-        }
-        if let MergeError::Runtime(e) = e {
-            return e.into();
-        }
-        from_kind(e.kind(), e.to_string())
-    }
+/// Where an error of the layers below (the merger, the runtime) arose,
+/// which decides whose fault it is. Validation refuses what the client
+/// asked for (4xx). Once validation has accepted a request, what fails
+/// while it runs is the server's: a 500 `internal_error` (a model that
+/// fails in its forward pass, a checkpoint that changed or vanished under
+/// the server, a merge its plan should have refused), never a 400 naming
+/// the spec. Two exceptions say something true about the request itself:
+/// checkpoints a merge cannot combine (non-finite results, shapes) are 422,
+/// and the runtime's verdicts on a request's own input (its prompt, its
+/// texts, its sampling parameters) stay 400 wherever the runtime reads it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Checking a request: resolving its model, planning its merge,
+    /// tokenizing its prompt.
+    Validation,
+    /// Running a validated merge (with its router training) into a model.
+    Merge,
+    /// Loading a registered checkpoint, or running a resident model on a
+    /// request's input (generation, embeddings).
+    Execution,
 }
 
-impl From<RuntimeError> for GatewayError {
-    fn from(e: RuntimeError) -> Self {
+impl GatewayError {
+    /// The error of the layers below `e`, raised at `stage`: the one
+    /// mapping from their errors to statuses (`From<MergeError>` is this at
+    /// [`Stage::Validation`]).
+    pub fn at(stage: Stage, e: MergeError) -> Self {
+        match e {
+            MergeError::OverBound { work, .. } => {
+                let (key, hint) = bound_key(work);
+                GatewayError::TooLarge {
+                    message: format!("{e} ({key}): {hint}"),
+                    param: None,
+                }
+            }
+            MergeError::Runtime(e) => Self::at_runtime(stage, e),
+            e => from_kind(stage, e.kind(), e.to_string()),
+        }
+    }
+
+    /// [`GatewayError::at`] for an error of the runtime.
+    pub fn at_runtime(stage: Stage, e: RuntimeError) -> Self {
         let message = e.to_string();
+        let input = matches!(stage, Stage::Validation | Stage::Execution);
         match &e {
-            RuntimeError::ContextLength { .. } => GatewayError::BadRequest {
+            RuntimeError::ContextLength { .. } if input => GatewayError::BadRequest {
                 message,
                 param: None,
                 code: "context_length_exceeded",
@@ -342,39 +370,76 @@ impl From<RuntimeError> for GatewayError {
             RuntimeError::Template(_)
             | RuntimeError::InvalidInput(_)
             | RuntimeError::BadParameter { .. }
-            | RuntimeError::OutOfRange { .. } => GatewayError::BadRequest {
-                message,
-                param: None,
-                code: "invalid_value",
-            },
-            _ => from_kind(e.kind(), message),
+            | RuntimeError::OutOfRange { .. }
+                if input =>
+            {
+                GatewayError::BadRequest {
+                    message,
+                    param: None,
+                    code: "invalid_value",
+                }
+            }
+            _ => from_kind(stage, e.kind(), message),
         }
     }
 }
 
-/// The status of an error of the layers below, by its broad class.
-fn from_kind(kind: ErrorKind, message: String) -> GatewayError {
-    {
-        match kind {
-            ErrorKind::Invalid => GatewayError::BadRequest {
-                message,
-                param: None,
-                code: "invalid_merge_spec",
-            },
-            ErrorKind::NotFound => GatewayError::NotFound {
-                message,
-                param: None,
-            },
-            ErrorKind::Unprocessable => GatewayError::Unprocessable(message),
-            ErrorKind::Conflict => GatewayError::Conflict(message),
-            ErrorKind::TooLarge => GatewayError::TooLarge {
-                message,
-                param: None,
-            },
-            ErrorKind::Cancelled => GatewayError::Conflict(message),
-            // A corrupt registered checkpoint is the server's problem, not the client's.
-            ErrorKind::Corrupt | ErrorKind::Internal => GatewayError::Internal(message),
+impl From<MergeError> for GatewayError {
+    fn from(e: MergeError) -> Self {
+        GatewayError::at(Stage::Validation, e)
+    }
+}
+
+impl From<RuntimeError> for GatewayError {
+    fn from(e: RuntimeError) -> Self {
+        GatewayError::at_runtime(Stage::Validation, e)
+    }
+}
+
+/// The status of an error of the layers below, by its broad class and
+/// where it arose (see [`Stage`]).
+fn from_kind(stage: Stage, kind: ErrorKind, message: String) -> GatewayError {
+    match (stage, kind) {
+        (_, ErrorKind::Cancelled) => GatewayError::Conflict(message),
+        (_, ErrorKind::TooLarge) => GatewayError::TooLarge {
+            message,
+            param: None,
+        },
+        (Stage::Validation, ErrorKind::Invalid) => GatewayError::BadRequest {
+            message,
+            param: None,
+            code: "invalid_merge_spec",
+        },
+        (Stage::Validation, ErrorKind::NotFound) => GatewayError::NotFound {
+            message,
+            param: None,
+        },
+        (Stage::Validation | Stage::Merge, ErrorKind::Unprocessable) => {
+            GatewayError::Unprocessable(message)
         }
+        (Stage::Validation, ErrorKind::Conflict) => GatewayError::Conflict(message),
+        // A corrupt registered checkpoint is the server's problem, not the
+        // client's; so is anything that fails once validation accepted the
+        // request.
+        (_, ErrorKind::Corrupt | ErrorKind::Internal)
+        | (Stage::Merge | Stage::Execution, _) => GatewayError::Internal(message),
+    }
+}
+
+/// The `server.limits` key that bounds `work`, and what to do instead.
+fn bound_key(work: Work) -> (&'static str, &'static str) {
+    match work {
+        Work::Iterations => ("server.limits.max_iterations", "ask for fewer iterations"),
+        Work::RouterSteps => (
+            "server.limits.max_router_steps",
+            "ask for fewer `steps`, or name trained routers with `router_checkpoint`",
+        ),
+        Work::BatchSize => (
+            "server.limits.max_batch_size",
+            "ask for a smaller `batch_size`",
+        ),
+        Work::Rank => ("server.limits.max_rank", "ask for a smaller rank"),
+        Work::ListLength => ("server.limits.max_list_len", "give shorter lists"),
     }
 }
 
@@ -520,5 +585,121 @@ mod tests {
         assert_eq!(e.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let e: GatewayError = RuntimeError::InvalidInput("the prompt has no tokens".into()).into();
         assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+    }
+
+    #[test]
+    fn every_kind_has_its_status_at_every_stage() {
+        use std::path::PathBuf;
+        fn runtime(e: RuntimeError) -> MergeError {
+            MergeError::Runtime(e)
+        }
+        // One error of each kind, and its status when validation finds it,
+        // while a merge runs, and while a checkpoint loads or a model runs.
+        type Make = fn() -> MergeError;
+        let cases: [(&str, Make, [u16; 3]); 12] = [
+            (
+                "invalid spec",
+                || MergeError::UnknownMethod {
+                    name: "x".into(),
+                    known: "y".into(),
+                },
+                [400, 500, 500],
+            ),
+            (
+                "invalid input",
+                || runtime(RuntimeError::InvalidInput("no tokens".into())),
+                [400, 500, 400],
+            ),
+            (
+                "template",
+                || runtime(RuntimeError::Template("raise".into())),
+                [400, 500, 400],
+            ),
+            (
+                "context",
+                || {
+                    runtime(RuntimeError::ContextLength {
+                        what: "input 0".into(),
+                        tokens: 9,
+                        max: 8,
+                    })
+                },
+                [400, 500, 400],
+            ),
+            (
+                "not found",
+                || runtime(RuntimeError::MissingCheckpoint(PathBuf::from("/m"))),
+                [404, 500, 500],
+            ),
+            (
+                "unprocessable",
+                || {
+                    runtime(RuntimeError::NonFinite {
+                        what: "the model's logits".into(),
+                        reason: "every logit is NaN".into(),
+                    })
+                },
+                [422, 422, 500],
+            ),
+            (
+                "corrupt",
+                || {
+                    runtime(RuntimeError::Corrupt {
+                        path: PathBuf::from("/m/model.safetensors"),
+                        reason: "short".into(),
+                    })
+                },
+                [500, 500, 500],
+            ),
+            (
+                "conflict",
+                || runtime(RuntimeError::OutputNotEmpty(PathBuf::from("/out"))),
+                [409, 500, 500],
+            ),
+            (
+                "generation",
+                || runtime(RuntimeError::Generation("empty logits".into())),
+                [500, 500, 500],
+            ),
+            (
+                "model",
+                || runtime(RuntimeError::Model("bad ids".into())),
+                [500, 500, 500],
+            ),
+            (
+                "too large",
+                || MergeError::OverBound {
+                    param: "steps".into(),
+                    value: 9,
+                    limit: 1,
+                    work: Work::RouterSteps,
+                },
+                [413, 413, 413],
+            ),
+            ("cancelled", || MergeError::Cancelled, [409, 409, 409]),
+        ];
+        let stages = [Stage::Validation, Stage::Merge, Stage::Execution];
+        for (label, make, statuses) in cases {
+            let message = make().to_string();
+            for (stage, want) in stages.into_iter().zip(statuses) {
+                let e = GatewayError::at(stage, make());
+                assert_eq!(e.status().as_u16(), want, "{label} at {stage:?}: {e}");
+                assert!(e.to_string().contains(&message), "{label}: {e}");
+                let code = e.body().error.code;
+                match want {
+                    500 => {
+                        assert_eq!(e.error_type(), "internal_error", "{label} at {stage:?}");
+                        assert_eq!(code, None, "{label} at {stage:?}");
+                    }
+                    // Only validation names the spec.
+                    400 => assert_eq!(
+                        code.as_deref() == Some("invalid_merge_spec"),
+                        label == "invalid spec",
+                        "{label} at {stage:?}: {code:?}"
+                    ),
+                    _ => {}
+                }
+            }
+        }
     }
 }

@@ -3,15 +3,28 @@
 //! byte-bounded LRU of merged weights with single-flight merging, admission
 //! control, bearer keys, Prometheus metrics and an OpenAPI document.
 //!
-//! Layout: [`config`] (YAML + env) → [`state::AppState`] ([`registry`],
-//! [`cache`], [`merges`], [`limits`], [`auth`], [`metrics`]) → [`routes`]
-//! (thin adapters) → [`serving`] (the one execution path) → [`engine`] (the
-//! model). [`evaluations`] scores configured merges in the background. [`error`] decides every status; [`server`] binds and shuts down.
+//! Layout, dependencies pointing down the list:
+//! - [`error`] decides every status; [`metrics`], [`paths`] and [`clock`]
+//!   are leaves;
+//! - [`config`] is plain data and its validation (YAML + env); [`limits`]
+//!   checks requests against `server.limits` and admits generations;
+//!   [`auth`] decides who may call a route;
+//! - [`registry`] resolves what a request names (pools, presets, merge
+//!   plans, routed plans) against the opened checkpoints; [`engine`] is a
+//!   servable model;
+//! - [`cache`] (the byte-bounded LRU) and [`merges`] (the book of merges and
+//!   their loader) are owned by [`store`], the one way to a resident model;
+//! - [`serving`] runs a resident model (the one generation path);
+//!   [`evaluations`] scores configured merges in the background;
+//! - [`state::AppState`] holds them all; [`routes`] are thin adapters onto
+//!   the store and serving; [`openapi`] documents them and [`server`] binds
+//!   and shuts down.
 
 #![deny(missing_docs)]
 
 pub mod auth;
 pub mod cache;
+pub mod clock;
 pub mod config;
 pub mod engine;
 pub mod error;
@@ -20,13 +33,13 @@ pub mod limits;
 pub mod merges;
 pub mod metrics;
 pub mod openapi;
+pub mod paths;
 pub mod registry;
-pub mod routed;
 pub mod routes;
 pub mod server;
 pub mod serving;
-pub mod sse;
 pub mod state;
+pub mod store;
 
 pub use config::Config;
 pub use error::{GatewayError, Result};

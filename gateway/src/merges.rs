@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use merger::merge::{merge_in_memory, Progress};
 use merger::spec::MergeSpec;
@@ -33,10 +33,11 @@ use utoipa::ToSchema;
 
 use crate::cache::Resident;
 use crate::engine::Engine;
-use crate::error::{GatewayError, Result};
+use crate::clock::unix_time;
+use crate::error::{GatewayError, Result, Stage};
 use crate::metrics::Metrics;
 use crate::registry::Target;
-use crate::routed::{RouterSource, RoutersInfo};
+use crate::registry::routed::{RouterSource, RoutersInfo};
 
 /// Most merges the book remembers; past it the oldest finished ones are
 /// forgotten.
@@ -91,18 +92,6 @@ pub enum MergeState {
     /// The last run was cancelled (`DELETE /v1/merges/{id}`, or the
     /// server's shutdown); not cached, a request merges it again.
     Cancelled,
-}
-
-/// What a resolved merge tells the book before it runs.
-pub struct BookEntry {
-    /// The resolved spec.
-    pub spec: MergeSpec,
-    /// The method's canonical name.
-    pub method: &'static str,
-    /// Bytes of the merged tensors as stored, when known before the merge.
-    pub output_bytes: Option<u64>,
-    /// The routers of a routed merge.
-    pub routers: Option<RoutersInfo>,
 }
 
 /// What the book keeps per merge.
@@ -198,12 +187,6 @@ impl Book {
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// The merge executor and its book.
 #[derive(Clone)]
 pub struct Merges {
@@ -239,63 +222,76 @@ impl Merges {
         self.book.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Remembers a merge a request named (checkpoints are not merges);
-    /// `resident` says whether the cache holds it. The oldest finished
-    /// merges make room; a 503 when pending and running ones fill the book.
-    pub fn note(&self, target: &Target, resident: bool) -> Result<()> {
-        let Some(entry) = target.book_entry() else {
-            return Ok(());
-        };
-        let id = target.model_name();
-        let mut book = self.book();
-        if book.records.contains_key(&id) {
-            return Ok(());
-        }
-        let seq = book.next_seq;
-        let mut record = Record {
-            spec: entry.spec,
-            method: entry.method.to_string(),
-            state: if resident {
-                MergeState::Ready
-            } else {
-                MergeState::Pending
-            },
-            output_bytes: entry.output_bytes.unwrap_or(0),
-            routers: entry.routers,
-            resident_bytes: None,
-            duration_seconds: None,
-            error: None,
-            created: unix_now(),
-            seq,
-            cancel: None,
-            weight: 0,
-        };
-        record.weight = record.weigh(&id);
-        while book.records.len() >= MAX_RECORDS || book.bytes + record.weight > self.max_book_bytes
-        {
-            if !forget_oldest(&mut book) {
-                return Err(GatewayError::Unavailable(format!(
-                    "the book of merges is full of pending and running merges ({} of {} bytes, \
-                     server.limits.max_book_bytes); retry once some are done",
-                    book.bytes, self.max_book_bytes
-                )));
-            }
-        }
-        book.next_seq += 1;
-        book.bytes += record.weight;
-        book.records.insert(id, record);
-        Ok(())
+    /// Remembers a merge found resident (checkpoints are not merges), as
+    /// ready unless the book knows it already; a 503 when pending and
+    /// running merges fill the book.
+    pub fn note_resident(&self, target: &Target) -> Result<()> {
+        self.remember(target, MergeState::Ready).map(drop)
     }
 
-    /// Marks a merge whose load is about to start as pending (unless it is
-    /// running already), with a cancellation token unless its load has one.
-    pub fn mark_pending(&self, id: &str) {
-        self.set(id, |r| {
+    /// Marks the merge of `target` pending, unless it is running already:
+    /// the one place a merge becomes pending, called before its load starts
+    /// (so that the book shows it at once) and again by the load itself
+    /// (which may start after another load of it ended). The book remembers
+    /// it first when it does not know it: the oldest finished merges make
+    /// room, and a 503 when pending and running ones fill the book. Returns
+    /// the token that cancels its load (`None` for a checkpoint).
+    pub fn pending(&self, target: &Target) -> Result<Option<Cancel>> {
+        self.remember(target, MergeState::Pending)
+    }
+
+    /// Adds the record of `target` in `state`, or marks a known one pending
+    /// when `state` is; returns the token of a pending merge.
+    fn remember(&self, target: &Target, state: MergeState) -> Result<Option<Cancel>> {
+        let Some(entry) = target.book_entry() else {
+            return Ok(None);
+        };
+        let id = target.model_name();
+        let pending = state == MergeState::Pending;
+        let mut book = self.book();
+        if !book.records.contains_key(&id) {
+            let seq = book.next_seq;
+            let mut record = Record {
+                spec: entry.spec,
+                method: entry.method.to_string(),
+                state,
+                output_bytes: entry.output_bytes.unwrap_or(0),
+                routers: entry.routers,
+                resident_bytes: None,
+                duration_seconds: None,
+                error: None,
+                created: unix_time(),
+                seq,
+                cancel: None,
+                weight: 0,
+            };
+            record.weight = record.weigh(&id);
+            while book.records.len() >= MAX_RECORDS
+                || book.bytes + record.weight > self.max_book_bytes
+            {
+                if !forget_oldest(&mut book) {
+                    return Err(GatewayError::Unavailable(format!(
+                        "the book of merges is full of pending and running merges ({} of {} bytes, \
+                         server.limits.max_book_bytes); retry once some are done",
+                        book.bytes, self.max_book_bytes
+                    )));
+                }
+            }
+            book.next_seq += 1;
+            book.bytes += record.weight;
+            book.records.insert(id.clone(), record);
+        }
+        if !pending {
+            return Ok(None);
+        }
+        let mut token = None;
+        book.update(&id, |r| {
             if r.state != MergeState::Running {
                 r.state = MergeState::Pending;
             }
-            r.cancel.get_or_insert_with(Cancel::new);
+            token = Some(r.cancel.get_or_insert_with(Cancel::new).clone());
         });
+        Ok(token)
     }
 
     /// Cancels the pending or running load of merge `id`; whether there
@@ -325,15 +321,6 @@ impl Merges {
                 c.cancel();
             }
         }
-    }
-
-    /// The token of the load of `id` (a fresh one when the book has none).
-    fn token(&self, id: &str) -> Cancel {
-        self.book()
-            .records
-            .get(id)
-            .and_then(|r| r.cancel.clone())
-            .unwrap_or_default()
     }
 
     /// Bytes the book's records weigh.
@@ -390,12 +377,7 @@ impl Merges {
         async move {
             let name = target.model_name();
             let sources = target.sources();
-            let cancel = if target.is_merge() {
-                this.set(&name, |r| r.state = MergeState::Pending);
-                this.token(&name)
-            } else {
-                Cancel::new()
-            };
+            let cancel = this.pending(&target)?.unwrap_or_default();
             let slot = this.slots.clone().acquire_owned().await;
             let Ok(_slot) = slot else {
                 this.set(&name, |r| r.cancel = None);
@@ -413,7 +395,8 @@ impl Merges {
                     .await
                     .map_err(|e| {
                         GatewayError::Internal(format!("loading `{name}` failed: {e}"))
-                    })??;
+                    })?
+                    .map_err(|e| GatewayError::at(Stage::Execution, e))?;
                     tracing::info!(model = %name, bytes = engine.resident_bytes(), "checkpoint loaded");
                     Ok(Arc::new(Served {
                         name,
@@ -501,7 +484,7 @@ impl Merges {
                     ))
                 })
             }
-            Ok(Err(e)) => Err(e.into()),
+            Ok(Err(e)) => Err(GatewayError::at(Stage::Merge, e)),
             Err(e) => Err(GatewayError::Internal(format!(
                 "the merge task failed: {e}"
             ))),

@@ -11,9 +11,10 @@ use crate::evaluations::{
     Degraded, EvaluationInfo, Outcome, RunRecord, RunState, TaskScore, Trigger,
 };
 use crate::merges::{MergeInfo, MergeState};
-use crate::routed::{RouterSource, RoutersInfo};
+use crate::registry::routed::{RouterSource, RoutersInfo};
 use crate::routes;
-use crate::sse::{
+use crate::store::DeleteStatus;
+use crate::routes::sse::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk, CompletionChunkChoice,
 };
 
@@ -44,7 +45,7 @@ use crate::sse::{
         routes::health::metrics,
     ),
     components(schemas(
-        ErrorResponse, ErrorBody, MergeInfo, MergeState, routes::merges::DeleteStatus,
+        ErrorResponse, ErrorBody, MergeInfo, MergeState, DeleteStatus,
         RoutersInfo, RouterSource,
         EvaluationInfo, RunRecord, TaskScore, Outcome, Trigger, RunState, Degraded,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice,

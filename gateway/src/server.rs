@@ -17,7 +17,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::config::{Config, LogFormat};
 use crate::error::{json_error, GatewayError, Result};
 use crate::state::AppState;
-use crate::{openapi, routes, REQUEST_ID_HEADER};
+use crate::{openapi, paths, routes, REQUEST_ID_HEADER};
 
 /// Longest accepted incoming request id; longer ones are replaced.
 const MAX_REQUEST_ID: usize = 128;
@@ -205,9 +205,9 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .app_data(path)
             .app_data(query)
             .configure(routes::configure)
-            .route(routes::paths::DOCS, web::get().to(docs_redirect))
+            .route(paths::DOCS, web::get().to(docs_redirect))
             .service(
-                SwaggerUi::new(routes::paths::DOCS_FILES).url(routes::paths::OPENAPI, doc.clone()),
+                SwaggerUi::new(paths::DOCS_FILES).url(paths::OPENAPI, doc.clone()),
             )
             .default_service(web::to(unknown_route))
             .wrap(from_fn(authenticate))
@@ -232,7 +232,7 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
         .ok_or_else(|| GatewayError::Startup(format!("`{bind}` resolved to no address")))?;
     tracing::info!("listening on http://{addr} (API docs at http://{addr}/docs/)");
     let server = server.run();
-    crate::evaluations::start(state);
+    state.scheduler.start();
     Ok((server, addr))
 }
 

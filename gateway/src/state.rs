@@ -1,39 +1,39 @@
 //! What every request handler shares.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use runtime::model::ModelOptions;
 
 use crate::auth::Keys;
-use crate::cache::ModelCache;
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
-use crate::evaluations::Evaluations;
+use crate::evaluations::{Evaluations, Scheduler};
 use crate::limits::admission::Admission;
-use crate::merges::{Merges, Served};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
+use crate::store::ModelStore;
 
 /// The gateway's shared state.
 pub struct AppState {
     /// The validated configuration.
     pub config: Config,
     /// Pools and presets.
-    pub registry: Registry,
-    /// Resident models.
-    pub cache: ModelCache<Served>,
-    /// Merge execution and the book of merges.
-    pub merges: Merges,
+    pub registry: Arc<Registry>,
+    /// Resident models, the book of merges and their loader.
+    pub models: ModelStore,
     /// Generation slots and queue.
     pub admission: Admission,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// API keys.
     pub keys: Keys,
-    /// Scheduled evaluations and their results.
-    pub evaluations: Evaluations,
-    ready: AtomicBool,
+    /// Scheduled and requested evaluations and their results.
+    pub evaluations: Arc<Evaluations>,
+    /// What runs the evaluations.
+    pub scheduler: Arc<Scheduler>,
+    ready: Arc<AtomicBool>,
     started: Instant,
 }
 
@@ -46,18 +46,12 @@ impl AppState {
                 reason: e.to_string(),
             })?;
         let metrics = Metrics::new();
-        let registry = Registry::open(&config)?;
-        let cache = ModelCache::new(config.cache.max_bytes, metrics.clone());
+        let registry = Arc::new(Registry::open(&config)?);
         let opts = ModelOptions {
             device,
             ..ModelOptions::default()
         };
-        let merges = Merges::new(
-            config.merge.max_concurrent,
-            config.server.limits.max_book_bytes,
-            opts,
-            metrics.clone(),
-        );
+        let models = ModelStore::new(registry.clone(), &config, opts, metrics.clone());
         let limits = &config.server.limits;
         let admission = Admission::new(
             limits.max_concurrent_generations,
@@ -69,17 +63,25 @@ impl AppState {
             config.server.api_keys.clone(),
             config.server.admin_keys.clone(),
         );
-        let evaluations = Evaluations::new(&config, metrics.clone());
+        let ready = Arc::new(AtomicBool::new(true));
+        let evaluations = Arc::new(Evaluations::new(&config, metrics.clone()));
+        let scheduler = Arc::new(Scheduler::new(
+            evaluations.clone(),
+            models.clone(),
+            admission.clone(),
+            ready.clone(),
+            limits.max_concurrent_generations.clamp(1, 8),
+        ));
         Ok(AppState {
             config,
             registry,
-            cache,
-            merges,
+            models,
             admission,
             metrics,
             keys,
             evaluations,
-            ready: AtomicBool::new(true),
+            scheduler,
+            ready,
             started: Instant::now(),
         })
     }
@@ -95,7 +97,7 @@ impl AppState {
     /// every pending or running merge is cancelled (its waiters get a 503).
     pub fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::SeqCst);
-        self.merges.cancel_all();
+        self.models.cancel_all();
     }
 
     /// Seconds since the state was built.

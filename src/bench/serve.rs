@@ -144,7 +144,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         &pool_dir,
         Vec::new(),
     )?;
-    probe.add_demo_pool(&pool_dir)?;
+    crate::cli::demo::add_demo_pool(&mut probe, &pool_dir)?;
     let (pool_name, pool) = probe.pools.iter().next().context("the pool is empty")?;
     let mut experts: Vec<&String> = pool.experts.keys().collect();
     experts.sort();
@@ -170,7 +170,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
         c = args.clients
     );
     let mut config = Config::from_yaml(&yaml, "bench", &pool_dir, Vec::new())?;
-    config.add_demo_pool(&pool_dir)?;
+    crate::cli::demo::add_demo_pool(&mut config, &pool_dir)?;
     let server = gateway::spawn(config)?;
     let url = server.url();
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -204,7 +204,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     drop(warm);
     let rt = tokio::runtime::Runtime::new()?;
     let served = rt
-        .block_on(server.state().cache.lookup(&id))
+        .block_on(server.state().models.resident(&id))
         .context("the merge is not resident")?;
     let params = SamplingParams::greedy(1);
     let mut in_process = Vec::with_capacity(args.requests);
@@ -275,7 +275,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
 }
 
 fn merges_run(rt: &tokio::runtime::Runtime, server: &gateway::RunningServer) -> u64 {
-    rt.block_on(server.state().cache.refresh_gauges());
+    rt.block_on(server.state().models.refresh_gauges());
     server
         .state()
         .metrics

@@ -1,6 +1,7 @@
 //! Subcommands of the `fusion` binary: thin adapters onto the libraries.
 
 pub mod compare;
+pub mod demo;
 pub mod eval;
 pub mod generate;
 pub mod merge;

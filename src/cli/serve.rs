@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::Args;
 use gateway::Config;
 
+use super::demo;
+
 /// Environment variable naming the demo pool's folder.
 pub const DEMO_DIR_ENV: &str = "FUSION_DEMO_DIR";
 /// Default demo pool folder (relative to the working directory).
@@ -84,11 +86,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     if config.pools.is_empty() {
         let dir = demo_dir(args.demo_dir);
         ensure_demo_pool(&dir)?;
-        config.add_demo_pool(&dir)?;
+        demo::add_demo_pool(&mut config, &dir)?;
         // The demo pool is the only one: schedule its evaluations unless
         // the configuration has some.
         if let Some(pool) = config.pools.keys().next().cloned() {
-            gateway::evaluations::demo::add_demo_evaluations(&mut config, &pool)?;
+            demo::add_demo_evaluations(&mut config, &pool)?;
         }
     }
     gateway::run(config)?;

@@ -42,6 +42,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use evaluator::pool::BASE_NAME;
 use merger::spec::{compact, MergeSpec};
 use serde::{Deserialize, Deserializer};
 use serde_yaml_ng::Value;
@@ -537,54 +538,6 @@ impl Config {
         Ok(config)
     }
 
-    /// Adds the demo pool of `dir` (its `pool.yaml`, written by
-    /// `fusion zoo build`) and its task pool; what `fusion serve` does when
-    /// the configuration names no pool.
-    pub fn add_demo_pool(&mut self, dir: &Path) -> Result<()> {
-        let path = dir.join("pool.yaml");
-        let origin = path.display().to_string();
-        let text = std::fs::read_to_string(&path)
-            .map_err(|e| config_error(&origin, format!("cannot read: {e}")))?;
-        #[derive(Deserialize)]
-        struct DemoPool {
-            name: String,
-            base: PathBuf,
-            #[serde(default)]
-            experts: BTreeMap<String, PathBuf>,
-            #[serde(default)]
-            taskpool: Option<PathBuf>,
-        }
-        let pool: DemoPool =
-            serde_yaml_ng::from_str(&text).map_err(|e| config_error(&origin, e.to_string()))?;
-        if self.pools.contains_key(&pool.name) {
-            return Err(config_error(
-                &origin,
-                format!("pool `{}` is configured already", pool.name),
-            ));
-        }
-        let mut config = PoolConfig {
-            base: pool.base,
-            experts: pool.experts,
-            calibration: None,
-        };
-        let mut tasks = pool.taskpool;
-        let fix = |p: &mut PathBuf| {
-            if p.is_relative() {
-                *p = dir.join(&*p);
-            }
-        };
-        fix(&mut config.base);
-        config.experts.values_mut().for_each(fix);
-        if let Some(t) = tasks.as_mut() {
-            fix(t);
-            self.taskpools.entry(pool.name.clone()).or_insert(t.clone());
-            // Routed merges of the demo pool train on its tasks' inputs.
-            config.calibration = Some(pool.name.clone());
-        }
-        self.pools.insert(pool.name, config);
-        self.validate(&origin)
-    }
-
     fn resolve_paths(&mut self, dir: &Path) {
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
@@ -698,14 +651,14 @@ impl Config {
                     "pool names are [A-Za-z0-9_.-]+".into(),
                 ));
             }
-            checkpoint_names.insert(crate::registry::BASE_NAME.to_string());
+            checkpoint_names.insert(BASE_NAME.to_string());
             for expert in pool.experts.keys() {
-                if !is_name(expert) || expert == crate::registry::BASE_NAME {
+                if !is_name(expert) || expert == BASE_NAME {
                     return Err(err(
                         &format!("pools.{name}.experts.{expert}"),
                         format!(
                             "expert names are [A-Za-z0-9_.-]+ and not `{}`",
-                            crate::registry::BASE_NAME
+                            BASE_NAME
                         ),
                     ));
                 }
@@ -888,31 +841,6 @@ mod tests {
         let c = Config::from_yaml(MINIMAL, "t.yaml", Path::new("/"), vars).unwrap();
         assert_eq!(c.server.api_keys, vec!["k1", "k2"]);
         assert_eq!(c.server.admin_keys, vec!["a1"]);
-    }
-
-    #[test]
-    fn demo_pool_is_added() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("pool.yaml"),
-            "name: demo\nbase: models/base\nexperts: {math: models/math}\ntaskpool: tasks\n",
-        )
-        .unwrap();
-        let mut c = Config::from_yaml("pools: {}\n", "t.yaml", Path::new("/"), env(&[])).unwrap();
-        c.add_demo_pool(dir.path()).unwrap();
-        assert_eq!(c.pools["demo"].base, dir.path().join("models/base"));
-        assert_eq!(
-            c.pools["demo"].experts["math"],
-            dir.path().join("models/math")
-        );
-        assert_eq!(c.taskpools["demo"], dir.path().join("tasks"));
-        // Its routed merges train on its tasks.
-        assert_eq!(c.pools["demo"].calibration.as_deref(), Some("demo"));
-        assert_eq!(
-            c.calibration_of("demo"),
-            Some(("demo".to_string(), dir.path().join("tasks"), true))
-        );
-        assert!(c.add_demo_pool(dir.path()).is_err(), "added twice");
     }
 
     #[test]

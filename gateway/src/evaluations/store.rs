@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::RunRecord;
+use super::record::RunRecord;
 use crate::error::{GatewayError, Result};
 
 /// Environment variable naming the data folder when `server.data_dir` is not set.
@@ -169,7 +169,7 @@ impl Store {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{Outcome, Trigger};
+    use super::super::record::{Outcome, Trigger};
     use super::*;
 
     fn record(id: &str, outcome: Outcome) -> RunRecord {

@@ -8,7 +8,7 @@
 pub mod admission;
 
 use merger::spec::{compact, MergeSpec};
-use merger::{Bounds, Work};
+use merger::Bounds;
 
 use crate::config::LimitsConfig;
 use crate::error::{GatewayError, Result};
@@ -132,25 +132,10 @@ impl Limits {
     }
 }
 
-/// The `server.limits` key that bounds `work`, and what to do instead.
-pub fn bound_key(work: Work) -> (&'static str, &'static str) {
-    match work {
-        Work::Iterations => ("server.limits.max_iterations", "ask for fewer iterations"),
-        Work::RouterSteps => (
-            "server.limits.max_router_steps",
-            "ask for fewer `steps`, or name trained routers with `router_checkpoint`",
-        ),
-        Work::BatchSize => (
-            "server.limits.max_batch_size",
-            "ask for a smaller `batch_size`",
-        ),
-        Work::Rank => ("server.limits.max_rank", "ask for a smaller rank"),
-        Work::ListLength => ("server.limits.max_list_len", "give shorter lists"),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use merger::Work;
+
     use super::*;
 
     fn limits() -> Limits {

@@ -5,11 +5,12 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{model_headers, response_id, unix_time, SamplingFields, Usage};
+use super::{model_headers, response_id, SamplingFields, Usage};
+use crate::clock::unix_time;
 use crate::engine::ChatMessage;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use crate::sse::{self, StreamKind, StreamMeta};
+use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// Roles a message may have.
@@ -179,7 +180,7 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, m)| m.validate(i))
         .collect::<Result<Vec<_>>>()?;
-    let handle = serving::model(&state, req.model.as_deref(), req.merge).await?;
+    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
     let generation = serving::generate(&state, &handle, Prompt::Chat(messages), params).await?;
     let meta = StreamMeta {
         kind: StreamKind::Chat,

@@ -5,10 +5,11 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{model_headers, response_id, unix_time, SamplingFields, Usage};
+use super::{model_headers, response_id, SamplingFields, Usage};
+use crate::clock::unix_time;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use crate::sse::{self, StreamKind, StreamMeta};
+use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// A text completion request (OpenAI fields plus `merge`).
@@ -105,7 +106,7 @@ pub async fn completions(
             ))
         }
     };
-    let handle = serving::model(&state, req.model.as_deref(), req.merge).await?;
+    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
     let generation = serving::generate(&state, &handle, Prompt::Text(prompt), params).await?;
     let meta = StreamMeta {
         kind: StreamKind::Completion,

@@ -126,7 +126,7 @@ pub async fn embeddings(
             "`input` holds an empty text",
         ));
     }
-    let handle = serving::model(&state, req.model.as_deref(), req.merge).await?;
+    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
     let (vectors, tokens) = serving::embed(&state, &handle, texts).await?;
     let mut res = HttpResponse::Ok();
     model_headers(&mut res, &handle);

@@ -6,8 +6,7 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::PageQuery;
 use crate::error::{ErrorResponse, GatewayError, Result};
-use crate::evaluations::{self, Evaluation, EvaluationInfo, Trigger};
-use crate::serving;
+use crate::evaluations::{Evaluation, EvaluationInfo, Trigger};
 use crate::state::AppState;
 
 /// A page of the evaluations.
@@ -110,7 +109,7 @@ pub async fn list_evaluations(
 /// The one-off evaluation a request describes, checked (its merge resolves,
 /// its task pool is configured).
 fn one_off(state: &AppState, req: RunEvaluationRequest, merge: String) -> Result<Evaluation> {
-    serving::target(state, Some(merge.trim()), None)?;
+    state.models.resolve(Some(merge.trim()), None)?;
     let taskpool = req.taskpool.ok_or_else(|| {
         GatewayError::bad_param(
             "taskpool",
@@ -227,8 +226,7 @@ pub async fn run_evaluation(
     };
     state.evaluations.begin(&name)?;
     let id = uuid::Uuid::new_v4().simple().to_string();
-    let run = tokio::spawn(evaluations::run_begun(
-        state.clone(),
+    let run = tokio::spawn(state.scheduler.clone().run_begun(
         name.clone(),
         Trigger::Request,
         id.clone(),

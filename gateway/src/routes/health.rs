@@ -72,7 +72,7 @@ pub async fn ready(state: web::Data<AppState>) -> Result<HttpResponse> {
     responses((status = 200, description = "Metrics", content_type = "text/plain", body = String)))]
 #[get("/metrics")]
 pub async fn metrics(state: web::Data<AppState>) -> HttpResponse {
-    state.cache.refresh_gauges().await;
+    state.models.refresh_gauges().await;
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(state.metrics.render())

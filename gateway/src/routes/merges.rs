@@ -1,4 +1,5 @@
-//! The merges API: create or warm, list, status, evict (admin key).
+//! The merges API: create or warm, list, status, evict (admin key), each
+//! an operation of the [model store](crate::store).
 
 use actix_web::{delete, get, post, web, HttpResponse};
 use merger::spec::MergeSpec;
@@ -6,10 +7,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::PageQuery;
-use crate::error::{ErrorResponse, GatewayError, Result};
+use crate::error::{ErrorResponse, Result};
 use crate::merges::{MergeInfo, MergeState};
-use crate::serving;
 use crate::state::AppState;
+use crate::store::DeleteStatus;
 
 /// A merge to create: a compact string or preset in `model`, or a structured `merge`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -38,19 +39,6 @@ pub struct MergeList {
     pub last_id: Option<String>,
 }
 
-/// What a delete did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DeleteStatus {
-    /// The resident weights were evicted.
-    Evicted,
-    /// It was not resident: nothing to evict.
-    NotResident,
-    /// It was pending or running: it is cancelled (it fails to its
-    /// waiters, frees its slot and is not cached).
-    Cancelled,
-}
-
 /// The answer of a delete.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct MergeDeleted {
@@ -63,10 +51,6 @@ pub struct MergeDeleted {
     pub deleted: bool,
     /// What the delete did.
     pub status: DeleteStatus,
-}
-
-fn resident(state: &AppState) -> impl Fn(&str) -> bool + '_ {
-    move |id| state.cache.contains(id)
 }
 
 /// Merges (or warms) a merge in the background: 202 with its id while it
@@ -94,25 +78,9 @@ pub async fn create_merge(
     body: web::Json<CreateMergeRequest>,
 ) -> Result<HttpResponse> {
     let req = body.into_inner();
-    let target = serving::target(&state, req.model.as_deref(), req.merge)?;
-    if !target.is_merge() {
-        return Err(GatewayError::bad_param(
-            "model",
-            format!("`{}` is a checkpoint, not a merge", target.model_name()),
-        ));
-    }
-    let id = target.model_name();
-    let already = state.cache.contains(&id);
-    if already {
-        state.merges.note(&target, true)?;
-    } else if !state.merges.is_busy(&id) {
-        // Runs on; the handle is not awaited.
-        drop(serving::start_load(&state, target)?);
-    }
-    let info = state
-        .merges
-        .info(&id, &resident(&state))
-        .ok_or_else(|| GatewayError::Internal(format!("`{id}` is missing from the book")))?;
+    let target = state.models.resolve(req.model.as_deref(), req.merge)?;
+    let info = state.models.warm(target)?;
+    let id = info.id.clone();
     let mut res = if info.status == MergeState::Ready {
         HttpResponse::Ok()
     } else {
@@ -143,11 +111,9 @@ pub async fn list_merges(
     state: web::Data<AppState>,
     query: web::Query<PageQuery>,
 ) -> Result<HttpResponse> {
-    let ids = state.merges.ids();
+    let ids = state.models.merge_ids();
     let page = query.page(&ids)?;
-    let data = state
-        .merges
-        .infos(&ids[page.range.clone()], &resident(&state));
+    let data = state.models.list(&ids[page.range.clone()]);
     Ok(HttpResponse::Ok().json(MergeList {
         object: "list".to_string(),
         first_id: data.first().map(|m| m.id.clone()),
@@ -155,13 +121,6 @@ pub async fn list_merges(
         has_more: page.has_more,
         data,
     }))
-}
-
-fn unknown(id: &str) -> GatewayError {
-    GatewayError::NotFound {
-        message: format!("unknown merge `{id}`"),
-        param: Some("id".to_string()),
-    }
 }
 
 /// Status of one merge: state, bytes, duration, method.
@@ -181,11 +140,7 @@ fn unknown(id: &str) -> GatewayError {
 #[get("/v1/merges/{id}")]
 pub async fn get_merge(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
     let id = id.into_inner().to_ascii_lowercase();
-    let info = state
-        .merges
-        .info(&id, &resident(&state))
-        .ok_or_else(|| unknown(&id))?;
-    Ok(HttpResponse::Ok().json(info))
+    Ok(HttpResponse::Ok().json(state.models.info(&id)?))
 }
 
 /// Evicts a merge's weights (the spec stays known; a request merges it
@@ -211,26 +166,8 @@ pub async fn delete_merge(
     id: web::Path<String>,
 ) -> Result<HttpResponse> {
     let id = id.into_inner().to_ascii_lowercase();
-    if !id.starts_with("merge-") {
-        return Err(GatewayError::NotFound {
-            message: format!(
-                "`{id}` is not a merge: DELETE /v1/merges/{{id}} takes a merge id (`merge-…`), \
-                 checkpoints are not evicted through it"
-            ),
-            param: Some("id".to_string()),
-        });
-    }
-    if state.merges.spec_of(&id).is_none() && !state.cache.contains(&id) {
-        return Err(unknown(&id));
-    }
-    let (deleted, status) = if state.merges.cancel(&id) {
-        tracing::info!(merge = %id, "merge cancelled");
-        (false, DeleteStatus::Cancelled)
-    } else if state.cache.evict(&id).await {
-        (true, DeleteStatus::Evicted)
-    } else {
-        (false, DeleteStatus::NotResident)
-    };
+    let status = state.models.evict(&id).await?;
+    let deleted = status == DeleteStatus::Evicted;
     Ok(HttpResponse::Ok().json(MergeDeleted {
         id,
         object: "merge.deleted".to_string(),

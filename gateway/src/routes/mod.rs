@@ -1,5 +1,6 @@
-//! HTTP routes: thin adapters from OpenAI-shaped requests onto
-//! [`crate::serving`], plus the gateway's own APIs.
+//! HTTP routes: thin adapters from OpenAI-shaped requests onto the
+//! [model store](crate::store) and [`crate::serving`], plus the gateway's
+//! own APIs; [`sse`] streams completions.
 
 pub mod chat;
 pub mod completions;
@@ -8,6 +9,7 @@ pub mod evaluations;
 pub mod health;
 pub mod merges;
 pub mod models;
+pub mod sse;
 
 use actix_web::{web, HttpResponseBuilder};
 use serde::{Deserialize, Serialize};
@@ -16,38 +18,8 @@ use utoipa::{IntoParams, ToSchema};
 use crate::engine::SamplingParams;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
-use crate::serving::ModelHandle;
+use crate::store::ModelHandle;
 use crate::{MERGE_CACHE_HEADER, MERGE_ID_HEADER};
-
-/// Paths of the routes.
-pub mod paths {
-    /// Chat completions.
-    pub const CHAT: &str = "/v1/chat/completions";
-    /// Text completions.
-    pub const COMPLETIONS: &str = "/v1/completions";
-    /// Embeddings.
-    pub const EMBEDDINGS: &str = "/v1/embeddings";
-    /// Models list.
-    pub const MODELS: &str = "/v1/models";
-    /// Merges collection.
-    pub const MERGES: &str = "/v1/merges";
-    /// One merge.
-    pub const MERGE: &str = "/v1/merges/{id}";
-    /// Evaluations: list, run now.
-    pub const EVALUATIONS: &str = "/v1/evaluations";
-    /// Liveness.
-    pub const LIVE: &str = "/health/live";
-    /// Readiness.
-    pub const READY: &str = "/health/ready";
-    /// Prometheus exposition.
-    pub const METRICS: &str = "/metrics";
-    /// The OpenAPI document.
-    pub const OPENAPI: &str = "/openapi.json";
-    /// Redirect to the Swagger UI.
-    pub const DOCS: &str = "/docs";
-    /// The Swagger UI's files.
-    pub const DOCS_FILES: &str = "/docs/{_:.*}";
-}
 
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
@@ -293,13 +265,6 @@ pub fn model_headers(res: &mut HttpResponseBuilder, handle: &ModelHandle) {
         res.insert_header((MERGE_ID_HEADER, id.to_string()));
     }
     res.insert_header((MERGE_CACHE_HEADER, handle.status.as_str()));
-}
-
-/// Seconds since the Unix epoch (the `created` field).
-pub fn unix_time() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// A fresh response id with the given prefix (`chatcmpl`, `cmpl`).

@@ -4,7 +4,7 @@ use actix_web::{get, web, HttpResponse};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use super::unix_time;
+use crate::clock::unix_time;
 use crate::error::{ErrorResponse, Result};
 use crate::registry::ModelKind;
 use crate::state::AppState;
@@ -68,15 +68,13 @@ pub async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse> {
             )
         })
         .collect();
-    let mut merges: Vec<String> = state
-        .cache
-        .entries()
-        .into_iter()
-        .filter(|(k, _)| k.starts_with("merge-"))
-        .map(|(k, _)| k)
-        .collect();
-    merges.sort();
-    data.extend(merges.into_iter().map(|id| entry(id, "merge")));
+    data.extend(
+        state
+            .models
+            .resident_merges()
+            .into_iter()
+            .map(|id| entry(id, "merge")),
+    );
     Ok(HttpResponse::Ok().json(ModelList {
         object: "list".to_string(),
         data,

@@ -16,8 +16,9 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use crate::error::GatewayError;
-use crate::routes::{model_headers, Usage};
-use crate::serving::{Event, Generation, ModelHandle};
+use super::{model_headers, Usage};
+use crate::serving::{Event, Generation};
+use crate::store::ModelHandle;
 
 /// Interval of `: keep-alive` comments while no token arrives.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);

@@ -12,7 +12,7 @@
 //! resolved spec carries the pool and bare names, so the same merge written
 //! either way has one id. A method that needs a base and names none gets the
 //! pool's base. Routed methods (`we_moe`, ...) resolve to a
-//! [`RoutedPlan`] (see [`crate::routed`]).
+//! [`RoutedPlan`] (see [`routed`]).
 //!
 //! Checkpoint files may change while the server runs. Every resolution
 //! re-checks the checkpoints it uses (a `stat` per file) and reopens one
@@ -35,11 +35,12 @@ use runtime::checkpoint::{Checkpoint, Stamps};
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
-use crate::merges::BookEntry;
-use crate::routed::{Calibrations, RoutedPlan};
+use routed::{Calibrations, RoutedPlan, RoutersInfo};
 
-/// The name of a pool's base checkpoint.
-pub const BASE_NAME: &str = "base";
+pub mod routed;
+
+/// The name of a pool's base checkpoint (as in `pool.yaml`).
+pub use evaluator::pool::BASE_NAME;
 
 /// One registered checkpoint: its folder and the version opened last.
 struct Slot {
@@ -205,6 +206,18 @@ impl Target {
     pub fn is_merge(&self) -> bool {
         !matches!(self, Target::Checkpoint { .. })
     }
+}
+
+/// What a resolved merge tells the book before it runs.
+pub struct BookEntry {
+    /// The resolved spec.
+    pub spec: MergeSpec,
+    /// The method's canonical name.
+    pub method: &'static str,
+    /// Bytes of the merged tensors as stored, when known before the merge.
+    pub output_bytes: Option<u64>,
+    /// The routers of a routed merge.
+    pub routers: Option<RoutersInfo>,
 }
 
 /// Kinds of entries of `GET /v1/models`.

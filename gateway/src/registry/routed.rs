@@ -38,7 +38,7 @@ use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
-use crate::registry::{Pool, BASE_NAME};
+use super::{Pool, BASE_NAME};
 
 /// The parameter naming trained routers.
 const ROUTER_CHECKPOINT: &str = "router_checkpoint";

@@ -1,12 +1,16 @@
-//! The evaluations `fusion serve` schedules when it serves the demo pool
-//! with no configured evaluations: the base, task arithmetic and TIES
-//! merging of every expert, scored on the demo task pool, a first time
-//! shortly after the start and then every ten minutes.
+//! What `fusion serve` knows of the demo pool: when the configuration names
+//! no pool it serves the one `fusion zoo build` wrote (its `pool.yaml` and
+//! task pool), and when it has no evaluations it schedules the demo ones:
+//! the base, task arithmetic and TIES merging of every expert, scored on
+//! the demo task pool, a first time shortly after the start and then every
+//! ten minutes. The gateway library knows no demo pool.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Config, EvaluationConfig};
-use crate::error::Result;
+use evaluator::pool::{PoolFile, POOL_FILE};
+use gateway::config::{Config, EvaluationConfig, PoolConfig};
+use gateway::GatewayError;
 
 /// Period of the demo evaluations.
 pub const DEMO_EVERY: Duration = Duration::from_secs(600);
@@ -15,9 +19,43 @@ pub const DEMO_DELAY: Duration = Duration::from_secs(5);
 /// Examples per task.
 pub const DEMO_LIMIT: usize = 20;
 
+/// Adds the demo pool of `dir` (its `pool.yaml`, written by `fusion zoo
+/// build`) and its task pool to `config`; the routed merges of the pool
+/// train on that task pool's inputs.
+pub fn add_demo_pool(config: &mut Config, dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join(POOL_FILE);
+    let origin = path.display().to_string();
+    let pool = PoolFile::read(&path)?;
+    if config.pools.contains_key(&pool.name) {
+        return Err(GatewayError::Config {
+            origin,
+            reason: format!("pool `{}` is configured already", pool.name),
+        }
+        .into());
+    }
+    let fix = |p: PathBuf| if p.is_relative() { dir.join(p) } else { p };
+    let mut pool_config = PoolConfig {
+        base: fix(pool.base),
+        experts: pool
+            .experts
+            .into_iter()
+            .map(|(name, p)| (name, fix(p)))
+            .collect(),
+        calibration: None,
+    };
+    if let Some(tasks) = pool.taskpool.map(fix) {
+        config.taskpools.entry(pool.name.clone()).or_insert(tasks);
+        // Routed merges of the demo pool train on its tasks' inputs.
+        pool_config.calibration = Some(pool.name.clone());
+    }
+    config.pools.insert(pool.name, pool_config);
+    config.validate(&origin)?;
+    Ok(())
+}
+
 /// The demo schedule for pool `pool` and its task pool (the `taskpools`
-/// entry of the same name, which [`Config::add_demo_pool`] adds). Empty
-/// when the pool has no task pool.
+/// entry of the same name, which [`add_demo_pool`] adds). Empty when the
+/// pool has no task pool.
 pub fn demo_evaluations(config: &Config, pool: &str) -> Vec<EvaluationConfig> {
     let (Some(p), true) = (config.pools.get(pool), config.taskpools.contains_key(pool)) else {
         return Vec::new();
@@ -52,8 +90,8 @@ pub fn demo_evaluations(config: &Config, pool: &str) -> Vec<EvaluationConfig> {
 }
 
 /// Adds the demo schedule to `config` when it has no evaluations (what
-/// `fusion serve` does after [`Config::add_demo_pool`]).
-pub fn add_demo_evaluations(config: &mut Config, pool: &str) -> Result<()> {
+/// `fusion serve` does after [`add_demo_pool`]).
+pub fn add_demo_evaluations(config: &mut Config, pool: &str) -> anyhow::Result<()> {
     if config.evaluations.is_empty() {
         config.evaluations = demo_evaluations(config, pool);
         config.validate("the demo evaluations")?;
@@ -64,7 +102,35 @@ pub fn add_demo_evaluations(config: &mut Config, pool: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
+
+    fn empty_config() -> Config {
+        Config::from_yaml("pools: {}\n", "t.yaml", Path::new("/"), Vec::new()).unwrap()
+    }
+
+    #[test]
+    fn demo_pool_is_added() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("pool.yaml"),
+            "name: demo\nbase: models/base\nexperts: {math: models/math}\ntaskpool: tasks\n",
+        )
+        .unwrap();
+        let mut c = empty_config();
+        add_demo_pool(&mut c, dir.path()).unwrap();
+        assert_eq!(c.pools["demo"].base, dir.path().join("models/base"));
+        assert_eq!(
+            c.pools["demo"].experts["math"],
+            dir.path().join("models/math")
+        );
+        assert_eq!(c.taskpools["demo"], dir.path().join("tasks"));
+        // Its routed merges train on its tasks.
+        assert_eq!(c.pools["demo"].calibration.as_deref(), Some("demo"));
+        assert_eq!(
+            c.calibration_of("demo"),
+            Some(("demo".to_string(), dir.path().join("tasks"), true))
+        );
+        assert!(add_demo_pool(&mut c, dir.path()).is_err(), "added twice");
+    }
 
     #[test]
     fn demo_schedule_covers_base_and_two_merges() {
@@ -75,7 +141,7 @@ mod tests {
         )
         .unwrap();
         let mut c = Config::from_yaml("", "t.yaml", Path::new("/"), Vec::new()).unwrap();
-        c.add_demo_pool(dir.path()).unwrap();
+        add_demo_pool(&mut c, dir.path()).unwrap();
         add_demo_evaluations(&mut c, "demo").unwrap();
         let got: Vec<(&str, &str)> = c
             .evaluations
