@@ -93,12 +93,26 @@ pub enum EvalError {
         #[source]
         source: Box<EvalError>,
     },
-    /// Merging a model failed (or loading one, through the merger).
+    /// Merging a model failed (or loading one, through the merger); boxed,
+    /// as merge errors are large.
     #[error(transparent)]
-    Model(#[from] merger::MergeError),
-    /// Loading or running a model failed.
+    Model(Box<merger::MergeError>),
+    /// Loading or running a model failed (boxed: the runtime's errors are
+    /// large and this one is returned everywhere).
     #[error(transparent)]
-    Runtime(#[from] runtime::RuntimeError),
+    Runtime(Box<runtime::RuntimeError>),
+}
+
+impl From<merger::MergeError> for EvalError {
+    fn from(e: merger::MergeError) -> Self {
+        EvalError::Model(Box::new(e))
+    }
+}
+
+impl From<runtime::RuntimeError> for EvalError {
+    fn from(e: runtime::RuntimeError) -> Self {
+        EvalError::Runtime(Box::new(e))
+    }
 }
 
 impl EvalError {

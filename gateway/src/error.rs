@@ -351,7 +351,7 @@ impl GatewayError {
                     param: None,
                 }
             }
-            MergeError::Runtime(e) => Self::at_runtime(stage, e),
+            MergeError::Runtime(e) => Self::at_runtime(stage, *e),
             e => from_kind(stage, e.kind(), e.to_string()),
         }
     }
@@ -421,8 +421,9 @@ fn from_kind(stage: Stage, kind: ErrorKind, message: String) -> GatewayError {
         // A corrupt registered checkpoint is the server's problem, not the
         // client's; so is anything that fails once validation accepted the
         // request.
-        (_, ErrorKind::Corrupt | ErrorKind::Internal)
-        | (Stage::Merge | Stage::Execution, _) => GatewayError::Internal(message),
+        (_, ErrorKind::Corrupt | ErrorKind::Internal) | (Stage::Merge | Stage::Execution, _) => {
+            GatewayError::Internal(message)
+        }
     }
 }
 
@@ -591,7 +592,7 @@ mod tests {
     fn every_kind_has_its_status_at_every_stage() {
         use std::path::PathBuf;
         fn runtime(e: RuntimeError) -> MergeError {
-            MergeError::Runtime(e)
+            MergeError::from(e)
         }
         // One error of each kind, and its status when validation finds it,
         // while a merge runs, and while a checkpoint loads or a model runs.

@@ -32,12 +32,12 @@ use tokio::sync::Semaphore;
 use utoipa::ToSchema;
 
 use crate::cache::Resident;
-use crate::engine::Engine;
 use crate::clock::unix_time;
+use crate::engine::Engine;
 use crate::error::{GatewayError, Result, Stage};
 use crate::metrics::Metrics;
-use crate::registry::Target;
 use crate::registry::routed::{RouterSource, RoutersInfo};
+use crate::registry::Target;
 
 /// Most merges the book remembers; past it the oldest finished ones are
 /// forgotten.
@@ -393,9 +393,7 @@ impl Merges {
                         Engine::from_checkpoint(&checkpoint, &opts)
                     })
                     .await
-                    .map_err(|e| {
-                        GatewayError::Internal(format!("loading `{name}` failed: {e}"))
-                    })?
+                    .map_err(|e| GatewayError::Internal(format!("loading `{name}` failed: {e}")))?
                     .map_err(|e| GatewayError::at(Stage::Execution, e))?;
                     tracing::info!(model = %name, bytes = engine.resident_bytes(), "checkpoint loaded");
                     Ok(Arc::new(Served {

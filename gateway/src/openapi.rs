@@ -13,10 +13,10 @@ use crate::evaluations::{
 use crate::merges::{MergeInfo, MergeState};
 use crate::registry::routed::{RouterSource, RoutersInfo};
 use crate::routes;
-use crate::store::DeleteStatus;
 use crate::routes::sse::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk, CompletionChunkChoice,
 };
+use crate::store::DeleteStatus;
 
 /// The gateway's API.
 #[derive(OpenApi)]

@@ -206,9 +206,7 @@ fn build(state: web::Data<AppState>) -> Result<(actix_web::dev::Server, SocketAd
             .app_data(query)
             .configure(routes::configure)
             .route(paths::DOCS, web::get().to(docs_redirect))
-            .service(
-                SwaggerUi::new(paths::DOCS_FILES).url(paths::OPENAPI, doc.clone()),
-            )
+            .service(SwaggerUi::new(paths::DOCS_FILES).url(paths::OPENAPI, doc.clone()))
             .default_service(web::to(unknown_route))
             .wrap(from_fn(authenticate))
             .wrap(from_fn(observe))

@@ -48,11 +48,7 @@ pub struct Generation {
 /// Token ids of a prompt, checked to leave room for a completion in the
 /// model's context: the gateway's one check of a prompt's length (the
 /// runtime caps the completion at the end of the context).
-fn prompt_ids(
-    engine: &Engine,
-    prompt: &Prompt,
-    split_special_tokens: bool,
-) -> Result<Vec<u32>> {
+fn prompt_ids(engine: &Engine, prompt: &Prompt, split_special_tokens: bool) -> Result<Vec<u32>> {
     let (ids, param) = match prompt {
         Prompt::Chat(messages) => (
             engine.chat_prompt(messages, split_special_tokens)?,

@@ -143,7 +143,11 @@ impl ModelStore {
 
     /// The resident model a request names, loading (merging) it if needed,
     /// waiting at most `merge.max_wait`.
-    pub async fn model(&self, model: Option<&str>, merge: Option<MergeSpec>) -> Result<ModelHandle> {
+    pub async fn model(
+        &self,
+        model: Option<&str>,
+        merge: Option<MergeSpec>,
+    ) -> Result<ModelHandle> {
         // A resident `merge-<id>` needs no planning at all.
         if merge.is_none() {
             if let Some(name) = model.map(str::trim).filter(|m| m.starts_with("merge-")) {

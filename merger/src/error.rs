@@ -176,8 +176,16 @@ pub enum MergeError {
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
     /// An error of the model runtime (reading a checkpoint, running a model).
+    /// (Boxed: the runtime's errors are large and merge errors are returned
+    /// everywhere.)
     #[error(transparent)]
-    Runtime(#[from] runtime::RuntimeError),
+    Runtime(Box<runtime::RuntimeError>),
+}
+
+impl From<runtime::RuntimeError> for MergeError {
+    fn from(e: runtime::RuntimeError) -> Self {
+        MergeError::Runtime(Box::new(e))
+    }
 }
 
 impl MergeError {

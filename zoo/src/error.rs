@@ -23,15 +23,28 @@ pub enum ZooError {
     /// Training went wrong (a loss that diverged, a job that did not run).
     #[error("training: {0}")]
     Training(String),
-    /// A model, checkpoint or tokenizer error of the runtime.
+    /// A model, checkpoint or tokenizer error of the runtime (boxed, as
+    /// the evaluator's: both are large).
     #[error(transparent)]
-    Runtime(#[from] runtime::RuntimeError),
+    Runtime(Box<runtime::RuntimeError>),
     /// Reading or writing the pool's `pool.yaml` or task pool.
     #[error(transparent)]
-    Eval(#[from] evaluator::EvalError),
+    Eval(Box<evaluator::EvalError>),
     /// A tensor backend error.
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
+}
+
+impl From<runtime::RuntimeError> for ZooError {
+    fn from(e: runtime::RuntimeError) -> Self {
+        ZooError::Runtime(Box::new(e))
+    }
+}
+
+impl From<evaluator::EvalError> for ZooError {
+    fn from(e: evaluator::EvalError) -> Self {
+        ZooError::Eval(Box::new(e))
+    }
 }
 
 impl ZooError {

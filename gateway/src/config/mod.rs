@@ -656,10 +656,7 @@ impl Config {
                 if !is_name(expert) || expert == BASE_NAME {
                     return Err(err(
                         &format!("pools.{name}.experts.{expert}"),
-                        format!(
-                            "expert names are [A-Za-z0-9_.-]+ and not `{}`",
-                            BASE_NAME
-                        ),
+                        format!("expert names are [A-Za-z0-9_.-]+ and not `{}`", BASE_NAME),
                     ));
                 }
                 checkpoint_names.insert(expert.clone());

@@ -34,11 +34,11 @@ use runtime::model::ModelOptions;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use super::{Pool, BASE_NAME};
 use crate::config::Config;
 use crate::engine::Engine;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
-use super::{Pool, BASE_NAME};
 
 /// The parameter naming trained routers.
 const ROUTER_CHECKPOINT: &str = "router_checkpoint";

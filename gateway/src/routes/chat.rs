@@ -5,12 +5,12 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::sse::{self, StreamKind, StreamMeta};
 use super::{model_headers, response_id, SamplingFields, Usage};
 use crate::clock::unix_time;
 use crate::engine::ChatMessage;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// Roles a message may have.

@@ -5,11 +5,11 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::sse::{self, StreamKind, StreamMeta};
 use super::{model_headers, response_id, SamplingFields, Usage};
 use crate::clock::unix_time;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving::{self, Prompt};
-use super::sse::{self, StreamKind, StreamMeta};
 use crate::state::AppState;
 
 /// A text completion request (OpenAI fields plus `merge`).

@@ -15,8 +15,8 @@ use actix_web::HttpResponse;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::error::GatewayError;
 use super::{model_headers, Usage};
+use crate::error::GatewayError;
 use crate::serving::{Event, Generation};
 use crate::store::ModelHandle;
 

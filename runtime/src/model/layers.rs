@@ -67,7 +67,7 @@ impl<'a> Hooks<'a> {
 ///
 /// ```
 /// use candle_core::{Device, Tensor};
-/// use merger::model::{Hooks, Linear};
+/// use runtime::model::{Hooks, Linear};
 /// # fn main() -> candle_core::Result<()> {
 /// let w = Tensor::new(&[[1f32, 2.], [3., 4.], [5., 6.]], &Device::Cpu)?;
 /// let b = Tensor::new(&[0f32, 1., 2.], &Device::Cpu)?;
