@@ -31,8 +31,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
     Compare(cli::compare::CompareArgs),
-    /// List the merge methods with their parameters and defaults.
-    Methods,
+    /// List the merge methods with their parameters, defaults and ranges (`--json`, `--markdown`).
+    Methods(cli::methods::MethodsArgs),
     /// Build model pools (`build`: the trained demo pool; `synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
@@ -63,7 +63,7 @@ fn main() -> ExitCode {
         Command::Openapi => cli::serve::print_openapi(),
         Command::Eval(args) => cli::eval::run(args),
         Command::Compare(args) => cli::compare::run(args),
-        Command::Methods => cli::methods::run(),
+        Command::Methods(args) => cli::methods::run(args),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),
     };

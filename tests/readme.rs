@@ -3,20 +3,21 @@
 //! - its Layout section lists the workspace's crates, what each owns (the
 //!   crate's `description`) and its dependencies on the others, exactly as
 //!   `cargo metadata` has them, in an order where dependencies point one way;
+//! - its method table is what `fusion methods --markdown` prints from the
+//!   methods' declared parameters, and the parameter reference of
+//!   `docs/merging.md` is what `merger::methods::catalog::reference` prints;
 //! - every relative link of the README and of `docs/*.md` reaches a file,
 //!   and every `#anchor` a heading of that file.
 //!
-//! `UPDATE_README=1 cargo test --test readme` rewrites the Layout section
-//! from `cargo metadata`.
+//! `UPDATE_README=1 cargo test --test readme` rewrites the generated
+//! sections (Layout from `cargo metadata`, the method table and the
+//! parameter reference from the declarations).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use serde_json::Value;
-
-const BEGIN: &str = "<!-- layout:begin -->";
-const END: &str = "<!-- layout:end -->";
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -121,33 +122,72 @@ fn layout() -> String {
     s
 }
 
-#[test]
-fn layout_section_matches_cargo_metadata() {
-    let path = root().join("README.md");
-    let readme = std::fs::read_to_string(&path).unwrap();
-    let (a, b) = (
-        readme
-            .find(BEGIN)
-            .expect("README has the layout:begin marker"),
-        readme.find(END).expect("README has the layout:end marker"),
+/// Checks (or with `UPDATE_README` rewrites) the text between `<!-- NAME:begin -->`
+/// and `<!-- NAME:end -->` in `file` against `want`.
+fn generated_section(file: &str, name: &str, want: &str) {
+    let path = root().join(file);
+    let text = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = (
+        format!("<!-- {name}:begin -->"),
+        format!("<!-- {name}:end -->"),
     );
-    let current = &readme[a + BEGIN.len()..b];
-    let want = format!("\n{}", layout());
+    let a = text
+        .find(&begin)
+        .unwrap_or_else(|| panic!("{file} has the {begin} marker"));
+    let b = text
+        .find(&end)
+        .unwrap_or_else(|| panic!("{file} has the {end} marker"));
+    let current = &text[a + begin.len()..b];
+    let want = format!("\n{want}");
     if std::env::var_os("UPDATE_README").is_some() {
-        let updated = format!("{}{BEGIN}{want}{}", &readme[..a], &readme[b..]);
+        let updated = format!("{}{begin}{want}{}", &text[..a], &text[b..]);
         std::fs::write(&path, updated).unwrap();
         return;
     }
     assert_eq!(
         current, want,
-        "README's Layout section is stale: run `UPDATE_README=1 cargo test --test readme`"
+        "the {name} section of {file} is stale: run `UPDATE_README=1 cargo test --release --test readme`"
     );
+}
+
+#[test]
+fn layout_section_matches_cargo_metadata() {
+    let want = layout();
     for c in ["runtime", "merger", "evaluator", "zoo", "gateway"] {
         assert!(
             want.contains(&format!("| `{c}` |")),
             "{c} is a workspace crate"
         );
     }
+    generated_section("README.md", "layout", &want);
+}
+
+#[test]
+fn method_table_is_generated_from_the_declarations() {
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .args(["methods", "--markdown"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(table, merger::methods::catalog::markdown());
+    for m in merger::methods::REGISTRY {
+        assert!(table.contains(&format!("| `{}`", m.name)), "{}", m.name);
+    }
+    generated_section("README.md", "methods", &table);
+}
+
+#[test]
+fn parameter_reference_is_generated_from_the_declarations() {
+    generated_section(
+        "docs/merging.md",
+        "params",
+        &merger::methods::catalog::reference(),
+    );
 }
 
 /// GitHub's anchor of a heading: lower case, spaces to `-`, punctuation

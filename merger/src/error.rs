@@ -66,6 +66,15 @@ pub enum MergeError {
         /// The parameters the method takes, comma-separated.
         accepted: String,
     },
+    /// A method asked for a parameter it does not declare (a bug of the
+    /// method: its declaration and its code disagree).
+    #[error("method `{method}` reads parameter `{param}`, which it does not declare")]
+    UndeclaredParameter {
+        /// The method.
+        method: String,
+        /// The parameter read.
+        param: String,
+    },
     /// A parameter is outside its allowed range.
     #[error("parameter `{param}` = {value} is out of range: {expected}")]
     OutOfRange {
@@ -193,7 +202,9 @@ impl MergeError {
     pub fn kind(&self) -> ErrorKind {
         use MergeError::*;
         match self {
-            Io { .. } | Tensor { .. } | Candle(_) => ErrorKind::Internal,
+            Io { .. } | Tensor { .. } | Candle(_) | UndeclaredParameter { .. } => {
+                ErrorKind::Internal
+            }
             ModelConfig { .. } => ErrorKind::Corrupt,
             NonFinite { .. } => ErrorKind::Unprocessable,
             MissingTensor { .. } => ErrorKind::NotFound,

@@ -40,12 +40,11 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
-use super::params::LAMBDA_KEYS;
-use super::task_arithmetic::default_lambda;
+use super::schema::{common, DefaultValue, Param, Range, Scope, Type};
+use super::task_arithmetic::{LAMBDA, NORMALIZE};
 use super::task_vectors::magnitude_outliers;
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::spec::Dialect;
 
 /// mergekit leaves Σ wi undivided below this.
 const ZERO_SUM: f64 = 1e-8;
@@ -61,28 +60,57 @@ struct Breadcrumbs {
     rescale: bool,
 }
 
+/// The fraction of each task vector kept.
+static DENSITY: Param = Param {
+    scope: Scope::PerModel,
+    ..Param::global(
+        "density",
+        Type::Number,
+        DefaultValue::ByDialect {
+            fusionbench: 0.9,
+            mergekit: 1.0,
+        },
+        "fraction of each task vector kept",
+    )
+    .range(Range::UNIT_OPEN_BELOW)
+};
+
+/// The fraction of largest magnitudes dropped.
+static GAMMA: Param = Param::per_model(
+    "gamma",
+    0.01,
+    "fraction of the largest magnitudes dropped (outliers)",
+)
+.range(Range::UNIT_OPEN_ABOVE);
+
+/// `rescale` (off): divide the kept entries by the density.
+static RESCALE: Param = Param::global(
+    "rescale",
+    Type::Bool,
+    DefaultValue::Bool(false),
+    "divide the kept entries by the fraction kept",
+);
+
+/// The parameters of `breadcrumbs`.
+pub static PARAMS: &[&Param] = &[
+    &LAMBDA,
+    &common::WEIGHT,
+    &DENSITY,
+    &GAMMA,
+    &NORMALIZE,
+    &RESCALE,
+    &common::INT8_MASK,
+];
+
 /// Builds `breadcrumbs`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let dialect = p.dialect();
-    let lambda = p.number(LAMBDA_KEYS, default_lambda(dialect))?;
-    let weights = p.per_model("weight", 1.0)?;
-    let default_density = match dialect {
-        Dialect::Mergekit => 1.0,
-        Dialect::Fusionbench => 0.9,
-    };
-    let density = p
-        .per_model("density", default_density)?
-        .into_iter()
-        .map(|d| d.check(|d| d > 0.0 && d <= 1.0, "in (0, 1]"))
-        .collect::<Result<_>>()?;
-    let gamma = p
-        .per_model("gamma", 0.01)?
-        .into_iter()
-        .map(|g| g.check(|g| (0.0..1.0).contains(&g), "in [0, 1)"))
-        .collect::<Result<_>>()?;
-    let normalize = p.boolean(&["normalize"], false)?;
-    let rescale = p.boolean(&["rescale"], false)?;
-    p.boolean(&["int8_mask"], false)?;
+    let lambda = p.number(&LAMBDA)?;
+    let weights = p.per_model(&common::WEIGHT)?;
+    let density = p.per_model(&DENSITY)?;
+    let gamma = p.per_model(&GAMMA)?;
+    let normalize = p.boolean(&NORMALIZE)?;
+    let rescale = p.boolean(&RESCALE)?;
+    p.boolean(&common::INT8_MASK)?;
     Ok(Box::new(Breadcrumbs {
         lambda,
         weights,

@@ -38,11 +38,11 @@
 
 use candle_core::Tensor;
 
-use super::params::LAMBDA_KEYS;
+use super::schema::{common, DefaultValue, Param, Range, Type};
 use super::task_vectors::{streams, Dropout, MkMerge, Source};
-use super::ties::{densities, FbTies, FB_LAMBDA_KEYS};
+use super::ties::{FbTies, DENSITY, MERGE_FUNC, MK_DENSITY, MK_LAMBDA, THRESHOLD, TRIM_SCOPE};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
-use crate::error::{MergeError, Result};
+use crate::error::Result;
 
 /// FusionBench `dare` with `combine: ties`.
 #[derive(Debug)]
@@ -70,28 +70,95 @@ impl MergeMethod for DareTies {
     }
 }
 
+/// The dropout probability p of FusionBench's `dare`.
+static SPARSITY_RATIO: Param = Param::global(
+    "sparsity_ratio",
+    Type::Scalar,
+    DefaultValue::Number(0.5),
+    "probability p that an entry of a task vector is dropped",
+)
+.range(Range::UNIT_OPEN_ABOVE);
+
+/// Divide the kept entries by the keep probability.
+static RESCALE: Param = Param::global(
+    "rescale",
+    Type::Bool,
+    DefaultValue::Bool(true),
+    "divide the kept entries by the keep probability",
+);
+
+/// Sparsify linear weights only.
+static ONLY_LINEAR_WEIGHTS: Param = Param::global(
+    "only_linear_weights",
+    Type::Bool,
+    DefaultValue::Bool(false),
+    "sparsify only 2-D linear weights; other tensors keep their whole task vector",
+)
+.aliases(&["only_on_linear_weights"]);
+
+/// How FusionBench's `dare` combines the sparsified task vectors.
+static COMBINE: Param = Param::global(
+    "combine",
+    Type::Choice(&["task_arithmetic", "simple_average", "ties"]),
+    DefaultValue::Word("task_arithmetic"),
+    "how the sparsified task vectors combine (`ties`: then `density`, `threshold`, `merge_func`, `trim_scope` apply)",
+);
+
+/// λ of FusionBench's `dare`.
+static LAMBDA: Param = Param::global(
+    "scaling_coefficient",
+    Type::Number,
+    DefaultValue::Depends("0.3 (0.5 with `combine: ties`)"),
+    "scale λ of the merged task vector (not with `combine: simple_average`)",
+)
+.aliases(&["lambda", "scaling_factor"]);
+
+/// The parameters of FusionBench's `dare`.
+pub static PARAMS_FUSIONBENCH: &[&Param] = &[
+    &SPARSITY_RATIO,
+    &RESCALE,
+    &ONLY_LINEAR_WEIGHTS,
+    &COMBINE,
+    &LAMBDA,
+    &DENSITY,
+    &THRESHOLD,
+    &MERGE_FUNC,
+    &TRIM_SCOPE,
+];
+
+/// The parameters of mergekit's `dare_linear` and `dare_ties`.
+pub static PARAMS_MERGEKIT: &[&Param] = &[
+    &common::WEIGHT,
+    &MK_DENSITY,
+    &RESCALE,
+    &MK_NORMALIZE,
+    &MK_LAMBDA,
+    &common::INT8_MASK,
+];
+
+/// mergekit's `normalize` of the DARE methods (off).
+static MK_NORMALIZE: Param = Param::global(
+    "normalize",
+    Type::Bool,
+    DefaultValue::Bool(false),
+    "divide by Σ wi (over the agreeing entries with `dare_ties`)",
+);
+
 /// Builds FusionBench's `dare`.
 pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let ratio = p.scalar(&["sparsity_ratio"], 0.5)?;
-    if !(0.0..1.0).contains(&ratio) {
-        return Err(MergeError::range("sparsity_ratio", ratio, "in [0, 1)"));
-    }
+    let ratio = p.scalar(&SPARSITY_RATIO)?;
     let dropout = Dropout {
         seed: p.seed().unwrap_or(0),
         keep: vec![Num::constant("sparsity_ratio", 1.0 - ratio); p.num_models],
         streams: streams(&p.model_names()),
-        rescale: p.boolean(&["rescale"], true)?,
-        only_linear: p.boolean(&["only_linear_weights", "only_on_linear_weights"], false)?,
+        rescale: p.boolean(&RESCALE)?,
+        only_linear: p.boolean(&ONLY_LINEAR_WEIGHTS)?,
     };
-    let combine = p.choice(
-        &["combine"],
-        &["task_arithmetic", "simple_average", "ties"],
-        "task_arithmetic",
-    )?;
-    let lambda = match combine.as_str() {
+    let combine = p.choice(&COMBINE)?;
+    let lambda = match combine {
         "ties" => {
-            let ties = FbTies::from_params(p, 0.2)?;
-            let lambda = p.number(FB_LAMBDA_KEYS, 0.5)?;
+            let ties = FbTies::from_params(p)?;
+            let lambda = p.number_or(&LAMBDA, 0.5)?;
             return Ok(Box::new(DareTies {
                 dropout,
                 ties,
@@ -99,7 +166,7 @@ pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
             }));
         }
         "simple_average" => Num::constant("1/T", 1.0 / p.num_models as f64),
-        _ => p.number(FB_LAMBDA_KEYS, 0.3)?,
+        _ => p.number_or(&LAMBDA, 0.3)?,
     };
     Ok(Box::new(MkMerge {
         weights: vec![Num::constant("weight", 1.0); p.num_models],
@@ -112,18 +179,18 @@ pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
 }
 
 fn build_mergekit(p: &mut Params, consensus: bool) -> Result<Box<dyn MergeMethod>> {
-    let weights = p.per_model("weight", 1.0)?;
-    let keep = densities(p)?;
+    let weights = p.per_model(&common::WEIGHT)?;
+    let keep = p.per_model(&MK_DENSITY)?;
     let dropout = Dropout {
         seed: p.seed().unwrap_or(0),
         keep,
         streams: streams(&p.model_names()),
-        rescale: p.boolean(&["rescale"], true)?,
+        rescale: p.boolean(&RESCALE)?,
         only_linear: false,
     };
-    let normalize = p.boolean(&["normalize"], false)?;
-    let lambda = p.number(LAMBDA_KEYS, 1.0)?;
-    p.boolean(&["int8_mask"], false)?;
+    let normalize = p.boolean(&MK_NORMALIZE)?;
+    let lambda = p.number(&MK_LAMBDA)?;
+    p.boolean(&common::INT8_MASK)?;
     Ok(Box::new(MkMerge {
         weights,
         trim: None,

@@ -12,6 +12,7 @@
 
 use candle_core::Tensor;
 
+use super::schema::{DefaultValue, Param, Type};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 
@@ -21,10 +22,22 @@ struct Expo {
     alpha: Num,
 }
 
+/// α, the extrapolation factor.
+static ALPHA: Param = Param::global(
+    "alpha",
+    Type::Number,
+    DefaultValue::Number(0.1),
+    "extrapolation factor α away from the base",
+)
+.aliases(&["extrapolation_factor"]);
+
+/// The parameters of `expo`.
+pub static PARAMS: &[&Param] = &[&ALPHA];
+
 /// Builds `expo`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     Ok(Box::new(Expo {
-        alpha: p.number(&["alpha", "extrapolation_factor"], 0.1)?,
+        alpha: p.number(&ALPHA)?,
     }))
 }
 

@@ -55,26 +55,46 @@ use candle_core::Tensor;
 use faer::{Mat, Scale};
 
 use super::matrix_targets::MatrixTargets;
+use super::schema::{common, DefaultValue, Param, Range, Type};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::linalg::{self, TaskVectors, ThinSvd};
 
-/// Keys of the global scale α.
-const ALPHA_KEYS: &[&str] = &["alpha", "scaling_factor"];
+/// The global scale α.
+static ALPHA: Param = Param::global(
+    "alpha",
+    Type::Number,
+    DefaultValue::Number(1.0),
+    "scale α of the merged task vector",
+)
+.aliases(&["scaling_factor"]);
+
+/// `common_space_fraction` of `iso_cts`.
+static COMMON_SPACE_FRACTION: Param = Param::global(
+    "common_space_fraction",
+    Type::Number,
+    DefaultValue::Number(0.8),
+    "fraction of the rank given to the common subspace",
+)
+.range(Range::UNIT_OPEN_BELOW);
+
+/// The parameters of `iso_c`.
+pub static PARAMS_ISO_C: &[&Param] = &[&ALPHA, &common::EXCLUDE_KEYS];
+
+/// The parameters of `iso_cts`.
+pub static PARAMS_ISO_CTS: &[&Param] = &[&ALPHA, &COMMON_SPACE_FRACTION, &common::EXCLUDE_KEYS];
 
 /// Builds `iso_c`.
 pub fn build_iso_c(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let alpha = p.number(ALPHA_KEYS, 1.0)?;
+    let alpha = p.number(&ALPHA)?;
     let targets = MatrixTargets::from_params(p)?;
     Ok(Box::new(IsoC { alpha, targets }))
 }
 
 /// Builds `iso_cts`.
 pub fn build_iso_cts(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let alpha = p.number(ALPHA_KEYS, 1.0)?;
-    let fraction = p
-        .number(&["common_space_fraction"], 0.8)?
-        .check(|x| x > 0.0 && x <= 1.0, "in (0, 1]")?;
+    let alpha = p.number(&ALPHA)?;
+    let fraction = p.number(&COMMON_SPACE_FRACTION)?;
     let targets = MatrixTargets::from_params(p)?;
     Ok(Box::new(IsoCts {
         alpha,

@@ -38,6 +38,7 @@
 use candle_core::{Device, Tensor};
 use rayon::prelude::*;
 
+use super::schema::{DefaultValue, Param, Range, Type};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::select::rank_range_mask;
@@ -70,36 +71,73 @@ struct MagnitudePruning {
     major: bool,
 }
 
+/// What is pruned.
+static MODE: Param = Param::global(
+    "mode",
+    Type::Choice(&["diff", "weights"]),
+    DefaultValue::Word("diff"),
+    "prune the task vector (`diff`, base needed) or the weights themselves (`weights`, no base)",
+);
+
+/// Which magnitudes are pruned.
+static PRUNE_TYPE: Param = Param::global(
+    "prune_type",
+    Type::Choice(&["minor", "major"]),
+    DefaultValue::Word("minor"),
+    "prune the smallest (`minor`) or the largest (`major`) magnitudes",
+);
+
+/// The fraction of each row pruned.
+static PRUNE_RATIO: Param = Param::global(
+    "prune_ratio",
+    Type::Number,
+    DefaultValue::Number(0.5),
+    "fraction of each row pruned (not with `n`/`m`)",
+)
+.aliases(&["sparsity_ratio"])
+.range(Range::UNIT_OPEN_ABOVE);
+
+/// n of n:m pruning.
+static N: Param = Param::global(
+    "n",
+    Type::Integer,
+    DefaultValue::Unset,
+    "n:m pruning (`mode: weights`): zero n of every m consecutive input columns, n < m",
+)
+.range(Range::at_least(1.0));
+
+/// m of n:m pruning.
+static M: Param = Param::global(
+    "m",
+    Type::Integer,
+    DefaultValue::Unset,
+    "n:m pruning: the group size m",
+)
+.range(Range::at_least(2.0));
+
+/// The parameters of `magnitude_pruning`.
+pub static PARAMS: &[&Param] = &[&MODE, &PRUNE_TYPE, &PRUNE_RATIO, &N, &M];
+
 /// Builds `magnitude_pruning`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    if p.num_models != 1 {
-        return Err(MergeError::ModelCount {
-            method: "magnitude_pruning".into(),
-            expected: "exactly 1 (it prunes one fine-tuned model)".into(),
-            found: p.num_models,
-        });
-    }
-    let mode = match p.choice(&["mode"], &["diff", "weights"], "diff")?.as_str() {
+    let mode = match p.choice(&MODE)? {
         "weights" => Mode::Weights,
         _ => Mode::Diff,
     };
-    let major = p.choice(&["prune_type"], &["minor", "major"], "minor")? == "major";
-    let ratio_set = p.is_set("prune_ratio") || p.is_set("sparsity_ratio");
-    let ratio = p
-        .number(&["prune_ratio", "sparsity_ratio"], 0.5)?
-        .check(|r| (0.0..1.0).contains(&r), "in [0, 1)")?;
-    let (n_set, m_set) = (p.is_set("n"), p.is_set("m"));
-    let n = p.integer(&["n"], 0)? as usize;
-    let m = p.integer(&["m"], 0)? as usize;
-    let sparsity = match (n_set, m_set) {
-        (false, false) => Sparsity::Ratio(ratio),
-        (true, false) | (false, true) => {
+    let major = p.choice(&PRUNE_TYPE)? == "major";
+    let ratio_set = p.is_set(&PRUNE_RATIO);
+    let ratio = p.number(&PRUNE_RATIO)?;
+    let n = p.integer_opt(&N)?.map(|n| n as usize);
+    let m = p.integer_opt(&M)?.map(|m| m as usize);
+    let sparsity = match (n, m) {
+        (None, None) => Sparsity::Ratio(ratio),
+        (Some(_), None) | (None, Some(_)) => {
             return Err(MergeError::BadParameter {
-                param: if n_set { "m" } else { "n" }.into(),
+                param: if n.is_some() { "m" } else { "n" }.into(),
                 reason: "n:m pruning needs both `n` and `m`".into(),
             })
         }
-        (true, true) => {
+        (Some(n), Some(m)) => {
             if mode == Mode::Diff {
                 return Err(MergeError::BadParameter {
                     param: "n".into(),
@@ -114,10 +152,7 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
                             .into(),
                 });
             }
-            if m < 2 {
-                return Err(MergeError::range("m", m, "an integer >= 2"));
-            }
-            if n < 1 || n >= m {
+            if n >= m {
                 return Err(MergeError::range(
                     "n",
                     n,

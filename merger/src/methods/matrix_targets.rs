@@ -16,11 +16,9 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use super::schema::common;
 use super::{ModelScan, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-
-/// The parameter's name, as FusionBench spells it.
-const KEY: &str = "exclude_keys";
 
 /// The tensors a matrix method decomposes (or, for WUDI, optimises).
 #[derive(Debug, Clone, Default)]
@@ -32,7 +30,7 @@ impl MatrixTargets {
     /// Reads `exclude_keys` (default: nothing excluded).
     pub fn from_params(p: &mut Params) -> Result<Self> {
         Ok(MatrixTargets {
-            exclude: p.names(&[KEY])?,
+            exclude: p.names(&common::EXCLUDE_KEYS)?,
         })
     }
 
@@ -73,7 +71,7 @@ impl MatrixTargets {
             .find(|(_, hit)| !hit.load(Ordering::Relaxed))
         {
             Some((p, _)) => Err(MergeError::BadParameter {
-                param: KEY.into(),
+                param: common::EXCLUDE_KEYS.name.into(),
                 reason: format!(
                     "`{p}` matches no tensor of the model (entries are full tensor names such as \
                      `model.embed_tokens.weight`, or patterns with `*`)"

@@ -5,7 +5,9 @@
 //! [`TensorInputs`]. Methods that need model-wide statistics (TIES trimming
 //! over the whole model) get a [`ModelScan`] pass before merging.
 
+pub mod catalog;
 pub mod params;
+pub mod schema;
 
 mod breadcrumbs;
 mod dare;
@@ -28,6 +30,7 @@ use candle_core::Tensor;
 
 pub use crate::inputs::TensorInputs;
 pub use params::{Num, Params};
+pub use schema::Param;
 
 use crate::bounds::Bounds;
 use crate::error::{MergeError, Result};
@@ -109,6 +112,9 @@ pub struct MethodInfo {
     pub random: bool,
     /// Tensor by tensor (with its builder) or routed.
     pub kind: MethodKind,
+    /// The parameters it takes, as data: validation reads them, and
+    /// `fusion methods` and the README's table print them.
+    pub params: &'static [&'static Param],
 }
 
 impl MethodInfo {
@@ -127,7 +133,7 @@ impl MethodInfo {
 }
 
 macro_rules! entry {
-    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, routed) => {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, params=$params:expr, routed) => {
         MethodInfo {
             name: $name,
             convention: $conv,
@@ -136,9 +142,10 @@ macro_rules! entry {
             order_matters: $ord,
             random: $rand,
             kind: MethodKind::Routed,
+            params: $params,
         }
     };
-    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, $build:path) => {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, params=$params:expr, $build:path) => {
         MethodInfo {
             name: $name,
             convention: $conv,
@@ -147,6 +154,7 @@ macro_rules! entry {
             order_matters: $ord,
             random: $rand,
             kind: MethodKind::Tensorwise($build),
+            params: $params,
         }
     };
 }
@@ -161,6 +169,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Unused,
         ordered = false,
         random = false,
+        params = simple_average::PARAMS,
         simple_average::build
     ),
     entry!(
@@ -170,6 +179,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Unused,
         ordered = false,
         random = false,
+        params = weighted_average::PARAMS,
         weighted_average::build
     ),
     entry!(
@@ -179,6 +189,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = task_arithmetic::PARAMS,
         task_arithmetic::build
     ),
     entry!(
@@ -188,6 +199,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Unused,
         ordered = true,
         random = false,
+        params = slerp::PARAMS,
         slerp::build
     ),
     entry!(
@@ -197,6 +209,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = ties::PARAMS,
         ties::build_fusionbench
     ),
     entry!(
@@ -206,15 +219,17 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = true,
+        params = dare::PARAMS_FUSIONBENCH,
         dare::build_fusionbench
     ),
     entry!(
         "magnitude_pruning",
         "FusionBench",
-        Arity::AtLeast(1),
+        Arity::Exactly(1),
         base = Optional,
         ordered = false,
         random = false,
+        params = magnitude_pruning::PARAMS,
         magnitude_pruning::build
     ),
     entry!(
@@ -224,6 +239,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = expo::PARAMS,
         expo::build
     ),
     entry!(
@@ -233,6 +249,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = model_stock::PARAMS,
         model_stock::build
     ),
     entry!(
@@ -242,6 +259,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = breadcrumbs::PARAMS,
         breadcrumbs::build
     ),
     entry!(
@@ -251,6 +269,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = iso::PARAMS_ISO_C,
         iso::build_iso_c
     ),
     entry!(
@@ -260,6 +279,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = iso::PARAMS_ISO_CTS,
         iso::build_iso_cts
     ),
     entry!(
@@ -269,6 +289,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = tsv_m::PARAMS,
         tsv_m::build
     ),
     entry!(
@@ -278,6 +299,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = wudi::PARAMS,
         wudi::build
     ),
     entry!(
@@ -287,6 +309,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Unused,
         ordered = false,
         random = false,
+        params = weighted_average::PARAMS,
         linear::build
     ),
     entry!(
@@ -296,6 +319,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = false,
+        params = ties::PARAMS_MERGEKIT,
         ties::build_mergekit
     ),
     entry!(
@@ -305,6 +329,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = true,
+        params = dare::PARAMS_MERGEKIT,
         dare::build_mergekit_linear
     ),
     entry!(
@@ -314,6 +339,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = false,
         random = true,
+        params = dare::PARAMS_MERGEKIT,
         dare::build_mergekit_ties
     ),
     // Routed: expert i is router output i, and the seed draws the routers.
@@ -324,6 +350,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
+        params = crate::moe::params::WE_MOE,
         routed
     ),
     entry!(
@@ -333,6 +360,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
+        params = crate::moe::params::SPARSE_WE_MOE,
         routed
     ),
     entry!(
@@ -342,6 +370,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
+        params = crate::moe::params::RANKONE_MOE,
         routed
     ),
 ];
@@ -413,7 +442,7 @@ pub fn build_bounded(
                 .into(),
         });
     };
-    let mut params = Params::with_bounds(info.name, spec, *bounds);
+    let mut params = Params::with_bounds(info.name, info.params, spec, *bounds);
     let method = build(&mut params)?;
     params.finish()?;
     Ok((info, method))
@@ -421,3 +450,172 @@ pub fn build_bounded(
 
 #[cfg(test)]
 pub(crate) mod testutil;
+
+#[cfg(test)]
+mod declared {
+    //! The declarations and the code agree: every parameter a method
+    //! declares is read by its `build` (for some setting of its choices),
+    //! every parameter it reads is declared, and every declared default and
+    //! sample value builds.
+
+    use super::schema::{DefaultValue, Param, Type};
+    use super::*;
+    use crate::moe::MoeParams;
+    use crate::spec::{Dialect, ParamValue};
+
+    /// A valid value of `p`.
+    fn sample(p: &Param) -> ParamValue {
+        match (p.ty, p.default) {
+            (Type::Bool, DefaultValue::Bool(b)) => ParamValue::Bool(b),
+            (Type::Bool, _) => ParamValue::Bool(false),
+            (Type::Choice(options), _) => ParamValue::Text(options[0].into()),
+            (Type::Names, _) => ParamValue::Names(vec!["model.embed_tokens.weight".into()]),
+            (Type::Checkpoint, _) => ParamValue::Text("trained".into()),
+            (_, d) => ParamValue::Number(
+                d.number(Dialect::Fusionbench)
+                    .unwrap_or_else(|| p.range.sample()),
+            ),
+        }
+    }
+
+    fn spec(m: &MethodInfo, dialect: Dialect) -> MergeSpec {
+        let n = match m.arity {
+            Arity::Exactly(k) | Arity::AtLeast(k) => k,
+        };
+        let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let base = (m.base != BaseUse::Unused).then_some("base");
+        let mut s = MergeSpec::new(m.name, base, &names);
+        s.dialect = dialect;
+        s
+    }
+
+    /// Builds `spec` as its method does: tensor-wise or routed.
+    fn build_any(m: &MethodInfo, spec: &MergeSpec) -> Result<()> {
+        match m.kind {
+            MethodKind::Tensorwise(_) => build(spec).map(|_| ()),
+            MethodKind::Routed => MoeParams::from_spec(spec).map(|_| ()),
+        }
+    }
+
+    /// The settings of the method's choice parameters to try: none, and
+    /// each option of each choice alone.
+    fn choice_settings(m: &MethodInfo) -> Vec<Option<(&'static str, &'static str)>> {
+        let mut out = vec![None];
+        for p in m.params {
+            if let Type::Choice(options) = p.ty {
+                out.extend(options.iter().map(|o| Some((p.name, *o))));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn every_declared_parameter_is_read_and_every_read_one_declared() {
+        for m in REGISTRY {
+            for dialect in [Dialect::Fusionbench, Dialect::Mergekit] {
+                for setting in choice_settings(m) {
+                    let mut s = spec(m, dialect);
+                    if let Some((k, v)) = setting {
+                        s = s.with_value(k, ParamValue::Text(v.into()));
+                    }
+                    // The declared defaults build (no undeclared read on the way).
+                    match build_any(m, &s) {
+                        Ok(()) => {}
+                        Err(MergeError::UndeclaredParameter { param, .. }) => {
+                            panic!("{} reads undeclared `{param}` ({setting:?})", m.name)
+                        }
+                        // A choice that only applies with another one
+                        // (`merge_func` of `dare` with `combine: ties`) is
+                        // refused alone; other errors are the n:m and mode
+                        // constraints of magnitude_pruning.
+                        Err(MergeError::UnknownParameter { param, .. }) => assert!(
+                            setting.is_some_and(|(k, _)| k == param),
+                            "{} {setting:?}: `{param}` refused",
+                            m.name
+                        ),
+                        Err(_) => {}
+                    }
+                }
+            }
+            for p in m.params {
+                for key in p.keys() {
+                    let read = choice_settings(m).into_iter().any(|setting| {
+                        let mut s = spec(m, Dialect::Fusionbench).with_value(key, sample(p));
+                        if let Some((k, v)) = setting {
+                            if k == p.name {
+                                return false;
+                            }
+                            s = s.with_value(k, ParamValue::Text(v.into()));
+                        }
+                        match build_any(m, &s) {
+                            Err(MergeError::UnknownParameter { param, .. }) => param != key,
+                            Err(MergeError::UndeclaredParameter { param, .. }) => {
+                                panic!("{} reads undeclared `{param}`", m.name)
+                            }
+                            _ => true,
+                        }
+                    });
+                    let choice = matches!(p.ty, Type::Choice(_));
+                    let alone = {
+                        let s = spec(m, Dialect::Fusionbench).with_value(key, sample(p));
+                        !matches!(build_any(m, &s), Err(MergeError::UnknownParameter { .. }))
+                    };
+                    assert!(
+                        read || (choice && alone),
+                        "{}: declared `{key}` is never read",
+                        m.name
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unknown_parameters_list_the_declared_ones() {
+        for m in REGISTRY {
+            let s = spec(m, Dialect::Fusionbench).with("no_such_parameter", 1.0);
+            match build_any(m, &s) {
+                Err(MergeError::UnknownParameter { accepted, .. }) => {
+                    let want: Vec<&str> = m.params.iter().map(|p| p.name).collect();
+                    let want = if want.is_empty() {
+                        "none".to_string()
+                    } else {
+                        want.join(", ")
+                    };
+                    assert_eq!(accepted, want, "{}", m.name);
+                }
+                other => panic!("{}: {:?}", m.name, other.err()),
+            }
+        }
+    }
+
+    #[test]
+    fn declared_ranges_are_enforced() {
+        for m in REGISTRY {
+            for p in m.params {
+                if !matches!(p.ty, Type::Number | Type::Scalar | Type::Integer) {
+                    continue;
+                }
+                let outside = match (p.range.min, p.range.max) {
+                    (super::schema::Limit::Inclusive(a), _) => a - 1.0,
+                    (super::schema::Limit::Exclusive(a), _) => a,
+                    (_, super::schema::Limit::Inclusive(b)) => b + 1.0,
+                    (_, super::schema::Limit::Exclusive(b)) => b,
+                    _ => f64::NAN,
+                };
+                let refused = choice_settings(m).into_iter().any(|setting| {
+                    let mut s = spec(m, Dialect::Fusionbench).with(p.name, outside);
+                    if let Some((k, v)) = setting {
+                        s = s.with_value(k, ParamValue::Text(v.into()));
+                    }
+                    matches!(
+                        build_any(m, &s),
+                        Err(MergeError::OutOfRange { .. } | MergeError::BadParameter { .. })
+                    )
+                });
+                assert!(refused, "{} `{}` = {outside} is accepted", m.name, p.name);
+            }
+        }
+    }
+}

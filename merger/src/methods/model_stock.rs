@@ -30,6 +30,7 @@
 
 use candle_core::Tensor;
 
+use super::schema::{DefaultValue, Param, Type};
 use super::{MergeMethod, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 use crate::kernels::linear_combination;
@@ -46,11 +47,22 @@ struct ModelStock {
     filter_wise: bool,
 }
 
+/// `filter_wise`: one ratio per row instead of per tensor.
+static FILTER_WISE: Param = Param::global(
+    "filter_wise",
+    Type::Bool,
+    DefaultValue::Bool(false),
+    "one interpolation ratio per row (filter) instead of per tensor",
+);
+
+/// The parameters of `model_stock`.
+pub static PARAMS: &[&Param] = &[&FILTER_WISE];
+
 /// Builds `model_stock`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     Ok(Box::new(ModelStock {
         dialect: p.dialect(),
-        filter_wise: p.boolean(&["filter_wise"], false)?,
+        filter_wise: p.boolean(&FILTER_WISE)?,
     }))
 }
 

@@ -1,14 +1,16 @@
-//! Typed access to a spec's parameters, with defaults and range checks.
-//!
-//! A method's `build` function asks for each parameter it accepts by name,
-//! with its default; [`Params::finish`] then rejects any key nobody asked
-//! for, so a misspelt parameter is an error rather than silently ignored.
-//! A parameter that scales the merge's work is declared with the [`Work`]
-//! it counts ([`Params::work`]) and checked against the [`Bounds`].
+//! Typed access to a spec's parameters, read through the method's
+//! declarations ([`super::schema::Param`]): each accessor takes a declared
+//! parameter and applies its spellings, default, type and range;
+//! [`Params::finish`] then rejects any key nobody asked for, so a misspelt
+//! parameter is an error rather than silently ignored. A parameter declared
+//! with a [`Work`] is checked against the [`Bounds`]. Asking for a parameter
+//! the method did not declare is an error too (a bug of the method, caught
+//! by the tests that build every method).
 
 use std::collections::BTreeSet;
 
-use crate::bounds::{Bounds, Work};
+use super::schema::{DefaultValue, Param, Type};
+use crate::bounds::Bounds;
 use crate::error::{MergeError, Result};
 use crate::spec::{Dialect, MergeSpec, ParamValue, TensorCtx};
 
@@ -61,6 +63,7 @@ impl Num {
 pub struct Params<'a> {
     method: String,
     spec: &'a MergeSpec,
+    declared: &'static [&'static Param],
     used: BTreeSet<String>,
     used_model: BTreeSet<String>,
     bounds: Bounds,
@@ -69,17 +72,23 @@ pub struct Params<'a> {
 }
 
 impl<'a> Params<'a> {
-    /// Wraps a spec's parameters for the method `method`, with the default
-    /// [`Bounds`].
-    pub fn new(method: &str, spec: &'a MergeSpec) -> Self {
-        Self::with_bounds(method, spec, Bounds::default())
+    /// Wraps a spec's parameters for the method `method`, which declares
+    /// `declared`, with the default [`Bounds`].
+    pub fn new(method: &str, declared: &'static [&'static Param], spec: &'a MergeSpec) -> Self {
+        Self::with_bounds(method, declared, spec, Bounds::default())
     }
 
     /// Wraps a spec's parameters, checking work parameters against `bounds`.
-    pub fn with_bounds(method: &str, spec: &'a MergeSpec, bounds: Bounds) -> Self {
+    pub fn with_bounds(
+        method: &str,
+        declared: &'static [&'static Param],
+        spec: &'a MergeSpec,
+        bounds: Bounds,
+    ) -> Self {
         Params {
             method: method.to_string(),
             spec,
+            declared,
             used: BTreeSet::new(),
             used_model: BTreeSet::new(),
             bounds,
@@ -108,19 +117,42 @@ impl<'a> Params<'a> {
         self.spec.models.iter().map(|m| m.name.as_str()).collect()
     }
 
-    fn global(&mut self, keys: &[&str]) -> Option<(String, ParamValue)> {
-        for k in keys {
-            self.used.insert((*k).to_string());
+    /// Refuses a parameter the method did not declare, or one read as
+    /// another type than declared.
+    fn declared(&self, p: &Param, ty: fn(Type) -> bool) -> Result<()> {
+        if self.declared.iter().any(|d| *d == p) && ty(p.ty) {
+            Ok(())
+        } else {
+            Err(MergeError::UndeclaredParameter {
+                method: self.method.clone(),
+                param: p.name.to_string(),
+            })
         }
-        keys.iter().find_map(|k| {
+    }
+
+    /// The numeric default of `p` for this spec's dialect.
+    fn default_number(&self, p: &Param) -> Result<f64> {
+        p.default
+            .number(self.dialect())
+            .ok_or_else(|| MergeError::UndeclaredParameter {
+                method: self.method.clone(),
+                param: format!("{} (declared without a numeric default)", p.name),
+            })
+    }
+
+    fn global(&mut self, p: &Param) -> Option<(String, ParamValue)> {
+        for k in p.keys() {
+            self.used.insert(k.to_string());
+        }
+        p.keys().find_map(|k| {
             self.spec
                 .parameters
-                .get(*k)
-                .map(|v| ((*k).to_string(), v.clone()))
+                .get(k)
+                .map(|v| (k.to_string(), v.clone()))
         })
     }
 
-    fn numeric(name: &str, value: ParamValue) -> Result<Num> {
+    fn numeric(name: &str, value: ParamValue, p: &Param) -> Result<Num> {
         if !value.is_numeric() {
             return Err(MergeError::BadParameter {
                 param: name.to_string(),
@@ -135,59 +167,106 @@ impl<'a> Params<'a> {
                 return Err(MergeError::range(name, x, "a finite number"));
             }
         }
-        Ok(Num {
+        Num {
             name: name.to_string(),
             value,
-        })
+        }
+        .check(|x| p.range.contains(x), &p.range.describe())
     }
 
-    /// A global numeric parameter (first of `keys` present), per-tensor resolvable.
-    pub fn number(&mut self, keys: &[&str], default: f64) -> Result<Num> {
-        match self.global(keys) {
-            Some((k, v)) => Self::numeric(&k, v),
-            None => Ok(Num::constant(keys[0], default)),
+    /// A global numeric parameter (per-tensor resolvable), its declared
+    /// default when absent, every value checked against its range.
+    pub fn number(&mut self, p: &Param) -> Result<Num> {
+        let default = self.default_number(p)?;
+        self.number_or(p, default)
+    }
+
+    /// [`Params::number`] for a parameter whose default depends on other
+    /// parameters (declared as [`DefaultValue::Depends`]): `default` when absent.
+    pub fn number_or(&mut self, p: &Param, default: f64) -> Result<Num> {
+        self.declared(p, |t| t == Type::Number)?;
+        match self.global(p) {
+            Some((k, v)) => Self::numeric(&k, v, p),
+            None => Ok(Num::constant(p.name, default)),
         }
     }
 
-    /// A global parameter that must be one scalar.
-    pub fn scalar(&mut self, keys: &[&str], default: f64) -> Result<f64> {
-        match self.global(keys) {
-            Some((_, ParamValue::Number(x))) if x.is_finite() => Ok(x),
-            Some((k, ParamValue::Number(x))) => Err(MergeError::range(&k, x, "a finite number")),
+    /// A global parameter that must be one scalar; `None` when absent.
+    pub fn scalar_opt(&mut self, p: &Param) -> Result<Option<f64>> {
+        self.declared(p, |t| matches!(t, Type::Scalar | Type::Integer))?;
+        match self.global(p) {
+            Some((k, ParamValue::Number(x))) if !x.is_finite() => {
+                Err(MergeError::range(&k, x, "a finite number"))
+            }
+            Some((k, ParamValue::Number(x))) if p.ty == Type::Scalar && !p.range.contains(x) => {
+                Err(MergeError::range(&k, x, &p.range.describe()))
+            }
+            Some((_, ParamValue::Number(x))) => Ok(Some(x)),
             Some((k, v)) => Err(MergeError::BadParameter {
                 param: k,
                 reason: format!("expected a single number, got {}", v.kind()),
             }),
-            None => Ok(default),
+            None => Ok(None),
         }
     }
 
-    /// A global non-negative integer.
-    pub fn integer(&mut self, keys: &[&str], default: u64) -> Result<u64> {
-        let x = self.scalar(keys, default as f64)?;
-        if x < 0.0 || x.fract() != 0.0 {
-            return Err(MergeError::range(keys[0], x, "a non-negative integer"));
-        }
-        Ok(x as u64)
+    /// A global parameter that must be one scalar, its declared default
+    /// when absent.
+    pub fn scalar(&mut self, p: &Param) -> Result<f64> {
+        let default = self.default_number(p)?;
+        Ok(self.scalar_opt(p)?.unwrap_or(default))
     }
 
-    /// A global integer ≥ `min` that scales the merge's work: at most the
-    /// bound of `work` (an error naming the parameter and the bound).
-    pub fn work(&mut self, keys: &[&str], default: u64, min: u64, work: Work) -> Result<u64> {
-        let x = self.integer(keys, default)?;
+    /// A global non-negative integer within its declared range; `None` when
+    /// absent. One declared with a [`crate::Work`] is at most its configured
+    /// bound (an error naming the parameter and the bound).
+    pub fn integer_opt(&mut self, p: &Param) -> Result<Option<u64>> {
+        self.declared(p, |t| t == Type::Integer)?;
         let name = self
-            .global(keys)
-            .map_or_else(|| keys[0].to_string(), |(k, _)| k);
-        if x < min {
-            return Err(MergeError::range(&name, x, &format!("an integer ≥ {min}")));
+            .global(p)
+            .map_or_else(|| p.name.to_string(), |(k, _)| k);
+        let Some(x) = self.scalar_opt(p)? else {
+            return Ok(None);
+        };
+        if x < 0.0 || x.fract() != 0.0 {
+            return Err(MergeError::range(&name, x, "a non-negative integer"));
         }
-        self.bounds.check(&name, x, work)?;
-        Ok(x)
+        if !p.range.contains(x) {
+            return Err(MergeError::range(
+                &name,
+                x,
+                &format!("an integer {}", p.range.describe()),
+            ));
+        }
+        let x = x as u64;
+        if let Some(work) = p.work {
+            self.bounds.check(&name, x, work)?;
+        }
+        Ok(Some(x))
+    }
+
+    /// [`Params::integer_opt`], with the declared default when absent.
+    pub fn integer(&mut self, p: &Param) -> Result<u64> {
+        let default = self.default_number(p)?;
+        match self.integer_opt(p)? {
+            Some(x) => Ok(x),
+            None => {
+                if let Some(work) = p.work {
+                    self.bounds.check(p.name, default as u64, work)?;
+                }
+                Ok(default as u64)
+            }
+        }
     }
 
     /// A global boolean.
-    pub fn boolean(&mut self, keys: &[&str], default: bool) -> Result<bool> {
-        match self.global(keys) {
+    pub fn boolean(&mut self, p: &Param) -> Result<bool> {
+        self.declared(p, |t| t == Type::Bool)?;
+        let default = match p.default {
+            DefaultValue::Bool(b) => b,
+            _ => false,
+        };
+        match self.global(p) {
             Some((_, ParamValue::Bool(b))) => Ok(b),
             Some((_, ParamValue::Number(x))) if x == 0.0 || x == 1.0 => Ok(x == 1.0),
             Some((k, v)) => Err(MergeError::BadParameter {
@@ -198,11 +277,22 @@ impl<'a> Params<'a> {
         }
     }
 
-    /// A global word option from `options`.
-    pub fn choice(&mut self, keys: &[&str], options: &[&str], default: &str) -> Result<String> {
-        match self.global(keys) {
-            Some((_, ParamValue::Text(s))) if options.contains(&s.as_str()) => Ok(s),
-            Some((k, v)) => Err(MergeError::BadParameter {
+    /// A global word option, one of the declared choices.
+    pub fn choice(&mut self, p: &Param) -> Result<&'static str> {
+        self.declared(p, |t| matches!(t, Type::Choice(_)))?;
+        let (Type::Choice(options), DefaultValue::Word(default)) = (p.ty, p.default) else {
+            return Err(MergeError::UndeclaredParameter {
+                method: self.method.clone(),
+                param: format!("{} (a choice declared without a default word)", p.name),
+            });
+        };
+        match self.global(p) {
+            None => Ok(default),
+            Some((k, v)) => match &v {
+                ParamValue::Text(s) => options.iter().find(|o| **o == s.as_str()).copied(),
+                _ => None,
+            }
+            .ok_or_else(|| MergeError::BadParameter {
                 param: k,
                 reason: format!(
                     "expected one of {}, got {}",
@@ -213,7 +303,6 @@ impl<'a> Params<'a> {
                     }
                 ),
             }),
-            None => Ok(default.to_string()),
         }
     }
 
@@ -221,8 +310,9 @@ impl<'a> Params<'a> {
     /// word is refused rather than taken as a one-name list, so that
     /// `exclude_keys: model.embed_tokens.weight` is not silently read in
     /// some other way (Python's `key in "text"` would test substrings).
-    pub fn names(&mut self, keys: &[&str]) -> Result<Vec<String>> {
-        match self.global(keys) {
+    pub fn names(&mut self, p: &Param) -> Result<Vec<String>> {
+        self.declared(p, |t| t == Type::Names)?;
+        match self.global(p) {
             None => Ok(Vec::new()),
             Some((_, ParamValue::Gradient(g))) if g.is_empty() => Ok(Vec::new()),
             Some((k, ParamValue::Names(names))) => {
@@ -246,10 +336,14 @@ impl<'a> Params<'a> {
     }
 
     /// A per-model numeric parameter: the model's own value (`weight` also
-    /// from `ModelSpec::weight`), else the global one, else `default`.
-    pub fn per_model(&mut self, key: &str, default: f64) -> Result<Vec<Num>> {
+    /// from `ModelSpec::weight`), else the global one, else the declared
+    /// default; every value checked against the declared range.
+    pub fn per_model(&mut self, p: &Param) -> Result<Vec<Num>> {
+        self.declared(p, |t| t == Type::Number)?;
+        let default = self.default_number(p)?;
+        let key = p.name;
         self.used_model.insert(key.to_string());
-        let global = self.global(&[key]);
+        let global = self.global(p);
         let mut out = Vec::with_capacity(self.spec.models.len());
         for m in &self.spec.models {
             let own = if key == "weight" {
@@ -258,8 +352,8 @@ impl<'a> Params<'a> {
                 m.parameters.get(key).cloned()
             };
             let num = match (own, &global) {
-                (Some(v), _) => Self::numeric(&format!("models[{}].{key}", m.name), v)?,
-                (None, Some((k, v))) => Self::numeric(k, v.clone())?,
+                (Some(v), _) => Self::numeric(&format!("models[{}].{key}", m.name), v, p)?,
+                (None, Some((k, v))) => Self::numeric(k, v.clone(), p)?,
                 (None, None) => Num::constant(key, default),
             };
             out.push(num);
@@ -267,31 +361,26 @@ impl<'a> Params<'a> {
         Ok(out)
     }
 
-    /// True when some model sets `key` itself or the global parameters do.
-    pub fn is_set(&self, key: &str) -> bool {
-        self.spec.parameters.contains_key(key)
-            || self
-                .spec
-                .models
-                .iter()
-                .any(|m| m.parameters.contains_key(key) || (key == "weight" && m.weight.is_some()))
+    /// True when some model sets `p` itself or the global parameters do
+    /// (under any of its spellings).
+    pub fn is_set(&self, p: &Param) -> bool {
+        p.keys().any(|key| {
+            self.spec.parameters.contains_key(key)
+                || self.spec.models.iter().any(|m| {
+                    m.parameters.contains_key(key) || (key == "weight" && m.weight.is_some())
+                })
+        })
     }
 
-    /// Rejects every parameter that was not asked for.
+    /// Rejects every parameter that was not asked for; the error lists the
+    /// parameters the method declares.
     pub fn finish(self) -> Result<()> {
         let accepted = || {
-            let mut all: Vec<&str> = self
-                .used
-                .iter()
-                .chain(self.used_model.iter())
-                .map(String::as_str)
-                .collect();
-            all.sort_unstable();
-            all.dedup();
-            if all.is_empty() {
+            let names: Vec<&str> = self.declared.iter().map(|p| p.name).collect();
+            if names.is_empty() {
                 "none".to_string()
             } else {
-                all.join(", ")
+                names.join(", ")
             }
         };
         let unknown = |param: &str| MergeError::UnknownParameter {
@@ -318,6 +407,3 @@ impl<'a> Params<'a> {
         Ok(())
     }
 }
-
-/// Keys that name the same parameter in FusionBench and mergekit spellings.
-pub const LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda"];

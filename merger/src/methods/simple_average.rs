@@ -9,12 +9,16 @@
 
 use candle_core::Tensor;
 
+use super::schema::Param;
 use super::{MergeMethod, Params, TensorInputs};
 use crate::error::Result;
 
 /// The uniform mean of the experts.
 #[derive(Debug)]
 struct SimpleAverage;
+
+/// `simple_average` takes no parameter.
+pub static PARAMS: &[&Param] = &[];
 
 /// Builds `simple_average`; it accepts no parameters.
 pub fn build(_p: &mut Params) -> Result<Box<dyn MergeMethod>> {

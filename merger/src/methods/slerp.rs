@@ -25,8 +25,9 @@
 
 use candle_core::{Device, Tensor};
 
+use super::schema::{DefaultValue, Param, Range, Type};
 use super::{MergeMethod, Num, Params, TensorInputs};
-use crate::error::{MergeError, Result};
+use crate::error::Result;
 use crate::kernels::linear_combination_as;
 use runtime::checkpoint::TensorRef;
 
@@ -38,23 +39,42 @@ struct Slerp {
     epsilon: f64,
 }
 
+/// The interpolation factor t.
+static T: Param = Param::global(
+    "t",
+    Type::Number,
+    DefaultValue::Number(0.5),
+    "interpolation factor: 0 gives the first model, 1 the second",
+)
+.range(Range::UNIT);
+
+/// Above this |cos|, plain linear interpolation.
+static DOT_THRESHOLD: Param = Param::global(
+    "dot_threshold",
+    Type::Scalar,
+    DefaultValue::Number(0.9995),
+    "above this |cos| of the two tensors, interpolate linearly",
+)
+.aliases(&["DOT_THRESHOLD"])
+.range(Range::UNIT);
+
+/// Guard of the normalisation.
+static EPSILON: Param = Param::global(
+    "epsilon",
+    Type::Scalar,
+    DefaultValue::Number(1e-8),
+    "norms below it are not divided by",
+)
+.range(Range::NON_NEGATIVE);
+
+/// The parameters of `slerp`.
+pub static PARAMS: &[&Param] = &[&T, &DOT_THRESHOLD, &EPSILON];
+
 /// Builds `slerp`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let t = p
-        .number(&["t"], 0.5)?
-        .check(|t| (0.0..=1.0).contains(&t), "in [0, 1]")?;
-    let dot_threshold = p.scalar(&["dot_threshold", "DOT_THRESHOLD"], 0.9995)?;
-    if !(0.0..=1.0).contains(&dot_threshold) {
-        return Err(MergeError::range(
-            "dot_threshold",
-            dot_threshold,
-            "in [0, 1]",
-        ));
-    }
-    let epsilon = p.scalar(&["epsilon"], 1e-8)?;
-    if epsilon < 0.0 {
-        return Err(MergeError::range("epsilon", epsilon, ">= 0"));
-    }
+    let t = p.number(&T)?;
+    let dot_threshold = p.scalar(&DOT_THRESHOLD)?;
+    let epsilon = p.scalar(&EPSILON)?;
     Ok(Box::new(Slerp {
         t,
         dot_threshold,

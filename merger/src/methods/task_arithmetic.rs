@@ -18,10 +18,9 @@
 
 use candle_core::Tensor;
 
-use super::params::LAMBDA_KEYS;
+use super::schema::{common, DefaultValue, Param, Type};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-use crate::spec::Dialect;
 
 /// mergekit leaves Σ wi undivided below this.
 const ZERO_SUM: f64 = 1e-8;
@@ -34,20 +33,36 @@ struct TaskArithmetic {
     normalize: bool,
 }
 
-/// The default λ of the spec's dialect: FusionBench 0.3, mergekit 1.0.
-pub(super) fn default_lambda(dialect: Dialect) -> f64 {
-    match dialect {
-        Dialect::Fusionbench => 0.3,
-        Dialect::Mergekit => 1.0,
-    }
-}
+/// λ, whose default depends on the spec's dialect: FusionBench 0.3,
+/// mergekit 1.0 (`breadcrumbs` shares it).
+pub(super) static LAMBDA: Param = Param::global(
+    "scaling_coefficient",
+    Type::Number,
+    DefaultValue::ByDialect {
+        fusionbench: 0.3,
+        mergekit: 1.0,
+    },
+    "scale λ of the summed task vectors",
+)
+.aliases(&["lambda"]);
+
+/// `normalize` (off): divide by Σ wi (`breadcrumbs` shares it).
+pub(super) static NORMALIZE: Param = Param::global(
+    "normalize",
+    Type::Bool,
+    DefaultValue::Bool(false),
+    "divide the weighted sum by Σ wi",
+);
+
+/// The parameters of `task_arithmetic`.
+pub static PARAMS: &[&Param] = &[&LAMBDA, &common::WEIGHT, &NORMALIZE, &common::INT8_MASK];
 
 /// Builds `task_arithmetic`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let lambda = p.number(LAMBDA_KEYS, default_lambda(p.dialect()))?;
-    let weights = p.per_model("weight", 1.0)?;
-    let normalize = p.boolean(&["normalize"], false)?;
-    p.boolean(&["int8_mask"], false)?;
+    let lambda = p.number(&LAMBDA)?;
+    let weights = p.per_model(&common::WEIGHT)?;
+    let normalize = p.boolean(&NORMALIZE)?;
+    p.boolean(&common::INT8_MASK)?;
     Ok(Box::new(TaskArithmetic {
         lambda,
         weights,

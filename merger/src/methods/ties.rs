@@ -97,6 +97,7 @@ use std::sync::Mutex;
 use candle_core::{DType, Tensor};
 use rayon::prelude::*;
 
+use super::schema::{DefaultValue, Limit, Param, Range, Type};
 use super::task_vectors::{
     add_trimmed, elect, elect_tensor, picked, Chunk, Dropout, Source, BLOCK, CHUNK, SMALL,
 };
@@ -108,15 +109,61 @@ use crate::select::{abs_key, key_value};
 /// Undecided rows kept during the range pass before the majority is
 /// recounted in a pass of its own instead.
 pub(crate) const ROW_CAP_BYTES: usize = 64 << 20;
-/// FusionBench's and mergekit's spellings of λ.
-pub(crate) const FB_LAMBDA_KEYS: &[&str] = &["scaling_coefficient", "lambda", "scaling_factor"];
+
+/// FusionBench's λ of `ties_merging` (0.3), under FusionBench's and
+/// mergekit's spellings.
+static LAMBDA: Param = Param::global(
+    "scaling_coefficient",
+    Type::Number,
+    DefaultValue::Number(0.3),
+    "scale λ of the merged task vector",
+)
+.aliases(&["lambda", "scaling_factor"]);
+
+/// The fraction of each task vector kept.
+pub(crate) static DENSITY: Param = Param::global(
+    "density",
+    Type::Scalar,
+    DefaultValue::Number(0.2),
+    "fraction of each task vector kept (or give `threshold`)",
+)
+.range(Range::UNIT_OPEN_BELOW);
+
+/// FusionBench's `threshold`, a percentage.
+pub(crate) static THRESHOLD: Param = Param::global(
+    "threshold",
+    Type::Scalar,
+    DefaultValue::Unset,
+    "FusionBench's percentage kept, instead of `density` (a value ≤ 1 is read as a fraction)",
+)
+.range(Range::new(Limit::Exclusive(0.0), Limit::Inclusive(100.0)));
+
+/// How the agreeing entries combine.
+pub(crate) static MERGE_FUNC: Param = Param::global(
+    "merge_func",
+    Type::Choice(&["sum", "mean", "max"]),
+    DefaultValue::Word("sum"),
+    "how the entries that agree with the elected sign combine",
+);
+
+/// Where the trimming threshold is taken.
+pub(crate) static TRIM_SCOPE: Param = Param::global(
+    "trim_scope",
+    Type::Choice(&["model", "tensor"]),
+    DefaultValue::Word("model"),
+    "rank magnitudes over the whole model or per tensor",
+);
+
+/// The parameters of FusionBench's `ties_merging`.
+pub static PARAMS: &[&Param] = &[&DENSITY, &THRESHOLD, &LAMBDA, &MERGE_FUNC, &TRIM_SCOPE];
 
 mod mergekit;
 mod onepass;
 mod stats;
 
 pub use mergekit::build_mergekit;
-pub(crate) use mergekit::densities;
+pub use mergekit::PARAMS as PARAMS_MERGEKIT;
+pub(crate) use mergekit::{DENSITY as MK_DENSITY, LAMBDA as MK_LAMBDA};
 use onepass::{Hold, Lambda, HOLD_CAP_BYTES};
 use stats::{fb_stats_radix_hold, fb_stats_tensor, RadixOpts, TiesStats};
 
@@ -482,52 +529,33 @@ pub(crate) struct FbTies {
 
 impl FbTies {
     /// Reads `density`/`threshold`, `merge_func` and `trim_scope`.
-    pub fn from_params(p: &mut Params, default_density: f64) -> Result<Self> {
-        let density = p.scalar(&["density"], f64::NAN)?;
-        let threshold = p.scalar(&["threshold"], f64::NAN)?;
-        let density = match (density.is_nan(), threshold.is_nan()) {
-            (true, true) => default_density,
-            (false, true) => {
-                if !(density > 0.0 && density <= 1.0) {
-                    return Err(MergeError::range("density", density, "in (0, 1]"));
+    pub fn from_params(p: &mut Params) -> Result<Self> {
+        let density = p.scalar_opt(&DENSITY)?;
+        let threshold = p.scalar_opt(&THRESHOLD)?;
+        let density =
+            match (density, threshold) {
+                (None, None) => p.scalar(&DENSITY)?,
+                (Some(density), None) => density,
+                (None, Some(threshold)) => {
+                    if threshold > 1.0 {
+                        threshold / 100.0
+                    } else {
+                        threshold
+                    }
                 }
-                density
-            }
-            (true, false) => {
-                if !(threshold > 0.0 && threshold <= 100.0) {
-                    return Err(MergeError::range(
-                        "threshold",
-                        threshold,
-                        "a percentage in (0, 100] (values up to 1 are read as a fraction, as FusionBench does)",
-                    ));
-                }
-                if threshold > 1.0 {
-                    threshold / 100.0
-                } else {
-                    threshold
-                }
-            }
-            (false, false) => {
-                return Err(MergeError::BadParameter {
+                (Some(_), Some(_)) => return Err(MergeError::BadParameter {
                     param: "threshold".into(),
                     reason:
                         "give either `density` (a fraction) or `threshold` (a percentage), not both"
                             .into(),
-                })
-            }
-        };
-        let func = match p
-            .choice(&["merge_func"], &["sum", "mean", "max"], "sum")?
-            .as_str()
-        {
+                }),
+            };
+        let func = match p.choice(&MERGE_FUNC)? {
             "mean" => MergeFunc::Mean,
             "max" => MergeFunc::Max,
             _ => MergeFunc::Sum,
         };
-        let scope = match p
-            .choice(&["trim_scope"], &["model", "tensor"], "model")?
-            .as_str()
-        {
+        let scope = match p.choice(&TRIM_SCOPE)? {
             "tensor" => Scope::Tensor,
             _ => Scope::Model,
         };
@@ -643,8 +671,8 @@ impl MergeMethod for TiesMerging {
 
 /// Builds FusionBench's `ties_merging`.
 pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let ties = FbTies::from_params(p, 0.2)?;
-    let lambda = p.number(FB_LAMBDA_KEYS, 0.3)?;
+    let ties = FbTies::from_params(p)?;
+    let lambda = p.number(&LAMBDA)?;
     Ok(Box::new(TiesMerging { ties, lambda }))
 }
 

@@ -41,13 +41,25 @@ use candle_core::Tensor;
 use faer::Mat;
 
 use super::matrix_targets::MatrixTargets;
+use super::schema::{common, DefaultValue, Param, Type};
 use super::{MergeMethod, ModelScan, Num, Params, TensorInputs};
 use crate::error::Result;
 use crate::linalg::{self, TaskVectors};
 
+/// α, the scale of the merged task vector.
+static ALPHA: Param = Param::global(
+    "alpha",
+    Type::Number,
+    DefaultValue::Number(1.0),
+    "scale α of the merged task vector",
+);
+
+/// The parameters of `tsv_m`.
+pub static PARAMS: &[&Param] = &[&ALPHA, &common::EXCLUDE_KEYS];
+
 /// Builds `tsv_m`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let alpha = p.number(&["alpha"], 1.0)?;
+    let alpha = p.number(&ALPHA)?;
     let targets = MatrixTargets::from_params(p)?;
     Ok(Box::new(TsvM { alpha, targets }))
 }

@@ -15,6 +15,7 @@
 
 use candle_core::Tensor;
 
+use super::schema::{common, DefaultValue, Param, Type};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 
@@ -30,12 +31,23 @@ pub(super) struct WeightedAverage {
     pub(super) normalize: bool,
 }
 
+/// `normalize`: divide the weights by their sum.
+static NORMALIZE: Param = Param::global(
+    "normalize",
+    Type::Bool,
+    DefaultValue::Bool(true),
+    "divide the weights by their sum",
+);
+
+/// The parameters of `weighted_average` (and mergekit's `linear`).
+pub static PARAMS: &[&Param] = &[&common::WEIGHT, &NORMALIZE];
+
 impl WeightedAverage {
     /// Reads per-model `weight` (default 1) and `normalize` (default true).
     pub(super) fn from_params(p: &mut Params) -> Result<Self> {
         Ok(WeightedAverage {
-            weights: p.per_model("weight", 1.0)?,
-            normalize: p.boolean(&["normalize"], true)?,
+            weights: p.per_model(&common::WEIGHT)?,
+            normalize: p.boolean(&NORMALIZE)?,
         })
     }
 

@@ -49,6 +49,7 @@ use faer::{Accum, MatMut, MatRef};
 use rayon::prelude::*;
 
 use super::matrix_targets::MatrixTargets;
+use super::schema::{common, DefaultValue, Param, Range, Type};
 use super::{MergeMethod, ModelScan, Params, TensorInputs};
 use crate::bounds::{Cancel, Work};
 use crate::error::{MergeError, Result};
@@ -60,13 +61,33 @@ const EPS: f64 = 1e-8;
 /// Entries per task of the fused CPU update.
 const CHUNK: usize = 1 << 14;
 
+/// Adam iterations per matrix.
+static ITERATIONS: Param = Param::global(
+    "iterations",
+    Type::Integer,
+    DefaultValue::Number(400.0),
+    "Adam iterations per matrix",
+)
+.aliases(&["iter_num"])
+.range(Range::at_least(1.0))
+.work(Work::Iterations);
+
+/// Adam's learning rate.
+static LR: Param = Param::global(
+    "lr",
+    Type::Scalar,
+    DefaultValue::Number(1e-5),
+    "Adam learning rate",
+)
+.range(Range::POSITIVE);
+
+/// The parameters of `wudi`.
+pub static PARAMS: &[&Param] = &[&ITERATIONS, &LR, &common::EXCLUDE_KEYS];
+
 /// Builds `wudi`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let iterations = p.work(&["iterations", "iter_num"], 400, 1, Work::Iterations)?;
-    let lr = p.scalar(&["lr"], 1e-5)?;
-    if lr <= 0.0 {
-        return Err(MergeError::range("lr", lr, "> 0"));
-    }
+    let iterations = p.integer(&ITERATIONS)?;
+    let lr = p.scalar(&LR)?;
     let targets = MatrixTargets::from_params(p)?;
     Ok(Box::new(Wudi {
         iterations: iterations as usize,

@@ -1,17 +1,11 @@
 //! The parameters of a routed-ensemble spec, validated apart from execution
 //! into [`MoeParams`] (no optional fields left but the router checkpoint).
 //!
-//! | parameter | methods | default | range |
-//! |---|---|---|---|
-//! | `init_lambda` | all | 0.3 | finite |
-//! | `routing` | all | `per_sequence` | `per_sequence` \| `per_token` |
-//! | `lr` | all | 1e-4 | > 0 |
-//! | `steps` | all | 1000 | integer ≥ 0 (0: keep the untrained routers); at most [`Bounds::router_steps`] when training |
-//! | `batch_size` | all | 16 | integer ≥ 1, at most [`Bounds::batch_size`] |
-//! | `entropy_positions` | all | `answer` | `answer` \| `last` \| `all` (see [`super::train`]) |
-//! | `router_checkpoint` | all | – | a saved MoE of the same method and shape |
-//! | `tv_prune_ratio` | `sparse_we_moe` | 0.9 | [0, 1) |
-//! | `rank_k` | `rankone_moe` | 32 | integer ≥ 1, at most [`Bounds::rank`] |
+//! The parameters are declared as data ([`WE_MOE`], [`SPARSE_WE_MOE`],
+//! [`RANKONE_MOE`]: name, type, default, range, the work they scale), which
+//! validation reads and `fusion methods` prints. `steps` is bounded by
+//! [`Bounds::router_steps`] only when the routers train here (not with a
+//! `router_checkpoint`).
 //!
 //! Numbers may also be written as strings (`lr: "1e-4"`: YAML 1.1 reads a
 //! float without a dot as a string). Any other key is an error that lists
@@ -20,23 +14,137 @@
 
 use crate::bounds::{Bounds, Work};
 use crate::error::{MergeError, Result};
-use crate::spec::{MergeSpec, ParamValue};
+use crate::methods::schema::{DefaultValue, Param, Range, Type};
+use crate::spec::{Dialect, MergeSpec, ParamValue};
 
 use super::train::EntropyPositions;
 use super::{MoeMethod, Routing};
 
-/// Default λ.
-pub const DEFAULT_INIT_LAMBDA: f64 = 0.3;
-/// Default Adam learning rate.
-pub const DEFAULT_LR: f64 = 1e-4;
-/// Default number of training steps.
-pub const DEFAULT_STEPS: usize = 1000;
-/// Default batch size.
-pub const DEFAULT_BATCH_SIZE: usize = 16;
-/// Default pruning quantile of `sparse_we_moe`.
-pub const DEFAULT_TV_PRUNE_RATIO: f64 = 0.9;
-/// Default rank of `rankone_moe`.
-pub const DEFAULT_RANK_K: usize = 32;
+/// λ of the backbone and of the routers' initial output.
+static INIT_LAMBDA: Param = Param::global(
+    "init_lambda",
+    Type::Scalar,
+    DefaultValue::Number(0.3),
+    "λ of the backbone's task vectors and of the routers' initial output",
+);
+
+/// Per-sequence or per-token routing.
+static ROUTING: Param = Param::global(
+    "routing",
+    Type::Choice(&["per_sequence", "per_token"]),
+    DefaultValue::Word("per_sequence"),
+    "one routing weight per sequence or per token",
+);
+
+/// Adam's learning rate.
+static LR: Param = Param::global(
+    "lr",
+    Type::Scalar,
+    DefaultValue::Number(1e-4),
+    "Adam learning rate of the routers",
+)
+.range(Range::POSITIVE);
+
+/// Router training steps.
+static STEPS: Param = Param::global(
+    "steps",
+    Type::Integer,
+    DefaultValue::Number(1000.0),
+    "Adam steps on the calibration prompts (0: keep the untrained routers)",
+)
+.range(Range::NON_NEGATIVE)
+.work(Work::RouterSteps);
+
+/// Sequences per training step.
+static BATCH_SIZE: Param = Param::global(
+    "batch_size",
+    Type::Integer,
+    DefaultValue::Number(16.0),
+    "calibration sequences per training step",
+)
+.range(Range::at_least(1.0))
+.work(Work::BatchSize);
+
+/// Which predictions' entropy the routers minimise.
+static ENTROPY_POSITIONS: Param = Param::global(
+    "entropy_positions",
+    Type::Choice(&["answer", "last", "all"]),
+    DefaultValue::Word("answer"),
+    "the predictions whose entropy the routers minimise",
+);
+
+/// A trained router folder to load instead of training.
+static ROUTER_CHECKPOINT: Param = Param::global(
+    "router_checkpoint",
+    Type::Checkpoint,
+    DefaultValue::Unset,
+    "a saved routed ensemble of the same method and shape whose routers are loaded instead of trained",
+);
+
+/// The pruning quantile of `sparse_we_moe`.
+static TV_PRUNE_RATIO: Param = Param::global(
+    "tv_prune_ratio",
+    Type::Scalar,
+    DefaultValue::Number(0.9),
+    "quantile of |τ| below which the experts' task vectors are dropped",
+)
+.range(Range::UNIT_OPEN_ABOVE);
+
+/// The rank of `rankone_moe`.
+static RANK_K: Param = Param::global(
+    "rank_k",
+    Type::Integer,
+    DefaultValue::Number(32.0),
+    "SVD components kept per task vector",
+)
+.range(Range::at_least(1.0))
+.work(Work::Rank);
+
+/// The parameters of `we_moe`.
+pub static WE_MOE: &[&Param] = &[
+    &INIT_LAMBDA,
+    &ROUTING,
+    &LR,
+    &STEPS,
+    &BATCH_SIZE,
+    &ENTROPY_POSITIONS,
+    &ROUTER_CHECKPOINT,
+];
+
+/// The parameters of `sparse_we_moe`.
+pub static SPARSE_WE_MOE: &[&Param] = &[
+    &INIT_LAMBDA,
+    &ROUTING,
+    &LR,
+    &STEPS,
+    &BATCH_SIZE,
+    &ENTROPY_POSITIONS,
+    &ROUTER_CHECKPOINT,
+    &TV_PRUNE_RATIO,
+];
+
+/// The parameters of `rankone_moe`.
+pub static RANKONE_MOE: &[&Param] = &[
+    &INIT_LAMBDA,
+    &ROUTING,
+    &LR,
+    &STEPS,
+    &BATCH_SIZE,
+    &ENTROPY_POSITIONS,
+    &ROUTER_CHECKPOINT,
+    &RANK_K,
+];
+
+impl MoeMethod {
+    /// The parameters the method declares.
+    pub fn params(self) -> &'static [&'static Param] {
+        match self {
+            MoeMethod::WeMoe => WE_MOE,
+            MoeMethod::SparseWeMoe => SPARSE_WE_MOE,
+            MoeMethod::RankoneMoe => RANKONE_MOE,
+        }
+    }
+}
 
 /// A validated routed-ensemble spec.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,20 +207,8 @@ impl MoeParams {
                 found: 0,
             });
         }
-        let mut accepted = vec![
-            "init_lambda",
-            "routing",
-            "lr",
-            "steps",
-            "batch_size",
-            "entropy_positions",
-            "router_checkpoint",
-        ];
-        match method {
-            MoeMethod::WeMoe => {}
-            MoeMethod::SparseWeMoe => accepted.push("tv_prune_ratio"),
-            MoeMethod::RankoneMoe => accepted.push("rank_k"),
-        }
+        let declared = method.params();
+        let accepted: Vec<&str> = declared.iter().map(|p| p.name).collect();
         let unknown = |param: String| MergeError::UnknownParameter {
             method: method.name().into(),
             param,
@@ -141,28 +237,16 @@ impl MoeParams {
                 });
             }
         }
-        let get = |k: &str| spec.parameters.get(k);
-        let init_lambda = number(get("init_lambda"), "init_lambda", DEFAULT_INIT_LAMBDA)?;
-        let lr = number(get("lr"), "lr", DEFAULT_LR)?;
-        if lr <= 0.0 {
-            return Err(MergeError::range("lr", lr, "a positive number"));
-        }
-        let steps = integer(get("steps"), "steps", DEFAULT_STEPS, 0)?;
-        let batch_size = integer(get("batch_size"), "batch_size", DEFAULT_BATCH_SIZE, 1)?;
-        let tv_prune_ratio = number(
-            get("tv_prune_ratio"),
-            "tv_prune_ratio",
-            DEFAULT_TV_PRUNE_RATIO,
-        )?;
-        if !(0.0..1.0).contains(&tv_prune_ratio) {
-            return Err(MergeError::range(
-                "tv_prune_ratio",
-                tv_prune_ratio,
-                "in [0, 1)",
-            ));
-        }
-        let rank_k = integer(get("rank_k"), "rank_k", DEFAULT_RANK_K, 1)?;
-        let routing = match get("routing") {
+        // A parameter the method does not declare is refused above; those
+        // it declares are read through their declarations.
+        let get = |p: &Param| spec.parameters.get(p.name);
+        let init_lambda = number(get(&INIT_LAMBDA), &INIT_LAMBDA)?;
+        let lr = number(get(&LR), &LR)?;
+        let steps = integer(get(&STEPS), &STEPS)?;
+        let batch_size = integer(get(&BATCH_SIZE), &BATCH_SIZE)?;
+        let tv_prune_ratio = number(get(&TV_PRUNE_RATIO), &TV_PRUNE_RATIO)?;
+        let rank_k = integer(get(&RANK_K), &RANK_K)?;
+        let routing = match get(&ROUTING) {
             None => Routing::PerSequence,
             Some(ParamValue::Text(s)) if s == "per_sequence" => Routing::PerSequence,
             Some(ParamValue::Text(s)) if s == "per_token" => Routing::PerToken,
@@ -173,7 +257,7 @@ impl MoeParams {
                 })
             }
         };
-        let entropy_positions = match get("entropy_positions") {
+        let entropy_positions = match get(&ENTROPY_POSITIONS) {
             None => EntropyPositions::default(),
             Some(v) => match v {
                 ParamValue::Text(s) => EntropyPositions::from_name(s),
@@ -184,7 +268,7 @@ impl MoeParams {
                 reason: format!("expected answer | last | all, got {}", describe(v)),
             })?,
         };
-        let router_checkpoint = match get("router_checkpoint") {
+        let router_checkpoint = match get(&ROUTER_CHECKPOINT) {
             None => None,
             Some(ParamValue::Text(s)) if !s.trim().is_empty() => Some(s.clone()),
             Some(v) => {
@@ -234,10 +318,19 @@ fn describe(v: &ParamValue) -> String {
     }
 }
 
-/// A finite scalar, written as a number or as a string holding one.
-fn number(v: Option<&ParamValue>, name: &str, default: f64) -> Result<f64> {
+/// A finite scalar within the declared range of `p`, written as a number
+/// or as a string holding one; the declared default when absent.
+fn number(v: Option<&ParamValue>, p: &Param) -> Result<f64> {
+    let name = p.name;
     let x = match v {
-        None => return Ok(default),
+        None => {
+            return p.default.number(Dialect::Fusionbench).ok_or_else(|| {
+                MergeError::UndeclaredParameter {
+                    method: "routed ensemble".into(),
+                    param: format!("{name} (declared without a numeric default)"),
+                }
+            })
+        }
         Some(ParamValue::Number(x)) => *x,
         Some(ParamValue::Text(s)) => {
             s.trim()
@@ -257,14 +350,22 @@ fn number(v: Option<&ParamValue>, name: &str, default: f64) -> Result<f64> {
     if !x.is_finite() {
         return Err(MergeError::range(name, x, "a finite number"));
     }
+    if p.ty != Type::Integer && !p.range.contains(x) {
+        return Err(MergeError::range(name, x, &p.range.describe()));
+    }
     Ok(x)
 }
 
-/// An integer ≥ `min`, written as a number or a string.
-fn integer(v: Option<&ParamValue>, name: &str, default: usize, min: usize) -> Result<usize> {
-    let x = number(v, name, default as f64)?;
-    if x.fract() != 0.0 || x < min as f64 || x > u32::MAX as f64 {
-        return Err(MergeError::range(name, x, &format!("an integer ≥ {min}")));
+/// An integer within the declared range of `p`, written as a number or a
+/// string.
+fn integer(v: Option<&ParamValue>, p: &Param) -> Result<usize> {
+    let x = number(v, p)?;
+    if x.fract() != 0.0 || !p.range.contains(x) || x > u32::MAX as f64 {
+        return Err(MergeError::range(
+            p.name,
+            x,
+            &format!("an integer {}", p.range.describe()),
+        ));
     }
     Ok(x as usize)
 }
@@ -320,7 +421,7 @@ mod tests {
         let e = err(spec("we_moe").with("batch_size", 0.0));
         assert!(e.contains("`batch_size`"), "{e}");
         let e = err(spec("we_moe").with("lr", -1.0));
-        assert!(e.contains("`lr`") && e.contains("positive"), "{e}");
+        assert!(e.contains("`lr`") && e.contains("> 0"), "{e}");
         let e = err(spec("we_moe").with_value("lr", ParamValue::Text("fast".into())));
         assert!(e.contains("`lr`") && e.contains("fast"), "{e}");
         let e = err(spec("we_moe").with_value("routing", ParamValue::Text("top1".into())));

@@ -2,26 +2,49 @@
 //! engine ([`crate::methods::task_vectors`]) with magnitude trimming and the
 //! sign consensus; see the header of [`super`].
 
-use super::super::params::LAMBDA_KEYS;
+use super::super::schema::{common, DefaultValue, Param, Range, Type};
 use super::super::task_vectors::MkMerge;
-use super::super::{MergeMethod, Num, Params};
+use super::super::{MergeMethod, Params};
 use crate::error::Result;
 
-/// Checks per-model densities against (0, 1].
-pub(crate) fn densities(p: &mut Params) -> Result<Vec<Num>> {
-    p.per_model("density", 1.0)?
-        .into_iter()
-        .map(|d| d.check(|x| x > 0.0 && x <= 1.0, "in (0, 1]"))
-        .collect()
-}
+/// mergekit's per-model `density` (`ties`, `dare_linear`, `dare_ties`).
+pub(crate) static DENSITY: Param =
+    Param::per_model("density", 1.0, "fraction of each task vector kept")
+        .range(Range::UNIT_OPEN_BELOW);
+
+/// mergekit's λ (1.0) of the generalised task arithmetic.
+pub(crate) static LAMBDA: Param = Param::global(
+    "scaling_coefficient",
+    Type::Number,
+    DefaultValue::Number(1.0),
+    "scale λ of the merged task vector",
+)
+.aliases(&["lambda"]);
+
+/// `normalize` (on): divide by Σ wi over the agreeing entries.
+static NORMALIZE: Param = Param::global(
+    "normalize",
+    Type::Bool,
+    DefaultValue::Bool(true),
+    "divide by Σ wi over the entries that agree with the elected sign",
+);
+
+/// The parameters of mergekit's `ties`.
+pub static PARAMS: &[&Param] = &[
+    &common::WEIGHT,
+    &DENSITY,
+    &NORMALIZE,
+    &LAMBDA,
+    &common::INT8_MASK,
+];
 
 /// Builds mergekit's `ties`.
 pub fn build_mergekit(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let weights = p.per_model("weight", 1.0)?;
-    let trim = densities(p)?;
-    let normalize = p.boolean(&["normalize"], true)?;
-    let lambda = p.number(LAMBDA_KEYS, 1.0)?;
-    p.boolean(&["int8_mask"], false)?;
+    let weights = p.per_model(&common::WEIGHT)?;
+    let trim = p.per_model(&DENSITY)?;
+    let normalize = p.boolean(&NORMALIZE)?;
+    let lambda = p.number(&LAMBDA)?;
+    p.boolean(&common::INT8_MASK)?;
     Ok(Box::new(MkMerge {
         weights,
         trim: Some(trim),
@@ -38,6 +61,7 @@ mod tests {
     use super::*;
     use crate::methods::task_vectors::SMALL;
     use crate::methods::testutil::{assert_close, merge1, Fixture};
+    use crate::methods::Num;
     use crate::spec::ParamValue;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
