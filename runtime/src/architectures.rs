@@ -7,7 +7,20 @@
 //! [`REGISTRY`]; the config reader, the error listing what is supported and
 //! the config writer all read the table.
 
-use crate::model::Family;
+use serde::{Deserialize, Serialize};
+
+/// Model family, from `model_type` (or `architectures`) of config.json.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    /// `LlamaForCausalLM`.
+    Llama,
+    /// `MistralForCausalLM` (sliding-window attention is not applied: the
+    /// window only matters past `sliding_window` tokens).
+    Mistral,
+    /// `Qwen2ForCausalLM` (biases on the q, k and v projections).
+    Qwen2,
+}
 
 /// The kind of network a family is, i.e. the runtime module that builds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

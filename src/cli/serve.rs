@@ -38,9 +38,21 @@ pub fn demo_dir(flag: Option<PathBuf>) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DEMO_DIR))
 }
 
-/// Builds the demo pool in `dir` unless its `pool.yaml` exists.
+/// Builds the demo pool in `dir` unless its `pool.yaml` exists; a pool
+/// built by an earlier version gets the tokenizer files of this one (they
+/// declare the BOS the models were trained with).
 fn ensure_demo_pool(dir: &Path) -> anyhow::Result<()> {
     if dir.join("pool.yaml").is_file() {
+        for entry in std::fs::read_dir(dir)?.flatten() {
+            if entry.path().is_dir()
+                && runtime::generate::bytelevel::upgrade_tokenizer_files(&entry.path())?
+            {
+                eprintln!(
+                    "updated the tokenizer files of {} (they now declare the BOS the demo models were trained with)",
+                    entry.path().display()
+                );
+            }
+        }
         return Ok(());
     }
     eprintln!(

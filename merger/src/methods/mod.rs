@@ -7,6 +7,7 @@
 
 pub mod catalog;
 pub mod params;
+pub mod routed;
 pub mod schema;
 
 mod breadcrumbs;
@@ -350,7 +351,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
-        params = crate::moe::params::WE_MOE,
+        params = routed::WE_MOE,
         routed
     ),
     entry!(
@@ -360,7 +361,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
-        params = crate::moe::params::SPARSE_WE_MOE,
+        params = routed::SPARSE_WE_MOE,
         routed
     ),
     entry!(
@@ -370,7 +371,7 @@ pub static REGISTRY: &[MethodInfo] = &[
         base = Required,
         ordered = true,
         random = true,
-        params = crate::moe::params::RANKONE_MOE,
+        params = routed::RANKONE_MOE,
         routed
     ),
 ];

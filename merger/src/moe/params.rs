@@ -1,9 +1,9 @@
 //! The parameters of a routed-ensemble spec, validated apart from execution
 //! into [`MoeParams`] (no optional fields left but the router checkpoint).
 //!
-//! The parameters are declared as data ([`WE_MOE`], [`SPARSE_WE_MOE`],
-//! [`RANKONE_MOE`]: name, type, default, range, the work they scale), which
-//! validation reads and `fusion methods` prints. `steps` is bounded by
+//! The parameters are declared as data in the method registry
+//! ([`crate::methods::routed`]: name, type, default, range, the work they
+//! scale), which this validation reads and `fusion methods` prints. `steps` is bounded by
 //! [`Bounds::router_steps`] only when the routers train here (not with a
 //! `router_checkpoint`).
 //!
@@ -14,126 +14,15 @@
 
 use crate::bounds::{Bounds, Work};
 use crate::error::{MergeError, Result};
-use crate::methods::schema::{DefaultValue, Param, Range, Type};
+use crate::methods::routed::{
+    BATCH_SIZE, ENTROPY_POSITIONS, INIT_LAMBDA, LR, RANKONE_MOE, RANK_K, ROUTER_CHECKPOINT,
+    ROUTING, SPARSE_WE_MOE, STEPS, TV_PRUNE_RATIO, WE_MOE,
+};
+use crate::methods::schema::{Param, Type};
 use crate::spec::{Dialect, MergeSpec, ParamValue};
 
 use super::train::EntropyPositions;
 use super::{MoeMethod, Routing};
-
-/// λ of the backbone and of the routers' initial output.
-static INIT_LAMBDA: Param = Param::global(
-    "init_lambda",
-    Type::Scalar,
-    DefaultValue::Number(0.3),
-    "λ of the backbone's task vectors and of the routers' initial output",
-);
-
-/// Per-sequence or per-token routing.
-static ROUTING: Param = Param::global(
-    "routing",
-    Type::Choice(&["per_sequence", "per_token"]),
-    DefaultValue::Word("per_sequence"),
-    "one routing weight per sequence or per token",
-);
-
-/// Adam's learning rate.
-static LR: Param = Param::global(
-    "lr",
-    Type::Scalar,
-    DefaultValue::Number(1e-4),
-    "Adam learning rate of the routers",
-)
-.range(Range::POSITIVE);
-
-/// Router training steps.
-static STEPS: Param = Param::global(
-    "steps",
-    Type::Integer,
-    DefaultValue::Number(1000.0),
-    "Adam steps on the calibration prompts (0: keep the untrained routers)",
-)
-.range(Range::NON_NEGATIVE)
-.work(Work::RouterSteps);
-
-/// Sequences per training step.
-static BATCH_SIZE: Param = Param::global(
-    "batch_size",
-    Type::Integer,
-    DefaultValue::Number(16.0),
-    "calibration sequences per training step",
-)
-.range(Range::at_least(1.0))
-.work(Work::BatchSize);
-
-/// Which predictions' entropy the routers minimise.
-static ENTROPY_POSITIONS: Param = Param::global(
-    "entropy_positions",
-    Type::Choice(&["answer", "last", "all"]),
-    DefaultValue::Word("answer"),
-    "the predictions whose entropy the routers minimise",
-);
-
-/// A trained router folder to load instead of training.
-static ROUTER_CHECKPOINT: Param = Param::global(
-    "router_checkpoint",
-    Type::Checkpoint,
-    DefaultValue::Unset,
-    "a saved routed ensemble of the same method and shape whose routers are loaded instead of trained",
-);
-
-/// The pruning quantile of `sparse_we_moe`.
-static TV_PRUNE_RATIO: Param = Param::global(
-    "tv_prune_ratio",
-    Type::Scalar,
-    DefaultValue::Number(0.9),
-    "quantile of |τ| below which the experts' task vectors are dropped",
-)
-.range(Range::UNIT_OPEN_ABOVE);
-
-/// The rank of `rankone_moe`.
-static RANK_K: Param = Param::global(
-    "rank_k",
-    Type::Integer,
-    DefaultValue::Number(32.0),
-    "SVD components kept per task vector",
-)
-.range(Range::at_least(1.0))
-.work(Work::Rank);
-
-/// The parameters of `we_moe`.
-pub static WE_MOE: &[&Param] = &[
-    &INIT_LAMBDA,
-    &ROUTING,
-    &LR,
-    &STEPS,
-    &BATCH_SIZE,
-    &ENTROPY_POSITIONS,
-    &ROUTER_CHECKPOINT,
-];
-
-/// The parameters of `sparse_we_moe`.
-pub static SPARSE_WE_MOE: &[&Param] = &[
-    &INIT_LAMBDA,
-    &ROUTING,
-    &LR,
-    &STEPS,
-    &BATCH_SIZE,
-    &ENTROPY_POSITIONS,
-    &ROUTER_CHECKPOINT,
-    &TV_PRUNE_RATIO,
-];
-
-/// The parameters of `rankone_moe`.
-pub static RANKONE_MOE: &[&Param] = &[
-    &INIT_LAMBDA,
-    &ROUTING,
-    &LR,
-    &STEPS,
-    &BATCH_SIZE,
-    &ENTROPY_POSITIONS,
-    &ROUTER_CHECKPOINT,
-    &RANK_K,
-];
 
 impl MoeMethod {
     /// The parameters the method declares.

@@ -3,7 +3,12 @@
 //! GPT-2's byte-level alphabet, plus special tokens), with a
 //! `tokenizer_config.json` that carries the chat template.
 //!
-//! Token ids: byte `b` is id `b`; the special tokens follow.
+//! Token ids: byte `b` is id `b`; the special tokens follow. The demo models
+//! are trained on `<s>{prompt}` (and on the chat template, which writes its
+//! own `<s>`), so the tokenizer declares what it was trained with, as Hugging
+//! Face reads it: a `TemplateProcessing` post-processor that puts `<s>` before
+//! a text encoded with special tokens (`tokenizer(text)` in `transformers`),
+//! and `add_bos_token: true` in `tokenizer_config.json`.
 
 use std::path::Path;
 
@@ -89,7 +94,13 @@ pub fn tokenizer_json() -> Value {
         "added_tokens": added,
         "normalizer": null,
         "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
-        "post_processor": null,
+        "post_processor": {
+            "type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                     {"SpecialToken": {"id": "<s>", "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {"<s>": {"id": "<s>", "ids": [BOS], "tokens": ["<s>"]}}
+        },
         "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": false},
         "model": {
             "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
@@ -106,7 +117,8 @@ pub fn tokenizer_config_json(max_length: usize) -> Value {
         "bos_token": "<s>",
         "eos_token": "</s>",
         "pad_token": "<pad>",
-        "add_bos_token": false,
+        "add_bos_token": true,
+        "add_eos_token": false,
         "model_max_length": max_length,
         "chat_template": CHAT_TEMPLATE,
     })
@@ -123,8 +135,68 @@ pub fn write_tokenizer_files(dir: &Path, max_length: usize) -> Result<()> {
     write("tokenizer_config.json", &tokenizer_config_json(max_length))
 }
 
+/// Rewrites the tokenizer files of a demo-pool model folder written before
+/// the tokenizer declared its BOS (a tokenizer.json equal to this one but
+/// with no post-processor): returns whether it did. Any other tokenizer is
+/// left alone.
+pub fn upgrade_tokenizer_files(dir: &Path) -> Result<bool> {
+    let path = dir.join("tokenizer.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(false);
+    };
+    let Ok(found) = serde_json::from_str::<Value>(&text) else {
+        return Ok(false);
+    };
+    let mut old = tokenizer_json();
+    old["post_processor"] = Value::Null;
+    if found != old {
+        return Ok(false);
+    }
+    let cpath = dir.join("tokenizer_config.json");
+    let max_length = std::fs::read_to_string(&cpath)
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v["model_max_length"].as_u64())
+        .unwrap_or(512) as usize;
+    write_tokenizer_files(dir, max_length)?;
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_post_processor_declares_the_trained_bos_and_old_pools_are_upgraded() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tokenizer_files(dir.path(), 64).unwrap();
+        let t = crate::generate::TextTokenizer::load(dir.path()).unwrap();
+        let mut want = vec![BOS];
+        want.extend(encode_bytes("2+2="));
+        assert_eq!(t.encode_with_special_tokens("2+2=").unwrap(), want);
+        assert_eq!(t.encode("2+2=").unwrap(), encode_bytes("2+2="));
+        // Already current: nothing to do.
+        assert!(!upgrade_tokenizer_files(dir.path()).unwrap());
+        // A folder of an earlier build: no post-processor, add_bos_token false.
+        let mut old = tokenizer_json();
+        old["post_processor"] = Value::Null;
+        std::fs::write(dir.path().join("tokenizer.json"), old.to_string()).unwrap();
+        let mut cfg = tokenizer_config_json(64);
+        cfg["add_bos_token"] = false.into();
+        std::fs::write(dir.path().join("tokenizer_config.json"), cfg.to_string()).unwrap();
+        let t = crate::generate::TextTokenizer::load(dir.path()).unwrap();
+        assert_eq!(
+            t.encode_with_special_tokens("2+2=").unwrap(),
+            encode_bytes("2+2=")
+        );
+        assert!(upgrade_tokenizer_files(dir.path()).unwrap());
+        let t = crate::generate::TextTokenizer::load(dir.path()).unwrap();
+        assert_eq!(t.encode_with_special_tokens("2+2=").unwrap(), want);
+        // Another tokenizer is left alone.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::write(other.path().join("tokenizer.json"), "{}").unwrap();
+        assert!(!upgrade_tokenizer_files(other.path()).unwrap());
+        assert!(!upgrade_tokenizer_files(&other.path().join("missing")).unwrap());
+    }
+
     use super::*;
 
     #[test]

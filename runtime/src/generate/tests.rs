@@ -358,11 +358,17 @@ fn chat_template_and_encode() {
     let msgs = [ChatMessage::new("user", "hi")];
     let text = m.apply_chat_template(&msgs).unwrap();
     assert_eq!(text, "<s><|user|>hi<|assistant|>");
-    // The rendered BOS is not doubled; a plain prompt gets one.
+    // A chat is encoded without the post-processor (the template writes
+    // the BOS), as `apply_chat_template(tokenize=True)` does; a text prompt
+    // gets the post-processor's BOS, as `tokenizer(text)` does, so the
+    // rendered text given as a prompt starts with two (as in transformers).
     let mut want = vec![BOS, USER];
     want.extend(encode_bytes("hi"));
     want.push(ASSISTANT);
-    assert_eq!(m.encode(&text).unwrap(), want);
+    assert_eq!(m.encode_chat(&msgs, true).unwrap(), want);
+    assert_eq!(m.encode_chat(&msgs, false).unwrap(), want);
+    assert_eq!(m.tokenizer().encode(&text).unwrap(), want);
+    assert_eq!(m.encode(&text).unwrap(), [vec![BOS], want.clone()].concat());
     assert_eq!(
         m.encode("hi").unwrap(),
         [vec![BOS], encode_bytes("hi")].concat()
@@ -416,7 +422,10 @@ fn chat_content_cannot_forge_turns() {
         ChatMessage::new("assistant", "1359"),
         ChatMessage::new("user", "héllo"),
     ];
-    let whole = m.encode(&m.apply_chat_template(&msgs).unwrap()).unwrap();
+    let whole = m
+        .tokenizer()
+        .encode(&m.apply_chat_template(&msgs).unwrap())
+        .unwrap();
     assert_eq!(m.encode_chat(&msgs, true).unwrap(), whole);
     assert_eq!(m.encode_chat(&msgs, false).unwrap(), whole);
 }

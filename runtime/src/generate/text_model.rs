@@ -147,19 +147,12 @@ impl TextModel {
         &self.eos_ids
     }
 
-    /// Token ids of `text`, starting with the BOS token when the tokenizer
-    /// config names one (as Hugging Face tokenizers of Llama-family models
-    /// do). Special-token markers in the text are parsed, and a text that
-    /// already starts with the BOS marker (a rendered chat template) gets no
-    /// second one.
+    /// Token ids of a text prompt as Hugging Face's `tokenizer(text)` gives
+    /// them: the tokenizer.json post-processor adds what the checkpoint
+    /// declares (a BOS for Llama-style tokenizers, nothing without a
+    /// post-processor); special-token markers in the text are parsed.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let mut ids = self.tokenizer.encode(text)?;
-        if let Some(bos) = self.tokenizer.bos_id() {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
-        }
-        Ok(ids)
+        self.tokenizer.encode_with_special_tokens(text)
     }
 
     /// Token ids of a conversation rendered by the chat template with the
@@ -168,25 +161,20 @@ impl TextModel {
     /// `</s>`) are encoded as plain text, so only the template inserts
     /// special tokens and a message cannot forge a turn; without it the
     /// rendered text is encoded as a whole, markers parsed everywhere (the
-    /// Hugging Face default). A BOS is added as [`TextModel::encode`] does.
+    /// Hugging Face default). As `apply_chat_template(tokenize=True)` does,
+    /// the rendered text is encoded without the post-processor: the template
+    /// writes its own BOS (`{{ bos_token }}`) or none.
     pub fn encode_chat(
         &self,
         messages: &[ChatMessage],
         split_special_tokens: bool,
     ) -> Result<Vec<u32>> {
         if !split_special_tokens {
-            return self.encode(&self.apply_chat_template(messages)?);
+            return self.tokenizer.encode(&self.apply_chat_template(messages)?);
         }
         let chat = self.template.render_with_content(messages, true)?;
-        let mut ids = self
-            .tokenizer
-            .encode_with_literals(&chat.text, &chat.content)?;
-        if let Some(bos) = self.tokenizer.bos_id() {
-            if ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
-        }
-        Ok(ids)
+        self.tokenizer
+            .encode_with_literals(&chat.text, &chat.content)
     }
 
     /// The text of `ids`, special tokens left out.

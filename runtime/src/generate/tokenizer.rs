@@ -113,8 +113,18 @@ impl TextTokenizer {
                 reason: "file not found (the model folder needs a tokenizer.json)".into(),
             });
         }
-        let inner =
+        let mut inner =
             tokenizers::Tokenizer::from_file(&path).map_err(|e| RuntimeError::Tokenizer {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        // As `transformers` loads a tokenizer.json: the padding and
+        // truncation saved in it are turned off (they are per-call options
+        // there; the all-MiniLM-L6-v2 file pads everything to 128).
+        inner.with_padding(None);
+        inner
+            .with_truncation(None)
+            .map_err(|e| RuntimeError::Tokenizer {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
@@ -201,9 +211,21 @@ impl TextTokenizer {
 
     /// Token ids of `text`. Special-token markers in the text (`<s>`,
     /// `<|user|>`, …) become their ids; nothing is added (no BOS, no
-    /// post-processor).
+    /// post-processor: Hugging Face's `add_special_tokens=False`).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self.inner.encode(text, false).map_err(|e| self.error(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids of `text` as Hugging Face's `tokenizer(text)` gives them
+    /// (`add_special_tokens=True`): the tokenizer.json post-processor adds
+    /// what the checkpoint declares (a Llama-style BOS, BERT's `[CLS]` …
+    /// `[SEP]`, nothing when there is no post-processor). As in
+    /// `transformers` 5, `add_bos_token` / `add_eos_token` of
+    /// tokenizer_config.json add nothing of their own when tokenizer.json
+    /// is there; the post-processor holds the convention.
+    pub fn encode_with_special_tokens(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
         Ok(enc.get_ids().to_vec())
     }
 

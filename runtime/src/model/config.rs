@@ -7,18 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Result, RuntimeError};
 
-/// Model family, from `model_type` (or `architectures`) of config.json.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Family {
-    /// `LlamaForCausalLM`.
-    Llama,
-    /// `MistralForCausalLM` (sliding-window attention is not applied: the
-    /// window only matters past `sliding_window` tokens).
-    Mistral,
-    /// `Qwen2ForCausalLM` (biases on the q, k and v projections).
-    Qwen2,
-}
+pub use crate::architectures::Family;
 
 /// Everything the runtime needs from config.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

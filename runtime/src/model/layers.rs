@@ -310,3 +310,42 @@ impl Mlp for GatedMlp {
         self.down.forward(&(gate * up)?, hooks)
     }
 }
+
+/// The layers built from a tensor map (here, so that the map reader
+/// knows nothing of the layers).
+impl Weights<'_> {
+    /// The linear layer `{prefix}.weight` of shape `(out, inp)`, with
+    /// `{prefix}.bias` of shape `(out)` when `bias`.
+    pub(crate) fn linear(
+        &mut self,
+        prefix: &str,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> crate::Result<Linear> {
+        let name = format!("{prefix}.weight");
+        let w = self.take(&name, &[out, inp])?;
+        let b = if bias {
+            Some(self.take(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear::new(name, w, b))
+    }
+
+    /// The gated MLP `{prefix}.{gate,up,down}_proj` between widths `hidden`
+    /// and `intermediate`.
+    pub(crate) fn mlp(
+        &mut self,
+        prefix: &str,
+        hidden: usize,
+        intermediate: usize,
+        bias: bool,
+    ) -> crate::Result<GatedMlp> {
+        Ok(GatedMlp::new(
+            self.linear(&format!("{prefix}.gate_proj"), intermediate, hidden, bias)?,
+            self.linear(&format!("{prefix}.up_proj"), intermediate, hidden, bias)?,
+            self.linear(&format!("{prefix}.down_proj"), hidden, intermediate, bias)?,
+        ))
+    }
+}

@@ -8,7 +8,6 @@ use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::layers::{GatedMlp, Linear};
 use crate::error::{Result, RuntimeError};
 
 /// A tensor map being consumed by a model constructor.
@@ -75,40 +74,5 @@ impl<'a> Weights<'a> {
     /// Drops tensor `name` if present (a tied `lm_head.weight`).
     pub(crate) fn discard(&mut self, name: &str) {
         self.map.remove(name);
-    }
-
-    /// The linear layer `{prefix}.weight` of shape `(out, inp)`, with
-    /// `{prefix}.bias` of shape `(out)` when `bias`.
-    pub(crate) fn linear(
-        &mut self,
-        prefix: &str,
-        out: usize,
-        inp: usize,
-        bias: bool,
-    ) -> Result<Linear> {
-        let name = format!("{prefix}.weight");
-        let w = self.take(&name, &[out, inp])?;
-        let b = if bias {
-            Some(self.take(&format!("{prefix}.bias"), &[out])?)
-        } else {
-            None
-        };
-        Ok(Linear::new(name, w, b))
-    }
-
-    /// The gated MLP `{prefix}.{gate,up,down}_proj` between widths `hidden`
-    /// and `intermediate`.
-    pub(crate) fn mlp(
-        &mut self,
-        prefix: &str,
-        hidden: usize,
-        intermediate: usize,
-        bias: bool,
-    ) -> Result<GatedMlp> {
-        Ok(GatedMlp::new(
-            self.linear(&format!("{prefix}.gate_proj"), intermediate, hidden, bias)?,
-            self.linear(&format!("{prefix}.up_proj"), intermediate, hidden, bias)?,
-            self.linear(&format!("{prefix}.down_proj"), hidden, intermediate, bias)?,
-        ))
     }
 }
