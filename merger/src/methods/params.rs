@@ -120,7 +120,7 @@ impl<'a> Params<'a> {
     /// Refuses a parameter the method did not declare, or one read as
     /// another type than declared.
     fn declared(&self, p: &Param, ty: fn(Type) -> bool) -> Result<()> {
-        if self.declared.iter().any(|d| *d == p) && ty(p.ty) {
+        if self.declared.contains(&p) && ty(p.ty) {
             Ok(())
         } else {
             Err(MergeError::UndeclaredParameter {
