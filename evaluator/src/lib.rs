@@ -1,12 +1,16 @@
 //! Task pools, metrics, the runner and comparison tables of Fusion Gateway.
 //!
 //! - [`taskpool`]: folders of JSONL tasks (`multiple_choice`, `generate`,
-//!   `perplexity`, `classification`) and their validation;
+//!   `perplexity`, `classification`, `similarity`,
+//!   `embedding_classification`) and their validation;
+//! - [`embedding`]: the scores of the embedding tasks (Spearman, Pearson,
+//!   k-NN accuracy), as MTEB computes them;
 //! - [`metrics`]: acc / acc_norm (as lm-eval-harness), exact match,
 //!   perplexity, classification accuracy;
 //! - [`runner`]: the [`runner::Scorer`] trait and the scoring of tasks with
 //!   a sample limit and batching; [`textmodel`] implements it for the
-//!   runtime's `TextModel`;
+//!   runtime's `TextModel` and `Runnable` (an embedding model scores the
+//!   embedding tasks only);
 //! - [`report`]: per-task reports and FusionBench-style comparison tables as
 //!   markdown, CSV or JSON;
 //! - [`pool`]: `pool.yaml`, the base and experts that specs refer to;
@@ -19,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod compare;
+pub mod embedding;
 pub mod error;
 pub mod evaluate;
 pub mod metrics;

@@ -98,14 +98,19 @@ impl PerplexityTotals {
     }
 }
 
-/// True for metrics where larger is better (accuracies); false for
-/// perplexities and bits per byte.
+/// True for metrics where larger is better (accuracies, correlations); false
+/// for perplexities and bits per byte.
 pub fn higher_is_better(metric: &str) -> bool {
-    matches!(metric, "acc" | "acc_norm" | "exact_match")
+    matches!(
+        metric,
+        "acc" | "acc_norm" | "exact_match" | "spearman" | "pearson"
+    )
 }
 
-/// True for metrics that are fractions in [0, 1] and enter the average of a
-/// report (accuracies and exact match; perplexities do not).
+/// True for metrics that a report shows ×100 and averages: accuracies and
+/// exact match (fractions in [0, 1]) and, as MTEB reports them, the Spearman
+/// and Pearson correlations of similarity tasks (in [−1, 1]); perplexities
+/// are not averaged.
 pub fn is_fraction(metric: &str) -> bool {
     higher_is_better(metric)
 }
@@ -141,6 +146,16 @@ mod tests {
             Some((0, 1))
         );
         assert_eq!(multiple_choice_predictions(&[-1.0], &s(&["a", "b"])), None);
+    }
+
+    #[test]
+    fn correlations_rank_and_average_like_accuracies() {
+        for m in ["acc", "acc_norm", "exact_match", "spearman", "pearson"] {
+            assert!(higher_is_better(m) && is_fraction(m), "{m}");
+        }
+        for m in ["perplexity", "byte_perplexity", "bits_per_byte"] {
+            assert!(!higher_is_better(m) && !is_fraction(m), "{m}");
+        }
     }
 
     #[test]

@@ -316,7 +316,7 @@ impl CompareTable {
             .iter()
             .map(|c| {
                 let unit = if metrics::is_fraction(&c.metric) {
-                    " (%)"
+                    " (×100)"
                 } else {
                     ""
                 };
@@ -324,7 +324,7 @@ impl CompareTable {
             })
             .collect();
         out.push_str(&format!(
-            "\nTask pool `{}`. Metrics: {}. Average: mean of the fraction metrics (%). Best of each column in bold (unless all tie).\n",
+            "\nTask pool `{}`. Metrics: {}. Average: mean of the ×100 metrics (accuracies, correlations). Best of each column in bold (unless all tie).\n",
             self.taskpool,
             metrics.join(", ")
         ));
@@ -556,7 +556,7 @@ mod tests {
         // Best accuracy is the max, best perplexity the min.
         assert_eq!(lines[2], "| base      |     25.0 | **2.50** |     25.0 |");
         assert_eq!(lines[3], "| ta, λ=0.3 | **50.0** |     4.00 | **50.0** |");
-        assert!(md.contains("qa: acc (%), text: perplexity"), "{md}");
+        assert!(md.contains("qa: acc (×100), text: perplexity"), "{md}");
         let csv = t.render(Format::Csv);
         assert_eq!(
             csv,

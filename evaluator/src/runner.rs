@@ -12,6 +12,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::embedding;
 use crate::error::{EvalError, Result};
 use crate::metrics::{self, PerplexityTotals};
 use crate::taskpool::{Items, Task, TaskKind, TaskPool};
@@ -46,6 +47,16 @@ pub trait Scorer: Sync {
 
     /// Number of tokens `text` encodes to.
     fn count_tokens(&self, text: &str) -> Result<usize>;
+
+    /// One embedding per text, in order (the embedding tasks). A scorer
+    /// that cannot embed says so.
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        let _ = texts;
+        Err(EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "this model does not embed texts".to_string(),
+        })
+    }
 }
 
 /// How to run tasks.
@@ -111,8 +122,16 @@ impl Task {
             Items::Generate(v) => v.len(),
             Items::Perplexity(v) => v.len(),
             Items::Classification { items, labels } => items.len() * labels.len(),
+            // Each distinct text is embedded once.
+            Items::Similarity(v) => distinct(v.iter().flat_map(|i| [&i.text_a, &i.text_b])),
+            Items::EmbeddingClassification(v) => distinct(v.iter().map(|i| &i.text)),
         }
     }
+}
+
+/// Number of distinct texts.
+fn distinct<'a>(texts: impl Iterator<Item = &'a String>) -> usize {
+    texts.collect::<std::collections::HashSet<_>>().len()
 }
 
 /// Loads every task of `pool` (the first `limit` items of each).
@@ -203,6 +222,31 @@ pub fn run_task(
             values.insert("byte_perplexity".into(), totals.byte_perplexity());
             values.insert("bits_per_byte".into(), totals.bits_per_byte());
         }
+        Items::Similarity(items) => {
+            let texts: Vec<&str> = items
+                .iter()
+                .flat_map(|i| [i.text_a.as_str(), i.text_b.as_str()])
+                .collect();
+            let vectors = embeddings(scorer, &texts, opts, progress).map_err(wrap)?;
+            let cos: Vec<f64> = vectors
+                .chunks(2)
+                .map(|p| embedding::cosine(&p[0], &p[1]))
+                .collect();
+            let human: Vec<f64> = items.iter().map(|i| i.score).collect();
+            values.insert("spearman".into(), embedding::spearman(&cos, &human));
+            values.insert("pearson".into(), embedding::pearson(&cos, &human));
+        }
+        Items::EmbeddingClassification(items) => {
+            let texts: Vec<&str> = items.iter().map(|i| i.text.as_str()).collect();
+            let vectors = embeddings(scorer, &texts, opts, progress).map_err(wrap)?;
+            let rows: Vec<(&[f32], &str, Option<bool>)> = items
+                .iter()
+                .zip(&vectors)
+                .map(|(i, v)| (v.as_slice(), i.label.as_str(), i.is_train()))
+                .collect();
+            let (acc, _) = embedding::knn_accuracy(&rows);
+            values.insert("acc".into(), acc);
+        }
         Items::Generate(items) => {
             let longest = items
                 .iter()
@@ -249,6 +293,52 @@ pub fn run_task(
         total: task.total,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Texts embedded per scorer call.
+const EMBED_CHUNK: usize = 64;
+
+/// The embeddings of `texts`, each distinct text embedded once, in chunks
+/// (in parallel); checks that every chunk is answered in full.
+fn embeddings(
+    scorer: &dyn Scorer,
+    texts: &[&str],
+    _opts: &RunOptions,
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Vec<f32>>> {
+    let mut unique: Vec<String> = Vec::new();
+    let mut slot: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
+    let index: Vec<usize> = texts
+        .iter()
+        .map(|&t| {
+            *slot.entry(t).or_insert_with(|| {
+                unique.push(t.to_string());
+                unique.len() - 1
+            })
+        })
+        .collect();
+    let vectors = unique
+        .par_chunks(EMBED_CHUNK)
+        .map(|chunk| {
+            let out = scorer.embed(chunk)?;
+            if out.len() != chunk.len() {
+                return Err(EvalError::Scoring {
+                    task: "(embeddings)".to_string(),
+                    reason: format!(
+                        "the model answered {} embeddings for {} texts",
+                        out.len(),
+                        chunk.len()
+                    ),
+                });
+            }
+            progress(chunk.len() as u64);
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .flatten()
+        .collect::<Vec<_>>();
+    Ok(index.into_iter().map(|i| vectors[i].clone()).collect())
 }
 
 /// Sends `pairs` in batches of `opts.batch_size` (batches in parallel) and

@@ -13,8 +13,8 @@ use merger::plan::{Plan, Run};
 use merger::spec::{compact, MergeSpec};
 use merger::{Cancel, MergeError};
 use runtime::checkpoint::Checkpoint;
-use runtime::generate::TextModel;
 use runtime::model::ModelOptions;
+use runtime::Runnable;
 
 use crate::error::{EvalError, Result};
 use crate::pool::ModelPool;
@@ -70,7 +70,7 @@ pub fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
 /// a routed ensemble (`we_moe`, ...) whose routers train on the inputs of
 /// the pool's task pool (every `*.jsonl` under it, labels never read). A
 /// routed merge's `router_checkpoint` names a pool checkpoint or a folder.
-fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<TextModel> {
+fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<Runnable> {
     let plan = Plan::new(spec.clone())?;
     let routed = matches!(plan, Plan::Routed(_));
     let resolve = |name: &str| -> merger::Result<PathBuf> {
@@ -93,7 +93,7 @@ fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<Tex
         progress: false,
         cancel: &cancel,
     };
-    Ok(plan.build(&run)?.into_text_model()?)
+    Ok(plan.build(&run)?.into_runnable()?)
 }
 
 /// The inputs a routed merge's routers train on: the pool's task pool,
@@ -122,7 +122,7 @@ fn calibration(
 /// A loaded model and what loading it cost.
 pub struct Loaded {
     /// The runnable model.
-    pub model: TextModel,
+    pub model: Runnable,
     /// Seconds spent reading or merging.
     pub seconds: f64,
 }
@@ -145,9 +145,9 @@ pub fn load(source: &ModelSource, pool: Option<&ModelPool>, device: &Device) -> 
         })
     };
     let model = match source {
-        ModelSource::Folder(dir) => merger::load_text_model(dir, &opts)?,
+        ModelSource::Folder(dir) => merger::load_runnable(dir, &opts)?,
         ModelSource::Checkpoint(name) => {
-            merger::load_text_model(&need_pool()?.resolve(name)?, &opts)?
+            merger::load_runnable(&need_pool()?.resolve(name)?, &opts)?
         }
         ModelSource::Merge(spec) => load_merge(spec, need_pool()?, device)?,
     };

@@ -9,6 +9,7 @@
 //! tasks:
 //!   - name: addition                 # unique within the pool
 //!     kind: generate                 # multiple_choice | generate | perplexity | classification
+//!                                    # | similarity | embedding_classification
 //!     file: addition.generate.jsonl  # relative to the folder (subfolders allowed)
 //!     metric: exact_match            # optional: the headline metric (default: the kind's first)
 //! ```
@@ -27,6 +28,17 @@
 //! | `generate` | `prompt` (string), `answer` (string) | `exact_match` |
 //! | `perplexity` | `text` (non-empty string) | `perplexity`, `byte_perplexity`, `bits_per_byte` |
 //! | `classification` | `input` (string), `label` (non-empty string) | `acc` |
+//! | `similarity` | `text_a`, `text_b` (non-empty strings), `score` (finite number) | `spearman`, `pearson` |
+//! | `embedding_classification` | `text` (non-empty string), `label` (non-empty string), `split` (optional: `train` or `test`) | `acc` |
+//!
+//! The first four score a text-generation model by log-likelihood or
+//! generation; the last two score embeddings (an embedding model, or a text
+//! model's mean-pooled hidden states), as MTEB does ([`crate::embedding`]):
+//! `similarity` correlates the cosine similarity of each pair with its
+//! human score, `embedding_classification` is the accuracy of a k-NN
+//! classifier on the frozen embeddings (the `train` items against the
+//! `test` items, or 5 folds when no item has a `split`; either every item
+//! has a `split` or none does).
 //!
 //! A multiple-choice continuation is the choice string exactly as written:
 //! put the separating space at the end of `context` or at the start of each
@@ -58,15 +70,22 @@ pub enum TaskKind {
     Perplexity,
     /// `{"input", "label"}`: accuracy among the task's labels.
     Classification,
+    /// `{"text_a", "text_b", "score"}`: Spearman correlation of embedding
+    /// cosine similarity with the score.
+    Similarity,
+    /// `{"text", "label", "split"?}`: accuracy of k-NN on the embeddings.
+    EmbeddingClassification,
 }
 
 impl TaskKind {
     /// Every kind.
-    pub const ALL: [TaskKind; 4] = [
+    pub const ALL: [TaskKind; 6] = [
         TaskKind::MultipleChoice,
         TaskKind::Generate,
         TaskKind::Perplexity,
         TaskKind::Classification,
+        TaskKind::Similarity,
+        TaskKind::EmbeddingClassification,
     ];
 
     /// The name used in files and configs.
@@ -76,7 +95,18 @@ impl TaskKind {
             TaskKind::Generate => "generate",
             TaskKind::Perplexity => "perplexity",
             TaskKind::Classification => "classification",
+            TaskKind::Similarity => "similarity",
+            TaskKind::EmbeddingClassification => "embedding_classification",
         }
+    }
+
+    /// Whether the kind scores embeddings (rather than log-likelihoods or
+    /// generations).
+    pub fn uses_embeddings(self) -> bool {
+        matches!(
+            self,
+            TaskKind::Similarity | TaskKind::EmbeddingClassification
+        )
     }
 
     /// Parses a kind name.
@@ -91,6 +121,8 @@ impl TaskKind {
             TaskKind::Generate => &["exact_match"],
             TaskKind::Perplexity => &["perplexity", "byte_perplexity", "bits_per_byte"],
             TaskKind::Classification => &["acc"],
+            TaskKind::Similarity => &["spearman", "pearson"],
+            TaskKind::EmbeddingClassification => &["acc"],
         }
     }
 }
@@ -182,7 +214,8 @@ impl TaskPool {
                 path: dir.to_path_buf(),
                 reason: format!(
                     "no tasks: write a `{TASKPOOL_FILE}` or add `<task>.<kind>.jsonl` files \
-                     (kinds: multiple_choice, generate, perplexity, classification)"
+                     (kinds: multiple_choice, generate, perplexity, classification, similarity, \
+                     embedding_classification)"
                 ),
             });
         }
@@ -207,7 +240,8 @@ impl TaskPool {
             }
             let kind = TaskKind::parse(&t.kind).ok_or_else(|| {
                 bad(format!(
-                    "task `{}`: unknown kind `{}` (expected multiple_choice, generate, perplexity or classification)",
+                    "task `{}`: unknown kind `{}` (expected multiple_choice, generate, perplexity, \
+                     classification, similarity or embedding_classification)",
                     t.name, t.kind
                 ))
             })?;
@@ -345,6 +379,36 @@ pub struct ClassificationItem {
     pub label: String,
 }
 
+/// A pair of texts with a human similarity score.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SimilarityItem {
+    /// The first text.
+    pub text_a: String,
+    /// The second text.
+    pub text_b: String,
+    /// The human score (any scale: only its ranks count for `spearman`).
+    pub score: f64,
+}
+
+/// A text with its label, for a classifier on embeddings.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct EmbeddingClassificationItem {
+    /// The text.
+    pub text: String,
+    /// Its label.
+    pub label: String,
+    /// `train` or `test`; absent on every item: folds.
+    #[serde(default)]
+    pub split: Option<String>,
+}
+
+impl EmbeddingClassificationItem {
+    /// `Some(true)` for a training item, `Some(false)` for a test item.
+    pub fn is_train(&self) -> Option<bool> {
+        self.split.as_deref().map(|s| s == "train")
+    }
+}
+
 /// The items of a task, by kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Items {
@@ -362,6 +426,10 @@ pub enum Items {
         /// The candidate labels.
         labels: Vec<String>,
     },
+    /// Text pairs with scores.
+    Similarity(Vec<SimilarityItem>),
+    /// Labelled texts.
+    EmbeddingClassification(Vec<EmbeddingClassificationItem>),
 }
 
 impl Items {
@@ -372,6 +440,8 @@ impl Items {
             Items::Generate(v) => v.len(),
             Items::Perplexity(v) => v.len(),
             Items::Classification { items, .. } => items.len(),
+            Items::Similarity(v) => v.len(),
+            Items::EmbeddingClassification(v) => v.len(),
         }
     }
 
@@ -386,6 +456,8 @@ impl Items {
             Items::Generate(v) => v.truncate(n),
             Items::Perplexity(v) => v.truncate(n),
             Items::Classification { items, .. } => items.truncate(n),
+            Items::Similarity(v) => v.truncate(n),
+            Items::EmbeddingClassification(v) => v.truncate(n),
         }
     }
 }
@@ -450,6 +522,54 @@ impl TaskSpec {
                     });
                 }
                 Items::Classification { items, labels }
+            }
+            TaskKind::Similarity => {
+                Items::Similarity(parse_lines(path, &text, |p: &SimilarityItem| {
+                    if p.text_a.is_empty() || p.text_b.is_empty() {
+                        Err("`text_a` and `text_b` must not be empty".into())
+                    } else if !p.score.is_finite() {
+                        Err(format!("`score` ({}) is not finite", p.score))
+                    } else {
+                        Ok(())
+                    }
+                })?)
+            }
+            TaskKind::EmbeddingClassification => {
+                let items: Vec<EmbeddingClassificationItem> =
+                    parse_lines(path, &text, |c: &EmbeddingClassificationItem| {
+                        if c.text.is_empty() || c.label.is_empty() {
+                            Err("`text` and `label` must not be empty".into())
+                        } else if !matches!(c.split.as_deref(), None | Some("train" | "test")) {
+                            Err(format!(
+                                "`split` is {:?}: expected `train` or `test`",
+                                c.split.as_deref().unwrap_or_default()
+                            ))
+                        } else {
+                            Ok(())
+                        }
+                    })?;
+                let with_split = items.iter().filter(|i| i.split.is_some()).count();
+                if with_split != 0 && with_split != items.len() {
+                    return Err(EvalError::BadTask {
+                        path: self.file.clone(),
+                        reason: format!(
+                            "{with_split} of {} items have a `split`: give every item one (train/test) \
+                             or none (folds)",
+                            items.len()
+                        ),
+                    });
+                }
+                if with_split != 0 {
+                    for want in ["train", "test"] {
+                        if !items.iter().any(|i| i.split.as_deref() == Some(want)) {
+                            return Err(EvalError::BadTask {
+                                path: self.file.clone(),
+                                reason: format!("no `{want}` item"),
+                            });
+                        }
+                    }
+                }
+                Items::EmbeddingClassification(items)
             }
         };
         let total = items.len();

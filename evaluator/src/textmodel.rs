@@ -10,8 +10,9 @@
 //! of the raw text, without BOS.
 
 use runtime::generate::{SamplingParams, TextModel};
+use runtime::Runnable;
 
-use crate::error::Result;
+use crate::error::{EvalError, Result};
 use crate::runner::{Loglikelihood, Scorer};
 
 impl Scorer for TextModel {
@@ -34,5 +35,45 @@ impl Scorer for TextModel {
 
     fn count_tokens(&self, text: &str) -> Result<usize> {
         Ok(self.tokenizer().encode(text)?.len())
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        Ok(TextModel::embed(self, texts)?.0)
+    }
+}
+
+/// A text model scores every task kind; an embedding model only the
+/// embedding tasks (`similarity`, `embedding_classification`), and says so
+/// for the others.
+impl Scorer for Runnable {
+    fn loglikelihood_batch(&self, pairs: &[(String, String)]) -> Result<Vec<Loglikelihood>> {
+        Scorer::loglikelihood_batch(text_only(self)?, pairs)
+    }
+
+    fn generate_greedy(&self, prompt: &str, max_tokens: usize) -> Result<String> {
+        Scorer::generate_greedy(text_only(self)?, prompt, max_tokens)
+    }
+
+    fn count_tokens(&self, text: &str) -> Result<usize> {
+        match self {
+            Runnable::Text(t) => Scorer::count_tokens(t, text),
+            Runnable::Embedding(e) => Ok(e.tokenize(text)?.0.len()),
+        }
+    }
+
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
+        Ok(Runnable::embed(self, texts)?.vectors)
+    }
+}
+
+fn text_only(model: &Runnable) -> Result<&TextModel> {
+    match model {
+        Runnable::Text(t) => Ok(t),
+        Runnable::Embedding(_) => Err(EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "an embedding model scores only `similarity` and `embedding_classification` \
+                     tasks (log-likelihood and generation tasks need a text-generation model)"
+                .to_string(),
+        }),
     }
 }

@@ -74,7 +74,9 @@ fn untrained_we_moe_scores_as_task_arithmetic() {
     let moe = ModelSource::parse("we_moe(sum,rev;steps=0)", &pool).unwrap();
     let ta = ModelSource::parse("task_arithmetic(sum,rev;scaling_coefficient=0.3)", &pool).unwrap();
     let moe = load(&moe, Some(&pool), &dev).unwrap().model;
+    let moe = moe.text("scoring").unwrap();
     let ta = load(&ta, Some(&pool), &dev).unwrap().model;
+    let ta = ta.text("scoring").unwrap();
     for (c, x) in [("add: 2 + 1 = ", "3"), ("hello", " world")] {
         let a = moe.loglikelihood(c, x).unwrap().logprob;
         let b = ta.loglikelihood(c, x).unwrap().logprob;
@@ -88,6 +90,7 @@ fn we_moe_trains_on_the_task_pool() {
     let pool = write_pool(d.path(), true);
     let src = ModelSource::parse("we_moe(sum,rev;steps=3,batch_size=2,lr=0.01)", &pool).unwrap();
     let model = load(&src, Some(&pool), &Device::Cpu).unwrap().model;
+    let model = model.text("scoring").unwrap();
     assert!(model.loglikelihood("add: 2 + 1 = ", "3").unwrap().logprob < 0.0);
     // Without a task pool there is nothing to train on: the error says so.
     let d = tempfile::tempdir().unwrap();

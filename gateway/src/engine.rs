@@ -1,5 +1,6 @@
 //! The generation-facing part of the gateway: a served model wraps a
-//! [`TextModel`] (model + tokenizer + chat template) built from a loaded
+//! [`Runnable`]: a [`TextModel`] (model + tokenizer + chat template) or a
+//! sentence encoder (model + tokenizer + pooling), built from a loaded
 //! checkpoint or from merged tensors. Everything here is synchronous tensor
 //! work, called from blocking threads, never from the async runtime.
 
@@ -8,15 +9,18 @@ use std::path::Path;
 
 use candle_core::Tensor;
 use merger::moe::MoeModel;
+use runtime::architectures::Kind;
 use runtime::checkpoint::Checkpoint;
 use runtime::generate::TextModel;
-use runtime::model::{Model, ModelConfig, ModelOptions};
+use runtime::model::ModelOptions;
+pub use runtime::Embedded;
+use runtime::Runnable;
 
 pub use runtime::generate::{ChatMessage, Completion, FinishReason, SamplingParams, TokenEvent};
 
 /// A model ready to answer requests, shared read-only between requests.
 pub struct Engine {
-    text: TextModel,
+    model: Runnable,
     bytes: u64,
 }
 
@@ -28,21 +32,25 @@ impl Engine {
         let loaded = merger::load::load_checkpoint(ck, opts)?;
         let bytes = loaded.resident_bytes;
         Ok(Engine {
-            text: loaded.into_text_model()?,
+            model: loaded.into_runnable()?,
             bytes,
         })
     }
 
-    /// Builds a model from merged tensors; the config and tokenizer come from
-    /// `reference_dir` (the merge's base, or its first model).
+    /// Builds a model from merged tensors; the architecture and side files
+    /// (tokenizer, chat template, pooling) come from `reference_dir` (the
+    /// merge's base, or its first model).
     pub fn from_merge(
         merged: HashMap<String, Tensor>,
         reference_dir: &Path,
         opts: &ModelOptions,
     ) -> merger::Result<Self> {
-        let config = ModelConfig::from_dir(reference_dir)?;
-        let model = Model::from_tensors(config, merged, opts)?;
-        Self::new(model, reference_dir)
+        let built = merger::load::from_tensors(merged, reference_dir, opts)?;
+        let bytes = built.resident_bytes;
+        Ok(Engine {
+            model: built.into_runnable()?,
+            bytes,
+        })
     }
 
     /// Serves a routed ensemble, weighed by its resident bytes (backbone,
@@ -53,18 +61,26 @@ impl Engine {
     pub fn from_moe(built: MoeModel, tokenizer_dir: &Path) -> merger::Result<Self> {
         let bytes = built.bytes();
         let text = TextModel::from_model(built.into_model(), tokenizer_dir)?;
-        Ok(Engine { text, bytes })
-    }
-
-    fn new(model: Model, tokenizer_dir: &Path) -> merger::Result<Self> {
-        let bytes = (model.config().num_parameters() * model.dtype().size_in_bytes()) as u64;
-        let text = TextModel::from_model(model, tokenizer_dir)?;
-        Ok(Engine { text, bytes })
+        Ok(Engine {
+            model: Runnable::Text(text),
+            bytes,
+        })
     }
 
     /// The runnable model (what evaluations score).
-    pub fn text_model(&self) -> &TextModel {
-        &self.text
+    pub fn runnable(&self) -> &Runnable {
+        &self.model
+    }
+
+    /// What the model is: a text generator or an embedding model.
+    pub fn kind(&self) -> Kind {
+        self.model.kind()
+    }
+
+    /// The text generator, or a 400-class error saying that `what`
+    /// (`"chat completions"`) need one.
+    fn text(&self, what: &str) -> merger::Result<&TextModel> {
+        Ok(self.model.text(what)?)
     }
 
     /// Bytes of the model's weights in memory (what the cache weighs).
@@ -72,9 +88,16 @@ impl Engine {
         self.bytes
     }
 
-    /// Longest sequence (prompt and completion) the model accepts.
+    /// Longest sequence the model accepts: prompt and completion of a
+    /// text model; an embedding model's `max_seq_length` (longer inputs
+    /// are truncated to it).
     pub fn context_length(&self) -> usize {
-        self.text.model().config().max_position_embeddings
+        self.model.context_length()
+    }
+
+    /// Width of the embeddings.
+    pub fn dimension(&self) -> usize {
+        self.model.dimension()
     }
 
     /// Token ids of a chat: the chat template with the generation prompt;
@@ -85,12 +108,14 @@ impl Engine {
         messages: &[ChatMessage],
         split_special_tokens: bool,
     ) -> merger::Result<Vec<u32>> {
-        Ok(self.text.encode_chat(messages, split_special_tokens)?)
+        Ok(self
+            .text("chat completions")?
+            .encode_chat(messages, split_special_tokens)?)
     }
 
     /// Token ids of a raw completion prompt.
     pub fn text_prompt(&self, prompt: &str) -> merger::Result<Vec<u32>> {
-        Ok(self.text.encode(prompt)?)
+        Ok(self.text("completions")?.encode(prompt)?)
     }
 
     /// Generates from `prompt`; `on_token` gets each text delta and returns
@@ -101,12 +126,15 @@ impl Engine {
         params: &SamplingParams,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> merger::Result<Completion> {
-        Ok(self.text.generate(prompt, params, on_token)?)
+        Ok(self
+            .text("completions")?
+            .generate(prompt, params, on_token)?)
     }
 
-    /// Mean-pooled embeddings of `texts` and the number of tokens read.
-    pub fn embed(&self, texts: &[String]) -> merger::Result<(Vec<Vec<f32>>, usize)> {
-        Ok(self.text.embed(texts)?)
+    /// Embeddings of `texts`: sentence-transformers pooling for an
+    /// embedding model, mean-pooled hidden states for a text model.
+    pub fn embed(&self, texts: &[String]) -> merger::Result<Embedded> {
+        Ok(self.model.embed(texts)?)
     }
 
     /// [`Engine::embed`] that stops once `cancelled()` (the client left).
@@ -114,7 +142,7 @@ impl Engine {
         &self,
         texts: &[String],
         cancelled: &dyn Fn() -> bool,
-    ) -> merger::Result<(Vec<Vec<f32>>, usize)> {
-        Ok(self.text.embed_until(texts, cancelled)?)
+    ) -> merger::Result<Embedded> {
+        Ok(self.model.embed_until(texts, cancelled)?)
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::engine::{ChatMessage, Completion, Engine, SamplingParams, TokenEvent};
+use crate::engine::{ChatMessage, Completion, Embedded, Engine, SamplingParams, TokenEvent};
 use crate::error::{GatewayError, Result, Stage};
 use crate::state::AppState;
 use crate::store::ModelHandle;
@@ -155,11 +155,7 @@ pub async fn finish(mut generation: Generation) -> Result<Completion> {
 }
 
 /// Embeddings of `texts` (one slot of the generation admission).
-pub async fn embed(
-    state: &AppState,
-    handle: &ModelHandle,
-    texts: Vec<String>,
-) -> Result<(Vec<Vec<f32>>, usize)> {
+pub async fn embed(state: &AppState, handle: &ModelHandle, texts: Vec<String>) -> Result<Embedded> {
     let slot = state.admission.admit().await?;
     let served = handle.served.clone();
     // Set when this future is dropped (the client went away): the blocking

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use merger::spec::MergeSpec;
+use runtime::architectures::Kind;
 use runtime::model::ModelOptions;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -164,6 +165,45 @@ impl ModelStore {
         self.acquire(target, Wait::Bounded).await
     }
 
+    /// [`ModelStore::model`] for a route that needs a text-generation
+    /// model (`route`: `/v1/chat/completions`): an embedding model is a
+    /// 400 naming its kind, found before anything is merged or loaded.
+    pub async fn text_model(
+        &self,
+        model: Option<&str>,
+        merge: Option<MergeSpec>,
+        route: &str,
+    ) -> Result<ModelHandle> {
+        let refuse = |name: &str| GatewayError::BadRequest {
+            message: format!(
+                "model `{name}` is an embedding model: {route} needs a text-generation model \
+                 (embedding models serve /v1/embeddings; GET /v1/models lists each model's kind)"
+            ),
+            param: Some("model".to_string()),
+            code: "model_not_text_generation",
+        };
+        if merge.is_none() {
+            if let Some(name) = model.map(str::trim).filter(|m| m.starts_with("merge-")) {
+                let key = name.to_ascii_lowercase();
+                if let Some(served) = self.resident(&key).await {
+                    if served.engine.kind() != Kind::Decoder {
+                        return Err(refuse(name));
+                    }
+                    return Ok(ModelHandle {
+                        served,
+                        status: CacheStatus::Hit,
+                    });
+                }
+            }
+        }
+        let shown = model.map(str::trim).unwrap_or("merge").to_string();
+        let target = self.resolve(model, merge)?;
+        if target.kind()? != Kind::Decoder {
+            return Err(refuse(&shown));
+        }
+        self.acquire(target, Wait::Bounded).await
+    }
+
     /// Makes `target` resident: a cache hit, or a load (one per key however
     /// many ask) awaited as `wait` says.
     pub async fn acquire(&self, target: Target, wait: Wait) -> Result<ModelHandle> {
@@ -261,16 +301,16 @@ impl ModelStore {
         self.merges.infos(ids, &|id| self.cache.contains(id))
     }
 
-    /// The ids of the resident merges, sorted.
-    pub fn resident_merges(&self) -> Vec<String> {
-        let mut merges: Vec<String> = self
+    /// The ids of the resident merges with what they serve, sorted.
+    pub fn resident_merges(&self) -> Vec<(String, Kind)> {
+        let mut merges: Vec<(String, Kind)> = self
             .cache
             .entries()
             .into_iter()
             .filter(|(k, _)| k.starts_with("merge-"))
-            .map(|(k, _)| k)
+            .map(|(k, served)| (k, served.engine.kind()))
             .collect();
-        merges.sort();
+        merges.sort_by(|a, b| a.0.cmp(&b.0));
         merges
     }
 

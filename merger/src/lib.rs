@@ -51,8 +51,9 @@
 //! };
 //! let merged = plan.build(&run)?;
 //! assert!(merged.resident_bytes > 0);
-//! let ids = Tensor::new(&[[1u32, 2, 3]], merged.model.device())?;
-//! assert_eq!(merged.model.forward(&ids, None)?.dims(), [1, 3, 40]);
+//! let model = merged.decoder().expect("a Llama merges into a decoder");
+//! let ids = Tensor::new(&[[1u32, 2, 3]], model.device())?;
+//! assert_eq!(model.forward(&ids, None)?.dims(), [1, 3, 40]);
 //! # Ok(())
 //! # }
 //! ```
@@ -77,4 +78,4 @@ pub mod work;
 
 pub use bounds::{Bounds, Cancel, Work};
 pub use error::{MergeError, Result};
-pub use load::{load_model, load_text_model};
+pub use load::{load_model, load_runnable, load_text_model};

@@ -6,9 +6,15 @@
 
 use std::path::{Path, PathBuf};
 
+use std::collections::HashMap;
+
+use candle_core::Tensor;
+use runtime::architectures::{self, Kind};
 use runtime::checkpoint::Checkpoint;
+use runtime::encoder::{Encoder, EncoderConfig, SentenceEncoder};
 use runtime::generate::TextModel;
 use runtime::model::{Model, ModelConfig, ModelOptions};
+use runtime::{Runnable, RuntimeError};
 
 use crate::error::{MergeError, Result};
 use crate::moe::{is_moe_folder, MoeModel};
@@ -32,27 +38,44 @@ pub fn folder_kind(dir: &Path) -> Result<FolderKind> {
     })
 }
 
+/// The network of a servable model.
+pub enum Network {
+    /// A decoder (plain, or the backbone of a routed ensemble).
+    Decoder(Model),
+    /// A sentence encoder (BERT).
+    Encoder(Encoder),
+}
+
 /// A model ready to serve, with what it holds in memory.
 pub struct Servable {
-    /// The runnable model.
-    pub model: Model,
+    /// The runnable network.
+    pub network: Network,
     /// Bytes of its tensors in memory (what a cache weighs): the weights of
     /// a plain model; the backbone, experts and routers of a routed
     /// ensemble.
     pub resident_bytes: u64,
-    /// The folder its tokenizer, chat template and generation config come
-    /// from.
+    /// The folder its tokenizer, chat template, generation config and
+    /// sentence-transformers files come from.
     pub side_files: PathBuf,
 }
 
 impl Servable {
-    /// A plain model, every weight in the model's dtype.
+    /// A plain decoder, every weight in the model's dtype.
     pub fn plain(model: Model, side_files: PathBuf) -> Self {
         let resident_bytes =
             (model.config().num_parameters() * model.dtype().size_in_bytes()) as u64;
         Servable {
-            model,
+            network: Network::Decoder(model),
             resident_bytes,
+            side_files,
+        }
+    }
+
+    /// An encoder, every weight in the model's dtype.
+    pub fn encoder(encoder: Encoder, side_files: PathBuf) -> Self {
+        Servable {
+            resident_bytes: encoder.resident_bytes(),
+            network: Network::Encoder(encoder),
             side_files,
         }
     }
@@ -65,16 +88,68 @@ impl Servable {
         })?;
         Ok(Servable {
             resident_bytes: built.bytes(),
-            model: built.into_model(),
+            network: Network::Decoder(built.into_model()),
             side_files,
         })
     }
 
-    /// The model with its folder's tokenizer files: ready to generate,
-    /// score and embed.
-    pub fn into_text_model(self) -> Result<TextModel> {
-        Ok(TextModel::from_model(self.model, &self.side_files)?)
+    /// The decoder, when the network is one.
+    pub fn decoder(&self) -> Option<&Model> {
+        match &self.network {
+            Network::Decoder(m) => Some(m),
+            Network::Encoder(_) => None,
+        }
     }
+
+    /// The model with its folder's side files: ready to generate, score
+    /// and embed (a decoder) or to embed (an encoder).
+    pub fn into_runnable(self) -> Result<Runnable> {
+        Ok(match self.network {
+            Network::Decoder(m) => Runnable::Text(TextModel::from_model(m, &self.side_files)?),
+            Network::Encoder(e) => {
+                Runnable::Embedding(SentenceEncoder::from_encoder(e, &self.side_files)?)
+            }
+        })
+    }
+
+    /// [`Servable::into_runnable`] of a decoder; an encoder is a
+    /// [`RuntimeError::WrongKind`] error.
+    pub fn into_text_model(self) -> Result<TextModel> {
+        match self.into_runnable()? {
+            Runnable::Text(t) => Ok(t),
+            Runnable::Embedding(_) => Err(RuntimeError::WrongKind(
+                "generation and scoring need a text-generation model; this is an embedding model"
+                    .into(),
+            )
+            .into()),
+        }
+    }
+}
+
+/// A plain model built from tensors by Hugging Face name (a merge's
+/// result), with the architecture of `reference` (the merge's base, or its
+/// first model) and its side files.
+pub fn from_tensors(
+    tensors: HashMap<String, Tensor>,
+    reference: &Path,
+    opts: &ModelOptions,
+) -> Result<Servable> {
+    Ok(match architectures::of_dir(reference)?.kind {
+        Kind::Decoder => {
+            let config = ModelConfig::from_dir(reference)?;
+            Servable::plain(
+                Model::from_tensors(config, tensors, opts)?,
+                reference.to_path_buf(),
+            )
+        }
+        Kind::Encoder => {
+            let config = EncoderConfig::from_dir(reference)?;
+            Servable::encoder(
+                Encoder::from_tensors(config, tensors, opts)?,
+                reference.to_path_buf(),
+            )
+        }
+    })
 }
 
 /// Loads the model a folder holds: a saved routed ensemble as the ensemble,
@@ -92,6 +167,15 @@ pub fn load_text_model(dir: &Path, opts: &ModelOptions) -> Result<TextModel> {
     Ok(TextModel::from_model(load_model(dir, opts)?, dir)?)
 }
 
+/// Whatever a folder holds, ready to run: a routed ensemble or a plain
+/// decoder as a text model, an encoder as a sentence encoder.
+pub fn load_runnable(dir: &Path, opts: &ModelOptions) -> Result<Runnable> {
+    match folder_kind(dir)? {
+        FolderKind::Routed => Ok(Runnable::Text(load_text_model(dir, opts)?)),
+        FolderKind::Plain => Ok(Runnable::load(dir, opts)?),
+    }
+}
+
 /// The model an opened checkpoint holds, weighed by its resident bytes: a
 /// saved routed ensemble read from its folder, anything else from the
 /// checkpoint's own tensors (the reads it already holds open).
@@ -99,10 +183,17 @@ pub fn load_checkpoint(ck: &Checkpoint, opts: &ModelOptions) -> Result<Servable>
     let dir = ck.dir();
     match folder_kind(dir)? {
         FolderKind::Routed => Servable::routed(MoeModel::load(dir, opts)?),
-        FolderKind::Plain => {
-            let config = ModelConfig::from_dir(dir)?;
-            let model = Model::from_checkpoint(config, ck, opts)?;
-            Ok(Servable::plain(model, dir.to_path_buf()))
-        }
+        FolderKind::Plain => match architectures::of_dir(dir)?.kind {
+            Kind::Decoder => {
+                let config = ModelConfig::from_dir(dir)?;
+                let model = Model::from_checkpoint(config, ck, opts)?;
+                Ok(Servable::plain(model, dir.to_path_buf()))
+            }
+            Kind::Encoder => {
+                let config = EncoderConfig::from_dir(dir)?;
+                let encoder = Encoder::from_checkpoint(config, ck, opts)?;
+                Ok(Servable::encoder(encoder, dir.to_path_buf()))
+            }
+        },
     }
 }

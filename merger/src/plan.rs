@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 use runtime::checkpoint::WriteOptions;
-use runtime::model::{Model, ModelConfig, ModelOptions};
+use runtime::model::ModelOptions;
 
 use crate::bounds::{Bounds, Cancel};
 use crate::error::Result;
@@ -189,13 +189,11 @@ impl Tensorwise {
         let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
         let (tensors, _) = merge_in_memory(&mut plan, run.device, &progress)?;
         let reference = plan.reference().dir().to_path_buf();
-        let config = ModelConfig::from_dir(&reference)?;
         let opts = ModelOptions {
             device: run.device.clone(),
             ..ModelOptions::default()
         };
-        let model = Model::from_tensors(config, tensors, &opts)?;
-        Ok(Servable::plain(model, reference))
+        crate::load::from_tensors(tensors, &reference, &opts)
     }
 
     /// [`Plan::write`] of a tensor-wise merge.
@@ -345,7 +343,7 @@ mod tests {
             let dir = match written {
                 Written::Tensorwise(report) => {
                     // Every weight in f32: the parameters times 4 bytes.
-                    let params = built.model.config().num_parameters() as u64;
+                    let params = built.decoder().unwrap().config().num_parameters() as u64;
                     assert_eq!(built.resident_bytes, 4 * params);
                     assert_eq!(report.stats.output_bytes, built.resident_bytes);
                     report.out
@@ -357,7 +355,10 @@ mod tests {
                 }
             };
             let loaded = crate::load_model(&dir, &runtime::model::ModelOptions::default()).unwrap();
-            let d = max_diff(&logits(&built.model, &ids), &logits(&loaded, &ids));
+            let d = max_diff(
+                &logits(built.decoder().unwrap(), &ids),
+                &logits(&loaded, &ids),
+            );
             assert_eq!(d, 0.0, "{method}");
         }
     }

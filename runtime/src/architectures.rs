@@ -7,7 +7,11 @@
 //! [`REGISTRY`]; the config reader, the error listing what is supported and
 //! the config writer all read the table.
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
+
+use crate::error::{Result, RuntimeError};
 
 /// Model family, from `model_type` (or `architectures`) of config.json.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,13 +24,30 @@ pub enum Family {
     Mistral,
     /// `Qwen2ForCausalLM` (biases on the q, k and v projections).
     Qwen2,
+    /// `BertModel`: a sentence-embedding encoder ([`crate::encoder`]).
+    Bert,
 }
 
 /// The kind of network a family is, i.e. the runtime module that builds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    /// A decoder-only causal language model ([`crate::model::Model`]).
+    /// A decoder-only causal language model ([`crate::model::Model`]):
+    /// generates text, and embeds by mean-pooling its hidden states.
     Decoder,
+    /// A bidirectional encoder ([`crate::encoder::Encoder`]): sentence
+    /// embeddings only.
+    Encoder,
+}
+
+impl Kind {
+    /// What the model serves, as Hugging Face names the pipeline:
+    /// `text-generation` or `embedding` (`GET /v1/models`).
+    pub fn task(&self) -> &'static str {
+        match self {
+            Kind::Decoder => "text-generation",
+            Kind::Encoder => "embedding",
+        }
+    }
 }
 
 /// One registered family.
@@ -62,6 +83,12 @@ pub static REGISTRY: &[Architecture] = &[
         hf_architecture: "Qwen2ForCausalLM",
         kind: Kind::Decoder,
     },
+    Architecture {
+        family: Family::Bert,
+        model_type: "bert",
+        hf_architecture: "BertModel",
+        kind: Kind::Encoder,
+    },
 ];
 
 /// The family whose `model_type` starts `kind` (lower case): `llama`,
@@ -81,11 +108,50 @@ pub fn of(family: Family) -> &'static Architecture {
 
 /// The supported `model_type`s, comma-separated (for error messages).
 pub fn supported() -> String {
+    supported_of(None)
+}
+
+/// The supported `model_type`s of one kind (all with `None`),
+/// comma-separated.
+pub fn supported_of(kind: Option<Kind>) -> String {
     REGISTRY
         .iter()
+        .filter(|a| kind.is_none_or(|k| a.kind == k))
         .map(|a| a.model_type)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The architecture `DIR/config.json` declares (its `model_type`, else its
+/// first `architectures` entry).
+pub fn of_dir(dir: &Path) -> Result<&'static Architecture> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
+    of_json(&text, &path)
+}
+
+/// [`of_dir`] on config.json text; `path` only appears in errors.
+pub fn of_json(text: &str, path: &Path) -> Result<&'static Architecture> {
+    let bad = |reason: String| RuntimeError::ModelConfig {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+    let kind = v
+        .get("model_type")
+        .and_then(|t| t.as_str())
+        .or_else(|| {
+            v.get("architectures")
+                .and_then(|a| a.get(0))
+                .and_then(|a| a.as_str())
+        })
+        .unwrap_or_default();
+    recognise(kind).ok_or_else(|| {
+        bad(format!(
+            "model_type `{kind}` is not supported ({})",
+            supported()
+        ))
+    })
 }
 
 #[cfg(test)]
@@ -99,7 +165,23 @@ mod tests {
             assert_eq!(recognise(a.model_type).unwrap().family, a.family);
             assert_eq!(recognise(a.hf_architecture).unwrap().family, a.family);
         }
-        assert!(recognise("bert").is_none());
-        assert_eq!(supported(), "llama, mistral, qwen2");
+        assert!(recognise("t5").is_none());
+        assert_eq!(supported(), "llama, mistral, qwen2, bert");
+        assert_eq!(supported_of(Some(Kind::Decoder)), "llama, mistral, qwen2");
+        assert_eq!(recognise("BertModel").unwrap().kind, Kind::Encoder);
+        let p = Path::new("config.json");
+        assert_eq!(
+            of_json(r#"{"architectures": ["BertModel"]}"#, p)
+                .unwrap()
+                .family,
+            Family::Bert
+        );
+        let e = of_json(r#"{"model_type": "t5"}"#, p)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("`t5` is not supported (llama, mistral, qwen2, bert)"),
+            "{e}"
+        );
     }
 }

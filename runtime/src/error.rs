@@ -209,6 +209,10 @@ pub enum RuntimeError {
         /// Where and which.
         reason: String,
     },
+    /// The model is of a kind that cannot do what was asked (a chat
+    /// completion from an embedding model, say).
+    #[error("{0}")]
+    WrongKind(String),
     /// The model was run with inputs it cannot take (a bug in the caller).
     #[error("model: {0}")]
     Model(String),
@@ -227,6 +231,7 @@ impl RuntimeError {
             ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
             Template(_)
             | InvalidInput(_)
+            | WrongKind(_)
             | ContextLength { .. }
             | OutOfRange { .. }
             | BadParameter { .. } => ErrorKind::Invalid,

@@ -7,8 +7,11 @@
 //!   from a `config.json` (a new family is one module plus one entry there);
 //! - [`model`]: the decoder-only transformer (Llama, Mistral, Qwen2) on
 //!   candle;
+//! - [`encoder`]: the BERT encoder and sentence embeddings as
+//!   sentence-transformers computes them;
 //! - [`generate`]: tokenizer, chat template, sampling, KV cache, token stream,
 //!   log-likelihoods and embeddings ([`generate::TextModel`]);
+//! - [`runnable`]: a loaded model of either kind ([`Runnable`]);
 //! - [`device`]: `auto | cpu | cuda:N`.
 //!
 //! The runtime knows no merge method: merged weights reach it as a tensor
@@ -52,8 +55,11 @@
 pub mod architectures;
 pub mod checkpoint;
 pub mod device;
+pub mod encoder;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod runnable;
 
 pub use error::{ErrorKind, Result, RuntimeError};
+pub use runnable::{Embedded, Runnable};

@@ -2,6 +2,7 @@
 
 pub mod compare;
 pub mod demo;
+pub mod embed;
 pub mod eval;
 pub mod generate;
 pub mod merge;

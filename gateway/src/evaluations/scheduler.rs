@@ -203,8 +203,7 @@ impl Scheduler {
         };
         let scored = tokio::task::spawn_blocking(move || {
             let stopping = || this.stopping();
-            let scorer =
-                AdmittedScorer::new(served.engine.text_model(), &this.admission, &stopping);
+            let scorer = AdmittedScorer::new(served.engine.runnable(), &this.admission, &stopping);
             let run = || run_tasks(&scorer, &tasks, &opts, &|_| {});
             match threads {
                 Some(pool) => pool.install(run),

@@ -1,4 +1,4 @@
-//! The scorer of scheduled evaluations: the served model's [`TextModel`]
+//! The scorer of scheduled evaluations: the served model ([`Runnable`])
 //! behind the gateway's generation admission.
 //!
 //! Every scorer call (one batch of log-likelihoods, one greedy generation)
@@ -12,16 +12,16 @@ use std::time::Duration;
 
 use evaluator::runner::{Loglikelihood, Scorer};
 use evaluator::EvalError;
-use runtime::generate::TextModel;
+use runtime::Runnable;
 
 use crate::limits::admission::{Admission, Slot};
 
 /// How long a batch waits before asking for a slot again.
 const RETRY: Duration = Duration::from_millis(10);
 
-/// A [`TextModel`] whose calls each hold a generation slot.
+/// A served model whose calls each hold a generation slot.
 pub struct AdmittedScorer<'a> {
-    model: &'a TextModel,
+    model: &'a Runnable,
     admission: &'a Admission,
     stopping: &'a (dyn Fn() -> bool + Sync),
 }
@@ -30,7 +30,7 @@ impl<'a> AdmittedScorer<'a> {
     /// Scores `model`, one slot of `admission` per call; stops (an error)
     /// once `stopping` says so (the server is shutting down).
     pub fn new(
-        model: &'a TextModel,
+        model: &'a Runnable,
         admission: &'a Admission,
         stopping: &'a (dyn Fn() -> bool + Sync),
     ) -> Self {
@@ -76,5 +76,10 @@ impl Scorer for AdmittedScorer<'_> {
     fn count_tokens(&self, text: &str) -> evaluator::Result<usize> {
         // Tokenizing only: no slot.
         Scorer::count_tokens(self.model, text)
+    }
+
+    fn embed(&self, texts: &[String]) -> evaluator::Result<Vec<Vec<f32>>> {
+        let _slot = self.slot()?;
+        Scorer::embed(self.model, texts)
     }
 }

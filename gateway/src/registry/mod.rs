@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex};
 use merger::merge::MergePlan;
 use merger::plan::Plan;
 use merger::spec::{compact, MergeSpec};
+use runtime::architectures::{self, Kind};
 use runtime::checkpoint::{Checkpoint, Stamps};
 
 use crate::config::Config;
@@ -52,6 +53,8 @@ struct Slot {
 /// its files change.
 pub struct Pool {
     name: String,
+    /// What the pool's models serve (its base's architecture).
+    kind: Kind,
     checkpoints: BTreeMap<String, Slot>,
     /// Set when a checkpoint of any pool was reopened (shared by the pools
     /// of a registry).
@@ -62,6 +65,11 @@ impl Pool {
     /// The pool's name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// What the pool's checkpoints and merges serve.
+    pub fn kind(&self) -> Kind {
+        self.kind
     }
 
     /// Names of the checkpoints (`base` and the experts), sorted.
@@ -147,6 +155,17 @@ pub enum Target {
 }
 
 impl Target {
+    /// What the target serves: a routed ensemble is a decoder; a
+    /// checkpoint or a merge is what its (reference) config.json declares.
+    pub fn kind(&self) -> Result<Kind> {
+        let dir = match self {
+            Target::Checkpoint { checkpoint, .. } => checkpoint.dir(),
+            Target::Merge(plan) => plan.reference().dir(),
+            Target::Routed(_) => return Ok(Kind::Decoder),
+        };
+        Ok(architectures::of_dir(dir)?.kind)
+    }
+
     /// The cache key and public model name: `merge-<id>` or `pool/name`.
     pub fn model_name(&self) -> String {
         match self {
@@ -276,10 +295,14 @@ impl Registry {
                     },
                 );
             }
+            let kind = architectures::of_dir(&pool.base)
+                .map_err(|e| GatewayError::Startup(format!("pool `{pool_name}`, base: {e}")))?
+                .kind;
             pools.insert(
                 pool_name.clone(),
                 Pool {
                     name: pool_name.clone(),
+                    kind,
                     checkpoints,
                     reopened: reopened.clone(),
                 },
@@ -322,17 +345,27 @@ impl Registry {
     }
 
     /// Every checkpoint (`pool/name`) and preset, for `GET /v1/models`.
-    pub fn models(&self) -> Vec<(String, ModelKind)> {
-        let mut out: Vec<(String, ModelKind)> = self
+    pub fn models(&self) -> Vec<(String, ModelKind, Kind)> {
+        let mut out: Vec<(String, ModelKind, Kind)> = self
             .pools
             .values()
             .flat_map(|p| {
                 p.checkpoints
                     .keys()
-                    .map(move |n| (format!("{}/{n}", p.name), ModelKind::Checkpoint))
+                    .map(move |n| (format!("{}/{n}", p.name), ModelKind::Checkpoint, p.kind))
             })
             .collect();
-        out.extend(self.presets.keys().map(|n| (n.clone(), ModelKind::Preset)));
+        out.extend(self.presets.iter().map(|(n, spec)| {
+            let kind = if merger::moe::MoeMethod::from_name(&spec.method).is_some() {
+                Kind::Decoder
+            } else {
+                self.pool_of(spec)
+                    .ok()
+                    .and_then(|p| self.pools.get(&p))
+                    .map_or(Kind::Decoder, |p| p.kind)
+            };
+            (n.clone(), ModelKind::Preset, kind)
+        }));
         out
     }
 
@@ -441,8 +474,8 @@ impl Registry {
                 self.presets.keys().cloned().collect::<Vec<_>>().join(", "),
                 self.models()
                     .into_iter()
-                    .filter(|(_, k)| *k == ModelKind::Checkpoint)
-                    .map(|(n, _)| n)
+                    .filter(|(_, k, _)| *k == ModelKind::Checkpoint)
+                    .map(|(n, _, _)| n)
                     .collect::<Vec<_>>()
                     .join(", ")
             ))),

@@ -180,7 +180,10 @@ pub async fn chat_completions(
         .enumerate()
         .map(|(i, m)| m.validate(i))
         .collect::<Result<Vec<_>>>()?;
-    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
+    let handle = state
+        .models
+        .text_model(req.model.as_deref(), req.merge, "/v1/chat/completions")
+        .await?;
     let generation = serving::generate(&state, &handle, Prompt::Chat(messages), params).await?;
     let meta = StreamMeta {
         kind: StreamKind::Chat,

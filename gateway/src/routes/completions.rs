@@ -106,7 +106,10 @@ pub async fn completions(
             ))
         }
     };
-    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
+    let handle = state
+        .models
+        .text_model(req.model.as_deref(), req.merge, "/v1/completions")
+        .await?;
     let generation = serving::generate(&state, &handle, Prompt::Text(prompt), params).await?;
     let meta = StreamMeta {
         kind: StreamKind::Completion,

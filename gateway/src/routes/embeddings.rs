@@ -1,4 +1,8 @@
-//! `POST /v1/embeddings`: mean-pooled final hidden states.
+//! `POST /v1/embeddings`: sentence embeddings of an embedding model (BERT
+//! family: pooled as its sentence-transformers files say, inputs truncated
+//! to its `max_seq_length`) or mean-pooled final hidden states of a
+//! text-generation model, in OpenAI's shape (`encoding_format` `float` or
+//! `base64`: little-endian f32 bytes).
 
 use actix_web::{post, web, HttpResponse};
 use merger::spec::MergeSpec;
@@ -25,9 +29,14 @@ pub struct EmbeddingRequest {
     pub merge: Option<MergeSpec>,
     /// One text or a list of texts.
     pub input: EmbeddingInput,
-    /// Only `float` is supported.
+    /// `float` (the default) or `base64` (the little-endian f32 bytes of
+    /// each vector, base64-encoded, as OpenAI sends them).
     #[serde(default)]
     pub encoding_format: Option<String>,
+    /// Width of the vectors: only the model's own width is accepted (no
+    /// model here is trained to be truncated).
+    #[serde(default)]
+    pub dimensions: Option<u64>,
     /// End-user id (not used).
     #[serde(default)]
     pub user: Option<String>,
@@ -63,17 +72,31 @@ pub struct Embedding {
     pub object: String,
     /// Position of the input.
     pub index: usize,
-    /// The vector (hidden size of the model).
-    pub embedding: Vec<f32>,
+    /// The vector: a list of floats, or a base64 string with
+    /// `encoding_format: base64`.
+    #[schema(value_type = Object)]
+    pub embedding: EmbeddingVector,
+}
+
+/// One vector, as `encoding_format` asks.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    /// `float`.
+    Float(Vec<f32>),
+    /// `base64`.
+    Base64(String),
 }
 
 /// Token counts of an embeddings request.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EmbeddingUsage {
-    /// Tokens read.
+    /// Tokens read (special tokens included, after truncation).
     pub prompt_tokens: usize,
     /// Same as `prompt_tokens`.
     pub total_tokens: usize,
+    /// Inputs cut to the model's `max_seq_length` (extension).
+    pub truncated_inputs: usize,
 }
 
 /// Embeddings (mean-pooled hidden states after the final norm).
@@ -99,14 +122,16 @@ pub async fn embeddings(
     body: web::Json<EmbeddingRequest>,
 ) -> Result<HttpResponse> {
     let req = body.into_inner();
-    if let Some(f) = req.encoding_format.as_deref() {
-        if f != "float" {
+    let base64 = match req.encoding_format.as_deref() {
+        None | Some("float") => false,
+        Some("base64") => true,
+        Some(f) => {
             return Err(GatewayError::bad_param(
                 "encoding_format",
-                format!("encoding_format `{f}` is not supported (only `float`)"),
-            ));
+                format!("encoding_format `{f}` is not supported (`float` or `base64`)"),
+            ))
         }
-    }
+    };
     let texts = match req.input {
         EmbeddingInput::One(t) => vec![t],
         EmbeddingInput::Many(v) => v,
@@ -127,24 +152,64 @@ pub async fn embeddings(
         ));
     }
     let handle = state.models.model(req.model.as_deref(), req.merge).await?;
-    let (vectors, tokens) = serving::embed(&state, &handle, texts).await?;
+    if let Some(d) = req.dimensions {
+        let native = handle.served.engine.dimension();
+        if d != native as u64 {
+            return Err(GatewayError::bad_param(
+                "dimensions",
+                format!(
+                    "model `{}` gives {native}-dimensional embeddings and cannot shorten them \
+                     (`dimensions` must be {native} or left out)",
+                    handle.name()
+                ),
+            ));
+        }
+    }
+    let done = serving::embed(&state, &handle, texts).await?;
+    let tokens = done.tokens;
     let mut res = HttpResponse::Ok();
     model_headers(&mut res, &handle);
     Ok(res.json(EmbeddingResponse {
         object: "list".to_string(),
-        data: vectors
+        data: done
+            .vectors
             .into_iter()
             .enumerate()
-            .map(|(index, embedding)| Embedding {
+            .map(|(index, v)| Embedding {
                 object: "embedding".to_string(),
                 index,
-                embedding,
+                embedding: if base64 {
+                    EmbeddingVector::Base64(encode_f32_base64(&v))
+                } else {
+                    EmbeddingVector::Float(v)
+                },
             })
             .collect(),
         model: handle.name().to_string(),
         usage: EmbeddingUsage {
             prompt_tokens: tokens,
             total_tokens: tokens,
+            truncated_inputs: done.truncated,
         },
     }))
+}
+
+/// The little-endian bytes of `v`, base64-encoded (standard alphabet,
+/// padded): what the `openai` client decodes with
+/// `np.frombuffer(base64.b64decode(s), dtype="float32")`.
+fn encode_f32_base64(v: &[f32]) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_is_little_endian_f32() {
+        // 1.0 = 00 00 80 3f, -2.0 = 00 00 00 c0.
+        assert_eq!(encode_f32_base64(&[1.0, -2.0]), "AACAPwAAAMA=");
+    }
 }

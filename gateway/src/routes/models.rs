@@ -8,6 +8,7 @@ use crate::clock::unix_time;
 use crate::error::{ErrorResponse, Result};
 use crate::registry::ModelKind;
 use crate::state::AppState;
+use runtime::architectures::Kind;
 
 /// The model list.
 #[derive(Debug, Serialize, ToSchema)]
@@ -31,6 +32,10 @@ pub struct ModelEntry {
     pub owned_by: String,
     /// `checkpoint`, `preset` or `merge` (extension).
     pub kind: String,
+    /// What the model serves (extension): `text-generation` (chat,
+    /// completions and mean-pooled embeddings) or `embedding` (only
+    /// `/v1/embeddings`).
+    pub model_kind: String,
 }
 
 /// Checkpoints (`pool/name`), presets and resident merges (`merge-<id>`).
@@ -47,24 +52,26 @@ pub struct ModelEntry {
 #[get("/v1/models")]
 pub async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse> {
     let created = unix_time();
-    let entry = |id: String, kind: &str| ModelEntry {
+    let entry = |id: String, kind: &str, serves: Kind| ModelEntry {
         id,
         object: "model".to_string(),
         created,
         owned_by: "fusion".to_string(),
         kind: kind.to_string(),
+        model_kind: serves.task().to_string(),
     };
     let mut data: Vec<ModelEntry> = state
         .registry
         .models()
         .into_iter()
-        .map(|(id, kind)| {
+        .map(|(id, kind, serves)| {
             entry(
                 id,
                 match kind {
                     ModelKind::Checkpoint => "checkpoint",
                     ModelKind::Preset => "preset",
                 },
+                serves,
             )
         })
         .collect();
@@ -73,7 +80,7 @@ pub async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse> {
             .models
             .resident_merges()
             .into_iter()
-            .map(|id| entry(id, "merge")),
+            .map(|(id, serves)| entry(id, "merge", serves)),
     );
     Ok(HttpResponse::Ok().json(ModelList {
         object: "list".to_string(),

@@ -61,6 +61,9 @@ pub struct Checkpoint {
     dir: PathBuf,
     shards: Vec<Shard>,
     tensors: BTreeMap<String, TensorEntry>,
+    /// Integer tensors (buffers such as BERT's `embeddings.position_ids`),
+    /// by name, with their dtype: not weights, never read or merged.
+    buffers: BTreeMap<String, String>,
     /// Digest of the side files (config, tokenizer), read at open.
     side_digest: [u8; 32],
     stamps: Stamps,
@@ -321,6 +324,15 @@ pub fn decode_chunk(dtype: DType, b: &[u8], o: &mut [f32]) {
     }
 }
 
+/// Integer and boolean dtypes: buffers, not weights.
+fn is_integer(dtype: safetensors::Dtype) -> bool {
+    use safetensors::Dtype as D;
+    matches!(
+        dtype,
+        D::BOOL | D::U8 | D::I8 | D::I16 | D::U16 | D::I32 | D::U32 | D::I64 | D::U64
+    )
+}
+
 fn supported(dtype: safetensors::Dtype) -> Option<DType> {
     match dtype {
         safetensors::Dtype::F32 => Some(DType::F32),
@@ -379,7 +391,9 @@ fn parse_header(bytes: &[u8]) -> std::result::Result<Metadata, safetensors::Safe
 }
 
 impl Shard {
-    fn open(path: &Path) -> Result<(Shard, Vec<(String, TensorEntry)>)> {
+    /// The shard, its float tensors, and its integer buffers (name, dtype).
+    #[allow(clippy::type_complexity)]
+    fn open(path: &Path) -> Result<(Shard, Vec<(String, TensorEntry)>, Vec<(String, String)>)> {
         use safetensors::SafeTensorError as E;
         let file = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
         let meta = file.metadata().map_err(|e| RuntimeError::io(path, e))?;
@@ -415,7 +429,14 @@ impl Shard {
             ));
         }
         let mut entries = Vec::new();
+        let mut buffers = Vec::new();
         for (name, info) in meta.tensors() {
+            if is_integer(info.dtype) {
+                // Index buffers saved with the weights (BERT's
+                // `embeddings.position_ids`): recorded, never read.
+                buffers.push((name.clone(), format!("{:?}", info.dtype)));
+                continue;
+            }
             let dtype = supported(info.dtype).ok_or_else(|| RuntimeError::UnsupportedDtype {
                 tensor: name.clone(),
                 dtype: format!("{:?}", info.dtype),
@@ -455,6 +476,7 @@ impl Shard {
                 header_len,
             },
             entries,
+            buffers,
         ))
     }
 
@@ -508,8 +530,10 @@ impl Checkpoint {
         let (files, index_stamp) = shard_files(dir)?;
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
+        let mut buffers = BTreeMap::new();
         for (i, (path, expected)) in files.iter().enumerate() {
-            let (shard, entries) = Shard::open(path)?;
+            let (shard, entries, shard_buffers) = Shard::open(path)?;
+            buffers.extend(shard_buffers);
             for (tname, mut entry) in entries {
                 entry.file = i;
                 if let Some(expected) = expected {
@@ -536,7 +560,7 @@ impl Checkpoint {
         for (path, expected) in &files {
             if let Some(expected) = expected {
                 for tname in expected {
-                    if !tensors.contains_key(tname) {
+                    if !tensors.contains_key(tname) && !buffers.contains_key(tname) {
                         return Err(RuntimeError::BadIndex {
                             path: dir.join(INDEX_FILE),
                             reason: format!(
@@ -571,10 +595,18 @@ impl Checkpoint {
             dir: dir.to_path_buf(),
             shards,
             tensors,
+            buffers,
             side_digest: *side.finalize().as_bytes(),
             stamps: Stamps(stamps),
             fingerprint: OnceLock::new(),
         }))
+    }
+
+    /// Integer tensors stored with the weights (index buffers such as
+    /// BERT's `embeddings.position_ids`), by name, with their dtype. They
+    /// are not weights: not in [`Checkpoint::tensors`], never merged.
+    pub fn buffers(&self) -> &BTreeMap<String, String> {
+        &self.buffers
     }
 
     /// The name the spec used for this checkpoint.

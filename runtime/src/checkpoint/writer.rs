@@ -25,6 +25,11 @@ pub const SIDE_FILES: &[&str] = &[
     "vocab.json",
     "merges.txt",
     "added_tokens.json",
+    "vocab.txt",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+    "1_Pooling/config.json",
 ];
 
 /// How to write the output folder.
@@ -213,7 +218,11 @@ impl CheckpointWriter {
         for name in SIDE_FILES {
             let src = from.join(name);
             if src.is_file() {
-                std::fs::copy(&src, tmp.join(name)).map_err(|e| RuntimeError::io(&src, e))?;
+                let dst = tmp.join(name);
+                if let Some(parent) = dst.parent() {
+                    std::fs::create_dir_all(parent).map_err(|e| RuntimeError::io(parent, e))?;
+                }
+                std::fs::copy(&src, &dst).map_err(|e| RuntimeError::io(&src, e))?;
             }
         }
         Ok(())

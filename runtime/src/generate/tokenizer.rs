@@ -229,6 +229,35 @@ impl TextTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// This tokenizer with truncation: what
+    /// [`TextTokenizer::encode_with_special_tokens`] returns is cut to
+    /// `max_length` tokens, the post-processor's tokens kept (BERT's
+    /// `[CLS]` … `[SEP]` around the first `max_length - 2` tokens), as
+    /// `tokenizer(text, truncation=True, max_length=max_length)` does.
+    pub fn truncating(&self, max_length: usize) -> Result<TextTokenizer> {
+        let mut t = self.clone();
+        let params = tokenizers::TruncationParams {
+            max_length,
+            ..Default::default()
+        };
+        for inner in [&mut t.inner, &mut t.plain] {
+            inner
+                .with_truncation(Some(params.clone()))
+                .map_err(|e| RuntimeError::Tokenizer {
+                    path: self.path.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(t)
+    }
+
+    /// [`TextTokenizer::encode_with_special_tokens`], and whether the text
+    /// was cut (by [`TextTokenizer::truncating`]).
+    pub fn encode_truncated(&self, text: &str) -> Result<(Vec<u32>, bool)> {
+        let enc = self.inner.encode(text, true).map_err(|e| self.error(e))?;
+        Ok((enc.get_ids().to_vec(), !enc.get_overflowing().is_empty()))
+    }
+
     /// Token ids of `text` with special-token markers parsed only outside
     /// the byte ranges `literal` (sorted, disjoint): inside them `<s>` or
     /// `<|assistant|>` are plain text, as Hugging Face tokenizers encode

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Result, RuntimeError};
 
 pub use crate::architectures::Family;
+use crate::architectures::Kind;
 
 /// Everything the runtime needs from config.json.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -99,12 +100,21 @@ impl ModelConfig {
             .or_else(|| raw.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default()
             .to_ascii_lowercase();
+        let decoders = crate::architectures::supported_of(Some(Kind::Decoder));
         let family = match crate::architectures::recognise(&kind) {
-            Some(a) => a.family,
+            Some(a) if a.kind == Kind::Decoder => a.family,
+            Some(a) => {
+                return Err(RuntimeError::WrongKind(format!(
+                    "{}: `{kind}` is an {} model (sentence embeddings only); this needs a \
+                     text-generation model ({decoders})",
+                    path.display(),
+                    a.kind.task()
+                )))
+            }
             None => {
                 return Err(bad(format!(
-                    "model_type `{kind}` is not supported ({})",
-                    crate::architectures::supported()
+                    "model_type `{kind}` is not supported ({decoders}; encoders: {})",
+                    crate::architectures::supported_of(Some(Kind::Encoder))
                 )))
             }
         };

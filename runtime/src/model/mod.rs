@@ -24,7 +24,7 @@ pub mod config;
 pub mod layers;
 pub mod random;
 pub mod transformer;
-mod weights;
+pub(crate) mod weights;
 
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};

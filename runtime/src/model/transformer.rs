@@ -137,7 +137,11 @@ impl Model {
     }
 
     /// The compute dtype and device for `opts`.
-    fn target(device: &Device, dtype: Option<DType>, stored: Option<DType>) -> (DType, Device) {
+    pub(crate) fn target(
+        device: &Device,
+        dtype: Option<DType>,
+        stored: Option<DType>,
+    ) -> (DType, Device) {
         let dtype = match dtype {
             Some(d) => d,
             None if device.is_cpu() => DType::F32,

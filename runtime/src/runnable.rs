@@ -1,0 +1,107 @@
+//! [`Runnable`]: a loaded model of either kind the runtime runs, a text
+//! generator ([`TextModel`]) or a sentence encoder ([`SentenceEncoder`]),
+//! with what both can do (embed texts) and a clear error for what only one
+//! can (generate, score).
+
+use std::path::Path;
+
+use crate::architectures::{self, Kind};
+use crate::encoder::SentenceEncoder;
+use crate::error::{Result, RuntimeError};
+use crate::generate::TextModel;
+use crate::model::ModelOptions;
+
+/// A model ready to run.
+#[derive(Debug)]
+pub enum Runnable {
+    /// A decoder with its tokenizer and chat template.
+    Text(TextModel),
+    /// An encoder with its tokenizer and sentence-transformers pooling.
+    Embedding(SentenceEncoder),
+}
+
+/// Embeddings of a list of texts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Embedded {
+    /// One vector per text, in order.
+    pub vectors: Vec<Vec<f32>>,
+    /// Tokens read, all texts together (after truncation).
+    pub tokens: usize,
+    /// Texts cut to the model's `max_seq_length`.
+    pub truncated: usize,
+}
+
+impl Runnable {
+    /// Loads a plain checkpoint folder of any registered family.
+    pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Runnable> {
+        match architectures::of_dir(dir)?.kind {
+            Kind::Decoder => Ok(Runnable::Text(TextModel::load(dir, opts)?)),
+            Kind::Encoder => Ok(Runnable::Embedding(SentenceEncoder::load(dir, opts)?)),
+        }
+    }
+
+    /// The kind of network.
+    pub fn kind(&self) -> Kind {
+        match self {
+            Runnable::Text(_) => Kind::Decoder,
+            Runnable::Embedding(_) => Kind::Encoder,
+        }
+    }
+
+    /// The text generator, or [`RuntimeError::WrongKind`] naming `what`
+    /// needs one (`"chat completions"`).
+    pub fn text(&self, what: &str) -> Result<&TextModel> {
+        match self {
+            Runnable::Text(t) => Ok(t),
+            Runnable::Embedding(_) => Err(RuntimeError::WrongKind(format!(
+                "{what} need a text-generation model; this is an embedding model, which only embeds texts"
+            ))),
+        }
+    }
+
+    /// Longest input in tokens: the decoder's context, or the encoder's
+    /// `max_seq_length` (longer inputs are truncated to it).
+    pub fn context_length(&self) -> usize {
+        match self {
+            Runnable::Text(t) => t.model().config().max_position_embeddings,
+            Runnable::Embedding(e) => e.sentence_config().max_seq_length,
+        }
+    }
+
+    /// Width of the embeddings.
+    pub fn dimension(&self) -> usize {
+        match self {
+            Runnable::Text(t) => t.model().config().hidden_size,
+            Runnable::Embedding(e) => e.dimension(),
+        }
+    }
+
+    /// Embeddings of `texts`: sentence-transformers pooling for an encoder,
+    /// mean-pooled final hidden states for a decoder. Stops with
+    /// [`RuntimeError::Cancelled`] once `cancelled()` says so.
+    pub fn embed_until(&self, texts: &[String], cancelled: &dyn Fn() -> bool) -> Result<Embedded> {
+        match self {
+            Runnable::Text(t) => {
+                let (vectors, tokens) = t.embed_until(texts, cancelled)?;
+                Ok(Embedded {
+                    vectors,
+                    tokens,
+                    truncated: 0,
+                })
+            }
+            Runnable::Embedding(e) => {
+                let out = e.embed_until(texts, cancelled)?;
+                Ok(Embedded {
+                    vectors: out.vectors,
+                    tokens: out.tokens.iter().sum(),
+                    truncated: out.truncated.iter().filter(|&&t| t).count(),
+                })
+            }
+        }
+    }
+
+    /// [`Runnable::embed_until`] without cancellation.
+    pub fn embed(&self, texts: &[String]) -> Result<Embedded> {
+        self.embed_until(texts, &|| false)
+    }
+}
