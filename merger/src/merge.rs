@@ -272,6 +272,9 @@ impl MergePlan {
             .iter()
             .map(|m| open(&m.name))
             .collect::<Result<Vec<_>>>()?;
+        for ck in base.iter().chain(experts.iter()) {
+            ck.check_mergeable()?;
+        }
         let reference = base.as_ref().unwrap_or(&experts[0]).clone();
         let mut tensors = Vec::with_capacity(reference.tensors().len());
         let mut num_layers = 0;

@@ -216,6 +216,30 @@ pub enum RuntimeError {
     /// The model was run with inputs it cannot take (a bug in the caller).
     #[error("model: {0}")]
     Model(String),
+
+    /// The ONNX Runtime library is not installed or not loadable.
+    #[error("ONNX Runtime is not available: {0}")]
+    OnnxUnavailable(String),
+
+    /// An ONNX model file is not valid ONNX.
+    #[error("corrupt ONNX model `{path}`: {reason}")]
+    CorruptOnnx {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// A valid ONNX model that cannot be served or merged as asked (an
+    /// ambiguous initializer mapping, a quantized initializer in a merge, a
+    /// merged tensor with no initializer or of another shape).
+    #[error("ONNX model `{path}`: {reason}")]
+    Onnx {
+        /// The model file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// A tensor backend error.
     #[error("{0}")]
     Candle(#[from] candle_core::Error),
@@ -235,13 +259,17 @@ impl RuntimeError {
             | ContextLength { .. }
             | OutOfRange { .. }
             | BadParameter { .. } => ErrorKind::Invalid,
-            NonFinite { .. } | ShapeMismatch { .. } | UnsupportedDtype { .. } => {
-                ErrorKind::Unprocessable
-            }
+            NonFinite { .. }
+            | ShapeMismatch { .. }
+            | UnsupportedDtype { .. }
+            | OnnxUnavailable(_)
+            | Onnx { .. } => ErrorKind::Unprocessable,
             MissingCheckpoint(_) | NoWeights { .. } | MissingTensor { .. } => ErrorKind::NotFound,
-            Corrupt { .. } | Changed { .. } | BadIndex { .. } | DuplicateTensor { .. } => {
-                ErrorKind::Corrupt
-            }
+            Corrupt { .. }
+            | CorruptOnnx { .. }
+            | Changed { .. }
+            | BadIndex { .. }
+            | DuplicateTensor { .. } => ErrorKind::Corrupt,
             OutputNotEmpty(_) => ErrorKind::Conflict,
             Cancelled => ErrorKind::Cancelled,
         }

@@ -53,12 +53,14 @@
 #![deny(missing_docs)]
 
 pub mod architectures;
+pub mod cache;
 pub mod checkpoint;
 pub mod device;
 pub mod encoder;
 pub mod error;
 pub mod generate;
 pub mod model;
+pub mod onnx;
 pub mod runnable;
 
 pub use error::{ErrorKind, Result, RuntimeError};

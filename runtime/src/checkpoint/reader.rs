@@ -25,6 +25,7 @@ use super::fingerprint;
 use super::identity::{FileStamp, Identity, Stamps};
 use super::{INDEX_FILE, SIDE_FILES, SINGLE_FILE};
 use crate::error::{Result, RuntimeError};
+use crate::onnx::{onnx_file, OnnxModel};
 
 /// Where one tensor lives inside a checkpoint.
 #[derive(Debug, Clone)]
@@ -68,6 +69,9 @@ pub struct Checkpoint {
     side_digest: [u8; 32],
     stamps: Stamps,
     fingerprint: OnceLock<String>,
+    /// The parsed model of an ONNX checkpoint (`model.onnx`, read whole at
+    /// open): its mapped float initializers are the tensors.
+    onnx: Option<Arc<OnnxModel>>,
 }
 
 /// A borrowed view of one stored tensor: its raw little-endian bytes.
@@ -527,6 +531,9 @@ impl Checkpoint {
         if !dir.is_dir() {
             return Err(RuntimeError::MissingCheckpoint(dir.to_path_buf()));
         }
+        if let Some(file) = onnx_file(dir) {
+            return Self::open_onnx(name, dir, &file);
+        }
         let (files, index_stamp) = shard_files(dir)?;
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = BTreeMap::new();
@@ -580,26 +587,96 @@ impl Checkpoint {
             })
             .collect();
         stamps.push(index_stamp);
-        let mut side = blake3::Hasher::new();
-        for file in SIDE_FILES {
-            let (bytes, stamp) = read_stamped(&dir.join(file))?;
-            if let Some(bytes) = bytes {
-                side.update(file.as_bytes());
-                side.update(&(bytes.len() as u64).to_le_bytes());
-                side.update(&bytes);
-            }
-            stamps.push(stamp);
-        }
+        let side_digest = side_files(dir, &mut stamps)?;
         Ok(Arc::new(Checkpoint {
             name: name.to_string(),
             dir: dir.to_path_buf(),
             shards,
             tensors,
             buffers,
-            side_digest: *side.finalize().as_bytes(),
+            side_digest,
             stamps: Stamps(stamps),
             fingerprint: OnceLock::new(),
+            onnx: None,
         }))
+    }
+
+    /// Opens an ONNX checkpoint: `model.onnx` read whole (and checked
+    /// unchanged after the read), parsed, its float initializers mapped to
+    /// Hugging Face names and layout ([`OnnxModel`]). Integer initializers
+    /// (index buffers, quantized weights) are [`Checkpoint::buffers`].
+    fn open_onnx(name: &str, dir: &Path, path: &Path) -> Result<Arc<Checkpoint>> {
+        let file = File::open(path).map_err(|e| RuntimeError::io(path, e))?;
+        let meta = file.metadata().map_err(|e| RuntimeError::io(path, e))?;
+        let identity = Identity::of(&meta);
+        let len = usize::try_from(identity.size())
+            .map_err(|_| corrupt(path, "file is larger than this platform can address"))?;
+        let bytes = read_values::<u8>(&file, 0, len).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                changed(path, &identity, &file, "it was being read")
+            }
+            _ => RuntimeError::io(path, e),
+        })?;
+        let shard = Shard {
+            path: path.to_path_buf(),
+            file,
+            identity,
+            header_len: 0,
+        };
+        shard.check("it was being read")?;
+        let model = OnnxModel::parse(path, bytes)?;
+        let tensors = model
+            .names()
+            .iter()
+            .map(|(n, m)| {
+                (
+                    n.clone(),
+                    TensorEntry {
+                        file: 0,
+                        dtype: DType::F32,
+                        shape: m.hf_shape(),
+                        range: 0..0,
+                    },
+                )
+            })
+            .collect();
+        let buffers = model
+            .graph()
+            .initializers
+            .iter()
+            .filter(|t| t.data_type != crate::onnx::proto::DataType::Float)
+            .map(|t| (t.name.clone(), t.data_type.to_string()))
+            .collect();
+        let mut stamps = vec![FileStamp {
+            path: path.to_path_buf(),
+            identity: Some(identity),
+        }];
+        let side_digest = side_files(dir, &mut stamps)?;
+        Ok(Arc::new(Checkpoint {
+            name: name.to_string(),
+            dir: dir.to_path_buf(),
+            shards: vec![shard],
+            tensors,
+            buffers,
+            side_digest,
+            stamps: Stamps(stamps),
+            fingerprint: OnceLock::new(),
+            onnx: Some(Arc::new(model)),
+        }))
+    }
+
+    /// The parsed model of an ONNX checkpoint.
+    pub fn onnx(&self) -> Option<&Arc<OnnxModel>> {
+        self.onnx.as_ref()
+    }
+
+    /// Fails when the checkpoint cannot enter a merge: an ONNX model with
+    /// quantized (integer) weight initializers.
+    pub fn check_mergeable(&self) -> Result<()> {
+        match &self.onnx {
+            Some(m) => m.check_mergeable(),
+            None => Ok(()),
+        }
     }
 
     /// Integer tensors stored with the weights (index buffers such as
@@ -640,6 +717,13 @@ impl Checkpoint {
                 model: self.name.clone(),
                 path: self.dir.clone(),
             })?;
+        if let Some(model) = &self.onnx {
+            let (shape, values) = model.hf_tensor(name)?;
+            return Ok(TensorBuf {
+                shape,
+                values: Values::F32(values),
+            });
+        }
         self.shards[entry.file].read(entry)
     }
 
@@ -709,6 +793,22 @@ impl Checkpoint {
                 reason: e.to_string(),
             })
     }
+}
+
+/// Reads and stamps the side files (config, tokenizer) of `dir`: their
+/// digest, for the fingerprint.
+fn side_files(dir: &Path, stamps: &mut Vec<FileStamp>) -> Result<[u8; 32]> {
+    let mut side = blake3::Hasher::new();
+    for file in SIDE_FILES {
+        let (bytes, stamp) = read_stamped(&dir.join(file))?;
+        if let Some(bytes) = bytes {
+            side.update(file.as_bytes());
+            side.update(&(bytes.len() as u64).to_le_bytes());
+            side.update(&bytes);
+        }
+        stamps.push(stamp);
+    }
+    Ok(*side.finalize().as_bytes())
 }
 
 /// A shard path and, for sharded checkpoints, the names its index maps there.

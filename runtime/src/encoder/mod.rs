@@ -20,4 +20,4 @@ pub mod sentence;
 pub use bert::Encoder;
 pub use config::{Activation, EncoderConfig};
 pub use pooling::{PoolingMode, SentenceConfig};
-pub use sentence::{SentenceEmbeddings, SentenceEncoder};
+pub use sentence::{Backbone, SentenceEmbeddings, SentenceEncoder};

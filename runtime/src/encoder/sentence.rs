@@ -11,10 +11,12 @@ use std::path::Path;
 use candle_core::Tensor;
 
 use super::bert::Encoder;
+use super::config::EncoderConfig;
 use super::pooling::SentenceConfig;
 use crate::error::{Result, RuntimeError};
 use crate::generate::TextTokenizer;
 use crate::model::{Hooks, ModelOptions};
+use crate::onnx::{is_onnx_folder, OnnxEncoder};
 
 /// Most texts in one forward pass.
 const BATCH_TEXTS: usize = 32;
@@ -32,10 +34,82 @@ pub struct SentenceEmbeddings {
     pub truncated: Vec<bool>,
 }
 
+/// The network that turns token ids into token embeddings.
+#[derive(Debug)]
+pub enum Backbone {
+    /// The candle encoder (safetensors weights).
+    Candle(Encoder),
+    /// An ONNX graph run by ONNX Runtime.
+    Onnx(OnnxEncoder),
+}
+
+impl Backbone {
+    /// The encoder's config.
+    pub fn config(&self) -> &EncoderConfig {
+        match self {
+            Backbone::Candle(e) => e.config(),
+            Backbone::Onnx(e) => e.config(),
+        }
+    }
+
+    /// Bytes of weights in memory.
+    pub fn resident_bytes(&self) -> u64 {
+        match self {
+            Backbone::Candle(e) => e.resident_bytes(),
+            Backbone::Onnx(e) => e.resident_bytes(),
+        }
+    }
+
+    /// `candle` or `onnxruntime`.
+    pub fn runtime(&self) -> &'static str {
+        match self {
+            Backbone::Candle(_) => "candle",
+            Backbone::Onnx(_) => "onnxruntime",
+        }
+    }
+
+    /// Token embeddings `[batch, width, hidden]` of right-padded `ids`
+    /// under `mask` (row-major `[batch, width]`).
+    fn forward(
+        &self,
+        ids: Vec<u32>,
+        mask: Vec<u32>,
+        batch: usize,
+        width: usize,
+    ) -> Result<(Tensor, Tensor)> {
+        match self {
+            Backbone::Candle(e) => {
+                let device = e.device();
+                let ids = Tensor::from_vec(ids, (batch, width), device)?;
+                let mask = Tensor::from_vec(mask, (batch, width), device)?;
+                let hidden = e.forward(&ids, None, Some(&mask), &mut Hooks::default())?;
+                Ok((hidden, mask))
+            }
+            Backbone::Onnx(e) => {
+                let hidden = e.forward(&ids, &mask, batch, width)?;
+                let mask = Tensor::from_vec(mask, (batch, width), hidden.device())?;
+                Ok((hidden, mask))
+            }
+        }
+    }
+}
+
+impl From<Encoder> for Backbone {
+    fn from(e: Encoder) -> Self {
+        Backbone::Candle(e)
+    }
+}
+
+impl From<OnnxEncoder> for Backbone {
+    fn from(e: OnnxEncoder) -> Self {
+        Backbone::Onnx(e)
+    }
+}
+
 /// A sentence-embedding model: encoder, tokenizer, pooling. Shared
 /// read-only (`Send + Sync`).
 pub struct SentenceEncoder {
-    encoder: Encoder,
+    encoder: Backbone,
     tokenizer: TextTokenizer,
     sentence: SentenceConfig,
 }
@@ -50,15 +124,21 @@ impl std::fmt::Debug for SentenceEncoder {
 }
 
 impl SentenceEncoder {
-    /// Loads a checkpoint folder: config.json, weights, tokenizer.json and
-    /// the sentence-transformers files.
+    /// Loads a checkpoint folder: config.json, weights (safetensors, or a
+    /// `model.onnx` run by ONNX Runtime), tokenizer.json and the
+    /// sentence-transformers files.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Self> {
-        Self::from_encoder(Encoder::load(dir, opts)?, dir)
+        if is_onnx_folder(dir) {
+            Self::from_encoder(OnnxEncoder::load(dir)?, dir)
+        } else {
+            Self::from_encoder(Encoder::load(dir, opts)?, dir)
+        }
     }
 
     /// Wraps a built encoder (merged weights, say) with the tokenizer and
     /// sentence-transformers files of `side_files` (the base's folder).
-    pub fn from_encoder(encoder: Encoder, side_files: &Path) -> Result<Self> {
+    pub fn from_encoder(encoder: impl Into<Backbone>, side_files: &Path) -> Result<Self> {
+        let encoder = encoder.into();
         let c = encoder.config();
         let sentence = SentenceConfig::from_dir(side_files, c.max_position_embeddings)?;
         let tokenizer = TextTokenizer::load(side_files)?;
@@ -81,7 +161,7 @@ impl SentenceEncoder {
     }
 
     /// The encoder.
-    pub fn encoder(&self) -> &Encoder {
+    pub fn encoder(&self) -> &Backbone {
         &self.encoder
     }
 
@@ -147,7 +227,6 @@ impl SentenceEncoder {
         let mut order: Vec<usize> = (0..seqs.len()).collect();
         order.sort_by_key(|&i| std::cmp::Reverse(seqs[i].len()));
         let mut vectors = vec![Vec::new(); seqs.len()];
-        let device = self.encoder.device();
         let pad = self.encoder.config().pad_token_id;
         let mut start = 0;
         while start < order.len() {
@@ -164,11 +243,7 @@ impl SentenceEncoder {
                 mask.extend(std::iter::repeat_n(1u32, s.len()));
                 mask.extend(std::iter::repeat_n(0u32, width - s.len()));
             }
-            let ids = Tensor::from_vec(ids, (batch.len(), width), device)?;
-            let mask = Tensor::from_vec(mask, (batch.len(), width), device)?;
-            let hidden = self
-                .encoder
-                .forward(&ids, None, Some(&mask), &mut Hooks::default())?;
+            let (hidden, mask) = self.encoder.forward(ids, mask, batch.len(), width)?;
             let pooled = self.sentence.pool(&hidden, &mask)?.to_vec2::<f32>()?;
             for (&i, v) in batch.iter().zip(pooled) {
                 if v.iter().any(|x| !x.is_finite()) {
