@@ -160,6 +160,8 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
     assert!(own >= 0.7, "sort expert accuracy {own}");
     assert!(right >= 6, "{right}/10 greedy sort answers right");
 
+    greedy_generation_matches_the_transformers_reference(cwd, &a, &models);
+
     // A second build refuses the non-empty folder without --force.
     fails_with(
         &fusion(cwd, &["zoo", "build", "--quick", "--out", "a"]),
@@ -186,4 +188,93 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
             std::fs::read(b.join("tasks").join(&f)).unwrap()
         );
     }
+}
+
+/// Greedy generation (`fusion generate --temperature 0`, chat and raw
+/// prompts) on every checkpoint of the pool equals what Hugging Face
+/// `transformers` generates from the same folder:
+/// `tests/reference/llama_greedy.py` tokenizes with `transformers`
+/// (`AutoTokenizer`, `apply_chat_template`) and decodes greedily with a
+/// float64 numpy reimplementation of `LlamaForCausalLM` (transformers'
+/// models need torch, which is not installed: PyPI's wheel is about 800 MB).
+/// Skipped with a printed reason where python3 lacks transformers, numpy
+/// or safetensors.
+fn greedy_generation_matches_the_transformers_reference(
+    cwd: &Path,
+    pool: &Path,
+    models: &[(String, std::path::PathBuf)],
+) {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import transformers, numpy, safetensors"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping the greedy reference: python3 lacks transformers/numpy/safetensors (make test installs them)");
+        return;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_greedy.py");
+    const MAX_NEW: usize = 12;
+    let mut prompts: Vec<String> = Vec::new();
+    for task in Task::ALL {
+        if task.kind() != zoo::TaskKind::Generate {
+            continue;
+        }
+        let f = pool
+            .join("tasks")
+            .join(format!("{}.{}.jsonl", task.name(), task.kind().as_str()));
+        prompts.extend(
+            read_items(&f)
+                .iter()
+                .take(2)
+                .map(|i| i.prompt().to_string()),
+        );
+    }
+    let (mut compared, mut differ) = (0, Vec::new());
+    for (name, dir) in models {
+        for mode in ["chat", "raw"] {
+            let mut cmd = std::process::Command::new("python3");
+            cmd.arg(&script).arg(dir).arg(MAX_NEW.to_string()).arg(mode);
+            cmd.args(&prompts);
+            let out = cmd.output().unwrap();
+            assert!(
+                out.status.success(),
+                "llama_greedy.py {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let reference: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            for entry in reference["prompts"].as_array().unwrap() {
+                let prompt = entry["prompt"].as_str().unwrap();
+                let flag = if mode == "chat" { "--chat" } else { "--prompt" };
+                let run = fusion(
+                    cwd,
+                    &[
+                        "generate",
+                        "--model",
+                        dir.to_str().unwrap(),
+                        flag,
+                        prompt,
+                        "--temperature",
+                        "0",
+                        "--max-tokens",
+                        &MAX_NEW.to_string(),
+                    ],
+                );
+                ok(&run);
+                let got = String::from_utf8_lossy(&run.stdout).into_owned();
+                let want = entry["text"].as_str().unwrap();
+                compared += 1;
+                if got.trim_end_matches('\n') != want {
+                    differ.push(format!(
+                        "{name} {mode} {prompt:?}: fusion {got:?}, reference {want:?}"
+                    ));
+                }
+            }
+        }
+    }
+    eprintln!("greedy generation: {compared} prompts compared with the transformers reference");
+    assert!(
+        differ.is_empty(),
+        "{} of {compared} differ:\n{}",
+        differ.len(),
+        differ.join("\n")
+    );
 }

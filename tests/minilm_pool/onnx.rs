@@ -311,3 +311,48 @@ fn without_onnx_runtime_an_onnx_checkpoint_is_refused_by_name() {
         "{err}"
     );
 }
+
+/// The MiniLM WordPiece tokenizer gives the ids the Python `tokenizers`
+/// package gives for the same files and texts (post-processor `[CLS] …
+/// [SEP]`, saved padding off, truncated to `max_seq_length`).
+#[test]
+fn the_wordpiece_token_ids_equal_python_tokenizers() {
+    let pool = pool_or_skip!();
+    let probe = Command::new("python3")
+        .args(["-c", "import tokenizers"])
+        .output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        eprintln!("skipping: python3 lacks tokenizers (scripts/install-tools.sh installs it)");
+        return;
+    }
+    let mut texts = texts();
+    texts.push("Kubernetes pod CrashLoopBackOff: état, naïve, 東京".into());
+    texts.push("  spaces\tand\nnewlines  ".into());
+    const SCRIPT: &str = r#"
+import json, sys
+from tokenizers import Tokenizer
+folder, max_len = sys.argv[1], int(sys.argv[2])
+tok = Tokenizer.from_file(folder + "/tokenizer.json")
+tok.no_padding()
+tok.enable_truncation(max_len)
+print(json.dumps([tok.encode(t).ids for t in sys.argv[3:]]))
+"#;
+    for model in ["base", "sre", "jobs", "onnx-l3"] {
+        let dir = pool.join("models").join(model);
+        let enc = SentenceEncoder::load(&dir, &ModelOptions::default()).unwrap();
+        let max = enc.sentence_config().max_seq_length;
+        let out = Command::new("python3")
+            .args(["-c", SCRIPT])
+            .arg(&dir)
+            .arg(max.to_string())
+            .args(&texts)
+            .output()
+            .unwrap();
+        let want: Vec<Vec<u32>> = serde_json::from_value(ok_json(&out, "tokenizers")).unwrap();
+        for (t, w) in texts.iter().zip(&want) {
+            let (ids, cut) = enc.tokenize(t).unwrap();
+            assert_eq!(&ids, w, "{model}: {t:?}");
+            assert_eq!(cut, ids.len() == max && t.len() > 1000, "{model}: {t:?}");
+        }
+    }
+}
