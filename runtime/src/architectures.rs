@@ -125,9 +125,15 @@ pub fn supported_of(kind: Option<Kind>) -> String {
 /// The architecture `DIR/config.json` declares (its `model_type`, else its
 /// first `architectures` entry).
 pub fn of_dir(dir: &Path) -> Result<&'static Architecture> {
+    let (path, text) = config_json(dir)?;
+    of_json(&text, &path)
+}
+
+/// The path and text of `dir/config.json`.
+pub(crate) fn config_json(dir: &Path) -> Result<(std::path::PathBuf, String)> {
     let path = dir.join("config.json");
     let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
-    of_json(&text, &path)
+    Ok((path, text))
 }
 
 /// [`of_dir`] on config.json text; `path` only appears in errors.

@@ -679,6 +679,15 @@ impl Checkpoint {
         }
     }
 
+    /// [`Checkpoint::open`] with the folder's own name as the model name.
+    pub fn open_folder(dir: &Path) -> Result<Arc<Checkpoint>> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Self::open(&name, dir)
+    }
+
     /// Integer tensors stored with the weights (index buffers such as
     /// BERT's `embeddings.position_ids`), by name, with their dtype. They
     /// are not weights: not in [`Checkpoint::tensors`], never merged.

@@ -106,11 +106,7 @@ impl Encoder {
     /// Loads `DIR` (config.json and safetensors).
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Self> {
         let config = EncoderConfig::from_dir(dir)?;
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string());
-        let ck = Checkpoint::open(&name, dir)?;
+        let ck = Checkpoint::open_folder(dir)?;
         Self::from_checkpoint(config, &ck, opts)
     }
 

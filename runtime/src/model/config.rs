@@ -82,8 +82,7 @@ struct RawConfig {
 impl ModelConfig {
     /// Reads `DIR/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).map_err(|e| RuntimeError::io(&path, e))?;
+        let (path, text) = crate::architectures::config_json(dir)?;
         Self::from_json(&text, &path)
     }
 
