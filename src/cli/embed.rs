@@ -21,6 +21,16 @@ pub enum EmbedFormat {
     Json,
 }
 
+/// Which runtime runs an ONNX checkpoint folder.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum EmbedRuntime {
+    /// What the folder holds: safetensors on candle, `model.onnx` on ONNX Runtime.
+    Auto,
+    /// The candle encoder, also on an ONNX folder's weights (read from its
+    /// initializers): a parity check by hand.
+    Candle,
+}
+
 /// Arguments of `fusion embed`.
 #[derive(Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["merge", "model"])))]
@@ -46,6 +56,10 @@ pub struct EmbedArgs {
     /// Where to merge and run: auto, cpu or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// With --model: `candle` runs an ONNX folder's weights on the candle
+    /// encoder instead of ONNX Runtime.
+    #[arg(long, value_enum, default_value_t = EmbedRuntime::Auto, requires = "model")]
+    runtime: EmbedRuntime,
 }
 
 /// Runs `fusion embed`: the embeddings on stdout, a summary on stderr.
@@ -63,9 +77,29 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         _ => bail!("give --model DIR, or --merge SPEC --pool POOL.yaml"),
     };
     let device = runtime::device::parse_device(&args.device)?;
-    let loaded = load(&source, pool.as_ref(), &device)
-        .with_context(|| format!("loading `{}`", source.describe()))?;
-    let out = loaded.model.embed(&args.input)?;
+    let started = std::time::Instant::now();
+    let (model, load_seconds) = match (&args.model, args.runtime) {
+        (Some(dir), EmbedRuntime::Candle) => {
+            let opts = runtime::model::ModelOptions {
+                device: device.clone(),
+                ..Default::default()
+            };
+            let encoder = runtime::encoder::Encoder::load(dir, &opts)
+                .with_context(|| format!("loading `{}` on candle", dir.display()))?;
+            let model = runtime::Runnable::Embedding(
+                runtime::encoder::SentenceEncoder::from_encoder(encoder, dir)?,
+            );
+            (model, started.elapsed().as_secs_f64())
+        }
+        _ => {
+            let loaded = load(&source, pool.as_ref(), &device)
+                .with_context(|| format!("loading `{}`", source.describe()))?;
+            (loaded.model, loaded.seconds)
+        }
+    };
+    let embed_start = std::time::Instant::now();
+    let out = model.embed(&args.input)?;
+    let embed_seconds = embed_start.elapsed().as_secs_f64();
     match args.format {
         EmbedFormat::Json => {
             let data: Vec<serde_json::Value> = out
@@ -98,14 +132,19 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let runtime = match &model {
+        runtime::Runnable::Embedding(e) => e.encoder().runtime(),
+        runtime::Runnable::Text(_) => "candle",
+    };
     eprintln!(
-        "embedded {} texts ({} tokens, {} truncated) with `{}` ({}) in {:.2}s to load",
+        "embedded {} texts ({} tokens, {} truncated) with `{}` ({}, {runtime}) in {embed_seconds:.2}s \
+         ({:.0} tokens/s), {load_seconds:.2}s to load",
         out.vectors.len(),
         out.tokens,
         out.truncated,
         source.describe(),
-        loaded.model.kind().task(),
-        loaded.seconds
+        model.kind().task(),
+        out.tokens as f64 / embed_seconds.max(1e-9),
     );
     Ok(())
 }

@@ -310,6 +310,24 @@ fn without_onnx_runtime_an_onnx_checkpoint_is_refused_by_name() {
         err.contains("ONNX Runtime is not available") && err.contains("ORT_DYLIB_PATH"),
         "{err}"
     );
+    // The candle encoder still runs the folder's weights without it.
+    let out = Command::new(env!("CARGO_BIN_EXE_fusion"))
+        .args([
+            "embed",
+            "--runtime",
+            "candle",
+            "--format",
+            "json",
+            "--model",
+        ])
+        .arg(pool.join("models/onnx-l3"))
+        .args(["--input", "hello"])
+        .env("ORT_DYLIB_PATH", &missing)
+        .output()
+        .unwrap();
+    let v = ok_json(&out, "fusion embed --runtime candle");
+    assert_eq!(vectors(&v)[0].len(), DIM);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("candle"));
 }
 
 /// The MiniLM WordPiece tokenizer gives the ids the Python `tokenizers`
