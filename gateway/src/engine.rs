@@ -38,14 +38,14 @@ impl Engine {
     }
 
     /// Builds a model from merged tensors; the architecture and side files
-    /// (tokenizer, chat template, pooling) come from `reference_dir` (the
-    /// merge's base, or its first model).
+    /// (tokenizer, chat template, pooling) come from `reference` (the
+    /// merge's base, or its first model, as the merge opened it).
     pub fn from_merge(
         merged: HashMap<String, Tensor>,
-        reference_dir: &Path,
+        reference: &Checkpoint,
         opts: &ModelOptions,
     ) -> merger::Result<Self> {
-        let built = merger::load::from_tensors(merged, reference_dir, opts)?;
+        let built = merger::load::from_tensors(merged, reference, opts)?;
         let bytes = built.resident_bytes;
         Ok(Engine {
             model: built.into_runnable()?,

@@ -413,7 +413,7 @@ impl Merges {
                         let (tensors, _stats) =
                             merge_in_memory(&mut plan, &opts.device, &progress)?;
                         Ok(Built {
-                            engine: Engine::from_merge(tensors, plan.reference().dir(), opts)?,
+                            engine: Engine::from_merge(tensors, plan.reference(), opts)?,
                             output_bytes: None,
                             routers: None,
                         })

@@ -14,7 +14,7 @@ use runtime::checkpoint::Checkpoint;
 use runtime::encoder::{Backbone, Encoder, EncoderConfig, SentenceEncoder};
 use runtime::generate::TextModel;
 use runtime::model::{Model, ModelConfig, ModelOptions};
-use runtime::onnx::{onnx_file, OnnxEncoder, OnnxModel};
+use runtime::onnx::OnnxEncoder;
 use runtime::{Runnable, RuntimeError};
 
 use crate::error::{MergeError, Result};
@@ -130,35 +130,34 @@ impl Servable {
 
 /// A plain model built from tensors by Hugging Face name (a merge's
 /// result), with the architecture of `reference` (the merge's base, or its
-/// first model) and its side files.
+/// first model, as the merge opened it) and its side files.
 pub fn from_tensors(
     tensors: HashMap<String, Tensor>,
-    reference: &Path,
+    reference: &Checkpoint,
     opts: &ModelOptions,
 ) -> Result<Servable> {
-    Ok(match architectures::of_dir(reference)?.kind {
+    let dir = reference.dir();
+    Ok(match architectures::of_dir(dir)?.kind {
         Kind::Decoder => {
-            let config = ModelConfig::from_dir(reference)?;
+            let config = ModelConfig::from_dir(dir)?;
             Servable::plain(
                 Model::from_tensors(config, tensors, opts)?,
-                reference.to_path_buf(),
+                dir.to_path_buf(),
             )
         }
         Kind::Encoder => {
-            let config = EncoderConfig::from_dir(reference)?;
-            match onnx_file(reference) {
-                // An ONNX base: the merged tensors replace its graph's
-                // initializers; the graph runs in ONNX Runtime.
-                Some(file) => {
-                    let model = std::sync::Arc::new(OnnxModel::open(&file)?);
-                    Servable::encoder(
-                        OnnxEncoder::with_weights(model, config, &tensors)?,
-                        reference.to_path_buf(),
-                    )
-                }
+            let config = EncoderConfig::from_dir(dir)?;
+            match reference.onnx() {
+                // An ONNX base: the merged tensors replace the initializers
+                // of its graph (the version the merge read); the graph runs
+                // in ONNX Runtime.
+                Some(model) => Servable::encoder(
+                    OnnxEncoder::with_weights(model.clone(), config, &tensors)?,
+                    dir.to_path_buf(),
+                ),
                 None => Servable::encoder(
                     Encoder::from_tensors(config, tensors, opts)?,
-                    reference.to_path_buf(),
+                    dir.to_path_buf(),
                 ),
             }
         }

@@ -188,12 +188,11 @@ impl Tensorwise {
         plan.set_cancel(run.cancel.clone());
         let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
         let (tensors, _) = merge_in_memory(&mut plan, run.device, &progress)?;
-        let reference = plan.reference().dir().to_path_buf();
         let opts = ModelOptions {
             device: run.device.clone(),
             ..ModelOptions::default()
         };
-        crate::load::from_tensors(tensors, &reference, &opts)
+        crate::load::from_tensors(tensors, plan.reference(), &opts)
     }
 
     /// [`Plan::write`] of a tensor-wise merge.

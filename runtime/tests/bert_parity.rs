@@ -6,13 +6,17 @@
 //! from a safetensors file with the int64 `embeddings.position_ids` buffer
 //! and the pooler that sentence-transformers checkpoints carry.
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert;
+use common::max_abs_diff;
 use runtime::checkpoint::Checkpoint;
 use runtime::encoder::{Encoder, EncoderConfig};
+use runtime::model::random::random_tensors;
 use runtime::model::{Hooks, ModelOptions};
 
 const TOL: f32 = 1e-4;
@@ -29,36 +33,7 @@ fn config_json(act: &str) -> String {
 
 /// Random weights by HF name (layer norms near 1, biases nonzero).
 fn random_weights(c: &EncoderConfig, seed: u64) -> HashMap<String, Tensor> {
-    use rand::SeedableRng;
-    use rand_distr::Distribution;
-    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-    let normal = rand_distr::Normal::new(0f32, 0.2).unwrap();
-    let mut out = HashMap::new();
-    for (name, shape) in c.tensor_shapes() {
-        let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| normal.sample(&mut rng)).collect();
-        let t = Tensor::from_vec(values, shape.as_slice(), &Device::Cpu).unwrap();
-        let t = if name.contains("LayerNorm.weight") {
-            (t + 1.0).unwrap()
-        } else {
-            t
-        };
-        out.insert(name, t);
-    }
-    out
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+    random_tensors(c.tensor_shapes(), seed, 0.2).unwrap()
 }
 
 /// Our hidden states and candle-transformers' on a padded batch, compared

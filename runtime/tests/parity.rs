@@ -5,12 +5,15 @@
 //! plain multi-head attention, tied and untied embeddings, Qwen2's q/k/v
 //! biases.
 
+mod common;
+
 use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, IndexOp, Module, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::{llama, qwen2};
+use common::max_abs_diff;
 use runtime::model::random::random_weights;
 use runtime::model::{Hooks, Model, ModelConfig, ModelOptions};
 
@@ -32,20 +35,6 @@ fn prompt() -> Tensor {
 
 fn step(i: usize) -> Tensor {
     ids(&[&[CONTINUATION[0][i]], &[CONTINUATION[1][i]]])
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Asserts parity, and that the logits are not trivially small (so the

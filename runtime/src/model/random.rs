@@ -57,6 +57,17 @@ pub fn tensor_shapes(c: &ModelConfig) -> Vec<(String, Vec<usize>)> {
 /// Random f32 weights for `c`: matrices and biases ~ N(0, std²), norm scales
 /// 1 + N(0, 0.1²) (so a norm is not a no-op in parity tests).
 pub fn random_weights(c: &ModelConfig, seed: u64, std: f32) -> Result<HashMap<String, Tensor>> {
+    random_tensors(tensor_shapes(c), seed, std)
+}
+
+/// Random f32 tensors of `shapes` by name: ~ N(0, std²), except norm scales
+/// (names ending in `norm.weight`, any case: RMSNorm's and BERT's
+/// `LayerNorm.weight`) at 1 + N(0, 0.1²).
+pub fn random_tensors(
+    shapes: Vec<(String, Vec<usize>)>,
+    seed: u64,
+    std: f32,
+) -> Result<HashMap<String, Tensor>> {
     let normal = Normal::new(0f32, std)
         .ok()
         .filter(|_| std.is_finite())
@@ -64,9 +75,9 @@ pub fn random_weights(c: &ModelConfig, seed: u64, std: f32) -> Result<HashMap<St
     let norm_noise = Normal::new(0f32, 0.1).expect("0.1 is a valid standard deviation");
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let mut out = HashMap::new();
-    for (name, shape) in tensor_shapes(c) {
+    for (name, shape) in shapes {
         let n: usize = shape.iter().product();
-        let data: Vec<f32> = if name.ends_with("norm.weight") {
+        let data: Vec<f32> = if name.to_ascii_lowercase().ends_with("norm.weight") {
             (0..n).map(|_| 1.0 + norm_noise.sample(&mut rng)).collect()
         } else {
             (0..n).map(|_| normal.sample(&mut rng)).collect()

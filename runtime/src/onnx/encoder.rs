@@ -130,11 +130,12 @@ impl OnnxEncoder {
             model.initializers_for(tensors)?
         };
         let mut builder = Session::builder(env).map_err(|e| ort_error(&path, e))?;
-        for (name, (dims, values)) in replacements.iter() {
-            let value = ort::value::Tensor::from_array((dims.clone(), values.clone()))
+        let replaced = replacements.len();
+        for (name, (dims, values)) in replacements {
+            let value = ort::value::Tensor::from_array((dims, values))
                 .map_err(|e| ort_error(&path, format!("initializer `{name}`: {e}")))?;
             builder = builder
-                .with_initializer(name, Arc::new(value.into_dyn()))
+                .with_initializer(&name, Arc::new(value.into_dyn()))
                 .map_err(|e| ort_error(&path, format!("initializer `{name}`: {e}")))?;
         }
         let session = builder
@@ -146,7 +147,7 @@ impl OnnxEncoder {
             config,
             output,
             token_types,
-            replaced: replacements.len(),
+            replaced,
         })
     }
 
