@@ -8,6 +8,8 @@
 //!   addition: models/addition
 //!   reverse: models/reverse
 //! taskpool: tasks            # optional: the task pool folder
+//! calibration: calibration   # optional: the unlabeled inputs of data-driven
+//!                            # and routed merges (default: the task pool)
 //! ```
 //!
 //! Checkpoint names in merge specs evaluated against a pool are its expert
@@ -37,6 +39,9 @@ pub struct ModelPool {
     pub experts: Vec<(String, PathBuf)>,
     /// Task pool folder, if the pool names one.
     pub taskpool: Option<PathBuf>,
+    /// Calibration task pool folder of data-driven and routed merges, if
+    /// the pool names one (else the task pool serves).
+    pub calibration: Option<PathBuf>,
 }
 
 /// The file name of a model pool.
@@ -57,6 +62,8 @@ pub struct PoolFile {
     pub experts: Vec<(String, PathBuf)>,
     /// Task pool folder, relative to pool.yaml, if any.
     pub taskpool: Option<PathBuf>,
+    /// Calibration task pool folder, relative to pool.yaml, if any.
+    pub calibration: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -67,6 +74,8 @@ struct RawPool {
     experts: serde_yaml_ng::Mapping,
     #[serde(default)]
     taskpool: Option<PathBuf>,
+    #[serde(default)]
+    calibration: Option<PathBuf>,
 }
 
 impl PoolFile {
@@ -90,6 +99,7 @@ impl PoolFile {
             base: raw.base,
             experts,
             taskpool: raw.taskpool,
+            calibration: raw.calibration,
         })
     }
 
@@ -106,6 +116,9 @@ impl PoolFile {
         doc.insert("experts".into(), experts.into());
         if let Some(t) = &self.taskpool {
             doc.insert("taskpool".into(), path(t));
+        }
+        if let Some(c) = &self.calibration {
+            doc.insert("calibration".into(), path(c));
         }
         serde_yaml_ng::to_string(&doc).expect("a mapping serialises")
     }
@@ -150,12 +163,14 @@ impl ModelPool {
             return Err(bad("`experts` is empty".into()));
         }
         let taskpool = raw.taskpool.map(|t| dir.join(t));
+        let calibration = raw.calibration.map(|c| dir.join(c));
         Ok(ModelPool {
             name: raw.name,
             path: path.to_path_buf(),
             base,
             experts,
             taskpool,
+            calibration,
         })
     }
 

@@ -1,7 +1,9 @@
 //! What gets evaluated, and loading it into a runnable model: a checkpoint
 //! folder, a checkpoint of a pool, or a merge of a pool's checkpoints made
 //! in memory (never written to disk), routed ensembles included (their
-//! routers train on the pool's task pool inputs).
+//! routers train on the pool's calibration inputs) and data-driven merges
+//! (their statistics taken on each expert's own calibration task, kept in
+//! the statistics cache under the cache folder).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -80,20 +82,68 @@ fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<Run
             Err(e) => Err(MergeError::Spec(e.to_string())),
         }
     };
-    let calibration = match &plan {
-        Plan::Routed(r) => calibration(r.params(), pool, &resolve)?,
-        Plan::Tensorwise(_) => Vec::new(),
+    let (calibration, sources) = match &plan {
+        Plan::Routed(r) => (calibration(r.params(), pool, &resolve)?, Vec::new()),
+        Plan::DataDriven(d) if d.params().needs_calibration() => {
+            let p = d.params();
+            let reference = resolve(p.base.as_ref().unwrap_or(&p.experts[0]))?;
+            data_calibration(p.method.name(), pool, &reference)?
+        }
+        Plan::DataDriven(_) | Plan::Tensorwise(_) => (Vec::new(), Vec::new()),
     };
     let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
     let cancel = Cancel::new();
+    let stats = stats_cache();
     let run = Run {
         open: &open,
         calibration: &calibration,
+        sources: &sources,
+        stats: Some(&stats),
         device,
         progress: false,
         cancel: &cancel,
     };
     Ok(plan.build(&run)?.into_runnable()?)
+}
+
+/// The statistics cache of the CLI: `<cache folder>/stats`
+/// (`$FUSION_CACHE_DIR`, else `~/.cache/fusion`), bounded by
+/// `$FUSION_STATS_MAX_BYTES` (default 2 GiB).
+pub fn stats_cache() -> merger::data_driven::StatsCache {
+    let max = std::env::var("FUSION_STATS_MAX_BYTES")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(2 << 30);
+    merger::data_driven::StatsCache::new(runtime::cache::cache_dir().join("stats"), max)
+}
+
+/// The calibration folder of a pool: `calibration` in pool.yaml, else its
+/// task pool.
+pub fn calibration_dir(pool: &ModelPool) -> Option<&Path> {
+    pool.calibration.as_deref().or(pool.taskpool.as_deref())
+}
+
+/// A data-driven merge's calibration inputs and their task names, tokenised
+/// for the checkpoint folder `reference`.
+fn data_calibration(
+    method: &str,
+    pool: &ModelPool,
+    reference: &Path,
+) -> Result<(Vec<CalibrationItem>, Vec<String>)> {
+    let dir = calibration_dir(pool).ok_or_else(|| {
+        EvalError::from(MergeError::NoCalibration {
+            method: method.into(),
+            reason: format!(
+                "pool `{}` ({}) names neither `calibration` nor `taskpool`: give it a task pool \
+                 with a task named after each expert",
+                pool.name,
+                pool.path.display()
+            ),
+        })
+    })?;
+    let sources = merger::moe::calibration::source_names(dir)?;
+    let items = merger::moe::calibration::from_task_pool(dir, reference)?;
+    Ok((items, sources))
 }
 
 /// The inputs a routed merge's routers train on: the pool's task pool,
@@ -108,7 +158,7 @@ fn calibration(
     if !params.needs_calibration() {
         return Ok(Vec::new());
     }
-    let dir = pool.taskpool.as_ref().ok_or_else(|| EvalError::Pool {
+    let dir = calibration_dir(pool).ok_or_else(|| EvalError::Pool {
         path: pool.path.clone(),
         reason: format!(
             "`{}` trains its routers on the task pool's inputs: the pool names no `taskpool` \

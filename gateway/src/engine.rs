@@ -45,7 +45,12 @@ impl Engine {
         reference: &Checkpoint,
         opts: &ModelOptions,
     ) -> merger::Result<Self> {
-        let built = merger::load::from_tensors(merged, reference, opts)?;
+        Self::from_servable(merger::load::from_tensors(merged, reference, opts)?)
+    }
+
+    /// Serves a model built by the merger (a data-driven merge's), weighed
+    /// by its resident bytes.
+    pub fn from_servable(built: merger::load::Servable) -> merger::Result<Self> {
         let bytes = built.resident_bytes;
         Ok(Engine {
             model: built.into_runnable()?,

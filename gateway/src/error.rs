@@ -439,6 +439,10 @@ fn bound_key(work: Work) -> (&'static str, &'static str) {
             "server.limits.max_batch_size",
             "ask for a smaller `batch_size`",
         ),
+        Work::Samples => (
+            "server.limits.max_calibration_samples",
+            "ask for a smaller `num_samples`",
+        ),
         Work::Rank => ("server.limits.max_rank", "ask for a smaller rank"),
         Work::ListLength => ("server.limits.max_list_len", "give shorter lists"),
     }

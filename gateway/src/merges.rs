@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use merger::data_driven::{DataReport, StatsCounters};
 use merger::merge::{merge_in_memory, Progress};
 use merger::spec::MergeSpec;
 use merger::{Cancel, MergeError};
@@ -102,6 +103,7 @@ struct Record {
     state: MergeState,
     output_bytes: u64,
     routers: Option<RoutersInfo>,
+    data_driven: Option<DataReport>,
     resident_bytes: Option<u64>,
     duration_seconds: Option<f64>,
     error: Option<String>,
@@ -120,6 +122,7 @@ impl Record {
             + (id.len() + self.method.len() + self.error.as_ref().map_or(0, String::len)) as u64
             + json_len(&self.spec)
             + self.routers.as_ref().map_or(0, json_len)
+            + self.data_driven.as_ref().map_or(0, json_len)
     }
 }
 
@@ -158,6 +161,13 @@ pub struct MergeInfo {
     /// and how they were trained.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub routers: Option<RoutersInfo>,
+    /// What a data-driven merge (`fisher_merging`, `regmean`, ...) did:
+    /// forward batches run, statistics found in the statistics cache or
+    /// computed, seconds on calibration inputs, inputs per expert, and
+    /// AdaMerging's objective and coefficients.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub data_driven: Option<DataReport>,
 }
 
 /// A model a merge job built, with what the book records of it.
@@ -165,6 +175,8 @@ struct Built {
     engine: Engine,
     output_bytes: Option<u64>,
     routers: Option<RoutersInfo>,
+    /// A data-driven merge's report and the statistics cache's counts.
+    data: Option<(DataReport, Arc<StatsCounters>)>,
 }
 
 #[derive(Default)]
@@ -257,6 +269,7 @@ impl Merges {
                 state,
                 output_bytes: entry.output_bytes.unwrap_or(0),
                 routers: entry.routers,
+                data_driven: None,
                 resident_bytes: None,
                 duration_seconds: None,
                 error: None,
@@ -416,6 +429,7 @@ impl Merges {
                             engine: Engine::from_merge(tensors, plan.reference(), opts)?,
                             output_bytes: None,
                             routers: None,
+                            data: None,
                         })
                     })
                     .await
@@ -428,6 +442,20 @@ impl Merges {
                             engine: routed.engine,
                             output_bytes: Some(routed.output_bytes),
                             routers: Some(routed.routers),
+                            data: None,
+                        })
+                    })
+                    .await
+                }
+                Target::DataDriven(plan) => {
+                    let method = plan.method();
+                    this.run(name, method, cancel, sources, move |opts, cancel| {
+                        let built = plan.build(opts, cancel)?;
+                        Ok(Built {
+                            engine: built.engine,
+                            output_bytes: None,
+                            routers: None,
+                            data: Some((built.report, built.counters)),
                         })
                     })
                     .await
@@ -518,6 +546,14 @@ impl Merges {
                         seconds = t.seconds, entropy_before = t.entropy_before,
                         entropy_after = t.entropy_after, "routers trained");
                 }
+                if let Some((report, counters)) = &built.data {
+                    self.metrics.observe_data_driven(method, report, counters);
+                    tracing::info!(merge = %id, method = %method,
+                        forward_batches = report.forward_batches,
+                        stats_hits = report.stats_hits, stats_misses = report.stats_misses,
+                        calibration_seconds = report.calibration_seconds,
+                        "data-driven merge: statistics");
+                }
                 tracing::info!(merge = %id, method = %method, seconds, bytes, "merge finished");
                 self.set(&id, |r| {
                     r.state = MergeState::Ready;
@@ -529,6 +565,9 @@ impl Merges {
                     }
                     if built.routers.is_some() {
                         r.routers = built.routers;
+                    }
+                    if let Some((report, _)) = built.data {
+                        r.data_driven = Some(report);
                     }
                 });
                 Ok(Arc::new(Served {
@@ -576,6 +615,7 @@ fn view(id: &str, r: &Record, resident: bool) -> MergeInfo {
         error: r.error.clone(),
         created: r.created,
         routers: r.routers.clone(),
+        data_driven: r.data_driven.clone(),
     }
 }
 

@@ -21,6 +21,21 @@ pub const GENERATED_TOKENS_TOTAL: &str = "fusion_generated_tokens_total";
 pub const MERGE_DURATION_SECONDS: &str = "fusion_merge_duration_seconds";
 /// Wall time of router training (routed merges that train), by method.
 pub const ROUTER_TRAINING_SECONDS: &str = "fusion_router_training_seconds";
+/// Seconds of forward/backward passes on calibration inputs in
+/// data-driven merges (`fisher_merging`, `regmean`, ...), by method.
+pub const MERGE_CALIBRATION_SECONDS: &str = "fusion_merge_calibration_seconds";
+/// Statistics (Fisher diagonals, Gram matrices) found in the statistics
+/// cache.
+pub const STATS_CACHE_HITS_TOTAL: &str = "fusion_stats_cache_hits_total";
+/// Statistics computed (not in the statistics cache).
+pub const STATS_CACHE_MISSES_TOTAL: &str = "fusion_stats_cache_misses_total";
+/// Statistics removed from the cache to fit `cache.max_stats_bytes`.
+pub const STATS_CACHE_EVICTIONS_TOTAL: &str = "fusion_stats_cache_evictions_total";
+/// Bytes of the statistics cache on disk.
+pub const STATS_CACHE_BYTES: &str = "fusion_stats_cache_bytes";
+/// Seconds of calibration forward passes the statistics cache's hits
+/// saved (what computing them took).
+pub const STATS_CACHE_SAVED_SECONDS_TOTAL: &str = "fusion_stats_cache_saved_seconds_total";
 /// Merges run, by method and outcome (`success`, `error`).
 pub const MERGES_TOTAL: &str = "fusion_merges_total";
 /// Requests answered from a resident merge.
@@ -77,6 +92,18 @@ pub struct Metrics {
     pub merge_duration: HistogramVec,
     /// See [`ROUTER_TRAINING_SECONDS`].
     pub router_training: HistogramVec,
+    /// See [`MERGE_CALIBRATION_SECONDS`].
+    pub calibration: HistogramVec,
+    /// See [`STATS_CACHE_HITS_TOTAL`].
+    pub stats_hits: IntCounter,
+    /// See [`STATS_CACHE_MISSES_TOTAL`].
+    pub stats_misses: IntCounter,
+    /// See [`STATS_CACHE_EVICTIONS_TOTAL`].
+    pub stats_evictions: IntCounter,
+    /// See [`STATS_CACHE_BYTES`].
+    pub stats_bytes: IntGauge,
+    /// See [`STATS_CACHE_SAVED_SECONDS_TOTAL`].
+    pub stats_saved: prometheus::Counter,
     /// See [`MERGES_TOTAL`].
     pub merges: IntCounterVec,
     /// See [`MERGE_CACHE_HITS_TOTAL`].
@@ -161,6 +188,40 @@ impl Metrics {
             ),
             &["method"],
         )
+        .expect("valid metric");
+        let calibration = HistogramVec::new(
+            hist(
+                MERGE_CALIBRATION_SECONDS,
+                "Seconds of forward passes on calibration inputs in data-driven merges, by method.",
+                LONG_BUCKETS,
+            ),
+            &["method"],
+        )
+        .expect("valid metric");
+        let stats_hits = IntCounter::with_opts(opts(
+            STATS_CACHE_HITS_TOTAL,
+            "Calibration statistics (Fisher diagonals, Gram matrices) found in the statistics cache.",
+        ))
+        .expect("valid metric");
+        let stats_misses = IntCounter::with_opts(opts(
+            STATS_CACHE_MISSES_TOTAL,
+            "Calibration statistics computed (not in the statistics cache).",
+        ))
+        .expect("valid metric");
+        let stats_evictions = IntCounter::with_opts(opts(
+            STATS_CACHE_EVICTIONS_TOTAL,
+            "Calibration statistics removed to fit cache.max_stats_bytes.",
+        ))
+        .expect("valid metric");
+        let stats_bytes = IntGauge::with_opts(opts(
+            STATS_CACHE_BYTES,
+            "Bytes of the statistics cache on disk.",
+        ))
+        .expect("valid metric");
+        let stats_saved = prometheus::Counter::with_opts(opts(
+            STATS_CACHE_SAVED_SECONDS_TOTAL,
+            "Seconds of calibration forward passes saved by statistics-cache hits.",
+        ))
         .expect("valid metric");
         let merges = IntCounterVec::new(
             opts(MERGES_TOTAL, "Merges run, by method and outcome."),
@@ -249,6 +310,12 @@ impl Metrics {
             generated_tokens,
             merge_duration,
             router_training,
+            calibration,
+            stats_hits,
+            stats_misses,
+            stats_evictions,
+            stats_bytes,
+            stats_saved,
             merges,
             cache_hits,
             cache_misses,
@@ -271,6 +338,12 @@ impl Metrics {
             Box::new(m.generated_tokens.clone()),
             Box::new(m.merge_duration.clone()),
             Box::new(m.router_training.clone()),
+            Box::new(m.calibration.clone()),
+            Box::new(m.stats_hits.clone()),
+            Box::new(m.stats_misses.clone()),
+            Box::new(m.stats_evictions.clone()),
+            Box::new(m.stats_bytes.clone()),
+            Box::new(m.stats_saved.clone()),
             Box::new(m.merges.clone()),
             Box::new(m.cache_hits.clone()),
             Box::new(m.cache_misses.clone()),
@@ -290,6 +363,36 @@ impl Metrics {
             m.registry.register(c).expect("metric names are unique");
         }
         m
+    }
+
+    /// Records a data-driven merge: its seconds on calibration inputs, its
+    /// statistics-cache hits and misses, and the cache's evictions, bytes
+    /// and saved seconds (`counters`, shared by every merge).
+    pub fn observe_data_driven(
+        &self,
+        method: &str,
+        report: &merger::data_driven::DataReport,
+        counters: &merger::data_driven::StatsCounters,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        if report.forward_batches > 0 {
+            self.calibration
+                .with_label_values(&[method])
+                .observe(report.calibration_seconds);
+        }
+        self.stats_hits.inc_by(report.stats_hits);
+        self.stats_misses.inc_by(report.stats_misses);
+        let evictions = counters.evictions.load(Relaxed);
+        let seen = self.stats_evictions.get();
+        if evictions > seen {
+            self.stats_evictions.inc_by(evictions - seen);
+        }
+        self.stats_bytes
+            .set(i64::try_from(counters.bytes.load(Relaxed)).unwrap_or(i64::MAX));
+        let saved = counters.saved_seconds_micros.load(Relaxed) as f64 / 1e6;
+        if saved > self.stats_saved.get() {
+            self.stats_saved.inc_by(saved - self.stats_saved.get());
+        }
     }
 
     /// The registry, for collectors added by other parts (evaluations).

@@ -28,6 +28,8 @@ pub struct Bounds {
     pub router_steps: u64,
     /// Most sequences per router training step.
     pub batch_size: u64,
+    /// Most calibration inputs per expert (`num_samples`).
+    pub samples: u64,
     /// Most components per task vector.
     pub rank: u64,
     /// Most entries in one list of a spec.
@@ -42,6 +44,7 @@ impl Default for Bounds {
             iterations: 1_000_000,
             router_steps: 1_000_000,
             batch_size: 65_536,
+            samples: 1_000_000,
             rank: 65_536,
             list_len: 65_536,
         }
@@ -55,6 +58,7 @@ impl Bounds {
             Work::Iterations => self.iterations,
             Work::RouterSteps => self.router_steps,
             Work::BatchSize => self.batch_size,
+            Work::Samples => self.samples,
             Work::Rank => self.rank,
             Work::ListLength => self.list_len,
         }

@@ -173,6 +173,14 @@ pub enum MergeError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A data-driven merge without the calibration inputs it needs.
+    #[error("`{method}` needs calibration inputs: {reason}")]
+    NoCalibration {
+        /// The method.
+        method: String,
+        /// What is missing and how to give it.
+        reason: String,
+    },
     /// A merge produced (or was given) non-finite values.
     #[error("{what} has non-finite values: {reason}")]
     NonFinite {
@@ -206,7 +214,7 @@ impl MergeError {
                 ErrorKind::Internal
             }
             ModelConfig { .. } => ErrorKind::Corrupt,
-            NonFinite { .. } => ErrorKind::Unprocessable,
+            NonFinite { .. } | NoCalibration { .. } => ErrorKind::Unprocessable,
             MissingTensor { .. } => ErrorKind::NotFound,
             ShapeMismatch { .. } | ModelCount { .. } | MissingBase { .. } => {
                 ErrorKind::Unprocessable

@@ -61,6 +61,7 @@
 #![deny(missing_docs)]
 
 pub mod bounds;
+pub mod data_driven;
 pub mod error;
 pub mod inputs;
 pub mod kernels;

@@ -3,7 +3,10 @@
 //! - [`Plan::Tensorwise`]: one weight set, merged tensor by tensor by the
 //!   merge engine ([`crate::merge`]) with a method of [`crate::methods`];
 //! - [`Plan::Routed`]: a routed ensemble, the experts' MLP task vectors
-//!   behind routers over a task-arithmetic backbone, built by [`crate::moe`].
+//!   behind routers over a task-arithmetic backbone, built by [`crate::moe`];
+//! - [`Plan::DataDriven`]: one weight set computed from forward passes on
+//!   calibration inputs (Fisher, RegMean, RegMean++, AdaMerging, AdaSVD),
+//!   built by [`crate::data_driven`].
 //!
 //! Validation is apart from execution: [`Plan::new`] checks the method, the
 //! number of models, the base and every parameter (those that scale the
@@ -22,6 +25,7 @@ use runtime::checkpoint::WriteOptions;
 use runtime::model::ModelOptions;
 
 use crate::bounds::{Bounds, Cancel};
+use crate::data_driven::{self, DataContext, DataParams, DataReport, StatsCache};
 use crate::error::Result;
 use crate::load::Servable;
 use crate::merge::{
@@ -38,6 +42,15 @@ pub enum Plan {
     Tensorwise(Tensorwise),
     /// A routed ensemble.
     Routed(Routed),
+    /// A data-driven merge.
+    DataDriven(DataDriven),
+}
+
+/// A validated data-driven merge: its registry entry and parameters.
+pub struct DataDriven {
+    spec: MergeSpec,
+    info: &'static MethodInfo,
+    params: DataParams,
 }
 
 /// A validated tensor-wise merge: the method's registry entry and the
@@ -60,9 +73,17 @@ pub struct Routed {
 pub struct Run<'a> {
     /// Opens a checkpoint of the spec by name.
     pub open: Opener<'a>,
-    /// Tokenised inputs the routers of a routed merge train on; unused by
-    /// tensor-wise merges and by routers loaded or left untrained.
+    /// Tokenised calibration inputs: what the routers of a routed merge
+    /// train on and what a data-driven merge runs; unused by tensor-wise
+    /// merges and by routers loaded or left untrained.
     pub calibration: &'a [CalibrationItem],
+    /// The task name of each calibration source
+    /// ([`crate::moe::calibration::source_names`]): a data-driven merge
+    /// reads each expert's own task.
+    pub sources: &'a [String],
+    /// Where Fisher diagonals and Gram matrices are kept between merges
+    /// (None: computed every time).
+    pub stats: Option<&'a StatsCache>,
     /// Where the merge runs and the built model lives.
     pub device: &'a Device,
     /// Show progress bars on stderr (only when it is a terminal).
@@ -77,6 +98,22 @@ pub enum Written {
     Tensorwise(MergeReport),
     /// A saved routed ensemble.
     Routed(Box<RoutedReport>),
+    /// A data-driven merge's checkpoint folder.
+    DataDriven(Box<DataWritten>),
+}
+
+/// A data-driven merge written by [`Plan::write`].
+#[derive(Debug, Clone)]
+pub struct DataWritten {
+    /// The canonical merge id (without the `merge-` prefix).
+    pub id: String,
+    /// The output folder.
+    pub out: PathBuf,
+    /// Seconds of the merge (statistics, training, solving; writing not
+    /// included).
+    pub seconds: f64,
+    /// What it did.
+    pub report: DataReport,
 }
 
 /// A routed ensemble saved by [`Plan::write`].
@@ -114,6 +151,13 @@ impl Plan {
             let params = MoeParams::from_spec_bounded(&spec, bounds)?;
             return Ok(Plan::Routed(Routed { spec, info, params }));
         }
+        let data = methods::lookup(&spec.method)
+            .ok()
+            .filter(|info| matches!(info.kind, MethodKind::DataDriven));
+        if let Some(info) = data {
+            let params = DataParams::from_spec_bounded(&spec, bounds)?;
+            return Ok(Plan::DataDriven(DataDriven { spec, info, params }));
+        }
         let (info, method) = methods::build_bounded(&spec, bounds)?;
         Ok(Plan::Tensorwise(Tensorwise { spec, info, method }))
     }
@@ -123,6 +167,7 @@ impl Plan {
         match self {
             Plan::Tensorwise(t) => &t.spec,
             Plan::Routed(r) => &r.spec,
+            Plan::DataDriven(d) => &d.spec,
         }
     }
 
@@ -131,6 +176,7 @@ impl Plan {
         match self {
             Plan::Tensorwise(t) => t.info,
             Plan::Routed(r) => r.info,
+            Plan::DataDriven(d) => d.info,
         }
     }
 
@@ -139,6 +185,7 @@ impl Plan {
         match self {
             Plan::Tensorwise(t) => t.spec,
             Plan::Routed(r) => r.spec,
+            Plan::DataDriven(d) => d.spec,
         }
     }
 
@@ -149,6 +196,7 @@ impl Plan {
         match self {
             Plan::Tensorwise(t) => t.build(run),
             Plan::Routed(r) => r.build(run),
+            Plan::DataDriven(d) => Ok(d.build(run)?.0),
         }
     }
 
@@ -159,6 +207,7 @@ impl Plan {
         Ok(match self {
             Plan::Tensorwise(t) => Written::Tensorwise(t.write(run, out, write)?),
             Plan::Routed(r) => Written::Routed(Box::new(r.write(run, out, write)?)),
+            Plan::DataDriven(d) => Written::DataDriven(Box::new(d.write(run, out, write)?)),
         })
     }
 }
@@ -264,6 +313,127 @@ impl Routed {
     }
 }
 
+impl DataDriven {
+    /// The validated spec.
+    pub fn spec(&self) -> &MergeSpec {
+        &self.spec
+    }
+
+    /// The validated parameters.
+    pub fn params(&self) -> &DataParams {
+        &self.params
+    }
+
+    /// The spec, the plan dropped.
+    pub fn into_spec(self) -> MergeSpec {
+        self.spec
+    }
+
+    /// The canonical id: the spec, every checkpoint's fingerprint and, when
+    /// the merge reads calibration inputs, a digest of them and of their
+    /// task names.
+    pub fn merge_id(
+        &self,
+        open: Opener,
+        calibration: &[CalibrationItem],
+        sources: &[String],
+    ) -> Result<String> {
+        let mut fingerprints = Vec::new();
+        for name in self.params.base.iter().chain(&self.params.experts) {
+            fingerprints.push((name.clone(), open(name)?.fingerprint()?.to_string()));
+        }
+        if self.params.needs_calibration() {
+            let digest = crate::moe::build::calibration_digest(calibration);
+            fingerprints.push((
+                "(calibration)".into(),
+                format!("{digest}:{}", sources.join(",")),
+            ));
+        }
+        Ok(self.info.merge_id(&self.spec, &fingerprints))
+    }
+
+    fn context<'a>(&'a self, run: &'a Run) -> DataContext<'a> {
+        DataContext {
+            params: &self.params,
+            open: run.open,
+            calibration: run.calibration,
+            sources: run.sources,
+            device: run.device,
+            progress: run.progress,
+            cancel: run.cancel,
+            stats: run.stats,
+        }
+    }
+
+    /// [`Plan::build`] of a data-driven merge: the merged tensors with the
+    /// reference's architecture and side files, and what the merge did.
+    pub fn build(self, run: &Run) -> Result<(Servable, DataReport)> {
+        let ctx = self.context(run);
+        let (tensors, report) = data_driven::merge(&ctx)?;
+        let reference = ctx.reference()?;
+        let opts = ModelOptions {
+            device: run.device.clone(),
+            ..ModelOptions::default()
+        };
+        Ok((
+            crate::load::from_tensors(tensors, &reference, &opts)?,
+            report,
+        ))
+    }
+
+    /// [`Plan::write`] of a data-driven merge: a checkpoint folder with the
+    /// reference's config and tokenizer files and a `fusion_merge.json`
+    /// holding the spec and what the merge did.
+    pub fn write(self, run: &Run, out: &Path, write: &WriteOptions) -> Result<DataWritten> {
+        let id = self.merge_id(run.open, run.calibration, run.sources)?;
+        let start = Instant::now();
+        let ctx = self.context(run);
+        let (tensors, report) = data_driven::merge(&ctx)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let reference = ctx.reference()?;
+        let mut names: Vec<&String> = tensors.keys().collect();
+        names.sort();
+        let layout: Vec<_> = names
+            .iter()
+            .map(|n| {
+                let t = &tensors[*n];
+                ((*n).clone(), t.dtype(), t.dims().to_vec())
+            })
+            .collect();
+        let writer = runtime::checkpoint::CheckpointWriter::create(out, &layout, write)?;
+        for n in names {
+            let t = &tensors[n];
+            if t.dtype().is_float() {
+                let v = t
+                    .to_dtype(candle_core::DType::F32)
+                    .and_then(|x| x.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| crate::MergeError::in_tensor(n, e))?;
+                writer.write_f32(n, &v)?;
+            } else {
+                writer.write_raw(n, reference.tensor(n)?.bytes())?;
+            }
+        }
+        writer.copy_side_files(reference.dir())?;
+        let provenance = serde_json::json!({
+            "merge_id": format!("merge-{id}"),
+            "spec": &self.spec,
+            "method_convention": self.info.convention,
+            "data_driven": &report,
+        });
+        writer.write_file(
+            "fusion_merge.json",
+            &serde_json::to_vec_pretty(&provenance).expect("json"),
+        )?;
+        let out = writer.finish()?;
+        Ok(DataWritten {
+            id,
+            out,
+            seconds,
+            report,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::DType;
@@ -325,12 +495,18 @@ mod tests {
         let run = Run {
             open: &open,
             calibration: &[],
+            sources: &[],
+            stats: None,
             device: &Device::Cpu,
             progress: false,
             cancel: &cancel,
         };
         let ids = random_ids(2, 6, 48, 3);
-        for spec in [p.spec("ties_merging"), p.spec("we_moe").with("steps", 0.0)] {
+        for spec in [
+            p.spec("ties_merging"),
+            p.spec("we_moe").with("steps", 0.0),
+            p.spec("adamerging").with("steps", 0.0),
+        ] {
             let method = spec.method.clone();
             let built = Plan::new(spec.clone()).unwrap().build(&run).unwrap();
             assert_eq!(built.side_files, p.path("base"));
@@ -350,6 +526,10 @@ mod tests {
                 Written::Routed(report) => {
                     assert_eq!(report.meta.method.name(), method);
                     assert_eq!(report.resident_bytes, built.resident_bytes);
+                    report.out
+                }
+                Written::DataDriven(report) => {
+                    assert_eq!(report.report.forward_batches, 0);
                     report.out
                 }
             };

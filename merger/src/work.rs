@@ -8,10 +8,13 @@
 pub enum Work {
     /// Optimiser iterations per tensor (WUDI's `iterations`).
     Iterations,
-    /// Router training steps (`steps` of `we_moe`, ...).
+    /// Training steps (`steps` of `we_moe`, `adamerging`, ...).
     RouterSteps,
     /// Sequences per router training step (`batch_size`).
     BatchSize,
+    /// Calibration inputs read per expert (`num_samples` of the data-driven
+    /// merges).
+    Samples,
     /// Components kept per task vector (`rank_k` of `rankone_moe`).
     Rank,
     /// Entries of one list in a spec (gradient or filter lists).
@@ -20,10 +23,11 @@ pub enum Work {
 
 impl Work {
     /// Every kind.
-    pub const ALL: [Work; 5] = [
+    pub const ALL: [Work; 6] = [
         Work::Iterations,
         Work::RouterSteps,
         Work::BatchSize,
+        Work::Samples,
         Work::Rank,
         Work::ListLength,
     ];
@@ -32,8 +36,9 @@ impl Work {
     pub fn unit(self) -> &'static str {
         match self {
             Work::Iterations => "optimiser iterations",
-            Work::RouterSteps => "router training steps",
+            Work::RouterSteps => "training steps",
             Work::BatchSize => "sequences per training step",
+            Work::Samples => "calibration inputs per expert",
             Work::Rank => "components per task vector",
             Work::ListLength => "entries in one list",
         }

@@ -104,6 +104,7 @@ fn write_random_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result
             .map(|e| (e.to_string(), format!("models/{e}").into()))
             .collect(),
         taskpool: None,
+        calibration: None,
     }
     .write(&dir.join(evaluator::pool::POOL_FILE))?;
     Ok(())

@@ -36,9 +36,12 @@ pub struct MergeArgs {
     /// Never show a progress bar.
     #[arg(long)]
     quiet: bool,
-    /// Routed ensembles (we_moe, sparse_we_moe, rankone_moe): a task pool
-    /// folder whose `*.jsonl` inputs (prompt/context/text/input fields, never
-    /// labels) train the routers, tokenised with the base's tokenizer.
+    /// Routed ensembles (we_moe, sparse_we_moe, rankone_moe) and
+    /// data-driven merges (fisher_merging, regmean, regmean_plusplus,
+    /// adamerging, ada_svd): a task pool folder whose `*.jsonl` inputs
+    /// (prompt/context/text/input/text_a/text_b fields, never labels) train
+    /// the routers or give each expert's statistics (the task named like the
+    /// expert's folder), tokenised with the base's tokenizer.
     #[arg(long)]
     calibration: Option<PathBuf>,
 }
@@ -97,21 +100,30 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
     };
     let resolve = resolver(config_dir);
     let plan = Plan::new(spec)?;
-    let calibration = match &plan {
-        Plan::Routed(routed) => {
-            super::moe::calibration(routed.params(), args.calibration.as_deref(), &resolve)?
+    let (calibration, sources) = match &plan {
+        Plan::Routed(routed) => (
+            super::moe::calibration(routed.params(), args.calibration.as_deref(), &resolve)?,
+            Vec::new(),
+        ),
+        Plan::DataDriven(data) => {
+            super::data_driven::calibration(data.params(), args.calibration.as_deref(), &resolve)?
         }
         Plan::Tensorwise(_) if args.calibration.is_some() => bail!(
-            "--calibration is only used by the routed methods (we_moe, sparse_we_moe, rankone_moe), not `{}`",
+            "--calibration is only used by the routed methods (we_moe, sparse_we_moe, rankone_moe) \
+             and the data-driven ones (fisher_merging, regmean, regmean_plusplus, adamerging, \
+             ada_svd), not `{}`",
             plan.spec().method
         ),
-        Plan::Tensorwise(_) => Vec::new(),
+        Plan::Tensorwise(_) => (Vec::new(), Vec::new()),
     };
     let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
     let cancel = Cancel::new();
+    let stats = evaluator::source::stats_cache();
     let run = Run {
         open: &open,
         calibration: &calibration,
+        sources: &sources,
+        stats: Some(&stats),
         device: &device,
         progress: !args.quiet,
         cancel: &cancel,
@@ -120,6 +132,10 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         Written::Tensorwise(report) => report,
         Written::Routed(report) => {
             super::moe::print_report(&report, &device);
+            return Ok(());
+        }
+        Written::DataDriven(report) => {
+            super::data_driven::print_report(&report, &stats, &device);
             return Ok(());
         }
     };

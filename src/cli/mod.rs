@@ -1,6 +1,7 @@
 //! Subcommands of the `fusion` binary: thin adapters onto the libraries.
 
 pub mod compare;
+pub mod data_driven;
 pub mod demo;
 pub mod embed;
 pub mod eval;

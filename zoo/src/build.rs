@@ -647,6 +647,7 @@ fn pool_file() -> PoolFile {
             .map(|t| (t.name().to_string(), format!("models/{}", t.name()).into()))
             .collect(),
         taskpool: Some("tasks".into()),
+        calibration: None,
     }
 }
 

@@ -441,6 +441,7 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
             .map(|(n, _, _)| (n.to_string(), PathBuf::from("models").join(n)))
             .collect(),
         taskpool: Some(PathBuf::from("tasks")),
+        calibration: None,
     }
     .write(&pool_yaml)?;
     let compare = out.join("compare.yaml");

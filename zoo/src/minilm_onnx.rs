@@ -270,6 +270,7 @@ pub fn build_onnx(
             .map(|(n, _)| (n.to_string(), PathBuf::from(format!("models/onnx-{n}"))))
             .collect(),
         taskpool: Some(PathBuf::from("tasks")),
+        calibration: None,
     }
     .write(&pool_yaml)?;
     Ok(OnnxReport { pool_yaml, tunes })

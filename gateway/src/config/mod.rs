@@ -12,9 +12,9 @@
 //!            max_spec_len: 2048, max_concurrent_generations: 2, queue_depth: 64,
 //!            max_router_steps: 1000, max_iterations: 1000, max_batch_size: 64,
 //!            max_rank: 256, max_list_len: 256, max_book_bytes: 16MiB,
-//!            max_evaluations: 64}
+//!            max_evaluations: 64, max_calibration_samples: 1024}
 //! device: auto                   # auto | cpu | cuda:N
-//! cache: {max_bytes: 4GB}
+//! cache: {max_bytes: 4GB, max_stats_bytes: 2GiB}
 //! merge: {max_concurrent: 1, max_wait: 30s}
 //! pools:
 //!   demo: {base: models/base, experts: {math: models/math, code: models/code}}
@@ -166,6 +166,10 @@ pub struct LimitsConfig {
     /// Largest router training batch (`batch_size` of a routed merge).
     #[serde(default = "default_max_batch_size")]
     pub max_batch_size: u64,
+    /// Most calibration inputs per expert (`num_samples`) a data-driven
+    /// merge (`fisher_merging`, `regmean`, ...) may ask for.
+    #[serde(default = "default_max_calibration_samples")]
+    pub max_calibration_samples: u64,
     /// Largest rank a merge may ask for (`rank_k` of `rankone_moe`).
     #[serde(default = "default_max_rank")]
     pub max_rank: u64,
@@ -191,6 +195,11 @@ pub struct CacheConfig {
     /// Bytes of resident models (merged or loaded checkpoints) kept.
     #[serde(default = "default_cache_bytes", deserialize_with = "bytes")]
     pub max_bytes: u64,
+    /// Bytes of calibration statistics (Fisher diagonals, Gram matrices)
+    /// kept on disk under `<server.data_dir>/stats` (default: the cache
+    /// folder's `stats`); past it the least recently used are evicted.
+    #[serde(default = "default_max_stats_bytes", deserialize_with = "bytes")]
+    pub max_stats_bytes: u64,
 }
 
 /// `merge:`.
@@ -331,6 +340,12 @@ fn default_max_iterations() -> u64 {
 fn default_max_batch_size() -> u64 {
     64
 }
+fn default_max_calibration_samples() -> u64 {
+    1024
+}
+fn default_max_stats_bytes() -> u64 {
+    2 << 30
+}
 fn default_max_rank() -> u64 {
     256
 }
@@ -381,6 +396,7 @@ impl Default for LimitsConfig {
             max_router_steps: default_max_router_steps(),
             max_iterations: default_max_iterations(),
             max_batch_size: default_max_batch_size(),
+            max_calibration_samples: default_max_calibration_samples(),
             max_rank: default_max_rank(),
             max_list_len: default_max_list_len(),
             max_book_bytes: default_max_book_bytes(),
@@ -393,6 +409,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             max_bytes: default_cache_bytes(),
+            max_stats_bytes: default_max_stats_bytes(),
         }
     }
 }

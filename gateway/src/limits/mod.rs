@@ -75,6 +75,7 @@ impl Limits {
             iterations: self.cfg.max_iterations,
             router_steps: self.cfg.max_router_steps as u64,
             batch_size: self.cfg.max_batch_size,
+            samples: self.cfg.max_calibration_samples,
             rank: self.cfg.max_rank,
             list_len: self.cfg.max_list_len as u64,
         }

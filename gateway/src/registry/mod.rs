@@ -36,8 +36,10 @@ use runtime::checkpoint::{Checkpoint, Stamps};
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::limits::Limits;
+use data_driven::DataPlan;
 use routed::{Calibrations, RoutedPlan, RoutersInfo};
 
+pub mod data_driven;
 pub mod routed;
 
 /// The name of a pool's base checkpoint (as in `pool.yaml`).
@@ -150,6 +152,8 @@ pub enum Target {
     },
     /// A validated merge.
     Merge(Box<MergePlan>),
+    /// A validated data-driven merge (`fisher_merging`, `regmean`, ...).
+    DataDriven(Box<DataPlan>),
     /// A validated routed merge (`we_moe`, `sparse_we_moe`, `rankone_moe`).
     Routed(Box<RoutedPlan>),
 }
@@ -161,6 +165,7 @@ impl Target {
         let dir = match self {
             Target::Checkpoint { checkpoint, .. } => checkpoint.dir(),
             Target::Merge(plan) => plan.reference().dir(),
+            Target::DataDriven(plan) => plan.reference().dir(),
             Target::Routed(_) => return Ok(Kind::Decoder),
         };
         Ok(architectures::of_dir(dir)?.kind)
@@ -171,6 +176,7 @@ impl Target {
         match self {
             Target::Checkpoint { pool, name, .. } => format!("{pool}/{name}"),
             Target::Merge(plan) => format!("merge-{}", plan.id()),
+            Target::DataDriven(plan) => format!("merge-{}", plan.id()),
             Target::Routed(plan) => format!("merge-{}", plan.id()),
         }
     }
@@ -198,6 +204,7 @@ impl Target {
         match self {
             Target::Checkpoint { checkpoint, .. } => vec![checkpoint.stamps().clone()],
             Target::Merge(plan) => plan.checkpoints().map(|c| c.stamps().clone()).collect(),
+            Target::DataDriven(plan) => plan.sources(),
             Target::Routed(plan) => plan.sources(),
         }
     }
@@ -210,6 +217,12 @@ impl Target {
                 spec: plan.spec().clone(),
                 method: plan.info().name,
                 output_bytes: Some(plan.output_bytes()),
+                routers: None,
+            }),
+            Target::DataDriven(plan) => Some(BookEntry {
+                spec: plan.spec().clone(),
+                method: plan.method(),
+                output_bytes: None,
                 routers: None,
             }),
             Target::Routed(plan) => Some(BookEntry {
@@ -254,6 +267,7 @@ pub struct Registry {
     presets: BTreeMap<String, MergeSpec>,
     limits: Limits,
     calibrations: Calibrations,
+    stats: merger::data_driven::StatsCache,
     reopened: Arc<AtomicBool>,
 }
 
@@ -314,11 +328,16 @@ impl Registry {
             .map(|(name, p)| Ok((name.clone(), p.to_spec(name)?)))
             .collect::<Result<_>>()?;
         let calibrations = Calibrations::load(config, &pools)?;
+        let stats_dir = match &config.server.data_dir {
+            Some(d) => d.join("stats"),
+            None => runtime::cache::cache_dir().join("stats"),
+        };
         Ok(Registry {
             pools,
             presets,
             limits: Limits::new(config.server.limits.clone()),
             calibrations,
+            stats: merger::data_driven::StatsCache::new(stats_dir, config.cache.max_stats_bytes),
             reopened,
         })
     }
@@ -327,6 +346,11 @@ impl Registry {
     /// call: resident models made from the old version are then stale.
     pub fn take_reopened(&self) -> bool {
         self.reopened.swap(false, Ordering::SeqCst)
+    }
+
+    /// The statistics cache of data-driven merges.
+    pub fn stats(&self) -> &merger::data_driven::StatsCache {
+        &self.stats
     }
 
     /// The pools by name.
@@ -521,6 +545,10 @@ impl Registry {
                 let spec = routed.into_spec();
                 let plan = RoutedPlan::new(spec, pool, &self.limits, &self.calibrations)?;
                 return Ok(Target::Routed(Box::new(plan)));
+            }
+            Plan::DataDriven(data) => {
+                let plan = DataPlan::new(data, pool, &self.calibrations, &self.stats)?;
+                return Ok(Target::DataDriven(Box::new(plan)));
             }
             Plan::Tensorwise(plan) => plan,
         };

@@ -49,6 +49,8 @@ struct Calibration {
     taskpool: String,
     /// Token sequences, or why they could not be read.
     inputs: std::result::Result<Arc<Vec<CalibrationItem>>, String>,
+    /// The task name of each source (file) of the inputs.
+    sources: Arc<Vec<String>>,
 }
 
 /// Most remembered merge ids; past it the memo starts over.
@@ -81,6 +83,7 @@ impl Calibrations {
             let inputs = moe::calibration::from_task_pool(&dir, &base)
                 .map(Arc::new)
                 .map_err(|e| e.to_string());
+            let sources = Arc::new(moe::calibration::source_names(&dir).unwrap_or_default());
             match &inputs {
                 Ok(items) => {
                     let (texts, choices, tokens) = moe::calibration::summary(items);
@@ -106,7 +109,14 @@ impl Calibrations {
                     "no calibration inputs for routed merges"
                 ),
             }
-            by_pool.insert(name.clone(), Calibration { taskpool, inputs });
+            by_pool.insert(
+                name.clone(),
+                Calibration {
+                    taskpool,
+                    inputs,
+                    sources,
+                },
+            );
         }
         Ok(Calibrations {
             by_pool,
@@ -121,7 +131,11 @@ impl Calibrations {
 
     /// The id of a resolved spec (its JSON), computed by `compute` the first
     /// time only.
-    fn id_of(&self, key: String, compute: impl FnOnce() -> Result<String>) -> Result<String> {
+    pub(crate) fn id_of(
+        &self,
+        key: String,
+        compute: impl FnOnce() -> Result<String>,
+    ) -> Result<String> {
         if let Some(id) = self.ids().get(&key) {
             return Ok(id.clone());
         }
@@ -154,6 +168,7 @@ impl Calibrations {
             Some(Calibration {
                 taskpool,
                 inputs: Err(e),
+                ..
             }) => Err(GatewayError::Unprocessable(format!(
                 "`{method}` trains its routers ({steps} steps) on the inputs of task pool \
                  `{taskpool}` (pool `{pool}`), which could not be read: {e}; fix it or set \
@@ -162,7 +177,38 @@ impl Calibrations {
             Some(Calibration {
                 taskpool,
                 inputs: Ok(seqs),
+                ..
             }) => Ok((taskpool.clone(), seqs.clone())),
+        }
+    }
+
+    /// The calibration inputs of `pool` and their task names, for a
+    /// data-driven merge of `method`; a 422 naming the fix when there are
+    /// none.
+    pub(crate) fn data_inputs(
+        &self,
+        pool: &str,
+        method: &str,
+    ) -> Result<(Arc<Vec<CalibrationItem>>, Arc<Vec<String>>)> {
+        match self.by_pool.get(pool) {
+            None => Err(GatewayError::Unprocessable(format!(
+                "`{method}` runs the experts on calibration inputs, and pool `{pool}` has none: \
+                 configure `taskpools` with a task named after each expert and set \
+                 `pools.{pool}.calibration` to it"
+            ))),
+            Some(Calibration {
+                taskpool,
+                inputs: Err(e),
+                ..
+            }) => Err(GatewayError::Unprocessable(format!(
+                "`{method}` runs the experts on the inputs of task pool `{taskpool}` (pool \
+                 `{pool}`), which could not be read: {e}"
+            ))),
+            Some(Calibration {
+                inputs: Ok(items),
+                sources,
+                ..
+            }) => Ok((items.clone(), sources.clone())),
         }
     }
 }
@@ -362,7 +408,7 @@ impl RoutedPlan {
 }
 
 /// Name → checkpoint over the checkpoints a plan holds.
-fn opener(
+pub(crate) fn opener(
     checkpoints: &HashMap<String, Arc<Checkpoint>>,
 ) -> impl Fn(&str) -> merger::Result<Arc<Checkpoint>> + '_ {
     move |name: &str| {

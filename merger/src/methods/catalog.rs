@@ -29,6 +29,7 @@ fn kind(m: &MethodInfo) -> &'static str {
     match m.kind {
         MethodKind::Tensorwise(_) => "tensorwise",
         MethodKind::Routed => "routed",
+        MethodKind::DataDriven => "data_driven",
     }
 }
 
@@ -176,10 +177,10 @@ pub fn markdown() -> String {
         out.push_str(&format!(
             "| `{}`{} | {} | {} | {} | {} | {} |\n",
             m.name,
-            if matches!(m.kind, MethodKind::Routed) {
-                " (routed)"
-            } else {
-                ""
+            match m.kind {
+                MethodKind::Routed => " (routed)",
+                MethodKind::DataDriven => " (data-driven)",
+                MethodKind::Tensorwise(_) => "",
             },
             m.convention,
             models(m),

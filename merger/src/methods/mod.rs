@@ -6,6 +6,7 @@
 //! over the whole model) get a [`ModelScan`] pass before merging.
 
 pub mod catalog;
+pub mod data_driven;
 pub mod params;
 pub mod routed;
 pub mod schema;
@@ -95,6 +96,10 @@ pub enum MethodKind {
     /// A routed ensemble: the experts' MLP task vectors behind routers, built
     /// by [`crate::moe`] from its own parameters ([`crate::moe::MoeParams`]).
     Routed,
+    /// One weight set computed from forward passes on calibration inputs,
+    /// built by [`crate::data_driven`] from its own parameters
+    /// ([`crate::data_driven::DataParams`]).
+    DataDriven,
 }
 
 /// A method's entry in the registry.
@@ -134,6 +139,18 @@ impl MethodInfo {
 }
 
 macro_rules! entry {
+    ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, params=$params:expr, data_driven) => {
+        MethodInfo {
+            name: $name,
+            convention: $conv,
+            arity: $arity,
+            base: BaseUse::$base,
+            order_matters: $ord,
+            random: $rand,
+            kind: MethodKind::DataDriven,
+            params: $params,
+        }
+    };
     ($name:literal, $conv:literal, $arity:expr, base=$base:ident, ordered=$ord:literal, random=$rand:literal, params=$params:expr, routed) => {
         MethodInfo {
             name: $name,
@@ -374,6 +391,58 @@ pub static REGISTRY: &[MethodInfo] = &[
         params = routed::RANKONE_MOE,
         routed
     ),
+    // Data-driven: statistics or coefficients from forward passes on each
+    // expert's calibration inputs (crate::data_driven).
+    entry!(
+        "fisher_merging",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Unused,
+        ordered = false,
+        random = false,
+        params = data_driven::FISHER_MERGING,
+        data_driven
+    ),
+    entry!(
+        "regmean",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Unused,
+        ordered = false,
+        random = false,
+        params = data_driven::REGMEAN,
+        data_driven
+    ),
+    entry!(
+        "regmean_plusplus",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Unused,
+        ordered = false,
+        random = false,
+        params = data_driven::REGMEAN,
+        data_driven
+    ),
+    entry!(
+        "adamerging",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = true,
+        params = data_driven::ADAMERGING,
+        data_driven
+    ),
+    entry!(
+        "ada_svd",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = data_driven::ADA_SVD,
+        data_driven
+    ),
 ];
 
 /// Looks a method up by name (either convention). mergekit's `slerp`,
@@ -439,7 +508,8 @@ pub fn build_bounded(
     let MethodKind::Tensorwise(build) = info.kind else {
         return Err(MergeError::Unsupported {
             feature: format!("`{}` as a tensor-by-tensor merge", info.name),
-            hint: "it builds a routed model: use merger::plan::Plan (`fusion merge --calibration DIR`)"
+            hint: "it needs calibration inputs (a routed model, or a data-driven merge): use \
+                   merger::plan::Plan (`fusion merge --calibration DIR`)"
                 .into(),
         });
     };
@@ -496,6 +566,7 @@ mod declared {
         match m.kind {
             MethodKind::Tensorwise(_) => build(spec).map(|_| ()),
             MethodKind::Routed => MoeParams::from_spec(spec).map(|_| ()),
+            MethodKind::DataDriven => crate::data_driven::DataParams::from_spec(spec).map(|_| ()),
         }
     }
 

@@ -46,7 +46,7 @@ pub fn merge_id(spec: &MergeSpec, open: Opener, calibration: &[CalibrationItem])
 
 /// SHA-256 of the calibration inputs: each its source, a kind tag, then its
 /// token sequences (lengths and ids, little-endian).
-fn calibration_digest(calibration: &[CalibrationItem]) -> String {
+pub(crate) fn calibration_digest(calibration: &[CalibrationItem]) -> String {
     let mut h = Sha256::new();
     let seq = |h: &mut Sha256, ids: &[u32]| {
         h.update((ids.len() as u64).to_le_bytes());

@@ -6,8 +6,22 @@
 //!   strings is a **multiple-choice input**: the context and its candidate
 //!   continuations (what FusionBench's CLIP classifiers get as class names).
 //!   Router training minimises the entropy of the model's choice among them.
+//! - A line with string fields `text_a` and `text_b` (a similarity pair)
+//!   gives **two texts**, one per side (its `score` is a label, never read).
 //! - Any other line gives a **text**: the first of the fields `prompt`,
 //!   `context`, `text`, `input` that holds a string.
+//!
+//! Each input keeps its **source**, the index of its file in path order;
+//! [`source_names`] gives each source's task name (`add` for
+//! `add.generate.jsonl`, `math` for `math/test.jsonl`), which is how the
+//! data-driven merges find each expert's own inputs.
+//!
+//! Tokenisation follows the base's family: a decoder's texts start with the
+//! BOS token when its tokenizer config names one; an encoder's texts are
+//! tokenised as its sentence encoder reads them (the tokenizer.json
+//! post-processor's `[CLS] … [SEP]`, lower-cased when `do_lower_case`, cut
+//! to `max_seq_length`), and a multiple-choice input's context and choices
+//! are separate sentences.
 //!
 //! Labels (`answer`, `gold`, `label`, …) are never read. Texts and contexts
 //! are tokenised with the base's tokenizer as
@@ -132,9 +146,9 @@ fn choices_of(v: &serde_json::Value) -> Option<Input> {
     })
 }
 
-/// The inputs of every `*.jsonl` file under `dir` (or of `dir` itself when
-/// it is a file), each with the index of its file in path order.
-pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
+/// The `*.jsonl` files under `dir` (or `dir` itself when it is a file), in
+/// path order: source `i` is `files[i]`.
+fn source_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     if dir.is_file() {
         files.push(dir.to_path_buf());
@@ -142,6 +156,40 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
         jsonl_files(dir, &mut files)?;
     }
     files.sort();
+    Ok(files)
+}
+
+/// The task name of each source of `dir`, in source order: a file directly
+/// in `dir` is named by its file name up to the first dot
+/// (`add.generate.jsonl` → `add`), a file in a sub-folder by the sub-folder
+/// (`math/test.jsonl` → `math`).
+pub fn source_names(dir: &Path) -> Result<Vec<String>> {
+    Ok(source_files(dir)?
+        .iter()
+        .map(|f| {
+            let rel = f.strip_prefix(dir).unwrap_or(f);
+            let mut parts = rel.components();
+            let first = parts
+                .next()
+                .map(|c| c.as_os_str().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if parts.next().is_some() {
+                first
+            } else {
+                let name = f
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                name.split('.').next().unwrap_or_default().to_string()
+            }
+        })
+        .collect())
+}
+
+/// The inputs of every `*.jsonl` file under `dir` (or of `dir` itself when
+/// it is a file), each with the index of its file in path order.
+pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
+    let files = source_files(dir)?;
     let mut inputs = Vec::new();
     for (source, f) in files.iter().enumerate() {
         let source = source as u32;
@@ -157,6 +205,12 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
                 })?;
             if let Some(input) = choices_of(&v) {
                 inputs.push((source, input));
+            } else if let (Some(a), Some(b)) = (
+                v.get("text_a").and_then(serde_json::Value::as_str),
+                v.get("text_b").and_then(serde_json::Value::as_str),
+            ) {
+                inputs.push((source, Input::Text(a.to_string())));
+                inputs.push((source, Input::Text(b.to_string())));
             } else if let Some(text) = INPUT_FIELDS
                 .iter()
                 .find_map(|k| v.get(*k).and_then(serde_json::Value::as_str))
@@ -184,6 +238,10 @@ pub fn read_inputs(dir: &Path) -> Result<Vec<(u32, Input)>> {
 /// tokens would be empty is dropped; a multiple-choice input left with
 /// fewer than two choices becomes the text of its context.
 pub fn tokenize(inputs: &[(u32, Input)], tokenizer_dir: &Path) -> Result<Vec<CalibrationItem>> {
+    let kind = runtime::architectures::of_dir(tokenizer_dir).map(|a| a.kind);
+    if let Ok(runtime::architectures::Kind::Encoder) = kind {
+        return tokenize_sentences(inputs, tokenizer_dir);
+    }
     let tok = TextTokenizer::load(tokenizer_dir)?;
     let encode = |t: &str| -> Result<Vec<u32>> {
         let mut ids = tok.encode(t)?;
@@ -200,6 +258,38 @@ pub fn tokenize(inputs: &[(u32, Input)], tokenizer_dir: &Path) -> Result<Vec<Cal
             Ok(CalibrationItem {
                 source: *source,
                 input: tokenize_one(input, &tok, &encode)?,
+            })
+        })
+        .collect()
+}
+
+/// [`tokenize`] for an encoder: every text, context and choice as the
+/// sentence encoder of `dir` reads it.
+fn tokenize_sentences(inputs: &[(u32, Input)], dir: &Path) -> Result<Vec<CalibrationItem>> {
+    let config = runtime::encoder::EncoderConfig::from_dir(dir)?;
+    let sentence = runtime::encoder::SentenceConfig::from_dir(dir, config.max_position_embeddings)?;
+    let tok = TextTokenizer::load(dir)?.truncating(sentence.max_seq_length)?;
+    let encode = |t: &str| -> Result<Vec<u32>> {
+        let text = if sentence.lower_case {
+            t.to_lowercase()
+        } else {
+            t.to_string()
+        };
+        Ok(tok.encode_truncated(&text)?.0)
+    };
+    inputs
+        .iter()
+        .map(|(source, input)| {
+            let input = match input {
+                Input::Text(t) => CalibrationInput::Text(encode(t)?),
+                Input::Choices { context, choices } => CalibrationInput::Choices {
+                    context: encode(context)?,
+                    choices: choices.iter().map(|c| encode(c)).collect::<Result<_>>()?,
+                },
+            };
+            Ok(CalibrationItem {
+                source: *source,
+                input,
             })
         })
         .collect()

@@ -199,7 +199,7 @@ impl MoeParams {
     }
 }
 
-fn describe(v: &ParamValue) -> String {
+pub(crate) fn describe(v: &ParamValue) -> String {
     match v {
         ParamValue::Text(s) => format!("`{s}`"),
         ParamValue::Number(x) => format!("the number {x}"),
@@ -209,7 +209,7 @@ fn describe(v: &ParamValue) -> String {
 
 /// A finite scalar within the declared range of `p`, written as a number
 /// or as a string holding one; the declared default when absent.
-fn number(v: Option<&ParamValue>, p: &Param) -> Result<f64> {
+pub(crate) fn number(v: Option<&ParamValue>, p: &Param) -> Result<f64> {
     let name = p.name;
     let x = match v {
         None => {
@@ -247,7 +247,7 @@ fn number(v: Option<&ParamValue>, p: &Param) -> Result<f64> {
 
 /// An integer within the declared range of `p`, written as a number or a
 /// string.
-fn integer(v: Option<&ParamValue>, p: &Param) -> Result<usize> {
+pub(crate) fn integer(v: Option<&ParamValue>, p: &Param) -> Result<usize> {
     let x = number(v, p)?;
     if x.fract() != 0.0 || !p.range.contains(x) || x > u32::MAX as f64 {
         return Err(MergeError::range(

@@ -200,11 +200,17 @@ impl SentenceConfig {
         hidden * self.pooling.len()
     }
 
-    /// Sentence embeddings `(batch, dimension)` in f32 of hidden states
-    /// `(batch, seq, hidden)` under `mask` `(batch, seq)` (1 for a token).
+    /// Sentence embeddings `(batch, dimension)` in f32 (f64 for f64 hidden
+    /// states) of hidden states `(batch, seq, hidden)` under `mask`
+    /// `(batch, seq)` (1 for a token).
     pub fn pool(&self, hidden: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
-        let h = hidden.to_dtype(DType::F32)?;
-        let m = mask.to_dtype(DType::F32)?;
+        let dtype = if hidden.dtype() == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        let h = hidden.to_dtype(dtype)?;
+        let m = mask.to_dtype(dtype)?;
         let (_, t, _) = h.dims3()?;
         let m3 = m.unsqueeze(D::Minus1)?; // (b, t, 1)
         let count = m.sum_keepdim(1)?; // (b, 1)
@@ -228,13 +234,14 @@ impl SentenceConfig {
                     .broadcast_div(&count.clamp(1e-9, f64::MAX)?.sqrt()?)?,
                 PoolingMode::WeightedMean => {
                     let pos = Tensor::arange(1f32, (t + 1) as f32, h.device())?
+                        .to_dtype(dtype)?
                         .reshape((1, t, 1))?
                         .broadcast_mul(&m3)?;
                     let total = pos.sum(1)?.clamp(1e-9, f64::MAX)?;
                     h.broadcast_mul(&pos)?.sum(1)?.broadcast_div(&total)?
                 }
                 PoolingMode::LastToken => {
-                    let lens = m.sum(1)?.to_vec1::<f32>()?;
+                    let lens = m.sum(1)?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
                     let rows = lens
                         .iter()
                         .enumerate()
