@@ -15,6 +15,7 @@ pub mod build;
 pub mod encoder_tune;
 pub mod error;
 pub mod minilm;
+pub mod minilm_calibration;
 pub mod minilm_onnx;
 pub mod score;
 pub mod synth;

