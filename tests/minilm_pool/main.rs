@@ -1010,4 +1010,5 @@ fn fusion_serve_starts_with_fusion_cache_set() {
 }
 
 // Declared last: it uses the macros above.
+mod data_driven;
 mod onnx;

@@ -26,7 +26,7 @@ fn texts() -> Vec<String> {
 }
 
 /// True when an ONNX Runtime library can be loaded (else prints why not).
-fn ort_available() -> bool {
+pub(crate) fn ort_available() -> bool {
     match library::environment() {
         Ok(_) => true,
         Err(e) => {

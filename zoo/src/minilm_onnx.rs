@@ -230,8 +230,22 @@ pub fn build_onnx(
         .map(|(n, (shape, values))| Ok((n, Tensor::from_vec(values, shape, &Device::Cpu)?)))
         .collect::<Result<_>>()?;
     let mut tunes = Vec::new();
+    // Each fine-tune's own inputs (its training texts, labels dropped), for
+    // the data-driven merges of the ONNX pool.
+    let calibration = out.join("calibration-onnx");
+    if calibration.exists() {
+        std::fs::remove_dir_all(&calibration).map_err(|e| ZooError::io(&calibration, e))?;
+    }
     for (i, (name, task)) in ONNX_EXPERTS.iter().enumerate() {
         let items = training_items(&out.join("tasks").join(task))?;
+        let lines: Vec<String> = items
+            .iter()
+            .map(|(t, _)| serde_json::json!({ "text": t }).to_string())
+            .collect();
+        write(
+            &calibration.join(format!("{name}.texts.jsonl")),
+            (lines.join("\n") + "\n").as_bytes(),
+        )?;
         let opts = TuneOptions {
             seed: i as u64,
             ..TuneOptions::default()
@@ -270,7 +284,7 @@ pub fn build_onnx(
             .map(|(n, _)| (n.to_string(), PathBuf::from(format!("models/onnx-{n}"))))
             .collect(),
         taskpool: Some(PathBuf::from("tasks")),
-        calibration: None,
+        calibration: Some(PathBuf::from("calibration-onnx")),
     }
     .write(&pool_yaml)?;
     Ok(OnnxReport { pool_yaml, tunes })
