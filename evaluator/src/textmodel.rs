@@ -56,7 +56,7 @@ impl Scorer for Runnable {
 
     fn count_tokens(&self, text: &str) -> Result<usize> {
         match self {
-            Runnable::Text(t) => Scorer::count_tokens(t, text),
+            Runnable::Text(t) => Scorer::count_tokens(t.as_ref(), text),
             Runnable::Embedding(e) => Ok(e.tokenize(text)?.0.len()),
         }
     }

@@ -6,12 +6,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::Tensor;
 use merger::moe::MoeModel;
 use runtime::architectures::Kind;
 use runtime::checkpoint::Checkpoint;
-use runtime::generate::TextModel;
+use runtime::generate::{Scheduler, SchedulerLimits, StepObserver, TextModel};
 use runtime::model::ModelOptions;
 pub use runtime::Embedded;
 use runtime::Runnable;
@@ -22,6 +23,9 @@ pub use runtime::generate::{ChatMessage, Completion, FinishReason, SamplingParam
 pub struct Engine {
     model: Runnable,
     bytes: u64,
+    /// The batching step loop of a text model, started by its first
+    /// generation; `None` inside when the model cannot be batched.
+    batch: OnceLock<Option<Scheduler>>,
 }
 
 impl Engine {
@@ -34,6 +38,7 @@ impl Engine {
         Ok(Engine {
             model: loaded.into_runnable()?,
             bytes,
+            batch: OnceLock::new(),
         })
     }
 
@@ -55,6 +60,7 @@ impl Engine {
         Ok(Engine {
             model: built.into_runnable()?,
             bytes,
+            batch: OnceLock::new(),
         })
     }
 
@@ -67,8 +73,9 @@ impl Engine {
         let bytes = built.bytes();
         let text = TextModel::from_model(built.into_model(), tokenizer_dir)?;
         Ok(Engine {
-            model: Runnable::Text(text),
+            model: Runnable::Text(Arc::new(text)),
             bytes,
+            batch: OnceLock::new(),
         })
     }
 
@@ -121,6 +128,31 @@ impl Engine {
     /// Token ids of a raw completion prompt.
     pub fn text_prompt(&self, prompt: &str) -> merger::Result<Vec<u32>> {
         Ok(self.text("completions")?.encode(prompt)?)
+    }
+
+    /// The batching scheduler of a text model, started on the first call
+    /// with `limits` and `observer`; `None` for a model that is not
+    /// batched (an embedding model, or a routed merge, whose routing is
+    /// per sequence): it generates with [`Engine::generate`].
+    pub fn scheduler(
+        &self,
+        limits: impl FnOnce() -> SchedulerLimits,
+        observer: impl FnOnce() -> Arc<dyn StepObserver>,
+    ) -> Option<&Scheduler> {
+        self.batch
+            .get_or_init(|| match &self.model {
+                Runnable::Text(t) if t.model().batchable() => {
+                    match Scheduler::new(t.clone(), limits(), observer()) {
+                        Ok(s) => Some(s),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "generating without batching");
+                            None
+                        }
+                    }
+                }
+                _ => None,
+            })
+            .as_ref()
     }
 
     /// Generates from `prompt`; `on_token` gets each text delta and returns

@@ -63,7 +63,7 @@ pub enum GatewayError {
     #[error("{0}")]
     Unprocessable(String),
     /// The generation queue is full.
-    #[error("the server is busy: {running} generations running and {queued} queued (limit {queue_depth}); retry later")]
+    #[error("the server is busy: {running} generations running and {queued} queued (server.limits.queue_depth = {queue_depth}); retry later")]
     Overloaded {
         /// Generations running.
         running: usize,
@@ -361,6 +361,16 @@ impl GatewayError {
         let message = e.to_string();
         let input = matches!(stage, Stage::Validation | Stage::Execution);
         match &e {
+            RuntimeError::QueueFull {
+                running,
+                queued,
+                depth,
+            } => GatewayError::Overloaded {
+                running: *running,
+                queued: *queued,
+                queue_depth: *depth,
+                retry_after: crate::limits::admission::RETRY_AFTER,
+            },
             RuntimeError::ContextLength { .. } if input => GatewayError::BadRequest {
                 message,
                 param: None,

@@ -23,6 +23,7 @@
 #![deny(missing_docs)]
 
 pub mod auth;
+pub mod batching;
 pub mod cache;
 pub mod clock;
 pub mod config;

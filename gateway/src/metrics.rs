@@ -54,6 +54,18 @@ pub const MERGE_CACHE_ENTRIES: &str = "fusion_merge_cache_entries";
 pub const GENERATION_QUEUE_DEPTH: &str = "fusion_generation_queue_depth";
 /// Generations running.
 pub const GENERATIONS_RUNNING: &str = "fusion_generations_running";
+/// Sequences in one batched forward pass (continuous batching's steps).
+pub const BATCH_SEQUENCES: &str = "fusion_batch_sequences";
+/// Tokens in one batched forward pass (decodes and prefill chunks).
+pub const BATCH_TOKENS: &str = "fusion_batch_tokens";
+/// Wall time of one batched step (forward pass and sampling).
+pub const BATCH_STEP_SECONDS: &str = "fusion_batch_step_seconds";
+/// Time a generation waited before joining the running batch.
+pub const GENERATION_QUEUE_SECONDS: &str = "fusion_generation_queue_seconds";
+/// Time between two tokens of one generation.
+pub const INTER_TOKEN_SECONDS: &str = "fusion_inter_token_seconds";
+/// Bytes of key/value cache blocks held by running sequences.
+pub const KV_CACHE_BYTES: &str = "fusion_kv_cache_bytes";
 /// Latest score of a scheduled evaluation, by merge, task and metric.
 pub const EVAL_SCORE: &str = "fusion_eval_score";
 /// Evaluation runs by merge and outcome.
@@ -69,6 +81,10 @@ pub const EVAL_DEGRADED: &str = "fusion_eval_degraded";
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
+];
+/// Buckets of counts per batched step (sequences, tokens).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0,
 ];
 /// Buckets of merges and evaluations (seconds).
 const LONG_BUCKETS: &[f64] = &[
@@ -122,6 +138,18 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     /// See [`GENERATIONS_RUNNING`].
     pub generations_running: IntGauge,
+    /// See [`BATCH_SEQUENCES`].
+    pub batch_sequences: Histogram,
+    /// See [`BATCH_TOKENS`].
+    pub batch_tokens: Histogram,
+    /// See [`BATCH_STEP_SECONDS`].
+    pub batch_step: Histogram,
+    /// See [`GENERATION_QUEUE_SECONDS`].
+    pub queue_seconds: Histogram,
+    /// See [`INTER_TOKEN_SECONDS`].
+    pub inter_token: Histogram,
+    /// See [`KV_CACHE_BYTES`].
+    pub kv_cache_bytes: IntGauge,
     /// See [`EVAL_SCORE`].
     pub eval_score: prometheus::GaugeVec,
     /// See [`EVAL_RUNS_TOTAL`].
@@ -162,7 +190,7 @@ impl Metrics {
         .expect("valid metric");
         let time_to_first_token = Histogram::with_opts(hist(
             TIME_TO_FIRST_TOKEN_SECONDS,
-            "Time from the start of a generation to its first token.",
+            "Time from a generation's admission (batched: its submission) to its first token.",
             LATENCY_BUCKETS,
         ))
         .expect("valid metric");
@@ -267,6 +295,39 @@ impl Metrics {
         let generations_running =
             IntGauge::with_opts(opts(GENERATIONS_RUNNING, "Generations running."))
                 .expect("valid metric");
+        let h = |name: &str, help: &str, buckets: &[f64]| {
+            Histogram::with_opts(hist(name, help, buckets)).expect("valid metric")
+        };
+        let batch_sequences = h(
+            BATCH_SEQUENCES,
+            "Sequences in one batched forward pass.",
+            COUNT_BUCKETS,
+        );
+        let batch_tokens = h(
+            BATCH_TOKENS,
+            "Tokens in one batched forward pass (decodes and prefill chunks).",
+            COUNT_BUCKETS,
+        );
+        let batch_step = h(
+            BATCH_STEP_SECONDS,
+            "Wall time of one batched step (forward pass and sampling).",
+            LATENCY_BUCKETS,
+        );
+        let queue_seconds = h(
+            GENERATION_QUEUE_SECONDS,
+            "Time a generation waited before joining the running batch.",
+            LATENCY_BUCKETS,
+        );
+        let inter_token = h(
+            INTER_TOKEN_SECONDS,
+            "Time between two tokens of one generation.",
+            LATENCY_BUCKETS,
+        );
+        let kv_cache_bytes = IntGauge::with_opts(opts(
+            KV_CACHE_BYTES,
+            "Bytes of key/value cache blocks held by running sequences.",
+        ))
+        .expect("valid metric");
         let eval_score = prometheus::GaugeVec::new(
             opts(EVAL_SCORE, "Latest score of a scheduled evaluation."),
             &["merge", "task", "metric"],
@@ -325,6 +386,12 @@ impl Metrics {
             cache_entries,
             queue_depth,
             generations_running,
+            batch_sequences,
+            batch_tokens,
+            batch_step,
+            queue_seconds,
+            inter_token,
+            kv_cache_bytes,
             eval_score,
             eval_runs,
             eval_duration,
@@ -353,6 +420,12 @@ impl Metrics {
             Box::new(m.cache_entries.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.generations_running.clone()),
+            Box::new(m.batch_sequences.clone()),
+            Box::new(m.batch_tokens.clone()),
+            Box::new(m.batch_step.clone()),
+            Box::new(m.queue_seconds.clone()),
+            Box::new(m.inter_token.clone()),
+            Box::new(m.kv_cache_bytes.clone()),
             Box::new(m.eval_score.clone()),
             Box::new(m.eval_runs.clone()),
             Box::new(m.eval_duration.clone()),

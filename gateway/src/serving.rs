@@ -1,8 +1,10 @@
 //! The one native execution path behind the OpenAI routes, once the
-//! [model store](crate::store) has made the model resident: take a
-//! generation slot (429 when the queue is full), then tokenize and check
-//! the prompt and generate on the blocking pool, streaming text deltas
-//! through a channel; or embed texts the same way.
+//! [model store](crate::store) has made the model resident: tokenize and
+//! check the prompt, then hand it to the model's batching scheduler
+//! ([`crate::batching`]; 429 when its queue is full), whose step loop
+//! streams text deltas through a channel. A model that cannot be batched
+//! (a routed merge) takes a generation slot instead (429 when that queue
+//! is full) and generates alone on the blocking pool; embeddings too.
 //!
 //! Errors of the prompt are the request's (4xx). What fails once generation
 //! runs is mapped at [`Stage::Execution`]: a model that fails in its
@@ -14,6 +16,9 @@ use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use runtime::generate::{EventSink, Priority, SchedulerEvent};
+
+use crate::batching::{self, BatchMetrics};
 use crate::engine::{ChatMessage, Completion, Embedded, Engine, SamplingParams, TokenEvent};
 use crate::error::{GatewayError, Result, Stage};
 use crate::state::AppState;
@@ -42,7 +47,7 @@ pub struct Generation {
     /// Tokens of the prompt.
     pub prompt_tokens: usize,
     /// Deltas, then one `Finished` or `Failed`.
-    pub events: mpsc::Receiver<Event>,
+    pub events: mpsc::UnboundedReceiver<Event>,
 }
 
 /// Token ids of a prompt, checked to leave room for a completion in the
@@ -70,13 +75,80 @@ fn prompt_ids(engine: &Engine, prompt: &Prompt, split_special_tokens: bool) -> R
     Ok(ids)
 }
 
-/// Deltas buffered between the generating thread and the response.
-const EVENT_BUFFER: usize = 64;
+/// Starts a generation: in the model's batch when it has one, else alone
+/// in a generation slot. Returns once the prompt is tokenized and checked
+/// (and, batched, queued), so prompt errors are plain HTTP errors.
+///
+/// The events of a generation are never more than its `max_tokens`
+/// deltas, so their channel needs no bound; a closed channel (the client
+/// went away) ends the sequence.
+pub async fn generate(
+    state: &AppState,
+    handle: &ModelHandle,
+    prompt: Prompt,
+    params: SamplingParams,
+) -> Result<Generation> {
+    if batching::scheduler_of(state, &handle.served.engine).is_some() {
+        return generate_batched(state, handle, prompt, params).await;
+    }
+    generate_alone(state, handle, prompt, params).await
+}
+
+/// Tokenizes on the blocking pool and submits to the model's scheduler.
+async fn generate_batched(
+    state: &AppState,
+    handle: &ModelHandle,
+    prompt: Prompt,
+    params: SamplingParams,
+) -> Result<Generation> {
+    let served = handle.served.clone();
+    let metrics = state.metrics.clone();
+    let observer = state.metrics.clone();
+    let limits = state.config.server.limits.clone();
+    let split_special_tokens = state.config.server.split_special_tokens;
+    let (tx, events) = mpsc::unbounded_channel();
+    let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<usize> {
+        let engine = &served.engine;
+        let ids = prompt_ids(engine, &prompt, split_special_tokens)?;
+        let n = ids.len();
+        let scheduler = engine.scheduler(
+            || batching::scheduler_limits(&limits),
+            || Arc::new(BatchMetrics::new(observer)),
+        );
+        let Some(scheduler) = scheduler else {
+            return Err(GatewayError::Internal(
+                "the model's scheduler did not start".to_string(),
+            ));
+        };
+        let sink: EventSink = Box::new(move |ev| match ev {
+            SchedulerEvent::Token(t) if t.text.is_empty() => !tx.is_closed(),
+            SchedulerEvent::Token(t) => tx.send(Event::Delta(t.text)).is_ok(),
+            SchedulerEvent::Done(Ok(done)) => {
+                metrics
+                    .generated_tokens
+                    .inc_by(done.completion_tokens as u64);
+                tx.send(Event::Finished(done)).is_ok()
+            }
+            SchedulerEvent::Done(Err(e)) => tx
+                .send(Event::Failed(GatewayError::at_runtime(Stage::Execution, e)))
+                .is_ok(),
+        });
+        scheduler
+            .submit(ids, &params, Priority::Traffic, sink)
+            .map_err(GatewayError::from)?;
+        Ok(n)
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(format!("the generation task failed: {e}")))??;
+    Ok(Generation {
+        prompt_tokens,
+        events,
+    })
+}
 
 /// Takes a generation slot (429 when the queue is full), then tokenizes the
-/// prompt and generates on the blocking pool. Returns once the prompt is
-/// tokenized and checked, so prompt errors are plain HTTP errors.
-pub async fn generate(
+/// prompt and generates on the blocking pool.
+async fn generate_alone(
     state: &AppState,
     handle: &ModelHandle,
     prompt: Prompt,
@@ -87,7 +159,7 @@ pub async fn generate(
     let metrics = state.metrics.clone();
     let split_special_tokens = state.config.server.split_special_tokens;
     let (ready_tx, ready_rx) = oneshot::channel::<Result<usize>>();
-    let (tx, events) = mpsc::channel(EVENT_BUFFER);
+    let (tx, events) = mpsc::unbounded_channel();
     tokio::task::spawn_blocking(move || {
         let engine = &served.engine;
         let ids = match prompt_ids(engine, &prompt, split_special_tokens) {
@@ -113,7 +185,7 @@ pub async fn generate(
             if ev.text.is_empty() {
                 return !tx.is_closed();
             }
-            tx.blocking_send(Event::Delta(ev.text.clone())).is_ok()
+            tx.send(Event::Delta(ev.text.clone())).is_ok()
         };
         let result = engine.generate(&ids, &params, &mut on_token);
         // Free the slot before the client can see the end, so a request sent
@@ -128,7 +200,7 @@ pub async fn generate(
             }
             Err(e) => Event::Failed(GatewayError::at(Stage::Execution, e)),
         };
-        let _ = tx.blocking_send(event);
+        let _ = tx.send(event);
     });
     let prompt_tokens = ready_rx
         .await

@@ -279,7 +279,7 @@ async fn every_error_has_its_status_and_the_openai_shape() {
 async fn a_full_queue_is_429_with_retry_after() {
     let pool = Pool::small();
     let server = start(pool.config_with_server(
-        "limits: {max_concurrent_generations: 1, queue_depth: 0, max_tokens: 240}",
+        "limits: {max_running_sequences: 1, max_batch_tokens: 8, queue_depth: 0, max_tokens: 240}",
         "",
     ));
     let c = Client::new(&server);

@@ -5,6 +5,7 @@
 //! ([`folder_kind`]).
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use std::collections::HashMap;
 
@@ -107,7 +108,9 @@ impl Servable {
     /// and embed (a decoder) or to embed (an encoder).
     pub fn into_runnable(self) -> Result<Runnable> {
         Ok(match self.network {
-            Network::Decoder(m) => Runnable::Text(TextModel::from_model(m, &self.side_files)?),
+            Network::Decoder(m) => {
+                Runnable::Text(Arc::new(TextModel::from_model(m, &self.side_files)?))
+            }
             Network::Encoder(e) => {
                 Runnable::Embedding(SentenceEncoder::from_encoder(e, &self.side_files)?)
             }
@@ -117,9 +120,9 @@ impl Servable {
     /// [`Servable::into_runnable`] of a decoder; an encoder is a
     /// [`RuntimeError::WrongKind`] error.
     pub fn into_text_model(self) -> Result<TextModel> {
-        match self.into_runnable()? {
-            Runnable::Text(t) => Ok(t),
-            Runnable::Embedding(_) => Err(RuntimeError::WrongKind(
+        match self.network {
+            Network::Decoder(m) => Ok(TextModel::from_model(m, &self.side_files)?),
+            Network::Encoder(_) => Err(RuntimeError::WrongKind(
                 "generation and scoring need a text-generation model; this is an embedding model"
                     .into(),
             )
@@ -183,7 +186,7 @@ pub fn load_text_model(dir: &Path, opts: &ModelOptions) -> Result<TextModel> {
 /// decoder as a text model, an encoder as a sentence encoder.
 pub fn load_runnable(dir: &Path, opts: &ModelOptions) -> Result<Runnable> {
     match folder_kind(dir)? {
-        FolderKind::Routed => Ok(Runnable::Text(load_text_model(dir, opts)?)),
+        FolderKind::Routed => Ok(Runnable::Text(Arc::new(load_text_model(dir, opts)?))),
         FolderKind::Plain => Ok(Runnable::load(dir, opts)?),
     }
 }

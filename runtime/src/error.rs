@@ -143,6 +143,19 @@ pub enum RuntimeError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The batching scheduler's queue is full (the gateway's 429).
+    #[error(
+        "the server is busy: {running} sequences running and {queued} requests queued \
+         (server.limits.queue_depth = {depth}); retry later"
+    )]
+    QueueFull {
+        /// Sequences in the running batch.
+        running: usize,
+        /// Requests waiting to join it.
+        queued: usize,
+        /// The queue bound.
+        depth: usize,
+    },
     /// The work was cancelled while it ran (a client that went away).
     #[error("the work was cancelled (a merge deleted or shut down, or a client that went away)")]
     Cancelled,
@@ -251,7 +264,7 @@ impl RuntimeError {
         use RuntimeError::*;
         match self {
             Io { .. } | Device(..) | Tensor { .. } | Candle(_) | Writer(_) => ErrorKind::Internal,
-            Generation(_) | Model(_) => ErrorKind::Internal,
+            Generation(_) | Model(_) | QueueFull { .. } => ErrorKind::Internal,
             ModelConfig { .. } | Tokenizer { .. } => ErrorKind::Corrupt,
             Template(_)
             | InvalidInput(_)

@@ -4,6 +4,7 @@
 //! can (generate, score).
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::architectures::{self, Kind};
 use crate::encoder::SentenceEncoder;
@@ -18,7 +19,7 @@ use crate::model::ModelOptions;
 #[allow(clippy::large_enum_variant)]
 pub enum Runnable {
     /// A decoder with its tokenizer and chat template.
-    Text(TextModel),
+    Text(Arc<TextModel>),
     /// An encoder with its tokenizer and sentence-transformers pooling.
     Embedding(SentenceEncoder),
 }
@@ -38,7 +39,7 @@ impl Runnable {
     /// Loads a plain checkpoint folder of any registered family.
     pub fn load(dir: &Path, opts: &ModelOptions) -> Result<Runnable> {
         match architectures::of_dir(dir)?.kind {
-            Kind::Decoder => Ok(Runnable::Text(TextModel::load(dir, opts)?)),
+            Kind::Decoder => Ok(Runnable::Text(Arc::new(TextModel::load(dir, opts)?))),
             Kind::Encoder => Ok(Runnable::Embedding(SentenceEncoder::load(dir, opts)?)),
         }
     }

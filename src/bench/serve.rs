@@ -7,6 +7,12 @@
 //!    holds only 2 (so merges are evicted and redone), with a built-in client
 //!    and, when it is installed, `wrk` (Debian package `wrk`) with a Lua
 //!    script rotating over the 4 merges.
+//! 3. Decoding, continuous batching against its peer: `--decode-clients`
+//!    concurrent greedy completions of `--decode-tokens` tokens on one
+//!    resident merge (one batch, over HTTP), against the same generations
+//!    one after another in-process, in the same run: tokens/s of each,
+//!    their ratio, the mean batch width, and whether every batched text
+//!    equals its text alone.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +54,12 @@ pub struct ServeBenchArgs {
     /// Concurrent clients of the throughput run.
     #[arg(long, default_value_t = 8)]
     clients: usize,
+    /// Concurrent generations of the decoding measurement.
+    #[arg(long, default_value_t = 8)]
+    decode_clients: usize,
+    /// Tokens each generation of the decoding measurement asks for.
+    #[arg(long, default_value_t = 64)]
+    decode_tokens: usize,
 }
 
 /// Names of the random pool's experts.
@@ -227,7 +239,6 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             bail!("expected cache hits, got {cache_status:?}");
         }
     }
-    drop(served);
     let (ip50, ip99) = summary(in_process);
     let (hp50, hp99) = summary(over_http);
     println!(
@@ -271,6 +282,57 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     } else {
         println!("  wrk: not installed (Debian package `wrk`), skipped");
     }
+
+    // 3. Decoding: one batch against one generation at a time.
+    let n = args.decode_clients.max(1);
+    let prompts: Vec<String> = (0..n).map(|i| format!("{i}+{}=", i + 1)).collect();
+    let greedy = SamplingParams::greedy(args.decode_tokens);
+    let t = Instant::now();
+    let mut alone = Vec::with_capacity(n);
+    for p in &prompts {
+        let ids = served.engine.text_prompt(p)?;
+        alone.push(served.engine.generate(&ids, &greedy, &mut |_| true)?);
+    }
+    let alone_s = t.elapsed().as_secs_f64();
+    let alone_tokens: usize = alone.iter().map(|c| c.completion_tokens).sum();
+    drop(served);
+    // Resident again (the throughput run evicted it), so no merge is timed.
+    post(&id)?.bytes()?;
+    let metrics = &server.state().metrics;
+    let (steps0, width0) = (
+        metrics.batch_sequences.get_sample_count(),
+        metrics.batch_sequences.get_sample_sum(),
+    );
+    let t = Instant::now();
+    let batched = rt.block_on(decode_batch(&url, &id, &prompts, args.decode_tokens))?;
+    let batched_s = t.elapsed().as_secs_f64();
+    let steps = metrics.batch_sequences.get_sample_count() - steps0;
+    let width = (metrics.batch_sequences.get_sample_sum() - width0) / steps.max(1) as f64;
+    let batched_tokens: usize = batched.iter().map(|(_, k)| k).sum();
+    let same = alone
+        .iter()
+        .zip(&batched)
+        .filter(|(a, (text, _))| &a.text == text)
+        .count();
+    let (alone_rate, batched_rate) = (
+        alone_tokens as f64 / alone_s,
+        batched_tokens as f64 / batched_s,
+    );
+    println!(
+        "\ndecoding, {n} greedy completions of up to {} tokens on one resident merge:",
+        args.decode_tokens
+    );
+    println!(
+        "  one at a time, in-process:        {alone_tokens} tokens in {alone_s:.2} s, {alone_rate:.0} tokens/s"
+    );
+    println!(
+        "  concurrent over HTTP, batched:    {batched_tokens} tokens in {batched_s:.2} s, {batched_rate:.0} tokens/s \
+         ({steps} steps, mean batch {width:.2} sequences)"
+    );
+    println!(
+        "  batched / one at a time:          {:.2}x; texts identical to alone: {same}/{n}",
+        batched_rate / alone_rate
+    );
     server.stop();
     Ok(())
 }
@@ -354,6 +416,44 @@ async fn load(url: &str, merges: &[String], clients: usize, duration: Duration) 
         p50,
         p99,
     }
+}
+
+/// `prompts` as concurrent greedy completions of `max_tokens` on `model`:
+/// each one's text and completion tokens, in order.
+async fn decode_batch(
+    url: &str,
+    model: &str,
+    prompts: &[String],
+    max_tokens: usize,
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let http = reqwest::Client::new();
+    let tasks: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({"model": model, "prompt": p, "max_tokens": max_tokens,
+                "temperature": 0});
+            let (http, url) = (http.clone(), url.to_string());
+            tokio::spawn(async move {
+                let res = http
+                    .post(format!("{url}/v1/completions"))
+                    .json(&body)
+                    .send()
+                    .await?;
+                if !res.status().is_success() {
+                    bail!("HTTP {}: {}", res.status(), res.text().await?);
+                }
+                let v: serde_json::Value = res.json().await?;
+                let text = v["choices"][0]["text"].as_str().unwrap_or("").to_string();
+                let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                Ok((text, tokens))
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        out.push(t.await??);
+    }
+    Ok(out)
 }
 
 /// Runs wrk with a script rotating over the merges; its summary line.

@@ -142,7 +142,8 @@ entries:
   - slerp(sre,jobs)
   # Data-driven merges on each fine-tune's own inputs (calibration/: its
   # model card's widget examples), FusionBench defaults but AdaMerging's
-  # steps: 1000 steps take about 2.5 hours on 2 CPU cores (50: 8 minutes).
+  # steps: 1000 steps take about 73 minutes on 2 CPU cores with
+  # CANDLE_NUM_THREADS=1 (50: about 4 minutes).
   - fisher_merging(sre,jobs)
   - regmean(sre,jobs)
   - regmean_plusplus(sre,jobs)

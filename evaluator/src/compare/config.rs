@@ -501,8 +501,11 @@ mod tests {
         )
         .unwrap();
         // base, 2 experts, simple_average, 4 task_arithmetic, ties, dare,
-        // 2 we_moe learning rates, we_moe with a larger batch.
-        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 2 + 1);
+        // 2 we_moe learning rates, we_moe with a larger batch, the five
+        // data-driven methods.
+        assert_eq!(cfg.rows.len(), 3 + 1 + 4 + 1 + 1 + 2 + 1 + 5);
+        assert_eq!(cfg.rows[13].name, "fisher_merging");
+        assert_eq!(cfg.rows[17].name, "ada_svd");
         assert_eq!(cfg.rows[11].name, "we_moe (lr=0.001)");
         assert_eq!(cfg.rows[12].name, "we_moe (lr=0.001, batch_size=32)");
         assert_eq!(

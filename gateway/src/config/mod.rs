@@ -10,6 +10,8 @@
 //!   shutdown_timeout: 30s
 //!   limits: {max_body_bytes: 1MiB, max_tokens: 1024, max_experts: 8,
 //!            max_spec_len: 2048, max_concurrent_generations: 2, queue_depth: 64,
+//!            max_batch_tokens: 512, max_running_sequences: 16,
+//!            kv_cache_bytes: 1GiB, kv_block_tokens: 16,
 //!            max_router_steps: 1000, max_iterations: 1000, max_batch_size: 64,
 //!            max_rank: 256, max_list_len: 256, max_book_bytes: 16MiB,
 //!            max_evaluations: 64, max_calibration_samples: 1024}
@@ -149,10 +151,29 @@ pub struct LimitsConfig {
     /// Longest compact merge string (characters).
     #[serde(default = "default_max_spec_len")]
     pub max_spec_len: usize,
-    /// Generations running at once.
+    /// Unbatched work running at once: embeddings, and generations of
+    /// models that keep per-sequence state (routed merges). Generations of
+    /// every other text model share the batching scheduler's bounds below.
     #[serde(default = "default_generations")]
     pub max_concurrent_generations: usize,
-    /// Requests that may wait for a generation slot; past it, 429.
+    /// Tokens of one batched forward pass (decode tokens of the running
+    /// sequences and prefill chunks of new ones); at least
+    /// `max_running_sequences`.
+    #[serde(default = "default_max_batch_tokens")]
+    pub max_batch_tokens: usize,
+    /// Sequences in one model's running batch; more wait in the queue.
+    #[serde(default = "default_max_running_sequences")]
+    pub max_running_sequences: usize,
+    /// Bytes of key/value cache blocks per resident model's batch: a
+    /// request joins only when its prompt and `max_tokens` fit beside the
+    /// running sequences'; one that could never fit is a 400.
+    #[serde(default = "default_kv_cache_bytes", deserialize_with = "bytes")]
+    pub kv_cache_bytes: u64,
+    /// Positions per key/value block.
+    #[serde(default = "default_kv_block_tokens")]
+    pub kv_block_tokens: usize,
+    /// Requests that may wait for a generation slot or a place in a batch;
+    /// past it, 429.
     #[serde(default = "default_queue")]
     pub queue_depth: usize,
     /// Most router training steps (`steps`) one routed merge (`we_moe`, ...)
@@ -328,6 +349,18 @@ fn default_max_spec_len() -> usize {
 fn default_generations() -> usize {
     2
 }
+fn default_max_batch_tokens() -> usize {
+    512
+}
+fn default_max_running_sequences() -> usize {
+    16
+}
+fn default_kv_cache_bytes() -> u64 {
+    1 << 30
+}
+fn default_kv_block_tokens() -> usize {
+    16
+}
 fn default_queue() -> usize {
     64
 }
@@ -392,6 +425,10 @@ impl Default for LimitsConfig {
             max_experts: default_max_experts(),
             max_spec_len: default_max_spec_len(),
             max_concurrent_generations: default_generations(),
+            max_batch_tokens: default_max_batch_tokens(),
+            max_running_sequences: default_max_running_sequences(),
+            kv_cache_bytes: default_kv_cache_bytes(),
+            kv_block_tokens: default_kv_block_tokens(),
             queue_depth: default_queue(),
             max_router_steps: default_max_router_steps(),
             max_iterations: default_max_iterations(),
@@ -615,6 +652,12 @@ impl Config {
                 l.max_concurrent_generations,
             ),
             ("server.limits.max_list_len", l.max_list_len),
+            ("server.limits.max_batch_tokens", l.max_batch_tokens),
+            (
+                "server.limits.max_running_sequences",
+                l.max_running_sequences,
+            ),
+            ("server.limits.kv_block_tokens", l.kv_block_tokens),
             ("server.limits.max_evaluations", l.max_evaluations),
             ("merge.max_concurrent", self.merge.max_concurrent),
         ] {
@@ -635,6 +678,22 @@ impl Config {
             return Err(err(
                 "server.limits.max_book_bytes",
                 format!("{} is below the 1 KiB minimum", l.max_book_bytes),
+            ));
+        }
+        if l.max_batch_tokens < l.max_running_sequences {
+            return Err(err(
+                "server.limits.max_batch_tokens",
+                format!(
+                    "{} is below max_running_sequences ({}): a step holds one token of every \
+                     running sequence",
+                    l.max_batch_tokens, l.max_running_sequences
+                ),
+            ));
+        }
+        if l.kv_cache_bytes < 1 << 20 {
+            return Err(err(
+                "server.limits.kv_cache_bytes",
+                format!("{} is below the 1 MiB minimum", l.kv_cache_bytes),
             ));
         }
         if l.max_body_bytes < 1024 {

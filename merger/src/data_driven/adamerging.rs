@@ -12,28 +12,26 @@
 //!   tensor g (every float tensor of the checkpoint, in name order), T·G
 //!   numbers, FusionBench's layer-wise AdaMerging;
 //! - every λ starts at `init` (0.3), so 0 steps is task arithmetic at
-//!   `init`; Adam (candle's AdamW, weight decay 0, β = (0.9, 0.999), ε =
-//!   1e-8) at `lr` for `steps` steps; each step sums the mean entropy of
+//!   `init`; Adam (torch.optim.Adam's update in f64: weight decay 0,
+//!   β = (0.9, 0.999), ε = 1e-8) at `lr` for `steps` steps; each step sums the mean entropy of
 //!   one batch of `batch_size` inputs of every task (each expert's own
 //!   inputs, a seeded shuffle per task), as FusionBench does; `clamp`
 //!   clips every λ to [0, 1] after each step.
 //!
 //! Predictions and their entropy are the model's own on unlabeled inputs
-//! ([`super::network`]). Gradients reach λ through θ(λ): the network is
-//! built from the tensors computed from the `Var` λ, with differentiable
-//! ops.
+//! ([`super::network`]). Gradients reach λ through θ(λ) by the chain rule
+//! ([`Coefficients`]).
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use candle_core::{DType, IndexOp, Tensor, Var, D};
-use candle_nn::{AdamW, Optimizer, ParamsAdamW};
+use candle_core::{DType, Tensor, Var, D};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
-use super::network::{float_tensors, Family};
+use super::network::{float_tensors, Family, Net};
 use super::params::Granularity;
 use super::{bar, check_same, DataContext, DataReport, Expert};
 use crate::error::Result;
@@ -79,15 +77,27 @@ pub fn mean_entropy(predictions: &[Tensor]) -> Result<Option<Tensor>> {
     })
 }
 
-/// Task arithmetic with trainable coefficients: θ0 and the task vectors.
+/// Task arithmetic with trainable coefficients: θ0, the task vectors
+/// stacked per tensor, and λ.
+///
+/// A step never builds θ(λ) inside the autograd graph: θ_g is written into
+/// one persistent `Var` per tensor (`θ0_g + λ_{:,g}ᵀ τ_g`, one matrix
+/// product), the network's backward gives ∂L/∂θ_g, and the chain rule
+/// through the linear θ(λ) is ∂L/∂λ_{i,g} = ⟨∂L/∂θ_g, τ_{i,g}⟩, another
+/// matrix product (`granularity: task` sums it over g). That is the
+/// gradient autograd would give through θ(λ), without the graph's
+/// per-element broadcast products and their gradients, and without a
+/// second copy of the weights per step.
 pub struct Coefficients {
     /// Parameter tensors in group order.
     pub names: Vec<String>,
     base: Vec<Tensor>,
-    /// `taus[i][g]`.
-    taus: Vec<Vec<Tensor>>,
-    /// `(T, G)` (layer) or `(T, 1)` (task).
-    pub lambda: Var,
+    /// `taus[g]`: the experts' task vectors of tensor g, `(T, numel)`.
+    taus: Vec<Tensor>,
+    /// θ(λ) per tensor, rewritten in place when λ changes.
+    theta: Vec<Var>,
+    /// `[expert][group]`: `(T, G)` (layer) or `(T, 1)` (task).
+    lambda: Vec<Vec<f64>>,
 }
 
 impl Coefficients {
@@ -101,68 +111,142 @@ impl Coefficients {
     ) -> Result<Self> {
         let mut names: Vec<String> = base.keys().cloned().collect();
         names.sort();
-        let taus = experts
+        let taus = names
             .iter()
-            .map(|e| {
-                names
+            .map(|n| {
+                let rows = experts
                     .iter()
-                    .map(|n| Ok((&e[n] - &base[n])?))
-                    .collect::<Result<Vec<_>>>()
+                    .map(|e| Ok((&e[n] - &base[n])?.flatten_all()?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(Tensor::stack(&rows, 0)?)
             })
             .collect::<Result<Vec<_>>>()?;
         let groups = match granularity {
             Granularity::Layer => names.len(),
             Granularity::Task => 1,
         };
-        let first = &base[&names[0]];
-        let lambda = Var::from_tensor(
-            &(Tensor::ones((experts.len(), groups), first.dtype(), first.device())? * init)?,
-        )?;
-        Ok(Coefficients {
+        let theta = names
+            .iter()
+            .map(|n| Ok(Var::from_tensor(&base[n])?))
+            .collect::<Result<Vec<_>>>()?;
+        let mut c = Coefficients {
             base: names.iter().map(|n| base[n].clone()).collect(),
             names,
             taus,
-            lambda,
-        })
+            theta,
+            lambda: vec![vec![init; groups]; experts.len()],
+        };
+        c.update()?;
+        Ok(c)
     }
 
-    /// θ(λ) by name, differentiable in λ.
-    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
-        let lam = self.lambda.as_tensor();
-        let groups = lam.dim(1)?;
-        let mut out = HashMap::with_capacity(self.names.len());
-        for (g, name) in self.names.iter().enumerate() {
-            let col = if groups == 1 { 0 } else { g };
-            let mut t = self.base[g].clone();
-            for (i, taus) in self.taus.iter().enumerate() {
-                let l = lam.i((i, col))?;
-                t = (t + taus[g].broadcast_mul(&l)?)?;
-            }
-            out.insert(name.clone(), t);
+    fn column(&self, g: usize) -> usize {
+        if self.lambda[0].len() == 1 {
+            0
+        } else {
+            g
         }
-        Ok(out)
+    }
+
+    /// Rewrites θ(λ) from the current λ.
+    fn update(&mut self) -> Result<()> {
+        for g in 0..self.names.len() {
+            let col = self.column(g);
+            let tau = &self.taus[g];
+            let lam: Vec<f64> = self.lambda.iter().map(|l| l[col]).collect();
+            let lam = Tensor::from_vec(lam, (1, self.lambda.len()), tau.device())?
+                .to_dtype(tau.dtype())?;
+            let base = &self.base[g];
+            let delta = lam.matmul(tau)?.reshape(base.shape())?;
+            self.theta[g].set(&(base + delta)?)?;
+        }
+        Ok(())
+    }
+
+    /// θ(λ) by name (detached copies).
+    pub fn tensors(&self) -> Result<HashMap<String, Tensor>> {
+        self.names
+            .iter()
+            .zip(&self.theta)
+            .map(|(n, t)| Ok((n.clone(), t.as_tensor().copy()?.detach())))
+            .collect()
     }
 
     /// λ as numbers, `[expert][group]`.
-    pub fn values(&self) -> Result<Vec<Vec<f64>>> {
-        Ok(self
-            .lambda
-            .as_tensor()
-            .to_dtype(DType::F64)?
-            .to_vec2::<f64>()?)
+    pub fn values(&self) -> Vec<Vec<f64>> {
+        self.lambda.clone()
+    }
+
+    /// Sets λ and rewrites θ(λ).
+    pub fn set(&mut self, lambda: Vec<Vec<f64>>) -> Result<()> {
+        self.lambda = lambda;
+        self.update()
+    }
+
+    /// The objective on `batches` (one per task), no gradient.
+    pub fn loss(&self, family: &Family, batches: &[Vec<&CalibrationItem>]) -> Result<f64> {
+        let net = self.net(family, false)?;
+        match total_entropy(&net, batches)? {
+            Some(t) => Ok(t.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+            None => Ok(0.0),
+        }
+    }
+
+    /// The objective on `batches` and ∂L/∂λ, `[expert][group]`.
+    pub fn gradient(
+        &self,
+        family: &Family,
+        batches: &[Vec<&CalibrationItem>],
+    ) -> Result<(f64, Vec<Vec<f64>>)> {
+        let mut grad = vec![vec![0.0; self.lambda[0].len()]; self.lambda.len()];
+        let net = self.net(family, true)?;
+        let Some(total) = total_entropy(&net, batches)? else {
+            return Ok((0.0, grad));
+        };
+        let grads = total.backward()?;
+        for (g, theta) in self.theta.iter().enumerate() {
+            let Some(d) = grads.get(theta.as_tensor()) else {
+                continue;
+            };
+            let d = d.flatten_all()?.unsqueeze(1)?;
+            let dots = self.taus[g]
+                .matmul(&d)?
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
+            let col = self.column(g);
+            for (row, v) in grad.iter_mut().zip(dots) {
+                row[col] += v;
+            }
+        }
+        Ok((total.to_dtype(DType::F64)?.to_scalar::<f64>()?, grad))
+    }
+
+    fn net(&self, family: &Family, differentiable: bool) -> Result<Net> {
+        let tensors: HashMap<String, Tensor> = self
+            .names
+            .iter()
+            .zip(&self.theta)
+            .map(|(n, t)| (n.clone(), t.as_tensor().clone()))
+            .collect();
+        let dtype = self.base.first().map_or(DType::F32, Tensor::dtype);
+        let device = self
+            .base
+            .first()
+            .map_or(candle_core::Device::Cpu, |t| t.device().clone());
+        // candle's fused norms have no f64 kernel; the differentiable ops do.
+        family.build(
+            tensors,
+            &device,
+            dtype,
+            differentiable || dtype == DType::F64,
+        )
     }
 }
 
-/// The objective on `batches` (one per task) and its gradient in λ.
-pub fn objective(
-    family: &Family,
-    coeffs: &Coefficients,
-    batches: &[Vec<&CalibrationItem>],
-) -> Result<(Tensor, Option<candle_core::backprop::GradStore>)> {
-    let tensors = coeffs.tensors()?;
-    let dtype = tensors.values().next().map_or(DType::F32, Tensor::dtype);
-    let device = coeffs.lambda.device().clone();
-    let net = family.build(tensors, &device, dtype, true)?;
+/// Summed mean entropies of `batches` under `net` (None: nothing
+/// predicted).
+fn total_entropy(net: &Net, batches: &[Vec<&CalibrationItem>]) -> Result<Option<Tensor>> {
     let mut total: Option<Tensor> = None;
     for b in batches {
         if let Some(h) = mean_entropy(&net.predictions(b)?)? {
@@ -172,12 +256,48 @@ pub fn objective(
             });
         }
     }
-    match total {
-        Some(t) => {
-            let grads = t.backward()?;
-            Ok((t, Some(grads)))
+    Ok(total)
+}
+
+/// Adam (Kingma & Ba, as torch.optim.Adam with weight decay 0) on λ, in
+/// f64: m ← β1 m + (1−β1) g, v ← β2 v + (1−β2) g²,
+/// λ ← λ − lr m̂ / (√v̂ + ε) with m̂ = m/(1−β1^t), v̂ = v/(1−β2^t).
+struct Adam {
+    lr: f64,
+    t: i32,
+    m: Vec<Vec<f64>>,
+    v: Vec<Vec<f64>>,
+}
+
+impl Adam {
+    const BETA1: f64 = 0.9;
+    const BETA2: f64 = 0.999;
+    const EPS: f64 = 1e-8;
+
+    fn new(lr: f64, like: &[Vec<f64>]) -> Self {
+        let zeros: Vec<Vec<f64>> = like.iter().map(|r| vec![0.0; r.len()]).collect();
+        Adam {
+            lr,
+            t: 0,
+            m: zeros.clone(),
+            v: zeros,
         }
-        None => Ok((Tensor::new(0f32, &device)?.to_dtype(dtype)?, None)),
+    }
+
+    fn step(&mut self, lambda: &mut [Vec<f64>], grad: &[Vec<f64>]) {
+        self.t += 1;
+        let c1 = 1.0 - Self::BETA1.powi(self.t);
+        let c2 = 1.0 - Self::BETA2.powi(self.t);
+        for (i, row) in lambda.iter_mut().enumerate() {
+            for (g, l) in row.iter_mut().enumerate() {
+                let d = grad[i][g];
+                let m = &mut self.m[i][g];
+                let v = &mut self.v[i][g];
+                *m = Self::BETA1 * *m + (1.0 - Self::BETA1) * d;
+                *v = Self::BETA2 * *v + (1.0 - Self::BETA2) * d * d;
+                *l -= self.lr * (*m / c1) / ((*v / c2).sqrt() + Self::EPS);
+            }
+        }
     }
 }
 
@@ -223,24 +343,19 @@ pub(crate) fn merge(
     );
     check_same(&all, &labels)?;
     let base = all.remove(0);
-    let coeffs = Coefficients::new(&base, &all, p.granularity, p.init)?;
+    let mut coeffs = Coefficients::new(&base, &all, p.granularity, p.init)?;
     drop(all);
+    drop(base);
     if p.steps > 0 {
         let start = Instant::now();
         let eval: Vec<Vec<&CalibrationItem>> = experts
             .iter()
             .map(|e| e.items.iter().take(p.batch_size).collect())
             .collect();
-        let (before, _) = objective(family, &coeffs, &eval)?;
+        let before = coeffs.loss(family, &eval)?;
         report.forward_batches += experts.len() as u64;
-        let mut adam = AdamW::new(
-            vec![coeffs.lambda.clone()],
-            ParamsAdamW {
-                lr: p.lr,
-                weight_decay: 0.0,
-                ..ParamsAdamW::default()
-            },
-        )?;
+        let mut lambda = coeffs.values();
+        let mut adam = Adam::new(p.lr, &lambda);
         let mut rng = ChaCha8Rng::seed_from_u64(p.seed);
         let mut shuffles: Vec<Shuffle> = experts
             .iter()
@@ -257,32 +372,29 @@ pub(crate) fn merge(
                 .iter_mut()
                 .map(|s| s.next(p.batch_size, &mut rng))
                 .collect();
-            let (loss, grads) = objective(family, &coeffs, &batches)?;
+            let (loss, grad) = coeffs.gradient(family, &batches)?;
             report.forward_batches += experts.len() as u64;
-            if let Some(g) = grads {
-                adam.step(&g)?;
-            }
+            adam.step(&mut lambda, &grad);
             if p.clamp {
-                coeffs
-                    .lambda
-                    .set(&coeffs.lambda.as_tensor().clamp(0.0, 1.0)?)?;
+                lambda
+                    .iter_mut()
+                    .flatten()
+                    .for_each(|l| *l = l.clamp(0.0, 1.0));
             }
-            progress.set_message(format!(
-                "adamerging (entropy {:.4})",
-                loss.to_dtype(DType::F64)?.to_scalar::<f64>()?
-            ));
+            coeffs.set(lambda.clone())?;
+            progress.set_message(format!("adamerging (entropy {loss:.4})"));
             progress.inc(1);
         }
         progress.finish_and_clear();
-        let (after, _) = objective(family, &coeffs, &eval)?;
+        let after = coeffs.loss(family, &eval)?;
         report.forward_batches += experts.len() as u64;
         let seconds = start.elapsed().as_secs_f64();
         report.calibration_seconds += seconds;
         report.training = Some(AdaReport {
             steps: p.steps,
-            entropy_before: before.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            entropy_after: after.to_dtype(DType::F64)?.to_scalar::<f64>()?,
-            coefficients: coeffs.values()?,
+            entropy_before: before,
+            entropy_after: after,
+            coefficients: coeffs.values(),
             groups: match p.granularity {
                 Granularity::Layer => coeffs.names.clone(),
                 Granularity::Task => Vec::new(),
@@ -290,6 +402,5 @@ pub(crate) fn merge(
             seconds,
         });
     }
-    let tensors = coeffs.tensors()?;
-    Ok(tensors.into_iter().map(|(k, v)| (k, v.detach())).collect())
+    coeffs.tensors()
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::adamerging::{objective, Coefficients};
+use super::adamerging::Coefficients;
 use super::network::Family;
 use super::testutil::{decoder_pool, encoder_pool, max_diff, tensors_of, Pool};
 use super::*;
@@ -280,39 +280,38 @@ fn adamerging_gradients_match_finite_differences() {
         let family = Family::of(&pool.open("base").unwrap()).unwrap();
         let batches: Vec<Vec<&CalibrationItem>> =
             vec![items[..3].iter().collect(), items[3..].iter().collect()];
-        let coeffs = Coefficients::new(&base, &experts, Granularity::Layer, 0.3).unwrap();
-        let (_, grads) = objective(&family, &coeffs, &batches).unwrap();
-        let grad = grads
-            .unwrap()
-            .get(coeffs.lambda.as_tensor())
-            .unwrap()
-            .to_vec2::<f64>()
-            .unwrap();
-        let lam0 = coeffs.values().unwrap();
-        let h = 1e-5;
-        // A few entries: an embedding's, a block's, a norm's coefficient.
-        let pick: Vec<usize> = [0, coeffs.names.len() / 2, coeffs.names.len() - 1].to_vec();
-        for i in 0..2 {
-            for &g in &pick {
-                let at = |delta: f64| {
-                    let mut l = lam0.clone();
-                    l[i][g] += delta;
-                    let flat: Vec<f64> = l.iter().flatten().copied().collect();
-                    let t = Tensor::from_vec(flat, (l.len(), l[0].len()), &Device::Cpu).unwrap();
-                    coeffs.lambda.set(&t).unwrap();
-                    let (loss, _) = objective(&family, &coeffs, &batches).unwrap();
-                    assert_eq!(loss.dtype(), DType::F64);
-                    loss.to_scalar::<f64>().unwrap()
-                };
-                let fd = (at(h) - at(-h)) / (2.0 * h);
-                at(0.0);
-                let tol = 1e-6 + 1e-4 * fd.abs().max(grad[i][g].abs());
-                assert!(
-                    (fd - grad[i][g]).abs() < tol,
-                    "λ[{i}][{}]: autograd {} vs finite differences {fd}",
-                    coeffs.names[g],
-                    grad[i][g]
-                );
+        for granularity in [Granularity::Layer, Granularity::Task] {
+            let mut coeffs = Coefficients::new(&base, &experts, granularity, 0.3).unwrap();
+            let (loss, grad) = coeffs.gradient(&family, &batches).unwrap();
+            let plain = coeffs.loss(&family, &batches).unwrap();
+            assert!((loss - plain).abs() < 1e-10, "{loss} vs {plain}");
+            let lam0 = coeffs.values();
+            let h = 1e-5;
+            // A few entries: an embedding's, a block's, a norm's coefficient
+            // (layer-wise); the one coefficient per expert (task-wise).
+            let groups = lam0[0].len();
+            let pick: Vec<usize> = if groups == 1 {
+                vec![0]
+            } else {
+                vec![0, groups / 2, groups - 1]
+            };
+            for i in 0..2 {
+                for &g in &pick {
+                    let mut at = |delta: f64| {
+                        let mut l = lam0.clone();
+                        l[i][g] += delta;
+                        coeffs.set(l).unwrap();
+                        coeffs.loss(&family, &batches).unwrap()
+                    };
+                    let fd = (at(h) - at(-h)) / (2.0 * h);
+                    at(0.0);
+                    let tol = 1e-6 + 1e-4 * fd.abs().max(grad[i][g].abs());
+                    assert!(
+                        (fd - grad[i][g]).abs() < tol,
+                        "{granularity:?} λ[{i}][{g}]: chain rule {} vs finite differences {fd}",
+                        grad[i][g]
+                    );
+                }
             }
         }
     }

@@ -155,6 +155,10 @@ impl Mlp for RoutedMlp {
         let up = self.up.forward(x, &r, hooks)?;
         self.down.forward(&(gate * up)?, &r, hooks)
     }
+
+    fn is_stateful(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@
 pub mod bytelevel;
 pub mod detokenize;
 pub mod sampling;
+pub mod scheduler;
 pub mod scoring;
+pub mod sequence;
 pub mod stop;
 pub mod template;
 pub mod text_model;
@@ -22,7 +24,11 @@ mod tests;
 
 pub use detokenize::StreamDecoder;
 pub use sampling::{Sampler, SamplingParams};
+pub use scheduler::{
+    EventSink, NoObserver, Priority, Scheduler, SchedulerEvent, SchedulerLimits, StepObserver,
+};
 pub use scoring::LogLikelihood;
+pub use sequence::Sequence;
 pub use stop::{StopMatcher, StopStep};
 pub use template::{ChatMessage, ChatTemplate, RenderedChat};
 pub use text_model::{Completion, FinishReason, TextModel, TokenEvent};

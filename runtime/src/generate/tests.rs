@@ -27,7 +27,7 @@ fn config() -> ModelConfig {
 }
 
 /// A checkpoint folder with random weights and the byte-level tokenizer.
-fn checkpoint(seed: u64) -> tempfile::TempDir {
+pub(super) fn checkpoint(seed: u64) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     let c = config();
     write_checkpoint(
@@ -41,17 +41,17 @@ fn checkpoint(seed: u64) -> tempfile::TempDir {
     dir
 }
 
-fn load(dir: &Path) -> TextModel {
+pub(super) fn load(dir: &Path) -> TextModel {
     TextModel::load(dir, &ModelOptions::default()).unwrap()
 }
 
-fn prompt() -> Vec<u32> {
+pub(super) fn prompt() -> Vec<u32> {
     let mut p = vec![BOS];
     p.extend(encode_bytes("hello"));
     p
 }
 
-fn collect(
+pub(super) fn collect(
     m: &TextModel,
     prompt: &[u32],
     params: &SamplingParams,

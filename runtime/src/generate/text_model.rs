@@ -13,9 +13,8 @@ use std::path::Path;
 
 use candle_core::Tensor;
 
-use super::detokenize::StreamDecoder;
-use super::sampling::{Sampler, SamplingParams};
-use super::stop::StopMatcher;
+use super::sampling::SamplingParams;
+use super::sequence::Sequence;
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::TextTokenizer;
 use crate::error::{Result, RuntimeError};
@@ -197,65 +196,18 @@ impl TextModel {
         params: &SamplingParams,
         on_token: &mut dyn FnMut(&TokenEvent) -> bool,
     ) -> Result<Completion> {
-        let mut sampler = Sampler::new(params)?;
-        let max_pos = self.model.config().max_position_embeddings;
-        let vocab = self.model.config().vocab_size;
-        if prompt.is_empty() {
-            return Err(RuntimeError::InvalidInput(
-                "the prompt has no tokens".into(),
-            ));
-        }
-        if let Some(&bad) = prompt.iter().find(|&&t| t as usize >= vocab) {
-            return Err(RuntimeError::InvalidInput(format!(
-                "prompt token id {bad} is outside the vocabulary ({vocab} tokens)"
-            )));
-        }
-        if prompt.len() >= max_pos {
-            return Err(RuntimeError::InvalidInput(format!(
-                "the prompt has {} tokens but the model's context (max_position_embeddings) is {max_pos} \
-                 tokens: no room for a completion",
-                prompt.len()
-            )));
-        }
-        // The prompt and the completion must both fit in the context.
-        let budget = params.max_tokens.min(max_pos - prompt.len());
+        let mut seq = Sequence::new(self, prompt, params)?;
         let device = self.model.device();
         let mut cache = self.model.new_cache();
-        let mut decoder = StreamDecoder::new();
-        let mut stops = StopMatcher::new(&params.stop);
-        let mut tokens = Vec::new();
-        let mut text = String::new();
         let input = Tensor::new(prompt, device)?.unsqueeze(0)?;
         let mut logits = self.model.forward_last(&input, Some(&mut cache))?;
         let finish_reason = loop {
             let mut row = logits.squeeze(0)?.to_vec1::<f32>()?;
-            let token = sampler.sample(&mut row)?;
-            tokens.push(token);
-            let is_eos = self.eos_ids.contains(&token);
-            let full = tokens.len() == budget;
-            let mut delta = if is_eos {
-                String::new()
-            } else {
-                decoder.push(&self.tokenizer, token)?
-            };
-            if is_eos || full {
-                delta.push_str(&decoder.finish(&self.tokenizer)?);
-            }
-            let step = stops.push(&delta);
-            let mut released = step.text;
-            if (is_eos || full) && !step.stopped {
-                released.push_str(&stops.finish());
-            }
-            text.push_str(&released);
-            let go_on = on_token(&TokenEvent {
-                token,
-                text: released,
-            });
-            if step.stopped || is_eos {
-                break FinishReason::Stop;
-            }
-            if full {
-                break FinishReason::Length;
+            let (event, end) = seq.accept(self, &mut row)?;
+            let token = event.token;
+            let go_on = on_token(&event);
+            if let Some(reason) = end {
+                break reason;
             }
             if !go_on {
                 break FinishReason::Stop;
@@ -263,13 +215,7 @@ impl TextModel {
             let next = Tensor::new(&[token], device)?.unsqueeze(0)?;
             logits = self.model.forward_last(&next, Some(&mut cache))?;
         };
-        Ok(Completion {
-            text,
-            completion_tokens: tokens.len(),
-            tokens,
-            prompt_tokens: prompt.len(),
-            finish_reason,
-        })
+        Ok(seq.finish(finish_reason))
     }
 }
 

@@ -61,24 +61,41 @@ impl Attention {
                 kv
             }
         };
-        let group = self.heads / self.kv_heads;
-        let k = repeat_kv(k, group)?;
-        let v = repeat_kv(v, group)?;
-        let in_dtype = q.dtype();
-        let q = q.to_dtype(ctx.dtype)?;
-        let k = k.to_dtype(ctx.dtype)?;
-        let v = v.to_dtype(ctx.dtype)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if let Some(mask) = &ctx.mask {
-            att = att.broadcast_add(mask)?;
-        }
-        let att = softmax_last(&att, ctx.differentiable)?;
-        let y = att.matmul(&v)?.to_dtype(in_dtype)?;
+        let y = self.mix(&q, k, v, ctx.mask.as_ref(), ctx.dtype, ctx.differentiable)?;
         let y = y
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y, hooks)
+    }
+}
+
+impl Attention {
+    /// `softmax(q kᵀ / √d + mask) v` for rotated `q` `(b, heads, t, d)`
+    /// and all of a sequence's keys and values `(b, kv_heads, len, d)`,
+    /// scores in `dtype`; the result is `(b, heads, t, d)` in q's dtype.
+    pub(crate) fn mix(
+        &self,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: Option<&Tensor>,
+        dtype: DType,
+        differentiable: bool,
+    ) -> Result<Tensor> {
+        let group = self.heads / self.kv_heads;
+        let k = repeat_kv(k, group)?;
+        let v = repeat_kv(v, group)?;
+        let in_dtype = q.dtype();
+        let q = q.to_dtype(dtype)?;
+        let k = k.to_dtype(dtype)?;
+        let v = v.to_dtype(dtype)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = mask {
+            att = att.broadcast_add(mask)?;
+        }
+        let att = softmax_last(&att, differentiable)?;
+        att.matmul(&v)?.to_dtype(in_dtype)
     }
 }
 

@@ -195,10 +195,22 @@ impl Rope {
         dtype: DType,
         device: &Device,
     ) -> Result<RopeTables> {
+        self.tables_of(&[(start, len)], dtype, device)
+    }
+
+    /// The tables of several runs of positions `(start, len)`, one after
+    /// the other: the positions of a packed batch of sequences.
+    pub fn tables_of(
+        &self,
+        spans: &[(usize, usize)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<RopeTables> {
         let half = self.inv_freq.len();
+        let len: usize = spans.iter().map(|s| s.1).sum();
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);
-        for p in start..start + len {
+        for p in spans.iter().flat_map(|&(start, n)| start..start + n) {
             for f in &self.inv_freq {
                 let angle = p as f32 * f;
                 cos.push(angle.cos());
@@ -253,6 +265,14 @@ pub trait Mlp: Send + Sync {
     ) -> Result<Tensor> {
         let _ = state;
         self.forward(x, hooks)
+    }
+
+    /// Whether the layer keeps per-sequence state in the cache (a routed
+    /// MLP does); such a layer cannot run rows of several sequences
+    /// packed together, so its model is not batched
+    /// ([`crate::model::Model::batchable`]).
+    fn is_stateful(&self) -> bool {
+        false
     }
 }
 

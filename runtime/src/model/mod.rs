@@ -19,16 +19,20 @@
 //! than `sliding_window`.
 
 mod attention;
+mod batch;
 mod cache;
 pub mod config;
 pub mod layers;
+pub mod paged;
 pub mod random;
 pub mod transformer;
 pub(crate) mod weights;
 
+pub use batch::BatchInput;
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use layers::{GatedMlp, Hooks, Linear, LinearCapture, Mlp, RmsNorm, Rope, RopeTables};
+pub use paged::{KvPool, PagedCache};
 pub use transformer::{Model, ModelOptions};
 
 #[cfg(test)]

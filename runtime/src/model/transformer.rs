@@ -46,11 +46,11 @@ impl Default for ModelOptions {
 }
 
 /// One decoder block.
-struct Block {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    mlp_norm: RmsNorm,
-    mlp: Box<dyn Mlp>,
+pub(super) struct Block {
+    pub(super) attn_norm: RmsNorm,
+    pub(super) attn: Attention,
+    pub(super) mlp_norm: RmsNorm,
+    pub(super) mlp: Box<dyn Mlp>,
 }
 
 /// A Llama-family decoder-only language model (Llama, Mistral, Qwen2).
@@ -58,14 +58,14 @@ struct Block {
 /// Immutable once built (except [`Model::set_mlp`]), `Send + Sync`: many
 /// threads can run it at once, each with its own [`KvCache`].
 pub struct Model {
-    config: ModelConfig,
-    embed: candle_nn::Embedding,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
-    lm_head: Linear,
-    rope: Rope,
-    device: Device,
-    dtype: DType,
+    pub(super) config: ModelConfig,
+    pub(super) embed: candle_nn::Embedding,
+    pub(super) blocks: Vec<Block>,
+    pub(super) norm: RmsNorm,
+    pub(super) lm_head: Linear,
+    pub(super) rope: Rope,
+    pub(super) device: Device,
+    pub(super) dtype: DType,
     differentiable: bool,
 }
 
@@ -241,7 +241,7 @@ impl Model {
 
     /// The dtype attention scores are computed in: f32 for half-precision
     /// models (as candle-transformers and Hugging Face do), else the model's.
-    fn attention_dtype(&self) -> DType {
+    pub(super) fn attention_dtype(&self) -> DType {
         match self.dtype {
             DType::F16 | DType::BF16 => DType::F32,
             d => d,
@@ -377,7 +377,7 @@ impl Model {
     }
 
     /// Projects normed hidden states onto the vocabulary.
-    fn logits(&self, h: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
+    pub(super) fn logits(&self, h: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         let logits = self.lm_head.forward(h, hooks)?;
         Ok(match logits.dtype() {
             DType::F64 | DType::F32 => logits,

@@ -1,0 +1,525 @@
+//! Continuous batching: one step loop per model runs every live sequence
+//! through one forward pass per step ([`Model::forward_batch`]), as vLLM
+//! and TGI do.
+//!
+//! A step takes one decode token of every sequence that has sampled one,
+//! then prefill chunks of sequences still reading their prompt, within
+//! `max_batch_tokens` tokens in all. New requests join at the next step;
+//! a sequence that finishes (end of sequence, a stop, `max_tokens`) or
+//! whose client is gone (its event sink refuses an event) leaves at once
+//! and its key/value blocks go back to the pool. Sampling stays per
+//! sequence ([`Sequence`]: the request's temperature, top_p, penalties,
+//! seed and stops), so a request's tokens are the ones it gets alone.
+//!
+//! Admission is by reservation: a request joins the running batch when
+//! fewer than `max_running_sequences` run and the blocks of its longest
+//! possible sequence (prompt and `max_tokens`, capped at the context) fit
+//! beside the reservations of those running, within `kv_cache_bytes`.
+//! Blocks are still allocated only as a sequence grows, so the bytes held
+//! are those written; the reservation guarantees that a running sequence is
+//! never refused a block (no preemption, no recomputation). Requests wait
+//! in first-come order, traffic before background work ([`Priority`]);
+//! past `queue_depth` waiting, a submission is refused with
+//! [`RuntimeError::QueueFull`].
+//!
+//! ```text
+//! step: rows = [next token of each decoding s] ‖ [prompt chunk of each prefilling s]
+//!       logits = forward_batch(rows)          (weights read once per step)
+//!       each s whose prompt is read: token = sample_s(logits_s) → sink_s
+//! ```
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::Instant;
+
+use candle_core::DType;
+
+use super::sampling::SamplingParams;
+use super::sequence::Sequence;
+use super::text_model::{Completion, TextModel, TokenEvent};
+use crate::error::{Result, RuntimeError};
+use crate::model::paged::{KvPool, PagedCache, DEFAULT_BLOCK_TOKENS};
+use crate::model::BatchInput;
+
+/// The bounds of one scheduler.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SchedulerLimits {
+    /// Tokens of one step, decodes and prefill chunks together (at least
+    /// `max_running_sequences`, so every decoding sequence fits a step).
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    pub max_running_sequences: usize,
+    /// Bytes of key/value blocks of all running sequences.
+    pub kv_cache_bytes: u64,
+    /// Positions per key/value block.
+    pub block_tokens: usize,
+    /// Requests waiting to join the batch; more are refused.
+    pub queue_depth: usize,
+}
+
+impl Default for SchedulerLimits {
+    fn default() -> Self {
+        SchedulerLimits {
+            max_batch_tokens: 512,
+            max_running_sequences: 16,
+            kv_cache_bytes: 1 << 30,
+            block_tokens: DEFAULT_BLOCK_TOKENS,
+            queue_depth: 64,
+        }
+    }
+}
+
+impl SchedulerLimits {
+    /// Checks the bounds: every one at least 1, and a step wide enough for
+    /// one decode token of every running sequence.
+    pub fn validate(&self) -> Result<()> {
+        let at_least_one = [
+            ("max_batch_tokens", self.max_batch_tokens),
+            ("max_running_sequences", self.max_running_sequences),
+            ("block_tokens", self.block_tokens),
+        ];
+        for (name, v) in at_least_one {
+            if v == 0 {
+                return Err(RuntimeError::range(name, v, "at least 1"));
+            }
+        }
+        if self.max_batch_tokens < self.max_running_sequences {
+            return Err(RuntimeError::range(
+                "max_batch_tokens",
+                self.max_batch_tokens,
+                &format!(
+                    "at least max_running_sequences ({}): a step holds one token of every \
+                     running sequence",
+                    self.max_running_sequences
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Who waits first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Priority {
+    /// Requests of clients.
+    Traffic,
+    /// Scheduled work (evaluations): joins only when no traffic waits.
+    Background,
+}
+
+/// What a submitted generation receives.
+#[derive(Debug)]
+pub enum SchedulerEvent {
+    /// A sampled token and the text it releases.
+    Token(TokenEvent),
+    /// The end: the completion, or why generation failed.
+    Done(Result<Completion>),
+}
+
+/// Where a generation's events go; returns false when the receiver is
+/// gone, which ends the sequence.
+pub type EventSink = Box<dyn FnMut(SchedulerEvent) -> bool + Send>;
+
+/// Measurements of the step loop (metrics); every method defaults to
+/// nothing.
+pub trait StepObserver: Send + Sync {
+    /// A step ran `sequences` sequences and `tokens` tokens in `seconds`.
+    fn step(&self, _sequences: usize, _tokens: usize, _seconds: f64) {}
+    /// A request waited `seconds` before joining the batch.
+    fn admitted(&self, _seconds: f64) {}
+    /// A request's first token came `seconds` after its submission.
+    fn first_token(&self, _seconds: f64) {}
+    /// A token came `seconds` after the sequence's previous one.
+    fn inter_token(&self, _seconds: f64) {}
+    /// The scheduler's state after it changed: sequences running,
+    /// requests waiting, key/value bytes held.
+    fn state(&self, _running: usize, _queued: usize, _kv_bytes: u64) {}
+}
+
+/// A [`StepObserver`] that records nothing.
+pub struct NoObserver;
+
+impl StepObserver for NoObserver {}
+
+/// A submitted request, waiting.
+struct Job {
+    seq: Sequence,
+    prompt: Vec<u32>,
+    sink: EventSink,
+    arrived: Instant,
+    blocks: usize,
+}
+
+#[derive(Default)]
+struct Queues {
+    traffic: VecDeque<Job>,
+    background: VecDeque<Job>,
+    running: usize,
+    closed: bool,
+}
+
+impl Queues {
+    fn waiting(&self) -> usize {
+        self.traffic.len() + self.background.len()
+    }
+}
+
+struct Shared {
+    queues: Mutex<Queues>,
+    wake: Condvar,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queues> {
+        // A panic in a sink never leaves the queues half-changed.
+        self.queues.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The step loop of one model; dropping it lets the loop finish what was
+/// submitted and end.
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    observer: Arc<dyn StepObserver>,
+    model: Arc<TextModel>,
+    pool: Arc<KvPool>,
+    limits: SchedulerLimits,
+}
+
+impl Scheduler {
+    /// Starts the step loop of `model` on its own thread, within
+    /// `limits`, reporting to `observer`. A model whose blocks keep
+    /// per-sequence state (a routed merge) cannot be batched: an error.
+    pub fn new(
+        model: Arc<TextModel>,
+        limits: SchedulerLimits,
+        observer: Arc<dyn StepObserver>,
+    ) -> Result<Self> {
+        limits.validate()?;
+        let m = model.model();
+        if !m.batchable() {
+            return Err(RuntimeError::WrongKind(
+                "this model keeps per-sequence state (a routed merge) and is not batched".into(),
+            ));
+        }
+        let pool = KvPool::new(
+            m.config(),
+            m.dtype(),
+            m.device(),
+            limits.kv_cache_bytes,
+            limits.block_tokens,
+        )?;
+        let shared = Arc::new(Shared {
+            queues: Mutex::new(Queues::default()),
+            wake: Condvar::new(),
+        });
+        let step_loop = StepLoop {
+            shared: shared.clone(),
+            model: model.clone(),
+            pool: pool.clone(),
+            limits: limits.clone(),
+            observer: observer.clone(),
+            running: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("fusion-scheduler".into())
+            .spawn(move || step_loop.run())
+            .map_err(|e| RuntimeError::Generation(format!("cannot start the scheduler: {e}")))?;
+        Ok(Scheduler {
+            shared,
+            observer,
+            model,
+            pool,
+            limits,
+        })
+    }
+
+    /// The model it batches.
+    pub fn model(&self) -> &Arc<TextModel> {
+        &self.model
+    }
+
+    /// Its bounds.
+    pub fn limits(&self) -> &SchedulerLimits {
+        &self.limits
+    }
+
+    /// Key/value bytes held now.
+    pub fn kv_cache_bytes(&self) -> u64 {
+        self.pool.used_bytes()
+    }
+
+    /// Requests waiting to join the batch.
+    pub fn queued(&self) -> usize {
+        self.shared.lock().waiting()
+    }
+
+    /// Sequences in the running batch.
+    pub fn running(&self) -> usize {
+        self.shared.lock().running
+    }
+
+    /// Queues a generation of `prompt` with `params`; its events go to
+    /// `sink`. The prompt and parameters are checked here (an error is the
+    /// request's); a request whose longest sequence could never fit the
+    /// key/value bound is refused, and so is one past a full queue
+    /// ([`RuntimeError::QueueFull`]).
+    pub fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: &SamplingParams,
+        priority: Priority,
+        sink: EventSink,
+    ) -> Result<()> {
+        let seq = Sequence::new(&self.model, &prompt, params)?;
+        let positions = seq.max_positions();
+        if !self.pool.could_hold(positions) {
+            return Err(RuntimeError::InvalidInput(format!(
+                "the prompt ({} tokens) and max_tokens ({}) need {} bytes of key/value cache; \
+                 the bound (kv_cache_bytes) is {}: ask for fewer tokens",
+                prompt.len(),
+                positions - prompt.len(),
+                self.pool.blocks_for(positions) as u64 * self.pool.block_bytes(),
+                self.pool.limit_bytes()
+            )));
+        }
+        let job = Job {
+            blocks: self.pool.blocks_for(positions),
+            seq,
+            prompt,
+            sink,
+            arrived: Instant::now(),
+        };
+        let mut q = self.shared.lock();
+        let free = self.limits.max_running_sequences.saturating_sub(q.running);
+        if q.waiting() >= self.limits.queue_depth + free {
+            return Err(RuntimeError::QueueFull {
+                running: q.running,
+                queued: q.waiting(),
+                depth: self.limits.queue_depth,
+            });
+        }
+        match priority {
+            Priority::Traffic => q.traffic.push_back(job),
+            Priority::Background => q.background.push_back(job),
+        }
+        self.observer
+            .state(q.running, q.waiting(), self.pool.used_bytes());
+        drop(q);
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_one();
+    }
+}
+
+/// A sequence of the running batch.
+struct Active {
+    seq: Option<Sequence>,
+    prompt: Vec<u32>,
+    /// Prompt tokens read so far.
+    read: usize,
+    /// The token sampled last, to feed at the next step.
+    next: Option<u32>,
+    cache: PagedCache,
+    sink: EventSink,
+    arrived: Instant,
+    last_token: Option<Instant>,
+    blocks: usize,
+    done: bool,
+    /// The `Done` event, sent once the sequence's blocks are back in the
+    /// pool (so a client that sees its end never finds them held).
+    end: Option<SchedulerEvent>,
+}
+
+impl Active {
+    fn fail(&mut self, e: RuntimeError) {
+        self.end = Some(SchedulerEvent::Done(Err(e)));
+        self.done = true;
+    }
+}
+
+struct StepLoop {
+    shared: Arc<Shared>,
+    model: Arc<TextModel>,
+    pool: Arc<KvPool>,
+    limits: SchedulerLimits,
+    observer: Arc<dyn StepObserver>,
+    running: Vec<Active>,
+}
+
+impl StepLoop {
+    fn run(mut self) {
+        let capacity = (self.pool.limit_bytes() / self.pool.block_bytes()) as usize;
+        let mut reserved = 0usize;
+        loop {
+            {
+                let mut q = self.shared.lock();
+                loop {
+                    while self.running.len() < self.limits.max_running_sequences {
+                        let queue = if q.traffic.is_empty() {
+                            &mut q.background
+                        } else {
+                            &mut q.traffic
+                        };
+                        match queue.front() {
+                            Some(job) if reserved + job.blocks <= capacity => {}
+                            _ => break,
+                        }
+                        let Some(job) = queue.pop_front() else { break };
+                        reserved += job.blocks;
+                        self.observer.admitted(job.arrived.elapsed().as_secs_f64());
+                        self.running.push(Active {
+                            seq: Some(job.seq),
+                            prompt: job.prompt,
+                            read: 0,
+                            next: None,
+                            cache: PagedCache::new(&self.pool),
+                            sink: job.sink,
+                            arrived: job.arrived,
+                            last_token: None,
+                            blocks: job.blocks,
+                            done: false,
+                            end: None,
+                        });
+                    }
+                    q.running = self.running.len();
+                    self.observer
+                        .state(q.running, q.waiting(), self.pool.used_bytes());
+                    if !self.running.is_empty() {
+                        break;
+                    }
+                    if q.closed && q.waiting() == 0 {
+                        return;
+                    }
+                    q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            }
+            self.step();
+            let (done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running)
+                .into_iter()
+                .partition(|a| a.done);
+            self.running = running;
+            let mut outbox = Vec::new();
+            for a in done {
+                reserved -= a.blocks;
+                let Active { sink, end, .. } = a; // the cache's blocks go back here
+                outbox.extend(end.map(|ev| (sink, ev)));
+            }
+            {
+                let mut q = self.shared.lock();
+                q.running = self.running.len();
+                self.observer
+                    .state(q.running, q.waiting(), self.pool.used_bytes());
+            }
+            for (mut sink, ev) in outbox {
+                sink(ev);
+            }
+        }
+    }
+
+    /// One batched forward pass and the sampling after it.
+    fn step(&mut self) {
+        let started = Instant::now();
+        let mut budget = self.limits.max_batch_tokens;
+        let mut feeds: Vec<Option<Vec<u32>>> = vec![None; self.running.len()];
+        for (feed, a) in feeds.iter_mut().zip(&self.running) {
+            if let Some(t) = a.next {
+                *feed = Some(vec![t]);
+                budget -= 1;
+            }
+        }
+        for (feed, a) in feeds.iter_mut().zip(&self.running) {
+            if a.next.is_none() && a.read < a.prompt.len() && budget > 0 {
+                let n = (a.prompt.len() - a.read).min(budget);
+                *feed = Some(a.prompt[a.read..a.read + n].to_vec());
+                budget -= n;
+            }
+        }
+        let tokens = self.limits.max_batch_tokens - budget;
+        let mut inputs: Vec<BatchInput> = self
+            .running
+            .iter_mut()
+            .zip(&feeds)
+            .filter_map(|(a, f)| {
+                f.as_deref().map(|tokens| BatchInput {
+                    tokens,
+                    cache: &mut a.cache,
+                })
+            })
+            .collect();
+        let sequences = inputs.len();
+        let rows = self
+            .model
+            .model()
+            .forward_batch(&mut inputs)
+            .and_then(|l| Ok(l.to_dtype(DType::F32)?.to_vec2::<f32>()?));
+        drop(inputs);
+        let rows = match rows {
+            Ok(rows) => rows,
+            Err(e) => {
+                let message = e.to_string();
+                for (a, f) in self.running.iter_mut().zip(&feeds) {
+                    if f.is_some() {
+                        a.fail(RuntimeError::Generation(format!(
+                            "the batched forward pass failed: {message}"
+                        )));
+                    }
+                }
+                return;
+            }
+        };
+        let mut rows = rows.into_iter();
+        for (a, f) in self.running.iter_mut().zip(&feeds) {
+            let Some(fed) = f else { continue };
+            let Some(mut row) = rows.next() else { break };
+            if a.next.take().is_none() {
+                a.read += fed.len();
+                if a.read < a.prompt.len() {
+                    continue; // the prompt's next chunk comes next step
+                }
+            }
+            accept(&self.model, self.observer.as_ref(), a, &mut row);
+        }
+        self.observer
+            .step(sequences, tokens, started.elapsed().as_secs_f64());
+    }
+}
+
+/// Samples `a`'s next token from `logits` and sends it on.
+fn accept(model: &TextModel, observer: &dyn StepObserver, a: &mut Active, logits: &mut [f32]) {
+    let Some(seq) = a.seq.as_mut() else { return };
+    let (event, end) = match seq.accept(model, logits) {
+        Ok(out) => out,
+        Err(e) => return a.fail(e),
+    };
+    let now = Instant::now();
+    match a.last_token {
+        None => observer.first_token(now.duration_since(a.arrived).as_secs_f64()),
+        Some(t) => observer.inter_token(now.duration_since(t).as_secs_f64()),
+    }
+    a.last_token = Some(now);
+    let token = event.token;
+    if !(a.sink)(SchedulerEvent::Token(event)) {
+        a.done = true; // the client is gone
+        return;
+    }
+    match end {
+        Some(reason) => {
+            a.end = a
+                .seq
+                .take()
+                .map(|seq| SchedulerEvent::Done(Ok(seq.finish(reason))));
+            a.done = true;
+        }
+        None => a.next = Some(token),
+    }
+}
+
+#[cfg(test)]
+mod tests;

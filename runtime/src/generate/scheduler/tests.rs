@@ -1,0 +1,287 @@
+//! The scheduler against [`TextModel::generate`]: requests submitted
+//! together from several threads, batched, chunked and queued, get the
+//! tokens each gets alone; clients that leave free their blocks at once.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use super::super::bytelevel::{encode_bytes, BOS};
+use super::super::tests::{checkpoint, collect, load};
+use super::*;
+use crate::generate::FinishReason;
+
+/// Records the widest step and the tokens per step.
+#[derive(Default)]
+struct Counts {
+    widest: AtomicUsize,
+    steps: AtomicUsize,
+    most_tokens: AtomicUsize,
+    first_tokens: AtomicUsize,
+}
+
+impl StepObserver for Counts {
+    fn step(&self, sequences: usize, tokens: usize, _seconds: f64) {
+        self.widest.fetch_max(sequences, Ordering::SeqCst);
+        self.most_tokens.fetch_max(tokens, Ordering::SeqCst);
+        self.steps.fetch_add(1, Ordering::SeqCst);
+    }
+    fn first_token(&self, _seconds: f64) {
+        self.first_tokens.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A sink into a channel, and the receiver.
+fn channel() -> (EventSink, mpsc::Receiver<SchedulerEvent>) {
+    let (tx, rx) = mpsc::channel();
+    (Box::new(move |ev| tx.send(ev).is_ok()), rx)
+}
+
+/// The completion at the end of `rx`, checking that the streamed text is
+/// the completion's.
+fn wait(rx: mpsc::Receiver<SchedulerEvent>) -> Result<Completion> {
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+    for ev in rx.iter() {
+        match ev {
+            SchedulerEvent::Token(t) => {
+                text.push_str(&t.text);
+                tokens.push(t.token);
+            }
+            SchedulerEvent::Done(done) => {
+                if let Ok(c) = &done {
+                    assert_eq!(c.text, text);
+                    assert_eq!(c.tokens, tokens);
+                }
+                return done;
+            }
+        }
+    }
+    panic!("the scheduler dropped a sequence without a Done event");
+}
+
+fn prompt_of(text: &str) -> Vec<u32> {
+    let mut p = vec![BOS];
+    p.extend(encode_bytes(text));
+    p
+}
+
+/// Waits (a bounded while) until `f` holds.
+fn eventually(f: impl Fn() -> bool) {
+    for _ in 0..2000 {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    panic!("condition never held");
+}
+
+#[test]
+fn batched_generations_equal_each_generation_alone() {
+    let dir = checkpoint(11);
+    let model = Arc::new(load(dir.path()));
+    let greedy = SamplingParams::greedy(24);
+    let requests: Vec<(Vec<u32>, SamplingParams)> = vec![
+        (prompt_of("hello"), greedy.clone()),
+        (
+            prompt_of("a much longer prompt than the others"),
+            greedy.clone(),
+        ),
+        (prompt_of("x"), SamplingParams::greedy(5)),
+        (
+            prompt_of("seeded"),
+            SamplingParams {
+                max_tokens: 20,
+                temperature: 0.9,
+                top_p: 0.95,
+                seed: Some(7),
+                ..Default::default()
+            },
+        ),
+        (
+            prompt_of("penalised"),
+            SamplingParams {
+                frequency_penalty: 1.5,
+                presence_penalty: 0.5,
+                ..SamplingParams::greedy(30)
+            },
+        ),
+        (prompt_of("hello"), greedy.clone()),
+        (
+            prompt_of("near the end of the context window, so the context caps it"),
+            SamplingParams::greedy(40),
+        ),
+    ];
+    // The stop sequence of a request: three characters its greedy text has.
+    let alone_text = collect(&model, &requests[0].0, &greedy).0.text;
+    let chars: Vec<char> = alone_text.chars().collect();
+    let from = (1..chars.len() - 2)
+        .find(|&i| chars[i..i + 3].iter().all(|c| c.is_ascii_graphic()))
+        .expect("fixture text has three printable characters in a row");
+    let stop: String = chars[from..from + 3].iter().collect();
+    let mut requests = requests;
+    requests[5].1.stop = vec![stop];
+
+    let alone: Vec<Completion> = requests
+        .iter()
+        .map(|(p, params)| collect(&model, p, params).0)
+        .collect();
+    assert!(alone.iter().any(|c| c.finish_reason == FinishReason::Stop));
+    assert!(alone
+        .iter()
+        .any(|c| c.finish_reason == FinishReason::Length));
+
+    let counts = Arc::new(Counts::default());
+    // Narrow steps (prefill in chunks) and fewer slots than requests
+    // (some wait in the queue).
+    let limits = SchedulerLimits {
+        max_batch_tokens: 8,
+        max_running_sequences: 4,
+        kv_cache_bytes: 1 << 24,
+        block_tokens: 4,
+        queue_depth: 16,
+    };
+    let scheduler = Arc::new(Scheduler::new(model.clone(), limits, counts.clone()).unwrap());
+    let handles: Vec<_> = requests
+        .iter()
+        .cloned()
+        .map(|(p, params)| {
+            let s = scheduler.clone();
+            std::thread::spawn(move || {
+                let (sink, rx) = channel();
+                s.submit(p, &params, Priority::Traffic, sink).unwrap();
+                wait(rx).unwrap()
+            })
+        })
+        .collect();
+    let batched: Vec<Completion> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (a, b)) in alone.iter().zip(&batched).enumerate() {
+        assert_eq!(a.tokens, b.tokens, "request {i}");
+        assert_eq!(a.text, b.text, "request {i}");
+        assert_eq!(a.finish_reason, b.finish_reason, "request {i}");
+        assert_eq!(a.prompt_tokens, b.prompt_tokens, "request {i}");
+    }
+    assert!(
+        counts.widest.load(Ordering::SeqCst) >= 2,
+        "steps were never batched"
+    );
+    assert!(counts.most_tokens.load(Ordering::SeqCst) <= 8);
+    assert_eq!(counts.first_tokens.load(Ordering::SeqCst), requests.len());
+    eventually(|| scheduler.kv_cache_bytes() == 0 && scheduler.running() == 0);
+}
+
+#[test]
+fn a_client_that_leaves_frees_its_blocks_and_the_others_finish() {
+    let dir = checkpoint(3);
+    let model = Arc::new(load(dir.path()));
+    let limits = SchedulerLimits {
+        block_tokens: 4,
+        ..SchedulerLimits::default()
+    };
+    let scheduler = Scheduler::new(model.clone(), limits, Arc::new(NoObserver)).unwrap();
+    // Leaves after its second token.
+    let seen = Arc::new(AtomicUsize::new(0));
+    let s2 = seen.clone();
+    let leaving: EventSink = Box::new(move |ev| match ev {
+        SchedulerEvent::Token(_) => s2.fetch_add(1, Ordering::SeqCst) < 1,
+        SchedulerEvent::Done(_) => panic!("a sequence whose client left must not finish"),
+    });
+    let params = SamplingParams::greedy(40);
+    scheduler
+        .submit(prompt_of("leaving"), &params, Priority::Traffic, leaving)
+        .unwrap();
+    let (sink, rx) = channel();
+    scheduler
+        .submit(prompt_of("staying"), &params, Priority::Background, sink)
+        .unwrap();
+    let done = wait(rx).unwrap();
+    assert_eq!(
+        done.tokens,
+        collect(&model, &prompt_of("staying"), &params).0.tokens
+    );
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
+    eventually(|| scheduler.kv_cache_bytes() == 0 && scheduler.running() == 0);
+}
+
+#[test]
+fn a_full_queue_and_an_oversized_request_are_refused() {
+    let dir = checkpoint(3);
+    let model = Arc::new(load(dir.path()));
+    let block = KvPool::new(
+        model.model().config(),
+        model.model().dtype(),
+        model.model().device(),
+        u64::MAX,
+        4,
+    )
+    .unwrap()
+    .block_bytes();
+    let limits = SchedulerLimits {
+        max_batch_tokens: 4,
+        max_running_sequences: 1,
+        kv_cache_bytes: 12 * block, // 48 positions
+        block_tokens: 4,
+        queue_depth: 1,
+    };
+    let scheduler = Scheduler::new(model.clone(), limits, Arc::new(NoObserver)).unwrap();
+    // 7 prompt tokens and 60 more cannot fit 48 positions.
+    let err = scheduler
+        .submit(
+            prompt_of("hello!"),
+            &SamplingParams::greedy(60),
+            Priority::Traffic,
+            channel().0,
+        )
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::InvalidInput(_)), "{err}");
+    assert!(err.to_string().contains("kv_cache_bytes"), "{err}");
+    // One runs (or waits to), one waits: the third is refused.
+    let params = SamplingParams::greedy(30);
+    let (a, rx_a) = channel();
+    let (b, rx_b) = channel();
+    scheduler
+        .submit(prompt_of("a"), &params, Priority::Traffic, a)
+        .unwrap();
+    scheduler
+        .submit(prompt_of("b"), &params, Priority::Traffic, b)
+        .unwrap();
+    let err = scheduler
+        .submit(prompt_of("c"), &params, Priority::Traffic, channel().0)
+        .unwrap_err();
+    assert!(
+        matches!(err, RuntimeError::QueueFull { depth: 1, .. }),
+        "{err}"
+    );
+    // Bad prompts are the request's errors, before any queueing.
+    let err = scheduler
+        .submit(Vec::new(), &params, Priority::Traffic, channel().0)
+        .unwrap_err();
+    assert!(matches!(err, RuntimeError::InvalidInput(_)), "{err}");
+    wait(rx_a).unwrap();
+    wait(rx_b).unwrap();
+    eventually(|| scheduler.kv_cache_bytes() == 0);
+}
+
+#[test]
+fn limits_are_checked() {
+    let bad = [
+        SchedulerLimits {
+            max_batch_tokens: 0,
+            ..SchedulerLimits::default()
+        },
+        SchedulerLimits {
+            max_batch_tokens: 4,
+            max_running_sequences: 8,
+            ..SchedulerLimits::default()
+        },
+        SchedulerLimits {
+            block_tokens: 0,
+            ..SchedulerLimits::default()
+        },
+    ];
+    for limits in bad {
+        assert!(limits.validate().is_err(), "{limits:?}");
+    }
+    SchedulerLimits::default().validate().unwrap();
+}

@@ -1,0 +1,329 @@
+//! One forward pass over several sequences at once: the step of continuous
+//! batching.
+//!
+//! Every sequence brings the tokens it adds this step (a chunk of its
+//! prompt, or the one token it decoded last) and its [`PagedCache`]. The
+//! rows of all sequences are packed into one `(1, N, hidden)` stream, so
+//! each linear layer (the projections, the MLP, the output head) reads its
+//! weights once for the whole batch; that is where batching pays, since
+//! decoding one sequence is bound by reading the weights. Rotary positions
+//! are each row's own; attention alone is per sequence, over that
+//! sequence's cached keys and values and its new rows (causal within
+//! them).
+//!
+//! ```text
+//! x = embed[ids_1 ‖ … ‖ ids_S]
+//! per block: q, k, v = proj(norm(x));  k_s, v_s → cache_s
+//!            y_s = softmax(q_s K_sᵀ/√d + mask_s) V_s;  x += o(y_1 ‖ … ‖ y_S)
+//!            x += mlp(norm(x))
+//! logits_s = lm_head(norm(x[last row of s]))
+//! ```
+
+use candle_core::{DType, IndexOp, Module, Tensor};
+
+use super::attention::causal_mask;
+use super::layers::Hooks;
+use super::paged::PagedCache;
+use super::transformer::Model;
+use crate::error::{Result, RuntimeError};
+
+/// One sequence's part of a batched step.
+pub struct BatchInput<'a> {
+    /// The tokens this step adds (at positions `cache.len()..`).
+    pub tokens: &'a [u32],
+    /// The sequence's keys and values so far.
+    pub cache: &'a mut PagedCache,
+}
+
+impl Model {
+    /// Whether rows of several sequences can share one forward pass: no
+    /// block keeps per-sequence state (a routed MLP's routing does).
+    pub fn batchable(&self) -> bool {
+        !self.blocks.iter().any(|b| b.mlp.is_stateful())
+    }
+
+    /// One step over `items`: appends each item's tokens to its cache and
+    /// returns the next-token logits after each item's last token,
+    /// `(items, vocab)` in f32 (f64 for an f64 model).
+    ///
+    /// Blocks for the new positions are reserved here; a pool that refuses
+    /// them is an error that names the bound, and no cache changes.
+    pub fn forward_batch(&self, items: &mut [BatchInput]) -> Result<Tensor> {
+        if !self.batchable() {
+            return Err(RuntimeError::Model(
+                "this model keeps per-sequence MLP state (a routed merge) and cannot be batched"
+                    .into(),
+            ));
+        }
+        if items.is_empty() {
+            return Err(RuntimeError::Model("an empty batch".into()));
+        }
+        let vocab = self.config.vocab_size;
+        let max_pos = self.config.max_position_embeddings;
+        for (i, it) in items.iter().enumerate() {
+            if it.tokens.is_empty() {
+                return Err(RuntimeError::Model(format!(
+                    "sequence {i} of the batch adds no token"
+                )));
+            }
+            if let Some(&bad) = it.tokens.iter().find(|&&t| t as usize >= vocab) {
+                return Err(RuntimeError::Model(format!(
+                    "token id {bad} is outside the vocabulary (vocab_size {vocab})"
+                )));
+            }
+            let end = it.cache.len() + it.tokens.len();
+            if end > max_pos {
+                return Err(RuntimeError::Model(format!(
+                    "sequence of {end} tokens exceeds max_position_embeddings ({max_pos})"
+                )));
+            }
+        }
+        // Reserve every block first, so a refusal leaves the caches alone.
+        let need: usize = items
+            .iter()
+            .map(|it| it.cache.blocks_needed(it.tokens.len()))
+            .sum();
+        let full = |i: usize| {
+            RuntimeError::Model(format!(
+                "the KV cache is full: sequence {i} of the batch needs more blocks \
+                 ({need} in all this step) than `kv_cache_bytes` leaves"
+            ))
+        };
+        if !items[0].cache.pool().can_take(need) {
+            return Err(full(0));
+        }
+        for (i, it) in items.iter_mut().enumerate() {
+            if !it.cache.reserve(it.tokens.len())? {
+                // Another sequence of the pool took blocks meanwhile; what
+                // this step reserved stays with its caches for their next
+                // step.
+                return Err(full(i));
+            }
+        }
+        let spans: Vec<(usize, usize)> = items
+            .iter()
+            .map(|it| (it.cache.len(), it.tokens.len()))
+            .collect();
+        let n: usize = spans.iter().map(|s| s.1).sum();
+        let ids: Vec<u32> = items
+            .iter()
+            .flat_map(|it| it.tokens.iter().copied())
+            .collect();
+        let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
+        let dtype = self.attention_dtype();
+        let tables = self.rope.tables_of(&spans, self.dtype, &self.device)?;
+        let masks = spans
+            .iter()
+            .map(|&(start, t)| {
+                if t > 1 {
+                    causal_mask(t, start, dtype, &self.device).map(Some)
+                } else {
+                    Ok(None)
+                }
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let hooks = &mut Hooks::default();
+        let mut x = self.embed.forward(&ids)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let a = &block.attn;
+            let h = block.attn_norm.forward(&x)?;
+            let heads = |y: Tensor, k: usize| y.reshape((1, n, k, a.head_dim))?.transpose(1, 2);
+            let q = heads(a.q.forward(&h, hooks)?, a.heads)?;
+            let k = heads(a.k.forward(&h, hooks)?, a.kv_heads)?;
+            let v = heads(a.v.forward(&h, hooks)?, a.kv_heads)?.contiguous()?;
+            let q = self.rope.apply(&q, &tables)?;
+            let k = self.rope.apply(&k, &tables)?;
+            let mut ys = Vec::with_capacity(items.len());
+            let mut row = 0;
+            for (it, (&(start, t), mask)) in items.iter().zip(spans.iter().zip(&masks)) {
+                let k_new = k.narrow(2, row, t)?.i(0)?;
+                let v_new = v.narrow(2, row, t)?.i(0)?;
+                it.cache.write(layer, &k_new, &v_new)?;
+                let (ks, vs) = it.cache.read(layer, start + t)?;
+                let qs = q.narrow(2, row, t)?;
+                ys.push(a.mix(&qs, ks, vs, mask.as_ref(), dtype, false)?);
+                row += t;
+            }
+            let y = if ys.len() == 1 {
+                ys.pop().unwrap_or_else(|| unreachable!())
+            } else {
+                Tensor::cat(&ys, 2)?
+            };
+            let y = y.transpose(1, 2)?.reshape((1, n, a.heads * a.head_dim))?;
+            x = (x + a.o.forward(&y, hooks)?)?;
+            let h = block.mlp_norm.forward(&x)?;
+            x = (x + block.mlp.forward(&h, hooks)?)?;
+        }
+        let mut last = Vec::with_capacity(items.len());
+        let mut end = 0u32;
+        for &(_, t) in &spans {
+            end += t as u32;
+            last.push(end - 1);
+        }
+        for (it, &(_, t)) in items.iter_mut().zip(&spans) {
+            it.cache.advance(t);
+        }
+        let last = Tensor::new(last.as_slice(), &self.device)?;
+        let rows = x.i(0)?.index_select(&last, 0)?;
+        let h = self.norm.forward(&rows.unsqueeze(0)?)?;
+        let logits = self.logits(&h, hooks)?.i(0)?;
+        Ok(match logits.dtype() {
+            DType::F64 | DType::F32 => logits,
+            _ => logits.to_dtype(DType::F32)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use candle_core::Device;
+
+    use super::*;
+    use crate::model::paged::KvPool;
+    use crate::model::random::random_weights;
+    use crate::model::{ModelConfig, ModelOptions};
+
+    fn tiny() -> ModelConfig {
+        ModelConfig::from_json(
+            r#"{"model_type":"llama","vocab_size":40,"hidden_size":32,"intermediate_size":48,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "max_position_embeddings":64}"#,
+            Path::new("config.json"),
+        )
+        .unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Three sequences of different lengths, joining at different steps
+    /// (one prefilled in two chunks), give the logits each gets alone with
+    /// the contiguous cache, step for step.
+    #[test]
+    fn a_packed_step_equals_each_sequence_alone() {
+        let c = tiny();
+        let model = Model::from_tensors(
+            c.clone(),
+            random_weights(&c, 3, 0.2).unwrap(),
+            &ModelOptions::default(),
+        )
+        .unwrap();
+        assert!(model.batchable());
+        let pool = KvPool::new(&c, DType::F32, &Device::Cpu, 1 << 20, 4).unwrap();
+        let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[9], &[11, 12, 13, 14, 15]];
+        // Tokens fed per step, per sequence (None: not in this step).
+        let plan: [[Option<std::ops::Range<usize>>; 3]; 4] = [
+            [Some(0..4), Some(0..1), None],
+            [Some(4..7), None, Some(0..5)],
+            [None, Some(1..2), Some(5..6)],
+            [Some(7..8), Some(2..3), Some(6..7)],
+        ];
+        // A fixed continuation per sequence after its prompt.
+        let seqs: Vec<Vec<u32>> = prompts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let mut s = p.to_vec();
+                s.extend((0..4).map(|j| (i as u32 * 7 + j * 3 + 2) % 40));
+                s
+            })
+            .collect();
+        let mut paged: Vec<PagedCache> = (0..3).map(|_| PagedCache::new(&pool)).collect();
+        let mut alone: Vec<_> = (0..3).map(|_| model.new_cache()).collect();
+        for step in &plan {
+            let mut inputs = Vec::new();
+            let mut which = Vec::new();
+            for (i, (cache, r)) in paged.iter_mut().zip(step).enumerate() {
+                if let Some(r) = r {
+                    inputs.push(BatchInput {
+                        tokens: &seqs[i][r.clone()],
+                        cache,
+                    });
+                    which.push((i, r.clone()));
+                }
+            }
+            let batched = model.forward_batch(&mut inputs).unwrap();
+            assert_eq!(batched.dims(), &[which.len(), 40]);
+            for (row, (i, r)) in which.into_iter().enumerate() {
+                let ids = Tensor::new(&seqs[i][r], &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let want = model.forward_last(&ids, Some(&mut alone[i])).unwrap();
+                let got = batched.i(row).unwrap().unsqueeze(0).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-5, "sequence {i}: max |Δlogit| {d}");
+            }
+        }
+        assert_eq!(paged[0].len(), 8);
+        assert_eq!(paged[0].num_blocks(), 2);
+        drop(paged);
+        assert_eq!(pool.used_bytes(), 0);
+    }
+
+    #[test]
+    fn a_full_pool_or_bad_tokens_leave_the_caches_alone() {
+        let c = tiny();
+        let model = Model::from_tensors(
+            c.clone(),
+            random_weights(&c, 3, 0.2).unwrap(),
+            &ModelOptions::default(),
+        )
+        .unwrap();
+        let block = KvPool::new(&c, DType::F32, &Device::Cpu, u64::MAX, 4)
+            .unwrap()
+            .block_bytes();
+        let pool = KvPool::new(&c, DType::F32, &Device::Cpu, 2 * block, 4).unwrap();
+        let (mut a, mut b) = (PagedCache::new(&pool), PagedCache::new(&pool));
+        let err = model
+            .forward_batch(&mut [
+                BatchInput {
+                    tokens: &[1, 2, 3, 4, 5],
+                    cache: &mut a,
+                },
+                BatchInput {
+                    tokens: &[6],
+                    cache: &mut b,
+                },
+            ])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("KV cache is full"), "{err}");
+        assert_eq!((a.len(), b.len()), (0, 0));
+        let err = model
+            .forward_batch(&mut [BatchInput {
+                tokens: &[40],
+                cache: &mut a,
+            }])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("outside the vocabulary"), "{err}");
+        let err = model
+            .forward_batch(&mut [BatchInput {
+                tokens: &[],
+                cache: &mut a,
+            }])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adds no token"), "{err}");
+        model
+            .forward_batch(&mut [BatchInput {
+                tokens: &[1, 2, 3, 4, 5],
+                cache: &mut a,
+            }])
+            .unwrap();
+        assert_eq!(a.len(), 5);
+    }
+}
