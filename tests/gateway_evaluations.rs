@@ -154,6 +154,12 @@ async fn a_schedule_fires_its_scores_are_fusion_evals_and_survive_a_restart() {
     // The scores are those of `fusion eval` on the same checkpoint.
     let expected = fusion_eval(&pool.path("base"), &pool.path("tasks"));
     let text = c.get("/metrics").await.text;
+    // The generation task ran in the models' continuous batches (no client
+    // request has generated yet), and its scores are still fusion eval's.
+    assert!(
+        metric_value(&text, "fusion_batch_sequences_count") > 0.0,
+        "the evaluations' generations did not go through the batch"
+    );
     for want in expected["tasks"].as_array().unwrap() {
         let task = want["task"].as_str().unwrap();
         let got = base["last"]["tasks"]

@@ -1,9 +1,10 @@
 //! The gateway's side of continuous batching: each resident text model
 //! that can be batched gets one [`Scheduler`] (built on its first
 //! generation, ended with the model), bounded by `server.limits`
-//! (`max_batch_tokens`, `max_running_sequences`, `kv_cache_bytes`,
-//! `kv_block_tokens`, `queue_depth`), and reports its steps to the
-//! Prometheus metrics ([`BatchMetrics`]).
+//! (`max_batch_tokens`, `max_running_sequences`, `kv_block_tokens`,
+//! `queue_depth`), and reports its steps to the Prometheus metrics
+//! ([`BatchMetrics`]). Every scheduler's key/value blocks count against
+//! one server-wide budget of `kv_cache_bytes`.
 
 use std::sync::{Arc, Mutex};
 
@@ -20,7 +21,7 @@ pub fn scheduler_of<'a>(state: &AppState, engine: &'a Engine) -> Option<&'a Sche
     let limits = &state.config.server.limits;
     let metrics = state.metrics.clone();
     engine.scheduler(
-        || scheduler_limits(limits),
+        || (scheduler_limits(limits), state.kv_budget.clone()),
         || Arc::new(BatchMetrics::new(metrics)),
     )
 }

@@ -13,7 +13,7 @@ use merger::moe::MoeModel;
 use runtime::architectures::Kind;
 use runtime::checkpoint::Checkpoint;
 use runtime::generate::{Scheduler, SchedulerLimits, StepObserver, TextModel};
-use runtime::model::ModelOptions;
+use runtime::model::{KvBudget, ModelOptions};
 pub use runtime::Embedded;
 use runtime::Runnable;
 
@@ -131,18 +131,20 @@ impl Engine {
     }
 
     /// The batching scheduler of a text model, started on the first call
-    /// with `limits` and `observer`; `None` for a model that is not
+    /// with `limits` (its bounds and the key/value budget it shares with
+    /// the other models) and `observer`; `None` for a model that is not
     /// batched (an embedding model, or a routed merge, whose routing is
     /// per sequence): it generates with [`Engine::generate`].
     pub fn scheduler(
         &self,
-        limits: impl FnOnce() -> SchedulerLimits,
+        limits: impl FnOnce() -> (SchedulerLimits, Arc<KvBudget>),
         observer: impl FnOnce() -> Arc<dyn StepObserver>,
     ) -> Option<&Scheduler> {
         self.batch
             .get_or_init(|| match &self.model {
                 Runnable::Text(t) if t.model().batchable() => {
-                    match Scheduler::new(t.clone(), limits(), observer()) {
+                    let (limits, budget) = limits();
+                    match Scheduler::with_budget(t.clone(), limits, &budget, observer()) {
                         Ok(s) => Some(s),
                         Err(e) => {
                             tracing::warn!(error = %e, "generating without batching");

@@ -105,6 +105,7 @@ async fn generate_batched(
     let metrics = state.metrics.clone();
     let observer = state.metrics.clone();
     let limits = state.config.server.limits.clone();
+    let budget = state.kv_budget.clone();
     let split_special_tokens = state.config.server.split_special_tokens;
     let (tx, events) = mpsc::unbounded_channel();
     let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<usize> {
@@ -112,7 +113,7 @@ async fn generate_batched(
         let ids = prompt_ids(engine, &prompt, split_special_tokens)?;
         let n = ids.len();
         let scheduler = engine.scheduler(
-            || batching::scheduler_limits(&limits),
+            || (batching::scheduler_limits(&limits), budget),
             || Arc::new(BatchMetrics::new(observer)),
         );
         let Some(scheduler) = scheduler else {

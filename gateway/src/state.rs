@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use runtime::model::ModelOptions;
+use runtime::model::{KvBudget, ModelOptions};
 
 use crate::auth::Keys;
 use crate::config::Config;
@@ -25,6 +25,9 @@ pub struct AppState {
     pub models: ModelStore,
     /// Generation slots and queue.
     pub admission: Admission,
+    /// The key/value cache bytes every model's batch draws from
+    /// (`server.limits.kv_cache_bytes`).
+    pub kv_budget: Arc<KvBudget>,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// API keys.
@@ -59,6 +62,7 @@ impl AppState {
             metrics.queue_depth.clone(),
             metrics.generations_running.clone(),
         );
+        let kv_budget = KvBudget::new(limits.kv_cache_bytes);
         let keys = Keys::new(
             config.server.api_keys.clone(),
             config.server.admin_keys.clone(),
@@ -71,12 +75,18 @@ impl AppState {
             admission.clone(),
             ready.clone(),
             limits.max_concurrent_generations.clamp(1, 8),
+            (
+                crate::batching::scheduler_limits(limits),
+                kv_budget.clone(),
+                metrics.clone(),
+            ),
         ));
         Ok(AppState {
             config,
             registry,
             models,
             admission,
+            kv_budget,
             metrics,
             keys,
             evaluations,

@@ -164,9 +164,10 @@ pub struct LimitsConfig {
     /// Sequences in one model's running batch; more wait in the queue.
     #[serde(default = "default_max_running_sequences")]
     pub max_running_sequences: usize,
-    /// Bytes of key/value cache blocks per resident model's batch: a
-    /// request joins only when its prompt and `max_tokens` fit beside the
-    /// running sequences'; one that could never fit is a 400.
+    /// Bytes of key/value cache blocks of every resident model's batch
+    /// together: a request joins only when its prompt and `max_tokens` fit
+    /// beside the running sequences' reservations; one that could never
+    /// fit is a 400.
     #[serde(default = "default_kv_cache_bytes", deserialize_with = "bytes")]
     pub kv_cache_bytes: u64,
     /// Positions per key/value block.

@@ -14,12 +14,16 @@ use std::time::{Duration, Instant};
 
 use evaluator::runner::{load_tasks, run_tasks, RunOptions, TaskResult};
 use evaluator::taskpool::{Task, TaskPool};
+use runtime::generate::SchedulerLimits;
+use runtime::model::KvBudget;
 
 use super::book::{Evaluation, Evaluations};
 use super::record::{Outcome, RunRecord, TaskScore, Trigger};
 use super::scorer::AdmittedScorer;
+use crate::batching::BatchMetrics;
 use crate::clock::unix_seconds;
 use crate::limits::admission::Admission;
+use crate::metrics::Metrics;
 use crate::store::{ModelStore, Wait};
 
 /// Runs the evaluations of a [book](Evaluations), one at a time.
@@ -35,6 +39,9 @@ pub struct Scheduler {
     /// that merges use); made on the first run.
     threads: OnceLock<Option<Arc<rayon::ThreadPool>>>,
     thread_count: usize,
+    /// The bounds and metrics of a model's batching scheduler, when an
+    /// evaluation is the first to generate on it.
+    batching: (SchedulerLimits, Arc<KvBudget>, Metrics),
 }
 
 impl Scheduler {
@@ -47,6 +54,7 @@ impl Scheduler {
         admission: Admission,
         ready: Arc<AtomicBool>,
         threads: usize,
+        batching: (SchedulerLimits, Arc<KvBudget>, Metrics),
     ) -> Self {
         Scheduler {
             book,
@@ -56,6 +64,7 @@ impl Scheduler {
             runner: tokio::sync::Mutex::new(()),
             threads: OnceLock::new(),
             thread_count: threads.max(1),
+            batching,
         }
     }
 
@@ -203,7 +212,12 @@ impl Scheduler {
         };
         let scored = tokio::task::spawn_blocking(move || {
             let stopping = || this.stopping();
-            let scorer = AdmittedScorer::new(served.engine.runnable(), &this.admission, &stopping);
+            let (limits, budget, metrics) = this.batching.clone();
+            let batch = served
+                .engine
+                .scheduler(|| (limits, budget), || Arc::new(BatchMetrics::new(metrics)));
+            let scorer =
+                AdmittedScorer::new(served.engine.runnable(), &this.admission, batch, &stopping);
             let run = || run_tasks(&scorer, &tasks, &opts, &|_| {});
             match threads {
                 Some(pool) => pool.install(run),

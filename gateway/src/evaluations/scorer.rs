@@ -1,18 +1,23 @@
 //! The scorer of scheduled evaluations: the served model ([`Runnable`])
 //! behind the gateway's generation admission.
 //!
-//! Every scorer call (one batch of log-likelihoods, one greedy generation)
-//! takes one generation slot of [`Admission`] and gives it back when the
-//! call returns, so evaluations share `server.limits.max_concurrent_generations`
-//! with traffic. They take a slot only when one is free and no request is
-//! waiting ([`Admission::try_admit_idle`]): a request that arrives during an
+//! Greedy generations of a batched model join its continuous batch at
+//! [`Priority::Background`]: they enter the running batch only when no
+//! request of a client waits, and a full queue makes them wait, not fail.
+//! Every other scorer call (one batch of log-likelihoods, a generation of
+//! a model that is not batched, embeddings) takes one generation slot of
+//! [`Admission`] and gives it back when the call returns, so evaluations
+//! share `server.limits.max_concurrent_generations` with traffic. They take
+//! a slot only when one is free and no request is waiting
+//! ([`Admission::try_admit_idle`]): a request that arrives during an
 //! evaluation waits for at most one batch.
 
 use std::time::Duration;
 
 use evaluator::runner::{Loglikelihood, Scorer};
 use evaluator::EvalError;
-use runtime::Runnable;
+use runtime::generate::{Priority, SamplingParams, Scheduler, SchedulerEvent};
+use runtime::{Runnable, RuntimeError};
 
 use crate::limits::admission::{Admission, Slot};
 
@@ -23,22 +28,69 @@ const RETRY: Duration = Duration::from_millis(10);
 pub struct AdmittedScorer<'a> {
     model: &'a Runnable,
     admission: &'a Admission,
+    batch: Option<&'a Scheduler>,
     stopping: &'a (dyn Fn() -> bool + Sync),
 }
 
 impl<'a> AdmittedScorer<'a> {
-    /// Scores `model`, one slot of `admission` per call; stops (an error)
-    /// once `stopping` says so (the server is shutting down).
+    /// Scores `model`, one slot of `admission` per call, its greedy
+    /// generations in `batch` (the model's scheduler) when it has one;
+    /// stops (an error) once `stopping` says so (the server is shutting
+    /// down).
     pub fn new(
         model: &'a Runnable,
         admission: &'a Admission,
+        batch: Option<&'a Scheduler>,
         stopping: &'a (dyn Fn() -> bool + Sync),
     ) -> Self {
         AdmittedScorer {
             model,
             admission,
+            batch,
             stopping,
         }
+    }
+
+    fn shutting_down() -> EvalError {
+        EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "the server is shutting down".to_string(),
+        }
+    }
+
+    /// A greedy generation in the batch at background priority: the same
+    /// tokens as [`Scorer::generate_greedy`] of the model alone (the
+    /// prompt encoded with BOS, stopping at an end-of-sequence token).
+    fn generate_batched(
+        &self,
+        batch: &Scheduler,
+        prompt: &str,
+        max_tokens: usize,
+    ) -> evaluator::Result<String> {
+        let ids = batch.model().encode(prompt)?;
+        let params = SamplingParams::greedy(max_tokens.max(1));
+        let (tx, rx) = std::sync::mpsc::channel();
+        loop {
+            if (self.stopping)() {
+                return Err(Self::shutting_down());
+            }
+            let tx = tx.clone();
+            let sink = Box::new(move |ev| match ev {
+                SchedulerEvent::Token(_) => true,
+                SchedulerEvent::Done(done) => tx.send(done).is_ok(),
+            });
+            match batch.submit(ids.clone(), &params, Priority::Background, sink) {
+                Ok(()) => break,
+                Err(RuntimeError::QueueFull { .. }) => std::thread::sleep(RETRY),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        drop(tx);
+        let done = rx.recv().map_err(|_| EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "the batch ended the generation without a result".to_string(),
+        })?;
+        Ok(done?.text)
     }
 
     /// Blocks (a rayon or blocking-pool thread, never the async runtime)
@@ -46,10 +98,7 @@ impl<'a> AdmittedScorer<'a> {
     fn slot(&self) -> evaluator::Result<Slot> {
         loop {
             if (self.stopping)() {
-                return Err(EvalError::Scoring {
-                    task: "(any)".to_string(),
-                    reason: "the server is shutting down".to_string(),
-                });
+                return Err(Self::shutting_down());
             }
             if let Some(slot) = self.admission.try_admit_idle() {
                 return Ok(slot);
@@ -69,6 +118,9 @@ impl Scorer for AdmittedScorer<'_> {
     }
 
     fn generate_greedy(&self, prompt: &str, max_tokens: usize) -> evaluator::Result<String> {
+        if let Some(batch) = self.batch {
+            return self.generate_batched(batch, prompt, max_tokens);
+        }
         let _slot = self.slot()?;
         Scorer::generate_greedy(self.model, prompt, max_tokens)
     }

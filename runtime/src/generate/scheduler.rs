@@ -30,7 +30,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use candle_core::DType;
 
@@ -38,8 +38,12 @@ use super::sampling::SamplingParams;
 use super::sequence::Sequence;
 use super::text_model::{Completion, TextModel, TokenEvent};
 use crate::error::{Result, RuntimeError};
-use crate::model::paged::{KvPool, PagedCache, DEFAULT_BLOCK_TOKENS};
+use crate::model::paged::{KvBudget, KvPool, PagedCache, DEFAULT_BLOCK_TOKENS};
 use crate::model::BatchInput;
+
+/// How often an idle scheduler whose next request waits for another
+/// model's reservations to end looks again.
+const STARVED_POLL: Duration = Duration::from_millis(5);
 
 /// The bounds of one scheduler.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,7 +53,8 @@ pub struct SchedulerLimits {
     pub max_batch_tokens: usize,
     /// Sequences in the running batch.
     pub max_running_sequences: usize,
-    /// Bytes of key/value blocks of all running sequences.
+    /// Bytes of key/value blocks of all running sequences (of this
+    /// scheduler's own budget; [`Scheduler::with_budget`] shares one).
     pub kv_cache_bytes: u64,
     /// Positions per key/value block.
     pub block_tokens: usize,
@@ -195,6 +200,19 @@ impl Scheduler {
         limits: SchedulerLimits,
         observer: Arc<dyn StepObserver>,
     ) -> Result<Self> {
+        let budget = KvBudget::new(limits.kv_cache_bytes);
+        Self::with_budget(model, limits, &budget, observer)
+    }
+
+    /// [`Scheduler::new`] whose key/value blocks and reservations count
+    /// against `budget`, shared with the schedulers of other models (its
+    /// bound, not `limits.kv_cache_bytes`, applies).
+    pub fn with_budget(
+        model: Arc<TextModel>,
+        limits: SchedulerLimits,
+        budget: &Arc<KvBudget>,
+        observer: Arc<dyn StepObserver>,
+    ) -> Result<Self> {
         limits.validate()?;
         let m = model.model();
         if !m.batchable() {
@@ -202,11 +220,11 @@ impl Scheduler {
                 "this model keeps per-sequence state (a routed merge) and is not batched".into(),
             ));
         }
-        let pool = KvPool::new(
+        let pool = KvPool::with_budget(
             m.config(),
             m.dtype(),
             m.device(),
-            limits.kv_cache_bytes,
+            budget,
             limits.block_tokens,
         )?;
         let shared = Arc::new(Shared {
@@ -355,24 +373,27 @@ struct StepLoop {
 
 impl StepLoop {
     fn run(mut self) {
-        let capacity = (self.pool.limit_bytes() / self.pool.block_bytes()) as usize;
-        let mut reserved = 0usize;
+        let budget = self.pool.budget().clone();
+        let block_bytes = self.pool.block_bytes();
         loop {
             {
                 let mut q = self.shared.lock();
                 loop {
+                    // A job that waits for reservations of other models'
+                    // schedulers to end: nothing here will wake this one.
+                    let mut starved = false;
                     while self.running.len() < self.limits.max_running_sequences {
                         let queue = if q.traffic.is_empty() {
                             &mut q.background
                         } else {
                             &mut q.traffic
                         };
-                        match queue.front() {
-                            Some(job) if reserved + job.blocks <= capacity => {}
-                            _ => break,
+                        let Some(job) = queue.front() else { break };
+                        if !budget.try_reserve(job.blocks as u64 * block_bytes) {
+                            starved = true;
+                            break;
                         }
                         let Some(job) = queue.pop_front() else { break };
-                        reserved += job.blocks;
                         self.observer.admitted(job.arrived.elapsed().as_secs_f64());
                         self.running.push(Active {
                             seq: Some(job.seq),
@@ -397,7 +418,15 @@ impl StepLoop {
                     if q.closed && q.waiting() == 0 {
                         return;
                     }
-                    q = self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner());
+                    q = if starved {
+                        self.shared
+                            .wake
+                            .wait_timeout(q, STARVED_POLL)
+                            .unwrap_or_else(|e| e.into_inner())
+                            .0
+                    } else {
+                        self.shared.wake.wait(q).unwrap_or_else(|e| e.into_inner())
+                    };
                 }
             }
             self.step();
@@ -406,8 +435,9 @@ impl StepLoop {
                 .partition(|a| a.done);
             self.running = running;
             let mut outbox = Vec::new();
+            let mut freed = 0;
             for a in done {
-                reserved -= a.blocks;
+                freed += a.blocks as u64 * block_bytes;
                 let Active { sink, end, .. } = a; // the cache's blocks go back here
                 outbox.extend(end.map(|ev| (sink, ev)));
             }
@@ -417,6 +447,8 @@ impl StepLoop {
                 self.observer
                     .state(q.running, q.waiting(), self.pool.used_bytes());
             }
+            // Reported as gone before another scheduler can take its place.
+            budget.unreserve(freed);
             for (mut sink, ev) in outbox {
                 sink(ev);
             }

@@ -32,7 +32,7 @@ pub use batch::BatchInput;
 pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use layers::{GatedMlp, Hooks, Linear, LinearCapture, Mlp, RmsNorm, Rope, RopeTables};
-pub use paged::{KvPool, PagedCache};
+pub use paged::{KvBudget, KvPool, PagedCache};
 pub use transformer::{Model, ModelOptions};
 
 #[cfg(test)]

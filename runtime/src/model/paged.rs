@@ -23,10 +23,67 @@ use crate::error::{Result, RuntimeError};
 /// Positions per block unless configured otherwise.
 pub const DEFAULT_BLOCK_TOKENS: usize = 16;
 
-/// The byte budget every sequence's blocks are drawn from.
+/// A byte bound shared by the pools of several models (the gateway's
+/// `server.limits.kv_cache_bytes`): the blocks every pool holds, and the
+/// bytes schedulers have reserved for the sequences they admitted, stay
+/// within it.
+#[derive(Debug)]
+pub struct KvBudget {
+    limit: u64,
+    used: AtomicU64,
+    reserved: AtomicU64,
+}
+
+impl KvBudget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: u64) -> Arc<Self> {
+        Arc::new(KvBudget {
+            limit,
+            used: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+        })
+    }
+
+    /// The bound.
+    pub fn limit_bytes(&self) -> u64 {
+        self.limit
+    }
+
+    /// Bytes of blocks held, every pool together.
+    pub fn used_bytes(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes reserved by admitted sequences, every scheduler together.
+    pub fn reserved_bytes(&self) -> u64 {
+        self.reserved.load(Ordering::Relaxed)
+    }
+
+    /// Reserves `bytes` for a sequence's blocks to come; false (nothing
+    /// reserved) when they do not fit beside the reservations made.
+    pub fn try_reserve(&self, bytes: u64) -> bool {
+        add_within(&self.reserved, bytes, self.limit)
+    }
+
+    /// Gives back a reservation.
+    pub fn unreserve(&self, bytes: u64) {
+        self.reserved.fetch_sub(bytes, Ordering::AcqRel);
+    }
+}
+
+/// Adds `bytes` to `counter` unless that passes `limit`.
+fn add_within(counter: &AtomicU64, bytes: u64, limit: u64) -> bool {
+    counter
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
+            u.checked_add(bytes).filter(|&n| n <= limit)
+        })
+        .is_ok()
+}
+
+/// One model's blocks, drawn from a [`KvBudget`].
 #[derive(Debug)]
 pub struct KvPool {
-    limit: u64,
+    budget: Arc<KvBudget>,
     used: AtomicU64,
     block_tokens: usize,
     layers: usize,
@@ -38,7 +95,7 @@ pub struct KvPool {
 
 impl KvPool {
     /// A pool of at most `limit` bytes of blocks for `config`'s model in
-    /// `dtype` on `device`.
+    /// `dtype` on `device`, with a budget of its own.
     pub fn new(
         config: &ModelConfig,
         dtype: DType,
@@ -46,13 +103,26 @@ impl KvPool {
         limit: u64,
         block_tokens: usize,
     ) -> Result<Arc<Self>> {
+        Self::with_budget(config, dtype, device, &KvBudget::new(limit), block_tokens)
+    }
+
+    /// A pool for `config`'s model in `dtype` on `device` whose blocks
+    /// count against `budget`, shared with other pools.
+    pub fn with_budget(
+        config: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+        budget: &Arc<KvBudget>,
+        block_tokens: usize,
+    ) -> Result<Arc<Self>> {
+        let limit = budget.limit;
         if block_tokens == 0 {
             return Err(RuntimeError::InvalidInput(
                 "a KV cache block must hold at least one position".into(),
             ));
         }
         let pool = KvPool {
-            limit,
+            budget: budget.clone(),
             used: AtomicU64::new(0),
             block_tokens,
             layers: config.num_hidden_layers,
@@ -81,14 +151,19 @@ impl KvPool {
             * self.dtype.size_in_bytes()) as u64
     }
 
-    /// Bytes of blocks held now.
+    /// Bytes of this pool's blocks held now.
     pub fn used_bytes(&self) -> u64 {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// The bound.
+    /// The bound (of the budget, shared with other pools).
     pub fn limit_bytes(&self) -> u64 {
-        self.limit
+        self.budget.limit
+    }
+
+    /// The budget the blocks count against.
+    pub fn budget(&self) -> &Arc<KvBudget> {
+        &self.budget
     }
 
     /// Positions per block.
@@ -103,27 +178,28 @@ impl KvPool {
 
     /// Whether `blocks` more blocks fit under the bound now.
     pub fn can_take(&self, blocks: usize) -> bool {
-        self.used_bytes() + blocks as u64 * self.block_bytes() <= self.limit
+        self.budget.used_bytes() + blocks as u64 * self.block_bytes() <= self.budget.limit
     }
 
     /// Whether a sequence of `positions` positions could ever fit (with
     /// the pool otherwise empty).
     pub fn could_hold(&self, positions: usize) -> bool {
-        self.blocks_for(positions) as u64 * self.block_bytes() <= self.limit
+        self.blocks_for(positions) as u64 * self.block_bytes() <= self.budget.limit
     }
 
     fn reserve(&self) -> bool {
         let bytes = self.block_bytes();
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
-                (u + bytes <= self.limit).then_some(u + bytes)
-            })
-            .is_ok()
+        if !add_within(&self.budget.used, bytes, self.budget.limit) {
+            return false;
+        }
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+        true
     }
 
     fn release(&self, blocks: usize) {
-        self.used
-            .fetch_sub(blocks as u64 * self.block_bytes(), Ordering::AcqRel);
+        let bytes = blocks as u64 * self.block_bytes();
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.budget.used.fetch_sub(bytes, Ordering::AcqRel);
     }
 }
 

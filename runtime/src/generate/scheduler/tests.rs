@@ -285,3 +285,73 @@ fn limits_are_checked() {
     }
     SchedulerLimits::default().validate().unwrap();
 }
+
+/// Running sequences of several schedulers together.
+#[derive(Default)]
+struct Together {
+    running: [AtomicUsize; 2],
+    most: AtomicUsize,
+}
+
+struct Share(Arc<Together>, usize);
+
+impl StepObserver for Share {
+    fn state(&self, running: usize, _queued: usize, _kv_bytes: u64) {
+        let t = &self.0;
+        t.running[self.1].store(running, Ordering::SeqCst);
+        let sum = t.running[0].load(Ordering::SeqCst) + t.running[1].load(Ordering::SeqCst);
+        t.most.fetch_max(sum, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn schedulers_sharing_a_budget_stay_within_it_together() {
+    let dir = checkpoint(5);
+    let model = Arc::new(load(dir.path()));
+    let params = SamplingParams::greedy(20);
+    let prompt = prompt_of("shared");
+    let pool = KvPool::new(
+        model.model().config(),
+        model.model().dtype(),
+        model.model().device(),
+        u64::MAX,
+        4,
+    )
+    .unwrap();
+    // Room for one such sequence at a time, across both schedulers.
+    let one = pool.blocks_for(prompt.len() + 20) as u64 * pool.block_bytes();
+    let budget = KvBudget::new(one + pool.block_bytes() - 1);
+    let limits = SchedulerLimits {
+        block_tokens: 4,
+        ..SchedulerLimits::default()
+    };
+    let together = Arc::new(Together::default());
+    let schedulers: Vec<Scheduler> = (0..2)
+        .map(|i| {
+            Scheduler::with_budget(
+                model.clone(),
+                limits.clone(),
+                &budget,
+                Arc::new(Share(together.clone(), i)),
+            )
+            .unwrap()
+        })
+        .collect();
+    let receivers: Vec<_> = schedulers
+        .iter()
+        .flat_map(|s| {
+            (0..2).map(|_| {
+                let (sink, rx) = channel();
+                s.submit(prompt.clone(), &params, Priority::Traffic, sink)
+                    .unwrap();
+                rx
+            })
+        })
+        .collect();
+    let alone = collect(&model, &prompt, &params).0.tokens;
+    for rx in receivers {
+        assert_eq!(wait(rx).unwrap().tokens, alone);
+    }
+    assert_eq!(together.most.load(Ordering::SeqCst), 1, "two ran at once");
+    eventually(|| budget.used_bytes() == 0 && budget.reserved_bytes() == 0);
+}
