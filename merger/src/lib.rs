@@ -45,6 +45,8 @@
 //! let run = Run {
 //!     open: &open,
 //!     calibration: &[],
+//!     sources: &[],
+//!     stats: None,
 //!     device: &Device::Cpu,
 //!     progress: false,
 //!     cancel: &Cancel::new(),

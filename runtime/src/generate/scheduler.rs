@@ -429,7 +429,22 @@ impl StepLoop {
                     };
                 }
             }
-            self.step();
+            // A panic inside a step (a backend bug) fails the sequences of
+            // the batch instead of leaving their clients waiting forever on
+            // a dead loop; the loop goes on with the next requests.
+            let stepped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.step()));
+            if let Err(panic) = stepped {
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "a panic".to_string());
+                for a in &mut self.running {
+                    a.fail(RuntimeError::Generation(format!(
+                        "the batched step failed: {what}"
+                    )));
+                }
+            }
             let (done, running): (Vec<Active>, Vec<Active>) = std::mem::take(&mut self.running)
                 .into_iter()
                 .partition(|a| a.done);
@@ -450,7 +465,8 @@ impl StepLoop {
             // Reported as gone before another scheduler can take its place.
             budget.unreserve(freed);
             for (mut sink, ev) in outbox {
-                sink(ev);
+                // A sink that panics loses its own event, nothing else.
+                let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(ev)));
             }
         }
     }

@@ -355,3 +355,53 @@ fn schedulers_sharing_a_budget_stay_within_it_together() {
     assert_eq!(together.most.load(Ordering::SeqCst), 1, "two ran at once");
     eventually(|| budget.used_bytes() == 0 && budget.reserved_bytes() == 0);
 }
+
+#[test]
+fn a_panic_in_a_step_fails_its_batch_and_the_loop_goes_on() {
+    let dir = checkpoint(3);
+    let model = Arc::new(load(dir.path()));
+    let scheduler = Scheduler::new(
+        model.clone(),
+        SchedulerLimits::default(),
+        Arc::new(NoObserver),
+    )
+    .unwrap();
+    // Both wait until they are submitted, then join one batch.
+    let gate = Arc::new(std::sync::Barrier::new(2));
+    let g = gate.clone();
+    let mut first_call = true;
+    let panicking: EventSink = Box::new(move |_| {
+        if std::mem::take(&mut first_call) {
+            g.wait();
+        }
+        panic!("a sink that panics");
+    });
+    let params = SamplingParams::greedy(8);
+    let (sink, rx) = channel();
+    scheduler
+        .submit(prompt_of("first"), &params, Priority::Traffic, sink)
+        .unwrap();
+    scheduler
+        .submit(prompt_of("second"), &params, Priority::Traffic, panicking)
+        .unwrap();
+    gate.wait();
+    // The panicking sink's step failed the batch, or the first sequence
+    // had ended before it.
+    let first = rx.iter().find_map(|ev| match ev {
+        SchedulerEvent::Done(done) => Some(done),
+        SchedulerEvent::Token(_) => None,
+    });
+    if let Some(Err(e)) = first {
+        assert!(e.to_string().contains("a sink that panics"), "{e}");
+    }
+    // The loop is alive: the next request completes as it does alone.
+    let (sink, rx) = channel();
+    scheduler
+        .submit(prompt_of("third"), &params, Priority::Traffic, sink)
+        .unwrap();
+    assert_eq!(
+        wait(rx).unwrap().tokens,
+        collect(&model, &prompt_of("third"), &params).0.tokens
+    );
+    eventually(|| scheduler.kv_cache_bytes() == 0 && scheduler.running() == 0);
+}
