@@ -9,25 +9,45 @@
 use std::sync::{Arc, Mutex};
 
 use runtime::generate::{Scheduler, SchedulerLimits, StepObserver};
+use runtime::model::KvBudget;
 
 use crate::config::LimitsConfig;
 use crate::engine::Engine;
 use crate::metrics::Metrics;
-use crate::state::AppState;
 
-/// The scheduler of `engine`, started with `state`'s bounds and metrics on
-/// the first call; `None` when the model is not batched.
-pub fn scheduler_of<'a>(state: &AppState, engine: &'a Engine) -> Option<&'a Scheduler> {
-    let limits = &state.config.server.limits;
-    let metrics = state.metrics.clone();
-    engine.scheduler(
-        || (scheduler_limits(limits), state.kv_budget.clone()),
-        || Arc::new(BatchMetrics::new(metrics)),
-    )
+/// What every model's scheduler is started with: the bounds, the one
+/// key/value budget they share, and the metrics they report to. Shared by
+/// the request path and the scheduled evaluations.
+#[derive(Clone)]
+pub struct Batching {
+    limits: SchedulerLimits,
+    budget: Arc<KvBudget>,
+    metrics: Metrics,
+}
+
+impl Batching {
+    /// The bounds of `limits` (`kv_cache_bytes` is the shared budget),
+    /// reporting to `metrics`.
+    pub fn new(limits: &LimitsConfig, metrics: Metrics) -> Self {
+        Batching {
+            limits: scheduler_limits(limits),
+            budget: KvBudget::new(limits.kv_cache_bytes),
+            metrics,
+        }
+    }
+
+    /// The scheduler of `engine`, started on the first call; `None` when
+    /// the model is not batched.
+    pub fn scheduler_of<'a>(&self, engine: &'a Engine) -> Option<&'a Scheduler> {
+        engine.scheduler(
+            || (self.limits.clone(), self.budget.clone()),
+            || Arc::new(BatchMetrics::new(self.metrics.clone())),
+        )
+    }
 }
 
 /// The scheduler bounds of `limits`.
-pub fn scheduler_limits(limits: &LimitsConfig) -> SchedulerLimits {
+fn scheduler_limits(limits: &LimitsConfig) -> SchedulerLimits {
     SchedulerLimits {
         max_batch_tokens: limits.max_batch_tokens,
         max_running_sequences: limits.max_running_sequences,

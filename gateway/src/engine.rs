@@ -157,6 +157,11 @@ impl Engine {
             .as_ref()
     }
 
+    /// The scheduler [`Engine::scheduler`] started, if it did.
+    pub fn started_scheduler(&self) -> Option<&Scheduler> {
+        self.batch.get().and_then(Option::as_ref)
+    }
+
     /// Generates from `prompt`; `on_token` gets each text delta and returns
     /// false to stop (the client went away).
     pub fn generate(

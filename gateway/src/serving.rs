@@ -18,7 +18,6 @@ use tokio::sync::{mpsc, oneshot};
 
 use runtime::generate::{EventSink, Priority, SchedulerEvent};
 
-use crate::batching::{self, BatchMetrics};
 use crate::engine::{ChatMessage, Completion, Embedded, Engine, SamplingParams, TokenEvent};
 use crate::error::{GatewayError, Result, Stage};
 use crate::state::AppState;
@@ -88,7 +87,7 @@ pub async fn generate(
     prompt: Prompt,
     params: SamplingParams,
 ) -> Result<Generation> {
-    if batching::scheduler_of(state, &handle.served.engine).is_some() {
+    if state.batching.scheduler_of(&handle.served.engine).is_some() {
         return generate_batched(state, handle, prompt, params).await;
     }
     generate_alone(state, handle, prompt, params).await
@@ -103,20 +102,13 @@ async fn generate_batched(
 ) -> Result<Generation> {
     let served = handle.served.clone();
     let metrics = state.metrics.clone();
-    let observer = state.metrics.clone();
-    let limits = state.config.server.limits.clone();
-    let budget = state.kv_budget.clone();
     let split_special_tokens = state.config.server.split_special_tokens;
     let (tx, events) = mpsc::unbounded_channel();
     let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<usize> {
         let engine = &served.engine;
         let ids = prompt_ids(engine, &prompt, split_special_tokens)?;
         let n = ids.len();
-        let scheduler = engine.scheduler(
-            || (batching::scheduler_limits(&limits), budget),
-            || Arc::new(BatchMetrics::new(observer)),
-        );
-        let Some(scheduler) = scheduler else {
+        let Some(scheduler) = engine.started_scheduler() else {
             return Err(GatewayError::Internal(
                 "the model's scheduler did not start".to_string(),
             ));

@@ -4,9 +4,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use runtime::model::{KvBudget, ModelOptions};
+use runtime::model::ModelOptions;
 
 use crate::auth::Keys;
+use crate::batching::Batching;
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::evaluations::{Evaluations, Scheduler};
@@ -25,9 +26,9 @@ pub struct AppState {
     pub models: ModelStore,
     /// Generation slots and queue.
     pub admission: Admission,
-    /// The key/value cache bytes every model's batch draws from
-    /// (`server.limits.kv_cache_bytes`).
-    pub kv_budget: Arc<KvBudget>,
+    /// What every model's batching scheduler starts with (its bounds, the
+    /// shared `kv_cache_bytes` budget, the metrics).
+    pub batching: Batching,
     /// Prometheus metrics.
     pub metrics: Metrics,
     /// API keys.
@@ -62,7 +63,7 @@ impl AppState {
             metrics.queue_depth.clone(),
             metrics.generations_running.clone(),
         );
-        let kv_budget = KvBudget::new(limits.kv_cache_bytes);
+        let batching = Batching::new(limits, metrics.clone());
         let keys = Keys::new(
             config.server.api_keys.clone(),
             config.server.admin_keys.clone(),
@@ -75,18 +76,14 @@ impl AppState {
             admission.clone(),
             ready.clone(),
             limits.max_concurrent_generations.clamp(1, 8),
-            (
-                crate::batching::scheduler_limits(limits),
-                kv_budget.clone(),
-                metrics.clone(),
-            ),
+            batching.clone(),
         ));
         Ok(AppState {
             config,
             registry,
             models,
             admission,
-            kv_budget,
+            batching,
             metrics,
             keys,
             evaluations,

@@ -1,8 +1,8 @@
 //! Continuous batching on a real server: concurrent greedy requests get,
 //! token for token, what each gets alone; steps really hold several
 //! sequences (the batch histograms say so); a streaming client that leaves
-//! frees its key/value blocks at once; past the running batch and the
-//! queue, 429.
+//! frees its key/value blocks at once. Past the running batch and the
+//! queue, 429: `gateway_errors.rs`.
 
 mod gateway_util;
 
@@ -119,42 +119,4 @@ async fn a_streaming_client_that_leaves_frees_its_blocks() {
     assert_eq!(c.metric("fusion_generated_tokens_total").await, generated);
     // And the server goes on serving.
     assert_eq!(c.chat("demo/base", "hi", 4).await.status, 200);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn past_the_batch_and_the_queue_is_429() {
-    let pool = Pool::small();
-    let server = start(pool.config_with_server(
-        "limits: {max_running_sequences: 1, max_batch_tokens: 8, queue_depth: 1, max_tokens: 240}",
-        "",
-    ));
-    let c = Client::new(&server);
-    assert_eq!(c.chat("demo/base", "hi", 1).await.status, 200);
-    let tasks: Vec<_> = (0..8)
-        .map(|_| {
-            let c = c.clone();
-            tokio::spawn(async move { c.chat("demo/base", "hi", 240).await })
-        })
-        .collect();
-    let (mut ok, mut busy) = (0, 0);
-    for t in tasks {
-        let r = t.await.unwrap();
-        if r.status == 429 {
-            let e = r.assert_error(429, "rate_limit_error");
-            assert_eq!(e["code"], "queue_full");
-            assert!(e["message"].as_str().unwrap().contains("queue_depth"));
-            assert_eq!(r.header("retry-after").as_deref(), Some("1"));
-            busy += 1;
-        } else {
-            assert_eq!(r.status, 200, "{}", r.text);
-            ok += 1;
-        }
-    }
-    assert!(
-        busy >= 1,
-        "eight at once on one running slot and a queue of one"
-    );
-    assert!(ok >= 2, "the running one and the queued one both finish");
-    settles(&c, "fusion_generation_queue_depth", 0.0).await;
-    settles(&c, "fusion_generations_running", 0.0).await;
 }

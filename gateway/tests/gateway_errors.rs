@@ -279,7 +279,7 @@ async fn every_error_has_its_status_and_the_openai_shape() {
 async fn a_full_queue_is_429_with_retry_after() {
     let pool = Pool::small();
     let server = start(pool.config_with_server(
-        "limits: {max_running_sequences: 1, max_batch_tokens: 8, queue_depth: 0, max_tokens: 240}",
+        "limits: {max_running_sequences: 1, max_batch_tokens: 8, queue_depth: 1, max_tokens: 240}",
         "",
     ));
     let c = Client::new(&server);
@@ -291,22 +291,25 @@ async fn a_full_queue_is_429_with_retry_after() {
             tokio::spawn(async move { c.chat("demo/base", "hi", 240).await })
         })
         .collect();
-    let mut busy = 0;
+    let (mut ok, mut busy) = (0, 0);
     for t in tasks {
         let r = t.await.unwrap();
         if r.status == 429 {
             let e = r.assert_error(429, "rate_limit_error");
             assert_eq!(e["code"], "queue_full");
+            assert!(e["message"].as_str().unwrap().contains("queue_depth"));
             assert_eq!(r.header("retry-after").as_deref(), Some("1"));
             busy += 1;
         } else {
             assert_eq!(r.status, 200, "{}", r.text);
+            ok += 1;
         }
     }
     assert!(
         busy >= 1,
-        "eight concurrent generations on one slot, none refused"
+        "eight concurrent generations on one running slot and a queue of one, none refused"
     );
+    assert!(ok >= 2, "the running one and the queued one both finish");
     assert_eq!(c.chat("demo/base", "hi", 4).await.status, 200);
     assert_eq!(c.metric("fusion_generation_queue_depth").await, 0.0);
     assert_eq!(c.metric("fusion_generations_running").await, 0.0);

@@ -14,16 +14,13 @@ use std::time::{Duration, Instant};
 
 use evaluator::runner::{load_tasks, run_tasks, RunOptions, TaskResult};
 use evaluator::taskpool::{Task, TaskPool};
-use runtime::generate::SchedulerLimits;
-use runtime::model::KvBudget;
 
 use super::book::{Evaluation, Evaluations};
 use super::record::{Outcome, RunRecord, TaskScore, Trigger};
 use super::scorer::AdmittedScorer;
-use crate::batching::BatchMetrics;
+use crate::batching::Batching;
 use crate::clock::unix_seconds;
 use crate::limits::admission::Admission;
-use crate::metrics::Metrics;
 use crate::store::{ModelStore, Wait};
 
 /// Runs the evaluations of a [book](Evaluations), one at a time.
@@ -41,7 +38,7 @@ pub struct Scheduler {
     thread_count: usize,
     /// The bounds and metrics of a model's batching scheduler, when an
     /// evaluation is the first to generate on it.
-    batching: (SchedulerLimits, Arc<KvBudget>, Metrics),
+    batching: Batching,
 }
 
 impl Scheduler {
@@ -54,7 +51,7 @@ impl Scheduler {
         admission: Admission,
         ready: Arc<AtomicBool>,
         threads: usize,
-        batching: (SchedulerLimits, Arc<KvBudget>, Metrics),
+        batching: Batching,
     ) -> Self {
         Scheduler {
             book,
@@ -212,10 +209,7 @@ impl Scheduler {
         };
         let scored = tokio::task::spawn_blocking(move || {
             let stopping = || this.stopping();
-            let (limits, budget, metrics) = this.batching.clone();
-            let batch = served
-                .engine
-                .scheduler(|| (limits, budget), || Arc::new(BatchMetrics::new(metrics)));
+            let batch = this.batching.scheduler_of(&served.engine);
             let scorer =
                 AdmittedScorer::new(served.engine.runnable(), &this.admission, batch, &stopping);
             let run = || run_tasks(&scorer, &tasks, &opts, &|_| {});

@@ -176,37 +176,12 @@ impl Model {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-
     use candle_core::Device;
 
     use super::*;
     use crate::model::paged::KvPool;
-    use crate::model::random::random_weights;
-    use crate::model::{ModelConfig, ModelOptions};
-
-    fn tiny() -> ModelConfig {
-        ModelConfig::from_json(
-            r#"{"model_type":"llama","vocab_size":40,"hidden_size":32,"intermediate_size":48,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
-            "max_position_embeddings":64}"#,
-            Path::new("config.json"),
-        )
-        .unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
+    use crate::model::tests::{max_abs_diff, model, tiny};
+    use crate::model::ModelOptions;
 
     /// Three sequences of different lengths, joining at different steps
     /// (one prefilled in two chunks), give the logits each gets alone with
@@ -214,12 +189,7 @@ mod tests {
     #[test]
     fn a_packed_step_equals_each_sequence_alone() {
         let c = tiny();
-        let model = Model::from_tensors(
-            c.clone(),
-            random_weights(&c, 3, 0.2).unwrap(),
-            &ModelOptions::default(),
-        )
-        .unwrap();
+        let model = model(&c, &ModelOptions::default());
         assert!(model.batchable());
         let pool = KvPool::new(&c, DType::F32, &Device::Cpu, 1 << 20, 4).unwrap();
         let prompts: [&[u32]; 3] = [&[1, 2, 3, 4, 5, 6, 7], &[9], &[11, 12, 13, 14, 15]];
@@ -276,12 +246,7 @@ mod tests {
     #[test]
     fn a_full_pool_or_bad_tokens_leave_the_caches_alone() {
         let c = tiny();
-        let model = Model::from_tensors(
-            c.clone(),
-            random_weights(&c, 3, 0.2).unwrap(),
-            &ModelOptions::default(),
-        )
-        .unwrap();
+        let model = model(&c, &ModelOptions::default());
         let block = KvPool::new(&c, DType::F32, &Device::Cpu, u64::MAX, 4)
             .unwrap()
             .block_bytes();

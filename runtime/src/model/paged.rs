@@ -356,16 +356,7 @@ impl Drop for PagedCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn tiny_config() -> ModelConfig {
-        ModelConfig::from_json(
-            r#"{"model_type":"llama","vocab_size":40,"hidden_size":32,"intermediate_size":48,
-            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
-            "max_position_embeddings":64}"#,
-            std::path::Path::new("config.json"),
-        )
-        .unwrap()
-    }
+    use crate::model::tests::tiny as tiny_config;
 
     #[test]
     fn blocks_come_and_go_with_the_sequences_and_the_bound_holds() {

@@ -11,7 +11,9 @@ use super::random::{random_weights, write_checkpoint};
 use super::*;
 use crate::RuntimeError;
 
-fn tiny() -> ModelConfig {
+/// A two-block Llama of hidden size 32 (also the batching and paged-cache
+/// tests' model).
+pub(super) fn tiny() -> ModelConfig {
     ModelConfig::from_json(
         r#"{"model_type":"llama","vocab_size":40,"hidden_size":32,"intermediate_size":48,
         "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,"max_position_embeddings":16}"#,
@@ -20,7 +22,7 @@ fn tiny() -> ModelConfig {
     .unwrap()
 }
 
-fn model(c: &ModelConfig, opts: &ModelOptions) -> Model {
+pub(super) fn model(c: &ModelConfig, opts: &ModelOptions) -> Model {
     Model::from_tensors(c.clone(), random_weights(c, 1, 0.2).unwrap(), opts).unwrap()
 }
 
@@ -30,7 +32,7 @@ fn ids(rows: &[&[u32]]) -> Tensor {
     Tensor::from_vec(flat, (rows.len(), t), &Device::Cpu).unwrap()
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b)
         .unwrap()
         .abs()
