@@ -22,6 +22,11 @@
 //! past `queue_depth` waiting, a submission is refused with
 //! [`RuntimeError::QueueFull`].
 //!
+//! Sequences of several merges held as deltas over the model
+//! ([`crate::model::ModelDelta`], [`Scheduler::submit_with`]) share its
+//! batch: each step the base's products are computed once for all rows,
+//! and each merge's delta term for its own rows (its sequences grouped).
+//!
 //! ```text
 //! step: rows = [next token of each decoding s] ‖ [prompt chunk of each prefilling s]
 //!       logits = forward_batch(rows)          (weights read once per step)
@@ -39,7 +44,7 @@ use super::sequence::Sequence;
 use super::text_model::{Completion, TextModel, TokenEvent};
 use crate::error::{Result, RuntimeError};
 use crate::model::paged::{KvBudget, KvPool, PagedCache, DEFAULT_BLOCK_TOKENS};
-use crate::model::BatchInput;
+use crate::model::{BatchInput, ModelDelta};
 
 /// How often an idle scheduler whose next request waits for another
 /// model's reservations to end looks again.
@@ -149,6 +154,7 @@ impl StepObserver for NoObserver {}
 /// A submitted request, waiting.
 struct Job {
     seq: Sequence,
+    delta: Option<Arc<ModelDelta>>,
     prompt: Vec<u32>,
     sink: EventSink,
     arrived: Instant,
@@ -289,6 +295,21 @@ impl Scheduler {
         priority: Priority,
         sink: EventSink,
     ) -> Result<()> {
+        self.submit_with(prompt, params, priority, None, sink)
+    }
+
+    /// [`Scheduler::submit`] of a merge held as `delta` over the
+    /// scheduler's model (built for it: its tensors and shapes; see
+    /// [`crate::model::Model::with_delta`]): the sequence joins the same
+    /// batch as the model's own and every other merge's.
+    pub fn submit_with(
+        &self,
+        prompt: Vec<u32>,
+        params: &SamplingParams,
+        priority: Priority,
+        delta: Option<Arc<ModelDelta>>,
+        sink: EventSink,
+    ) -> Result<()> {
         let seq = Sequence::new(&self.model, &prompt, params)?;
         let positions = seq.max_positions();
         if !self.pool.could_hold(positions) {
@@ -304,6 +325,7 @@ impl Scheduler {
         let job = Job {
             blocks: self.pool.blocks_for(positions),
             seq,
+            delta,
             prompt,
             sink,
             arrived: Instant::now(),
@@ -339,6 +361,7 @@ impl Drop for Scheduler {
 /// A sequence of the running batch.
 struct Active {
     seq: Option<Sequence>,
+    delta: Option<Arc<ModelDelta>>,
     prompt: Vec<u32>,
     /// Prompt tokens read so far.
     read: usize,
@@ -397,6 +420,7 @@ impl StepLoop {
                         self.observer.admitted(job.arrived.elapsed().as_secs_f64());
                         self.running.push(Active {
                             seq: Some(job.seq),
+                            delta: job.delta,
                             prompt: job.prompt,
                             read: 0,
                             next: None,
@@ -490,14 +514,23 @@ impl StepLoop {
             }
         }
         let tokens = self.limits.max_batch_tokens - budget;
-        let mut inputs: Vec<BatchInput> = self
-            .running
-            .iter_mut()
-            .zip(&feeds)
-            .filter_map(|(a, f)| {
-                f.as_deref().map(|tokens| BatchInput {
+        // The rows of one merge side by side, so its delta's products run
+        // once for all of them (the order of first arrival otherwise).
+        let key = |a: &Active| a.delta.as_ref().map_or(0, |d| Arc::as_ptr(d) as usize);
+        let mut order: Vec<usize> = (0..self.running.len())
+            .filter(|&i| feeds[i].is_some())
+            .collect();
+        order.sort_by_key(|&i| key(&self.running[i]));
+        let mut slots: Vec<Option<&mut Active>> = self.running.iter_mut().map(Some).collect();
+        let mut inputs: Vec<BatchInput> = order
+            .iter()
+            .filter_map(|&i| {
+                let a = slots[i].take()?;
+                let tokens = feeds[i].as_deref()?;
+                Some(BatchInput {
                     tokens,
                     cache: &mut a.cache,
+                    delta: a.delta.as_deref(),
                 })
             })
             .collect();
@@ -522,10 +555,10 @@ impl StepLoop {
                 return;
             }
         };
-        let mut rows = rows.into_iter();
-        for (a, f) in self.running.iter_mut().zip(&feeds) {
-            let Some(fed) = f else { continue };
-            let Some(mut row) = rows.next() else { break };
+        for (&i, mut row) in order.iter().zip(rows) {
+            let (a, Some(fed)) = (&mut self.running[i], &feeds[i]) else {
+                continue;
+            };
             if a.next.take().is_none() {
                 a.read += fed.len();
                 if a.read < a.prompt.len() {

@@ -13,7 +13,7 @@ use crate::model::{Model, ModelConfig, ModelOptions};
 
 const MAX_POS: usize = 64;
 
-fn config() -> ModelConfig {
+pub(super) fn config() -> ModelConfig {
     ModelConfig::from_json(
         &format!(
             r#"{{"model_type":"llama","vocab_size":{},"hidden_size":32,"intermediate_size":64,

@@ -10,6 +10,7 @@
 //! complete characters only, held back while it may start a stop sequence.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::Tensor;
 
@@ -18,7 +19,7 @@ use super::sequence::Sequence;
 use super::template::{ChatMessage, ChatTemplate};
 use super::tokenizer::TextTokenizer;
 use crate::error::{Result, RuntimeError};
-use crate::model::{Model, ModelOptions};
+use crate::model::{Model, ModelDelta, ModelOptions};
 
 /// One generated token, as streamed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub struct Completion {
 pub struct TextModel {
     model: Model,
     tokenizer: TextTokenizer,
-    template: ChatTemplate,
+    template: Arc<ChatTemplate>,
     eos_ids: Vec<u32>,
 }
 
@@ -121,8 +122,20 @@ impl TextModel {
         Ok(TextModel {
             model,
             tokenizer,
-            template,
+            template: Arc::new(template),
             eos_ids,
+        })
+    }
+
+    /// This model with a merge's `delta` over its weights
+    /// ([`Model::with_delta`]): the same tokenizer, template and weights
+    /// (shared, not copied), plus the delta.
+    pub fn with_delta(&self, delta: Arc<ModelDelta>) -> Result<TextModel> {
+        Ok(TextModel {
+            model: Model::with_delta(&self.model, delta)?,
+            tokenizer: self.tokenizer.clone(),
+            template: self.template.clone(),
+            eos_ids: self.eos_ids.clone(),
         })
     }
 

@@ -19,12 +19,13 @@
 //! logits_s = lm_head(norm(x[last row of s]))
 //! ```
 
-use candle_core::{DType, IndexOp, Module, Tensor};
+use candle_core::{DType, IndexOp, Tensor};
 
 use super::attention::causal_mask;
+use super::delta::{DeltaRun, ModelDelta};
 use super::layers::Hooks;
 use super::paged::PagedCache;
-use super::transformer::Model;
+use super::transformer::{norm_names, Model, FINAL_NORM};
 use crate::error::{Result, RuntimeError};
 
 /// One sequence's part of a batched step.
@@ -33,6 +34,39 @@ pub struct BatchInput<'a> {
     pub tokens: &'a [u32],
     /// The sequence's keys and values so far.
     pub cache: &'a mut PagedCache,
+    /// The merge this sequence runs, held as a delta over the model's
+    /// weights (`None`: the model's own, with its own delta if it has one).
+    /// Consecutive items of one delta share its products.
+    pub delta: Option<&'a ModelDelta>,
+}
+
+/// The runs of consecutive items that share a delta: `rows(i)` rows each.
+fn runs_of<'a>(
+    items: &[BatchInput<'a>],
+    own: Option<&'a ModelDelta>,
+    rows: impl Fn(usize) -> usize,
+) -> Vec<DeltaRun<'a>> {
+    let mut runs: Vec<DeltaRun<'a>> = Vec::new();
+    for (i, it) in items.iter().enumerate() {
+        let delta = it.delta.or(own);
+        match runs.last_mut() {
+            Some(last) if same(last.delta, delta) => last.rows += rows(i),
+            _ => runs.push(DeltaRun {
+                rows: rows(i),
+                delta,
+            }),
+        }
+    }
+    runs
+}
+
+/// Whether two deltas are the same one.
+fn same(a: Option<&ModelDelta>, b: Option<&ModelDelta>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => std::ptr::eq(a, b),
+        _ => false,
+    }
 }
 
 impl Model {
@@ -122,11 +156,21 @@ impl Model {
                 }
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
-        let hooks = &mut Hooks::default();
-        let mut x = self.embed.forward(&ids)?;
+        let own = self.delta.as_deref();
+        let row_runs = runs_of(items, own, |i| spans[i].1);
+        let last_runs = runs_of(items, own, |_| 1);
+        let any_delta = row_runs.iter().any(|r| r.delta.is_some());
+        let row_runs = any_delta.then_some(row_runs.as_slice());
+        let last_runs = any_delta.then_some(last_runs.as_slice());
+        let hooks = &mut Hooks {
+            deltas: row_runs,
+            ..Hooks::default()
+        };
+        let mut x = self.embed_runs(&ids, row_runs)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let a = &block.attn;
-            let h = block.attn_norm.forward(&x)?;
+            let (n1, n2) = norm_names(layer);
+            let h = block.attn_norm.forward_runs(&x, &n1, row_runs)?;
             let heads = |y: Tensor, k: usize| y.reshape((1, n, k, a.head_dim))?.transpose(1, 2);
             let q = heads(a.q.forward(&h, hooks)?, a.heads)?;
             let k = heads(a.k.forward(&h, hooks)?, a.kv_heads)?;
@@ -151,7 +195,7 @@ impl Model {
             };
             let y = y.transpose(1, 2)?.reshape((1, n, a.heads * a.head_dim))?;
             x = (x + a.o.forward(&y, hooks)?)?;
-            let h = block.mlp_norm.forward(&x)?;
+            let h = block.mlp_norm.forward_runs(&x, &n2, row_runs)?;
             x = (x + block.mlp.forward(&h, hooks)?)?;
         }
         let mut last = Vec::with_capacity(items.len());
@@ -165,7 +209,13 @@ impl Model {
         }
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let rows = x.i(0)?.index_select(&last, 0)?;
-        let h = self.norm.forward(&rows.unsqueeze(0)?)?;
+        let h = self
+            .norm
+            .forward_runs(&rows.unsqueeze(0)?, FINAL_NORM, last_runs)?;
+        let hooks = &mut Hooks {
+            deltas: last_runs,
+            ..Hooks::default()
+        };
         let logits = self.logits(&h, hooks)?.i(0)?;
         Ok(match logits.dtype() {
             DType::F64 | DType::F32 => logits,
@@ -220,6 +270,7 @@ mod tests {
                     inputs.push(BatchInput {
                         tokens: &seqs[i][r.clone()],
                         cache,
+                        delta: None,
                     });
                     which.push((i, r.clone()));
                 }
@@ -257,10 +308,12 @@ mod tests {
                 BatchInput {
                     tokens: &[1, 2, 3, 4, 5],
                     cache: &mut a,
+                    delta: None,
                 },
                 BatchInput {
                     tokens: &[6],
                     cache: &mut b,
+                    delta: None,
                 },
             ])
             .unwrap_err()
@@ -271,6 +324,7 @@ mod tests {
             .forward_batch(&mut [BatchInput {
                 tokens: &[40],
                 cache: &mut a,
+                delta: None,
             }])
             .unwrap_err()
             .to_string();
@@ -279,6 +333,7 @@ mod tests {
             .forward_batch(&mut [BatchInput {
                 tokens: &[],
                 cache: &mut a,
+                delta: None,
             }])
             .unwrap_err()
             .to_string();
@@ -287,8 +342,173 @@ mod tests {
             .forward_batch(&mut [BatchInput {
                 tokens: &[1, 2, 3, 4, 5],
                 cache: &mut a,
+                delta: None,
             }])
             .unwrap();
         assert_eq!(a.len(), 5);
+    }
+
+    use std::collections::HashMap;
+    use std::sync::Arc;
+
+    use crate::model::delta::{ModelDelta, TensorDelta};
+    use crate::model::random::random_weights;
+    use crate::model::ModelConfig;
+
+    /// `tiny()` with its output head tied to the embedding.
+    fn tiny_tied() -> ModelConfig {
+        let mut c = tiny();
+        c.tie_word_embeddings = true;
+        c
+    }
+
+    /// The merged weights `θ₀ + α (θ₁ − θ₀)` and their delta in `form`:
+    /// `dense`, `lowrank` at full rank (`ΔW = ΔW · I`), or `sparse` with
+    /// every entry kept; all exact.
+    fn merged_and_delta(
+        c: &ModelConfig,
+        seed: u64,
+        alpha: f64,
+        form: &str,
+    ) -> (HashMap<String, Tensor>, ModelDelta) {
+        let base = random_weights(c, 1, 0.2).unwrap();
+        let other = random_weights(c, seed, 0.2).unwrap();
+        let mut merged = HashMap::new();
+        let mut delta = HashMap::new();
+        for (name, w0) in &base {
+            if c.tie_word_embeddings && name == "lm_head.weight" {
+                continue;
+            }
+            let d = ((&other[name] - w0).unwrap() * alpha).unwrap();
+            merged.insert(name.clone(), (w0 + &d).unwrap());
+            let td = match (form, d.dims()) {
+                ("lowrank", &[_, i]) => TensorDelta::low_rank(
+                    &d,
+                    &Tensor::eye(i, DType::F32, &Device::Cpu).unwrap(),
+                    true,
+                )
+                .unwrap(),
+                ("sparse", &[o, i]) => {
+                    let v = d.to_vec2::<f32>().unwrap();
+                    let entries = (0..o)
+                        .flat_map(|r| (0..i).map(move |k| (r, k)))
+                        .map(|(r, k)| (r as u32, k as u32, v[r][k]))
+                        .collect();
+                    TensorDelta::sparse((o, i), entries, DType::F32, &Device::Cpu).unwrap()
+                }
+                _ => TensorDelta::Dense(d),
+            };
+            delta.insert(name.clone(), Arc::new(td));
+        }
+        (merged, ModelDelta::Owned(delta))
+    }
+
+    /// The base with an exact delta (dense, full-rank low-rank, sparse
+    /// with every entry) gives the merged model's logits within 1e-5, with
+    /// separate and tied output heads.
+    #[test]
+    fn a_model_with_an_exact_delta_equals_the_merged_model() {
+        for c in [tiny(), tiny_tied()] {
+            let opts = ModelOptions::default();
+            let base = model(&c, &opts);
+            for form in ["dense", "lowrank", "sparse"] {
+                let (merged, delta) = merged_and_delta(&c, 2, 0.7, form);
+                let merged = Model::from_tensors(c.clone(), merged, &opts).unwrap();
+                let with = Model::with_delta(&base, Arc::new(delta)).unwrap();
+                let ids = Tensor::new(&[[3u32, 1, 4, 1, 5, 9, 2, 6]], &Device::Cpu).unwrap();
+                let want = merged.forward(&ids, None).unwrap();
+                let got = with.forward(&ids, None).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(
+                    d < 1e-5,
+                    "{form}, tied {}: max |Δlogit| {d}",
+                    c.tie_word_embeddings
+                );
+                let plain = base.forward(&ids, None).unwrap();
+                assert!(
+                    max_abs_diff(&plain, &want) > 1e-2,
+                    "the delta changes the logits"
+                );
+            }
+        }
+    }
+
+    /// A batch that mixes the base and two merges (interleaved, so runs
+    /// split and rejoin) gives each sequence the logits its merge gives
+    /// alone, step for step.
+    #[test]
+    fn a_mixed_batch_gives_each_sequence_its_merges_logits() {
+        let c = tiny();
+        let opts = ModelOptions::default();
+        let base = model(&c, &opts);
+        let a = Arc::new(merged_and_delta(&c, 2, 0.5, "lowrank").1);
+        let b = Arc::new(merged_and_delta(&c, 3, 0.8, "sparse").1);
+        let alone_a = Model::with_delta(&base, a.clone()).unwrap();
+        let alone_b = Model::with_delta(&base, b.clone()).unwrap();
+        let pool = KvPool::new(&c, DType::F32, &Device::Cpu, 1 << 20, 4).unwrap();
+        let which: [Option<&Arc<ModelDelta>>; 4] = [Some(&a), None, Some(&b), Some(&a)];
+        let models = [&alone_a, &base, &alone_b, &alone_a];
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[4, 5], &[6, 7, 8, 9, 10], &[11]];
+        let mut paged: Vec<PagedCache> = (0..4).map(|_| PagedCache::new(&pool)).collect();
+        let mut alone: Vec<_> = (0..4).map(|_| base.new_cache()).collect();
+        for step in 0..3u32 {
+            let feeds: Vec<Vec<u32>> = if step == 0 {
+                prompts.iter().map(|p| p.to_vec()).collect()
+            } else {
+                (0..4).map(|i| vec![(i * 5 + step) % 40]).collect()
+            };
+            let mut inputs: Vec<BatchInput> = paged
+                .iter_mut()
+                .zip(&feeds)
+                .zip(which)
+                .map(|((cache, tokens), d)| BatchInput {
+                    tokens,
+                    cache,
+                    delta: d.map(|d| d.as_ref()),
+                })
+                .collect();
+            let batched = base.forward_batch(&mut inputs).unwrap();
+            for i in 0..4 {
+                let ids = Tensor::new(feeds[i].as_slice(), &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap();
+                let want = models[i].forward_last(&ids, Some(&mut alone[i])).unwrap();
+                let got = batched.i(i).unwrap().unsqueeze(0).unwrap();
+                let d = max_abs_diff(&got, &want);
+                assert!(d < 1e-5, "step {step}, sequence {i}: max |Δlogit| {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_delta_must_fit_the_base() {
+        let c = tiny();
+        let base = model(&c, &ModelOptions::default());
+        let bad = ModelDelta::Owned(HashMap::from([(
+            "model.norm.weight".to_string(),
+            Arc::new(TensorDelta::Dense(
+                Tensor::zeros(7, DType::F32, &Device::Cpu).unwrap(),
+            )),
+        )]));
+        let err = Model::with_delta(&base, Arc::new(bad))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("model.norm.weight") && err.contains("[7]"),
+            "{err}"
+        );
+        let unknown = ModelDelta::Owned(HashMap::from([(
+            "model.layers.9.mlp.up_proj.weight".to_string(),
+            Arc::new(TensorDelta::Dense(
+                Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(),
+            )),
+        )]));
+        let err = Model::with_delta(&base, Arc::new(unknown))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not"), "{err}");
     }
 }

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
+use super::delta::{add_runs, DeltaRun};
 use super::weights::Weights;
 
 /// Receives the input of every linear layer during a forward pass (RegMean's
@@ -42,6 +43,10 @@ pub struct Hooks<'a> {
     /// changes the routing, or the prompt (context) lengths to route on the
     /// prompt as cached decoding does. Plain MLPs ignore it.
     pub routing_lens: Option<&'a [usize]>,
+    /// The merges' deltas over the model's weights, by runs of rows (see
+    /// [`DeltaRun`]): every linear layer adds each run's own term to the
+    /// base's product. `None`: the weights as they are.
+    pub deltas: Option<&'a [DeltaRun<'a>]>,
 }
 
 impl<'a> Hooks<'a> {
@@ -50,6 +55,7 @@ impl<'a> Hooks<'a> {
         Hooks {
             capture: Some(c),
             routing_lens: None,
+            deltas: None,
         }
     }
 
@@ -58,6 +64,7 @@ impl<'a> Hooks<'a> {
         Hooks {
             capture: None,
             routing_lens: Some(lens),
+            deltas: None,
         }
     }
 }
@@ -81,15 +88,35 @@ impl<'a> Hooks<'a> {
 pub struct Linear {
     inner: candle_nn::Linear,
     name: String,
+    /// `{prefix}.bias` when the layer has a bias.
+    bias_name: Option<String>,
+    /// The tensor whose delta applies to this layer: its weight, or the
+    /// embedding a tied output head shares.
+    delta_name: Option<String>,
 }
 
 impl Linear {
     /// Wraps a weight `(out, in)` and an optional bias `(out)`.
     pub fn new(name: impl Into<String>, weight: Tensor, bias: Option<Tensor>) -> Self {
+        let name = name.into();
+        let bias_name = bias.as_ref().map(|_| {
+            let prefix = name.strip_suffix(".weight").unwrap_or(&name);
+            format!("{prefix}.bias")
+        });
         Linear {
             inner: candle_nn::Linear::new(weight, bias),
-            name: name.into(),
+            name,
+            bias_name,
+            delta_name: None,
         }
+    }
+
+    /// An output head tied to embedding `embedding` (whose weight it
+    /// shares): a merge's delta of the embedding applies to it.
+    pub fn tied(name: impl Into<String>, weight: Tensor, embedding: &str) -> Self {
+        let mut l = Self::new(name, weight, None);
+        l.delta_name = Some(embedding.to_string());
+        l
     }
 
     /// The weight's tensor name.
@@ -108,12 +135,35 @@ impl Linear {
     }
 
     /// Applies the layer to `(.., in_features)`, reporting the input to the
-    /// capture hook first.
+    /// capture hook first. With [`Hooks::deltas`], the base's product is
+    /// computed once for every row and each run adds its own delta's term
+    /// `x ΔWᵀ (+ Δb)`.
     pub fn forward(&self, x: &Tensor, hooks: &mut Hooks) -> Result<Tensor> {
         if let Some(c) = hooks.capture.as_deref_mut() {
             c.capture(&self.name, x)?;
         }
-        self.inner.forward(x)
+        let y = self.inner.forward(x)?;
+        match hooks.deltas {
+            None => Ok(y),
+            Some(runs) => add_runs(y, x, runs, |d, x| {
+                let term = d.linear_term(self.delta_name.as_deref().unwrap_or(&self.name), x)?;
+                let bias = match &self.bias_name {
+                    Some(b) => d.vector(b)?,
+                    None => None,
+                };
+                Ok(match (term, bias) {
+                    (t, None) => t,
+                    (None, Some(b)) => {
+                        let mut shape = x.dims().to_vec();
+                        if let Some(last) = shape.last_mut() {
+                            *last = b.dim(0)?;
+                        }
+                        Some(b.to_dtype(x.dtype())?.broadcast_as(shape)?.contiguous()?)
+                    }
+                    (Some(t), Some(b)) => Some(t.broadcast_add(&b.to_dtype(t.dtype())?)?),
+                })
+            }),
+        }
     }
 }
 
@@ -143,11 +193,49 @@ impl RmsNorm {
 
     /// Normalises `x` over its last dimension.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_scaled(x, &self.weight)
+    }
+
+    /// Normalises with scale `weight` instead of the norm's own.
+    fn forward_scaled(&self, x: &Tensor, weight: &Tensor) -> Result<Tensor> {
         if self.differentiable {
-            candle_nn::ops::rms_norm_slow(x, &self.weight, self.eps)
+            candle_nn::ops::rms_norm_slow(x, weight, self.eps)
         } else {
-            candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+            candle_nn::ops::rms_norm(&x.contiguous()?, weight, self.eps)
         }
+    }
+
+    /// [`RmsNorm::forward`] where each run of rows with a delta of tensor
+    /// `name` scales by the base's weight plus that delta.
+    pub fn forward_runs(
+        &self,
+        x: &Tensor,
+        name: &str,
+        runs: Option<&[DeltaRun]>,
+    ) -> Result<Tensor> {
+        let Some(runs) =
+            runs.filter(|r| r.iter().any(|r| r.delta.is_some_and(|d| d.touches(name))))
+        else {
+            return self.forward(x);
+        };
+        let scaled = |d: Option<&super::delta::ModelDelta>, x: &Tensor| -> Result<Tensor> {
+            match d.map(|d| d.vector(name)).transpose()?.flatten() {
+                Some(dw) => {
+                    self.forward_scaled(x, &(&self.weight + dw.to_dtype(self.weight.dtype())?)?)
+                }
+                None => self.forward(x),
+            }
+        };
+        if let [only] = runs {
+            return scaled(only.delta, x);
+        }
+        let mut parts = Vec::with_capacity(runs.len());
+        let mut at = 0;
+        for run in runs {
+            parts.push(scaled(run.delta, &x.narrow(1, at, run.rows)?)?);
+            at += run.rows;
+        }
+        Tensor::cat(&parts, 1)
     }
 }
 
@@ -274,6 +362,13 @@ pub trait Mlp: Send + Sync {
     fn is_stateful(&self) -> bool {
         false
     }
+
+    /// A copy sharing the layer's tensors, for a model that holds a merge
+    /// as a delta over this one ([`crate::model::Model::with_delta`]);
+    /// `None` for a layer that cannot take a delta (a routed MLP).
+    fn clone_mlp(&self) -> Option<Box<dyn Mlp>> {
+        None
+    }
 }
 
 /// The SwiGLU MLP of Llama, Mistral and Qwen2:
@@ -328,6 +423,10 @@ impl Mlp for GatedMlp {
         let gate = self.gate.forward(x, hooks)?.silu()?;
         let up = self.up.forward(x, hooks)?;
         self.down.forward(&(gate * up)?, hooks)
+    }
+
+    fn clone_mlp(&self) -> Option<Box<dyn Mlp>> {
+        Some(Box::new(self.clone()))
     }
 }
 

@@ -10,13 +10,15 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::attention::{causal_mask, Attention, AttentionContext};
 use super::cache::KvCache;
 use super::config::ModelConfig;
-use super::layers::{Hooks, Linear, Mlp, RmsNorm, Rope};
+use super::delta::{DeltaRun, ModelDelta};
+use super::layers::{Hooks, Linear, LinearCapture, Mlp, RmsNorm, Rope};
 use super::random::tensor_shapes;
 use super::weights::Weights;
 use crate::checkpoint::Checkpoint;
@@ -67,6 +69,21 @@ pub struct Model {
     pub(super) device: Device,
     pub(super) dtype: DType,
     differentiable: bool,
+    /// A merge held as a delta over these weights (see [`Model::with_delta`]).
+    pub(super) delta: Option<Arc<ModelDelta>>,
+}
+
+/// The embedding's tensor name.
+pub(super) const EMBED: &str = "model.embed_tokens.weight";
+/// The final norm's tensor name.
+pub(super) const FINAL_NORM: &str = "model.norm.weight";
+
+/// The names of block `i`'s norms: before attention, before the MLP.
+pub(super) fn norm_names(i: usize) -> (String, String) {
+    (
+        format!("model.layers.{i}.input_layernorm.weight"),
+        format!("model.layers.{i}.post_attention_layernorm.weight"),
+    )
 }
 
 impl Model {
@@ -155,11 +172,11 @@ impl Model {
         let norm = |w: &mut Weights, name: &str| -> Result<RmsNorm> {
             Ok(RmsNorm::new(w.take(name, &[h])?, c.rms_norm_eps, diff))
         };
-        let embed_w = w.take("model.embed_tokens.weight", &[c.vocab_size, h])?;
+        let embed_w = w.take(EMBED, &[c.vocab_size, h])?;
         let dtype = embed_w.dtype();
         let lm_head = if c.tie_word_embeddings {
             w.discard("lm_head.weight");
-            Linear::new("lm_head.weight", embed_w.clone(), None)
+            Linear::tied("lm_head.weight", embed_w.clone(), EMBED)
         } else {
             w.linear("lm_head", c.vocab_size, h, false)?
         };
@@ -193,8 +210,128 @@ impl Model {
             device: opts.device.clone(),
             dtype,
             differentiable: diff,
+            delta: None,
             config,
         })
+    }
+
+    /// The model `base + delta`: shares every tensor of `base` (no copy)
+    /// and adds the delta's terms in its forward passes, so it costs the
+    /// delta's bytes only. Every tensor of the delta must be one of the
+    /// base's, with its shape. A base whose MLPs cannot take a delta (a
+    /// routed merge) is refused.
+    pub fn with_delta(base: &Model, delta: Arc<ModelDelta>) -> Result<Model> {
+        let shapes: HashMap<String, Vec<usize>> = tensor_shapes(&base.config).into_iter().collect();
+        for (name, d) in delta.tensors() {
+            let dims = d.dims()?;
+            match shapes.get(name) {
+                None => {
+                    return Err(RuntimeError::Model(format!(
+                        "the delta has tensor `{name}`, which the base model does not"
+                    )))
+                }
+                Some(want) if *want != dims => {
+                    return Err(RuntimeError::Model(format!(
+                        "the delta of `{name}` has shape {dims:?}; the base's is {want:?}"
+                    )))
+                }
+                Some(_) => {}
+            }
+        }
+        let mut blocks = Vec::with_capacity(base.blocks.len());
+        for (i, b) in base.blocks.iter().enumerate() {
+            let mlp = b.mlp.clone_mlp().ok_or_else(|| {
+                RuntimeError::Model(format!(
+                    "block {i}'s MLP (a routed one) cannot take a merge's delta"
+                ))
+            })?;
+            blocks.push(Block {
+                attn_norm: b.attn_norm.clone(),
+                attn: b.attn.clone(),
+                mlp_norm: b.mlp_norm.clone(),
+                mlp,
+            });
+        }
+        Ok(Model {
+            config: base.config.clone(),
+            embed: base.embed.clone(),
+            blocks,
+            norm: base.norm.clone(),
+            lm_head: base.lm_head.clone(),
+            rope: base.rope.clone(),
+            device: base.device.clone(),
+            dtype: base.dtype,
+            differentiable: base.differentiable,
+            delta: Some(delta),
+        })
+    }
+
+    /// The delta this model adds to its base's weights, if it is one.
+    pub fn delta(&self) -> Option<&Arc<ModelDelta>> {
+        self.delta.as_ref()
+    }
+
+    /// The one run of this model's own delta, for hooks that carry none.
+    fn own_runs(&self) -> Vec<DeltaRun<'_>> {
+        self.delta
+            .as_deref()
+            .map(|d| DeltaRun {
+                rows: 0,
+                delta: Some(d),
+            })
+            .into_iter()
+            .collect()
+    }
+
+    /// `hooks`, with this model's own delta when they carry none.
+    fn own_hooks<'b>(hooks: &'b mut Hooks<'_>, runs: &'b [DeltaRun<'b>]) -> Hooks<'b> {
+        let capture: Option<&'b mut dyn LinearCapture> = match hooks.capture.as_deref_mut() {
+            Some(c) => Some(c),
+            None => None,
+        };
+        Hooks {
+            capture,
+            routing_lens: hooks.routing_lens,
+            deltas: hooks
+                .deltas
+                .or(if runs.is_empty() { None } else { Some(runs) }),
+        }
+    }
+
+    /// The embedding of `ids` plus each run's delta of the embedding's rows.
+    pub(super) fn embed_runs(&self, ids: &Tensor, runs: Option<&[DeltaRun]>) -> Result<Tensor> {
+        let x = self.embed.forward(ids)?;
+        let Some(runs) =
+            runs.filter(|r| r.iter().any(|r| r.delta.is_some_and(|d| d.touches(EMBED))))
+        else {
+            return Ok(x);
+        };
+        let host: Vec<u32> = ids.flatten_all()?.to_vec1()?;
+        let rows = |d: Option<&ModelDelta>, ids: &[u32]| -> Result<Tensor> {
+            let h = self.config.hidden_size;
+            Ok(
+                match d
+                    .map(|d| d.rows_of(EMBED, ids, &self.device))
+                    .transpose()?
+                    .flatten()
+                {
+                    Some(r) => r.to_dtype(self.dtype)?,
+                    None => Tensor::zeros((ids.len(), h), self.dtype, &self.device)?,
+                },
+            )
+        };
+        let delta = if let [only] = runs {
+            rows(only.delta, &host)?.reshape(x.shape())?
+        } else {
+            let mut parts = Vec::with_capacity(runs.len());
+            let mut at = 0;
+            for run in runs {
+                parts.push(rows(run.delta, &host[at..at + run.rows])?);
+                at += run.rows;
+            }
+            Tensor::cat(&parts, 0)?.reshape(x.shape())?
+        };
+        Ok((x + delta)?)
     }
 
     /// The architecture.
@@ -308,13 +445,14 @@ impl Model {
             dtype,
             differentiable: self.differentiable,
         };
-        let mut x = self.embed.forward(ids)?;
+        let mut x = self.embed_runs(ids, hooks.deltas)?;
         let mut cache = cache;
         for (i, block) in self.blocks.iter().enumerate() {
             let slot = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            let h = block.attn_norm.forward(&x)?;
+            let (n1, n2) = norm_names(i);
+            let h = block.attn_norm.forward_runs(&x, &n1, hooks.deltas)?;
             x = (x + block.attn.forward(&h, &ctx, slot, hooks)?)?;
-            let h = block.mlp_norm.forward(&x)?;
+            let h = block.mlp_norm.forward_runs(&x, &n2, hooks.deltas)?;
             let state = cache.as_deref_mut().map(|c| &mut c.mlp_state[i]);
             x = (x + block.mlp.forward_cached(&h, state, hooks)?)?;
         }
@@ -335,8 +473,10 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
+        let runs = self.own_runs();
+        let hooks = &mut Self::own_hooks(hooks, &runs);
         let x = self.residual_stream(ids, cache, hooks)?;
-        Ok(self.norm.forward(&x)?)
+        Ok(self.norm.forward_runs(&x, FINAL_NORM, hooks.deltas)?)
     }
 
     /// Logits `(batch, seq, vocab)` of every position: f32 (f64 for a model
@@ -352,6 +492,8 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
+        let runs = self.own_runs();
+        let hooks = &mut Self::own_hooks(hooks, &runs);
         let h = self.hidden_states(ids, cache, hooks)?;
         self.logits(&h, hooks)
     }
@@ -369,10 +511,12 @@ impl Model {
         cache: Option<&mut KvCache>,
         hooks: &mut Hooks,
     ) -> Result<Tensor> {
+        let runs = self.own_runs();
+        let hooks = &mut Self::own_hooks(hooks, &runs);
         let x = self.residual_stream(ids, cache, hooks)?;
         let t = x.dim(1)?;
         let last = x.narrow(1, t - 1, 1)?.contiguous()?;
-        let h = self.norm.forward(&last)?;
+        let h = self.norm.forward_runs(&last, FINAL_NORM, hooks.deltas)?;
         Ok(self.logits(&h, hooks)?.squeeze(1)?)
     }
 

@@ -405,3 +405,84 @@ fn a_panic_in_a_step_fails_its_batch_and_the_loop_goes_on() {
     );
     eventually(|| scheduler.kv_cache_bytes() == 0 && scheduler.running() == 0);
 }
+
+/// Sequences of the base and of two merges held as deltas over it share
+/// one batch; each gets the greedy tokens its merge gives alone.
+#[test]
+fn merges_held_as_deltas_share_the_base_batch() {
+    use crate::model::random::random_weights;
+    use crate::model::{ModelDelta, TensorDelta};
+    use std::collections::HashMap;
+
+    let dir = checkpoint(11);
+    let model = Arc::new(load(dir.path()));
+    let c = super::super::tests::config();
+    let base = random_weights(&c, 11, 0.3).unwrap();
+    let delta_of = |seed: u64, alpha: f64| {
+        let other = random_weights(&c, seed, 0.3).unwrap();
+        let tensors = base
+            .iter()
+            .map(|(name, w)| {
+                let d = ((&other[name] - w).unwrap() * alpha).unwrap();
+                (name.clone(), Arc::new(TensorDelta::Dense(d)))
+            })
+            .collect::<HashMap<_, _>>();
+        Arc::new(ModelDelta::Owned(tensors))
+    };
+    let merges = [None, Some(delta_of(12, 0.5)), Some(delta_of(13, 0.9))];
+    let alone: Vec<TextModel> = merges
+        .iter()
+        .map(|d| match d {
+            Some(d) => model.with_delta(d.clone()).unwrap(),
+            None => load(dir.path()),
+        })
+        .collect();
+    let limits = SchedulerLimits {
+        max_batch_tokens: 16,
+        max_running_sequences: 6,
+        kv_cache_bytes: 1 << 24,
+        block_tokens: 4,
+        queue_depth: 16,
+    };
+    let counts = Arc::new(Counts::default());
+    let scheduler = Scheduler::new(model.clone(), limits, counts.clone()).unwrap();
+    let greedy = SamplingParams::greedy(12);
+    let prompts = [
+        "hello",
+        "merges",
+        "a longer prompt here",
+        "x",
+        "deltas",
+        "one base",
+    ];
+    let mut waits = Vec::new();
+    for (i, p) in prompts.iter().enumerate() {
+        let (sink, rx) = channel();
+        scheduler
+            .submit_with(
+                prompt_of(p),
+                &greedy,
+                Priority::Traffic,
+                merges[i % 3].clone(),
+                sink,
+            )
+            .unwrap();
+        waits.push(rx);
+    }
+    for (i, rx) in waits.into_iter().enumerate() {
+        let got = wait(rx).unwrap();
+        let want = collect(&alone[i % 3], &prompt_of(prompts[i]), &greedy).0;
+        assert_eq!(got.tokens, want.tokens, "request {i} (merge {})", i % 3);
+    }
+    // The merges change the tokens, so the comparison tells them apart.
+    let p = prompt_of(prompts[0]);
+    let t: Vec<Vec<u32>> = alone
+        .iter()
+        .map(|m| collect(m, &p, &greedy).0.tokens)
+        .collect();
+    assert!(
+        t[0] != t[1] || t[0] != t[2],
+        "the merges decode as the base does"
+    );
+    assert!(counts.widest.load(Ordering::SeqCst) > 1, "never batched");
+}

@@ -1,0 +1,526 @@
+//! A merge held as a delta over a resident base: `θ = θ₀ + ΔW`, with ΔW in
+//! a compact form per tensor, so many merges of one base cost their deltas
+//! only and a batch that mixes them reads the base's weights once.
+//!
+//! For a linear layer the base's product is computed once for every row of
+//! the batch and each sequence adds its own merge's term (S-LoRA's and
+//! Punica's batched adapter products, here for merges):
+//!
+//! ```text
+//! y_s = x_s W₀ᵀ + x_s ΔW_sᵀ
+//!   dense:    x ΔWᵀ
+//!   low rank: ΔW ≈ U V, U (out, r), V (r, in):   (x Vᵀ) Uᵀ
+//!   sparse:   ΔW ≈ Σ_k v_k e_{r_k} e_{c_k}ᵀ:      y[:, r_k] += v_k x[:, c_k]
+//!   linear combination of task vectors τ_i:      Σ_i λ_i (x τ_iᵀ)
+//! ```
+//!
+//! The embedding adds its delta's rows for the sequence's token ids; 1-D
+//! tensors (RMS norm scales, biases) are held dense and added to the base's.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Most elements of the intermediate `(rows, nnz)` product a sparse term
+/// materialises at once (16 Mi f32 = 64 MiB); more entries are taken in
+/// chunks.
+const SPARSE_CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// One tensor's delta in a compact form.
+#[derive(Clone, Debug)]
+pub enum TensorDelta {
+    /// ΔW as it is, any shape (the 1-D deltas of norms and biases too).
+    Dense(Tensor),
+    /// A 2-D ΔW ≈ U V at rank r.
+    LowRank {
+        /// `Uᵀ`, `(r, out)`, contiguous.
+        ut: Tensor,
+        /// `Vᵀ`, `(in, r)`, contiguous.
+        vt: Tensor,
+        /// Rows of the embedding's U, `(out, r)` (kept only for an
+        /// embedding delta, whose rows are gathered by token id).
+        u: Option<Tensor>,
+    },
+    /// A 2-D ΔW with its largest entries kept, in coordinate form sorted by
+    /// row.
+    Sparse {
+        /// Row of each entry, u32, `(nnz)`.
+        rows: Tensor,
+        /// Column of each entry, u32, `(nnz)`.
+        cols: Tensor,
+        /// Value of each entry, `(nnz)`, in the compute dtype.
+        values: Tensor,
+        /// `(out, in)`.
+        shape: (usize, usize),
+        /// Host offsets of each row's entries (CSR), `out + 1` of them.
+        row_ptr: Vec<u32>,
+    },
+}
+
+impl TensorDelta {
+    /// A low-rank delta `U V` from `u` `(out, r)` and `v` `(r, in)`;
+    /// `embedding` keeps U's rows for gathering by token id.
+    pub fn low_rank(u: &Tensor, v: &Tensor, embedding: bool) -> Result<Self> {
+        let (out, r) = u.dims2()?;
+        let (r2, _) = v.dims2()?;
+        if r != r2 {
+            candle_core::bail!("low-rank factors of ranks {r} and {r2} ({out} rows)");
+        }
+        Ok(TensorDelta::LowRank {
+            ut: u.t()?.contiguous()?,
+            vt: v.t()?.contiguous()?,
+            u: if embedding {
+                Some(u.contiguous()?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// A sparse delta of shape `(out, inp)` from entries `(row, col, value)`
+    /// (any order), in `dtype` on `device`.
+    pub fn sparse(
+        shape: (usize, usize),
+        mut entries: Vec<(u32, u32, f32)>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        let (out, inp) = shape;
+        if let Some(&(r, c, _)) = entries
+            .iter()
+            .find(|&&(r, c, _)| r as usize >= out || c as usize >= inp)
+        {
+            candle_core::bail!("sparse entry ({r}, {c}) is outside a {out}×{inp} delta");
+        }
+        entries.sort_unstable_by_key(|&(r, c, _)| (r, c));
+        let mut row_ptr = vec![0u32; out + 1];
+        for &(r, _, _) in &entries {
+            row_ptr[r as usize + 1] += 1;
+        }
+        for i in 0..out {
+            row_ptr[i + 1] += row_ptr[i];
+        }
+        let n = entries.len();
+        let rows: Vec<u32> = entries.iter().map(|e| e.0).collect();
+        let cols: Vec<u32> = entries.iter().map(|e| e.1).collect();
+        let values: Vec<f32> = entries.iter().map(|e| e.2).collect();
+        Ok(TensorDelta::Sparse {
+            rows: Tensor::from_vec(rows, n, device)?,
+            cols: Tensor::from_vec(cols, n, device)?,
+            values: Tensor::from_vec(values, n, device)?.to_dtype(dtype)?,
+            shape,
+            row_ptr,
+        })
+    }
+
+    /// The shape of ΔW.
+    pub fn dims(&self) -> Result<Vec<usize>> {
+        Ok(match self {
+            TensorDelta::Dense(d) => d.dims().to_vec(),
+            TensorDelta::LowRank { ut, vt, .. } => vec![ut.dim(1)?, vt.dim(0)?],
+            TensorDelta::Sparse { shape, .. } => vec![shape.0, shape.1],
+        })
+    }
+
+    /// Bytes held (device tensors and host offsets).
+    pub fn bytes(&self) -> u64 {
+        let t = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        match self {
+            TensorDelta::Dense(d) => t(d),
+            TensorDelta::LowRank { ut, vt, u } => t(ut) + t(vt) + u.as_ref().map_or(0, t),
+            TensorDelta::Sparse {
+                rows,
+                cols,
+                values,
+                row_ptr,
+                ..
+            } => t(rows) + t(cols) + t(values) + 4 * row_ptr.len() as u64,
+        }
+    }
+
+    /// ΔW as a dense tensor.
+    pub fn to_dense(&self) -> Result<Tensor> {
+        match self {
+            TensorDelta::Dense(d) => Ok(d.clone()),
+            TensorDelta::LowRank { ut, vt, .. } => vt.matmul(ut)?.t()?.contiguous(),
+            TensorDelta::Sparse {
+                rows,
+                cols,
+                values,
+                shape,
+                ..
+            } => {
+                let (out, inp) = *shape;
+                let r: Vec<u32> = rows.to_vec1()?;
+                let c: Vec<u32> = cols.to_vec1()?;
+                let flat: Vec<i64> = r
+                    .iter()
+                    .zip(&c)
+                    .map(|(&r, &c)| r as i64 * inp as i64 + c as i64)
+                    .collect();
+                let flat = Tensor::new(flat.as_slice(), values.device())?;
+                Tensor::zeros(out * inp, values.dtype(), values.device())?
+                    .index_add(&flat, values, 0)?
+                    .reshape((out, inp))
+            }
+        }
+    }
+
+    /// `x ΔWᵀ` for `x` `(.., in)`: `(.., out)`.
+    pub fn linear_term(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let inp = *dims.last().unwrap_or(&0);
+        let n = x.elem_count() / inp.max(1);
+        let x2 = x.reshape((n, inp))?;
+        let y = match self {
+            TensorDelta::Dense(d) => x2.matmul(&d.t()?)?,
+            TensorDelta::LowRank { ut, vt, .. } => x2.matmul(vt)?.matmul(ut)?,
+            TensorDelta::Sparse {
+                rows,
+                cols,
+                values,
+                shape,
+                ..
+            } => {
+                let nnz = values.elem_count();
+                let mut y = Tensor::zeros((n, shape.0), x.dtype(), x.device())?;
+                let chunk = (SPARSE_CHUNK_ELEMENTS / n.max(1)).max(1);
+                let mut at = 0;
+                while at < nnz {
+                    let k = chunk.min(nnz - at);
+                    let gathered = x2
+                        .index_select(&cols.narrow(0, at, k)?, 1)?
+                        .broadcast_mul(&values.narrow(0, at, k)?.unsqueeze(0)?)?;
+                    y = y.index_add(&rows.narrow(0, at, k)?, &gathered, 1)?;
+                    at += k;
+                }
+                y
+            }
+        };
+        let mut out = dims;
+        if let Some(last) = out.last_mut() {
+            *last = y.dim(1)?;
+        }
+        y.reshape(out)
+    }
+
+    /// The delta's rows for token ids `ids` (an embedding's): `(len, in)`.
+    pub fn rows_of(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
+        match self {
+            TensorDelta::Dense(d) => d.index_select(&Tensor::new(ids, device)?, 0),
+            TensorDelta::LowRank { ut, vt, u } => {
+                let u = match u {
+                    Some(u) => u.clone(),
+                    None => ut.t()?.contiguous()?,
+                };
+                u.index_select(&Tensor::new(ids, device)?, 0)?
+                    .matmul(&vt.t()?)
+            }
+            TensorDelta::Sparse {
+                cols,
+                values,
+                shape,
+                row_ptr,
+                ..
+            } => {
+                let inp = shape.1;
+                let mut entries = Vec::new();
+                let mut base = Vec::new();
+                for (i, &id) in ids.iter().enumerate() {
+                    let (a, b) = (row_ptr[id as usize], row_ptr[id as usize + 1]);
+                    entries.extend(a..b);
+                    base.extend(std::iter::repeat_n((i * inp) as i64, (b - a) as usize));
+                }
+                let out = Tensor::zeros(ids.len() * inp, values.dtype(), device)?;
+                if entries.is_empty() {
+                    return out.reshape((ids.len(), inp));
+                }
+                let idx = Tensor::new(entries.as_slice(), device)?;
+                let col: Vec<u32> = cols.index_select(&idx, 0)?.to_vec1()?;
+                let flat: Vec<i64> = base.iter().zip(&col).map(|(b, &c)| b + c as i64).collect();
+                out.index_add(
+                    &Tensor::new(flat.as_slice(), device)?,
+                    &values.index_select(&idx, 0)?,
+                    0,
+                )?
+                .reshape((ids.len(), inp))
+            }
+        }
+    }
+}
+
+/// A merge's delta over its base, by the base's tensor names.
+#[derive(Clone, Debug)]
+pub enum ModelDelta {
+    /// Deltas held by this merge.
+    Owned(HashMap<String, Arc<TensorDelta>>),
+    /// `Σ_i λ_i τ_i` over shared task vectors: the merge holds only its
+    /// coefficients.
+    Combination(Vec<(f64, Arc<ModelDelta>)>),
+}
+
+impl ModelDelta {
+    /// Whether the delta touches tensor `name`.
+    pub fn touches(&self, name: &str) -> bool {
+        match self {
+            ModelDelta::Owned(m) => m.contains_key(name),
+            ModelDelta::Combination(parts) => parts.iter().any(|(_, d)| d.touches(name)),
+        }
+    }
+
+    /// The tensors it holds, with their deltas (the parts' for a
+    /// combination, each once).
+    pub fn tensors(&self) -> Vec<(&str, &TensorDelta)> {
+        match self {
+            ModelDelta::Owned(m) => m.iter().map(|(k, v)| (k.as_str(), v.as_ref())).collect(),
+            ModelDelta::Combination(parts) => parts.iter().flat_map(|(_, d)| d.tensors()).collect(),
+        }
+    }
+
+    /// Bytes this merge holds itself: its deltas (a tensor shared under two
+    /// names counted once), or a combination's coefficients.
+    pub fn own_bytes(&self) -> u64 {
+        match self {
+            ModelDelta::Owned(m) => {
+                let mut seen = std::collections::HashSet::new();
+                m.values()
+                    .filter(|d| seen.insert(Arc::as_ptr(d)))
+                    .map(|d| d.bytes())
+                    .sum()
+            }
+            ModelDelta::Combination(parts) => 8 * parts.len() as u64,
+        }
+    }
+
+    /// Bytes of the shared task vectors a combination reads (0 otherwise).
+    pub fn shared_bytes(&self) -> u64 {
+        match self {
+            ModelDelta::Owned(_) => 0,
+            ModelDelta::Combination(parts) => parts.iter().map(|(_, d)| d.own_bytes()).sum(),
+        }
+    }
+
+    /// `x ΔWᵀ` of linear layer `name`, `None` when the delta leaves it as
+    /// the base has it.
+    pub fn linear_term(&self, name: &str, x: &Tensor) -> Result<Option<Tensor>> {
+        match self {
+            ModelDelta::Owned(m) => m.get(name).map(|d| d.linear_term(x)).transpose(),
+            ModelDelta::Combination(parts) => combine(parts, |d| d.linear_term(name, x)),
+        }
+    }
+
+    /// The delta of a 1-D tensor (a norm's scale, a bias), dense.
+    pub fn vector(&self, name: &str) -> Result<Option<Tensor>> {
+        match self {
+            ModelDelta::Owned(m) => m.get(name).map(|d| d.to_dense()).transpose(),
+            ModelDelta::Combination(parts) => combine(parts, |d| d.vector(name)),
+        }
+    }
+
+    /// The delta of embedding `name`'s rows for `ids`, `(len, hidden)`.
+    pub fn rows_of(&self, name: &str, ids: &[u32], device: &Device) -> Result<Option<Tensor>> {
+        match self {
+            ModelDelta::Owned(m) => m.get(name).map(|d| d.rows_of(ids, device)).transpose(),
+            ModelDelta::Combination(parts) => combine(parts, |d| d.rows_of(name, ids, device)),
+        }
+    }
+
+    /// The delta of tensor `name`, dense (`None` when untouched).
+    pub fn dense(&self, name: &str) -> Result<Option<Tensor>> {
+        match self {
+            ModelDelta::Owned(m) => m.get(name).map(|d| d.to_dense()).transpose(),
+            ModelDelta::Combination(parts) => combine(parts, |d| d.dense(name)),
+        }
+    }
+}
+
+/// `Σ_i λ_i f(τ_i)` over the parts that touch the tensor.
+fn combine(
+    parts: &[(f64, Arc<ModelDelta>)],
+    mut f: impl FnMut(&ModelDelta) -> Result<Option<Tensor>>,
+) -> Result<Option<Tensor>> {
+    let mut sum: Option<Tensor> = None;
+    for (lambda, d) in parts {
+        if let Some(t) = f(d)? {
+            let t = (t * *lambda)?;
+            sum = Some(match sum {
+                None => t,
+                Some(s) => (s + t)?,
+            });
+        }
+    }
+    Ok(sum)
+}
+
+/// One run of consecutive rows of a packed batch that share a delta
+/// (`None`: the base as it is). A single run applies to every row of the
+/// tensor, whatever its shape; several runs split dimension 1 of a
+/// `(1, rows, ..)` stream.
+#[derive(Clone, Copy)]
+pub struct DeltaRun<'a> {
+    /// Rows of the run.
+    pub rows: usize,
+    /// Its delta.
+    pub delta: Option<&'a ModelDelta>,
+}
+
+/// `y + term(x_run)` for every run with a delta that has a term: the
+/// batched addition of each sequence's own delta product.
+pub(crate) fn add_runs(
+    y: Tensor,
+    x: &Tensor,
+    runs: &[DeltaRun],
+    mut term: impl FnMut(&ModelDelta, &Tensor) -> Result<Option<Tensor>>,
+) -> Result<Tensor> {
+    if let [only] = runs {
+        return match only.delta {
+            Some(d) => match term(d, x)? {
+                Some(t) => {
+                    let t = t.to_dtype(y.dtype())?;
+                    y + t
+                }
+                None => Ok(y),
+            },
+            None => Ok(y),
+        };
+    }
+    let mut pieces = Vec::with_capacity(runs.len());
+    let mut any = false;
+    let mut at = 0;
+    for run in runs {
+        let t = match run.delta {
+            Some(d) => term(d, &x.narrow(1, at, run.rows)?)?,
+            None => None,
+        };
+        pieces.push(t);
+        any |= pieces.last().is_some_and(Option::is_some);
+        at += run.rows;
+    }
+    if !any {
+        return Ok(y);
+    }
+    let mut parts = Vec::with_capacity(pieces.len());
+    let mut at = 0;
+    for (run, piece) in runs.iter().zip(pieces) {
+        parts.push(match piece {
+            Some(t) => t.to_dtype(y.dtype())?,
+            None => y.narrow(1, at, run.rows)?.zeros_like()?,
+        });
+        at += run.rows;
+    }
+    y + Tensor::cat(&parts, 1)?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
+        Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
+    }
+
+    fn close(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Every form's term, rows and dense view agree with the dense ΔW they
+    /// stand for (worked by hand on a 2×3 delta).
+    #[test]
+    fn forms_agree_with_their_dense_delta() {
+        // ΔW = U V with U = [[1], [2]], V = [[1, 0, -1]]:
+        // ΔW = [[1, 0, -1], [2, 0, -2]].
+        let dense = t(&[1., 0., -1., 2., 0., -2.], (2, 3));
+        let low =
+            TensorDelta::low_rank(&t(&[1., 2.], (2, 1)), &t(&[1., 0., -1.], (1, 3)), true).unwrap();
+        let sparse = TensorDelta::sparse(
+            (2, 3),
+            vec![(1, 2, -2.), (0, 0, 1.), (1, 0, 2.), (0, 2, -1.)],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = Tensor::from_vec(vec![1f32, 2., 3., -1., 0., 5.], (1, 2, 3), &Device::Cpu).unwrap();
+        // x ΔWᵀ: row (1,2,3) → (1−3, 2−6) = (−2, −4); row (−1,0,5) → (−6, −12).
+        let want = Tensor::from_vec(vec![-2f32, -4., -6., -12.], (1, 2, 2), &Device::Cpu).unwrap();
+        for d in [TensorDelta::Dense(dense.clone()), low, sparse] {
+            assert_eq!(d.dims().unwrap(), vec![2, 3]);
+            assert!(close(&d.to_dense().unwrap(), &dense) < 1e-6);
+            assert!(close(&d.linear_term(&x).unwrap(), &want) < 1e-6);
+            let rows = d.rows_of(&[1, 1, 0], &Device::Cpu).unwrap();
+            let want_rows = t(&[2., 0., -2., 2., 0., -2., 1., 0., -1.], (3, 3));
+            assert!(close(&rows, &want_rows) < 1e-6);
+        }
+    }
+
+    #[test]
+    fn sparse_terms_in_chunks_equal_one_pass() {
+        // 300 entries against a chunk of at least one: force several chunks
+        // by a wide input (rows × chunk bounded).
+        let (out, inp) = (20, 30);
+        let entries: Vec<(u32, u32, f32)> = (0..300u32)
+            .map(|k| (k % out as u32, (k * 7) % inp as u32, k as f32 / 100.0 - 1.0))
+            .collect();
+        let d = TensorDelta::sparse((out, inp), entries, DType::F32, &Device::Cpu).unwrap();
+        let x = Tensor::arange(0f32, (4 * inp) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((4, inp))
+            .unwrap();
+        let want = x.matmul(&d.to_dense().unwrap().t().unwrap()).unwrap();
+        assert!(close(&d.linear_term(&x).unwrap(), &want) < 1e-3);
+    }
+
+    #[test]
+    fn a_combination_weighs_its_coefficients_and_sums_its_terms() {
+        let a = ModelDelta::Owned(HashMap::from([(
+            "w".to_string(),
+            Arc::new(TensorDelta::Dense(t(&[1., 2.], (1, 2)))),
+        )]));
+        let b = ModelDelta::Owned(HashMap::from([(
+            "w".to_string(),
+            Arc::new(TensorDelta::Dense(t(&[0., 1.], (1, 2)))),
+        )]));
+        let c = ModelDelta::Combination(vec![(0.5, Arc::new(a)), (2.0, Arc::new(b))]);
+        assert_eq!(c.own_bytes(), 16);
+        assert_eq!(c.shared_bytes(), 16);
+        let x = t(&[1., 1.], (1, 2));
+        // 0.5·3 + 2·1 = 3.5
+        let y = c.linear_term("w", &x).unwrap().unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), [[3.5]]);
+        assert!(c.linear_term("other", &x).unwrap().is_none());
+    }
+
+    #[test]
+    fn runs_add_each_rows_own_term() {
+        let d = ModelDelta::Owned(HashMap::from([(
+            "w".to_string(),
+            Arc::new(TensorDelta::Dense(t(&[1., 0.], (1, 2)))),
+        )]));
+        let x = Tensor::from_vec(vec![1f32, 0., 2., 0., 3., 0.], (1, 3, 2), &Device::Cpu).unwrap();
+        let y = Tensor::zeros((1, 3, 1), DType::F32, &Device::Cpu).unwrap();
+        let runs = [
+            DeltaRun {
+                rows: 1,
+                delta: None,
+            },
+            DeltaRun {
+                rows: 2,
+                delta: Some(&d),
+            },
+        ];
+        let out = add_runs(y, &x, &runs, |d, x| d.linear_term("w", x)).unwrap();
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [0., 2., 3.]
+        );
+    }
+}
