@@ -285,6 +285,9 @@ impl Model {
 
     /// `hooks`, with this model's own delta when they carry none.
     fn own_hooks<'b>(hooks: &'b mut Hooks<'_>, runs: &'b [DeltaRun<'b>]) -> Hooks<'b> {
+        // The match re-borrows the capture at the shorter lifetime (a
+        // coercion `as_deref_mut` alone does not make).
+        #[allow(clippy::needless_match)]
         let capture: Option<&'b mut dyn LinearCapture> = match hooks.capture.as_deref_mut() {
             Some(c) => Some(c),
             None => None,
