@@ -415,22 +415,10 @@ pub(crate) fn add_runs(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tests::max_abs_diff as close;
 
     fn t(v: &[f32], shape: (usize, usize)) -> Tensor {
         Tensor::from_vec(v.to_vec(), shape, &Device::Cpu).unwrap()
-    }
-
-    fn close(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     /// Every form's term, rows and dense view agree with the dense ΔW they
