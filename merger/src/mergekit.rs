@@ -223,6 +223,7 @@ pub fn from_yaml(text: &str, path: &Path) -> Result<MergeSpec> {
         seed,
         dtype: out_dtype.or(dtype),
         dialect: Dialect::Mergekit,
+        residency: None,
     })
 }
 

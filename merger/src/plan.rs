@@ -26,7 +26,7 @@ use runtime::model::ModelOptions;
 
 use crate::bounds::{Bounds, Cancel};
 use crate::data_driven::{self, DataContext, DataParams, DataReport, StatsCache};
-use crate::error::Result;
+use crate::error::{MergeError, Result};
 use crate::load::Servable;
 use crate::merge::{
     merge_in_memory, write_to_dir, MergeOptions, MergePlan, MergeReport, Opener, Progress,
@@ -144,6 +144,15 @@ impl Plan {
     /// parameter, those that scale the work (and every list of the spec)
     /// against `bounds`. No checkpoint is opened.
     pub fn with_bounds(spec: MergeSpec, bounds: &Bounds) -> Result<Plan> {
+        let kind = methods::lookup(&spec.method).map(|info| &info.kind);
+        if spec.is_delta() && matches!(kind, Ok(k) if !matches!(k, MethodKind::Tensorwise(_))) {
+            return Err(MergeError::Unsupported {
+                feature: format!("a `residency` form other than dense for `{}`", spec.method),
+                hint: "lowrank and sparse deltas hold tensor-by-tensor merges; routed and \
+                       data-driven merges are held dense (drop `form`)"
+                    .into(),
+            });
+        }
         let routed = methods::lookup(&spec.method)
             .ok()
             .filter(|info| matches!(info.kind, MethodKind::Routed));

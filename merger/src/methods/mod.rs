@@ -505,6 +505,9 @@ pub fn build_bounded(
             method: info.name.to_string(),
         });
     }
+    if let Some(r) = &spec.residency {
+        r.validate(bounds)?;
+    }
     let MethodKind::Tensorwise(build) = info.kind else {
         return Err(MergeError::Unsupported {
             feature: format!("`{}` as a tensor-by-tensor merge", info.name),

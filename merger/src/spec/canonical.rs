@@ -21,7 +21,8 @@ use serde_json::{Map, Number, Value};
 use sha2::{Digest, Sha256};
 
 use super::compact::dtype_name;
-use crate::spec::{Dialect, MergeSpec, ModelSpec, ParamValue};
+use crate::spec::residency::Truncation;
+use crate::spec::{Dialect, Form, MergeSpec, ModelSpec, ParamValue};
 
 /// Significant digits kept when normalising numbers.
 const SIGNIFICANT_DIGITS: usize = 12;
@@ -69,6 +70,27 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
     if let Some(dtype) = &spec.dtype {
         let name = dtype_name(dtype).unwrap_or(dtype);
         obj.insert("dtype".into(), Value::String(name.into()));
+    }
+    // A delta form is a different model from the dense merge; `dense`
+    // written out is the same model as no residency at all.
+    if let Some(r) = spec.residency.as_ref().filter(|r| r.is_delta()) {
+        let mut form = Map::new();
+        form.insert("form".into(), Value::String(r.form.as_str().into()));
+        match r.form {
+            Form::Lowrank => match r.truncation() {
+                Truncation::Energy(e) => {
+                    form.insert("energy".into(), number(e));
+                }
+                Truncation::Rank(k) => {
+                    form.insert("rank".into(), Value::Number((k as u64).into()));
+                }
+            },
+            Form::Sparse => {
+                form.insert("density".into(), number(r.density()));
+            }
+            Form::Dense => {}
+        }
+        obj.insert("residency".into(), Value::Object(form));
     }
     Value::Object(obj)
 }

@@ -36,7 +36,7 @@
 use std::collections::BTreeMap;
 
 use crate::error::{MergeError, Result};
-use crate::spec::{Dialect, FilterEntry, MergeSpec, ModelSpec, ParamValue};
+use crate::spec::{Dialect, FilterEntry, Form, MergeSpec, ModelSpec, ParamValue, Residency};
 
 /// What a `model` field names.
 #[derive(Debug, Clone, PartialEq)]
@@ -76,7 +76,7 @@ pub fn dtype_name(s: &str) -> Option<&'static str> {
 /// boolean), whose lists of names hold names of `[A-Za-z0-9_.*-]+` that do
 /// not spell a number, whose gradients and lists are not empty and which
 /// has no parameter named
-/// `base`, `seed` or `dtype`. The compact form always means the FusionBench
+/// `base`, `seed`, `dtype` or `form*`. The compact form always means the FusionBench
 /// dialect, so a mergekit spec written this way takes FusionBench defaults.
 pub fn to_compact(spec: &MergeSpec) -> String {
     let mut out = String::new();
@@ -102,6 +102,18 @@ pub fn to_compact(spec: &MergeSpec) -> String {
     }
     if let Some(dtype) = &spec.dtype {
         params.push(format!("dtype={dtype}"));
+    }
+    if let Some(r) = &spec.residency {
+        params.push(format!("form={}", r.form.as_str()));
+        if let Some(e) = r.energy {
+            params.push(format!("form_energy={e}"));
+        }
+        if let Some(k) = r.rank {
+            params.push(format!("form_rank={k}"));
+        }
+        if let Some(d) = r.density {
+            params.push(format!("form_density={d}"));
+        }
     }
     if !params.is_empty() {
         out.push(';');
@@ -291,6 +303,7 @@ impl<'a> Parser<'a> {
             seed: None,
             dtype: None,
             dialect: Dialect::Fusionbench,
+            residency: None,
         };
         if matches!(self.peek(), Some(')' | ';')) {
             return Err(self.error_at(self.pos, "empty model list"));
@@ -325,6 +338,9 @@ impl<'a> Parser<'a> {
                 "base" => spec.base = Some(self.checkpoint("a checkpoint name after `base=`")?.1),
                 "seed" => spec.seed = Some(self.seed()?),
                 "dtype" => spec.dtype = Some(self.dtype()?),
+                "form" | "form_energy" | "form_rank" | "form_density" => {
+                    self.residency(&key, spec.residency.get_or_insert_with(Residency::dense))?
+                }
                 _ => {
                     let value = self.value()?;
                     spec.parameters.insert(key, value);
@@ -561,6 +577,39 @@ impl<'a> Parser<'a> {
             None if word.is_empty() => Err(self.unexpected(start, expected)),
             None => Err(self.error_at(start, format!("{expected}, found `{word}`"))),
         }
+    }
+
+    /// The value of a residency key (`form=lowrank`, `form_energy=0.9`,
+    /// `form_rank=16`, `form_density=0.1`); ranges are checked when the
+    /// spec is validated.
+    fn residency(&mut self, key: &str, r: &mut Residency) -> Result<()> {
+        let (start, word) = self.take_while(is_word_char);
+        let number = || {
+            parse_number(&word).ok_or_else(|| {
+                self.error_at(start, format!("`{key}` must be a number, found `{word}`"))
+            })
+        };
+        match key {
+            "form" => {
+                r.form = Form::parse(&word).ok_or_else(|| {
+                    self.error_at(
+                        start,
+                        format!("unknown form `{word}` (expected dense, lowrank or sparse)"),
+                    )
+                })?
+            }
+            "form_energy" => r.energy = Some(number()?),
+            "form_density" => r.density = Some(number()?),
+            _ => {
+                r.rank = Some(word.parse::<u64>().map_err(|_| {
+                    self.error_at(
+                        start,
+                        format!("`form_rank` must be a positive integer, found `{word}`"),
+                    )
+                })?)
+            }
+        }
+        Ok(())
     }
 
     fn seed(&mut self) -> Result<u64> {

@@ -11,12 +11,14 @@
 pub mod canonical;
 pub mod compact;
 pub mod param;
+pub mod residency;
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 pub use param::{FilterEntry, ParamValue, TensorCtx};
+pub use residency::{Form, Residency};
 
 /// Which convention a spec was written in; decides defaults where
 /// FusionBench and mergekit differ (e.g. task_arithmetic's λ: 0.3 vs 1.0).
@@ -81,6 +83,10 @@ pub struct MergeSpec {
     /// Naming convention, which decides defaults.
     #[serde(default)]
     pub dialect: Dialect,
+    /// How the merge is held in memory (default: its own dense weights);
+    /// part of the merge id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub residency: Option<Residency>,
 }
 
 impl MergeSpec {
@@ -95,7 +101,19 @@ impl MergeSpec {
             seed: None,
             dtype: None,
             dialect: Dialect::Fusionbench,
+            residency: None,
         }
+    }
+
+    /// Sets how the merge is held (builder style).
+    pub fn held_as(mut self, residency: Residency) -> Self {
+        self.residency = Some(residency);
+        self
+    }
+
+    /// Whether the merge is held as a delta over a resident base.
+    pub fn is_delta(&self) -> bool {
+        self.residency.as_ref().is_some_and(Residency::is_delta)
     }
 
     /// Sets a global numeric parameter (builder style).

@@ -35,7 +35,7 @@ pub use config::{Family, ModelConfig};
 pub use delta::{DeltaRun, ModelDelta, TensorDelta};
 pub use layers::{GatedMlp, Hooks, Linear, LinearCapture, Mlp, RmsNorm, Rope, RopeTables};
 pub use paged::{KvBudget, KvPool, PagedCache};
-pub use transformer::{Model, ModelOptions};
+pub use transformer::{Model, ModelOptions, EMBED};
 
 #[cfg(test)]
 mod tests;

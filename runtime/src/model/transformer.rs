@@ -74,7 +74,7 @@ pub struct Model {
 }
 
 /// The embedding's tensor name.
-pub(super) const EMBED: &str = "model.embed_tokens.weight";
+pub const EMBED: &str = "model.embed_tokens.weight";
 /// The final norm's tensor name.
 pub(super) const FINAL_NORM: &str = "model.norm.weight";
 
