@@ -139,6 +139,11 @@ impl<V: Resident> ModelCache<V> {
         keys
     }
 
+    /// Marks `key` as just used (no hit counted), if it is resident.
+    pub async fn touch(&self, key: &str) {
+        let _ = self.inner.get(key).await;
+    }
+
     /// Whether `key` is resident (no hit counted, no recency update).
     pub fn contains(&self, key: &str) -> bool {
         self.inner.contains_key(key)

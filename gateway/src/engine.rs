@@ -8,12 +8,13 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
+use merger::error::MergeError;
 use merger::moe::MoeModel;
 use runtime::architectures::Kind;
 use runtime::checkpoint::Checkpoint;
 use runtime::generate::{Scheduler, SchedulerLimits, StepObserver, TextModel};
-use runtime::model::{KvBudget, ModelOptions};
+use runtime::model::{KvBudget, ModelDelta, ModelOptions};
 pub use runtime::Embedded;
 use runtime::Runnable;
 
@@ -26,6 +27,9 @@ pub struct Engine {
     /// The batching step loop of a text model, started by its first
     /// generation; `None` inside when the model cannot be batched.
     batch: OnceLock<Option<Scheduler>>,
+    /// A merge held as a delta: the resident base it shares (whose
+    /// scheduler batches it with the base's other merges) and its delta.
+    shared: Option<(Arc<Engine>, Arc<ModelDelta>)>,
 }
 
 impl Engine {
@@ -39,6 +43,7 @@ impl Engine {
             model: loaded.into_runnable()?,
             bytes,
             batch: OnceLock::new(),
+            shared: None,
         })
     }
 
@@ -61,6 +66,7 @@ impl Engine {
             model: built.into_runnable()?,
             bytes,
             batch: OnceLock::new(),
+            shared: None,
         })
     }
 
@@ -76,7 +82,51 @@ impl Engine {
             model: Runnable::Text(Arc::new(text)),
             bytes,
             batch: OnceLock::new(),
+            shared: None,
         })
+    }
+
+    /// A merge held as `delta` over `base` (a text model that can be
+    /// batched): it shares every tensor of the base, weighs its delta's
+    /// bytes only, and generates in the base's scheduler, whose steps
+    /// batch it with the base and its other merges.
+    pub fn from_delta(base: Arc<Engine>, delta: ModelDelta) -> merger::Result<Self> {
+        let text = base
+            .batchable_text()
+            .ok_or_else(|| MergeError::Unsupported {
+                feature: "a merge held as a delta over this base".into(),
+                hint: "lowrank and sparse forms serve text-generation bases (Llama-family \
+                   decoders); serve this merge dense (drop `form`)"
+                    .into(),
+            })?;
+        let delta = Arc::new(delta);
+        let model = text.with_delta(delta.clone())?;
+        Ok(Engine {
+            model: Runnable::Text(Arc::new(model)),
+            bytes: delta.own_bytes(),
+            batch: OnceLock::new(),
+            shared: Some((base, delta)),
+        })
+    }
+
+    /// The text model, when it is one the scheduler batches.
+    fn batchable_text(&self) -> Option<&Arc<TextModel>> {
+        match &self.model {
+            Runnable::Text(t) if t.model().batchable() && self.shared.is_none() => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The dtype a delta over this model is held in: its weights', for a
+    /// text model that can be batched.
+    pub fn delta_dtype(&self) -> Option<DType> {
+        self.batchable_text().map(|t| t.model().dtype())
+    }
+
+    /// The delta this merge adds to its shared base (what its sequences
+    /// carry into the base's batch); `None` for a model of its own.
+    pub fn batch_delta(&self) -> Option<Arc<ModelDelta>> {
+        self.shared.as_ref().map(|(_, d)| d.clone())
     }
 
     /// The runnable model (what evaluations score).
@@ -134,12 +184,17 @@ impl Engine {
     /// with `limits` (its bounds and the key/value budget it shares with
     /// the other models) and `observer`; `None` for a model that is not
     /// batched (an embedding model, or a routed merge, whose routing is
-    /// per sequence): it generates with [`Engine::generate`].
+    /// per sequence): it generates with [`Engine::generate`]. A merge held
+    /// as a delta answers with its base's scheduler (submit with
+    /// [`Engine::batch_delta`]).
     pub fn scheduler(
         &self,
         limits: impl FnOnce() -> (SchedulerLimits, Arc<KvBudget>),
         observer: impl FnOnce() -> Arc<dyn StepObserver>,
     ) -> Option<&Scheduler> {
+        if let Some((base, _)) = &self.shared {
+            return base.scheduler(limits, observer);
+        }
         self.batch
             .get_or_init(|| match &self.model {
                 Runnable::Text(t) if t.model().batchable() => {
@@ -159,6 +214,9 @@ impl Engine {
 
     /// The scheduler [`Engine::scheduler`] started, if it did.
     pub fn started_scheduler(&self) -> Option<&Scheduler> {
+        if let Some((base, _)) = &self.shared {
+            return base.started_scheduler();
+        }
         self.batch.get().and_then(Option::as_ref)
     }
 

@@ -24,9 +24,10 @@ use std::time::Instant;
 
 use merger::data_driven::{DataReport, StatsCounters};
 use merger::merge::{merge_in_memory, Progress};
+use merger::residency::ResidencyReport;
 use merger::spec::MergeSpec;
 use merger::{Cancel, MergeError};
-use runtime::checkpoint::Stamps;
+use runtime::checkpoint::{Checkpoint, Stamps};
 use runtime::model::ModelOptions;
 use serde::Serialize;
 use tokio::sync::Semaphore;
@@ -52,7 +53,7 @@ pub struct Served {
     /// `merge-<id>` or `pool/name`.
     pub name: String,
     /// The model.
-    pub engine: Engine,
+    pub engine: Arc<Engine>,
     /// The merge method, for merges.
     pub method: Option<String>,
     /// Seconds the merge (or load) took.
@@ -60,6 +61,20 @@ pub struct Served {
     /// The checkpoint files it was made from, as they were then: while any
     /// has changed on disk, the model is stale and not served.
     pub sources: Vec<Stamps>,
+    /// The cache key of the resident base a merge held as a delta shares
+    /// (kept recent while the merge is used).
+    pub base: Option<String>,
+}
+
+/// The resident base a merge held as a delta is built over: its cache
+/// key, the served base and the checkpoint it was loaded from.
+pub struct SharedBase {
+    /// The base's cache key.
+    pub key: String,
+    /// The resident base.
+    pub served: Arc<Served>,
+    /// Its checkpoint (what the delta is taken against).
+    pub checkpoint: Arc<Checkpoint>,
 }
 
 impl Served {
@@ -104,6 +119,7 @@ struct Record {
     output_bytes: u64,
     routers: Option<RoutersInfo>,
     data_driven: Option<DataReport>,
+    residency: Option<ResidencyReport>,
     resident_bytes: Option<u64>,
     duration_seconds: Option<f64>,
     error: Option<String>,
@@ -123,6 +139,7 @@ impl Record {
             + json_len(&self.spec)
             + self.routers.as_ref().map_or(0, json_len)
             + self.data_driven.as_ref().map_or(0, json_len)
+            + self.residency.as_ref().map_or(0, json_len)
     }
 }
 
@@ -168,6 +185,13 @@ pub struct MergeInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub data_driven: Option<DataReport>,
+    /// A merge held as a delta over the resident base (`form` lowrank or
+    /// sparse): the form, its rank range or density, the delta's bytes
+    /// against the dense merge's, and the measured relative error
+    /// ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per tensor (max and mean).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub residency: Option<ResidencyReport>,
 }
 
 /// A model a merge job built, with what the book records of it.
@@ -177,6 +201,8 @@ struct Built {
     routers: Option<RoutersInfo>,
     /// A data-driven merge's report and the statistics cache's counts.
     data: Option<(DataReport, Arc<StatsCounters>)>,
+    /// How a merge held as a delta was compressed.
+    residency: Option<ResidencyReport>,
 }
 
 #[derive(Default)]
@@ -270,6 +296,7 @@ impl Merges {
                 output_bytes: entry.output_bytes.unwrap_or(0),
                 routers: entry.routers,
                 data_driven: None,
+                residency: None,
                 resident_bytes: None,
                 duration_seconds: None,
                 error: None,
@@ -381,15 +408,21 @@ impl Merges {
     }
 
     /// The future that makes `target` resident: a merge, or loading a
-    /// checkpoint. It holds a merge slot while it runs.
+    /// checkpoint. It holds a merge slot while it runs. A merge held as a
+    /// delta is built over `base` (resident already).
     pub fn loader(
         &self,
         target: Target,
+        base: Option<SharedBase>,
     ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
         let this = self.clone();
         async move {
             let name = target.model_name();
-            let sources = target.sources();
+            let mut sources = target.sources();
+            if let Some(b) = &base {
+                // A changed base file makes the delta stale too.
+                sources.extend(b.served.sources.iter().cloned());
+            }
             let cancel = this.pending(&target)?.unwrap_or_default();
             let slot = this.slots.clone().acquire_owned().await;
             let Ok(_slot) = slot else {
@@ -411,51 +444,99 @@ impl Merges {
                     tracing::info!(model = %name, bytes = engine.resident_bytes(), "checkpoint loaded");
                     Ok(Arc::new(Served {
                         name,
-                        engine,
+                        engine: Arc::new(engine),
                         method: None,
                         load_seconds: start.elapsed().as_secs_f64(),
                         sources,
+                        base: None,
                     }))
                 }
                 Target::Merge(plan) => {
                     let mut plan = *plan;
                     plan.set_cancel(cancel.clone());
                     let method = plan.info().name;
-                    this.run(name, method, cancel, sources, move |opts, _cancel| {
-                        let progress = Progress::new(plan.tensors().len(), method, false);
-                        let (tensors, _stats) =
-                            merge_in_memory(&mut plan, &opts.device, &progress)?;
-                        Ok(Built {
-                            engine: Engine::from_merge(tensors, plan.reference(), opts)?,
-                            output_bytes: None,
-                            routers: None,
-                            data: None,
-                        })
-                    })
+                    let base_key = base.as_ref().map(|b| b.key.clone());
+                    this.run(
+                        name,
+                        method,
+                        cancel,
+                        sources,
+                        base_key,
+                        move |opts, cancel| {
+                            let progress = Progress::new(plan.tensors().len(), method, false);
+                            let (tensors, _stats) =
+                                merge_in_memory(&mut plan, &opts.device, &progress)?;
+                            let residency = plan.spec().residency.clone();
+                            let (engine, residency) = match (base, residency) {
+                                (Some(base), Some(residency)) => {
+                                    let engine = base.served.engine.clone();
+                                    let dtype = engine.delta_dtype().ok_or_else(|| {
+                                        MergeError::Unsupported {
+                                            feature: "a merge held as a delta over this base"
+                                                .into(),
+                                            hint: "lowrank and sparse forms serve text-generation \
+                                               bases; serve this merge dense (drop `form`)"
+                                                .into(),
+                                        }
+                                    })?;
+                                    let compressed = merger::residency::compress(
+                                        &tensors,
+                                        &base.checkpoint,
+                                        &residency,
+                                        dtype,
+                                        &opts.device,
+                                        cancel,
+                                    )?;
+                                    drop(tensors);
+                                    let report = compressed.report;
+                                    tracing::info!(
+                                        form = report.form.as_str(),
+                                        bytes = report.bytes,
+                                        dense_bytes = report.dense_bytes,
+                                        max_error = report.max_error,
+                                        mean_error = report.mean_error,
+                                        seconds = report.seconds,
+                                        "merge held as a delta over its base"
+                                    );
+                                    (Engine::from_delta(engine, compressed.delta)?, Some(report))
+                                }
+                                _ => (Engine::from_merge(tensors, plan.reference(), opts)?, None),
+                            };
+                            Ok(Built {
+                                engine,
+                                output_bytes: None,
+                                routers: None,
+                                data: None,
+                                residency,
+                            })
+                        },
+                    )
                     .await
                 }
                 Target::Routed(plan) => {
                     let method = plan.method();
-                    this.run(name, method, cancel, sources, move |opts, cancel| {
+                    this.run(name, method, cancel, sources, None, move |opts, cancel| {
                         let routed = plan.build(opts, cancel)?;
                         Ok(Built {
                             engine: routed.engine,
                             output_bytes: Some(routed.output_bytes),
                             routers: Some(routed.routers),
                             data: None,
+                            residency: None,
                         })
                     })
                     .await
                 }
                 Target::DataDriven(plan) => {
                     let method = plan.method();
-                    this.run(name, method, cancel, sources, move |opts, cancel| {
+                    this.run(name, method, cancel, sources, None, move |opts, cancel| {
                         let built = plan.build(opts, cancel)?;
                         Ok(Built {
                             engine: built.engine,
                             output_bytes: None,
                             routers: None,
                             data: Some((built.report, built.counters)),
+                            residency: None,
                         })
                     })
                     .await
@@ -472,6 +553,7 @@ impl Merges {
         method: &'static str,
         cancel: Cancel,
         sources: Vec<Stamps>,
+        base: Option<String>,
         job: F,
     ) -> Result<Arc<Served>>
     where
@@ -569,13 +651,17 @@ impl Merges {
                     if let Some((report, _)) = built.data {
                         r.data_driven = Some(report);
                     }
+                    if built.residency.is_some() {
+                        r.residency = built.residency;
+                    }
                 });
                 Ok(Arc::new(Served {
                     name: id,
-                    engine,
+                    engine: Arc::new(engine),
                     method: Some(method.to_string()),
                     load_seconds: seconds,
                     sources,
+                    base,
                 }))
             }
             Err(e) => {
@@ -616,6 +702,7 @@ fn view(id: &str, r: &Record, resident: bool) -> MergeInfo {
         created: r.created,
         routers: r.routers.clone(),
         data_driven: r.data_driven.clone(),
+        residency: r.residency.clone(),
     }
 }
 

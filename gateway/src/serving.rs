@@ -127,7 +127,7 @@ async fn generate_batched(
                 .is_ok(),
         });
         scheduler
-            .submit(ids, &params, Priority::Traffic, sink)
+            .submit_with(ids, &params, Priority::Traffic, engine.batch_delta(), sink)
             .map_err(GatewayError::from)?;
         Ok(n)
     })

@@ -35,7 +35,7 @@ use utoipa::ToSchema;
 use crate::cache::{CacheStatus, ModelCache};
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
-use crate::merges::{MergeInfo, Merges, Served};
+use crate::merges::{MergeInfo, Merges, Served, SharedBase};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Target};
 
@@ -335,6 +335,11 @@ impl ModelStore {
                 "resident model is stale (a checkpoint file changed); evicted");
             self.evict_stale().await;
         }
+        // A merge held as a delta keeps its shared base more recent than
+        // itself, so the cache evicts the merges of a base before the base.
+        if let Some(base) = served.as_ref().and_then(|s| s.base.as_deref()) {
+            self.cache.touch(base).await;
+        }
         served
     }
 
@@ -359,12 +364,66 @@ impl ModelStore {
     /// Starts loading `target` in a task of its own, so that the load goes
     /// on when the request that started it stops waiting; a 503 when the
     /// book of merges has no room for it.
+    ///
+    /// A merge held as a delta (`form` lowrank or sparse) first makes its
+    /// pool's base resident (a cache entry of its own, weighed once however
+    /// many merges share it), then builds its delta over it.
     fn start_load(&self, target: Target) -> Result<LoadTask> {
+        let base = self.shared_base_of(&target)?;
         self.merges.pending(&target)?;
         let key = target.cache_key();
-        let load = self.merges.loader(target);
+        let merges = self.merges.clone();
         let cache = self.cache.clone();
-        Ok(tokio::spawn(async move { cache.load(key, load).await }))
+        Ok(tokio::spawn(async move {
+            let shared = match base {
+                None => None,
+                Some(base) => {
+                    let Target::Checkpoint { checkpoint, .. } = &base else {
+                        unreachable!("a pool's base is a checkpoint")
+                    };
+                    let checkpoint = checkpoint.clone();
+                    let base_key = base.cache_key();
+                    let (served, _) = cache
+                        .load(base_key.clone(), merges.loader(base, None))
+                        .await?;
+                    Some(SharedBase {
+                        key: base_key,
+                        served,
+                        checkpoint,
+                    })
+                }
+            };
+            cache.load(key, merges.loader(target, shared)).await
+        }))
+    }
+
+    /// The base a merge held as a delta is built over (its pool's base);
+    /// `None` for every other target. A 400 when the base is not a text
+    /// model, found before anything is merged.
+    fn shared_base_of(&self, target: &Target) -> Result<Option<Target>> {
+        let Target::Merge(plan) = target else {
+            return Ok(None);
+        };
+        if !plan.spec().is_delta() {
+            return Ok(None);
+        }
+        let pool =
+            plan.spec().pool.as_deref().ok_or_else(|| {
+                GatewayError::Internal("a resolved merge has no pool".to_string())
+            })?;
+        let base = self.registry.base_of(pool)?;
+        if base.kind()? != Kind::Decoder {
+            return Err(GatewayError::BadRequest {
+                message: format!(
+                    "form `{}` holds a merge as a delta over a text-generation base; pool `{pool}` \
+                     serves embedding models, whose merges are held dense (drop `form`)",
+                    plan.spec().residency.as_ref().map_or("dense", |r| r.form.as_str())
+                ),
+                param: Some("model".to_string()),
+                code: "invalid_merge_spec",
+            });
+        }
+        Ok(Some(base))
     }
 }
 

@@ -8,7 +8,8 @@
 //!   `dense`;
 //! - `lowrank`: the thin SVD ΔW = U Σ Vᵀ ([`crate::linalg::thin_svd`], f64)
 //!   truncated to the rank r that keeps `energy` of Σσᵢ² (the smallest r
-//!   with Σ_{i≤r} σᵢ² ≥ energy·Σσᵢ²), or to a fixed `rank`; stored as
+//!   with Σ_{i≤r} σᵢ² ≥ energy·Σσᵢ²), or to a fixed `rank`, never
+//!   keeping values under [`NOISE_FLOOR`]·σ₁ (rounding noise); stored as
 //!   U_r Σ_r `(out, r)` and V_rᵀ `(r, in)`. The embedding keeps U's rows for
 //!   gathering by token id.
 //! - `sparse`: the k = ⌈density·out·in⌉ entries of largest |ΔW| (ties
@@ -131,7 +132,15 @@ pub fn compress(
         }
         let held = match (shape.as_slice(), residency.form) {
             (&[out, inp], Form::Lowrank) => {
-                match low_rank(name, &delta, out, inp, residency.truncation(), dtype, device)? {
+                match low_rank(
+                    name,
+                    &delta,
+                    out,
+                    inp,
+                    residency.truncation(),
+                    dtype,
+                    device,
+                )? {
                     Some((d, r)) => {
                         let range = ranks.get_or_insert(RankRange { min: r, max: r });
                         range.min = range.min.min(r);
@@ -187,8 +196,20 @@ fn dense(delta: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Resul
     ))
 }
 
-/// The rank of a truncated SVD with values `s` (largest first).
+/// Singular values below this fraction of the largest are the rounding
+/// noise of subtracting two stored (f32, f16, bf16) weights, not part of
+/// the delta: the truncation never keeps them (their energy is < 1e-10).
+pub const NOISE_FLOOR: f64 = 1e-5;
+
+/// The rank of a truncated SVD with values `s` (largest first): at most
+/// the number of values above [`NOISE_FLOOR`]·σ₁.
 pub fn truncated_rank(s: &[f64], truncation: Truncation) -> usize {
+    let floor = s.first().copied().unwrap_or(0.0) * NOISE_FLOOR;
+    let signal = s.iter().take_while(|&&x| x > floor).count();
+    truncation_of(&s[..signal], truncation)
+}
+
+fn truncation_of(s: &[f64], truncation: Truncation) -> usize {
     match truncation {
         Truncation::Rank(r) => r.min(s.len()),
         Truncation::Energy(energy) => {
@@ -278,7 +299,12 @@ fn sparse(
             ((i / inp) as u32, (i % inp) as u32, delta[i] as f32)
         })
         .collect();
-    Ok(Some(TensorDelta::sparse((out, inp), entries, dtype, device)?))
+    Ok(Some(TensorDelta::sparse(
+        (out, inp),
+        entries,
+        dtype,
+        device,
+    )?))
 }
 
 /// ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F of `held` as stored.

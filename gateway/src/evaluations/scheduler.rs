@@ -210,8 +210,13 @@ impl Scheduler {
         let scored = tokio::task::spawn_blocking(move || {
             let stopping = || this.stopping();
             let batch = this.batching.scheduler_of(&served.engine);
-            let scorer =
-                AdmittedScorer::new(served.engine.runnable(), &this.admission, batch, &stopping);
+            let scorer = AdmittedScorer::new(
+                served.engine.runnable(),
+                &this.admission,
+                batch,
+                served.engine.batch_delta(),
+                &stopping,
+            );
             let run = || run_tasks(&scorer, &tasks, &opts, &|_| {});
             match threads {
                 Some(pool) => pool.install(run),

@@ -12,11 +12,13 @@
 //! ([`Admission::try_admit_idle`]): a request that arrives during an
 //! evaluation waits for at most one batch.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use evaluator::runner::{Loglikelihood, Scorer};
 use evaluator::EvalError;
 use runtime::generate::{Priority, SamplingParams, Scheduler, SchedulerEvent};
+use runtime::model::ModelDelta;
 use runtime::{Runnable, RuntimeError};
 
 use crate::limits::admission::{Admission, Slot};
@@ -29,24 +31,29 @@ pub struct AdmittedScorer<'a> {
     model: &'a Runnable,
     admission: &'a Admission,
     batch: Option<&'a Scheduler>,
+    /// The delta of a merge held over the batch's base model.
+    delta: Option<Arc<ModelDelta>>,
     stopping: &'a (dyn Fn() -> bool + Sync),
 }
 
 impl<'a> AdmittedScorer<'a> {
     /// Scores `model`, one slot of `admission` per call, its greedy
-    /// generations in `batch` (the model's scheduler) when it has one;
+    /// generations in `batch` (the model's scheduler, with the merge's
+    /// `delta` when it is held as one over the batch's base) when it has one;
     /// stops (an error) once `stopping` says so (the server is shutting
     /// down).
     pub fn new(
         model: &'a Runnable,
         admission: &'a Admission,
         batch: Option<&'a Scheduler>,
+        delta: Option<Arc<ModelDelta>>,
         stopping: &'a (dyn Fn() -> bool + Sync),
     ) -> Self {
         AdmittedScorer {
             model,
             admission,
             batch,
+            delta,
             stopping,
         }
     }
@@ -79,7 +86,8 @@ impl<'a> AdmittedScorer<'a> {
                 SchedulerEvent::Token(_) => true,
                 SchedulerEvent::Done(done) => tx.send(done).is_ok(),
             });
-            match batch.submit(ids.clone(), &params, Priority::Background, sink) {
+            let delta = self.delta.clone();
+            match batch.submit_with(ids.clone(), &params, Priority::Background, delta, sink) {
                 Ok(()) => break,
                 Err(RuntimeError::QueueFull { .. }) => std::thread::sleep(RETRY),
                 Err(e) => return Err(e.into()),

@@ -450,6 +450,17 @@ impl Registry {
         })
     }
 
+    /// The base checkpoint of pool `pool` as a target: what every merge of
+    /// the pool held as a delta shares.
+    pub fn base_of(&self, pool: &str) -> Result<Target> {
+        let (pool, name, checkpoint) = self.checkpoint(BASE_NAME, Some(pool))?;
+        Ok(Target::Checkpoint {
+            pool: pool.to_string(),
+            name,
+            checkpoint,
+        })
+    }
+
     /// Finds a checkpoint by `pool/name` or bare name; `pool` restricts the
     /// search to one pool.
     fn checkpoint(

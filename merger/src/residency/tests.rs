@@ -88,6 +88,10 @@ fn truncated_rank_keeps_the_asked_energy() {
     assert_eq!(truncated_rank(&s, Truncation::Energy(1.0)), 3);
     assert_eq!(truncated_rank(&s, Truncation::Rank(2)), 2);
     assert_eq!(truncated_rank(&s, Truncation::Rank(9)), 3);
+    // Values under 1e-5·σ₁ are rounding noise, never kept.
+    let noisy = [3.0, 2.0, 1.0, 1e-6, 1e-7];
+    assert_eq!(truncated_rank(&noisy, Truncation::Energy(1.0)), 3);
+    assert_eq!(truncated_rank(&noisy, Truncation::Rank(5)), 3);
 }
 
 /// ΔW = 3·e₀f₁ᵀ + 1·e₂f₃ᵀ on the 32×32 q_proj: singular values 3 and 1.
@@ -180,14 +184,14 @@ fn rank_two_merge(f: &Fixture) -> HashMap<String, Tensor> {
     for (t, name) in names.into_iter().enumerate() {
         let dims = f.weights[name].dims().to_vec();
         let wave = |i: usize, k: usize| ((i * 7 + k * 13 + t * 3) % 11) as f32 / 11.0 - 0.5;
-        let d: Vec<f32> = match dims.as_slice() {
-            &[out, inp] => (0..out * inp)
+        let d: Vec<f32> = match *dims.as_slice() {
+            [out, inp] => (0..out * inp)
                 .map(|x| {
                     let (i, j) = (x / inp, x % inp);
                     0.02 * (wave(i, 0) * wave(j, 1) + wave(i, 2) * wave(j, 3))
                 })
                 .collect(),
-            &[n] => (0..n).map(|i| 0.01 * wave(i, 4)).collect(),
+            [n] => (0..n).map(|i| 0.01 * wave(i, 4)).collect(),
             _ => unreachable!(),
         };
         deltas.push((name.as_str(), d));

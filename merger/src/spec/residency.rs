@@ -258,12 +258,16 @@ mod tests {
         assert_ne!(id(&low), id(&sparse));
         assert_ne!(
             id(&low),
-            id(&compact("task_arithmetic(a,b;base=c,form=lowrank,form_rank=9)"))
+            id(&compact(
+                "task_arithmetic(a,b;base=c,form=lowrank,form_rank=9)"
+            ))
         );
         // The default energy and the same energy written out are one model.
         assert_eq!(
             id(&compact("task_arithmetic(a,b;base=c,form=lowrank)")),
-            id(&compact("task_arithmetic(a,b;base=c,form=lowrank,form_energy=0.95)"))
+            id(&compact(
+                "task_arithmetic(a,b;base=c,form=lowrank,form_energy=0.95)"
+            ))
         );
         let err = crate::spec::compact::parse("task_arithmetic(a,b;form=svd)")
             .err()
@@ -302,10 +306,7 @@ mod tests {
             .truncation(),
             Truncation::Energy(DEFAULT_ENERGY)
         );
-        assert_eq!(
-            Residency::lowrank_rank(3).truncation(),
-            Truncation::Rank(3)
-        );
+        assert_eq!(Residency::lowrank_rank(3).truncation(), Truncation::Rank(3));
         assert_eq!(Residency::sparse(0.2).density(), 0.2);
     }
 }
