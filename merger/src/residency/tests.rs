@@ -134,8 +134,13 @@ fn lowrank_truncates_to_the_energy_with_the_error_of_the_dropped_values() {
 #[test]
 fn a_rank_that_saves_nothing_falls_back_to_the_dense_delta() {
     let f = fixture(false);
-    let merged = merged_with(&f.weights, &[(Q, two_components())]);
-    // 16 · (32 + 32) = 1024 = 32 · 32: no smaller than dense.
+    // A full-rank diagonal: 16 · (32 + 32) = 1024 = 32 · 32 floats, no
+    // smaller than dense.
+    let mut d = vec![0f32; 32 * 32];
+    for i in 0..32 {
+        d[i * 32 + i] = 1.0 + 0.1 * i as f32;
+    }
+    let merged = merged_with(&f.weights, &[(Q, d)]);
     let c = run(&merged, &f, &Residency::lowrank_rank(16));
     assert_eq!((c.report.tensors, c.report.dense_tensors), (1, 1));
     assert!(c.report.rank.is_none());
