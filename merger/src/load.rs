@@ -73,6 +73,17 @@ impl Servable {
         }
     }
 
+    /// A decoder held as a delta over its base's weights (see
+    /// [`crate::residency`]): it weighs the base and the delta.
+    pub fn held(model: Model, base_bytes: u64, side_files: PathBuf) -> Self {
+        let delta_bytes = model.delta().map_or(0, |d| d.own_bytes());
+        Servable {
+            network: Network::Decoder(model),
+            resident_bytes: base_bytes + delta_bytes,
+            side_files,
+        }
+    }
+
     /// An encoder, every weight in the model's dtype.
     pub fn encoder(encoder: impl Into<Backbone>, side_files: PathBuf) -> Self {
         let encoder = encoder.into();

@@ -34,6 +34,7 @@ use crate::merge::{
 use crate::methods::{self, MergeMethod, MethodInfo, MethodKind};
 use crate::moe::calibration::CalibrationItem;
 use crate::moe::{self, MoeMeta, MoeParams, ParamCounts};
+use crate::residency::ResidencyReport;
 use crate::spec::MergeSpec;
 
 /// A validated merge of either kind, ready to build.
@@ -242,6 +243,12 @@ impl Tensorwise {
     /// output dtypes on `run.device`, with the reference's architecture and
     /// tokenizer.
     pub fn build(self, run: &Run) -> Result<Servable> {
+        Ok(self.build_reported(run)?.0)
+    }
+
+    /// [`Tensorwise::build`] that also returns how a merge held as a delta
+    /// was compressed (`None` for a dense one).
+    pub fn build_reported(self, run: &Run) -> Result<(Servable, Option<ResidencyReport>)> {
         let mut plan = self.open(run.open)?;
         plan.set_cancel(run.cancel.clone());
         let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
@@ -250,7 +257,17 @@ impl Tensorwise {
             device: run.device.clone(),
             ..ModelOptions::default()
         };
-        crate::load::from_tensors(tensors, plan.reference(), &opts)
+        match plan.spec().residency.clone().filter(|r| r.is_delta()) {
+            Some(residency) => {
+                let (servable, report) =
+                    held_as_delta(tensors, plan.reference(), &residency, &opts, run.cancel)?;
+                Ok((servable, Some(report)))
+            }
+            None => Ok((
+                crate::load::from_tensors(tensors, plan.reference(), &opts)?,
+                None,
+            )),
+        }
     }
 
     /// [`Plan::write`] of a tensor-wise merge.
@@ -441,6 +458,42 @@ impl DataDriven {
             report,
         })
     }
+}
+
+/// A merge held as its delta over `reference` (the merge's base, or its
+/// first model): the reference loaded as the base model, the delta
+/// compressed in the form `residency` asks for, the model sharing the
+/// base's weights.
+fn held_as_delta(
+    tensors: std::collections::HashMap<String, candle_core::Tensor>,
+    reference: &runtime::checkpoint::Checkpoint,
+    residency: &crate::spec::Residency,
+    opts: &ModelOptions,
+    cancel: &Cancel,
+) -> Result<(Servable, ResidencyReport)> {
+    let base = crate::load::load_checkpoint(reference, opts)?;
+    let base_bytes = base.resident_bytes;
+    let side_files = base.side_files.clone();
+    let Some(model) = base.decoder() else {
+        return Err(MergeError::Unsupported {
+            feature: "a merge held as a delta over an embedding model".into(),
+            hint: "lowrank and sparse forms serve text-generation models; drop `form`".into(),
+        });
+    };
+    let compressed = crate::residency::compress(
+        &tensors,
+        reference,
+        residency,
+        model.dtype(),
+        &opts.device,
+        cancel,
+    )?;
+    drop(tensors);
+    let held = runtime::model::Model::with_delta(model, std::sync::Arc::new(compressed.delta))?;
+    Ok((
+        Servable::held(held, base_bytes, side_files),
+        compressed.report,
+    ))
 }
 
 #[cfg(test)]

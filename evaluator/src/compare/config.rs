@@ -14,6 +14,8 @@
 //!     merge: task_arithmetic(addition,reverse)  # compact string, or a structured spec:
 //!     sweep:                                    # one row per value (cartesian product)
 //!       scaling_coefficient: [0.1, 0.3, 0.5, 1.0]
+//!     forms: [dense, lowrank, {form: sparse, density: 0.1}]  # optional: one row per
+//!                                               # residency form (see merger::spec::residency)
 //!   - merge: {method: ties_merging, parameters: {density: 0.2}}  # no `models`: every expert
 //!   - checkpoint: addition   # one checkpoint of the pool, by name
 //!   - model: ../other/model  # a checkpoint folder (relative to this file)
@@ -22,13 +24,15 @@
 //! Each entry is a string (`base`, `experts`, a checkpoint name of the pool,
 //! or a compact merge spec) or a mapping with `name` (optional) and exactly
 //! one of `merge`, `checkpoint`, `model`; `sweep` (with `merge` only) maps
-//! parameter names, or `seed`, to lists of values. Row labels must be
+//! parameter names, or `seed`, to lists of values; `forms` (with `merge`
+//! only) lists the forms the merge is held in, one row each, labelled
+//! `[dense]`, `[lowrank energy=0.95]`, `[sparse density=0.1]`. Row labels must be
 //! unique. Every spec is validated (method, parameters, checkpoint names)
 //! when the config is read, before anything runs.
 
 use std::path::{Path, PathBuf};
 
-use merger::spec::{compact, MergeSpec, ParamValue};
+use merger::spec::{compact, Form, MergeSpec, ParamValue, Residency};
 use serde::Deserialize;
 use serde_yaml_ng::{Mapping, Value};
 
@@ -186,7 +190,7 @@ fn expand_string(s: &str, pool: &ModelPool) -> Result<Vec<RowSpec>> {
 }
 
 fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSpec>> {
-    const KEYS: [&str; 5] = ["name", "merge", "checkpoint", "model", "sweep"];
+    const KEYS: [&str; 6] = ["name", "merge", "checkpoint", "model", "sweep", "forms"];
     for k in m.keys() {
         let key = k.as_str().unwrap_or("");
         if !KEYS.contains(&key) {
@@ -214,8 +218,10 @@ fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSp
             "give exactly one of `merge`, `checkpoint`, `model`",
         ));
     }
-    if m.contains_key("sweep") && !m.contains_key("merge") {
-        return Err(config_err("`sweep` goes with `merge`"));
+    for key in ["sweep", "forms"] {
+        if m.contains_key(key) && !m.contains_key("merge") {
+            return Err(config_err(format!("`{key}` goes with `merge`")));
+        }
     }
     if let Some(c) = string("checkpoint")? {
         pool.resolve(&c)?;
@@ -288,38 +294,106 @@ fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSp
             ))
         }
     };
+    let forms = match m.get("forms") {
+        None => vec![spec.residency.clone()],
+        Some(v) => parse_forms(v)?,
+    };
     let mut rows = Vec::new();
     for point in cartesian(&sweep) {
-        let mut spec = spec.clone();
-        let mut parts = Vec::new();
-        for (key, value) in &point {
-            if key == "seed" {
-                let seed = match value {
-                    ParamValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 => *x as u64,
-                    other => {
-                        return Err(config_err(format!(
-                            "sweep `seed`: {} is not a non-negative integer",
-                            show(other)
-                        )))
-                    }
-                };
-                spec.seed = Some(seed);
-            } else {
-                spec.parameters.insert(key.clone(), value.clone());
+        for form in &forms {
+            let mut spec = spec.clone();
+            spec.residency = form.clone();
+            let mut row = point_row(&label, spec, &point, pool)?;
+            if m.contains_key("forms") {
+                row.name = format!("{} [{}]", row.name, describe_form(form.as_ref()));
             }
-            parts.push(format!("{key}={}", show(value)));
+            rows.push(row);
         }
-        let name = if parts.is_empty() {
-            label.clone()
-        } else {
-            format!("{label} ({})", parts.join(", "))
-        };
-        rows.push(RowSpec {
-            name,
-            source: ModelSource::Merge(validate(pool, spec)?),
-        });
     }
     Ok(rows)
+}
+
+/// `forms: [dense, lowrank, {form: sparse, density: 0.05}]`: one row per
+/// form (a name takes the form's defaults).
+fn parse_forms(v: &Value) -> Result<Vec<Option<Residency>>> {
+    let Value::Sequence(list) = v else {
+        return Err(config_err(
+            "`forms` is a list of forms (dense, lowrank, sparse, or {form: lowrank, energy: 0.9})",
+        ));
+    };
+    if list.is_empty() {
+        return Err(config_err("`forms`: the list is empty"));
+    }
+    list.iter()
+        .map(|f| {
+            let r: Residency = match f {
+                Value::String(name) => Residency {
+                    form: Form::parse(name).ok_or_else(|| {
+                        config_err(format!(
+                            "`forms`: unknown form `{name}` (expected dense, lowrank or sparse)"
+                        ))
+                    })?,
+                    ..Residency::dense()
+                },
+                other => serde_yaml_ng::from_value(other.clone())
+                    .map_err(|e| config_err(format!("`forms`: {e}")))?,
+            };
+            Ok(r.is_delta().then_some(r))
+        })
+        .collect()
+}
+
+/// A form as a row label shows it: `dense`, `lowrank energy=0.95`,
+/// `lowrank rank=8`, `sparse density=0.1`.
+fn describe_form(r: Option<&Residency>) -> String {
+    use merger::spec::residency::Truncation;
+    match r {
+        None => "dense".to_string(),
+        Some(r) => match r.form {
+            Form::Dense => "dense".to_string(),
+            Form::Lowrank => match r.truncation() {
+                Truncation::Energy(e) => format!("lowrank energy={e}"),
+                Truncation::Rank(k) => format!("lowrank rank={k}"),
+            },
+            Form::Sparse => format!("sparse density={}", r.density()),
+        },
+    }
+}
+
+/// The row of one sweep point.
+fn point_row(
+    label: &str,
+    mut spec: MergeSpec,
+    point: &[(String, ParamValue)],
+    pool: &ModelPool,
+) -> Result<RowSpec> {
+    let mut parts = Vec::new();
+    for (key, value) in point {
+        if key == "seed" {
+            let seed = match value {
+                ParamValue::Number(x) if *x >= 0.0 && x.fract() == 0.0 => *x as u64,
+                other => {
+                    return Err(config_err(format!(
+                        "sweep `seed`: {} is not a non-negative integer",
+                        show(other)
+                    )))
+                }
+            };
+            spec.seed = Some(seed);
+        } else {
+            spec.parameters.insert(key.clone(), value.clone());
+        }
+        parts.push(format!("{key}={}", show(value)));
+    }
+    let name = if parts.is_empty() {
+        label.to_string()
+    } else {
+        format!("{label} ({})", parts.join(", "))
+    };
+    Ok(RowSpec {
+        name,
+        source: ModelSource::Merge(validate(pool, spec)?),
+    })
 }
 
 fn parse_sweep(s: &Mapping) -> Result<Vec<(String, Vec<ParamValue>)>> {
@@ -432,6 +506,56 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn forms_expand_to_one_row_per_form_after_each_sweep_point() {
+        let (_d, cfg) = setup(
+            "  - name: ta\n    merge: task_arithmetic(sum,rev)\n    sweep: {scaling_coefficient: [0.3, 1.0]}\n    forms: [dense, lowrank, {form: lowrank, rank: 4}, {form: sparse, density: 0.05}]\n",
+        );
+        let cfg = cfg.unwrap();
+        assert_eq!(
+            names(&cfg),
+            [
+                "ta (scaling_coefficient=0.3) [dense]",
+                "ta (scaling_coefficient=0.3) [lowrank energy=0.95]",
+                "ta (scaling_coefficient=0.3) [lowrank rank=4]",
+                "ta (scaling_coefficient=0.3) [sparse density=0.05]",
+                "ta (scaling_coefficient=1) [dense]",
+                "ta (scaling_coefficient=1) [lowrank energy=0.95]",
+                "ta (scaling_coefficient=1) [lowrank rank=4]",
+                "ta (scaling_coefficient=1) [sparse density=0.05]",
+            ]
+        );
+        let forms: Vec<Option<Residency>> = cfg
+            .rows
+            .iter()
+            .map(|r| match &r.source {
+                ModelSource::Merge(s) => s.residency.clone(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(forms[0], None);
+        assert_eq!(forms[2], Some(Residency::lowrank_rank(4)));
+        assert_eq!(forms[7], Some(Residency::sparse(0.05)));
+        for (bad, needle) in [
+            ("[svd]", "unknown form `svd`"),
+            ("[]", "empty"),
+            ("[{form: sparse, density: 3}]", "residency.density"),
+            ("lowrank", "is a list"),
+        ] {
+            let (_d, cfg) = setup(&format!(
+                "  - merge: task_arithmetic(sum,rev)\n    forms: {bad}\n"
+            ));
+            let err = cfg.err().unwrap().to_string();
+            assert!(err.contains(needle), "{bad}: {err}");
+        }
+        let (_d, cfg) = setup("  - checkpoint: sum\n    forms: [dense]\n");
+        assert!(cfg
+            .err()
+            .unwrap()
+            .to_string()
+            .contains("`forms` goes with `merge`"));
     }
 
     #[test]
