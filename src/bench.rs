@@ -15,6 +15,7 @@
 
 pub mod generate;
 mod moe;
+pub mod mixed;
 pub mod serve;
 
 use std::collections::HashMap;

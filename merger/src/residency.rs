@@ -8,7 +8,8 @@
 //!   `dense`;
 //! - `lowrank`: the thin SVD ΔW = U Σ Vᵀ ([`crate::linalg::thin_svd`], f64)
 //!   truncated to the rank r that keeps `energy` of Σσᵢ² (the smallest r
-//!   with Σ_{i≤r} σᵢ² ≥ energy·Σσᵢ²), or to a fixed `rank`, never
+//!   with Σ_{i≤r} σᵢ² ≥ energy·Σσᵢ²), or the leading triplets of a fixed
+//!   `rank` ([`crate::linalg::randomized_svd`], O(m·n·r)), never
 //!   keeping values under [`NOISE_FLOOR`]·σ₁ (rounding noise); stored as
 //!   U_r Σ_r `(out, r)` and V_rᵀ `(r, in)`. The embedding keeps U's rows for
 //!   gathering by token id.
@@ -35,7 +36,7 @@ use serde::Serialize;
 
 use crate::bounds::Cancel;
 use crate::error::{MergeError, Result};
-use crate::linalg::thin_svd;
+use crate::linalg::{randomized_svd, thin_svd};
 use crate::spec::residency::{Form, Residency, Truncation};
 
 /// What compression made of a merge, as `GET /v1/merges/{id}` reports it.
@@ -240,7 +241,12 @@ fn low_rank(
     device: &Device,
 ) -> Result<Option<(TensorDelta, usize)>> {
     let a = Mat::from_fn(out, inp, |i, j| delta[i * inp + j]);
-    let svd = thin_svd(a.as_ref()).map_err(|source| MergeError::Tensor {
+    let svd = match truncation {
+        // A fixed rank needs the leading triplets only.
+        Truncation::Rank(r) => randomized_svd(a.as_ref(), r, seed_of(name)),
+        Truncation::Energy(_) => thin_svd(a.as_ref()),
+    }
+    .map_err(|source| MergeError::Tensor {
         tensor: name.to_string(),
         source,
     })?;
@@ -266,6 +272,13 @@ fn low_rank(
     let u = Tensor::from_vec(u, (out, r), device)?.to_dtype(dtype)?;
     let v = Tensor::from_vec(v, (r, inp), device)?.to_dtype(dtype)?;
     Ok(Some((TensorDelta::low_rank(&u, &v, embedding)?, r)))
+}
+
+/// A seed from a tensor's name (FNV-1a), so a compression is reproducible.
+fn seed_of(name: &str) -> u64 {
+    name.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// The `density` largest entries of ΔW `(out, inp)` by magnitude, or `None`

@@ -13,6 +13,8 @@
 //!    one after another in-process, in the same run: tokens/s of each,
 //!    their ratio, the mean batch width, and whether every batched text
 //!    equals its text alone.
+//! 4. Many merges of one base at once, dense against deltas over the base
+//!    ([`super::mixed`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -60,12 +62,29 @@ pub struct ServeBenchArgs {
     /// Tokens each generation of the decoding measurement asks for.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
+    /// Merges of one base served at once, one client each (part 4: dense
+    /// against deltas over the base); 0 skips part 4.
+    #[arg(long, default_value_t = 8)]
+    mixed_merges: usize,
+    /// Requests each client of part 4 sends back to back.
+    #[arg(long, default_value_t = 2)]
+    mixed_rounds: usize,
+    /// Rank of part 4's lowrank form.
+    #[arg(long, default_value_t = 32)]
+    mixed_rank: u64,
+    /// Density of part 4's sparse form.
+    #[arg(long, default_value_t = 0.02)]
+    mixed_density: f64,
+    /// Runs part 4 only.
+    #[arg(long)]
+    mixed_only: bool,
 }
 
 /// Names of the random pool's experts.
 const EXPERTS: [&str; 4] = ["e1", "e2", "e3", "e4"];
 
-fn random_config(hidden: usize, layers: usize) -> anyhow::Result<ModelConfig> {
+/// The config of the random pools' models.
+pub(super) fn random_config(hidden: usize, layers: usize) -> anyhow::Result<ModelConfig> {
     let json = json!({
         "model_type": "llama", "vocab_size": bytelevel::VOCAB_SIZE, "hidden_size": hidden,
         "intermediate_size": 3 * hidden, "num_hidden_layers": layers, "num_attention_heads": 4,
@@ -138,6 +157,28 @@ fn completion_body(model: &str) -> serde_json::Value {
 
 /// Runs `fusion bench serve`.
 pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
+    if !args.mixed_only {
+        run_single(&args)?;
+    }
+    if args.mixed_merges > 0 {
+        let mut work = args.work.clone().into_os_string();
+        work.push(format!("-lowrank-h{}-l{}", args.hidden, args.layers));
+        super::mixed::run(&super::mixed::MixedArgs {
+            work: Path::new(&work),
+            hidden: args.hidden,
+            layers: args.layers,
+            merges: args.mixed_merges,
+            rounds: args.mixed_rounds,
+            tokens: args.decode_tokens,
+            rank: args.mixed_rank,
+            density: args.mixed_density,
+        })?;
+    }
+    Ok(())
+}
+
+/// Parts 1 to 3.
+fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
     let pool_dir = match &args.pool {
         Some(p) => p.clone(),
         None => {

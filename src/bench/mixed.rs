@@ -1,0 +1,348 @@
+//! `fusion bench serve`, part 4: many merges of one base at once, held
+//! dense or as deltas over the base.
+//!
+//! A random pool whose experts are the base plus a rank-8 delta per matrix
+//! and a little full-rank noise (fine-tunes' task vectors are nearly low
+//! rank), written to `<work>-lowrank-h<hidden>-l<layers>`. `--mixed-merges` merges of its four
+//! experts (task_arithmetic at several λ and TIES at several densities),
+//! one client each, every client asking its own merge for a greedy
+//! completion of `--decode-tokens` tokens, `--mixed-rounds` times back to
+//! back. Measured in the same run, on one server per form:
+//!
+//! - one request at a time: the same requests one after another, merges
+//!   held dense (the floor);
+//! - concurrent, dense: every merge its own weights and its own scheduler;
+//! - concurrent, lowrank (fixed rank) and sparse (fixed density): the
+//!   merges held as deltas over the base, batched together in the base's
+//!   scheduler.
+//!
+//! Per form: tokens/s and its ratio to one at a time, the cache's resident
+//! bytes (all merges and the base) against one dense model, each merge's
+//! delta bytes and measured relative error (max over tensors, mean), and
+//! how many texts equal the dense merge's.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use gateway::Config;
+use runtime::generate::bytelevel;
+use runtime::model::random::{random_weights, write_checkpoint};
+use serde_json::{json, Value};
+
+use super::serve::random_config;
+
+/// Names of the low-rank pool's experts.
+const EXPERTS: [&str; 4] = ["e1", "e2", "e3", "e4"];
+
+/// Rank of each expert's delta per matrix.
+const DELTA_RANK: usize = 8;
+
+/// What part 4 runs.
+pub struct MixedArgs<'a> {
+    /// Folder of the low-rank pool (written when missing).
+    pub work: &'a Path,
+    /// Hidden size and layers of its models.
+    pub hidden: usize,
+    /// Layers of its models.
+    pub layers: usize,
+    /// Merges (and clients).
+    pub merges: usize,
+    /// Requests per client, back to back.
+    pub rounds: usize,
+    /// Tokens per completion.
+    pub tokens: usize,
+    /// Rank of the lowrank form.
+    pub rank: u64,
+    /// Density of the sparse form.
+    pub density: f64,
+}
+
+/// Writes `base` and `e1..e4`: base + a rank-8 delta per matrix (entries
+/// about 0.02) + N(0, 0.002²) noise, norms + N(0, 0.02²).
+fn write_lowrank_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result<()> {
+    if dir.join("pool.yaml").is_file() {
+        return Ok(());
+    }
+    let cfg = random_config(hidden, layers)?;
+    let base = random_weights(&cfg, 1, 0.3)?;
+    let write = |name: &str, w: &std::collections::HashMap<String, Tensor>| -> anyhow::Result<()> {
+        let d = dir.join("models").join(name);
+        write_checkpoint(&d, &cfg, w, DType::F32)?;
+        bytelevel::write_tokenizer_files(&d, 512)?;
+        Ok(())
+    };
+    write("base", &base)?;
+    for (i, name) in EXPERTS.iter().enumerate() {
+        let noise = random_weights(&cfg, 10 + i as u64, 0.002)?;
+        let mut w = std::collections::HashMap::new();
+        for (t, (k, v)) in base.iter().enumerate() {
+            let seed = 1000 * (i as u64 + 1) + t as u64;
+            let d = match *v.dims() {
+                [out, inp] => {
+                    // U V with U, V ~ N(0, σ²): entries of U V have std
+                    // σ²·√r; σ = √(0.02/√r) gives 0.02.
+                    let s = (0.02 / (DELTA_RANK as f64).sqrt()).sqrt();
+                    let u = seeded((out, DELTA_RANK), 2 * seed, s)?;
+                    let vv = seeded((DELTA_RANK, inp), 2 * seed + 1, s)?;
+                    (u.matmul(&vv)? + &noise[k])?
+                }
+                _ => (&noise[k] - 1.0)?.affine(10.0, 0.0)?,
+            };
+            w.insert(k.clone(), (v + d)?);
+        }
+        write(name, &w)?;
+    }
+    evaluator::pool::PoolFile {
+        name: "lowrank".into(),
+        base: "models/base".into(),
+        experts: EXPERTS
+            .iter()
+            .map(|e| (e.to_string(), format!("models/{e}").into()))
+            .collect(),
+        taskpool: None,
+        calibration: None,
+    }
+    .write(&dir.join(evaluator::pool::POOL_FILE))?;
+    Ok(())
+}
+
+/// A `(rows, cols)` matrix of uniform entries of standard deviation `std`
+/// from a SplitMix64 stream of `seed` (deterministic across machines).
+fn seeded(shape: (usize, usize), seed: u64, std: f64) -> candle_core::Result<Tensor> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    let half_width = std * 3f64.sqrt();
+    let values: Vec<f32> = (0..shape.0 * shape.1)
+        .map(|_| {
+            state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            let unit = (z >> 11) as f64 / (1u64 << 53) as f64;
+            ((2.0 * unit - 1.0) * half_width) as f32
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu)
+}
+
+/// The merges of the run: task_arithmetic and TIES of the four experts at
+/// several coefficients, `form` appended (`""` for dense).
+fn merge_names(n: usize, form: &str) -> Vec<String> {
+    let all = EXPERTS.join(",");
+    (0..n)
+        .map(|i| {
+            // Distinct λ for every merge of a method.
+            let lambda = (3 + i / 2) as f64 / 10.0;
+            if i % 2 == 0 {
+                format!("lowrank/task_arithmetic({all};scaling_coefficient={lambda}{form})")
+            } else {
+                let density = [0.2, 0.4][(i / 2) % 2];
+                format!(
+                    "lowrank/ties_merging({all};density={density},scaling_coefficient={lambda}{form})"
+                )
+            }
+        })
+        .collect()
+}
+
+/// One form's measurements.
+struct FormRun {
+    label: String,
+    tokens: usize,
+    seconds: f64,
+    resident: u64,
+    delta_bytes: Vec<u64>,
+    errors: Vec<(f64, f64)>,
+    texts: Vec<String>,
+}
+
+/// Runs part 4.
+pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
+    eprintln!(
+        "writing a random low-rank pool (hidden {}, {} layers) to {} ...",
+        args.hidden,
+        args.layers,
+        args.work.display()
+    );
+    write_lowrank_pool(args.work, args.hidden, args.layers)?;
+    let cfg = random_config(args.hidden, args.layers)?;
+    let model_bytes = (cfg.num_parameters() * 4) as u64;
+    let n = args.merges.max(1);
+    let prompts: Vec<String> = (0..n).map(|i| format!("{i}+{}=", i + 1)).collect();
+    let rt = tokio::runtime::Runtime::new()?;
+
+    let forms = [
+        ("dense".to_string(), String::new()),
+        (
+            format!("lowrank rank={}", args.rank),
+            format!(",form=lowrank,form_rank={}", args.rank),
+        ),
+        (
+            format!("sparse density={}", args.density),
+            format!(",form=sparse,form_density={}", args.density),
+        ),
+    ];
+    let mut alone: Option<(usize, f64)> = None;
+    let mut runs = Vec::new();
+    for (label, suffix) in &forms {
+        let merges = merge_names(n, suffix);
+        let cache = model_bytes * (n as u64 + 2);
+        let yaml = format!(
+            "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_running_sequences: {s}, queue_depth: 1024}}}}\n\
+             cache: {{max_bytes: {cache}}}\nmerge: {{max_concurrent: 1, max_wait: 600s}}\n",
+            s = 4 * n
+        );
+        let mut config = Config::from_yaml(&yaml, "bench", args.work, Vec::new())?;
+        crate::cli::demo::add_demo_pool(&mut config, args.work)?;
+        let server = gateway::spawn(config)?;
+        let url = server.url();
+        let http = reqwest::blocking::Client::new();
+        // Every merge resident first (merging is not what is timed).
+        let t = Instant::now();
+        let mut delta_bytes = Vec::new();
+        let mut errors = Vec::new();
+        let mut ids = Vec::new();
+        for m in &merges {
+            let res = http
+                .post(format!("{url}/v1/completions"))
+                .json(&json!({"model": m, "prompt": "1+1=", "max_tokens": 1, "temperature": 0}))
+                .send()?;
+            if !res.status().is_success() {
+                bail!("{m}: HTTP {}: {}", res.status(), res.text()?);
+            }
+            let id = res
+                .headers()
+                .get(gateway::MERGE_ID_HEADER)
+                .context("no x-merge-id")?
+                .to_str()?
+                .to_string();
+            let info: Value = http.get(format!("{url}/v1/merges/{id}")).send()?.json()?;
+            delta_bytes.push(info["bytes"].as_u64().unwrap_or(0));
+            let r = &info["residency"];
+            errors.push((
+                r["max_error"].as_f64().unwrap_or(0.0),
+                r["mean_error"].as_f64().unwrap_or(0.0),
+            ));
+            ids.push(id);
+        }
+        eprintln!(
+            "  {label}: {n} merges resident in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        if alone.is_none() {
+            // The floor: the same requests one at a time, dense.
+            let t = Instant::now();
+            let mut tokens = 0;
+            for _ in 0..args.rounds {
+                for (id, p) in ids.iter().zip(&prompts) {
+                    let v: Value = http
+                        .post(format!("{url}/v1/completions"))
+                        .json(&json!({"model": id, "prompt": p, "max_tokens": args.tokens,
+                            "temperature": 0}))
+                        .send()?
+                        .json()?;
+                    tokens += v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                }
+            }
+            alone = Some((tokens, t.elapsed().as_secs_f64()));
+        }
+        let t = Instant::now();
+        let replies = rt.block_on(clients(&url, &ids, &prompts, args.tokens, args.rounds))?;
+        let seconds = t.elapsed().as_secs_f64();
+        rt.block_on(server.state().models.refresh_gauges());
+        let resident = server.state().metrics.cache_bytes.get() as u64;
+        server.stop();
+        runs.push(FormRun {
+            label: label.clone(),
+            tokens: replies.iter().map(|(_, k)| k).sum(),
+            seconds,
+            resident,
+            delta_bytes,
+            errors,
+            texts: replies.into_iter().map(|(t, _)| t).collect(),
+        });
+    }
+    let (alone_tokens, alone_s) = alone.expect("the dense run measured it");
+    let alone_rate = alone_tokens as f64 / alone_s;
+    println!(
+        "\n{n} merges of one base (4 experts, deltas of rank {DELTA_RANK} + noise), {n} clients each asking its own merge, \
+         {} x {} greedy tokens each; one dense model {:.1} MB:",
+        args.rounds,
+        args.tokens,
+        model_bytes as f64 / 1e6
+    );
+    println!(
+        "  one request at a time (dense):  {alone_tokens} tokens in {alone_s:.2} s, {alone_rate:.0} tokens/s"
+    );
+    let dense_texts = runs[0].texts.clone();
+    for r in &runs {
+        let rate = r.tokens as f64 / r.seconds;
+        let same = r
+            .texts
+            .iter()
+            .zip(&dense_texts)
+            .filter(|(a, b)| a == b)
+            .count();
+        let per_merge = r.delta_bytes.iter().sum::<u64>() as f64 / r.delta_bytes.len() as f64;
+        let max_err = r.errors.iter().map(|e| e.0).fold(0.0, f64::max);
+        let mean_err = r.errors.iter().map(|e| e.1).sum::<f64>() / r.errors.len() as f64;
+        println!(
+            "  {:<22} {:>6.0} tokens/s ({:.2}x one at a time); resident {:.1} MB = {:.2}x one dense model; \
+             {:.2} MB per merge; error max {max_err:.3} mean {mean_err:.3}; texts as dense: {same}/{}",
+            format!("concurrent, {}:", r.label),
+            rate,
+            rate / alone_rate,
+            r.resident as f64 / 1e6,
+            r.resident as f64 / model_bytes as f64,
+            per_merge / 1e6,
+            r.texts.len()
+        );
+    }
+    Ok(())
+}
+
+/// One client per model, each sending `rounds` greedy completions of its
+/// prompt back to back: every reply's text and completion tokens.
+async fn clients(
+    url: &str,
+    models: &[String],
+    prompts: &[String],
+    max_tokens: usize,
+    rounds: usize,
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let http = reqwest::Client::new();
+    let tasks: Vec<_> = models
+        .iter()
+        .zip(prompts)
+        .map(|(m, p)| {
+            let body = json!({"model": m, "prompt": p, "max_tokens": max_tokens,
+                "temperature": 0});
+            let (http, url) = (http.clone(), url.to_string());
+            tokio::spawn(async move {
+                let mut out = Vec::new();
+                for _ in 0..rounds {
+                    let res = http
+                        .post(format!("{url}/v1/completions"))
+                        .json(&body)
+                        .send()
+                        .await?;
+                    if !res.status().is_success() {
+                        bail!("HTTP {}: {}", res.status(), res.text().await?);
+                    }
+                    let v: Value = res.json().await?;
+                    let text = v["choices"][0]["text"].as_str().unwrap_or("").to_string();
+                    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
+                    out.push((text, tokens));
+                }
+                anyhow::Ok(out)
+            })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for t in tasks {
+        out.extend(t.await??);
+    }
+    Ok(out)
+}
