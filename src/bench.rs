@@ -14,8 +14,8 @@
 //! task-arithmetic merge and the base, and router training time.
 
 pub mod generate;
+mod mixed;
 mod moe;
-pub mod mixed;
 pub mod serve;
 
 use std::collections::HashMap;

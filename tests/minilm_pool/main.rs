@@ -744,6 +744,22 @@ fn the_gateway_serves_the_pool_like_fusion_embed() {
         "{models}"
     );
 
+    // A merge held as a delta needs a text-generation base: a clear 400
+    // before anything is merged, and the server goes on.
+    let r = post(
+        &c,
+        &server,
+        "/v1/embeddings",
+        &json!({"model": "task_arithmetic(sre,jobs;form=lowrank)", "input": TEXTS}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.text
+            .contains("embedding models, whose merges are held dense"),
+        "{}",
+        r.text
+    );
+
     // A checkpoint: the vectors of `fusion embed`.
     let sre = pool.join("models/sre");
     let cli = fusion_embed(pool, sre.to_str().unwrap(), false, &TEXTS);
