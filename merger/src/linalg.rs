@@ -312,7 +312,7 @@ mod tests {
         // A 120×90 matrix of rank 3 plus tiny noise: σ = 5, 3, 1.
         let (m, n) = (120, 90);
         let col = |i: usize, c: usize| (((i * (7 + 2 * c) + 3 * c) % 17) as f64 - 8.0) / 8.0;
-        let mut u = Mat::from_fn(m, 3, |i, c| col(i, c));
+        let mut u = Mat::from_fn(m, 3, col);
         let mut v = Mat::from_fn(n, 3, |j, c| col(j + 5, c + 3));
         u = polar(u.as_ref()).unwrap();
         v = polar(v.as_ref()).unwrap();
