@@ -91,14 +91,7 @@ impl Engine {
     /// bytes only, and generates in the base's scheduler, whose steps
     /// batch it with the base and its other merges.
     pub fn from_delta(base: Arc<Engine>, delta: ModelDelta) -> merger::Result<Self> {
-        let text = base
-            .batchable_text()
-            .ok_or_else(|| MergeError::Unsupported {
-                feature: "a merge held as a delta over this base".into(),
-                hint: "lowrank and sparse forms serve text-generation bases (Llama-family \
-                   decoders); serve this merge dense (drop `form`)"
-                    .into(),
-            })?;
+        let text = base.delta_base()?;
         let delta = Arc::new(delta);
         let model = text.with_delta(delta.clone())?;
         Ok(Engine {
@@ -109,18 +102,24 @@ impl Engine {
         })
     }
 
-    /// The text model, when it is one the scheduler batches.
-    fn batchable_text(&self) -> Option<&Arc<TextModel>> {
+    /// The text model a delta can be held over: one the scheduler batches
+    /// (not itself a delta); the 400-class error of any other.
+    fn delta_base(&self) -> merger::Result<&Arc<TextModel>> {
         match &self.model {
-            Runnable::Text(t) if t.model().batchable() && self.shared.is_none() => Some(t),
-            _ => None,
+            Runnable::Text(t) if t.model().batchable() && self.shared.is_none() => Ok(t),
+            _ => Err(MergeError::Unsupported {
+                feature: "a merge held as a delta over this base".into(),
+                hint: "lowrank and sparse forms serve text-generation bases (Llama-family \
+                       decoders); serve this merge dense (drop `form`)"
+                    .into(),
+            }),
         }
     }
 
-    /// The dtype a delta over this model is held in: its weights', for a
-    /// text model that can be batched.
-    pub fn delta_dtype(&self) -> Option<DType> {
-        self.batchable_text().map(|t| t.model().dtype())
+    /// The dtype a delta over this model is held in (its weights'); the
+    /// error of [`Engine::from_delta`] for a model no delta can be held over.
+    pub fn delta_dtype(&self) -> merger::Result<DType> {
+        Ok(self.delta_base()?.model().dtype())
     }
 
     /// The delta this merge adds to its shared base (what its sequences

@@ -470,15 +470,7 @@ impl Merges {
                             let (engine, residency) = match (base, residency) {
                                 (Some(base), Some(residency)) => {
                                     let engine = base.served.engine.clone();
-                                    let dtype = engine.delta_dtype().ok_or_else(|| {
-                                        MergeError::Unsupported {
-                                            feature: "a merge held as a delta over this base"
-                                                .into(),
-                                            hint: "lowrank and sparse forms serve text-generation \
-                                               bases; serve this merge dense (drop `form`)"
-                                                .into(),
-                                        }
-                                    })?;
+                                    let dtype = engine.delta_dtype()?;
                                     let compressed = merger::residency::compress(
                                         &tensors,
                                         &base.checkpoint,

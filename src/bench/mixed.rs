@@ -25,16 +25,12 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use gateway::Config;
-use runtime::generate::bytelevel;
-use runtime::model::random::{random_weights, write_checkpoint};
+use runtime::model::random::random_weights;
 use serde_json::{json, Value};
 
-use super::serve::random_config;
-
-/// Names of the low-rank pool's experts.
-const EXPERTS: [&str; 4] = ["e1", "e2", "e3", "e4"];
+use super::serve::{random_config, write_pool, Weights, EXPERTS};
 
 /// Rank of each expert's delta per matrix.
 const DELTA_RANK: usize = 8;
@@ -62,21 +58,9 @@ pub struct MixedArgs<'a> {
 /// Writes `base` and `e1..e4`: base + a rank-8 delta per matrix (entries
 /// about 0.02) + N(0, 0.002²) noise, norms + N(0, 0.02²).
 fn write_lowrank_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result<()> {
-    if dir.join("pool.yaml").is_file() {
-        return Ok(());
-    }
-    let cfg = random_config(hidden, layers)?;
-    let base = random_weights(&cfg, 1, 0.3)?;
-    let write = |name: &str, w: &std::collections::HashMap<String, Tensor>| -> anyhow::Result<()> {
-        let d = dir.join("models").join(name);
-        write_checkpoint(&d, &cfg, w, DType::F32)?;
-        bytelevel::write_tokenizer_files(&d, 512)?;
-        Ok(())
-    };
-    write("base", &base)?;
-    for (i, name) in EXPERTS.iter().enumerate() {
-        let noise = random_weights(&cfg, 10 + i as u64, 0.002)?;
-        let mut w = std::collections::HashMap::new();
+    write_pool(dir, "lowrank", hidden, layers, |i, cfg, base| {
+        let noise = random_weights(cfg, 10 + i as u64, 0.002)?;
+        let mut w = Weights::new();
         for (t, (k, v)) in base.iter().enumerate() {
             let seed = 1000 * (i as u64 + 1) + t as u64;
             let d = match *v.dims() {
@@ -92,20 +76,8 @@ fn write_lowrank_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Resul
             };
             w.insert(k.clone(), (v + d)?);
         }
-        write(name, &w)?;
-    }
-    evaluator::pool::PoolFile {
-        name: "lowrank".into(),
-        base: "models/base".into(),
-        experts: EXPERTS
-            .iter()
-            .map(|e| (e.to_string(), format!("models/{e}").into()))
-            .collect(),
-        taskpool: None,
-        calibration: None,
-    }
-    .write(&dir.join(evaluator::pool::POOL_FILE))?;
-    Ok(())
+        Ok(w)
+    })
 }
 
 /// A `(rows, cols)` matrix of uniform entries of standard deviation `std`

@@ -81,7 +81,7 @@ pub struct ServeBenchArgs {
 }
 
 /// Names of the random pool's experts.
-const EXPERTS: [&str; 4] = ["e1", "e2", "e3", "e4"];
+pub(super) const EXPERTS: [&str; 4] = ["e1", "e2", "e3", "e4"];
 
 /// The config of the random pools' models.
 pub(super) fn random_config(hidden: usize, layers: usize) -> anyhow::Result<ModelConfig> {
@@ -97,38 +97,33 @@ pub(super) fn random_config(hidden: usize, layers: usize) -> anyhow::Result<Mode
     )?)
 }
 
-/// Writes `base` and experts `e1..e4` (base + N(0, 0.02²) deltas) with the
-/// byte-level tokenizer, unless `pool.yaml` is there already.
-fn write_random_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result<()> {
+/// Writes a random pool named `name` to `dir` unless `pool.yaml` is there
+/// already: `base` and experts `e1..e4`, expert `i`'s weights from
+/// `expert(i, config, base)`, each with the byte-level tokenizer.
+pub(super) fn write_pool(
+    dir: &Path,
+    name: &str,
+    hidden: usize,
+    layers: usize,
+    expert: impl Fn(usize, &ModelConfig, &Weights) -> anyhow::Result<Weights>,
+) -> anyhow::Result<()> {
     if dir.join("pool.yaml").is_file() {
         return Ok(());
     }
     let cfg = random_config(hidden, layers)?;
     let base = random_weights(&cfg, 1, 0.3)?;
-    let write = |name: &str, w: &std::collections::HashMap<String, Tensor>| -> anyhow::Result<()> {
+    let write = |name: &str, w: &Weights| -> anyhow::Result<()> {
         let d = dir.join("models").join(name);
         write_checkpoint(&d, &cfg, w, DType::F32)?;
         bytelevel::write_tokenizer_files(&d, 512)?;
         Ok(())
     };
     write("base", &base)?;
-    for (i, name) in EXPERTS.iter().enumerate() {
-        let delta = random_weights(&cfg, 10 + i as u64, 0.02)?;
-        let w = base
-            .iter()
-            .map(|(k, v)| {
-                let d = if k.ends_with("norm.weight") {
-                    (&delta[k] - 1.0)?
-                } else {
-                    delta[k].clone()
-                };
-                Ok((k.clone(), (v + d)?))
-            })
-            .collect::<candle_core::Result<_>>()?;
-        write(name, &w)?;
+    for (i, e) in EXPERTS.iter().enumerate() {
+        write(e, &expert(i, &cfg, &base)?)?;
     }
     evaluator::pool::PoolFile {
-        name: "bench".into(),
+        name: name.into(),
         base: "models/base".into(),
         experts: EXPERTS
             .iter()
@@ -139,6 +134,27 @@ fn write_random_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result
     }
     .write(&dir.join(evaluator::pool::POOL_FILE))?;
     Ok(())
+}
+
+/// Tensors by name.
+pub(super) type Weights = std::collections::HashMap<String, Tensor>;
+
+/// Writes `base` and experts `e1..e4` (base + N(0, 0.02²) deltas).
+fn write_random_pool(dir: &Path, hidden: usize, layers: usize) -> anyhow::Result<()> {
+    write_pool(dir, "bench", hidden, layers, |i, cfg, base| {
+        let delta = random_weights(cfg, 10 + i as u64, 0.02)?;
+        Ok(base
+            .iter()
+            .map(|(k, v)| {
+                let d = if k.ends_with("norm.weight") {
+                    (&delta[k] - 1.0)?
+                } else {
+                    delta[k].clone()
+                };
+                Ok((k.clone(), (v + d)?))
+            })
+            .collect::<candle_core::Result<_>>()?)
+    })
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

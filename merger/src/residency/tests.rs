@@ -13,6 +13,7 @@ use runtime::model::{Model, ModelConfig, ModelOptions, TensorDelta, EMBED};
 
 use super::{compress, truncated_rank, Compressed};
 use crate::bounds::Cancel;
+use crate::moe::testutil::max_diff;
 use crate::spec::residency::{Form, Residency, Truncation};
 
 const Q: &str = "model.layers.0.self_attn.q_proj.weight";
@@ -218,16 +219,7 @@ fn logits_match(tie: bool, residency: Residency) {
     let ids = Tensor::new(&[[1u32, 5, 9, 33, 2]], &Device::Cpu).unwrap();
     let a = want.forward(&ids, None).unwrap();
     let b = held.forward(&ids, None).unwrap();
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
+    let diff = max_diff(&a, &b);
     assert!(diff < 1e-5, "tie={tie}: logits differ by {diff}");
 }
 
