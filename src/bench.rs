@@ -17,6 +17,7 @@ pub mod generate;
 mod mixed;
 mod moe;
 pub mod serve;
+mod stream;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

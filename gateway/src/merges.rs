@@ -61,13 +61,19 @@ pub struct Served {
     /// The checkpoint files it was made from, as they were then: while any
     /// has changed on disk, the model is stale and not served.
     pub sources: Vec<Stamps>,
-    /// The cache key of the resident base a merge held as a delta shares
-    /// (kept recent while the merge is used).
-    pub base: Option<String>,
+    /// The cache keys of the resident entries a merge held as a delta
+    /// shares: a combination's task vectors, then its base (kept recent
+    /// while the merge is used, the base most of all).
+    pub shared: Vec<String>,
+    /// How a task vector (a cache entry a combination reads) was
+    /// compressed; `None` for every other model (a merge's report is in
+    /// the book).
+    pub report: Option<ResidencyReport>,
 }
 
 /// The resident base a merge held as a delta is built over: its cache
-/// key, the served base and the checkpoint it was loaded from.
+/// key, the served base and the checkpoint it was loaded from, and for a
+/// combination the resident task vectors it combines.
 pub struct SharedBase {
     /// The base's cache key.
     pub key: String,
@@ -75,6 +81,45 @@ pub struct SharedBase {
     pub served: Arc<Served>,
     /// Its checkpoint (what the delta is taken against).
     pub checkpoint: Arc<Checkpoint>,
+    /// A combination's task vectors with their coefficients (empty for
+    /// every other form).
+    pub vectors: Vec<SharedVector>,
+}
+
+/// One resident task vector τ = θ − θ₀ a combination reads, with its
+/// coefficient in that combination.
+pub struct SharedVector {
+    /// Its cache key.
+    pub key: String,
+    /// λ of this combination.
+    pub coefficient: f64,
+    /// The resident task vector (a delta over the base).
+    pub served: Arc<Served>,
+}
+
+impl SharedBase {
+    /// The cache keys a merge over this base shares, the base last.
+    fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.vectors.iter().map(|v| v.key.clone()).collect();
+        keys.push(self.key.clone());
+        keys
+    }
+
+    /// The combination `Σᵢ λᵢ τ̂ᵢ` of the resident task vectors.
+    fn combination(&self) -> merger::Result<merger::residency::Compressed> {
+        let mut parts = Vec::with_capacity(self.vectors.len());
+        for v in &self.vectors {
+            let (Some(delta), Some(report)) = (v.served.engine.batch_delta(), &v.served.report)
+            else {
+                return Err(MergeError::Unsupported {
+                    feature: format!("`{}` as a task vector", v.key),
+                    hint: "it is not held as a delta over the base".into(),
+                });
+            };
+            parts.push((v.coefficient, delta, report));
+        }
+        Ok(merger::residency::combination(parts))
+    }
 }
 
 impl Served {
@@ -185,10 +230,12 @@ pub struct MergeInfo {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub data_driven: Option<DataReport>,
-    /// A merge held as a delta over the resident base (`form` lowrank or
-    /// sparse): the form, its rank range or density, the delta's bytes
-    /// against the dense merge's, and the measured relative error
-    /// ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per tensor (max and mean).
+    /// A merge held as a delta over the resident base (`form` lowrank,
+    /// sparse or combination): the form, its rank range or density, the
+    /// delta's bytes against the dense merge's (a combination's: its
+    /// coefficients, and the `shared_bytes` of the task vectors it reads),
+    /// and the measured relative error ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F per tensor (max
+    /// and mean; a combination's task vectors' ‖τ − τ̂‖/‖τ‖).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub residency: Option<ResidencyReport>,
@@ -448,21 +495,45 @@ impl Merges {
                         method: None,
                         load_seconds: start.elapsed().as_secs_f64(),
                         sources,
-                        base: None,
+                        shared: Vec::new(),
+                        report: None,
                     }))
                 }
                 Target::Merge(plan) => {
                     let mut plan = *plan;
                     plan.set_cancel(cancel.clone());
                     let method = plan.info().name;
-                    let base_key = base.as_ref().map(|b| b.key.clone());
+                    let shared = base.as_ref().map_or_else(Vec::new, SharedBase::keys);
                     this.run(
                         name,
                         method,
                         cancel,
                         sources,
-                        base_key,
+                        shared,
                         move |opts, cancel| {
+                            let combination = plan
+                                .spec()
+                                .residency
+                                .as_ref()
+                                .is_some_and(|r| r.is_combination());
+                            if let Some(base) = base.as_ref().filter(|_| combination) {
+                                // A combination: nothing to merge.
+                                let compressed = base.combination()?;
+                                let report = compressed.report;
+                                tracing::info!(
+                                    vectors = base.vectors.len(),
+                                    shared_bytes = report.shared_bytes,
+                                    "merge held as a combination of resident task vectors"
+                                );
+                                let engine = base.served.engine.clone();
+                                return Ok(Built {
+                                    engine: Engine::from_delta(engine, compressed.delta)?,
+                                    output_bytes: None,
+                                    routers: None,
+                                    data: None,
+                                    residency: Some(report),
+                                });
+                            }
                             let progress = Progress::new(plan.tensors().len(), method, false);
                             let (tensors, _stats) =
                                 merge_in_memory(&mut plan, &opts.device, &progress)?;
@@ -507,33 +578,117 @@ impl Merges {
                 }
                 Target::Routed(plan) => {
                     let method = plan.method();
-                    this.run(name, method, cancel, sources, None, move |opts, cancel| {
-                        let routed = plan.build(opts, cancel)?;
-                        Ok(Built {
-                            engine: routed.engine,
-                            output_bytes: Some(routed.output_bytes),
-                            routers: Some(routed.routers),
-                            data: None,
-                            residency: None,
-                        })
-                    })
+                    this.run(
+                        name,
+                        method,
+                        cancel,
+                        sources,
+                        Vec::new(),
+                        move |opts, cancel| {
+                            let routed = plan.build(opts, cancel)?;
+                            Ok(Built {
+                                engine: routed.engine,
+                                output_bytes: Some(routed.output_bytes),
+                                routers: Some(routed.routers),
+                                data: None,
+                                residency: None,
+                            })
+                        },
+                    )
                     .await
                 }
                 Target::DataDriven(plan) => {
                     let method = plan.method();
-                    this.run(name, method, cancel, sources, None, move |opts, cancel| {
-                        let built = plan.build(opts, cancel)?;
-                        Ok(Built {
-                            engine: built.engine,
-                            output_bytes: None,
-                            routers: None,
-                            data: Some((built.report, built.counters)),
-                            residency: None,
-                        })
-                    })
+                    this.run(
+                        name,
+                        method,
+                        cancel,
+                        sources,
+                        Vec::new(),
+                        move |opts, cancel| {
+                            let built = plan.build(opts, cancel)?;
+                            Ok(Built {
+                                engine: built.engine,
+                                output_bytes: None,
+                                routers: None,
+                                data: Some((built.report, built.counters)),
+                                residency: None,
+                            })
+                        },
+                    )
                     .await
                 }
             }
+        }
+    }
+
+    /// Marks merge `id` failed with `error` before its own load started (its
+    /// base or a task vector it shares could not be made resident).
+    pub fn failed(&self, id: &str, error: &GatewayError) {
+        self.set(id, |r| {
+            r.state = MergeState::Failed;
+            r.cancel = None;
+            r.error = Some(error.to_string());
+        });
+    }
+
+    /// The future that makes checkpoint `expert`'s task vector τ = θ − θ₀
+    /// over `base` resident as entry `key`: τ compressed as `vectors`, held
+    /// as a delta over the base's engine (what combinations of it read). It
+    /// holds a merge slot while it compresses.
+    pub fn vector_loader(
+        &self,
+        key: String,
+        expert: Arc<Checkpoint>,
+        base: &SharedBase,
+        vectors: merger::spec::Residency,
+    ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
+        let this = self.clone();
+        let (base_key, base_engine, base_ck) = (
+            base.key.clone(),
+            base.served.engine.clone(),
+            base.checkpoint.clone(),
+        );
+        let mut sources = vec![expert.stamps().clone()];
+        sources.extend(base.served.sources.iter().cloned());
+        async move {
+            let Ok(_slot) = this.slots.clone().acquire_owned().await else {
+                return Err(GatewayError::Unavailable(
+                    "the server is shutting down".into(),
+                ));
+            };
+            let opts = this.opts.clone();
+            let start = Instant::now();
+            let name = key.clone();
+            let built = tokio::task::spawn_blocking(move || {
+                let dtype = base_engine.delta_dtype()?;
+                let tv = merger::residency::task_vector(
+                    &expert,
+                    &base_ck,
+                    &vectors,
+                    dtype,
+                    &opts.device,
+                    &Cancel::default(),
+                )?;
+                let engine = Engine::from_delta(base_engine, tv.delta)?;
+                Ok::<_, MergeError>((engine, tv.report))
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(format!("building `{name}` failed: {e}")))?
+            .map_err(|e| GatewayError::at(Stage::Merge, e))?;
+            let (engine, report) = built;
+            tracing::info!(vector = %key, bytes = report.bytes, max_error = report.max_error,
+                mean_error = report.mean_error, seconds = report.seconds,
+                "task vector resident");
+            Ok(Arc::new(Served {
+                name: key,
+                engine: Arc::new(engine),
+                method: None,
+                load_seconds: start.elapsed().as_secs_f64(),
+                sources,
+                shared: vec![base_key],
+                report: Some(report),
+            }))
         }
     }
 
@@ -545,7 +700,7 @@ impl Merges {
         method: &'static str,
         cancel: Cancel,
         sources: Vec<Stamps>,
-        base: Option<String>,
+        shared: Vec<String>,
         job: F,
     ) -> Result<Arc<Served>>
     where
@@ -653,7 +808,8 @@ impl Merges {
                     method: Some(method.to_string()),
                     load_seconds: seconds,
                     sources,
-                    base,
+                    shared,
+                    report: None,
                 }))
             }
             Err(e) => {

@@ -26,8 +26,9 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use merger::spec::MergeSpec;
+use merger::spec::{MergeSpec, Residency};
 use runtime::architectures::Kind;
+use runtime::checkpoint::Checkpoint;
 use runtime::model::ModelOptions;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -35,7 +36,7 @@ use utoipa::ToSchema;
 use crate::cache::{CacheStatus, ModelCache};
 use crate::config::Config;
 use crate::error::{GatewayError, Result};
-use crate::merges::{MergeInfo, Merges, Served, SharedBase};
+use crate::merges::{MergeInfo, Merges, Served, SharedBase, SharedVector};
 use crate::metrics::Metrics;
 use crate::registry::{Registry, Target};
 
@@ -335,10 +336,13 @@ impl ModelStore {
                 "resident model is stale (a checkpoint file changed); evicted");
             self.evict_stale().await;
         }
-        // A merge held as a delta keeps its shared base more recent than
-        // itself, so the cache evicts the merges of a base before the base.
-        if let Some(base) = served.as_ref().and_then(|s| s.base.as_deref()) {
-            self.cache.touch(base).await;
+        // A merge held as a delta keeps what it shares (a combination's
+        // task vectors, then its base) more recent than itself, so the
+        // cache evicts the merges of a base before the base.
+        if let Some(s) = &served {
+            for key in &s.shared {
+                self.cache.touch(key).await;
+            }
         }
         served
     }
@@ -367,30 +371,60 @@ impl ModelStore {
     ///
     /// A merge held as a delta (`form` lowrank or sparse) first makes its
     /// pool's base resident (a cache entry of its own, weighed once however
-    /// many merges share it), then builds its delta over it.
+    /// many merges share it), then builds its delta over it. A combination
+    /// makes the base and the task vector of each checkpoint it combines
+    /// resident (entries of their own, shared by every combination of
+    /// them), then holds only its coefficients.
     fn start_load(&self, target: Target) -> Result<LoadTask> {
         let base = self.shared_base_of(&target)?;
+        let vectors = match &base {
+            Some(b) => task_vectors_of(&target, b),
+            None => Vec::new(),
+        };
         self.merges.pending(&target)?;
         let key = target.cache_key();
+        let name = target.model_name();
         let merges = self.merges.clone();
         let cache = self.cache.clone();
         Ok(tokio::spawn(async move {
-            let shared = match base {
-                None => None,
-                Some(base) => {
-                    let Target::Checkpoint { checkpoint, .. } = &base else {
-                        unreachable!("a pool's base is a checkpoint")
-                    };
-                    let checkpoint = checkpoint.clone();
-                    let base_key = base.cache_key();
-                    let (served, _) = cache
-                        .load(base_key.clone(), merges.loader(base, None))
-                        .await?;
-                    Some(SharedBase {
-                        key: base_key,
-                        served,
-                        checkpoint,
-                    })
+            let shared = async {
+                Ok::<_, GatewayError>(match base {
+                    None => None,
+                    Some(base) => {
+                        let Target::Checkpoint { checkpoint, .. } = &base else {
+                            unreachable!("a pool's base is a checkpoint")
+                        };
+                        let checkpoint = checkpoint.clone();
+                        let base_key = base.cache_key();
+                        let (served, _) = cache
+                            .load(base_key.clone(), merges.loader(base, None))
+                            .await?;
+                        let mut shared = SharedBase {
+                            key: base_key,
+                            served,
+                            checkpoint,
+                            vectors: Vec::with_capacity(vectors.len()),
+                        };
+                        for v in vectors {
+                            let loader =
+                                merges.vector_loader(v.key.clone(), v.expert, &shared, v.residency);
+                            let (served, _) = cache.load(v.key.clone(), loader).await?;
+                            shared.vectors.push(SharedVector {
+                                key: v.key,
+                                coefficient: v.coefficient,
+                                served,
+                            });
+                        }
+                        Some(shared)
+                    }
+                })
+            }
+            .await;
+            let shared = match shared {
+                Ok(s) => s,
+                Err(e) => {
+                    merges.failed(&name, &e);
+                    return Err(e);
                 }
             };
             cache.load(key, merges.loader(target, shared)).await
@@ -425,6 +459,53 @@ impl ModelStore {
         }
         Ok(Some(base))
     }
+}
+
+/// A task vector a combination needs resident.
+struct VectorTarget {
+    key: String,
+    coefficient: f64,
+    expert: Arc<Checkpoint>,
+    residency: Residency,
+}
+
+/// The task vectors of a merge held as a combination over the pool's base
+/// `base` (empty for any other target): each checkpoint of the merge but
+/// the base itself with a non-zero coefficient, keyed by the checkpoint,
+/// the base and the form they are held in, so that every combination of
+/// them shares one entry.
+fn task_vectors_of(target: &Target, base: &Target) -> Vec<VectorTarget> {
+    let (Target::Merge(plan), Target::Checkpoint { checkpoint: b, .. }) = (target, base) else {
+        return Vec::new();
+    };
+    let Some(residency) = plan
+        .spec()
+        .residency
+        .as_ref()
+        .filter(|r| r.is_combination())
+    else {
+        return Vec::new();
+    };
+    let vectors = residency.vectors_residency();
+    let base_key = base.cache_key();
+    plan.combination()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|(ck, c)| ck.dir() != b.dir() && *c != 0.0)
+        .map(|(expert, coefficient)| {
+            let fp = expert.fingerprint().unwrap_or("unfingerprinted");
+            VectorTarget {
+                key: format!(
+                    "task vector of {}@{fp} over {base_key}, {}",
+                    expert.dir().display(),
+                    vectors.describe()
+                ),
+                coefficient,
+                expert,
+                residency: vectors.clone(),
+            }
+        })
+        .collect()
 }
 
 /// The 404 of a merge the store does not know.

@@ -2,7 +2,9 @@
 //! lowrank merge at full energy answers what its dense merge answers, a
 //! sparse one is far smaller, both share the base (one cache entry, weighed
 //! once) and are batched with it in one scheduler; `GET /v1/merges/{id}`
-//! reports the form, bytes and measured error; bad forms are clear 400s.
+//! reports the form, bytes and measured error; combinations hold only
+//! their coefficients over task vectors resident once; bad forms are clear
+//! 400s.
 
 mod gateway_util;
 
@@ -208,4 +210,112 @@ async fn bad_forms_are_clear_400s_and_the_server_keeps_serving() {
     assert_eq!(structured.status, 200, "{}", structured.text);
     let info = merge_info(&c, &structured).await;
     assert_eq!(info["residency"]["rank"]["max"], 2, "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn combinations_cost_their_coefficients_over_shared_task_vectors() {
+    let pool = low_rank_pool();
+    let server = start(pool.config(""));
+    let c = Client::new(&server);
+    let prompt = "What is 2+3?";
+    let merge = |lambda: f64, form: &str| {
+        format!("task_arithmetic(math,code;scaling_coefficient={lambda}{form})")
+    };
+    let dense_vectors = ",form=combination,form_vectors=dense";
+    let dense = c.chat(&merge(0.5, ""), prompt, 12).await;
+    assert_eq!(dense.status, 200, "{}", dense.text);
+    let before = c.metric("fusion_merge_cache_bytes").await as u64;
+    assert_eq!(before, model_bytes());
+
+    // Dense task vectors: the combination is the merge, exactly.
+    let comb = c.chat(&merge(0.5, dense_vectors), prompt, 12).await;
+    assert_eq!(
+        content(&comb.json()),
+        content(&dense.json()),
+        "{}",
+        comb.text
+    );
+    let info = merge_info(&c, &comb).await;
+    let r = &info["residency"];
+    assert_eq!(r["form"], "combination", "{info}");
+    // Two coefficients of 8 bytes are all the merge holds itself.
+    assert_eq!(
+        (info["bytes"].as_u64(), r["bytes"].as_u64()),
+        (Some(16), Some(16))
+    );
+    assert_eq!(
+        r["shared_bytes"].as_u64(),
+        Some(2 * model_bytes()),
+        "{info}"
+    );
+    // Dense task vectors differ from the merge by f32 rounding only.
+    assert!(r["max_error"].as_f64().unwrap() < 1e-6, "{info}");
+    // The dense merge, the base, two task vectors and the coefficients.
+    assert_eq!(c.metric("fusion_merge_cache_entries").await, 5.0);
+    assert_eq!(
+        c.metric("fusion_merge_cache_bytes").await as u64,
+        before + 3 * model_bytes() + 16
+    );
+
+    // A new λ costs 16 bytes and no compression: it reads the same vectors.
+    let dense_08 = c.chat(&merge(0.8, ""), prompt, 12).await;
+    let at = c.metric("fusion_merge_cache_bytes").await as u64;
+    let comb_08 = c.chat(&merge(0.8, dense_vectors), prompt, 12).await;
+    assert_eq!(
+        content(&comb_08.json()),
+        content(&dense_08.json()),
+        "{}",
+        comb_08.text
+    );
+    assert_eq!(c.metric("fusion_merge_cache_bytes").await as u64, at + 16);
+
+    // Both combinations in one batch: each answers what it answers alone
+    // (the shared task vectors' products are taken once per step).
+    let tasks: Vec<_> = [0.5, 0.8, 0.5, 0.8]
+        .into_iter()
+        .map(|l| {
+            let (c, m) = (c.clone(), merge(l, dense_vectors));
+            tokio::spawn(async move { c.chat(&m, prompt, 12).await })
+        })
+        .collect();
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
+        let want = if i % 2 == 0 { &comb } else { &comb_08 };
+        assert_eq!(
+            content(&r.json()),
+            content(&want.json()),
+            "request {i}: {}",
+            r.text
+        );
+    }
+
+    // Rank-2 task vectors hold these experts exactly, at a fraction of the
+    // bytes.
+    let low = c
+        .chat(&merge(0.5, ",form=combination,form_rank=2"), prompt, 12)
+        .await;
+    assert_eq!(content(&low.json()), content(&dense.json()), "{}", low.text);
+    let info = merge_info(&c, &low).await;
+    let r = &info["residency"];
+    assert_eq!(r["rank"]["max"], 2, "{info}");
+    assert!(r["max_error"].as_f64().unwrap() < 1e-5, "{info}");
+    assert!(
+        r["shared_bytes"].as_u64().unwrap() * 4 < 2 * model_bytes(),
+        "{info}"
+    );
+
+    // Only affine merges with constant coefficients are combinations.
+    let ties = c
+        .chat("ties_merging(math,code;form=combination)", prompt, 4)
+        .await;
+    let e = ties.assert_error(400, "invalid_request_error");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("form `combination`"),
+        "{e}"
+    );
+    let ok = c.chat(&merge(0.5, dense_vectors), prompt, 4).await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
 }

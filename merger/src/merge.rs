@@ -360,6 +360,26 @@ impl MergePlan {
         self.base.iter().chain(self.experts.iter())
     }
 
+    /// The merge as coefficients over its checkpoints, `Σ_k c_k θ_k` with
+    /// `Σ_k c_k = 1` ([`crate::methods::MergeMethod::affine_coefficients`]),
+    /// each checkpoint once (a model named twice has its coefficients
+    /// summed); `None` when the method is no such combination.
+    pub fn combination(&self) -> Option<Vec<(Arc<Checkpoint>, f64)>> {
+        let (c0, c) = self.method.affine_coefficients(self.experts.len())?;
+        if self.base.is_none() && c0 != 0.0 {
+            return None;
+        }
+        let mut out: Vec<(Arc<Checkpoint>, f64)> = Vec::new();
+        let base = self.base.iter().map(|b| (b, c0));
+        for (ck, coeff) in base.chain(self.experts.iter().zip(c)) {
+            match out.iter_mut().find(|(o, _)| o.dir() == ck.dir()) {
+                Some((_, x)) => *x += coeff,
+                None => out.push((ck.clone(), coeff)),
+            }
+        }
+        Some(out)
+    }
+
     /// The checkpoint whose config and tokenizer the output carries.
     pub fn reference(&self) -> &Checkpoint {
         self.base.as_ref().unwrap_or(&self.experts[0])

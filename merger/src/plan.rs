@@ -251,13 +251,19 @@ impl Tensorwise {
     pub fn build_reported(self, run: &Run) -> Result<(Servable, Option<ResidencyReport>)> {
         let mut plan = self.open(run.open)?;
         plan.set_cancel(run.cancel.clone());
-        let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
-        let (tensors, _) = merge_in_memory(&mut plan, run.device, &progress)?;
         let opts = ModelOptions {
             device: run.device.clone(),
             ..ModelOptions::default()
         };
-        match plan.spec().residency.clone().filter(|r| r.is_delta()) {
+        let residency = plan.spec().residency.clone().filter(|r| r.is_delta());
+        if let Some(r) = residency.as_ref().filter(|r| r.is_combination()) {
+            // Nothing to merge: the task vectors and the coefficients.
+            let (servable, report) = held_as_combination(&plan, r, &opts, run.cancel)?;
+            return Ok((servable, Some(report)));
+        }
+        let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
+        let (tensors, _) = merge_in_memory(&mut plan, run.device, &progress)?;
+        match residency {
             Some(residency) => {
                 let (servable, report) =
                     held_as_delta(tensors, plan.reference(), &residency, &opts, run.cancel)?;
@@ -471,15 +477,8 @@ fn held_as_delta(
     opts: &ModelOptions,
     cancel: &Cancel,
 ) -> Result<(Servable, ResidencyReport)> {
-    let base = crate::load::load_checkpoint(reference, opts)?;
-    let base_bytes = base.resident_bytes;
-    let side_files = base.side_files.clone();
-    let Some(model) = base.decoder() else {
-        return Err(MergeError::Unsupported {
-            feature: "a merge held as a delta over an embedding model".into(),
-            hint: "lowrank and sparse forms serve text-generation models; drop `form`".into(),
-        });
-    };
+    let base = delta_base(reference, opts)?;
+    let (model, base_bytes, side_files) = decoder_of(&base)?;
     let compressed = crate::residency::compress(
         &tensors,
         reference,
@@ -489,6 +488,74 @@ fn held_as_delta(
         cancel,
     )?;
     drop(tensors);
+    let held = runtime::model::Model::with_delta(model, std::sync::Arc::new(compressed.delta))?;
+    Ok((
+        Servable::held(held, base_bytes, side_files),
+        compressed.report,
+    ))
+}
+
+/// The text model a delta is held over: `reference` loaded (its
+/// [`Servable::decoder`] is there); an embedding model is refused.
+fn delta_base(
+    reference: &runtime::checkpoint::Checkpoint,
+    opts: &ModelOptions,
+) -> Result<Servable> {
+    let base = crate::load::load_checkpoint(reference, opts)?;
+    if base.decoder().is_none() {
+        return Err(MergeError::Unsupported {
+            feature: "a merge held as a delta over an embedding model".into(),
+            hint: "lowrank, sparse and combination forms serve text-generation models; drop \
+                   `form`"
+                .into(),
+        });
+    }
+    Ok(base)
+}
+
+/// The base's text model, its bytes and side files.
+fn decoder_of(base: &Servable) -> Result<(&runtime::model::Model, u64, PathBuf)> {
+    let model = base.decoder().ok_or_else(|| MergeError::Unsupported {
+        feature: "a merge held as a delta over an embedding model".into(),
+        hint: "drop `form`".into(),
+    })?;
+    Ok((model, base.resident_bytes, base.side_files.clone()))
+}
+
+/// A merge that is `Σ_k c_k θ_k` (Σ c_k = 1) held as `Σ_k c_k τ̂_k` over
+/// its reference: each checkpoint's task vector τ_k = θ_k − θ_ref
+/// compressed as the residency's `vectors` (the reference's own is zero
+/// and left out), the coefficients the merge's.
+fn held_as_combination(
+    plan: &MergePlan,
+    residency: &crate::spec::Residency,
+    opts: &ModelOptions,
+    cancel: &Cancel,
+) -> Result<(Servable, ResidencyReport)> {
+    let reference = plan.reference();
+    let coefficients = plan.combination().ok_or_else(|| MergeError::Unsupported {
+        feature: format!("form `combination` for `{}`", plan.info().name),
+        hint: "hold the merge as `lowrank` or `sparse`".into(),
+    })?;
+    let base = delta_base(reference, opts)?;
+    let (model, base_bytes, side_files) = decoder_of(&base)?;
+    let mut vectors = Vec::new();
+    for (ck, c) in coefficients {
+        if ck.dir() == reference.dir() || c == 0.0 {
+            continue;
+        }
+        let tv = crate::residency::task_vector(
+            &ck,
+            reference,
+            residency,
+            model.dtype(),
+            &opts.device,
+            cancel,
+        )?;
+        vectors.push((c, std::sync::Arc::new(tv.delta), tv.report));
+    }
+    let compressed =
+        crate::residency::combination(vectors.iter().map(|(c, d, r)| (*c, d.clone(), r)).collect());
     let held = runtime::model::Model::with_delta(model, std::sync::Arc::new(compressed.delta))?;
     Ok((
         Servable::held(held, base_bytes, side_files),
@@ -602,5 +669,122 @@ mod tests {
             );
             assert_eq!(d, 0.0, "{method}");
         }
+    }
+
+    /// A tensor-wise merge held as its spec's residency, with its report.
+    fn reported(spec: MergeSpec, run: &Run) -> (Servable, ResidencyReport) {
+        let Plan::Tensorwise(t) = Plan::new(spec).unwrap() else {
+            panic!("not a tensor-wise merge")
+        };
+        let (built, report) = t.build_reported(run).unwrap();
+        (built, report.expect("held as a delta"))
+    }
+
+    #[test]
+    fn a_combination_of_task_vectors_serves_the_merges_logits() {
+        use crate::spec::residency::{Form, Residency};
+        let p = pool(3, false, 0.05, DType::F32);
+        let open = |name: &str| p.open(name);
+        let cancel = Cancel::new();
+        let run = Run {
+            open: &open,
+            calibration: &[],
+            sources: &[],
+            stats: None,
+            device: &Device::Cpu,
+            progress: false,
+            cancel: &cancel,
+        };
+        let ids = random_ids(2, 6, 48, 3);
+        let dense_vectors = Residency::combination(Residency::dense());
+        for spec in [
+            p.spec("task_arithmetic").with("scaling_coefficient", 0.7),
+            p.spec("simple_average"),
+            p.spec("weighted_average"),
+        ] {
+            let method = spec.method.clone();
+            let dense = Plan::new(spec.clone()).unwrap().build(&run).unwrap();
+            let mut held = spec.clone();
+            held.residency = Some(dense_vectors.clone());
+            let (built, report) = reported(held, &run);
+            assert_eq!(report.form, Form::Combination);
+            // Three coefficients of 8 bytes; the task vectors are shared.
+            assert_eq!(report.bytes, 24, "{method}");
+            assert!(report.shared_bytes.unwrap() > 0);
+            assert!(report.max_error < 1e-6, "{method}: f32 rounding only");
+            let d = max_diff(
+                &logits(dense.decoder().unwrap(), &ids),
+                &logits(built.decoder().unwrap(), &ids),
+            );
+            assert!(d < 1e-5, "{method}: {d}");
+        }
+        // Task vectors at full energy: the same within rounding.
+        let mut spec = p.spec("task_arithmetic");
+        spec.residency = Some(Residency::combination(Residency::lowrank_energy(1.0)));
+        let (built, report) = reported(spec.clone(), &run);
+        assert!(report.max_error < 1e-5);
+        spec.residency = None;
+        let dense = Plan::new(spec).unwrap().build(&run).unwrap();
+        let d = max_diff(
+            &logits(dense.decoder().unwrap(), &ids),
+            &logits(built.decoder().unwrap(), &ids),
+        );
+        assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn a_combination_needs_an_affine_merge_with_constant_coefficients() {
+        use crate::spec::residency::Residency;
+        use crate::spec::ParamValue;
+        let p = pool(2, false, 0.05, DType::F32);
+        let with = |spec: MergeSpec| {
+            let mut s = spec;
+            s.residency = Some(Residency::combination(Residency::lowrank_rank(4)));
+            Plan::new(s).map(|_| ())
+        };
+        for spec in [
+            p.spec("ties_merging"),
+            p.spec("weighted_average")
+                .with_value("normalize", ParamValue::Bool(false)),
+            p.spec("task_arithmetic")
+                .with_value("scaling_coefficient", ParamValue::Gradient(vec![0.1, 0.9])),
+        ] {
+            let err = with(spec.clone()).expect_err(&spec.method).to_string();
+            assert!(err.contains("form `combination`"), "{err}");
+        }
+        assert!(with(p.spec("task_arithmetic")).is_ok());
+        // Raw weights summing to 1 are an affine combination.
+        let mut spec = p
+            .spec("weighted_average")
+            .with_value("normalize", ParamValue::Bool(false));
+        for (m, w) in spec.models.iter_mut().zip([0.25, 0.75]) {
+            m.parameters.insert("weight".into(), ParamValue::Number(w));
+        }
+        assert!(with(spec).is_ok());
+    }
+
+    #[test]
+    fn affine_coefficients_worked_by_hand() {
+        use crate::spec::ParamValue;
+        let p = pool(2, false, 0.05, DType::F32);
+        let coeffs = |spec: MergeSpec| {
+            let (_, m) = methods::build(&spec).unwrap();
+            m.affine_coefficients(2)
+        };
+        // λ = 0.5, weights 1 and 3, normalised: cᵢ = 0.5·wᵢ/4 = 0.125, 0.375;
+        // c₀ = 1 − 0.5 = 0.5.
+        let mut ta = p
+            .spec("task_arithmetic")
+            .with("scaling_coefficient", 0.5)
+            .with_value("normalize", ParamValue::Bool(true));
+        for (m, w) in ta.models.iter_mut().zip([1.0, 3.0]) {
+            m.parameters.insert("weight".into(), ParamValue::Number(w));
+        }
+        assert_eq!(coeffs(ta), Some((0.5, vec![0.125, 0.375])));
+        assert_eq!(
+            coeffs(p.spec("simple_average")),
+            Some((0.0, vec![0.5, 0.5]))
+        );
+        assert_eq!(coeffs(p.spec("ties_merging")), None);
     }
 }

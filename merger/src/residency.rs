@@ -61,7 +61,12 @@ pub struct ResidencyReport {
     pub bytes: u64,
     /// Bytes the merge's own full weights would take.
     pub dense_bytes: u64,
-    /// Largest ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over the held tensors.
+    /// `combination`: bytes of the task vectors it reads, resident once
+    /// and shared by every combination of them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shared_bytes: Option<u64>,
+    /// Largest ‖ΔW − ΔŴ‖_F / ‖ΔW‖_F over the held tensors (for a
+    /// combination, over its task vectors' tensors: ‖τ − τ̂‖/‖τ‖).
     pub max_error: f64,
     /// Mean of that relative error over the held tensors.
     pub mean_error: f64,
@@ -97,6 +102,14 @@ pub fn compress(
     device: &Device,
     cancel: &Cancel,
 ) -> Result<Compressed> {
+    if residency.is_combination() {
+        return Err(MergeError::Unsupported {
+            feature: "compressing merged weights into form `combination`".into(),
+            hint: "a combination is built from its task vectors ([`task_vector`], \
+                   [`combination`]), not from the merged weights"
+                .into(),
+        });
+    }
     let start = Instant::now();
     let mut names: Vec<&String> = merged.keys().collect();
     names.sort();
@@ -177,6 +190,7 @@ pub fn compress(
         tensors: errors.len(),
         dense_tensors,
         bytes: delta.own_bytes(),
+        shared_bytes: None,
         dense_bytes,
         max_error: errors.iter().copied().fold(0.0, f64::max),
         mean_error: if errors.is_empty() {
@@ -187,6 +201,68 @@ pub fn compress(
         seconds: start.elapsed().as_secs_f64(),
     };
     Ok(Compressed { delta, report })
+}
+
+/// Checkpoint `expert`'s task vector τ = θ − θ₀ over `base`, every tensor
+/// of the expert, compressed as `vectors` (form dense, lowrank or sparse);
+/// stops with [`MergeError::Cancelled`] once `cancel` is.
+pub fn task_vector(
+    expert: &Checkpoint,
+    base: &Checkpoint,
+    vectors: &Residency,
+    dtype: DType,
+    device: &Device,
+    cancel: &Cancel,
+) -> Result<Compressed> {
+    let mut theta = HashMap::new();
+    for name in expert.tensors().keys() {
+        cancel.check()?;
+        theta.insert(
+            name.clone(),
+            expert.tensor(name)?.to_f32_tensor(&Device::Cpu)?,
+        );
+    }
+    compress(
+        &theta,
+        base,
+        &vectors.vectors_residency(),
+        dtype,
+        device,
+        cancel,
+    )
+}
+
+/// A merge held as `Σᵢ λᵢ τ̂ᵢ` over shared compressed task vectors `parts`
+/// (each with its coefficient and its compression report): only the
+/// coefficients are its own. Its report has form `combination`, the task
+/// vectors' ranks, density and errors (largest, and the mean of their
+/// means) and their bytes as `shared_bytes`.
+pub fn combination(parts: Vec<(f64, Arc<ModelDelta>, &ResidencyReport)>) -> Compressed {
+    let reports: Vec<&ResidencyReport> = parts.iter().map(|p| p.2).collect();
+    let delta = ModelDelta::Combination(parts.iter().map(|(c, d, _)| (*c, d.clone())).collect());
+    let ranks = reports
+        .iter()
+        .filter_map(|r| r.rank)
+        .reduce(|a, b| RankRange {
+            min: a.min.min(b.min),
+            max: a.max.max(b.max),
+        });
+    let n = reports.len().max(1) as f64;
+    let report = ResidencyReport {
+        form: Form::Combination,
+        energy: reports.iter().find_map(|r| r.energy),
+        rank: ranks,
+        density: reports.iter().find_map(|r| r.density),
+        tensors: reports.iter().map(|r| r.tensors).max().unwrap_or(0),
+        dense_tensors: reports.iter().map(|r| r.dense_tensors).max().unwrap_or(0),
+        bytes: delta.own_bytes(),
+        shared_bytes: Some(delta.shared_bytes()),
+        dense_bytes: reports.iter().map(|r| r.dense_bytes).max().unwrap_or(0),
+        max_error: reports.iter().map(|r| r.max_error).fold(0.0, f64::max),
+        mean_error: reports.iter().map(|r| r.mean_error).sum::<f64>() / n,
+        seconds: reports.iter().map(|r| r.seconds).sum(),
+    };
+    Compressed { delta, report }
 }
 
 /// ΔW held as it is.

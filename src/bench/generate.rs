@@ -67,9 +67,20 @@ impl Pair {
     /// Random weights (N(0, 0.02²)) for `size`, seeded, on `device` in f32.
     pub fn new(size: Size, seed: u64, device: &Device) -> anyhow::Result<Pair> {
         let config = size.config();
-        let weights: HashMap<String, Tensor> = random_weights(&config, seed, 0.02)?
+        let weights = random_weights(&config, seed, 0.02)?;
+        Self::from_weights(config, weights, device)
+    }
+
+    /// Both implementations on `weights` (by tensor name, as a Llama
+    /// checkpoint stores them) of a model of `config`, on `device` in f32.
+    pub fn from_weights(
+        config: ModelConfig,
+        weights: HashMap<String, Tensor>,
+        device: &Device,
+    ) -> anyhow::Result<Pair> {
+        let weights: HashMap<String, Tensor> = weights
             .into_iter()
-            .map(|(k, v)| Ok((k, v.to_device(device)?)))
+            .map(|(k, v)| Ok((k, v.to_dtype(DType::F32)?.to_device(device)?)))
             .collect::<candle_core::Result<_>>()?;
         let reference_config = llama::Config {
             hidden_size: config.hidden_size,

@@ -14,12 +14,18 @@
 //! - concurrent, dense: every merge its own weights and its own scheduler;
 //! - concurrent, lowrank (fixed rank) and sparse (fixed density): the
 //!   merges held as deltas over the base, batched together in the base's
-//!   scheduler.
+//!   scheduler;
+//! - concurrent, combination: the task_arithmetic merges held as
+//!   coefficients over the four experts' task vectors (lowrank at
+//!   `--mixed-vector-rank`, resident once), the TIES merges (no linear
+//!   combination) as lowrank deltas, all in the base's scheduler.
 //!
-//! Per form: tokens/s and its ratio to one at a time, the cache's resident
-//! bytes (all merges and the base) against one dense model, each merge's
-//! delta bytes and measured relative error (max over tensors, mean), and
-//! how many texts equal the dense merge's.
+//! Per form: tokens/s and its ratio to one at a time, p50/p99 time to
+//! first token and inter-token latency (streamed, as the clients see
+//! them), the cache's resident bytes (all merges, shared task vectors and
+//! the base) against one dense model, each merge's own bytes and measured
+//! relative error (max over tensors, mean), and how many texts equal the
+//! dense merge's.
 
 use std::path::Path;
 use std::time::Instant;
@@ -51,6 +57,8 @@ pub struct MixedArgs<'a> {
     pub tokens: usize,
     /// Rank of the lowrank form.
     pub rank: u64,
+    /// Rank of each task vector of the combination form.
+    pub vector_rank: u64,
     /// Density of the sparse form.
     pub density: f64,
 }
@@ -99,20 +107,21 @@ fn seeded(shape: (usize, usize), seed: u64, std: f64) -> candle_core::Result<Ten
     Tensor::from_vec(values, shape, &Device::Cpu)
 }
 
-/// The merges of the run: task_arithmetic and TIES of the four experts at
-/// several coefficients, `form` appended (`""` for dense).
-fn merge_names(n: usize, form: &str) -> Vec<String> {
+/// The merges of the run: task_arithmetic (`ta` appended to their
+/// parameters, `""` for dense) and TIES (`ties` appended) of the four
+/// experts at several coefficients.
+fn merge_names(n: usize, ta: &str, ties: &str) -> Vec<String> {
     let all = EXPERTS.join(",");
     (0..n)
         .map(|i| {
             // Distinct λ for every merge of a method.
             let lambda = (3 + i / 2) as f64 / 10.0;
             if i % 2 == 0 {
-                format!("lowrank/task_arithmetic({all};scaling_coefficient={lambda}{form})")
+                format!("lowrank/task_arithmetic({all};scaling_coefficient={lambda}{ta})")
             } else {
                 let density = [0.2, 0.4][(i / 2) % 2];
                 format!(
-                    "lowrank/ties_merging({all};density={density},scaling_coefficient={lambda}{form})"
+                    "lowrank/ties_merging({all};density={density},scaling_coefficient={lambda}{ties})"
                 )
             }
         })
@@ -127,6 +136,8 @@ struct FormRun {
     resident: u64,
     delta_bytes: Vec<u64>,
     errors: Vec<(f64, f64)>,
+    /// TTFT p50, p99 and ITL p50, p99 (ms).
+    latencies: (f64, f64, f64, f64),
     texts: Vec<String>,
 }
 
@@ -145,21 +156,30 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
     let prompts: Vec<String> = (0..n).map(|i| format!("{i}+{}=", i + 1)).collect();
     let rt = tokio::runtime::Runtime::new()?;
 
+    let lowrank = format!(",form=lowrank,form_rank={}", args.rank);
+    let sparse = format!(",form=sparse,form_density={}", args.density);
     let forms = [
-        ("dense".to_string(), String::new()),
+        ("dense".to_string(), String::new(), String::new()),
         (
             format!("lowrank rank={}", args.rank),
-            format!(",form=lowrank,form_rank={}", args.rank),
+            lowrank.clone(),
+            lowrank.clone(),
         ),
         (
             format!("sparse density={}", args.density),
-            format!(",form=sparse,form_density={}", args.density),
+            sparse.clone(),
+            sparse,
+        ),
+        (
+            format!("combination, vectors rank={}", args.vector_rank),
+            format!(",form=combination,form_rank={}", args.vector_rank),
+            lowrank,
         ),
     ];
     let mut alone: Option<(usize, f64)> = None;
     let mut runs = Vec::new();
-    for (label, suffix) in &forms {
-        let merges = merge_names(n, suffix);
+    for (label, ta, ties) in &forms {
+        let merges = merge_names(n, ta, ties);
         let cache = model_bytes * (n as u64 + 2);
         let yaml = format!(
             "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_running_sequences: {s}, queue_depth: 1024}}}}\n\
@@ -221,19 +241,26 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
             alone = Some((tokens, t.elapsed().as_secs_f64()));
         }
         let t = Instant::now();
-        let replies = rt.block_on(clients(&url, &ids, &prompts, args.tokens, args.rounds))?;
+        let requests: Vec<(String, String)> = ids.iter().cloned().zip(prompts.clone()).collect();
+        let replies = rt.block_on(super::stream::clients(
+            &url,
+            &requests,
+            args.tokens,
+            args.rounds,
+        ))?;
         let seconds = t.elapsed().as_secs_f64();
         rt.block_on(server.state().models.refresh_gauges());
         let resident = server.state().metrics.cache_bytes.get() as u64;
         server.stop();
         runs.push(FormRun {
             label: label.clone(),
-            tokens: replies.iter().map(|(_, k)| k).sum(),
+            tokens: replies.iter().map(|r| r.tokens).sum(),
             seconds,
             resident,
             delta_bytes,
             errors,
-            texts: replies.into_iter().map(|(t, _)| t).collect(),
+            latencies: super::stream::latencies(&replies),
+            texts: replies.into_iter().map(|r| r.text).collect(),
         });
     }
     let (alone_tokens, alone_s) = alone.expect("the dense run measured it");
@@ -260,8 +287,10 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
         let per_merge = r.delta_bytes.iter().sum::<u64>() as f64 / r.delta_bytes.len() as f64;
         let max_err = r.errors.iter().map(|e| e.0).fold(0.0, f64::max);
         let mean_err = r.errors.iter().map(|e| e.1).sum::<f64>() / r.errors.len() as f64;
+        let (t50, t99, g50, g99) = r.latencies;
         println!(
-            "  {:<22} {:>6.0} tokens/s ({:.2}x one at a time); resident {:.1} MB = {:.2}x one dense model; \
+            "  {:<22} {:>6.0} tokens/s ({:.2}x one at a time); TTFT p50 {t50:.0} ms p99 {t99:.0} ms; \
+             ITL p50 {g50:.1} ms p99 {g99:.1} ms; resident {:.1} MB = {:.2}x one dense model; \
              {:.2} MB per merge; error max {max_err:.3} mean {mean_err:.3}; texts as dense: {same}/{}",
             format!("concurrent, {}:", r.label),
             rate,
@@ -273,48 +302,4 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-/// One client per model, each sending `rounds` greedy completions of its
-/// prompt back to back: every reply's text and completion tokens.
-async fn clients(
-    url: &str,
-    models: &[String],
-    prompts: &[String],
-    max_tokens: usize,
-    rounds: usize,
-) -> anyhow::Result<Vec<(String, usize)>> {
-    let http = reqwest::Client::new();
-    let tasks: Vec<_> = models
-        .iter()
-        .zip(prompts)
-        .map(|(m, p)| {
-            let body = json!({"model": m, "prompt": p, "max_tokens": max_tokens,
-                "temperature": 0});
-            let (http, url) = (http.clone(), url.to_string());
-            tokio::spawn(async move {
-                let mut out = Vec::new();
-                for _ in 0..rounds {
-                    let res = http
-                        .post(format!("{url}/v1/completions"))
-                        .json(&body)
-                        .send()
-                        .await?;
-                    if !res.status().is_success() {
-                        bail!("HTTP {}: {}", res.status(), res.text().await?);
-                    }
-                    let v: Value = res.json().await?;
-                    let text = v["choices"][0]["text"].as_str().unwrap_or("").to_string();
-                    let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                    out.push((text, tokens));
-                }
-                anyhow::Ok(out)
-            })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for t in tasks {
-        out.extend(t.await??);
-    }
-    Ok(out)
 }

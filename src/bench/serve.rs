@@ -7,12 +7,16 @@
 //!    holds only 2 (so merges are evicted and redone), with a built-in client
 //!    and, when it is installed, `wrk` (Debian package `wrk`) with a Lua
 //!    script rotating over the 4 merges.
-//! 3. Decoding, continuous batching against its peer: `--decode-clients`
-//!    concurrent greedy completions of `--decode-tokens` tokens on one
-//!    resident merge (one batch, over HTTP), against the same generations
-//!    one after another in-process, in the same run: tokens/s of each,
-//!    their ratio, the mean batch width, and whether every batched text
-//!    equals its text alone.
+//! 3. Decoding on one model, continuous batching against its peers: the
+//!    pool's base served over HTTP to 1, 4, 8 and 16 clients
+//!    (`--decode-sweep`), each streaming `--decode-rounds` greedy
+//!    completions of `--decode-tokens` tokens after a prompt of about
+//!    `--decode-prompt` tokens back to back: aggregate tokens/s and its
+//!    ratio to 1 client, p50/p99 time to first token and inter-token
+//!    latency as the clients see them, the mean batch width, and whether
+//!    every text equals its text alone; against, in the same run, the
+//!    engine's own unbatched loop in-process and candle-transformers'
+//!    Llama on the same weights, one sequence at a time.
 //! 4. Many merges of one base at once, dense against deltas over the base
 //!    ([`super::mixed`]).
 
@@ -56,10 +60,16 @@ pub struct ServeBenchArgs {
     /// Concurrent clients of the throughput run.
     #[arg(long, default_value_t = 8)]
     clients: usize,
-    /// Concurrent generations of the decoding measurement.
-    #[arg(long, default_value_t = 8)]
-    decode_clients: usize,
-    /// Tokens each generation of the decoding measurement asks for.
+    /// Client counts of the decoding measurement (part 3), comma-separated.
+    #[arg(long, default_value = "1,4,8,16", value_delimiter = ',')]
+    decode_sweep: Vec<usize>,
+    /// Completions each client of part 3 streams back to back.
+    #[arg(long, default_value_t = 2)]
+    decode_rounds: usize,
+    /// Prompt tokens of each completion of part 3 (about: whole characters).
+    #[arg(long, default_value_t = 32)]
+    decode_prompt: usize,
+    /// Tokens each generation of the decoding measurements asks for.
     #[arg(long, default_value_t = 64)]
     decode_tokens: usize,
     /// Merges of one base served at once, one client each (part 4: dense
@@ -72,6 +82,9 @@ pub struct ServeBenchArgs {
     /// Rank of part 4's lowrank form.
     #[arg(long, default_value_t = 32)]
     mixed_rank: u64,
+    /// Rank of each expert's task vector in part 4's combination form.
+    #[arg(long, default_value_t = 8)]
+    mixed_vector_rank: u64,
     /// Density of part 4's sparse form.
     #[arg(long, default_value_t = 0.02)]
     mixed_density: f64,
@@ -162,7 +175,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i.min(sorted.len() - 1)]
 }
 
-fn summary(mut ms: Vec<f64>) -> (f64, f64) {
+/// p50 and p99 of `ms` (0 and 0 for none).
+pub(super) fn summary(mut ms: Vec<f64>) -> (f64, f64) {
+    if ms.is_empty() {
+        return (0.0, 0.0);
+    }
     ms.sort_by(f64::total_cmp);
     (percentile(&ms, 0.5), percentile(&ms, 0.99))
 }
@@ -187,6 +204,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             rounds: args.mixed_rounds,
             tokens: args.decode_tokens,
             rank: args.mixed_rank,
+            vector_rank: args.mixed_vector_rank,
             density: args.mixed_density,
         })?;
     }
@@ -340,57 +358,142 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
         println!("  wrk: not installed (Debian package `wrk`), skipped");
     }
 
-    // 3. Decoding: one batch against one generation at a time.
-    let n = args.decode_clients.max(1);
-    let prompts: Vec<String> = (0..n).map(|i| format!("{i}+{}=", i + 1)).collect();
+    drop(served);
+    decode_sweep(args, &server, &rt, pool_name, &pool.base)?;
+    server.stop();
+    Ok(())
+}
+
+/// A prompt of client `i` encoding to at least `tokens` tokens.
+fn long_prompt(
+    engine: &gateway::engine::Engine,
+    i: usize,
+    tokens: usize,
+) -> anyhow::Result<String> {
+    const TEXT: &str = "the quick brown fox jumps over the lazy dog and runs far away ";
+    let mut p = format!("{i}: ");
+    for c in TEXT.chars().cycle() {
+        if engine.text_prompt(&p)?.len() >= tokens {
+            break;
+        }
+        p.push(c);
+    }
+    Ok(p)
+}
+
+/// Part 3: the pool's base to 1..16 concurrent streaming clients, against
+/// its unbatched loop and candle-transformers' Llama on the same weights.
+fn decode_sweep(
+    args: &ServeBenchArgs,
+    server: &gateway::RunningServer,
+    rt: &tokio::runtime::Runtime,
+    pool_name: &str,
+    base_dir: &Path,
+) -> anyhow::Result<()> {
+    let url = server.url();
+    let base = format!("{pool_name}/{}", gateway::registry::BASE_NAME);
+    let http = reqwest::blocking::Client::new();
+    let warm = http
+        .post(format!("{url}/v1/completions"))
+        .json(&completion_body(&base))
+        .send()?;
+    if !warm.status().is_success() {
+        bail!("{base}: HTTP {}: {}", warm.status(), warm.text()?);
+    }
+    let handle = rt.block_on(server.state().models.model(Some(&base), None))?;
+    let engine = handle.served.engine.clone();
+    drop(handle);
+    let most = args.decode_sweep.iter().copied().max().unwrap_or(1).max(1);
+    let prompts: Vec<String> = (0..most)
+        .map(|i| long_prompt(&engine, i, args.decode_prompt))
+        .collect::<anyhow::Result<_>>()?;
+    let prompt_ids: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| engine.text_prompt(p))
+        .collect::<Result<_, _>>()?;
+    let mean_prompt =
+        prompt_ids.iter().map(Vec::len).sum::<usize>() as f64 / prompt_ids.len() as f64;
+
+    // The peers, one sequence at a time on the same weights.
+    let ck = runtime::checkpoint::Checkpoint::open("base", base_dir)?;
+    let mut weights = std::collections::HashMap::new();
+    for name in ck.tensors().keys() {
+        weights.insert(
+            name.clone(),
+            ck.tensor(name)?.to_f32_tensor(&candle_core::Device::Cpu)?,
+        );
+    }
+    let pair = super::generate::Pair::from_weights(
+        ModelConfig::from_dir(base_dir)?,
+        weights,
+        &candle_core::Device::Cpu,
+    )?;
+    let peers = super::generate::compare(&pair, &prompt_ids[0], args.decode_tokens, 2)?;
+    drop(pair);
     let greedy = SamplingParams::greedy(args.decode_tokens);
     let t = Instant::now();
-    let mut alone = Vec::with_capacity(n);
-    for p in &prompts {
-        let ids = served.engine.text_prompt(p)?;
-        alone.push(served.engine.generate(&ids, &greedy, &mut |_| true)?);
+    let mut alone = Vec::with_capacity(most);
+    for ids in &prompt_ids {
+        alone.push(engine.generate(ids, &greedy, &mut |_| true)?);
     }
     let alone_s = t.elapsed().as_secs_f64();
     let alone_tokens: usize = alone.iter().map(|c| c.completion_tokens).sum();
-    drop(served);
-    // Resident again (the throughput run evicted it), so no merge is timed.
-    post(&id)?.bytes()?;
-    let metrics = &server.state().metrics;
-    let (steps0, width0) = (
-        metrics.batch_sequences.get_sample_count(),
-        metrics.batch_sequences.get_sample_sum(),
-    );
-    let t = Instant::now();
-    let batched = rt.block_on(decode_batch(&url, &id, &prompts, args.decode_tokens))?;
-    let batched_s = t.elapsed().as_secs_f64();
-    let steps = metrics.batch_sequences.get_sample_count() - steps0;
-    let width = (metrics.batch_sequences.get_sample_sum() - width0) / steps.max(1) as f64;
-    let batched_tokens: usize = batched.iter().map(|(_, k)| k).sum();
-    let same = alone
-        .iter()
-        .zip(&batched)
-        .filter(|(a, (text, _))| &a.text == text)
-        .count();
-    let (alone_rate, batched_rate) = (
-        alone_tokens as f64 / alone_s,
-        batched_tokens as f64 / batched_s,
-    );
+    let alone_rate = alone_tokens as f64 / alone_s;
     println!(
-        "\ndecoding, {n} greedy completions of up to {} tokens on one resident merge:",
+        "\ndecoding on `{base}`, greedy completions of up to {} tokens after {mean_prompt:.0}-token prompts:",
         args.decode_tokens
     );
     println!(
-        "  one at a time, in-process:        {alone_tokens} tokens in {alone_s:.2} s, {alone_rate:.0} tokens/s"
+        "  candle-transformers' Llama, one sequence:  {:.0} tokens/s",
+        peers.reference_tps()
     );
     println!(
-        "  concurrent over HTTP, batched:    {batched_tokens} tokens in {batched_s:.2} s, {batched_rate:.0} tokens/s \
-         ({steps} steps, mean batch {width:.2} sequences)"
+        "  our model's plain loop, one sequence:      {:.0} tokens/s ({:.2}x candle; same tokens: {})",
+        peers.ours_tps(),
+        peers.ratio(),
+        peers.same_tokens
     );
-    println!(
-        "  batched / one at a time:          {:.2}x; texts identical to alone: {same}/{n}",
-        batched_rate / alone_rate
-    );
-    server.stop();
+    println!("  engine unbatched, {most} one after another: {alone_rate:.0} tokens/s");
+    let metrics = &server.state().metrics;
+    let mut one_client = None;
+    for &n in &args.decode_sweep {
+        let n = n.max(1);
+        let requests: Vec<(String, String)> = prompts[..n]
+            .iter()
+            .map(|p| (base.clone(), p.clone()))
+            .collect();
+        let (steps0, width0) = (
+            metrics.batch_sequences.get_sample_count(),
+            metrics.batch_sequences.get_sample_sum(),
+        );
+        let t = Instant::now();
+        let replies = rt.block_on(super::stream::clients(
+            &url,
+            &requests,
+            args.decode_tokens,
+            args.decode_rounds.max(1),
+        ))?;
+        let seconds = t.elapsed().as_secs_f64();
+        let steps = metrics.batch_sequences.get_sample_count() - steps0;
+        let width = (metrics.batch_sequences.get_sample_sum() - width0) / steps.max(1) as f64;
+        let tokens: usize = replies.iter().map(|r| r.tokens).sum();
+        let rate = tokens as f64 / seconds;
+        let base_rate = *one_client.get_or_insert(rate);
+        let same = replies
+            .iter()
+            .enumerate()
+            .filter(|(k, r)| r.text == alone[k / args.decode_rounds.max(1)].text)
+            .count();
+        let (t50, t99, g50, g99) = super::stream::latencies(&replies);
+        println!(
+            "  {n:>2} clients over HTTP, batched: {rate:>6.0} tokens/s = {:.2}x 1 client, {:.2}x candle; \
+             TTFT p50 {t50:.1} ms p99 {t99:.1} ms; ITL p50 {g50:.1} ms p99 {g99:.1} ms; \
+             mean batch {width:.2}; texts as alone {same}/{}",
+            rate / base_rate,
+            rate / peers.reference_tps(),
+            replies.len()
+        );
+    }
     Ok(())
 }
 
@@ -473,44 +576,6 @@ async fn load(url: &str, merges: &[String], clients: usize, duration: Duration) 
         p50,
         p99,
     }
-}
-
-/// `prompts` as concurrent greedy completions of `max_tokens` on `model`:
-/// each one's text and completion tokens, in order.
-async fn decode_batch(
-    url: &str,
-    model: &str,
-    prompts: &[String],
-    max_tokens: usize,
-) -> anyhow::Result<Vec<(String, usize)>> {
-    let http = reqwest::Client::new();
-    let tasks: Vec<_> = prompts
-        .iter()
-        .map(|p| {
-            let body = json!({"model": model, "prompt": p, "max_tokens": max_tokens,
-                "temperature": 0});
-            let (http, url) = (http.clone(), url.to_string());
-            tokio::spawn(async move {
-                let res = http
-                    .post(format!("{url}/v1/completions"))
-                    .json(&body)
-                    .send()
-                    .await?;
-                if !res.status().is_success() {
-                    bail!("HTTP {}: {}", res.status(), res.text().await?);
-                }
-                let v: serde_json::Value = res.json().await?;
-                let text = v["choices"][0]["text"].as_str().unwrap_or("").to_string();
-                let tokens = v["usage"]["completion_tokens"].as_u64().unwrap_or(0) as usize;
-                Ok((text, tokens))
-            })
-        })
-        .collect();
-    let mut out = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        out.push(t.await??);
-    }
-    Ok(out)
 }
 
 /// Runs wrk with a script rotating over the merges; its summary line.

@@ -318,7 +318,7 @@ fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSp
 fn parse_forms(v: &Value) -> Result<Vec<Option<Residency>>> {
     let Value::Sequence(list) = v else {
         return Err(config_err(
-            "`forms` is a list of forms (dense, lowrank, sparse, or {form: lowrank, energy: 0.9})",
+            "`forms` is a list of forms (dense, lowrank, sparse, combination, or {form: lowrank, energy: 0.9})",
         ));
     };
     if list.is_empty() {
@@ -330,7 +330,7 @@ fn parse_forms(v: &Value) -> Result<Vec<Option<Residency>>> {
                 Value::String(name) => Residency {
                     form: Form::parse(name).ok_or_else(|| {
                         config_err(format!(
-                            "`forms`: unknown form `{name}` (expected dense, lowrank or sparse)"
+                            "`forms`: unknown form `{name}` (expected dense, lowrank, sparse or combination)"
                         ))
                     })?,
                     ..Residency::dense()
@@ -343,21 +343,9 @@ fn parse_forms(v: &Value) -> Result<Vec<Option<Residency>>> {
         .collect()
 }
 
-/// A form as a row label shows it: `dense`, `lowrank energy=0.95`,
-/// `lowrank rank=8`, `sparse density=0.1`.
+/// A form as a row label shows it ([`Residency::describe`]).
 fn describe_form(r: Option<&Residency>) -> String {
-    use merger::spec::residency::Truncation;
-    match r {
-        None => "dense".to_string(),
-        Some(r) => match r.form {
-            Form::Dense => "dense".to_string(),
-            Form::Lowrank => match r.truncation() {
-                Truncation::Energy(e) => format!("lowrank energy={e}"),
-                Truncation::Rank(k) => format!("lowrank rank={k}"),
-            },
-            Form::Sparse => format!("sparse density={}", r.density()),
-        },
-    }
+    r.map_or_else(|| "dense".to_string(), Residency::describe)
 }
 
 /// The row of one sweep point.

@@ -63,6 +63,16 @@ pub trait MergeMethod: Send + Sync {
     /// Merges one tensor; returns a tensor of the input shape, in f32 or in
     /// `inputs.out_dtype`.
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor>;
+
+    /// The constant coefficients `(c₀, [cᵢ])` of `experts` models when the
+    /// merge is, for every tensor, `c₀ θ₀ + Σᵢ cᵢ θᵢ` with `c₀ + Σᵢ cᵢ = 1`:
+    /// then it equals `θ_b + c₀ τ₀ + Σᵢ cᵢ τᵢ` for task vectors taken over
+    /// any base θ_b, and can be held as those coefficients over shared task
+    /// vectors (form `combination`). `None` (the default) for every other
+    /// method, and for per-tensor (gradient or filtered) parameters.
+    fn affine_coefficients(&self, _experts: usize) -> Option<(f64, Vec<f64>)> {
+        None
+    }
 }
 
 /// How many expert models a method takes.
@@ -519,6 +529,18 @@ pub fn build_bounded(
     let mut params = Params::with_bounds(info.name, info.params, spec, *bounds);
     let method = build(&mut params)?;
     params.finish()?;
+    if spec.residency.as_ref().is_some_and(|r| r.is_combination())
+        && method.affine_coefficients(n).is_none()
+    {
+        return Err(MergeError::Unsupported {
+            feature: format!("form `combination` for this `{}` merge", info.name),
+            hint: "a combination holds θ₀ + Σᵢ λᵢ τᵢ with constant coefficients: task_arithmetic, \
+                   simple_average, and weighted_average or linear with weights that are \
+                   normalised or sum to 1, none of them per tensor; hold other merges as \
+                   `lowrank` or `sparse`"
+                .into(),
+        });
+    }
     Ok((info, method))
 }
 

@@ -53,6 +53,15 @@ impl Num {
         Ok(self)
     }
 
+    /// The value when it is one number for every tensor (not a gradient
+    /// or a filter list).
+    pub fn constant_value(&self) -> Option<f64> {
+        match self.value {
+            ParamValue::Number(x) => Some(x),
+            _ => None,
+        }
+    }
+
     /// The parameter's name as written.
     pub fn name(&self) -> &str {
         &self.name

@@ -31,6 +31,11 @@ impl MergeMethod for SimpleAverage {
         let coeffs = vec![1.0 / t as f32; t];
         inputs.combine(None, &coeffs)
     }
+
+    /// `(0, [1/T; T])`.
+    fn affine_coefficients(&self, experts: usize) -> Option<(f64, Vec<f64>)> {
+        (experts > 0).then(|| (0.0, vec![1.0 / experts as f64; experts]))
+    }
 }
 
 #[cfg(test)]

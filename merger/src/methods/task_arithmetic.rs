@@ -92,6 +92,27 @@ impl MergeMethod for TaskArithmetic {
         let coeffs: Vec<f32> = experts.iter().map(|&c| c as f32).collect();
         inputs.combine(Some(base_coeff as f32), &coeffs)
     }
+
+    /// `(1 − λ Σ wᵢ/d, [λ wᵢ/d])` with d = Σ wᵢ under `normalize`, else 1.
+    fn affine_coefficients(&self, experts: usize) -> Option<(f64, Vec<f64>)> {
+        let lambda = self.lambda.constant_value()?;
+        let w = self
+            .weights
+            .iter()
+            .map(Num::constant_value)
+            .collect::<Option<Vec<f64>>>()?;
+        if w.len() != experts {
+            return None;
+        }
+        let sum: f64 = w.iter().sum();
+        let divisor = if self.normalize && sum.abs() >= ZERO_SUM {
+            sum
+        } else {
+            1.0
+        };
+        let c: Vec<f64> = w.iter().map(|w| lambda * w / divisor).collect();
+        Some((1.0 - c.iter().sum::<f64>(), c))
+    }
 }
 
 #[cfg(test)]

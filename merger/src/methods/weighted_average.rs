@@ -88,6 +88,26 @@ impl MergeMethod for WeightedAverage {
         let coeffs = self.coefficients(inputs)?;
         inputs.combine(None, &coeffs)
     }
+
+    /// `(0, [wᵢ/Σw])` under `normalize`; without it `(0, [wᵢ])` only when
+    /// the weights sum to 1 (Σ wᵢ θᵢ = (Σ wᵢ) θ_b + Σ wᵢ τᵢ scales the base
+    /// otherwise: no combination of task vectors).
+    fn affine_coefficients(&self, experts: usize) -> Option<(f64, Vec<f64>)> {
+        let w = self
+            .weights
+            .iter()
+            .map(Num::constant_value)
+            .collect::<Option<Vec<f64>>>()?;
+        let sum: f64 = w.iter().sum();
+        if w.len() != experts {
+            return None;
+        }
+        if self.normalize {
+            (sum.abs() >= ZERO_SUM).then(|| (0.0, w.iter().map(|x| x / sum).collect()))
+        } else {
+            ((sum - 1.0).abs() <= 1e-9).then_some((0.0, w))
+        }
+    }
 }
 
 #[cfg(test)]

@@ -76,7 +76,13 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
     if let Some(r) = spec.residency.as_ref().filter(|r| r.is_delta()) {
         let mut form = Map::new();
         form.insert("form".into(), Value::String(r.form.as_str().into()));
-        match r.form {
+        if r.is_combination() {
+            form.insert(
+                "vectors".into(),
+                Value::String(r.shaped_form().as_str().into()),
+            );
+        }
+        match r.shaped_form() {
             Form::Lowrank => match r.truncation() {
                 Truncation::Energy(e) => {
                     form.insert("energy".into(), number(e));
@@ -88,7 +94,7 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
             Form::Sparse => {
                 form.insert("density".into(), number(r.density()));
             }
-            Form::Dense => {}
+            Form::Dense | Form::Combination => {}
         }
         obj.insert("residency".into(), Value::Object(form));
     }

@@ -105,6 +105,9 @@ pub fn to_compact(spec: &MergeSpec) -> String {
     }
     if let Some(r) = &spec.residency {
         params.push(format!("form={}", r.form.as_str()));
+        if let Some(v) = r.vectors {
+            params.push(format!("form_vectors={}", v.as_str()));
+        }
         if let Some(e) = r.energy {
             params.push(format!("form_energy={e}"));
         }
@@ -338,7 +341,7 @@ impl<'a> Parser<'a> {
                 "base" => spec.base = Some(self.checkpoint("a checkpoint name after `base=`")?.1),
                 "seed" => spec.seed = Some(self.seed()?),
                 "dtype" => spec.dtype = Some(self.dtype()?),
-                "form" | "form_energy" | "form_rank" | "form_density" => {
+                "form" | "form_vectors" | "form_energy" | "form_rank" | "form_density" => {
                     self.residency(&key, spec.residency.get_or_insert_with(Residency::dense))?
                 }
                 _ => {
@@ -580,8 +583,8 @@ impl<'a> Parser<'a> {
     }
 
     /// The value of a residency key (`form=lowrank`, `form_energy=0.9`,
-    /// `form_rank=16`, `form_density=0.1`); ranges are checked when the
-    /// spec is validated.
+    /// `form_rank=16`, `form_density=0.1`, `form_vectors=sparse`); ranges
+    /// are checked when the spec is validated.
     fn residency(&mut self, key: &str, r: &mut Residency) -> Result<()> {
         let (start, word) = self.take_while(is_word_char);
         let number = || {
@@ -589,15 +592,19 @@ impl<'a> Parser<'a> {
                 self.error_at(start, format!("`{key}` must be a number, found `{word}`"))
             })
         };
+        let form = || {
+            Form::parse(&word).ok_or_else(|| {
+                self.error_at(
+                    start,
+                    format!(
+                        "unknown form `{word}` (expected dense, lowrank, sparse or combination)"
+                    ),
+                )
+            })
+        };
         match key {
-            "form" => {
-                r.form = Form::parse(&word).ok_or_else(|| {
-                    self.error_at(
-                        start,
-                        format!("unknown form `{word}` (expected dense, lowrank or sparse)"),
-                    )
-                })?
-            }
+            "form" => r.form = form()?,
+            "form_vectors" => r.vectors = Some(form()?),
             "form_energy" => r.energy = Some(number()?),
             "form_density" => r.density = Some(number()?),
             _ => {

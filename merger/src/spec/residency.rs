@@ -1,12 +1,18 @@
 //! How a merge is held in memory: its own full weights (`dense`), or the
 //! delta ΔW = W_merged − W_base over a base model resident once, in a
-//! compact form (`lowrank`, `sparse`). Part of the spec, so part of the
-//! merge id: a compressed merge is a different model from its dense one.
+//! compact form (`lowrank`, `sparse`), or, for a merge that is exactly
+//! θ₀ + Σᵢ λᵢ τᵢ, as its coefficients λᵢ over the experts' task vectors
+//! τᵢ = θᵢ − θ₀, held once per expert in the form `vectors` (lowrank by
+//! default) and shared by every merge of them (`combination`). Part of the
+//! spec, so part of the merge id: a compressed merge is a different model
+//! from its dense one.
 //!
 //! Written as `"residency": {"form": "lowrank", "energy": 0.9}` in a
 //! structured spec, or `form=lowrank,form_energy=0.9` in a compact one
-//! (`form_rank=N`, `form_density=0.05`). Validation is here;
-//! [`crate::residency`] compresses.
+//! (`form_rank=N`, `form_density=0.05`, and for a combination
+//! `form=combination,form_vectors=sparse,form_density=0.1`: the parameters
+//! then shape the task vectors). Validation is here; [`crate::residency`]
+//! compresses.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +37,10 @@ pub enum Form {
     Lowrank,
     /// Each 2-D delta's largest entries by magnitude.
     Sparse,
+    /// Coefficients over the experts' shared task vectors (exact linear
+    /// merges only: task_arithmetic, simple_average, weighted_average,
+    /// linear).
+    Combination,
 }
 
 impl Form {
@@ -40,6 +50,7 @@ impl Form {
             Form::Dense => "dense",
             Form::Lowrank => "lowrank",
             Form::Sparse => "sparse",
+            Form::Combination => "combination",
         }
     }
 
@@ -49,6 +60,7 @@ impl Form {
             "dense" => Some(Form::Dense),
             "lowrank" | "low_rank" => Some(Form::Lowrank),
             "sparse" => Some(Form::Sparse),
+            "combination" => Some(Form::Combination),
             _ => None,
         }
     }
@@ -58,8 +70,13 @@ impl Form {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Residency {
-    /// `dense`, `lowrank` or `sparse`.
+    /// `dense`, `lowrank`, `sparse` or `combination`.
     pub form: Form,
+    /// `combination`: the form each expert's task vector is held in
+    /// (`dense`, `lowrank` or `sparse`; default `lowrank`); `energy`,
+    /// `rank` and `density` then belong to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vectors: Option<Form>,
     /// `lowrank`: the fraction of each delta's energy (Σσ²) kept, in (0, 1];
     /// default [`DEFAULT_ENERGY`] unless `rank` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -88,6 +105,7 @@ impl Residency {
     pub fn dense() -> Self {
         Residency {
             form: Form::Dense,
+            vectors: None,
             energy: None,
             rank: None,
             density: None,
@@ -121,9 +139,62 @@ impl Residency {
         }
     }
 
+    /// A combination over task vectors held as `vectors` (its parameters
+    /// apply to them).
+    pub fn combination(vectors: Residency) -> Self {
+        Residency {
+            form: Form::Combination,
+            vectors: Some(vectors.form),
+            ..vectors
+        }
+    }
+
     /// Whether the merge shares a resident base (any form but dense).
     pub fn is_delta(&self) -> bool {
         self.form != Form::Dense
+    }
+
+    /// Whether the merge is held as coefficients over shared task vectors.
+    pub fn is_combination(&self) -> bool {
+        self.form == Form::Combination
+    }
+
+    /// The form the parameters shape: the task vectors' for a combination
+    /// (lowrank by default), else the form itself.
+    pub fn shaped_form(&self) -> Form {
+        match self.form {
+            Form::Combination => self.vectors.unwrap_or(Form::Lowrank),
+            f => f,
+        }
+    }
+
+    /// The form as a label shows it: `dense`, `lowrank energy=0.95`,
+    /// `lowrank rank=8`, `sparse density=0.1`, `combination of lowrank
+    /// rank=8 task vectors`.
+    pub fn describe(&self) -> String {
+        let shaped = match self.shaped_form() {
+            Form::Lowrank => match self.truncation() {
+                Truncation::Energy(e) => format!("lowrank energy={e}"),
+                Truncation::Rank(k) => format!("lowrank rank={k}"),
+            },
+            Form::Sparse => format!("sparse density={}", self.density()),
+            f => f.as_str().to_string(),
+        };
+        if self.is_combination() {
+            format!("combination of {shaped} task vectors")
+        } else {
+            shaped
+        }
+    }
+
+    /// How each task vector of a combination is held: its form with the
+    /// parameters (for any other form, the residency itself).
+    pub fn vectors_residency(&self) -> Residency {
+        Residency {
+            form: self.shaped_form(),
+            vectors: None,
+            ..self.clone()
+        }
     }
 
     /// The lowrank truncation (energy by default).
@@ -139,18 +210,47 @@ impl Residency {
         self.density.unwrap_or(DEFAULT_DENSITY)
     }
 
-    /// Checks the form's parameters: each belongs to its form, fractions
-    /// lie in (0, 1], `energy` and `rank` exclude each other, and `rank`
-    /// is at least 1 and within `bounds.rank`.
+    /// Checks the form's parameters: each belongs to its form (a
+    /// combination's to its `vectors`), fractions lie in (0, 1], `energy`
+    /// and `rank` exclude each other, and `rank` is at least 1 and within
+    /// `bounds.rank`.
     pub fn validate(&self, bounds: &Bounds) -> Result<()> {
+        match (self.form, self.vectors) {
+            (Form::Combination, Some(Form::Combination)) => {
+                return Err(MergeError::BadParameter {
+                    param: "residency.vectors".into(),
+                    reason: "the task vectors of a combination are held `dense`, `lowrank` or \
+                             `sparse`"
+                        .into(),
+                })
+            }
+            (Form::Combination, _) | (_, None) => {}
+            (form, Some(_)) => {
+                return Err(MergeError::BadParameter {
+                    param: "residency.vectors".into(),
+                    reason: format!(
+                        "`vectors` belongs to form `combination`, not `{}`",
+                        form.as_str()
+                    ),
+                })
+            }
+        }
+        let shaped = self.shaped_form();
         let misplaced = |param: &str, form: &str| MergeError::BadParameter {
             param: format!("residency.{param}"),
-            reason: format!(
-                "`{param}` belongs to form `{form}`, not `{}`",
-                self.form.as_str()
-            ),
+            reason: if self.is_combination() {
+                format!(
+                    "`{param}` belongs to task vectors held `{form}`, not `{}` (set `vectors`)",
+                    shaped.as_str()
+                )
+            } else {
+                format!(
+                    "`{param}` belongs to form `{form}`, not `{}`",
+                    self.form.as_str()
+                )
+            },
         };
-        if self.form != Form::Lowrank {
+        if shaped != Form::Lowrank {
             if self.energy.is_some() {
                 return Err(misplaced("energy", "lowrank"));
             }
@@ -158,7 +258,7 @@ impl Residency {
                 return Err(misplaced("rank", "lowrank"));
             }
         }
-        if self.form != Form::Sparse && self.density.is_some() {
+        if shaped != Form::Sparse && self.density.is_some() {
             return Err(misplaced("density", "sparse"));
         }
         if self.energy.is_some() && self.rank.is_some() {
@@ -294,6 +394,61 @@ mod tests {
         let err = Plan::new(unknown).err().unwrap().to_string();
         assert!(err.contains("unknown merge method"), "{err}");
         assert!(Plan::new(compact("ties_merging(a,b;base=c,form=lowrank)")).is_ok());
+    }
+
+    #[test]
+    fn a_combination_shapes_its_task_vectors() {
+        let b = Bounds::default();
+        let c = compact(
+            "task_arithmetic(a,b;base=c,form=combination,form_vectors=sparse,form_density=0.2)",
+        );
+        let r = c.residency.clone().unwrap();
+        assert_eq!(r, Residency::combination(Residency::sparse(0.2)));
+        assert!(r.validate(&b).is_ok());
+        assert_eq!(r.vectors_residency(), Residency::sparse(0.2));
+        assert_eq!(
+            r.describe(),
+            "combination of sparse density=0.2 task vectors"
+        );
+        assert_eq!(compact(&crate::spec::compact::to_compact(&c)), c);
+        // Lowrank task vectors by default, the energy theirs.
+        let plain = compact("task_arithmetic(a,b;base=c,form=combination)");
+        let r = plain.residency.clone().unwrap();
+        assert_eq!(r.shaped_form(), Form::Lowrank);
+        assert_eq!(
+            r.vectors_residency(),
+            Residency {
+                form: Form::Lowrank,
+                ..Residency::dense()
+            }
+        );
+        assert_eq!(
+            id(&plain),
+            id(&compact(
+                "task_arithmetic(a,b;base=c,form=combination,form_vectors=lowrank,form_energy=0.95)"
+            ))
+        );
+        assert_ne!(id(&plain), id(&c));
+        assert_ne!(
+            id(&plain),
+            id(&compact("task_arithmetic(a,b;base=c,form=lowrank)"))
+        );
+        let err = |r: Residency| r.validate(&b).unwrap_err().to_string();
+        let density_on_lowrank = Residency {
+            density: Some(0.1),
+            ..Residency::combination(Residency::lowrank_rank(4))
+        };
+        assert!(err(density_on_lowrank).contains("task vectors held `sparse`"));
+        let nested = Residency {
+            vectors: Some(Form::Combination),
+            ..Residency::combination(Residency::dense())
+        };
+        assert!(err(nested).contains("residency.vectors"));
+        let stray = Residency {
+            vectors: Some(Form::Sparse),
+            ..Residency::lowrank_rank(4)
+        };
+        assert!(err(stray).contains("belongs to form `combination`"));
     }
 
     #[test]

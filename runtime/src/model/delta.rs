@@ -366,7 +366,9 @@ pub struct DeltaRun<'a> {
 }
 
 /// `y + term(x_run)` for every run with a delta that has a term: the
-/// batched addition of each sequence's own delta product.
+/// batched addition of each sequence's own delta product. Combinations
+/// that share task vectors take one product per shared vector for all
+/// their rows ([`SharedParts`]); every other run its own.
 pub(crate) fn add_runs(
     y: Tensor,
     x: &Tensor,
@@ -385,11 +387,13 @@ pub(crate) fn add_runs(
             None => Ok(y),
         };
     }
+    let shared = SharedParts::of(runs);
     let mut pieces = Vec::with_capacity(runs.len());
     let mut any = false;
     let mut at = 0;
     for run in runs {
         let t = match run.delta {
+            Some(ModelDelta::Combination(_)) if shared.is_some() => None,
             Some(d) => term(d, &x.narrow(1, at, run.rows)?)?,
             None => None,
         };
@@ -397,19 +401,86 @@ pub(crate) fn add_runs(
         any |= pieces.last().is_some_and(Option::is_some);
         at += run.rows;
     }
-    if !any {
-        return Ok(y);
+    let mut y = y;
+    if any {
+        let mut parts = Vec::with_capacity(pieces.len());
+        let mut at = 0;
+        for (run, piece) in runs.iter().zip(pieces) {
+            parts.push(match piece {
+                Some(t) => t.to_dtype(y.dtype())?,
+                None => y.narrow(1, at, run.rows)?.zeros_like()?,
+            });
+            at += run.rows;
+        }
+        y = (y + Tensor::cat(&parts, 1)?)?;
     }
-    let mut parts = Vec::with_capacity(pieces.len());
-    let mut at = 0;
-    for (run, piece) in runs.iter().zip(pieces) {
-        parts.push(match piece {
-            Some(t) => t.to_dtype(y.dtype())?,
-            None => y.narrow(1, at, run.rows)?.zeros_like()?,
-        });
-        at += run.rows;
+    match shared {
+        Some(shared) => shared.add(y, x, runs, &mut term),
+        None => Ok(y),
     }
-    y + Tensor::cat(&parts, 1)?
+}
+
+/// The task vectors the combination runs of a batch read, each with its
+/// coefficient per run (0 where a run does not use it): their terms are
+/// taken over every row at once and scaled row by row,
+///
+/// ```text
+/// y += Σ_p diag(c_p) term_p(x),   c_p[row] = λ_{run(row), p}
+/// ```
+///
+/// so a step costs one product per shared task vector however many
+/// merges of them the batch mixes.
+struct SharedParts<'a> {
+    parts: Vec<(&'a Arc<ModelDelta>, Vec<f64>)>,
+}
+
+impl<'a> SharedParts<'a> {
+    /// The combinations' task vectors; `None` when no vector is read by
+    /// two runs (each run's own terms then cost no more).
+    fn of(runs: &[DeltaRun<'a>]) -> Option<Self> {
+        let mut parts: Vec<(&'a Arc<ModelDelta>, Vec<f64>)> = Vec::new();
+        let mut uses = 0;
+        for (i, run) in runs.iter().enumerate() {
+            let Some(ModelDelta::Combination(ps)) = run.delta else {
+                continue;
+            };
+            for (c, p) in ps {
+                uses += 1;
+                let k = match parts.iter().position(|(q, _)| Arc::ptr_eq(q, p)) {
+                    Some(k) => k,
+                    None => {
+                        parts.push((p, vec![0.0; runs.len()]));
+                        parts.len() - 1
+                    }
+                };
+                parts[k].1[i] += *c;
+            }
+        }
+        (parts.len() < uses).then_some(SharedParts { parts })
+    }
+
+    /// `y` plus every shared vector's scaled term.
+    fn add(
+        self,
+        mut y: Tensor,
+        x: &Tensor,
+        runs: &[DeltaRun],
+        term: &mut impl FnMut(&ModelDelta, &Tensor) -> Result<Option<Tensor>>,
+    ) -> Result<Tensor> {
+        let rows: usize = runs.iter().map(|r| r.rows).sum();
+        for (part, coefficients) in self.parts {
+            let Some(t) = term(part, x)? else { continue };
+            let per_row: Vec<f32> = runs
+                .iter()
+                .zip(&coefficients)
+                .flat_map(|(r, &c)| std::iter::repeat_n(c as f32, r.rows))
+                .collect();
+            let scale = Tensor::from_vec(per_row, (1, rows, 1), x.device())?.to_dtype(t.dtype())?;
+            let term = t.broadcast_mul(&scale)?.to_dtype(y.dtype())?;
+            y = (y + term)?;
+        }
+        Ok(y)
+    }
 }
 
 #[cfg(test)]
@@ -485,6 +556,63 @@ mod tests {
         let y = c.linear_term("w", &x).unwrap().unwrap();
         assert_eq!(y.to_vec2::<f32>().unwrap(), [[3.5]]);
         assert!(c.linear_term("other", &x).unwrap().is_none());
+    }
+
+    #[test]
+    fn combinations_sharing_task_vectors_take_one_product_per_vector() {
+        // τa = [1, 2], τb = [0, 1] (1×2); run 1 (1 row): 0.5 τa + 2 τb,
+        // run 2 (2 rows): −1 τa; a row without a delta between them.
+        let owned = |v: &[f32]| {
+            Arc::new(ModelDelta::Owned(HashMap::from([(
+                "w".to_string(),
+                Arc::new(TensorDelta::Dense(t(v, (1, 2)))),
+            )])))
+        };
+        let (a, b) = (owned(&[1., 2.]), owned(&[0., 1.]));
+        let m1 = ModelDelta::Combination(vec![(0.5, a.clone()), (2.0, b.clone())]);
+        let m2 = ModelDelta::Combination(vec![(-1.0, a.clone())]);
+        // A merge of its own (ΔW = [1, 0]) after them.
+        let own = owned(&[1., 0.]);
+        let x = Tensor::from_vec(
+            vec![1f32, 1., 5., 5., 1., 0., 0., 1., 2., 1.],
+            (1, 5, 2),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let runs = [
+            DeltaRun {
+                rows: 1,
+                delta: Some(&m1),
+            },
+            DeltaRun {
+                rows: 1,
+                delta: None,
+            },
+            DeltaRun {
+                rows: 2,
+                delta: Some(&m2),
+            },
+            DeltaRun {
+                rows: 1,
+                delta: Some(own.as_ref()),
+            },
+        ];
+        let y = Tensor::zeros((1, 5, 1), DType::F32, &Device::Cpu).unwrap();
+        let mut calls = 0;
+        let out = add_runs(y, &x, &runs, |d, x| {
+            calls += 1;
+            d.linear_term("w", x)
+        })
+        .unwrap();
+        // row 0: 0.5·3 + 2·1 = 3.5; row 1: none; row 2: −1·1 = −1;
+        // row 3: −1·2 = −2; row 4: its own 1·2 = 2.
+        assert_eq!(
+            out.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            [3.5, 0., -1., -2., 2.]
+        );
+        // One product per task vector (2), not one per combination's part
+        // (3), and the merge of its own: 3.
+        assert_eq!(calls, 3);
     }
 
     #[test]
