@@ -42,7 +42,8 @@ pub struct ServeBenchArgs {
     /// random pool of `--hidden` x `--layers` written to `--work`.
     #[arg(long)]
     pool: Option<PathBuf>,
-    /// Folder of the random pool (written when missing).
+    /// Folder of the random pools, suffixed `-h<hidden>-l<layers>` (part
+    /// 4's `-lowrank-h<hidden>-l<layers>`); written when missing.
     #[arg(long, default_value = "target/bench-serve-pool")]
     work: PathBuf,
     /// Hidden size of the random pool's models.
@@ -216,14 +217,19 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
     let pool_dir = match &args.pool {
         Some(p) => p.clone(),
         None => {
+            // One folder per shape: a pool written at another size is
+            // never reused.
+            let mut work = args.work.clone().into_os_string();
+            work.push(format!("-h{}-l{}", args.hidden, args.layers));
+            let work = PathBuf::from(work);
             eprintln!(
                 "writing a random pool (hidden {}, {} layers) to {} ...",
                 args.hidden,
                 args.layers,
-                args.work.display()
+                work.display()
             );
-            write_random_pool(&args.work, args.hidden, args.layers)?;
-            args.work.clone()
+            write_random_pool(&work, args.hidden, args.layers)?;
+            work
         }
     };
     let mut probe = Config::from_yaml(

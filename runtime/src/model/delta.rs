@@ -269,6 +269,22 @@ impl ModelDelta {
         }
     }
 
+    /// The compact deltas of tensor `name` with their coefficients: this
+    /// merge's own (coefficient 1), or a combination's task vectors' (each
+    /// scaled by its λ, nested combinations flattened).
+    pub fn parts_of(&self, name: &str) -> Vec<(f64, &TensorDelta)> {
+        match self {
+            ModelDelta::Owned(m) => m
+                .get(name)
+                .map(|d| vec![(1.0, d.as_ref())])
+                .unwrap_or_default(),
+            ModelDelta::Combination(parts) => parts
+                .iter()
+                .flat_map(|(c, d)| d.parts_of(name).into_iter().map(move |(k, t)| (c * k, t)))
+                .collect(),
+        }
+    }
+
     /// The tensors it holds, with their deltas (the parts' for a
     /// combination, each once).
     pub fn tensors(&self) -> Vec<(&str, &TensorDelta)> {

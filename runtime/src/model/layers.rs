@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::delta::{add_runs, DeltaRun};
+use super::host_terms::{linear_terms, HostTerms};
 use super::weights::Weights;
 
 /// Receives the input of every linear layer during a forward pass (RegMean's
@@ -145,25 +146,40 @@ impl Linear {
         let y = self.inner.forward(x)?;
         match hooks.deltas {
             None => Ok(y),
-            Some(runs) => add_runs(y, x, runs, |d, x| {
-                let term = d.linear_term(self.delta_name.as_deref().unwrap_or(&self.name), x)?;
-                let bias = match &self.bias_name {
-                    Some(b) => d.vector(b)?,
-                    None => None,
-                };
-                Ok(match (term, bias) {
-                    (t, None) => t,
-                    (None, Some(b)) => {
-                        let mut shape = x.dims().to_vec();
-                        if let Some(last) = shape.last_mut() {
-                            *last = b.dim(0)?;
-                        }
-                        Some(b.to_dtype(x.dtype())?.broadcast_as(shape)?.contiguous()?)
-                    }
-                    (Some(t), Some(b)) => Some(t.broadcast_add(&b.to_dtype(t.dtype())?)?),
-                })
-            }),
+            Some(runs) => {
+                let weight = self.delta_name.as_deref().unwrap_or(&self.name);
+                let out = y.dim(D::Minus1)?;
+                match linear_terms(x, runs, weight, self.bias_name.as_deref(), out)? {
+                    HostTerms::Term(t) => return y + t,
+                    HostTerms::Nothing => return Ok(y),
+                    HostTerms::Unsupported => {}
+                }
+                self.tensor_terms(y, x, runs)
+            }
         }
+    }
+
+    /// `y` plus every run's delta term, as tensor operations (any device
+    /// and dtype, every form).
+    fn tensor_terms(&self, y: Tensor, x: &Tensor, runs: &[DeltaRun]) -> Result<Tensor> {
+        add_runs(y, x, runs, |d, x| {
+            let term = d.linear_term(self.delta_name.as_deref().unwrap_or(&self.name), x)?;
+            let bias = match &self.bias_name {
+                Some(b) => d.vector(b)?,
+                None => None,
+            };
+            Ok(match (term, bias) {
+                (t, None) => t,
+                (None, Some(b)) => {
+                    let mut shape = x.dims().to_vec();
+                    if let Some(last) = shape.last_mut() {
+                        *last = b.dim(0)?;
+                    }
+                    Some(b.to_dtype(x.dtype())?.broadcast_as(shape)?.contiguous()?)
+                }
+                (Some(t), Some(b)) => Some(t.broadcast_add(&b.to_dtype(t.dtype())?)?),
+            })
+        })
     }
 }
 

@@ -23,6 +23,7 @@ mod batch;
 mod cache;
 pub mod config;
 pub mod delta;
+mod host_terms;
 pub mod layers;
 pub mod paged;
 pub mod random;
