@@ -477,7 +477,7 @@ fn held_as_delta(
     opts: &ModelOptions,
     cancel: &Cancel,
 ) -> Result<(Servable, ResidencyReport)> {
-    let base = delta_base(reference, opts)?;
+    let base = crate::load::load_checkpoint(reference, opts)?;
     let (model, base_bytes, side_files) = decoder_of(&base)?;
     let compressed = crate::residency::compress(
         &tensors,
@@ -495,29 +495,13 @@ fn held_as_delta(
     ))
 }
 
-/// The text model a delta is held over: `reference` loaded (its
-/// [`Servable::decoder`] is there); an embedding model is refused.
-fn delta_base(
-    reference: &runtime::checkpoint::Checkpoint,
-    opts: &ModelOptions,
-) -> Result<Servable> {
-    let base = crate::load::load_checkpoint(reference, opts)?;
-    if base.decoder().is_none() {
-        return Err(MergeError::Unsupported {
-            feature: "a merge held as a delta over an embedding model".into(),
-            hint: "lowrank, sparse and combination forms serve text-generation models; drop \
-                   `form`"
-                .into(),
-        });
-    }
-    Ok(base)
-}
-
-/// The base's text model, its bytes and side files.
+/// The text model of a loaded base a delta is held over, its bytes and
+/// side files; an embedding model is refused.
 fn decoder_of(base: &Servable) -> Result<(&runtime::model::Model, u64, PathBuf)> {
     let model = base.decoder().ok_or_else(|| MergeError::Unsupported {
         feature: "a merge held as a delta over an embedding model".into(),
-        hint: "drop `form`".into(),
+        hint: "lowrank, sparse and combination forms serve text-generation models; drop `form`"
+            .into(),
     })?;
     Ok((model, base.resident_bytes, base.side_files.clone()))
 }
@@ -537,7 +521,7 @@ fn held_as_combination(
         feature: format!("form `combination` for `{}`", plan.info().name),
         hint: "hold the merge as `lowrank` or `sparse`".into(),
     })?;
-    let base = delta_base(reference, opts)?;
+    let base = crate::load::load_checkpoint(reference, opts)?;
     let (model, base_bytes, side_files) = decoder_of(&base)?;
     let mut vectors = Vec::new();
     for (ck, c) in coefficients {
@@ -616,20 +600,25 @@ mod tests {
         assert!(matches!(err, Some(MergeError::Unsupported { .. })));
     }
 
-    #[test]
-    fn a_model_built_in_memory_equals_the_one_written_and_loaded() {
-        let p = pool(2, false, 0.05, DType::F32);
-        let open = |name: &str| p.open(name);
-        let cancel = Cancel::new();
-        let run = Run {
-            open: &open,
+    /// A run on the CPU opening checkpoints with `open`, no calibration.
+    fn cpu_run<'a>(open: Opener<'a>, cancel: &'a Cancel) -> Run<'a> {
+        Run {
+            open,
             calibration: &[],
             sources: &[],
             stats: None,
             device: &Device::Cpu,
             progress: false,
-            cancel: &cancel,
-        };
+            cancel,
+        }
+    }
+
+    #[test]
+    fn a_model_built_in_memory_equals_the_one_written_and_loaded() {
+        let p = pool(2, false, 0.05, DType::F32);
+        let open = |name: &str| p.open(name);
+        let cancel = Cancel::new();
+        let run = cpu_run(&open, &cancel);
         let ids = random_ids(2, 6, 48, 3);
         for spec in [
             p.spec("ties_merging"),
@@ -686,15 +675,7 @@ mod tests {
         let p = pool(3, false, 0.05, DType::F32);
         let open = |name: &str| p.open(name);
         let cancel = Cancel::new();
-        let run = Run {
-            open: &open,
-            calibration: &[],
-            sources: &[],
-            stats: None,
-            device: &Device::Cpu,
-            progress: false,
-            cancel: &cancel,
-        };
+        let run = cpu_run(&open, &cancel);
         let ids = random_ids(2, 6, 48, 3);
         let dense_vectors = Residency::combination(Residency::dense());
         for spec in [

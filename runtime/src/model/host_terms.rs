@@ -286,6 +286,7 @@ mod tests {
 
     use super::*;
     use crate::model::delta::{add_runs, ModelDelta};
+    use crate::model::tests::max_abs_diff;
 
     fn randn(shape: &[usize], seed: u64) -> Tensor {
         let n: usize = shape.iter().product();
@@ -365,16 +366,7 @@ mod tests {
         let HostTerms::Term(got) = linear_terms(&x, &runs, "w", Some("b"), out).unwrap() else {
             panic!("the host pass takes these deltas")
         };
-        let d = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_abs_diff(&got, &want);
         assert!(d < 1e-5, "{d}");
         // A dense 2-D delta is the tensor path's; an untouched layer nothing.
         let dense = ModelDelta::Owned(HashMap::from([one(
