@@ -125,6 +125,8 @@ async fn generate_batched(
             SchedulerEvent::Done(Err(e)) => tx
                 .send(Event::Failed(GatewayError::at_runtime(Stage::Execution, e)))
                 .is_ok(),
+            // A generation's sink never receives a scoring's end.
+            SchedulerEvent::Scored(_) => false,
         });
         scheduler
             .submit_with(ids, &params, Priority::Traffic, engine.batch_delta(), sink)

@@ -1,11 +1,12 @@
 //! The scorer of scheduled evaluations: the served model ([`Runnable`])
 //! behind the gateway's generation admission.
 //!
-//! Greedy generations of a batched model join its continuous batch at
-//! [`Priority::Background`]: they enter the running batch only when no
-//! request of a client waits, and a full queue makes them wait, not fail.
-//! Every other scorer call (one batch of log-likelihoods, a generation of
-//! a model that is not batched, embeddings) takes one generation slot of
+//! Greedy generations and log-likelihoods of a batched model join its
+//! continuous batch at [`Priority::Background`] (a log-likelihood is a
+//! sequence whose prompt is read and whose last predictions are scored):
+//! they enter the running batch only when no request of a client waits,
+//! and a full queue makes them wait, not fail. Every other scorer call (a
+//! model that is not batched, embeddings) takes one generation slot of
 //! [`Admission`] and gives it back when the call returns, so evaluations
 //! share `server.limits.max_concurrent_generations` with traffic. They take
 //! a slot only when one is free and no request is waiting
@@ -83,7 +84,7 @@ impl<'a> AdmittedScorer<'a> {
             }
             let tx = tx.clone();
             let sink = Box::new(move |ev| match ev {
-                SchedulerEvent::Token(_) => true,
+                SchedulerEvent::Token(_) | SchedulerEvent::Scored(_) => true,
                 SchedulerEvent::Done(done) => tx.send(done).is_ok(),
             });
             let delta = self.delta.clone();
@@ -99,6 +100,55 @@ impl<'a> AdmittedScorer<'a> {
             reason: "the batch ended the generation without a result".to_string(),
         })?;
         Ok(done?.text)
+    }
+
+    /// Log-likelihoods scored in the batch at background priority: every
+    /// pair is a sequence of its own whose prompt chunks join the steps
+    /// (the numbers of [`Scorer::loglikelihood_batch`] of the model alone,
+    /// within rounding).
+    fn score_batched(
+        &self,
+        batch: &Scheduler,
+        pairs: &[(String, String)],
+    ) -> evaluator::Result<Vec<Loglikelihood>> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        for (i, (context, continuation)) in pairs.iter().enumerate() {
+            let request = batch.model().score_request(context, continuation)?;
+            loop {
+                if (self.stopping)() {
+                    return Err(Self::shutting_down());
+                }
+                let tx = tx.clone();
+                let sink = Box::new(move |ev| match ev {
+                    SchedulerEvent::Scored(r) => tx.send((i, r)).is_ok(),
+                    _ => true,
+                });
+                let delta = self.delta.clone();
+                match batch.submit_score(request.clone(), Priority::Background, delta, sink) {
+                    Ok(()) => break,
+                    Err(RuntimeError::QueueFull { .. }) => std::thread::sleep(RETRY),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        drop(tx);
+        let mut out = vec![None; pairs.len()];
+        for (i, r) in rx.iter() {
+            let r = r?;
+            out[i] = Some(Loglikelihood {
+                logprob: r.logprob,
+                tokens: r.tokens,
+                is_greedy: r.is_greedy,
+            });
+        }
+        out.into_iter()
+            .map(|r| {
+                r.ok_or_else(|| EvalError::Scoring {
+                    task: "(any)".to_string(),
+                    reason: "the batch ended a scoring without a result".to_string(),
+                })
+            })
+            .collect()
     }
 
     /// Blocks (a rayon or blocking-pool thread, never the async runtime)
@@ -121,6 +171,9 @@ impl Scorer for AdmittedScorer<'_> {
         &self,
         pairs: &[(String, String)],
     ) -> evaluator::Result<Vec<Loglikelihood>> {
+        if let Some(batch) = self.batch {
+            return self.score_batched(batch, pairs);
+        }
         let _slot = self.slot()?;
         Scorer::loglikelihood_batch(self.model, pairs)
     }

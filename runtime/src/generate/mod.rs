@@ -27,7 +27,7 @@ pub use sampling::{Sampler, SamplingParams};
 pub use scheduler::{
     EventSink, NoObserver, Priority, Scheduler, SchedulerEvent, SchedulerLimits, StepObserver,
 };
-pub use scoring::LogLikelihood;
+pub use scoring::{LogLikelihood, ScoreRequest};
 pub use sequence::Sequence;
 pub use stop::{StopMatcher, StopStep};
 pub use template::{ChatMessage, ChatTemplate, RenderedChat};

@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use candle_core::DType;
 
 use super::sampling::SamplingParams;
+use super::scoring::{LogLikelihood, ScoreRequest};
 use super::sequence::Sequence;
 use super::text_model::{Completion, TextModel, TokenEvent};
 use crate::error::{Result, RuntimeError};
@@ -124,6 +125,9 @@ pub enum SchedulerEvent {
     Token(TokenEvent),
     /// The end: the completion, or why generation failed.
     Done(Result<Completion>),
+    /// The end of a scoring ([`Scheduler::submit_score`]): the
+    /// continuation's log-likelihood, or why it failed.
+    Scored(Result<LogLikelihood>),
 }
 
 /// Where a generation's events go; returns false when the receiver is
@@ -151,9 +155,56 @@ pub struct NoObserver;
 
 impl StepObserver for NoObserver {}
 
+/// What a sequence of the batch is for.
+enum Work {
+    /// A generation, with its sampling state.
+    Generate(Box<Sequence>),
+    /// A log-likelihood: the prompt is read, and the predictions of its
+    /// last positions are scored against the continuation.
+    Score(Scoring),
+}
+
+/// A scoring under way: `cont[j]` is the target of the prediction after
+/// prompt position `at + j`.
+struct Scoring {
+    cont: Vec<u32>,
+    at: usize,
+    logprob: f64,
+    greedy: bool,
+}
+
+impl Scoring {
+    /// Adds the prediction after prompt position `pos`.
+    fn add(&mut self, pos: usize, logits: &[f32]) {
+        let Some(&target) = pos.checked_sub(self.at).and_then(|j| self.cont.get(j)) else {
+            return;
+        };
+        let (mut best, mut max) = (0usize, f32::NEG_INFINITY);
+        for (i, &l) in logits.iter().enumerate() {
+            if l > max {
+                (best, max) = (i, l);
+            }
+        }
+        let sum: f32 = logits.iter().map(|&l| (l - max).exp()).sum();
+        let lp = logits
+            .get(target as usize)
+            .map_or(f32::NEG_INFINITY, |&l| l - max - sum.ln());
+        self.logprob += lp as f64;
+        self.greedy &= best == target as usize;
+    }
+
+    fn result(&self) -> LogLikelihood {
+        LogLikelihood {
+            logprob: self.logprob,
+            is_greedy: self.greedy,
+            tokens: self.cont.len(),
+        }
+    }
+}
+
 /// A submitted request, waiting.
 struct Job {
-    seq: Sequence,
+    work: Work,
     delta: Option<Arc<ModelDelta>>,
     prompt: Vec<u32>,
     sink: EventSink,
@@ -324,12 +375,80 @@ impl Scheduler {
         }
         let job = Job {
             blocks: self.pool.blocks_for(positions),
-            seq,
+            work: Work::Generate(Box::new(seq)),
             delta,
             prompt,
             sink,
             arrived: Instant::now(),
         };
+        self.enqueue(job, priority)
+    }
+
+    /// Queues the scoring of `request` (made by
+    /// [`TextModel::score_request`] of this scheduler's model): its
+    /// continuation's log-likelihood after its context, from the same
+    /// batched steps as generation (prompt chunks within
+    /// `max_batch_tokens`), under the merge held as `delta` when there is
+    /// one. `sink` receives one [`SchedulerEvent::Scored`]. Refused like a
+    /// generation when it could never fit or the queue is full.
+    pub fn submit_score(
+        &self,
+        request: ScoreRequest,
+        priority: Priority,
+        delta: Option<Arc<ModelDelta>>,
+        mut sink: EventSink,
+    ) -> Result<()> {
+        let ScoreRequest { input, cont } = request;
+        if cont.is_empty() {
+            sink(SchedulerEvent::Scored(Ok(LogLikelihood {
+                logprob: 0.0,
+                is_greedy: true,
+                tokens: 0,
+            })));
+            return Ok(());
+        }
+        let config = self.model.model().config();
+        let vocab = config.vocab_size;
+        if let Some(&bad) = input.iter().chain(&cont).find(|&&t| t as usize >= vocab) {
+            return Err(RuntimeError::InvalidInput(format!(
+                "token id {bad} is outside the vocabulary ({vocab} tokens)"
+            )));
+        }
+        if input.len() < cont.len() || input.len() > config.max_position_embeddings {
+            return Err(RuntimeError::InvalidInput(format!(
+                "a scoring of {} continuation tokens over {} input tokens (the model's \
+                 context is {})",
+                cont.len(),
+                input.len(),
+                config.max_position_embeddings
+            )));
+        }
+        if !self.pool.could_hold(input.len()) {
+            return Err(RuntimeError::InvalidInput(format!(
+                "scoring {} tokens needs {} bytes of key/value cache; the bound \
+                 (kv_cache_bytes) is {}",
+                input.len(),
+                self.pool.blocks_for(input.len()) as u64 * self.pool.block_bytes(),
+                self.pool.limit_bytes()
+            )));
+        }
+        let job = Job {
+            blocks: self.pool.blocks_for(input.len()),
+            work: Work::Score(Scoring {
+                at: input.len() - cont.len(),
+                cont,
+                logprob: 0.0,
+                greedy: true,
+            }),
+            delta,
+            prompt: input,
+            sink,
+            arrived: Instant::now(),
+        };
+        self.enqueue(job, priority)
+    }
+
+    fn enqueue(&self, job: Job, priority: Priority) -> Result<()> {
         let mut q = self.shared.lock();
         let free = self.limits.max_running_sequences.saturating_sub(q.running);
         if q.waiting() >= self.limits.queue_depth + free {
@@ -361,6 +480,7 @@ impl Drop for Scheduler {
 /// A sequence of the running batch.
 struct Active {
     seq: Option<Sequence>,
+    score: Option<Scoring>,
     delta: Option<Arc<ModelDelta>>,
     prompt: Vec<u32>,
     /// Prompt tokens read so far.
@@ -380,8 +500,24 @@ struct Active {
 
 impl Active {
     fn fail(&mut self, e: RuntimeError) {
-        self.end = Some(SchedulerEvent::Done(Err(e)));
+        self.end = Some(if self.score.is_some() {
+            SchedulerEvent::Scored(Err(e))
+        } else {
+            SchedulerEvent::Done(Err(e))
+        });
         self.done = true;
+    }
+
+    /// The logits this step's `fed` tokens need: the last row of a
+    /// generation's (its prompt's last chunk, or a decoded token), every
+    /// scored position of a scoring's chunk.
+    fn picks(&self, fed: usize) -> usize {
+        let to = self.read + fed;
+        match &self.score {
+            Some(s) => to.saturating_sub(s.at.max(self.read)),
+            None if self.next.is_some() || to >= self.prompt.len() => 1,
+            None => 0,
+        }
     }
 }
 
@@ -418,8 +554,13 @@ impl StepLoop {
                         }
                         let Some(job) = queue.pop_front() else { break };
                         self.observer.admitted(job.arrived.elapsed().as_secs_f64());
+                        let (seq, score) = match job.work {
+                            Work::Generate(seq) => (Some(*seq), None),
+                            Work::Score(s) => (None, Some(s)),
+                        };
                         self.running.push(Active {
-                            seq: Some(job.seq),
+                            seq,
+                            score,
                             delta: job.delta,
                             prompt: job.prompt,
                             read: 0,
@@ -521,6 +662,10 @@ impl StepLoop {
             .filter(|&i| feeds[i].is_some())
             .collect();
         order.sort_by_key(|&i| key(&self.running[i]));
+        let picks: Vec<usize> = order
+            .iter()
+            .map(|&i| self.running[i].picks(feeds[i].as_ref().map_or(0, Vec::len)))
+            .collect();
         let mut slots: Vec<Option<&mut Active>> = self.running.iter_mut().map(Some).collect();
         let mut inputs: Vec<BatchInput> = order
             .iter()
@@ -538,7 +683,7 @@ impl StepLoop {
         let rows = self
             .model
             .model()
-            .forward_batch(&mut inputs)
+            .forward_batch_rows(&mut inputs, &picks)
             .and_then(|l| Ok(l.to_dtype(DType::F32)?.to_vec2::<f32>()?));
         drop(inputs);
         let rows = match rows {
@@ -555,17 +700,33 @@ impl StepLoop {
                 return;
             }
         };
-        for (&i, mut row) in order.iter().zip(rows) {
+        let mut rows = rows.into_iter();
+        for (&i, &k) in order.iter().zip(&picks) {
+            let mine: Vec<Vec<f32>> = rows.by_ref().take(k).collect();
             let (a, Some(fed)) = (&mut self.running[i], &feeds[i]) else {
                 continue;
             };
+            if let Some(s) = a.score.as_mut() {
+                let to = a.read + fed.len();
+                for (j, row) in mine.iter().enumerate() {
+                    s.add(to - k + j, row);
+                }
+                a.read = to;
+                if a.read >= a.prompt.len() {
+                    a.end = Some(SchedulerEvent::Scored(Ok(s.result())));
+                    a.done = true;
+                }
+                continue;
+            }
             if a.next.take().is_none() {
                 a.read += fed.len();
                 if a.read < a.prompt.len() {
                     continue; // the prompt's next chunk comes next step
                 }
             }
-            accept(&self.model, self.observer.as_ref(), a, &mut row);
+            if let Some(mut row) = mine.into_iter().next() {
+                accept(&self.model, self.observer.as_ref(), a, &mut row);
+            }
         }
         self.observer
             .step(sequences, tokens, started.elapsed().as_secs_f64());

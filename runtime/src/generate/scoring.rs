@@ -39,12 +39,15 @@ const LOGITS_BUDGET: usize = 256 << 20;
 /// scores a batch holds, and how long a cancelled request runs on.
 const EMBED_BATCH_TOKENS: usize = 8192;
 
-/// One scoring request, tokenized.
-struct Scored {
+/// One scoring request, tokenized the way lm-eval does
+/// ([`TextModel::score_request`]); a [`crate::generate::Scheduler`] scores
+/// it in its batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScoreRequest {
     /// Model input (context and continuation minus the last token).
-    input: Vec<u32>,
+    pub(crate) input: Vec<u32>,
     /// Continuation ids (the targets of the last `cont.len()` positions).
-    cont: Vec<u32>,
+    pub(crate) cont: Vec<u32>,
 }
 
 impl TextModel {
@@ -57,7 +60,7 @@ impl TextModel {
     /// [`TextModel::loglikelihood`] of many pairs, in batches (right
     /// padding, longest first); results in the order of `pairs`.
     pub fn loglikelihood_batch(&self, pairs: &[(String, String)]) -> Result<Vec<LogLikelihood>> {
-        let reqs: Vec<Scored> = pairs
+        let reqs: Vec<ScoreRequest> = pairs
             .iter()
             .map(|(c, x)| self.prepare(c, x))
             .collect::<Result<_>>()?;
@@ -71,7 +74,7 @@ impl TextModel {
             let width = reqs[order[start]].input.len().max(1);
             let rows = (LOGITS_BUDGET / (width * vocab * 4)).max(1);
             let chunk = &order[start..(start + rows).min(order.len())];
-            let batch: Vec<&Scored> = chunk.iter().map(|&i| &reqs[i]).collect();
+            let batch: Vec<&ScoreRequest> = chunk.iter().map(|&i| &reqs[i]).collect();
             for (&i, r) in chunk.iter().zip(self.score(&batch)?) {
                 out[i] = Some(r);
             }
@@ -81,6 +84,12 @@ impl TextModel {
             .into_iter()
             .map(|r| r.expect("every pair scored"))
             .collect())
+    }
+
+    /// `(context, continuation)` tokenized for scoring, as
+    /// [`TextModel::loglikelihood`] tokenizes it.
+    pub fn score_request(&self, context: &str, continuation: &str) -> Result<ScoreRequest> {
+        self.prepare(context, continuation)
     }
 
     /// Mean-pooled final hidden states of each text (tokenized with
@@ -163,7 +172,7 @@ impl TextModel {
     }
 
     /// Tokenizes one request the way lm-eval does.
-    fn prepare(&self, context: &str, continuation: &str) -> Result<Scored> {
+    fn prepare(&self, context: &str, continuation: &str) -> Result<ScoreRequest> {
         let keep = context.trim_end().len();
         let (context, moved) = context.split_at(keep);
         let continuation = format!("{moved}{continuation}");
@@ -192,7 +201,7 @@ impl TextModel {
         let from = ids.len().saturating_sub(max_pos + 1);
         let mut input = ids.split_off(from);
         input.pop();
-        Ok(Scored { input, cont })
+        Ok(ScoreRequest { input, cont })
     }
 
     /// Ids `(batch, width)` right-padded with the pad token (or 0).
@@ -211,7 +220,7 @@ impl TextModel {
     }
 
     /// Scores a batch of prepared requests in one forward pass.
-    fn score(&self, reqs: &[&Scored]) -> Result<Vec<LogLikelihood>> {
+    fn score(&self, reqs: &[&ScoreRequest]) -> Result<Vec<LogLikelihood>> {
         let vocab = self.model().config().vocab_size;
         for r in reqs {
             if let Some(&bad) = r
@@ -225,7 +234,7 @@ impl TextModel {
                 )));
             }
         }
-        let scored: Vec<&Scored> = reqs
+        let scored: Vec<&ScoreRequest> = reqs
             .iter()
             .copied()
             .filter(|r| !r.cont.is_empty())

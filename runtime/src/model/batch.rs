@@ -23,6 +23,7 @@ use candle_core::{DType, IndexOp, Tensor};
 
 use super::attention::causal_mask;
 use super::delta::{DeltaRun, ModelDelta};
+use super::host_attention;
 use super::layers::Hooks;
 use super::paged::PagedCache;
 use super::transformer::{norm_names, Model, FINAL_NORM};
@@ -48,6 +49,9 @@ fn runs_of<'a>(
 ) -> Vec<DeltaRun<'a>> {
     let mut runs: Vec<DeltaRun<'a>> = Vec::new();
     for (i, it) in items.iter().enumerate() {
+        if rows(i) == 0 {
+            continue;
+        }
         let delta = it.delta.or(own);
         match runs.last_mut() {
             Some(last) if same(last.delta, delta) => last.rows += rows(i),
@@ -83,6 +87,22 @@ impl Model {
     /// Blocks for the new positions are reserved here; a pool that refuses
     /// them is an error that names the bound, and no cache changes.
     pub fn forward_batch(&self, items: &mut [BatchInput]) -> Result<Tensor> {
+        let last = vec![1; items.len()];
+        self.forward_batch_rows(items, &last)
+    }
+
+    /// [`Model::forward_batch`] returning the logits after each of the last
+    /// `picks[i]` tokens of item `i` (none for 0: a chunk of a prompt whose
+    /// predictions nobody reads), item after item: `(Σ picks, vocab)`.
+    /// Scoring reads the predictions of every continuation token this way.
+    pub fn forward_batch_rows(&self, items: &mut [BatchInput], picks: &[usize]) -> Result<Tensor> {
+        if picks.len() != items.len() {
+            return Err(RuntimeError::Model(format!(
+                "{} logit counts for a batch of {} sequences",
+                picks.len(),
+                items.len()
+            )));
+        }
         if !self.batchable() {
             return Err(RuntimeError::Model(
                 "this model keeps per-sequence MLP state (a routed merge) and cannot be batched"
@@ -111,6 +131,13 @@ impl Model {
                     "sequence of {end} tokens exceeds max_position_embeddings ({max_pos})"
                 )));
             }
+        }
+        if let Some(i) = (0..items.len()).find(|&i| picks[i] > items[i].tokens.len()) {
+            return Err(RuntimeError::Model(format!(
+                "sequence {i} of the batch asks for the logits of {} rows and adds {} tokens",
+                picks[i],
+                items[i].tokens.len()
+            )));
         }
         // Reserve every block first, so a refusal leaves the caches alone.
         let need: usize = items
@@ -146,19 +173,27 @@ impl Model {
         let ids = Tensor::from_vec(ids, (1, n), &self.device)?;
         let dtype = self.attention_dtype();
         let tables = self.rope.tables_of(&spans, self.dtype, &self.device)?;
-        let masks = spans
-            .iter()
-            .map(|&(start, t)| {
-                if t > 1 {
-                    causal_mask(t, start, dtype, &self.device).map(Some)
-                } else {
-                    Ok(None)
-                }
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        // The tensor path's masks, made the first time a layer needs them.
+        let masks = std::cell::OnceCell::new();
+        let masks = || -> candle_core::Result<&Vec<Option<Tensor>>> {
+            if masks.get().is_none() {
+                let made = spans
+                    .iter()
+                    .map(|&(start, t)| {
+                        if t > 1 {
+                            causal_mask(t, start, dtype, &self.device).map(Some)
+                        } else {
+                            Ok(None)
+                        }
+                    })
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                let _ = masks.set(made);
+            }
+            Ok(masks.get().unwrap_or_else(|| unreachable!()))
+        };
         let own = self.delta.as_deref();
         let row_runs = runs_of(items, own, |i| spans[i].1);
-        let last_runs = runs_of(items, own, |_| 1);
+        let last_runs = runs_of(items, own, |i| picks[i]);
         let any_delta = row_runs.iter().any(|r| r.delta.is_some());
         let row_runs = any_delta.then_some(row_runs.as_slice());
         let last_runs = any_delta.then_some(last_runs.as_slice());
@@ -177,35 +212,57 @@ impl Model {
             let v = heads(a.v.forward(&h, hooks)?, a.kv_heads)?.contiguous()?;
             let q = self.rope.apply(&q, &tables)?;
             let k = self.rope.apply(&k, &tables)?;
-            let mut ys = Vec::with_capacity(items.len());
             let mut row = 0;
-            for (it, (&(start, t), mask)) in items.iter().zip(spans.iter().zip(&masks)) {
+            for (it, &(_, t)) in items.iter().zip(&spans) {
                 let k_new = k.narrow(2, row, t)?.i(0)?;
                 let v_new = v.narrow(2, row, t)?.i(0)?;
                 it.cache.write(layer, &k_new, &v_new)?;
-                let (ks, vs) = it.cache.read(layer, start + t)?;
-                let qs = q.narrow(2, row, t)?;
-                ys.push(a.mix(&qs, ks, vs, mask.as_ref(), dtype, false)?);
                 row += t;
             }
-            let y = if ys.len() == 1 {
-                ys.pop().unwrap_or_else(|| unreachable!())
-            } else {
-                Tensor::cat(&ys, 2)?
+            let caches: Vec<&PagedCache> = items.iter().map(|it| &*it.cache).collect();
+            let shape = host_attention::Shape {
+                heads: a.heads,
+                kv_heads: a.kv_heads,
+                head_dim: a.head_dim,
             };
-            let y = y.transpose(1, 2)?.reshape((1, n, a.heads * a.head_dim))?;
+            let y = match host_attention::attend(&q, &caches, &spans, layer, &shape) {
+                Some(y) => y?,
+                None => {
+                    let mut ys = Vec::with_capacity(items.len());
+                    let mut row = 0;
+                    for (it, (&(start, t), mask)) in items.iter().zip(spans.iter().zip(masks()?)) {
+                        let (ks, vs) = it.cache.read(layer, start + t)?;
+                        let qs = q.narrow(2, row, t)?;
+                        ys.push(a.mix(&qs, ks, vs, mask.as_ref(), dtype, false)?);
+                        row += t;
+                    }
+                    let y = if ys.len() == 1 {
+                        ys.pop().unwrap_or_else(|| unreachable!())
+                    } else {
+                        Tensor::cat(&ys, 2)?
+                    };
+                    y.transpose(1, 2)?.reshape((1, n, a.heads * a.head_dim))?
+                }
+            };
             x = (x + a.o.forward(&y, hooks)?)?;
             let h = block.mlp_norm.forward_runs(&x, &n2, row_runs)?;
             x = (x + block.mlp.forward(&h, hooks)?)?;
         }
-        let mut last = Vec::with_capacity(items.len());
+        let mut last = Vec::with_capacity(picks.iter().sum());
         let mut end = 0u32;
-        for &(_, t) in &spans {
+        for (&(_, t), &k) in spans.iter().zip(picks) {
             end += t as u32;
-            last.push(end - 1);
+            last.extend(end - k as u32..end);
         }
         for (it, &(_, t)) in items.iter_mut().zip(&spans) {
             it.cache.advance(t);
+        }
+        if last.is_empty() {
+            let dtype = match self.dtype {
+                DType::F64 => DType::F64,
+                _ => DType::F32,
+            };
+            return Ok(Tensor::zeros((0, vocab), dtype, &self.device)?);
         }
         let last = Tensor::new(last.as_slice(), &self.device)?;
         let rows = x.i(0)?.index_select(&last, 0)?;

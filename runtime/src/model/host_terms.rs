@@ -34,13 +34,13 @@ pub(crate) enum HostTerms {
 }
 
 /// A contiguous CPU tensor's values, read in place.
-struct Host<'a> {
+pub(super) struct Host<'a> {
     guard: StorageRef<'a>,
     range: Range<usize>,
 }
 
 impl<'a> Host<'a> {
-    fn of(t: &'a Tensor) -> Option<Self> {
+    pub(super) fn of(t: &'a Tensor) -> Option<Self> {
         let (guard, layout) = t.storage_and_layout();
         if !layout.is_contiguous() || !matches!(&*guard, Storage::Cpu(_)) {
             return None;
@@ -52,7 +52,7 @@ impl<'a> Host<'a> {
         })
     }
 
-    fn f32(&self) -> Option<&[f32]> {
+    pub(super) fn f32(&self) -> Option<&[f32]> {
         match &*self.guard {
             Storage::Cpu(CpuStorage::F32(v)) => v.get(self.range.clone()),
             _ => None,

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 
 use super::delta::{add_runs, DeltaRun};
 use super::host_terms::{linear_terms, HostTerms};
+use super::skinny;
 use super::weights::Weights;
 
 /// Receives the input of every linear layer during a forward pass (RegMean's
@@ -143,7 +144,13 @@ impl Linear {
         if let Some(c) = hooks.capture.as_deref_mut() {
             c.capture(&self.name, x)?;
         }
-        let y = self.inner.forward(x)?;
+        let y = match skinny::product(x, self.inner.weight()) {
+            Some(y) => match self.inner.bias() {
+                Some(b) => y?.broadcast_add(b)?,
+                None => y?,
+            },
+            None => self.inner.forward(x)?,
+        };
         match hooks.deltas {
             None => Ok(y),
             Some(runs) => {

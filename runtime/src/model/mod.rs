@@ -23,10 +23,12 @@ mod batch;
 mod cache;
 pub mod config;
 pub mod delta;
+mod host_attention;
 mod host_terms;
 pub mod layers;
 pub mod paged;
 pub mod random;
+mod skinny;
 pub mod transformer;
 pub(crate) mod weights;
 

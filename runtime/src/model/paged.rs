@@ -341,6 +341,13 @@ impl PagedCache {
         Ok((gather(|kv| &kv.0)?, gather(|kv| &kv.1)?))
     }
 
+    /// Layer `layer`'s keys and values in block `b`, each
+    /// `(kv_heads, block_tokens, head_dim)`.
+    pub(crate) fn block(&self, layer: usize, b: usize) -> Option<(&Tensor, &Tensor)> {
+        let (k, v) = self.blocks.get(b)?.layers.get(layer)?;
+        Some((k, v))
+    }
+
     /// Marks `t` positions as written (after every layer wrote them).
     pub(crate) fn advance(&mut self, t: usize) {
         self.len += t;

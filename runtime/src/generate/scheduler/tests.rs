@@ -55,6 +55,7 @@ fn wait(rx: mpsc::Receiver<SchedulerEvent>) -> Result<Completion> {
                 }
                 return done;
             }
+            SchedulerEvent::Scored(_) => panic!("a generation ended as a scoring"),
         }
     }
     panic!("the scheduler dropped a sequence without a Done event");
@@ -185,7 +186,9 @@ fn a_client_that_leaves_frees_its_blocks_and_the_others_finish() {
     let s2 = seen.clone();
     let leaving: EventSink = Box::new(move |ev| match ev {
         SchedulerEvent::Token(_) => s2.fetch_add(1, Ordering::SeqCst) < 1,
-        SchedulerEvent::Done(_) => panic!("a sequence whose client left must not finish"),
+        SchedulerEvent::Done(_) | SchedulerEvent::Scored(_) => {
+            panic!("a sequence whose client left must not finish")
+        }
     });
     let params = SamplingParams::greedy(40);
     scheduler
@@ -389,7 +392,7 @@ fn a_panic_in_a_step_fails_its_batch_and_the_loop_goes_on() {
     // had ended before it.
     let first = rx.iter().find_map(|ev| match ev {
         SchedulerEvent::Done(done) => Some(done),
-        SchedulerEvent::Token(_) => None,
+        SchedulerEvent::Token(_) | SchedulerEvent::Scored(_) => None,
     });
     if let Some(Err(e)) = first {
         assert!(e.to_string().contains("a sink that panics"), "{e}");
@@ -485,4 +488,103 @@ fn merges_held_as_deltas_share_the_base_batch() {
         "the merges decode as the base does"
     );
     assert!(counts.widest.load(Ordering::SeqCst) > 1, "never batched");
+}
+
+/// Scorings in the batch (prompts read in chunks across steps, beside
+/// generations, some under a merge's delta) give the log-likelihoods the
+/// model gives alone, and the greedy flags; an empty continuation scores 0
+/// at once; a bad token is the submission's error, not the batch's.
+#[test]
+fn scorings_in_the_batch_equal_scoring_alone() {
+    use crate::model::random::random_weights;
+    use crate::model::{ModelDelta, TensorDelta};
+    use std::collections::HashMap;
+
+    let dir = checkpoint(11);
+    let model = Arc::new(load(dir.path()));
+    let c = super::super::tests::config();
+    let base = random_weights(&c, 11, 0.3).unwrap();
+    let other = random_weights(&c, 12, 0.3).unwrap();
+    let delta = Arc::new(ModelDelta::Owned(
+        base.iter()
+            .map(|(name, w)| {
+                let d = ((&other[name] - w).unwrap() * 0.6).unwrap();
+                (name.clone(), Arc::new(TensorDelta::Dense(d)))
+            })
+            .collect::<HashMap<_, _>>(),
+    ));
+    let merged = model.with_delta(delta.clone()).unwrap();
+    let limits = SchedulerLimits {
+        max_batch_tokens: 7,
+        max_running_sequences: 5,
+        kv_cache_bytes: 1 << 24,
+        block_tokens: 4,
+        queue_depth: 16,
+    };
+    let counts = Arc::new(Counts::default());
+    let scheduler = Scheduler::new(model.clone(), limits, counts.clone()).unwrap();
+    let pairs = [
+        ("The capital of France is", " Paris"),
+        ("a", " much longer continuation than its context"),
+        ("", "from the start"),
+        ("question: 2 + 2 = ", "4"),
+        ("nothing follows", ""),
+    ];
+    let (gen_sink, gen_rx) = channel();
+    scheduler
+        .submit(
+            prompt_of("beside the scorings"),
+            &SamplingParams::greedy(20),
+            Priority::Traffic,
+            gen_sink,
+        )
+        .unwrap();
+    let mut waits = Vec::new();
+    for (i, (ctx, cont)) in pairs.iter().enumerate() {
+        let under = (i % 2 == 1).then(|| delta.clone());
+        let (tx, rx) = mpsc::channel();
+        let sink: EventSink = Box::new(move |ev| match ev {
+            SchedulerEvent::Scored(r) => tx.send(r).is_ok(),
+            _ => panic!("a scoring sent a generation's event"),
+        });
+        let req = model.score_request(ctx, cont).unwrap();
+        scheduler
+            .submit_score(req, Priority::Background, under, sink)
+            .unwrap();
+        waits.push(rx);
+    }
+    for (i, rx) in waits.into_iter().enumerate() {
+        let got = rx.recv().unwrap().unwrap();
+        let alone = if i % 2 == 1 { &merged } else { model.as_ref() };
+        let want = alone.loglikelihood(pairs[i].0, pairs[i].1).unwrap();
+        assert_eq!(
+            (got.tokens, got.is_greedy),
+            (want.tokens, want.is_greedy),
+            "pair {i}"
+        );
+        assert!(
+            (got.logprob - want.logprob).abs() < 1e-4 * (1.0 + want.logprob.abs()),
+            "pair {i}: {} vs {}",
+            got.logprob,
+            want.logprob
+        );
+    }
+    let greedy = SamplingParams::greedy(20);
+    assert_eq!(
+        wait(gen_rx).unwrap().tokens,
+        collect(&model, &prompt_of("beside the scorings"), &greedy)
+            .0
+            .tokens
+    );
+    assert!(counts.widest.load(Ordering::SeqCst) > 1, "never batched");
+    let bad = ScoreRequest {
+        input: vec![BOS, 100_000],
+        cont: vec![100_000],
+    };
+    let err = scheduler
+        .submit_score(bad, Priority::Traffic, None, Box::new(|_| true))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("outside the vocabulary"), "{err}");
+    eventually(|| scheduler.kv_cache_bytes() == 0 && scheduler.running() == 0);
 }
