@@ -26,7 +26,7 @@ use merger::data_driven::{DataReport, StatsCounters};
 use merger::merge::{merge_in_memory, Progress};
 use merger::residency::ResidencyReport;
 use merger::spec::MergeSpec;
-use merger::{Cancel, MergeError};
+use merger::{Cancel, MergeError, Turn};
 use runtime::checkpoint::{Checkpoint, Stamps};
 use runtime::model::ModelOptions;
 use serde::Serialize;
@@ -281,18 +281,23 @@ pub struct Merges {
     opts: ModelOptions,
     metrics: Metrics,
     shutting_down: Arc<AtomicBool>,
+    /// What a data-driven merge waits for before each training step.
+    turn: Turn,
 }
 
 impl Merges {
     /// `max_concurrent` loads at once, a book of at most `max_book_bytes`;
-    /// models built with `opts` (device, dtype).
+    /// models built with `opts` (device, dtype); a data-driven merge
+    /// waits for `turn` before each training step (client traffic first).
     pub fn new(
         max_concurrent: usize,
         max_book_bytes: u64,
         opts: ModelOptions,
         metrics: Metrics,
+        turn: Turn,
     ) -> Self {
         Merges {
+            turn,
             slots: Arc::new(Semaphore::new(max_concurrent)),
             book: Arc::new(Mutex::new(Book::default())),
             max_book_bytes,
@@ -376,7 +381,12 @@ impl Merges {
             if r.state != MergeState::Running {
                 r.state = MergeState::Pending;
             }
-            token = Some(r.cancel.get_or_insert_with(Cancel::new).clone());
+            let turn = self.turn.clone();
+            token = Some(
+                r.cancel
+                    .get_or_insert_with(|| Cancel::with_turn(turn))
+                    .clone(),
+            );
         });
         Ok(token)
     }

@@ -104,6 +104,9 @@ async fn generate_batched(
     let metrics = state.metrics.clone();
     let split_special_tokens = state.config.server.split_special_tokens;
     let (tx, events) = mpsc::unbounded_channel();
+    // Held by the sink: released when the scheduler drops it (the end, or
+    // the client gone), or at once when the submission fails.
+    let traffic = state.traffic.enter();
     let prompt_tokens = tokio::task::spawn_blocking(move || -> Result<usize> {
         let engine = &served.engine;
         let ids = prompt_ids(engine, &prompt, split_special_tokens)?;
@@ -113,20 +116,23 @@ async fn generate_batched(
                 "the model's scheduler did not start".to_string(),
             ));
         };
-        let sink: EventSink = Box::new(move |ev| match ev {
-            SchedulerEvent::Token(t) if t.text.is_empty() => !tx.is_closed(),
-            SchedulerEvent::Token(t) => tx.send(Event::Delta(t.text)).is_ok(),
-            SchedulerEvent::Done(Ok(done)) => {
-                metrics
-                    .generated_tokens
-                    .inc_by(done.completion_tokens as u64);
-                tx.send(Event::Finished(done)).is_ok()
+        let sink: EventSink = Box::new(move |ev| {
+            let _traffic = &traffic;
+            match ev {
+                SchedulerEvent::Token(t) if t.text.is_empty() => !tx.is_closed(),
+                SchedulerEvent::Token(t) => tx.send(Event::Delta(t.text)).is_ok(),
+                SchedulerEvent::Done(Ok(done)) => {
+                    metrics
+                        .generated_tokens
+                        .inc_by(done.completion_tokens as u64);
+                    tx.send(Event::Finished(done)).is_ok()
+                }
+                SchedulerEvent::Done(Err(e)) => tx
+                    .send(Event::Failed(GatewayError::at_runtime(Stage::Execution, e)))
+                    .is_ok(),
+                // A generation's sink never receives a scoring's end.
+                SchedulerEvent::Scored(_) => false,
             }
-            SchedulerEvent::Done(Err(e)) => tx
-                .send(Event::Failed(GatewayError::at_runtime(Stage::Execution, e)))
-                .is_ok(),
-            // A generation's sink never receives a scoring's end.
-            SchedulerEvent::Scored(_) => false,
         });
         scheduler
             .submit_with(ids, &params, Priority::Traffic, engine.batch_delta(), sink)
@@ -149,6 +155,7 @@ async fn generate_alone(
     prompt: Prompt,
     params: SamplingParams,
 ) -> Result<Generation> {
+    let traffic = state.traffic.enter();
     let slot = state.admission.admit().await?;
     let served = handle.served.clone();
     let metrics = state.metrics.clone();
@@ -186,6 +193,7 @@ async fn generate_alone(
         // Free the slot before the client can see the end, so a request sent
         // after a response never finds it still taken.
         drop(slot);
+        drop(traffic);
         let event = match result {
             Ok(done) => {
                 metrics
@@ -223,6 +231,7 @@ pub async fn finish(mut generation: Generation) -> Result<Completion> {
 
 /// Embeddings of `texts` (one slot of the generation admission).
 pub async fn embed(state: &AppState, handle: &ModelHandle, texts: Vec<String>) -> Result<Embedded> {
+    let traffic = state.traffic.enter();
     let slot = state.admission.admit().await?;
     let served = handle.served.clone();
     // Set when this future is dropped (the client went away): the blocking
@@ -231,6 +240,7 @@ pub async fn embed(state: &AppState, handle: &ModelHandle, texts: Vec<String>) -
     let flag = left.0.clone();
     let result = tokio::task::spawn_blocking(move || {
         let _slot = slot;
+        let _traffic = traffic;
         served
             .engine
             .embed_until(&texts, &|| flag.load(Ordering::Relaxed))

@@ -12,6 +12,7 @@ use crate::config::Config;
 use crate::error::{GatewayError, Result};
 use crate::evaluations::{Evaluations, Scheduler};
 use crate::limits::admission::Admission;
+use crate::limits::traffic::{Traffic, MAX_YIELD};
 use crate::metrics::Metrics;
 use crate::registry::Registry;
 use crate::store::ModelStore;
@@ -26,6 +27,8 @@ pub struct AppState {
     pub models: ModelStore,
     /// Generation slots and queue.
     pub admission: Admission,
+    /// Client requests in flight, which background training yields to.
+    pub traffic: Traffic,
     /// What every model's batching scheduler starts with (its bounds, the
     /// shared `kv_cache_bytes` budget, the metrics).
     pub batching: Batching,
@@ -55,7 +58,14 @@ impl AppState {
             device,
             ..ModelOptions::default()
         };
-        let models = ModelStore::new(registry.clone(), &config, opts, metrics.clone());
+        let traffic = Traffic::new(MAX_YIELD);
+        let models = ModelStore::new(
+            registry.clone(),
+            &config,
+            opts,
+            metrics.clone(),
+            traffic.turn(),
+        );
         let limits = &config.server.limits;
         let admission = Admission::new(
             limits.max_concurrent_generations,
@@ -83,6 +93,7 @@ impl AppState {
             registry,
             models,
             admission,
+            traffic,
             batching,
             metrics,
             keys,

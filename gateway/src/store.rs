@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use merger::spec::{MergeSpec, Residency};
+use merger::Turn;
 use runtime::architectures::Kind;
 use runtime::checkpoint::Checkpoint;
 use runtime::model::ModelOptions;
@@ -103,12 +104,14 @@ impl ModelStore {
     /// A store of the models of `registry`, bounded by `cache.max_bytes`,
     /// loading `merge.max_concurrent` at once with a book of
     /// `server.limits.max_book_bytes`; models are built with `opts`
-    /// (device, dtype).
+    /// (device, dtype); data-driven merges wait for `turn` before each
+    /// training step.
     pub fn new(
         registry: Arc<Registry>,
         config: &Config,
         opts: ModelOptions,
         metrics: Metrics,
+        turn: Turn,
     ) -> Self {
         let cache = ModelCache::new(config.cache.max_bytes, metrics.clone());
         let merges = Merges::new(
@@ -116,6 +119,7 @@ impl ModelStore {
             config.server.limits.max_book_bytes,
             opts,
             metrics,
+            turn,
         );
         ModelStore {
             registry,

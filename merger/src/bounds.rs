@@ -88,10 +88,33 @@ impl Bounds {
     }
 }
 
+/// What a training loop waits for before each of its steps
+/// ([`Cancel::step`]).
+pub type Turn = Arc<dyn Fn() + Send + Sync>;
+
 /// A cancellation token shared by whoever may cancel a merge and the merge
 /// itself; clones share the flag.
-#[derive(Debug, Clone, Default)]
-pub struct Cancel(Arc<AtomicBool>);
+///
+/// A token can also carry a [`Turn`]: the data-driven methods and router
+/// training wait for it before every step (a batch of calibration data, a
+/// gradient step). The gateway's turn waits, for a bounded while, until no
+/// client's generation runs or waits, so that training runs at a lower
+/// priority than traffic and a request arriving meanwhile waits for at
+/// most one step.
+#[derive(Clone, Default)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    turn: Option<Turn>,
+}
+
+impl std::fmt::Debug for Cancel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cancel")
+            .field("cancelled", &self.is_cancelled())
+            .field("turn", &self.turn.is_some())
+            .finish()
+    }
+}
 
 impl Cancel {
     /// A token not cancelled.
@@ -99,14 +122,33 @@ impl Cancel {
         Self::default()
     }
 
+    /// A token whose [`Cancel::step`] waits for `turn` first.
+    pub fn with_turn(turn: Turn) -> Self {
+        Cancel {
+            flag: Arc::default(),
+            turn: Some(turn),
+        }
+    }
+
     /// Asks the merge to stop (at its next check).
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
+        self.flag.store(true, Ordering::SeqCst);
     }
 
     /// Whether [`Cancel::cancel`] was called.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.flag.load(Ordering::Relaxed)
+    }
+
+    /// Before a training step: [`Cancel::check`], then the token's turn
+    /// (if it has one), then `check` again (a cancellation while waiting
+    /// stops the merge without its step).
+    pub fn step(&self) -> Result<()> {
+        self.check()?;
+        if let Some(turn) = &self.turn {
+            turn();
+        }
+        self.check()
     }
 
     /// [`MergeError::Cancelled`] once cancelled.
@@ -121,6 +163,37 @@ impl Cancel {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_waits_for_the_turn_and_stops_once_cancelled() {
+        let turns = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = turns.clone();
+        let c = Cancel::with_turn(Arc::new(move || {
+            seen.fetch_add(1, Ordering::SeqCst);
+        }));
+        c.step().unwrap();
+        c.clone().step().unwrap();
+        c.check().unwrap();
+        assert_eq!(
+            turns.load(Ordering::SeqCst),
+            2,
+            "a turn per step, none per check"
+        );
+        c.cancel();
+        assert!(matches!(c.step(), Err(MergeError::Cancelled)));
+        assert_eq!(turns.load(Ordering::SeqCst), 2, "no turn once cancelled");
+        // Cancelled while waiting for its turn: no step.
+        let slot: Arc<std::sync::OnceLock<Cancel>> = Arc::default();
+        let inner = slot.clone();
+        let waiting = Cancel::with_turn(Arc::new(move || {
+            if let Some(c) = inner.get() {
+                c.cancel();
+            }
+        }));
+        let _ = slot.set(waiting.clone());
+        assert!(matches!(waiting.step(), Err(MergeError::Cancelled)));
+        assert!(Cancel::new().step().is_ok());
+    }
     use crate::spec::{FilterEntry, ModelSpec, ParamValue};
 
     #[test]

@@ -80,6 +80,6 @@ pub mod spec;
 pub mod throughput;
 pub mod work;
 
-pub use bounds::{Bounds, Cancel, Work};
+pub use bounds::{Bounds, Cancel, Turn, Work};
 pub use error::{MergeError, Result};
 pub use load::{load_model, load_runnable, load_text_model};

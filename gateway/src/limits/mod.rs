@@ -3,9 +3,12 @@
 //! size of structured specs and of their lists, the parameters that scale a
 //! merge's work (handed to the merger as [`merger::Bounds`]: WUDI's
 //! iterations, router training steps and batch sizes, ranks), list lengths
-//! of other requests; and admission control of generations ([`admission`]).
+//! of other requests; admission control of generations ([`admission`]); and
+//! the count of client work that background training yields to
+//! ([`traffic`]).
 
 pub mod admission;
+pub mod traffic;
 
 use merger::spec::{compact, MergeSpec};
 use merger::Bounds;

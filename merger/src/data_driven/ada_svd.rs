@@ -121,7 +121,7 @@ pub(crate) fn merge(
     let chunks: Vec<Vec<_>> = items.chunks(16).map(|c| c.to_vec()).collect();
     let progress = bar(chunks.len() as u64, "ada_svd: gates", ctx.progress);
     for batch in chunks {
-        ctx.cancel.check()?;
+        ctx.cancel.step()?;
         net.capture(&batch, &mut |name: &str, x: &Tensor| {
             let Some(vs) = subspaces.get(name) else {
                 return Ok(());

@@ -367,7 +367,7 @@ pub(crate) fn merge(
             .collect();
         let progress = bar(p.steps as u64, "adamerging", ctx.progress);
         for _ in 0..p.steps {
-            ctx.cancel.check()?;
+            ctx.cancel.step()?;
             let batches: Vec<Vec<&CalibrationItem>> = shuffles
                 .iter_mut()
                 .map(|s| s.next(p.batch_size, &mut rng))

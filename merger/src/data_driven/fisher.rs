@@ -76,7 +76,7 @@ pub fn diagonal_fisher(
     let mut acc: HashMap<String, Tensor> = HashMap::new();
     let mut examples = 0usize;
     for batch in super::batches(items, batch_size) {
-        ctx.cancel.check()?;
+        ctx.cancel.step()?;
         let preds = net.predictions(&batch)?;
         *batches_run += 1;
         progress.inc(1);

@@ -105,7 +105,7 @@ pub fn collect_grams(
     let mut rows_of: HashMap<String, usize> = HashMap::new();
     let mut alias: HashMap<String, String> = HashMap::new();
     for batch in super::batches(items, GRAM_BATCH) {
-        ctx.cancel.check()?;
+        ctx.cancel.step()?;
         let mut last: Option<(candle_core::TensorId, String)> = None;
         net.capture(&batch, &mut |name: &str, rows: &Tensor| {
             if !keep(name) {

@@ -621,7 +621,7 @@ pub fn adapt(
     );
     let start = Instant::now();
     for step in 0..opts.steps {
-        opts.cancel.check()?;
+        opts.cancel.step()?;
         let batch = training_batch(&model, &batches.draw(&mut rng), opts.positions, max_len)?;
         let (loss, _) = batch_entropy(&model, &batch, opts.positions)?;
         adam.backward_step(&loss)?;

@@ -11,7 +11,7 @@
 //! once more and dominates (candle's product of 8 rows by a 2304 × 768
 //! weight takes 6× its 1-row time on this machine). Here every weight row
 //! is streamed once from memory and multiplied with all `m` input rows
-//! while it sits in L1: register tiles of 4 weight rows × 2 input rows,
+//! while it sits in L1: register tiles of 2 weight rows × 4 input rows,
 //! 8 lanes wide (AVX2 + FMA), threads splitting the output features.
 //!
 //! **Batch invariance.** Each `y[r, j]` is summed in one fixed order (8
@@ -111,8 +111,8 @@ fn transposed_product(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) ->
 mod avx2 {
     use std::arch::x86_64::*;
 
-    const TW: usize = 4;
-    const TX: usize = 2;
+    const TW: usize = 2;
+    const TX: usize = 4;
 
     /// `yt[j * m + r] = Σ_k x[r, k] w[j, k]` for the `rows` weight rows of
     /// `w`.
@@ -172,7 +172,10 @@ mod avx2 {
         let full = inp / 8 * 8;
         let mut k = 0;
         while k < full {
-            let xv: [__m256; X] = std::array::from_fn(|b| _mm256_loadu_ps(xs[b].as_ptr().add(k)));
+            let mut xv = [_mm256_setzero_ps(); X];
+            for b in 0..X {
+                xv[b] = _mm256_loadu_ps(xs[b].as_ptr().add(k));
+            }
             for a in 0..W {
                 let wv = _mm256_loadu_ps(ws[a].as_ptr().add(k));
                 for b in 0..X {
