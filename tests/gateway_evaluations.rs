@@ -154,11 +154,18 @@ async fn a_schedule_fires_its_scores_are_fusion_evals_and_survive_a_restart() {
     // The scores are those of `fusion eval` on the same checkpoint.
     let expected = fusion_eval(&pool.path("base"), &pool.path("tasks"));
     let text = c.get("/metrics").await.text;
-    // The generation task ran in the models' continuous batches (no client
-    // request has generated yet), and its scores are still fusion eval's.
+    // The generation task and the log-likelihoods ran in the models'
+    // continuous batches (no client request has generated yet), and their
+    // scores are still fusion eval's. Two merges: 2 generations each, and
+    // 7 (qa) + 6 (mood) scored choices each besides perplexity.
     assert!(
         metric_value(&text, "fusion_batch_sequences_count") > 0.0,
         "the evaluations' generations did not go through the batch"
+    );
+    let admitted = metric_value(&text, "fusion_generation_queue_seconds_count");
+    assert!(
+        admitted >= 30.0,
+        "{admitted} sequences joined the batches: the log-likelihoods did not"
     );
     for want in expected["tasks"].as_array().unwrap() {
         let task = want["task"].as_str().unwrap();
