@@ -11,6 +11,7 @@
 //!   sentence-transformers computes them;
 //! - [`generate`]: tokenizer, chat template, sampling, KV cache, token stream,
 //!   log-likelihoods and embeddings ([`generate::TextModel`]);
+//! - [`vision`]: CLIP's vision tower (image embeddings);
 //! - [`runnable`]: a loaded model of either kind ([`Runnable`]);
 //! - [`device`]: `auto | cpu | cuda:N`.
 //!
@@ -62,6 +63,7 @@ pub mod generate;
 pub mod model;
 pub mod onnx;
 pub mod runnable;
+pub mod vision;
 
 pub use error::{ErrorKind, Result, RuntimeError};
 pub use runnable::{Embedded, Runnable};

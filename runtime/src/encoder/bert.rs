@@ -26,17 +26,18 @@ use crate::model::layers::softmax_last;
 use crate::model::weights::Weights;
 use crate::model::{Hooks, Linear, Model, ModelOptions};
 
-/// Layer norm with a learned scale and shift over the last dimension.
+/// Layer norm with a learned scale and shift over the last dimension
+/// (shared with the CLIP vision tower).
 #[derive(Clone, Debug)]
-struct LayerNorm {
-    weight: Tensor,
-    bias: Tensor,
-    eps: f64,
-    differentiable: bool,
+pub(crate) struct LayerNorm {
+    pub(crate) weight: Tensor,
+    pub(crate) bias: Tensor,
+    pub(crate) eps: f64,
+    pub(crate) differentiable: bool,
 }
 
 impl LayerNorm {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+    pub(crate) fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         if !self.differentiable {
             return candle_nn::ops::layer_norm(
                 &x.contiguous()?,

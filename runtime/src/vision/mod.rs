@@ -1,0 +1,8 @@
+//! Vision towers: CLIP's vision transformer ([`ClipVision`]), configured
+//! from a Hugging Face `config.json` ([`VisionConfig`]).
+
+pub mod clip;
+pub mod config;
+
+pub use clip::{ClipVision, VisionOutput};
+pub use config::{VisionActivation, VisionConfig};
