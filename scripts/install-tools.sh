@@ -2,6 +2,7 @@
 # Installs what the tests need when it is missing: numpy + safetensors (the
 # reference cross-check), tokenizers + transformers (the token-id reference),
 # openai (the official client the MiniLM pool's embeddings test drives),
+# Pillow 12.1.1 (the CLIP image preprocessing reference),
 # onnxruntime 1.32.0 + onnx (the ONNX reference checks; the wheel's
 # libonnxruntime.so is copied into the cache folder, where `fusion` loads it
 # from), promtool (Debian's prometheus package), Helm (the real Helm 4 binary
@@ -18,6 +19,9 @@ pip_quiet() { python3 -m pip install --quiet --disable-pip-version-check "$@" 2>
 python3 -c 'import numpy, safetensors' 2>/dev/null || pip_quiet numpy safetensors
 python3 -c 'import tokenizers, transformers' 2>/dev/null || pip_quiet tokenizers transformers
 python3 -c 'import openai' 2>/dev/null || pip_quiet openai
+# Pillow 12 (the CLIP preprocessing reference: Pillow 13 orders the two
+# resampling passes differently, so the bit-for-bit check pins 12.1.1).
+python3 -c "import PIL, sys; sys.exit(PIL.__version__ != '12.1.1')" 2>/dev/null || pip_quiet "pillow==12.1.1"
 ORT_VERSION=1.32.0
 python3 -c "import onnxruntime as o, sys; sys.exit(o.__version__ != '$ORT_VERSION')" 2>/dev/null \
   || pip_quiet "onnxruntime==$ORT_VERSION"

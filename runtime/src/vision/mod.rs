@@ -3,6 +3,8 @@
 
 pub mod clip;
 pub mod config;
+pub mod preprocess;
 
 pub use clip::{ClipVision, VisionOutput};
 pub use config::{VisionActivation, VisionConfig};
+pub use preprocess::{ImageProcessor, RgbImage};
