@@ -67,6 +67,14 @@ pub enum EvalError {
         /// What is wrong.
         reason: String,
     },
+    /// An image task's classification head is missing or malformed.
+    #[error("head `{path}`: {reason}")]
+    Head {
+        /// The head file (or what held the head).
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
     /// A comparison config (compare.yaml) is malformed.
     #[error("compare config `{}`: {reason}", path.display())]
     Config {

@@ -26,6 +26,7 @@ pub mod compare;
 pub mod embedding;
 pub mod error;
 pub mod evaluate;
+pub mod head;
 pub mod metrics;
 pub mod pool;
 pub mod report;

@@ -57,6 +57,17 @@ pub trait Scorer: Sync {
             reason: "this model does not embed texts".to_string(),
         })
     }
+
+    /// One embedding per image, in order (the image tasks). A scorer that
+    /// cannot embed images says so.
+    fn embed_images(&self, images: &[runtime::vision::RgbImage]) -> Result<Vec<Vec<f32>>> {
+        let _ = images;
+        Err(EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "this model does not embed images (image tasks need an image model)"
+                .to_string(),
+        })
+    }
 }
 
 /// How to run tasks.
@@ -125,6 +136,7 @@ impl Task {
             // Each distinct text is embedded once.
             Items::Similarity(v) => distinct(v.iter().flat_map(|i| [&i.text_a, &i.text_b])),
             Items::EmbeddingClassification(v) => distinct(v.iter().map(|i| &i.text)),
+            Items::ImageClassification { items, .. } => items.len(),
         }
     }
 }
@@ -163,6 +175,11 @@ pub fn run_task(
     let start = Instant::now();
     let name = &task.spec.name;
     let wrap = |e: EvalError| match e {
+        // A scorer's own error names no task ("(any)", "(images)"): this one.
+        EvalError::Scoring { task, reason } if task.starts_with('(') => EvalError::Scoring {
+            task: name.clone(),
+            reason,
+        },
         e @ EvalError::Scoring { .. } => e,
         e => EvalError::Scoring {
             task: name.clone(),
@@ -247,6 +264,15 @@ pub fn run_task(
             let (acc, _) = embedding::knn_accuracy(&rows);
             values.insert("acc".into(), acc);
         }
+        Items::ImageClassification { items, head, .. } => {
+            let vectors = image_embeddings(scorer, items, progress).map_err(wrap)?;
+            let correct = items
+                .iter()
+                .zip(&vectors)
+                .filter(|(item, v)| metrics::argmax(&head.logits(v)) == Some(item.label))
+                .count();
+            values.insert("acc".into(), metrics::accuracy(correct, items.len()));
+        }
         Items::Generate(items) => {
             let longest = items
                 .iter()
@@ -293,6 +319,38 @@ pub fn run_task(
         total: task.total,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The embeddings of the items' images, decoded and embedded in chunks
+/// (in parallel); every embedding must have the head's width.
+fn image_embeddings(
+    scorer: &dyn Scorer,
+    items: &[crate::taskpool::ImageItem],
+    progress: &(dyn Fn(u64) + Sync),
+) -> Result<Vec<Vec<f32>>> {
+    let chunks = items
+        .par_chunks(EMBED_CHUNK)
+        .map(|chunk| {
+            let images = chunk
+                .iter()
+                .map(|i| i.decode())
+                .collect::<Result<Vec<_>>>()?;
+            let out = scorer.embed_images(&images)?;
+            if out.len() != chunk.len() {
+                return Err(EvalError::Scoring {
+                    task: "(images)".to_string(),
+                    reason: format!(
+                        "the model answered {} embeddings for {} images",
+                        out.len(),
+                        chunk.len()
+                    ),
+                });
+            }
+            progress(chunk.len() as u64);
+            Ok(out)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(chunks.into_iter().flatten().collect())
 }
 
 /// Texts embedded per scorer call.
@@ -470,6 +528,7 @@ mod tests {
                 kind,
                 file: "t.jsonl".into(),
                 metric: kind.metrics()[0].into(),
+                image: None,
             },
             items,
             total,
@@ -485,6 +544,91 @@ mod tests {
     }
 
     fn no_progress(_: u64) {}
+
+    /// An image model whose embedding is an image's first pixel's (red,
+    /// green): with the head rows (1,0) and (0,1) it predicts class 0 when
+    /// red is the larger.
+    struct FirstPixel;
+
+    impl Scorer for FirstPixel {
+        fn loglikelihood_batch(&self, _: &[(String, String)]) -> Result<Vec<Loglikelihood>> {
+            unreachable!("an image task scores no text")
+        }
+        fn generate_greedy(&self, _: &str, _: usize) -> Result<String> {
+            unreachable!("an image task generates nothing")
+        }
+        fn count_tokens(&self, _: &str) -> Result<usize> {
+            unreachable!("an image task counts no tokens")
+        }
+        fn embed_images(&self, images: &[runtime::vision::RgbImage]) -> Result<Vec<Vec<f32>>> {
+            Ok(images
+                .iter()
+                .map(|i| vec![i.data[0] as f32, i.data[1] as f32])
+                .collect())
+        }
+    }
+
+    #[test]
+    fn image_classification_is_the_heads_argmax_accuracy() {
+        use crate::taskpool::{ImageItem, ImageTaskSpec};
+        use runtime::vision::RgbImage;
+        let d = tempfile::tempdir().unwrap();
+        let mut items = Vec::new();
+        // (red, green, label): right, right, wrong, and a data URL (right).
+        for (k, (r, g, label)) in [(200u8, 10u8, 0usize), (10, 200, 1), (200, 10, 1)]
+            .into_iter()
+            .enumerate()
+        {
+            let p = d.path().join(format!("{k}.png"));
+            let png = RgbImage::from_raw(1, 1, vec![r, g, 0], "p")
+                .unwrap()
+                .to_png();
+            std::fs::write(&p, png).unwrap();
+            items.push(ImageItem {
+                image: p.to_string_lossy().into_owned(),
+                label,
+            });
+        }
+        let url = RgbImage::from_raw(2, 1, vec![1, 90, 0, 5, 5, 5], "u")
+            .unwrap()
+            .to_data_url();
+        items.push(ImageItem {
+            image: url,
+            label: 1,
+        });
+        let head =
+            crate::head::ClassHead::new(vec![vec![1.0, 0.0], vec![0.0, 1.0]], 10.0, "h").unwrap();
+        let task = Task {
+            spec: TaskSpec {
+                name: "img".into(),
+                kind: TaskKind::ImageClassification,
+                file: d.path().join("img.jsonl"),
+                metric: "acc".into(),
+                image: Some(ImageTaskSpec {
+                    classes: vec!["r".into(), "g".into()],
+                    head: d.path().join("h.safetensors"),
+                }),
+            },
+            items: Items::ImageClassification {
+                items,
+                classes: vec!["r".into(), "g".into()],
+                head,
+            },
+            total: 4,
+        };
+        let done = std::sync::atomic::AtomicU64::new(0);
+        let r = run_task(&FirstPixel, &task, &RunOptions::default(), &|n| {
+            done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        })
+        .unwrap();
+        assert!((r.score - 0.75).abs() < 1e-12, "{r:?}");
+        assert_eq!(done.into_inner(), 4);
+        // A text model on an image task says what it needs.
+        let e = run_task(&Unigram::new(), &task, &RunOptions::default(), &|_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("img") && e.contains("image model"), "{e}");
+    }
 
     #[test]
     fn multiple_choice_acc_and_acc_norm() {

@@ -12,6 +12,11 @@
 //!                                    # | similarity | embedding_classification
 //!     file: addition.generate.jsonl  # relative to the folder (subfolders allowed)
 //!     metric: exact_match            # optional: the headline metric (default: the kind's first)
+//!   - name: mnist                    # an image task names its classes and its frozen head
+//!     kind: image_classification
+//!     file: mnist.jsonl
+//!     classes: [zero, one, two]      # label i is classes[i]
+//!     head: heads/mnist.safetensors  # relative to the folder ([`crate::head`])
 //! ```
 //!
 //! Unknown keys are errors. Without `taskpool.yaml`, every file directly in
@@ -30,6 +35,7 @@
 //! | `classification` | `input` (string), `label` (non-empty string) | `acc` |
 //! | `similarity` | `text_a`, `text_b` (non-empty strings), `score` (finite number) | `spearman`, `pearson` |
 //! | `embedding_classification` | `text` (non-empty string), `label` (non-empty string), `split` (optional: `train` or `test`) | `acc` |
+//! | `image_classification` | `image` (a PNG/JPEG path relative to the task file, or a `data:image/png;base64,` URL), `label` (index into the task's `classes`) | `acc` |
 //!
 //! The first four score a text-generation model by log-likelihood or
 //! generation; the last two score embeddings (an embedding model, or a text
@@ -38,7 +44,10 @@
 //! human score, `embedding_classification` is the accuracy of a k-NN
 //! classifier on the frozen embeddings (the `train` items against the
 //! `test` items, or 5 folds when no item has a `split`; either every item
-//! has a `split` or none does).
+//! has a `split` or none does). `image_classification` scores an image
+//! model with the task's frozen head (FusionBench's protocol): accuracy of
+//! the head's argmax on the image embeddings. Its tasks are listed in
+//! `taskpool.yaml`, which names their `classes` and `head`.
 //!
 //! A multiple-choice continuation is the choice string exactly as written:
 //! put the separating space at the end of `context` or at the start of each
@@ -75,17 +84,21 @@ pub enum TaskKind {
     Similarity,
     /// `{"text", "label", "split"?}`: accuracy of k-NN on the embeddings.
     EmbeddingClassification,
+    /// `{"image", "label"}`: accuracy of the task's frozen head on the
+    /// image embeddings.
+    ImageClassification,
 }
 
 impl TaskKind {
     /// Every kind.
-    pub const ALL: [TaskKind; 6] = [
+    pub const ALL: [TaskKind; 7] = [
         TaskKind::MultipleChoice,
         TaskKind::Generate,
         TaskKind::Perplexity,
         TaskKind::Classification,
         TaskKind::Similarity,
         TaskKind::EmbeddingClassification,
+        TaskKind::ImageClassification,
     ];
 
     /// The name used in files and configs.
@@ -97,6 +110,7 @@ impl TaskKind {
             TaskKind::Classification => "classification",
             TaskKind::Similarity => "similarity",
             TaskKind::EmbeddingClassification => "embedding_classification",
+            TaskKind::ImageClassification => "image_classification",
         }
     }
 
@@ -105,7 +119,9 @@ impl TaskKind {
     pub fn uses_embeddings(self) -> bool {
         matches!(
             self,
-            TaskKind::Similarity | TaskKind::EmbeddingClassification
+            TaskKind::Similarity
+                | TaskKind::EmbeddingClassification
+                | TaskKind::ImageClassification
         )
     }
 
@@ -122,7 +138,7 @@ impl TaskKind {
             TaskKind::Perplexity => &["perplexity", "byte_perplexity", "bits_per_byte"],
             TaskKind::Classification => &["acc"],
             TaskKind::Similarity => &["spearman", "pearson"],
-            TaskKind::EmbeddingClassification => &["acc"],
+            TaskKind::EmbeddingClassification | TaskKind::ImageClassification => &["acc"],
         }
     }
 }
@@ -144,6 +160,17 @@ pub struct TaskSpec {
     pub file: PathBuf,
     /// The headline metric, one of `kind.metrics()`.
     pub metric: String,
+    /// An `image_classification` task's classes and head.
+    pub image: Option<ImageTaskSpec>,
+}
+
+/// What an image task names besides its file.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ImageTaskSpec {
+    /// Class names; label `i` is `classes[i]`.
+    pub classes: Vec<String>,
+    /// The frozen head (absolute, or relative to the working directory).
+    pub head: PathBuf,
 }
 
 /// A task pool folder: its name and its tasks.
@@ -184,6 +211,12 @@ pub struct TaskFileEntry {
     /// The headline metric (the kind's first when absent).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metric: Option<String>,
+    /// An image task's class names (label `i` is `classes[i]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
+    /// An image task's frozen head, relative to the pool folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head: Option<PathBuf>,
 }
 
 impl TaskPoolFile {
@@ -215,7 +248,7 @@ impl TaskPool {
                 reason: format!(
                     "no tasks: write a `{TASKPOOL_FILE}` or add `<task>.<kind>.jsonl` files \
                      (kinds: multiple_choice, generate, perplexity, classification, similarity, \
-                     embedding_classification)"
+                     embedding_classification; image_classification in `{TASKPOOL_FILE}`)"
                 ),
             });
         }
@@ -241,7 +274,7 @@ impl TaskPool {
             let kind = TaskKind::parse(&t.kind).ok_or_else(|| {
                 bad(format!(
                     "task `{}`: unknown kind `{}` (expected multiple_choice, generate, perplexity, \
-                     classification, similarity or embedding_classification)",
+                     classification, similarity, embedding_classification or image_classification)",
                     t.name, t.kind
                 ))
             })?;
@@ -263,11 +296,45 @@ impl TaskPool {
                     path: file,
                 });
             }
+            let image = match (kind, t.classes, t.head) {
+                (TaskKind::ImageClassification, Some(classes), Some(head)) => {
+                    if classes.len() < 2 || classes.iter().any(|c| c.trim().is_empty()) {
+                        return Err(bad(format!(
+                            "task `{}`: `classes` needs at least two non-empty names",
+                            t.name
+                        )));
+                    }
+                    let head = dir.join(head);
+                    if !head.is_file() {
+                        return Err(bad(format!(
+                            "task `{}`: head `{}` does not exist",
+                            t.name,
+                            head.display()
+                        )));
+                    }
+                    Some(ImageTaskSpec { classes, head })
+                }
+                (TaskKind::ImageClassification, _, _) => {
+                    return Err(bad(format!(
+                        "task `{}`: an image_classification task names its `classes` and its \
+                         `head` (a safetensors file)",
+                        t.name
+                    )))
+                }
+                (_, None, None) => None,
+                (_, _, _) => {
+                    return Err(bad(format!(
+                        "task `{}`: `classes` and `head` belong to image_classification tasks",
+                        t.name
+                    )))
+                }
+            };
             tasks.push(TaskSpec {
                 name: t.name,
                 kind,
                 file,
                 metric,
+                image,
             });
         }
         Ok(TaskPool {
@@ -298,6 +365,15 @@ impl TaskPool {
             let Some(kind) = TaskKind::parse(kind) else {
                 continue;
             };
+            if kind == TaskKind::ImageClassification {
+                return Err(EvalError::TaskPool {
+                    path: dir.to_path_buf(),
+                    reason: format!(
+                        "`{file_name}` is an image_classification task: list it in a \
+                         `{TASKPOOL_FILE}` with its `classes` and `head`"
+                    ),
+                });
+            }
             if name.is_empty() {
                 continue;
             }
@@ -306,6 +382,7 @@ impl TaskPool {
                 kind,
                 file: path.clone(),
                 metric: kind.metrics()[0].to_string(),
+                image: None,
             });
         }
         tasks.sort_by(|a, b| a.name.cmp(&b.name));
@@ -409,6 +486,16 @@ impl EmbeddingClassificationItem {
     }
 }
 
+/// An image with its label, as the task file gives it.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ImageItem {
+    /// A path relative to the task file (resolved when the task loads),
+    /// or a `data:image/png;base64,` URL.
+    pub image: String,
+    /// Index into the task's classes.
+    pub label: usize,
+}
+
 /// The items of a task, by kind.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Items {
@@ -430,6 +517,16 @@ pub enum Items {
     Similarity(Vec<SimilarityItem>),
     /// Labelled texts.
     EmbeddingClassification(Vec<EmbeddingClassificationItem>),
+    /// Labelled images (paths made absolute), the class names and the
+    /// task's frozen head.
+    ImageClassification {
+        /// The items.
+        items: Vec<ImageItem>,
+        /// Class names.
+        classes: Vec<String>,
+        /// The head.
+        head: crate::head::ClassHead,
+    },
 }
 
 impl Items {
@@ -442,6 +539,7 @@ impl Items {
             Items::Classification { items, .. } => items.len(),
             Items::Similarity(v) => v.len(),
             Items::EmbeddingClassification(v) => v.len(),
+            Items::ImageClassification { items, .. } => items.len(),
         }
     }
 
@@ -458,6 +556,7 @@ impl Items {
             Items::Classification { items, .. } => items.truncate(n),
             Items::Similarity(v) => v.truncate(n),
             Items::EmbeddingClassification(v) => v.truncate(n),
+            Items::ImageClassification { items, .. } => items.truncate(n),
         }
     }
 }
@@ -571,6 +670,7 @@ impl TaskSpec {
                 }
                 Items::EmbeddingClassification(items)
             }
+            TaskKind::ImageClassification => self.load_images(&text)?,
         };
         let total = items.len();
         if total == 0 {
@@ -586,6 +686,67 @@ impl TaskSpec {
             spec: self.clone(),
             items,
             total,
+        })
+    }
+}
+
+impl TaskSpec {
+    fn load_images(&self, text: &str) -> Result<Items> {
+        let spec = self.image.as_ref().ok_or_else(|| EvalError::BadTask {
+            path: self.file.clone(),
+            reason: "an image_classification task without `classes` and `head`".into(),
+        })?;
+        let head = crate::head::ClassHead::load(&spec.head)?;
+        if head.classes() != spec.classes.len() {
+            return Err(EvalError::Head {
+                path: spec.head.display().to_string(),
+                reason: format!(
+                    "{} rows for the task's {} classes",
+                    head.classes(),
+                    spec.classes.len()
+                ),
+            });
+        }
+        let folder = self.file.parent().unwrap_or(Path::new("."));
+        let n = spec.classes.len();
+        let mut items: Vec<ImageItem> = parse_lines(&self.file, text, |i: &ImageItem| {
+            if i.label >= n {
+                Err(format!(
+                    "`label` = {} is out of range: the task has {n} classes (0..={})",
+                    i.label,
+                    n - 1
+                ))
+            } else if i.image.is_empty() {
+                Err("`image` is empty".into())
+            } else if !i.image.starts_with("data:") && !folder.join(&i.image).is_file() {
+                Err(format!(
+                    "image `{}` does not exist",
+                    folder.join(&i.image).display()
+                ))
+            } else {
+                Ok(())
+            }
+        })?;
+        for i in &mut items {
+            if !i.image.starts_with("data:") {
+                i.image = folder.join(&i.image).to_string_lossy().into_owned();
+            }
+        }
+        Ok(Items::ImageClassification {
+            items,
+            classes: spec.classes.clone(),
+            head,
+        })
+    }
+}
+
+impl ImageItem {
+    /// Decodes the image (a file or a data URL).
+    pub fn decode(&self) -> Result<runtime::vision::RgbImage> {
+        Ok(if self.image.starts_with("data:") {
+            runtime::vision::RgbImage::from_data_url(&self.image, "a data URL image")?
+        } else {
+            runtime::vision::RgbImage::open(Path::new(&self.image))?
         })
     }
 }
@@ -755,6 +916,7 @@ mod tests {
             kind: TaskKind::Perplexity,
             file: d.path().join("gone.perplexity.jsonl"),
             metric: "perplexity".into(),
+            image: None,
         };
         let e = spec.load(None).unwrap_err().to_string();
         assert!(
@@ -771,6 +933,7 @@ mod tests {
             kind,
             file,
             metric: kind.metrics()[0].into(),
+            image: None,
         };
         spec.load(None).unwrap_err().to_string()
     }
@@ -844,6 +1007,7 @@ mod tests {
             kind: TaskKind::Classification,
             file,
             metric: "acc".into(),
+            image: None,
         };
         let task = spec.load(Some(2)).unwrap();
         assert_eq!(task.total, 3);
@@ -854,5 +1018,95 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+}
+
+#[cfg(test)]
+mod image_tests {
+    use super::*;
+    use crate::head::ClassHead;
+
+    /// A pool folder with one image task: two 1×1 PNGs and a 2-class head.
+    fn pool(lines: &str, entry: &str) -> (tempfile::TempDir, Result<TaskPool>) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("heads")).unwrap();
+        ClassHead::new(vec![vec![1.0, 0.0], vec![0.0, 1.0]], 5.0, "h")
+            .unwrap()
+            .save(&d.path().join("heads/h.safetensors"))
+            .unwrap();
+        let png = runtime::vision::RgbImage::from_raw(1, 1, vec![9, 9, 9], "p")
+            .unwrap()
+            .to_png();
+        std::fs::write(d.path().join("a.png"), png).unwrap();
+        std::fs::write(d.path().join("t.jsonl"), lines).unwrap();
+        std::fs::write(
+            d.path().join(TASKPOOL_FILE),
+            format!(
+                "tasks:\n  - name: t\n    kind: image_classification\n    file: t.jsonl\n{entry}"
+            ),
+        )
+        .unwrap();
+        let p = TaskPool::open(d.path());
+        (d, p)
+    }
+
+    const ENTRY: &str = "    classes: [a, b]\n    head: heads/h.safetensors\n";
+
+    #[test]
+    fn image_tasks_load_with_their_classes_head_and_absolute_images() {
+        let (d, p) = pool("{\"image\": \"a.png\", \"label\": 1}\n", ENTRY);
+        let task = p.unwrap().tasks[0].load(None).unwrap();
+        let Items::ImageClassification {
+            items,
+            classes,
+            head,
+        } = &task.items
+        else {
+            panic!("{:?}", task.items)
+        };
+        assert_eq!(classes, &["a", "b"]);
+        assert_eq!(head.classes(), 2);
+        assert_eq!(items[0].image, d.path().join("a.png").to_string_lossy());
+        assert_eq!(items[0].decode().unwrap().data, vec![9, 9, 9]);
+    }
+
+    #[test]
+    fn bad_image_tasks_are_named() {
+        let load = |lines: &str, entry: &str| match pool(lines, entry).1 {
+            Err(e) => e.to_string(),
+            Ok(p) => p.tasks[0].load(None).unwrap_err().to_string(),
+        };
+        let ok_line = "{\"image\": \"a.png\", \"label\": 0}\n";
+        let e = load(ok_line, "");
+        assert!(e.contains("names its `classes` and its `head`"), "{e}");
+        let e = load(ok_line, "    classes: [a]\n    head: heads/h.safetensors\n");
+        assert!(e.contains("at least two"), "{e}");
+        let e = load(
+            ok_line,
+            "    classes: [a, b]\n    head: heads/none.safetensors\n",
+        );
+        assert!(
+            e.contains("none.safetensors") && e.contains("does not exist"),
+            "{e}"
+        );
+        let e = load(
+            ok_line,
+            "    classes: [a, b, c]\n    head: heads/h.safetensors\n",
+        );
+        assert!(e.contains("2 rows for the task's 3 classes"), "{e}");
+        let e = load("{\"image\": \"a.png\", \"label\": 2}\n", ENTRY);
+        assert!(e.contains("t.jsonl:1") && e.contains("out of range"), "{e}");
+        let e = load("{\"image\": \"b.png\", \"label\": 0}\n", ENTRY);
+        assert!(e.contains("b.png") && e.contains("does not exist"), "{e}");
+        // A text task may not name a head.
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("x.jsonl"), "{\"text\": \"a\"}\n").unwrap();
+        std::fs::write(
+            d.path().join(TASKPOOL_FILE),
+            "tasks:\n  - name: x\n    kind: perplexity\n    file: x.jsonl\n    classes: [a, b]\n",
+        )
+        .unwrap();
+        let e = TaskPool::open(d.path()).unwrap_err().to_string();
+        assert!(e.contains("belong to image_classification"), "{e}");
     }
 }

@@ -42,9 +42,9 @@ impl Scorer for TextModel {
     }
 }
 
-/// A text model scores every task kind; an embedding model only the
-/// embedding tasks (`similarity`, `embedding_classification`), and says so
-/// for the others.
+/// A text model scores every text task kind; an embedding model only the
+/// embedding tasks (`similarity`, `embedding_classification`); an image
+/// model only `image_classification`; each says so for the others.
 impl Scorer for Runnable {
     fn loglikelihood_batch(&self, pairs: &[(String, String)]) -> Result<Vec<Loglikelihood>> {
         Scorer::loglikelihood_batch(text_only(self)?, pairs)
@@ -58,11 +58,19 @@ impl Scorer for Runnable {
         match self {
             Runnable::Text(t) => Scorer::count_tokens(t.as_ref(), text),
             Runnable::Embedding(e) => Ok(e.tokenize(text)?.0.len()),
+            Runnable::Vision(_) => Err(EvalError::Scoring {
+                task: "(any)".to_string(),
+                reason: "an image model reads no text".to_string(),
+            }),
         }
     }
 
     fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>> {
         Ok(Runnable::embed(self, texts)?.vectors)
+    }
+
+    fn embed_images(&self, images: &[runtime::vision::RgbImage]) -> Result<Vec<Vec<f32>>> {
+        Ok(self.embed_images_until(images, &|| false)?)
     }
 }
 
@@ -74,6 +82,10 @@ fn text_only(model: &Runnable) -> Result<&TextModel> {
             reason: "an embedding model scores only `similarity` and `embedding_classification` \
                      tasks (log-likelihood and generation tasks need a text-generation model)"
                 .to_string(),
+        }),
+        Runnable::Vision(_) => Err(EvalError::Scoring {
+            task: "(any)".to_string(),
+            reason: "an image model scores only `image_classification` tasks".to_string(),
         }),
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! - Public routes (`/health/*`, `/metrics`, `/openapi.json`, `/docs`) need no key.
 //! - The OpenAI routes (`/v1/chat/completions`, `/v1/completions`,
-//!   `/v1/embeddings`, `/v1/models`) need a key of `server.api_keys` or
-//!   `server.admin_keys` when `api_keys` is not empty.
+//!   `/v1/embeddings`, `/v1/classifications`, `/v1/models`) need a key of
+//!   `server.api_keys` or `server.admin_keys` when `api_keys` is not empty.
 //! - The merges and evaluations APIs (`/v1/merges…`, `/v1/evaluations…`)
 //!   need a key of `server.admin_keys`; a user key gets 403. When
 //!   `admin_keys` is empty they follow the rule of the OpenAI routes.
@@ -49,6 +49,7 @@ pub const ROUTES: &[(&str, Access)] = &[
     (paths::CHAT, Access::User),
     (paths::COMPLETIONS, Access::User),
     (paths::EMBEDDINGS, Access::User),
+    (paths::CLASSIFICATIONS, Access::User),
     (paths::MODELS, Access::User),
     (paths::MERGES, Access::Admin),
     (paths::MERGE, Access::Admin),

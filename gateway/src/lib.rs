@@ -30,6 +30,7 @@ pub mod config;
 pub mod engine;
 pub mod error;
 pub mod evaluations;
+pub mod heads;
 pub mod limits;
 pub mod merges;
 pub mod metrics;

@@ -33,6 +33,7 @@ use crate::store::DeleteStatus;
         routes::chat::chat_completions,
         routes::completions::completions,
         routes::embeddings::embeddings,
+        routes::classifications::classifications,
         routes::models::list_models,
         routes::merges::create_merge,
         routes::merges::list_merges,

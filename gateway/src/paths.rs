@@ -8,6 +8,8 @@ pub const CHAT: &str = "/v1/chat/completions";
 pub const COMPLETIONS: &str = "/v1/completions";
 /// Embeddings.
 pub const EMBEDDINGS: &str = "/v1/embeddings";
+/// Image classification with a task's head (extension).
+pub const CLASSIFICATIONS: &str = "/v1/classifications";
 /// Models list.
 pub const MODELS: &str = "/v1/models";
 /// Merges collection.

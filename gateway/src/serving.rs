@@ -252,6 +252,42 @@ pub async fn embed(state: &AppState, handle: &ModelHandle, texts: Vec<String>) -
     result
 }
 
+/// Decodes `images` (data URLs, `data:image/png;base64,...`) and embeds
+/// them with the handle's image model, off the async threads; an input
+/// that is not an image is a 400 naming its index.
+pub async fn embed_images(
+    state: &AppState,
+    handle: &ModelHandle,
+    images: Vec<String>,
+) -> Result<Vec<Vec<f32>>> {
+    let traffic = state.traffic.enter();
+    let slot = state.admission.admit().await?;
+    let served = handle.served.clone();
+    let left = ClientGone::default();
+    let flag = left.0.clone();
+    let result = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>> {
+        let _slot = slot;
+        let _traffic = traffic;
+        let decoded = images
+            .iter()
+            .enumerate()
+            .map(|(i, url)| {
+                runtime::vision::RgbImage::from_data_url(url, &format!("input {i}"))
+                    .map_err(|e| GatewayError::at_runtime(Stage::Execution, e).or_param("input"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        served
+            .engine
+            .runnable()
+            .embed_images_until(&decoded, &|| flag.load(Ordering::Relaxed))
+            .map_err(|e| GatewayError::at_runtime(Stage::Execution, e).or_param("input"))
+    })
+    .await
+    .map_err(|e| GatewayError::Internal(format!("the embedding task failed: {e}")))?;
+    drop(left);
+    result
+}
+
 /// Raises its flag when dropped.
 #[derive(Default)]
 struct ClientGone(Arc<AtomicBool>);

@@ -16,6 +16,7 @@ use runtime::encoder::{Backbone, Encoder, EncoderConfig, SentenceEncoder};
 use runtime::generate::TextModel;
 use runtime::model::{Model, ModelConfig, ModelOptions};
 use runtime::onnx::OnnxEncoder;
+use runtime::vision::{ClipVision, ImageEncoder, VisionConfig};
 use runtime::{Runnable, RuntimeError};
 
 use crate::error::{MergeError, Result};
@@ -46,6 +47,8 @@ pub enum Network {
     Decoder(Model),
     /// A sentence encoder (BERT, on candle or an ONNX graph).
     Encoder(Backbone),
+    /// A CLIP vision tower.
+    Vision(ClipVision),
 }
 
 /// A model ready to serve, with what it holds in memory.
@@ -94,6 +97,15 @@ impl Servable {
         }
     }
 
+    /// A vision tower, every weight in the model's dtype.
+    pub fn vision(tower: ClipVision, side_files: PathBuf) -> Self {
+        Servable {
+            resident_bytes: tower.resident_bytes(),
+            network: Network::Vision(tower),
+            side_files,
+        }
+    }
+
     /// A built (or loaded) routed ensemble; its side files are the base's
     /// (or the saved folder's copies of them).
     pub fn routed(built: MoeModel) -> Result<Self> {
@@ -111,7 +123,7 @@ impl Servable {
     pub fn decoder(&self) -> Option<&Model> {
         match &self.network {
             Network::Decoder(m) => Some(m),
-            Network::Encoder(_) => None,
+            Network::Encoder(_) | Network::Vision(_) => None,
         }
     }
 
@@ -125,6 +137,7 @@ impl Servable {
             Network::Encoder(e) => {
                 Runnable::Embedding(SentenceEncoder::from_encoder(e, &self.side_files)?)
             }
+            Network::Vision(v) => Runnable::Vision(ImageEncoder::from_tower(v, &self.side_files)?),
         })
     }
 
@@ -135,6 +148,11 @@ impl Servable {
             Network::Decoder(m) => Ok(TextModel::from_model(m, &self.side_files)?),
             Network::Encoder(_) => Err(RuntimeError::WrongKind(
                 "generation and scoring need a text-generation model; this is an embedding model"
+                    .into(),
+            )
+            .into()),
+            Network::Vision(_) => Err(RuntimeError::WrongKind(
+                "generation and scoring need a text-generation model; this is an image model"
                     .into(),
             )
             .into()),
@@ -175,6 +193,10 @@ pub fn from_tensors(
                 ),
             }
         }
+        Kind::Vision => Servable::vision(
+            ClipVision::from_tensors(VisionConfig::from_dir(dir)?, tensors, opts)?,
+            dir.to_path_buf(),
+        ),
     })
 }
 
@@ -228,6 +250,10 @@ pub fn load_checkpoint(ck: &Checkpoint, opts: &ModelOptions) -> Result<Servable>
                     ),
                 })
             }
+            Kind::Vision => Ok(Servable::vision(
+                ClipVision::from_checkpoint(VisionConfig::from_dir(dir)?, ck, opts)?,
+                dir.to_path_buf(),
+            )),
         },
     }
 }

@@ -26,6 +26,10 @@ pub enum Family {
     Qwen2,
     /// `BertModel`: a sentence-embedding encoder ([`crate::encoder`]).
     Bert,
+    /// `CLIPVisionModelWithProjection` (`clip_vision_model`, or a full
+    /// `clip` checkpoint's vision tower): image embeddings
+    /// ([`crate::vision`]).
+    Clip,
 }
 
 /// The kind of network a family is, i.e. the runtime module that builds it.
@@ -37,15 +41,20 @@ pub enum Kind {
     /// A bidirectional encoder ([`crate::encoder::Encoder`]): sentence
     /// embeddings only.
     Encoder,
+    /// A vision tower ([`crate::vision::ImageEncoder`]): image embeddings
+    /// (and, with a task's head, image classification).
+    Vision,
 }
 
 impl Kind {
     /// What the model serves, as Hugging Face names the pipeline:
-    /// `text-generation` or `embedding` (`GET /v1/models`).
+    /// `text-generation`, `embedding` or `image-feature-extraction`
+    /// (`GET /v1/models`).
     pub fn task(&self) -> &'static str {
         match self {
             Kind::Decoder => "text-generation",
             Kind::Encoder => "embedding",
+            Kind::Vision => "image-feature-extraction",
         }
     }
 }
@@ -88,6 +97,12 @@ pub static REGISTRY: &[Architecture] = &[
         model_type: "bert",
         hf_architecture: "BertModel",
         kind: Kind::Encoder,
+    },
+    Architecture {
+        family: Family::Clip,
+        model_type: "clip",
+        hf_architecture: "CLIPVisionModelWithProjection",
+        kind: Kind::Vision,
     },
 ];
 
@@ -172,7 +187,9 @@ mod tests {
             assert_eq!(recognise(a.hf_architecture).unwrap().family, a.family);
         }
         assert!(recognise("t5").is_none());
-        assert_eq!(supported(), "llama, mistral, qwen2, bert");
+        assert_eq!(supported(), "llama, mistral, qwen2, bert, clip");
+        assert_eq!(recognise("clip_vision_model").unwrap().kind, Kind::Vision);
+        assert_eq!(recognise("CLIPVisionModel").unwrap().family, Family::Clip);
         assert_eq!(supported_of(Some(Kind::Decoder)), "llama, mistral, qwen2");
         assert_eq!(recognise("BertModel").unwrap().kind, Kind::Encoder);
         let p = Path::new("config.json");
@@ -186,7 +203,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("`t5` is not supported (llama, mistral, qwen2, bert)"),
+            e.contains("`t5` is not supported (llama, mistral, qwen2, bert, clip)"),
             "{e}"
         );
     }

@@ -1,7 +1,8 @@
-//! [`Runnable`]: a loaded model of either kind the runtime runs, a text
-//! generator ([`TextModel`]) or a sentence encoder ([`SentenceEncoder`]),
-//! with what both can do (embed texts) and a clear error for what only one
-//! can (generate, score).
+//! [`Runnable`]: a loaded model of any kind the runtime runs, a text
+//! generator ([`TextModel`]), a sentence encoder ([`SentenceEncoder`]) or
+//! an image encoder ([`ImageEncoder`]), with what they share (embeddings)
+//! and a clear error for what only some can (generate, score, embed texts
+//! or images).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use crate::encoder::SentenceEncoder;
 use crate::error::{Result, RuntimeError};
 use crate::generate::TextModel;
 use crate::model::ModelOptions;
+use crate::vision::{ImageEncoder, RgbImage};
 
 /// A model ready to run.
 #[derive(Debug)]
@@ -22,6 +24,8 @@ pub enum Runnable {
     Text(Arc<TextModel>),
     /// An encoder with its tokenizer and sentence-transformers pooling.
     Embedding(SentenceEncoder),
+    /// A vision tower with its image processor.
+    Vision(ImageEncoder),
 }
 
 /// Embeddings of a list of texts.
@@ -41,6 +45,7 @@ impl Runnable {
         match architectures::of_dir(dir)?.kind {
             Kind::Decoder => Ok(Runnable::Text(Arc::new(TextModel::load(dir, opts)?))),
             Kind::Encoder => Ok(Runnable::Embedding(SentenceEncoder::load(dir, opts)?)),
+            Kind::Vision => Ok(Runnable::Vision(ImageEncoder::load(dir, opts)?)),
         }
     }
 
@@ -49,6 +54,7 @@ impl Runnable {
         match self {
             Runnable::Text(_) => Kind::Decoder,
             Runnable::Embedding(_) => Kind::Encoder,
+            Runnable::Vision(_) => Kind::Vision,
         }
     }
 
@@ -60,15 +66,33 @@ impl Runnable {
             Runnable::Embedding(_) => Err(RuntimeError::WrongKind(format!(
                 "{what} need a text-generation model; this is an embedding model, which only embeds texts"
             ))),
+            Runnable::Vision(_) => Err(RuntimeError::WrongKind(format!(
+                "{what} need a text-generation model; this is an image model, which only embeds \
+                 (and classifies) images"
+            ))),
         }
     }
 
-    /// Longest input in tokens: the decoder's context, or the encoder's
-    /// `max_seq_length` (longer inputs are truncated to it).
+    /// The image encoder, or [`RuntimeError::WrongKind`] naming `what`
+    /// needs one.
+    pub fn vision(&self, what: &str) -> Result<&ImageEncoder> {
+        match self {
+            Runnable::Vision(v) => Ok(v),
+            other => Err(RuntimeError::WrongKind(format!(
+                "{what} need an image model; this is a {} model",
+                other.kind().task()
+            ))),
+        }
+    }
+
+    /// Longest input in tokens: the decoder's context, the encoder's
+    /// `max_seq_length` (longer inputs are truncated to it), or a vision
+    /// tower's positions (patches and the class token).
     pub fn context_length(&self) -> usize {
         match self {
             Runnable::Text(t) => t.model().config().max_position_embeddings,
             Runnable::Embedding(e) => e.sentence_config().max_seq_length,
+            Runnable::Vision(v) => v.config().num_positions(),
         }
     }
 
@@ -77,6 +101,7 @@ impl Runnable {
         match self {
             Runnable::Text(t) => t.model().config().hidden_size,
             Runnable::Embedding(e) => e.dimension(),
+            Runnable::Vision(v) => v.dimension(),
         }
     }
 
@@ -101,7 +126,20 @@ impl Runnable {
                     truncated: out.truncated.iter().filter(|&&t| t).count(),
                 })
             }
+            Runnable::Vision(_) => Err(RuntimeError::WrongKind(
+                "this is an image model: it embeds images (data URLs or files), not texts".into(),
+            )),
         }
+    }
+
+    /// Embeddings of `images` (an image model only; others say so).
+    pub fn embed_images_until(
+        &self,
+        images: &[RgbImage],
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.vision("image embeddings")?
+            .embed_until(images, cancelled)
     }
 
     /// [`Runnable::embed_until`] without cancellation.

@@ -1,6 +1,6 @@
-//! `fusion embed`: embeddings of texts from a checkpoint folder or a merge
-//! of a pool's checkpoints, for checking by hand (the same computation as
-//! `POST /v1/embeddings`).
+//! `fusion embed`: embeddings of texts (or, for an image model, of images)
+//! from a checkpoint folder or a merge of a pool's checkpoints, for
+//! checking by hand (the same computation as `POST /v1/embeddings`).
 
 use std::path::PathBuf;
 
@@ -34,6 +34,7 @@ pub enum EmbedRuntime {
 /// Arguments of `fusion embed`.
 #[derive(Args)]
 #[command(group(ArgGroup::new("what").required(true).args(["merge", "model"])))]
+#[command(group(ArgGroup::new("inputs").required(true).args(["input", "image"])))]
 pub struct EmbedArgs {
     /// A checkpoint folder (config.json, safetensors, tokenizer.json and,
     /// for an embedding model, its sentence-transformers files).
@@ -48,8 +49,13 @@ pub struct EmbedArgs {
     #[arg(long)]
     pool: Option<PathBuf>,
     /// The texts (repeatable, or several after one --input).
-    #[arg(long, required = true, num_args = 1..)]
+    #[arg(long, num_args = 1..)]
     input: Vec<String>,
+    /// Images for an image model: PNG or JPEG files, or
+    /// `data:image/png;base64,...` URLs (repeatable, or several after one
+    /// --image).
+    #[arg(long, num_args = 1.., conflicts_with = "input")]
+    image: Vec<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = EmbedFormat::Text)]
     format: EmbedFormat,
@@ -64,9 +70,23 @@ pub struct EmbedArgs {
 
 /// Runs `fusion embed`: the embeddings on stdout, a summary on stderr.
 pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
-    if args.input.len() > MAX_INPUTS {
-        bail!("at most {MAX_INPUTS} texts, got {}", args.input.len());
+    if args.input.len() > MAX_INPUTS || args.image.len() > MAX_INPUTS {
+        bail!(
+            "at most {MAX_INPUTS} inputs, got {}",
+            args.input.len().max(args.image.len())
+        );
     }
+    let images = args
+        .image
+        .iter()
+        .map(|i| {
+            if i.starts_with("data:") {
+                runtime::vision::RgbImage::from_data_url(i, "--image (data URL)")
+            } else {
+                runtime::vision::RgbImage::open(std::path::Path::new(i))
+            }
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     if let Some(i) = args.input.iter().position(String::is_empty) {
         bail!("input {i} is empty");
     }
@@ -98,7 +118,17 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
         }
     };
     let embed_start = std::time::Instant::now();
-    let out = model.embed(&args.input)?;
+    let (out, labels) = if images.is_empty() {
+        (model.embed(&args.input)?, args.input.clone())
+    } else {
+        let vectors = model.embed_images_until(&images, &|| false)?;
+        let out = runtime::Embedded {
+            vectors,
+            tokens: 0,
+            truncated: 0,
+        };
+        (out, args.image.clone())
+    };
     let embed_seconds = embed_start.elapsed().as_secs_f64();
     match args.format {
         EmbedFormat::Json => {
@@ -120,12 +150,18 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&doc)?);
         }
         EmbedFormat::Text => {
-            for (text, v) in args.input.iter().zip(&out.vectors) {
+            for (text, v) in labels.iter().zip(&out.vectors) {
                 let head: Vec<String> = v.iter().take(6).map(|x| format!("{x:+.5}")).collect();
                 let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                let shown: String = text.chars().take(64).collect();
+                let shown = if shown.len() < text.len() {
+                    format!("{shown}…")
+                } else {
+                    shown
+                };
                 println!(
                     "{:?}\n  dim {} norm {norm:.5} [{} …]",
-                    text,
+                    shown,
                     v.len(),
                     head.join(", ")
                 );
@@ -134,8 +170,18 @@ pub fn run(args: EmbedArgs) -> anyhow::Result<()> {
     }
     let runtime = match &model {
         runtime::Runnable::Embedding(e) => e.encoder().runtime(),
-        runtime::Runnable::Text(_) => "candle",
+        runtime::Runnable::Text(_) | runtime::Runnable::Vision(_) => "candle",
     };
+    if !images.is_empty() {
+        eprintln!(
+            "embedded {} images with `{}` ({}, {runtime}) in {embed_seconds:.2}s, \
+             {load_seconds:.2}s to load",
+            out.vectors.len(),
+            source.describe(),
+            model.kind().task(),
+        );
+        return Ok(());
+    }
     eprintln!(
         "embedded {} texts ({} tokens, {} truncated) with `{}` ({}, {runtime}) in {embed_seconds:.2}s \
          ({:.0} tokens/s), {load_seconds:.2}s to load",

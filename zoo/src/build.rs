@@ -510,7 +510,7 @@ pub fn keep_freed_memory() {
 /// Runs `job(k)` for every `k` of `order` (a permutation of `0..n`, handed
 /// out in that order) on up to `threads` threads; returns the results
 /// indexed by `k`. A failed job stops the handing out of new ones.
-fn in_parallel<T: Send>(
+pub(crate) fn in_parallel<T: Send>(
     order: &[usize],
     threads: usize,
     job: impl Fn(usize) -> Result<T> + Sync,
@@ -574,6 +574,11 @@ const POOL_ENTRIES: [&str; 6] = [
 /// Creates `out`; a non-empty `out` is an error unless `force`, which removes
 /// the entries of a previous build (and nothing else).
 fn prepare_output(out: &Path, force: bool) -> Result<()> {
+    prepare_output_with(out, force, &POOL_ENTRIES)
+}
+
+/// [`prepare_output`] for a build that writes `names` (pool.yaml first).
+pub(crate) fn prepare_output_with(out: &Path, force: bool, names: &[&str]) -> Result<()> {
     if out.exists() {
         let mut entries = std::fs::read_dir(out).map_err(|e| ZooError::io(out, e))?;
         if entries.next().is_some() {
@@ -581,7 +586,7 @@ fn prepare_output(out: &Path, force: bool) -> Result<()> {
                 return Err(ZooError::OutputNotEmpty(out.to_path_buf()));
             }
             // pool.yaml first: an interrupted rebuild must not look complete.
-            for name in POOL_ENTRIES {
+            for name in names {
                 let p = out.join(name);
                 let removed = if p.is_dir() {
                     std::fs::remove_dir_all(&p)
@@ -628,6 +633,8 @@ fn write_task_pool(
             kind: task.kind().as_str().to_string(),
             file: file.into(),
             metric: None,
+            classes: None,
+            head: None,
         });
     }
     let doc = TaskPoolFile {

@@ -21,6 +21,9 @@ pub mod score;
 pub mod synth;
 pub mod tasks;
 pub mod train;
+pub mod vision;
+pub mod vision_data;
+pub mod vision_train;
 
 pub use build::{
     build, keep_freed_memory, pool_models, BuildOptions, BuildReport, ModelScores, Recipe,

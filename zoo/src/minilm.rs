@@ -450,6 +450,8 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
                 kind: "similarity".into(),
                 file: PathBuf::from(format!("{t}.similarity.jsonl")),
                 metric: None,
+                classes: None,
+                head: None,
             })
             .collect(),
     }
@@ -464,6 +466,8 @@ pub fn fetch_minilm(opts: &FetchOptions) -> Result<FetchReport> {
                 kind: kind.to_string(),
                 file: PathBuf::from(format!("{t}.{kind}.jsonl")),
                 metric: None,
+                classes: None,
+                head: None,
             })
             .collect(),
     }

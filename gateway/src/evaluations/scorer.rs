@@ -195,4 +195,12 @@ impl Scorer for AdmittedScorer<'_> {
         let _slot = self.slot()?;
         Scorer::embed(self.model, texts)
     }
+
+    fn embed_images(
+        &self,
+        images: &[runtime::vision::RgbImage],
+    ) -> evaluator::Result<Vec<Vec<f32>>> {
+        let _slot = self.slot()?;
+        Scorer::embed_images(self.model, images)
+    }
 }

@@ -1,8 +1,10 @@
 //! `POST /v1/embeddings`: sentence embeddings of an embedding model (BERT
 //! family: pooled as its sentence-transformers files say, inputs truncated
-//! to its `max_seq_length`) or mean-pooled final hidden states of a
-//! text-generation model, in OpenAI's shape (`encoding_format` `float` or
-//! `base64`: little-endian f32 bytes).
+//! to its `max_seq_length`), mean-pooled final hidden states of a
+//! text-generation model, or image embeddings of an image model (CLIP's
+//! projected class token; each input a `data:image/png;base64,...` URL), in
+//! OpenAI's shape (`encoding_format` `float` or `base64`: little-endian f32
+//! bytes).
 
 use actix_web::{post, web, HttpResponse};
 use merger::spec::MergeSpec;
@@ -27,7 +29,8 @@ pub struct EmbeddingRequest {
     #[serde(default)]
     #[schema(value_type = Option<Object>)]
     pub merge: Option<MergeSpec>,
-    /// One text or a list of texts.
+    /// One text or a list of texts; for an image model, images as data
+    /// URLs (`data:image/png;base64,...` or `image/jpeg`).
     pub input: EmbeddingInput,
     /// `float` (the default) or `base64` (the little-endian f32 bytes of
     /// each vector, base64-encoded, as OpenAI sends them).
@@ -165,7 +168,16 @@ pub async fn embeddings(
             ));
         }
     }
-    let done = serving::embed(&state, &handle, texts).await?;
+    let done = if handle.served.engine.runnable().kind() == runtime::architectures::Kind::Vision {
+        let vectors = serving::embed_images(&state, &handle, texts).await?;
+        crate::engine::Embedded {
+            vectors,
+            tokens: 0,
+            truncated: 0,
+        }
+    } else {
+        serving::embed(&state, &handle, texts).await?
+    };
     let tokens = done.tokens;
     let mut res = HttpResponse::Ok();
     model_headers(&mut res, &handle);

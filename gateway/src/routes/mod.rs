@@ -3,6 +3,7 @@
 //! own APIs; [`sse`] streams completions.
 
 pub mod chat;
+pub mod classifications;
 pub mod completions;
 pub mod embeddings;
 pub mod evaluations;
@@ -24,6 +25,7 @@ use crate::{MERGE_CACHE_HEADER, MERGE_ID_HEADER};
 /// Registers every route.
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.service(chat::chat_completions)
+        .service(classifications::classifications)
         .service(completions::completions)
         .service(embeddings::embeddings)
         .service(models::list_models)

@@ -63,6 +63,14 @@ impl Family {
                 let s = SentenceConfig::from_dir(dir, c.max_position_embeddings)?;
                 Family::Encoder(c, s)
             }
+            Kind::Vision => {
+                return Err(MergeError::Unsupported {
+                    feature: "a data-driven merge of an image model".into(),
+                    hint: "its statistics need image calibration inputs; use a tensorwise \
+                           method (task_arithmetic, ties_merging, tsv_m, iso_cts, ...)"
+                        .into(),
+                })
+            }
         })
     }
 

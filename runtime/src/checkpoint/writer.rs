@@ -30,6 +30,7 @@ pub const SIDE_FILES: &[&str] = &[
     "sentence_bert_config.json",
     "config_sentence_transformers.json",
     "1_Pooling/config.json",
+    "preprocessor_config.json",
 ];
 
 /// How to write the output folder.

@@ -104,8 +104,8 @@ impl ModelConfig {
             Some(a) if a.kind == Kind::Decoder => a.family,
             Some(a) => {
                 return Err(RuntimeError::WrongKind(format!(
-                    "{}: `{kind}` is an {} model (sentence embeddings only); this needs a \
-                     text-generation model ({decoders})",
+                    "{}: `{kind}` is an {} model; this needs a text-generation model \
+                     ({decoders})",
                     path.display(),
                     a.kind.task()
                 )))

@@ -228,6 +228,27 @@ impl ClipVision {
         self.dtype
     }
 
+    /// Bytes of the tower's tensors in memory.
+    pub fn resident_bytes(&self) -> u64 {
+        let shapes = self.config.tensor_shapes();
+        let n: usize = shapes
+            .iter()
+            .filter(|(name, _)| self.projection.is_some() || name != "visual_projection.weight")
+            .map(|(_, s)| s.iter().product::<usize>())
+            .sum();
+        (n * self.dtype.size_in_bytes()) as u64
+    }
+
+    /// Width of [`ClipVision::embed`]'s vectors: `projection_dim` with a
+    /// projection, else `hidden_size`.
+    pub fn dimension(&self) -> usize {
+        if self.projection.is_some() {
+            self.config.projection_dim
+        } else {
+            self.config.hidden_size
+        }
+    }
+
     /// Whether the checkpoint projects its embeddings
     /// (`CLIPVisionModelWithProjection`).
     pub fn has_projection(&self) -> bool {

@@ -158,6 +158,31 @@ impl VisionConfig {
         Ok(c)
     }
 
+    /// The vision-only config.json `transformers` loads as
+    /// `CLIPVisionModelWithProjection`.
+    pub fn to_hf_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "architectures": ["CLIPVisionModelWithProjection"],
+            "model_type": "clip_vision_model",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_channels": self.num_channels,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "hidden_act": match self.hidden_act {
+                VisionActivation::QuickGelu => "quick_gelu",
+                VisionActivation::Gelu => "gelu",
+            },
+            "layer_norm_eps": self.layer_norm_eps,
+            "projection_dim": self.projection_dim,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "initializer_factor": 1.0,
+            "torch_dtype": "float32",
+        })
+    }
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
         self.hidden_size / self.num_attention_heads

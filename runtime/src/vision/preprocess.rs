@@ -87,6 +87,68 @@ impl RgbImage {
         let (w, h) = (img.width() as usize, img.height() as usize);
         Self::from_raw(w, h, img.into_raw(), what)
     }
+
+    /// Decodes a data URL, `data:image/png;base64,...` (or `image/jpeg`),
+    /// as the OpenAI API takes images; `what` names the input in errors.
+    pub fn from_data_url(url: &str, what: &str) -> Result<Self> {
+        use base64::Engine as _;
+        let bad = |reason: &str| RuntimeError::InvalidInput(format!("{what}: {reason}"));
+        let rest = url
+            .strip_prefix("data:")
+            .ok_or_else(|| bad("not a data URL (`data:image/png;base64,...`)"))?;
+        let (head, payload) = rest
+            .split_once(',')
+            .ok_or_else(|| bad("a data URL without a `,` before its payload"))?;
+        let media = head
+            .strip_suffix(";base64")
+            .ok_or_else(|| bad("the data URL is not base64 (`;base64,`)"))?;
+        if !matches!(media, "image/png" | "image/jpeg" | "image/jpg") {
+            return Err(bad(&format!(
+                "media type `{media}` is not an image this reads (image/png, image/jpeg)"
+            )));
+        }
+        if payload.len() as u64 > MAX_PIXELS {
+            return Err(bad("the data URL is larger than an image may be"));
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(payload.trim())
+            .map_err(|e| bad(&format!("invalid base64: {e}")))?;
+        Self::decode(&bytes, what)
+    }
+
+    /// Reads and decodes a PNG or JPEG file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let bytes = std::fs::read(path).map_err(|e| RuntimeError::io(path, e))?;
+        Self::decode(&bytes, &path.display().to_string())
+    }
+
+    /// The image as PNG bytes (8-bit RGB; grey when every pixel is).
+    pub fn to_png(&self) -> Vec<u8> {
+        let mut out = std::io::Cursor::new(Vec::new());
+        let grey = self.data.chunks(3).all(|p| p[0] == p[1] && p[1] == p[2]);
+        let (w, h) = (self.width as u32, self.height as u32);
+        let written = if grey {
+            let g: Vec<u8> = self.data.chunks(3).map(|p| p[0]).collect();
+            image::GrayImage::from_raw(w, h, g)
+                .expect("sized")
+                .write_to(&mut out, image::ImageFormat::Png)
+        } else {
+            image::RgbImage::from_raw(w, h, self.data.clone())
+                .expect("sized")
+                .write_to(&mut out, image::ImageFormat::Png)
+        };
+        written.expect("PNG encoding to memory does not fail");
+        out.into_inner()
+    }
+
+    /// The image as a `data:image/png;base64,...` URL.
+    pub fn to_data_url(&self) -> String {
+        use base64::Engine as _;
+        format!(
+            "data:image/png;base64,{}",
+            base64::engine::general_purpose::STANDARD.encode(self.to_png())
+        )
+    }
 }
 
 /// The steps of `CLIPImageProcessor`.
@@ -219,6 +281,26 @@ impl ImageProcessor {
             )),
             _ => Ok(p),
         }
+    }
+
+    /// The preprocessor_config.json of these steps (`CLIPImageProcessor`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let (mean, std) = self.normalize.unwrap_or((CLIP_MEAN, CLIP_STD));
+        let (ch, cw) = self.crop.unwrap_or((224, 224));
+        serde_json::json!({
+            "image_processor_type": "CLIPImageProcessor",
+            "do_resize": self.shortest_edge.is_some(),
+            "size": {"shortest_edge": self.shortest_edge.unwrap_or(224)},
+            "resample": 3,
+            "do_center_crop": self.crop.is_some(),
+            "crop_size": {"height": ch, "width": cw},
+            "do_rescale": self.rescale_factor.is_some(),
+            "rescale_factor": self.rescale_factor.unwrap_or(1.0 / 255.0),
+            "do_normalize": self.normalize.is_some(),
+            "image_mean": mean,
+            "image_std": std,
+            "do_convert_rgb": true,
+        })
     }
 
     /// The processed pixels of one image, `(3, H, W)` values in f32.
@@ -437,5 +519,53 @@ pub fn center_crop(img: &RgbImage, ch: usize, cw: usize) -> RgbImage {
         width: cw,
         height: ch,
         data: out,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn img(grey: bool) -> RgbImage {
+        let data = (0..5 * 3)
+            .flat_map(|i| {
+                let v = (i * 17 % 256) as u8;
+                if grey {
+                    [v, v, v]
+                } else {
+                    [v, 255 - v, v / 2]
+                }
+            })
+            .collect();
+        RgbImage::from_raw(5, 3, data, "t").unwrap()
+    }
+
+    #[test]
+    fn png_and_data_urls_round_trip_grey_and_colour() {
+        for grey in [true, false] {
+            let i = img(grey);
+            assert_eq!(RgbImage::decode(&i.to_png(), "png").unwrap(), i);
+            let url = i.to_data_url();
+            assert!(url.starts_with("data:image/png;base64,"));
+            assert_eq!(RgbImage::from_data_url(&url, "url").unwrap(), i);
+        }
+    }
+
+    #[test]
+    fn bad_data_urls_say_what_is_wrong() {
+        let cases = [
+            ("image/png;base64,AAAA", "not a data URL"),
+            ("data:image/png;base64", "without a `,`"),
+            ("data:image/png,AAAA", "not base64"),
+            ("data:image/gif;base64,AAAA", "media type `image/gif`"),
+            ("data:image/png;base64,@@@", "invalid base64"),
+            ("data:image/png;base64,AAAA", "not a PNG or JPEG"),
+        ];
+        for (url, want) in cases {
+            let e = RgbImage::from_data_url(url, "input 3")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("input 3") && e.contains(want), "{url}: {e}");
+        }
     }
 }
