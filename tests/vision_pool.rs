@@ -545,8 +545,61 @@ fn the_server_embeds_and_classifies_images_of_checkpoints_and_merges() {
         .collect();
     assert_eq!(served, labels);
 
+    // A PNG whose header claims 8193×8193 pixels (over the 64 Mi an image
+    // may have): refused from its header, before anything is decoded.
+    let bomb = {
+        let crc = |bytes: &[u8]| -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= b as u32;
+                for _ in 0..8 {
+                    c = if c & 1 == 1 {
+                        (c >> 1) ^ 0xEDB8_8320
+                    } else {
+                        c >> 1
+                    };
+                }
+            }
+            !c
+        };
+        let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+        let mut chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            png.extend((data.len() as u32).to_be_bytes());
+            png.extend(&body);
+            png.extend(crc(&body).to_be_bytes());
+        };
+        let mut ihdr = 8193u32.to_be_bytes().repeat(2);
+        ihdr.extend([8, 0, 0, 0, 0]); // 8-bit grey
+        chunk(b"IHDR", &ihdr);
+        // An empty zlib stream: never read, the header is refused first.
+        chunk(b"IDAT", b"\x78\x9c\x03\x00\x00\x00\x00\x01");
+        chunk(b"IEND", b"");
+        const ABC: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut b64 = String::new();
+        for c in png.chunks(3) {
+            let n = (c[0] as u32) << 16
+                | (*c.get(1).unwrap_or(&0) as u32) << 8
+                | *c.get(2).unwrap_or(&0) as u32;
+            for k in 0..4 {
+                b64.push(if k <= c.len() {
+                    ABC[(n >> (18 - 6 * k) & 63) as usize] as char
+                } else {
+                    '='
+                });
+            }
+        }
+        format!("data:image/png;base64,{b64}")
+    };
+
     // Clear 4xx for what cannot be served.
     let cases = [
+        (
+            "/v1/embeddings",
+            serde_json::json!({"model": "base", "input": [urls[0], bomb]}),
+            400,
+            "input 1: 8193×8193 pixels",
+        ),
         (
             "/v1/classifications",
             serde_json::json!({"model": "base", "task": "nope", "input": urls}),

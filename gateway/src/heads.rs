@@ -64,12 +64,14 @@ pub fn find(config: &Config, task: &str) -> Result<TaskHead> {
     }
     let (pool_name, spec) = match (found.len(), other_kind) {
         (1, _) => found.remove(0),
-        (0, Some(kind)) => return Err(GatewayError::bad_param(
-            "task",
-            format!(
+        (0, Some(kind)) => {
+            return Err(GatewayError::bad_param(
+                "task",
+                format!(
                 "task `{task}` is a {kind} task; classifications need an image_classification task"
             ),
-        )),
+            ))
+        }
         (0, None) => {
             return Err(not_found(format!(
                 "no image_classification task `{task}` in the configured task pools ({})",

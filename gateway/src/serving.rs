@@ -253,8 +253,9 @@ pub async fn embed(state: &AppState, handle: &ModelHandle, texts: Vec<String>) -
 }
 
 /// Decodes `images` (data URLs, `data:image/png;base64,...`) and embeds
-/// them with the handle's image model, off the async threads; an input
-/// that is not an image is a 400 naming its index.
+/// them with the handle's image model, off the async threads, one decoded
+/// image at a time; an input that is not an image is a 400 naming its
+/// index.
 pub async fn embed_images(
     state: &AppState,
     handle: &ModelHandle,
@@ -268,18 +269,14 @@ pub async fn embed_images(
     let result = tokio::task::spawn_blocking(move || -> Result<Vec<Vec<f32>>> {
         let _slot = slot;
         let _traffic = traffic;
-        let decoded = images
-            .iter()
-            .enumerate()
-            .map(|(i, url)| {
-                runtime::vision::RgbImage::from_data_url(url, &format!("input {i}"))
-                    .map_err(|e| GatewayError::at_runtime(Stage::Execution, e).or_param("input"))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // Decoded one at a time and preprocessed at once: a request of many
+        // large (or highly compressed) images never holds more than one.
+        let decode =
+            |i: usize| runtime::vision::RgbImage::from_data_url(&images[i], &format!("input {i}"));
         served
             .engine
             .runnable()
-            .embed_images_until(&decoded, &|| flag.load(Ordering::Relaxed))
+            .embed_each_image_until(images.len(), &decode, &|| flag.load(Ordering::Relaxed))
             .map_err(|e| GatewayError::at_runtime(Stage::Execution, e).or_param("input"))
     })
     .await

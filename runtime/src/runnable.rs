@@ -132,6 +132,19 @@ impl Runnable {
         }
     }
 
+    /// Embeddings of `count` images decoded one at a time by `image(i)`
+    /// (an image model only; others say so). See
+    /// [`ImageEncoder::embed_each_until`].
+    pub fn embed_each_image_until(
+        &self,
+        count: usize,
+        image: &dyn Fn(usize) -> Result<RgbImage>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        self.vision("image embeddings")?
+            .embed_each_until(count, image, cancelled)
+    }
+
     /// Embeddings of `images` (an image model only; others say so).
     pub fn embed_images_until(
         &self,

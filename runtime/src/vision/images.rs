@@ -66,14 +66,49 @@ impl ImageEncoder {
         images: &[RgbImage],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<Vec<f32>>> {
-        let mut out = Vec::with_capacity(images.len());
-        for chunk in images.chunks(IMAGE_BATCH) {
-            if cancelled() {
-                return Err(RuntimeError::Cancelled);
+        self.embed_each_until(images.len(), &|i| Ok(images[i].clone()), cancelled)
+    }
+
+    /// [`ImageEncoder::embed_until`] over `count` images that `image(i)`
+    /// produces (decodes) one at a time: each is preprocessed at once and
+    /// dropped, so at most one full-size image is in memory beside the
+    /// model-sized pixels of one batch, whatever the images' sizes.
+    pub fn embed_each_until(
+        &self,
+        count: usize,
+        image: &dyn Fn(usize) -> Result<RgbImage>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let c = self.tower.config();
+        let per = c.num_channels * c.image_size * c.image_size;
+        let mut out = Vec::with_capacity(count);
+        let mut start = 0;
+        while start < count {
+            let end = (start + IMAGE_BATCH).min(count);
+            let mut pixels = Vec::with_capacity((end - start) * per);
+            for i in start..end {
+                if cancelled() {
+                    return Err(RuntimeError::Cancelled);
+                }
+                let v = self.processor.process(&image(i)?);
+                if v.len() != per {
+                    return Err(RuntimeError::InvalidInput(format!(
+                        "image {i} preprocesses to {} values; this model takes {}×{}×{}",
+                        v.len(),
+                        c.num_channels,
+                        c.image_size,
+                        c.image_size
+                    )));
+                }
+                pixels.extend(v);
             }
-            let pixels = self.processor.pixels(chunk, self.tower.device())?;
-            let e = self.tower.embed(&pixels)?;
-            out.extend(e.to_vec2::<f32>()?);
+            let t = candle_core::Tensor::from_vec(
+                pixels,
+                (end - start, c.num_channels, c.image_size, c.image_size),
+                self.tower.device(),
+            )?;
+            out.extend(self.tower.embed(&t)?.to_vec2::<f32>()?);
+            start = end;
         }
         Ok(out)
     }
