@@ -352,14 +352,34 @@ fn serve(p: &Path) -> Server {
         .iter()
         .map(|t| format!("{t}: '{}'", p.join("models").join(t).display()))
         .collect();
+    // A small random text pool beside it, for the kind checks.
+    ok(&fusion(
+        p,
+        &[
+            "zoo",
+            "synth",
+            "--params",
+            "2M",
+            "--experts",
+            "1",
+            "--dtype",
+            "f32",
+            "--out",
+            "synth",
+            "--force",
+        ],
+    ));
     let yaml = format!(
         "device: cpu\nserver: {{bind: '127.0.0.1:0'}}\n\
          pools:\n  vision:\n    base: '{}'\n    experts: {{{}}}\n\
+         \x20 text:\n    base: '{}'\n    experts: {{e: '{}'}}\n\
          taskpools: {{vision: '{}'}}\n\
          evaluations:\n  - {{name: merged, merge: 'task_arithmetic(mnist,rotated;scaling_coefficient=0.3)', \
          taskpool: vision, tasks: [mnist, rotated], every: 1h, delay: 1h, limit: 20}}\n",
         p.join("models/base").display(),
         experts.join(", "),
+        p.join("synth/base").display(),
+        p.join("synth/expert_1").display(),
         p.join("tasks").display()
     );
     let config = p.join("gateway.yaml");
@@ -595,26 +615,38 @@ fn the_server_embeds_and_classifies_images_of_checkpoints_and_merges() {
     // Clear 4xx for what cannot be served.
     let cases = [
         (
+            "/v1/classifications",
+            serde_json::json!({"model": "text/base", "task": "mnist", "input": urls}),
+            400,
+            "is a text-generation model: /v1/classifications needs an image model",
+        ),
+        (
+            "/v1/chat/completions",
+            serde_json::json!({"model": "rotated", "messages": [{"role": "user", "content": "hi"}]}),
+            400,
+            "is an image model",
+        ),
+        (
             "/v1/embeddings",
-            serde_json::json!({"model": "base", "input": [urls[0], bomb]}),
+            serde_json::json!({"model": "vision/base", "input": [urls[0], bomb]}),
             400,
             "input 1: 8193×8193 pixels",
         ),
         (
             "/v1/classifications",
-            serde_json::json!({"model": "base", "task": "nope", "input": urls}),
+            serde_json::json!({"model": "vision/base", "task": "nope", "input": urls}),
             404,
             "nope",
         ),
         (
             "/v1/classifications",
-            serde_json::json!({"model": "base", "task": "vision/nope", "input": urls}),
+            serde_json::json!({"model": "vision/base", "task": "vision/nope", "input": urls}),
             404,
             "nope",
         ),
         (
             "/v1/classifications",
-            serde_json::json!({"model": "base", "task": "mnist", "input": ["data:image/png;base64,AAAA"]}),
+            serde_json::json!({"model": "vision/base", "task": "mnist", "input": ["data:image/png;base64,AAAA"]}),
             400,
             "input 0",
         ),
@@ -626,13 +658,13 @@ fn the_server_embeds_and_classifies_images_of_checkpoints_and_merges() {
         ),
         (
             "/v1/embeddings",
-            serde_json::json!({"model": "base", "input": "a text"}),
+            serde_json::json!({"model": "vision/base", "input": "a text"}),
             400,
             "not a data URL",
         ),
         (
             "/v1/embeddings",
-            serde_json::json!({"model": "base", "input": ["data:text/plain;base64,AAAA"]}),
+            serde_json::json!({"model": "vision/base", "input": ["data:text/plain;base64,AAAA"]}),
             400,
             "text/plain",
         ),

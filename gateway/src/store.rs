@@ -171,28 +171,63 @@ impl ModelStore {
     }
 
     /// [`ModelStore::model`] for a route that needs a text-generation
-    /// model (`route`: `/v1/chat/completions`): an embedding model is a
-    /// 400 naming its kind, found before anything is merged or loaded.
+    /// model (`route`: `/v1/chat/completions`): an embedding or image model
+    /// is a 400 naming its kind, found before anything is merged or loaded.
     pub async fn text_model(
         &self,
         model: Option<&str>,
         merge: Option<MergeSpec>,
         route: &str,
     ) -> Result<ModelHandle> {
-        let refuse = |name: &str| GatewayError::BadRequest {
+        let refuse = |name: &str, kind: Kind| GatewayError::BadRequest {
             message: format!(
-                "model `{name}` is an embedding model: {route} needs a text-generation model \
-                 (embedding models serve /v1/embeddings; GET /v1/models lists each model's kind)"
+                "model `{name}` is {}: {route} needs a text-generation model \
+                 (embedding and image models serve /v1/embeddings; GET /v1/models lists each \
+                 model's kind)",
+                kind_phrase(kind)
             ),
             param: Some("model".to_string()),
             code: "model_not_text_generation",
         };
+        self.model_of(model, merge, Kind::Decoder, &refuse).await
+    }
+
+    /// [`ModelStore::model`] for a route that needs an image model
+    /// (`route`: `/v1/classifications`): any other kind is a 400 naming it,
+    /// found before anything is merged or loaded.
+    pub async fn image_model(
+        &self,
+        model: Option<&str>,
+        merge: Option<MergeSpec>,
+        route: &str,
+    ) -> Result<ModelHandle> {
+        let refuse = |name: &str, kind: Kind| GatewayError::BadRequest {
+            message: format!(
+                "model `{name}` is {}: {route} needs an image model (GET /v1/models lists each \
+                 model's kind)",
+                kind_phrase(kind)
+            ),
+            param: Some("model".to_string()),
+            code: "model_not_image",
+        };
+        self.model_of(model, merge, Kind::Vision, &refuse).await
+    }
+
+    /// [`ModelStore::model`] when the route serves only models of kind
+    /// `want`; `refuse(name, kind)` is the error for another kind.
+    async fn model_of(
+        &self,
+        model: Option<&str>,
+        merge: Option<MergeSpec>,
+        want: Kind,
+        refuse: &dyn Fn(&str, Kind) -> GatewayError,
+    ) -> Result<ModelHandle> {
         if merge.is_none() {
             if let Some(name) = model.map(str::trim).filter(|m| m.starts_with("merge-")) {
                 let key = name.to_ascii_lowercase();
                 if let Some(served) = self.resident(&key).await {
-                    if served.engine.kind() != Kind::Decoder {
-                        return Err(refuse(name));
+                    if served.engine.kind() != want {
+                        return Err(refuse(name, served.engine.kind()));
                     }
                     return Ok(ModelHandle {
                         served,
@@ -203,8 +238,9 @@ impl ModelStore {
         }
         let shown = model.map(str::trim).unwrap_or("merge").to_string();
         let target = self.resolve(model, merge)?;
-        if target.kind()? != Kind::Decoder {
-            return Err(refuse(&shown));
+        let kind = target.kind()?;
+        if kind != want {
+            return Err(refuse(&shown, kind));
         }
         self.acquire(target, Wait::Bounded).await
     }
@@ -524,4 +560,13 @@ fn unknown_merge(id: &str) -> GatewayError {
 /// running: the configured wait, between 1 and 30 seconds.
 fn retry_after(max_wait: Duration) -> Duration {
     max_wait.clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// "an embedding model", "an image model", "a text-generation model".
+fn kind_phrase(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Decoder => "a text-generation model",
+        Kind::Encoder => "an embedding model",
+        Kind::Vision => "an image model",
+    }
 }

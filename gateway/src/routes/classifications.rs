@@ -102,18 +102,10 @@ pub async fn classifications(
         ));
     }
     let task = crate::heads::find(&state.config, &req.task)?;
-    let handle = state.models.model(req.model.as_deref(), req.merge).await?;
-    let kind = handle.served.engine.runnable().kind();
-    if kind != runtime::architectures::Kind::Vision {
-        return Err(GatewayError::bad_param(
-            "model",
-            format!(
-                "model `{}` is a {} model; classifications need an image model",
-                handle.name(),
-                kind.task()
-            ),
-        ));
-    }
+    let handle = state
+        .models
+        .image_model(req.model.as_deref(), req.merge, "/v1/classifications")
+        .await?;
     let dim = handle.served.engine.dimension();
     if dim != task.head.dim() {
         return Err(GatewayError::bad_param(
