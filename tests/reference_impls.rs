@@ -1,7 +1,8 @@
 //! `fusion merge` against independent numpy re-implementations of
 //! FusionBench's ties_merging, mergekit's ties and slerp, FusionBench's
-//! iso_c, iso_cts, tsv_m and wudi with and without `exclude_keys`, and
-//! magnitude pruning in diff mode from a mergekit YAML
+//! iso_c, iso_cts, tsv_m and wudi with and without `exclude_keys`,
+//! magnitude pruning in diff mode from a mergekit YAML, and FusionBench's
+//! magmax with the experts in two orders
 //! (`tests/reference/check_methods.py`). Skipped, with the reason printed,
 //! where python3 with numpy and safetensors is missing (`make test`
 //! installs them).

@@ -2,7 +2,8 @@
 # scope, as fusion_bench/method/ties_merging/ties_merging_utils.py computes
 # it), mergekit's ties (per tensor) and slerp, FusionBench's iso_c, iso_cts,
 # tsv_m and wudi (every 2-D tensor, the embedding included, unless named in
-# exclude_keys) and MagnitudeDiffPruningAlgorithm (from a mergekit YAML),
+# exclude_keys), MagnitudeDiffPruningAlgorithm (from a mergekit YAML) and
+# MagMaxAlgorithm (the experts in two orders),
 # compared with `fusion merge` on a random f32 pool. Usage: check_methods.py FUSION_BINARY (run in an
 # empty folder). Exit status 0 when every method agrees within 1e-5.
 import json, os, subprocess, sys
@@ -146,4 +147,22 @@ for ptype in ["minor", "major"]:
     want = fb_magnitude_diff(experts[1], 0.5, ptype == "major")
     err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
     print(f"magnitude_pruning (YAML, diff) {ptype}: max abs diff {err:.2e}")
+def fb_magmax(order, scale):
+    # FusionBench's MagMaxAlgorithm: fold the task vectors in order, a later
+    # one replacing the running pick where |tau| >= |pick|.
+    out = {}
+    for kk in keys:
+        pick = None
+        for i in order:
+            tv = experts[i][kk] - base[kk]
+            pick = tv if pick is None else np.where(np.abs(tv) >= np.abs(pick), tv, pick)
+        out[kk] = base[kk] + scale * pick
+    return out
+
+for order, scale in [([0, 1, 2], 0.5), ([2, 0, 1], 0.8)]:
+    names = ",".join(f"e{i}" for i in order)
+    got = run(["--spec", f"magmax({names};base=base,scaling_factor={scale})"], "mm")
+    want = fb_magmax(order, scale)
+    err = max(np.abs(got[k] - want[k]).max() for k in keys); worst = max(worst, err)
+    print(f"magmax {names} scaling_factor={scale}: max abs diff {err:.2e}")
 sys.exit(0 if worst < 1e-5 else 1)

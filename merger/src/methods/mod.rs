@@ -16,6 +16,7 @@ mod dare;
 mod expo;
 mod iso;
 mod linear;
+mod magmax;
 mod magnitude_pruning;
 mod matrix_targets;
 mod model_stock;
@@ -269,6 +270,17 @@ pub static REGISTRY: &[MethodInfo] = &[
         random = false,
         params = expo::PARAMS,
         expo::build
+    ),
+    entry!(
+        "magmax",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        // A tie goes to the later expert.
+        ordered = true,
+        random = false,
+        params = magmax::PARAMS,
+        magmax::build
     ),
     entry!(
         "model_stock",
