@@ -300,6 +300,7 @@ pub fn compare_yaml(experts: &[String]) -> String {
          \x20 - iso_c({all})\n\
          \x20 - iso_cts({all})\n\
          \x20 - tsv_m({all})\n\
+         \x20 - magmax({all})\n\
          \x20 - wudi({all})\n"
     )
 }
