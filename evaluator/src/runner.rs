@@ -264,7 +264,7 @@ pub fn run_task(
             let (acc, _) = embedding::knn_accuracy(&rows);
             values.insert("acc".into(), acc);
         }
-        Items::ImageClassification { items, head, .. } => {
+        Items::ImageClassification { items, head } => {
             let vectors = image_embeddings(scorer, items, progress).map_err(wrap)?;
             let correct = items
                 .iter()
@@ -609,11 +609,7 @@ mod tests {
                     head: d.path().join("h.safetensors"),
                 }),
             },
-            items: Items::ImageClassification {
-                items,
-                classes: vec!["r".into(), "g".into()],
-                head,
-            },
+            items: Items::ImageClassification { items, head },
             total: 4,
         };
         let done = std::sync::atomic::AtomicU64::new(0);

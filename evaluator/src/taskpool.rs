@@ -517,13 +517,11 @@ pub enum Items {
     Similarity(Vec<SimilarityItem>),
     /// Labelled texts.
     EmbeddingClassification(Vec<EmbeddingClassificationItem>),
-    /// Labelled images (paths made absolute), the class names and the
-    /// task's frozen head.
+    /// Labelled images (paths made absolute) and the task's frozen head
+    /// (its class names are the spec's, [`TaskSpec::image`]).
     ImageClassification {
         /// The items.
         items: Vec<ImageItem>,
-        /// Class names.
-        classes: Vec<String>,
         /// The head.
         head: crate::head::ClassHead,
     },
@@ -732,11 +730,7 @@ impl TaskSpec {
                 i.image = folder.join(&i.image).to_string_lossy().into_owned();
             }
         }
-        Ok(Items::ImageClassification {
-            items,
-            classes: spec.classes.clone(),
-            head,
-        })
+        Ok(Items::ImageClassification { items, head })
     }
 }
 
@@ -1056,15 +1050,10 @@ mod image_tests {
     fn image_tasks_load_with_their_classes_head_and_absolute_images() {
         let (d, p) = pool("{\"image\": \"a.png\", \"label\": 1}\n", ENTRY);
         let task = p.unwrap().tasks[0].load(None).unwrap();
-        let Items::ImageClassification {
-            items,
-            classes,
-            head,
-        } = &task.items
-        else {
+        let Items::ImageClassification { items, head } = &task.items else {
             panic!("{:?}", task.items)
         };
-        assert_eq!(classes, &["a", "b"]);
+        assert_eq!(task.spec.image.as_ref().unwrap().classes, ["a", "b"]);
         assert_eq!(head.classes(), 2);
         assert_eq!(items[0].image, d.path().join("a.png").to_string_lossy());
         assert_eq!(items[0].decode().unwrap().data, vec![9, 9, 9]);

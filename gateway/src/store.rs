@@ -179,17 +179,14 @@ impl ModelStore {
         merge: Option<MergeSpec>,
         route: &str,
     ) -> Result<ModelHandle> {
-        let refuse = |name: &str, kind: Kind| GatewayError::BadRequest {
-            message: format!(
-                "model `{name}` is {}: {route} needs a text-generation model \
-                 (embedding and image models serve /v1/embeddings; GET /v1/models lists each \
-                 model's kind)",
-                kind_phrase(kind)
-            ),
-            param: Some("model".to_string()),
+        let need = Need {
+            kind: Kind::Decoder,
+            route,
+            hint: "embedding and image models serve /v1/embeddings; GET /v1/models lists each \
+                   model's kind",
             code: "model_not_text_generation",
         };
-        self.model_of(model, merge, Kind::Decoder, &refuse).await
+        self.model_of(model, merge, &need).await
     }
 
     /// [`ModelStore::model`] for a route that needs an image model
@@ -201,33 +198,29 @@ impl ModelStore {
         merge: Option<MergeSpec>,
         route: &str,
     ) -> Result<ModelHandle> {
-        let refuse = |name: &str, kind: Kind| GatewayError::BadRequest {
-            message: format!(
-                "model `{name}` is {}: {route} needs an image model (GET /v1/models lists each \
-                 model's kind)",
-                kind_phrase(kind)
-            ),
-            param: Some("model".to_string()),
+        let need = Need {
+            kind: Kind::Vision,
+            route,
+            hint: "GET /v1/models lists each model's kind",
             code: "model_not_image",
         };
-        self.model_of(model, merge, Kind::Vision, &refuse).await
+        self.model_of(model, merge, &need).await
     }
 
-    /// [`ModelStore::model`] when the route serves only models of kind
-    /// `want`; `refuse(name, kind)` is the error for another kind.
+    /// [`ModelStore::model`] when the route serves only models of the
+    /// kind `need` names; another kind is `need`'s 400.
     async fn model_of(
         &self,
         model: Option<&str>,
         merge: Option<MergeSpec>,
-        want: Kind,
-        refuse: &dyn Fn(&str, Kind) -> GatewayError,
+        need: &Need<'_>,
     ) -> Result<ModelHandle> {
         if merge.is_none() {
             if let Some(name) = model.map(str::trim).filter(|m| m.starts_with("merge-")) {
                 let key = name.to_ascii_lowercase();
                 if let Some(served) = self.resident(&key).await {
-                    if served.engine.kind() != want {
-                        return Err(refuse(name, served.engine.kind()));
+                    if served.engine.kind() != need.kind {
+                        return Err(need.refuse(name, served.engine.kind()));
                     }
                     return Ok(ModelHandle {
                         served,
@@ -239,8 +232,8 @@ impl ModelStore {
         let shown = model.map(str::trim).unwrap_or("merge").to_string();
         let target = self.resolve(model, merge)?;
         let kind = target.kind()?;
-        if kind != want {
-            return Err(refuse(&shown, kind));
+        if kind != need.kind {
+            return Err(need.refuse(&shown, kind));
         }
         self.acquire(target, Wait::Bounded).await
     }
@@ -560,6 +553,32 @@ fn unknown_merge(id: &str) -> GatewayError {
 /// running: the configured wait, between 1 and 30 seconds.
 fn retry_after(max_wait: Duration) -> Duration {
     max_wait.clamp(Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// The kind of model a route serves, and its error for another kind.
+struct Need<'a> {
+    kind: Kind,
+    route: &'a str,
+    /// Where the model can be used instead.
+    hint: &'static str,
+    code: &'static str,
+}
+
+impl Need<'_> {
+    /// The 400 for model `name`, which is of `kind`.
+    fn refuse(&self, name: &str, kind: Kind) -> GatewayError {
+        GatewayError::BadRequest {
+            message: format!(
+                "model `{name}` is {}: {} needs {} ({})",
+                kind_phrase(kind),
+                self.route,
+                kind_phrase(self.kind),
+                self.hint
+            ),
+            param: Some("model".to_string()),
+            code: self.code,
+        }
+    }
 }
 
 /// "an embedding model", "an image model", "a text-generation model".

@@ -9,7 +9,7 @@ use merger::spec::MergeSpec;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::embeddings::{EmbeddingInput, MAX_INPUTS};
+use super::embeddings::EmbeddingInput;
 use super::model_headers;
 use crate::error::{ErrorResponse, GatewayError, Result};
 use crate::serving;
@@ -88,19 +88,7 @@ pub async fn classifications(
     body: web::Json<ClassificationRequest>,
 ) -> Result<HttpResponse> {
     let req = body.into_inner();
-    let images = match req.input {
-        EmbeddingInput::One(t) => vec![t],
-        EmbeddingInput::Many(v) => v,
-    };
-    if images.is_empty() || images.len() > MAX_INPUTS {
-        return Err(GatewayError::bad_param(
-            "input",
-            format!(
-                "`input` must hold 1..={MAX_INPUTS} images, got {}",
-                images.len()
-            ),
-        ));
-    }
+    let images = req.input.into_list("images")?;
     let task = crate::heads::find(&state.config, &req.task)?;
     let handle = state
         .models

@@ -55,6 +55,27 @@ pub enum EmbeddingInput {
     Many(Vec<String>),
 }
 
+impl EmbeddingInput {
+    /// The inputs as a list of 1..=[`MAX_INPUTS`] items (`what`: `texts`,
+    /// `images`), else a 400 naming `input`.
+    pub fn into_list(self, what: &str) -> Result<Vec<String>> {
+        let items = match self {
+            EmbeddingInput::One(t) => vec![t],
+            EmbeddingInput::Many(v) => v,
+        };
+        if items.is_empty() || items.len() > MAX_INPUTS {
+            return Err(GatewayError::bad_param(
+                "input",
+                format!(
+                    "`input` must hold 1..={MAX_INPUTS} {what}, got {}",
+                    items.len()
+                ),
+            ));
+        }
+        Ok(items)
+    }
+}
+
 /// The embeddings.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EmbeddingResponse {
@@ -135,19 +156,7 @@ pub async fn embeddings(
             ))
         }
     };
-    let texts = match req.input {
-        EmbeddingInput::One(t) => vec![t],
-        EmbeddingInput::Many(v) => v,
-    };
-    if texts.is_empty() || texts.len() > MAX_INPUTS {
-        return Err(GatewayError::bad_param(
-            "input",
-            format!(
-                "`input` must hold 1..={MAX_INPUTS} texts, got {}",
-                texts.len()
-            ),
-        ));
-    }
+    let texts = req.input.into_list("texts")?;
     if texts.iter().any(String::is_empty) {
         return Err(GatewayError::bad_param(
             "input",

@@ -66,7 +66,8 @@ impl ImageEncoder {
         images: &[RgbImage],
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<Vec<f32>>> {
-        self.embed_each_until(images.len(), &|i| Ok(images[i].clone()), cancelled)
+        let pixels = |i: usize| Ok(self.processor.process(&images[i]));
+        self.embed_processed(images.len(), &pixels, cancelled)
     }
 
     /// [`ImageEncoder::embed_until`] over `count` images that `image(i)`
@@ -77,6 +78,18 @@ impl ImageEncoder {
         &self,
         count: usize,
         image: &dyn Fn(usize) -> Result<RgbImage>,
+        cancelled: &dyn Fn() -> bool,
+    ) -> Result<Vec<Vec<f32>>> {
+        let pixels = |i: usize| Ok(self.processor.process(&image(i)?));
+        self.embed_processed(count, &pixels, cancelled)
+    }
+
+    /// The embeddings of `count` images whose processed pixels
+    /// `pixels_of(i)` gives, [`IMAGE_BATCH`] per forward pass.
+    fn embed_processed(
+        &self,
+        count: usize,
+        pixels_of: &dyn Fn(usize) -> Result<Vec<f32>>,
         cancelled: &dyn Fn() -> bool,
     ) -> Result<Vec<Vec<f32>>> {
         let c = self.tower.config();
@@ -90,7 +103,7 @@ impl ImageEncoder {
                 if cancelled() {
                     return Err(RuntimeError::Cancelled);
                 }
-                let v = self.processor.process(&image(i)?);
+                let v = pixels_of(i)?;
                 if v.len() != per {
                     return Err(RuntimeError::InvalidInput(format!(
                         "image {i} preprocesses to {} values; this model takes {}×{}×{}",

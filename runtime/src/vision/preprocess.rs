@@ -20,7 +20,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
 use serde::Deserialize;
 
 use super::config::VisionConfig;
@@ -336,36 +335,6 @@ impl ImageProcessor {
             }
         }
         out
-    }
-
-    /// `(batch, 3, H, W)` pixel values for `images` on `device`.
-    pub fn pixels(&self, images: &[RgbImage], device: &Device) -> Result<Tensor> {
-        let Some(first) = images.first() else {
-            return Err(RuntimeError::InvalidInput("no image".into()));
-        };
-        let mut all = Vec::new();
-        let mut dims = None;
-        for (i, img) in images.iter().enumerate() {
-            let v = self.process(img);
-            let (h, w) = match self.crop {
-                Some(c) => c,
-                None => (img.height, img.width),
-            };
-            match dims {
-                None => dims = Some((h, w)),
-                Some(d) if d != (h, w) => {
-                    return Err(RuntimeError::InvalidInput(format!(
-                        "image {i} is {}×{} and image 0 {}×{}: without a crop, a batch \
-                         needs one size",
-                        img.width, img.height, first.width, first.height
-                    )))
-                }
-                Some(_) => {}
-            }
-            all.extend(v);
-        }
-        let (h, w) = dims.unwrap_or((0, 0));
-        Ok(Tensor::from_vec(all, (images.len(), 3, h, w), device)?)
     }
 }
 
