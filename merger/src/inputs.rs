@@ -88,6 +88,14 @@ impl TensorInputs<'_> {
             .map_err(|e| self.err(e))
     }
 
+    /// The merged tensor from values computed on the host, moved to the
+    /// merge device (the methods that rank or iterate in host memory).
+    pub fn from_host(&self, data: Vec<f32>) -> Result<Tensor> {
+        Tensor::from_vec(data, self.shape(), &Device::Cpu)
+            .and_then(|t| t.to_device(self.device))
+            .map_err(|e| self.err(e))
+    }
+
     /// Wraps a candle error with this tensor's name.
     pub fn err(&self, e: candle_core::Error) -> MergeError {
         MergeError::in_tensor(&self.ctx.name, e)

@@ -1,7 +1,8 @@
-//! Model Breadcrumbs (mergekit `breadcrumbs`; Davari and Belilovsky 2024,
-//! "Model Breadcrumbs: Scaling Multi-Task Model Merging with Sparse Masks",
-//! arXiv:2312.06795): mergekit's `magnitude_outliers` sparsification, then
-//! task arithmetic.
+//! Model Breadcrumbs (mergekit `breadcrumbs` and `breadcrumbs_ties`; Davari
+//! and Belilovsky 2024, "Model Breadcrumbs: Scaling Multi-Task Model Merging
+//! with Sparse Masks", arXiv:2312.06795): mergekit's `magnitude_outliers`
+//! sparsification, then task arithmetic (`breadcrumbs`) or TIES' sign
+//! consensus (`breadcrumbs_ties`).
 //!
 //! Per tensor and expert, with τi = θi − θ0 of n entries ranked by |τi|
 //! ascending:
@@ -14,8 +15,12 @@
 //!   between kept (ties ranked by position); density = 1 keeps τi whole;
 //! - with `rescale`, the kept τi is scaled to the L1 norm of the original
 //!   (skipped when either norm is below 1e-7), mergekit's `rescale` option;
-//! - θ = θ0 + λ Σi wi τi', divided by Σ wi first with `normalize` (left
-//!   undivided when |Σ wi| < 1e-8, as mergekit does).
+//! - `breadcrumbs`: θ = θ0 + λ Σi wi τi', divided by Σ wi first with
+//!   `normalize` (left undivided when |Σ wi| < 1e-8, as mergekit does);
+//! - `breadcrumbs_ties`: with δi = wi τi', the sign + where Σi δi ≥ 0 (else
+//!   −) is elected per entry and θ = θ0 + λ Σi δi·[sign δi elected], divided
+//!   with `normalize` by Σi wi·[sign δi elected] (mergekit's `sum`
+//!   consensus, [`super::task_vectors::Mix`]).
 //!
 //! One deliberate difference from mergekit: mergekit keeps
 //! `indices[n_bot:-n_top]`, which is empty when n_top = 0 (any tensor with
@@ -32,22 +37,19 @@
 //! - `lambda` or `scaling_coefficient` (λ; default 1.0 in mergekit YAML, 0.3
 //!   in FusionBench-style specs, as for task arithmetic), any finite number;
 //! - `normalize` (false), `rescale` (false); `int8_mask` (false) is accepted
-//!   for mergekit YAML and has no effect (breadcrumbs has no sign mask).
+//!   for mergekit YAML and has no effect (it only sets the mask's dtype).
 //!
 //! All numbers are per-tensor resolvable. The ranking is a selection, so the
 //! method runs on the host and moves the result to the merge device.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::schema::{common, DefaultValue, Param, Range, Scope, Type};
 use super::task_arithmetic::{LAMBDA, NORMALIZE};
-use super::task_vectors::magnitude_outliers;
+use super::task_vectors::{magnitude_outliers, Mix};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
-
-/// mergekit leaves Σ wi undivided below this.
-const ZERO_SUM: f64 = 1e-8;
 
 /// Outlier-and-small-magnitude sparsification, then task arithmetic.
 #[derive(Debug)]
@@ -58,6 +60,8 @@ struct Breadcrumbs {
     gamma: Vec<Num>,
     normalize: bool,
     rescale: bool,
+    /// `breadcrumbs_ties`: keep only the entries of the elected sign.
+    consensus: bool,
 }
 
 /// The fraction of each task vector kept.
@@ -104,6 +108,15 @@ pub static PARAMS: &[&Param] = &[
 
 /// Builds `breadcrumbs`.
 pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    build_with(p, false)
+}
+
+/// Builds `breadcrumbs_ties`.
+pub fn build_ties(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
+    build_with(p, true)
+}
+
+fn build_with(p: &mut Params, consensus: bool) -> Result<Box<dyn MergeMethod>> {
     let lambda = p.number(&LAMBDA)?;
     let weights = p.per_model(&common::WEIGHT)?;
     let density = p.per_model(&DENSITY)?;
@@ -118,6 +131,7 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
         gamma,
         normalize,
         rescale,
+        consensus,
     }))
 }
 
@@ -127,14 +141,13 @@ impl MergeMethod for Breadcrumbs {
             .base
             .as_ref()
             .ok_or_else(|| MergeError::MissingBase {
-                method: "breadcrumbs".into(),
+                method: self.name().into(),
             })?;
         let ctx = &inputs.ctx;
         let b = base.to_f32_vec();
-        let mut mixed = vec![0f32; b.len()];
-        let mut weight_sum = 0.0;
+        let mut taus = Vec::with_capacity(inputs.experts.len());
+        let mut weights = Vec::with_capacity(inputs.experts.len());
         for (i, expert) in inputs.experts.iter().enumerate() {
-            let w = self.weights[i].at(ctx)?;
             let mut tau = expert.to_f32_vec();
             tau.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
             magnitude_outliers(
@@ -143,26 +156,25 @@ impl MergeMethod for Breadcrumbs {
                 self.gamma[i].at(ctx)?,
                 self.rescale,
             );
-            let wf = w as f32;
-            mixed
-                .par_iter_mut()
-                .zip(&tau)
-                .for_each(|(m, t)| *m += wf * t);
-            weight_sum += w;
+            taus.push(tau);
+            weights.push(self.weights[i].at(ctx)? as f32);
         }
-        let divisor = if self.normalize && weight_sum.abs() >= ZERO_SUM {
-            weight_sum
-        } else {
-            1.0
+        let mix = Mix {
+            consensus: self.consensus,
+            normalize: self.normalize,
+            lambda: self.lambda.at(ctx)? as f32,
         };
-        let scale = (self.lambda.at(ctx)? / divisor) as f32;
-        mixed
-            .par_iter_mut()
-            .zip(&b)
-            .for_each(|(m, b)| *m = b + scale * *m);
-        Tensor::from_vec(mixed, inputs.shape(), &Device::Cpu)
-            .and_then(|t| t.to_device(inputs.device))
-            .map_err(|e| inputs.err(e))
+        inputs.from_host(mix.apply(&b, &taus, &weights))
+    }
+}
+
+impl Breadcrumbs {
+    fn name(&self) -> &'static str {
+        if self.consensus {
+            "breadcrumbs_ties"
+        } else {
+            "breadcrumbs"
+        }
     }
 }
 
@@ -241,6 +253,32 @@ mod tests {
             .with_value("normalize", ParamValue::Bool(true))
             .with_value("int8_mask", ParamValue::Bool(true));
         assert_close(&merge1(&s, &fx), &[6., 1., 1.5, 0.], 1e-5);
+    }
+
+    #[test]
+    fn ties_variant_keeps_the_elected_sign() {
+        // θ0 = 0, τ1 = [1, −2, 3, 4], τ2 = [−4, 1, −1, 2], mergekit defaults (density 1):
+        // Σ = [−3, −1, 2, 6] → signs [−, −, +, +]; kept: [−4], [−2], [3], [4, 2].
+        let fx = Fixture::new(
+            "w",
+            &[4],
+            Some(&[0.; 4]),
+            &[&[1., -2., 3., 4.], &[-4., 1., -1., 2.]],
+        );
+        let mut s = spec(&["x", "y"], Dialect::Mergekit);
+        s.method = "breadcrumbs_ties".into();
+        assert_close(&merge1(&s, &fx), &[-4., -2., 3., 6.], 1e-6);
+        let normalized = s.clone().with_value("normalize", ParamValue::Bool(true));
+        assert_close(&merge1(&normalized, &fx), &[-4., -2., 3., 3.], 1e-6);
+        // τ1 at density 0.5, gamma 0.25 (keep 2, top 1, bottom 1) → [0, −2, 3, 0]:
+        // Σ = [−4, −1, 2, 2]; entry 3 keeps only τ2 = 2 (a zero never agrees).
+        s.models[0]
+            .parameters
+            .insert("density".into(), ParamValue::Number(0.5));
+        s.models[0]
+            .parameters
+            .insert("gamma".into(), ParamValue::Number(0.25));
+        assert_close(&merge1(&s, &fx), &[-4., -2., 3., 2.], 1e-6);
     }
 
     #[test]

@@ -11,15 +11,23 @@ pub mod params;
 pub mod routed;
 pub mod schema;
 
+mod arcee_fusion;
 mod breadcrumbs;
 mod dare;
+mod della;
 mod expo;
 mod iso;
+mod karcher;
 mod linear;
+mod lines;
 mod magmax;
 mod magnitude_pruning;
 mod matrix_targets;
 mod model_stock;
+mod multislerp;
+mod nearswap;
+mod nuslerp;
+mod sce;
 mod simple_average;
 mod slerp;
 mod task_arithmetic;
@@ -381,6 +389,98 @@ pub static REGISTRY: &[MethodInfo] = &[
         random = true,
         params = dare::PARAMS_MERGEKIT,
         dare::build_mergekit_ties
+    ),
+    entry!(
+        "breadcrumbs_ties",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = breadcrumbs::PARAMS,
+        breadcrumbs::build_ties
+    ),
+    entry!(
+        "della",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = true,
+        params = della::PARAMS,
+        della::build
+    ),
+    entry!(
+        "della_linear",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = true,
+        params = della::PARAMS_LINEAR,
+        della::build_linear
+    ),
+    entry!(
+        "sce",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = sce::PARAMS,
+        sce::build
+    ),
+    entry!(
+        "nuslerp",
+        "mergekit",
+        Arity::Exactly(2),
+        base = Optional,
+        // t = w1 / (w0 + w1).
+        ordered = true,
+        random = false,
+        params = nuslerp::PARAMS,
+        nuslerp::build
+    ),
+    entry!(
+        "multislerp",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Optional,
+        // Summed in f64 per entry, so the order does not change the result.
+        ordered = false,
+        random = false,
+        params = multislerp::PARAMS,
+        multislerp::build
+    ),
+    entry!(
+        "karcher",
+        "mergekit",
+        Arity::AtLeast(1),
+        base = Unused,
+        ordered = false,
+        random = false,
+        params = karcher::PARAMS,
+        karcher::build
+    ),
+    entry!(
+        "arcee_fusion",
+        "mergekit",
+        Arity::Exactly(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = arcee_fusion::PARAMS,
+        arcee_fusion::build
+    ),
+    entry!(
+        "nearswap",
+        "mergekit",
+        Arity::Exactly(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = nearswap::PARAMS,
+        nearswap::build
     ),
     // Routed: expert i is router output i, and the seed draws the routers.
     entry!(

@@ -75,6 +75,9 @@ pub struct Params<'a> {
     declared: &'static [&'static Param],
     used: BTreeSet<String>,
     used_model: BTreeSet<String>,
+    /// Required parameters that the spec leaves out (reported by
+    /// [`Params::finish`], after any unknown one).
+    missing: Vec<&'static Param>,
     bounds: Bounds,
     /// Number of expert models (excluding the base).
     pub num_models: usize,
@@ -100,6 +103,7 @@ impl<'a> Params<'a> {
             declared,
             used: BTreeSet::new(),
             used_model: BTreeSet::new(),
+            missing: Vec::new(),
             bounds,
             num_models: spec.models.len(),
         }
@@ -198,6 +202,17 @@ impl<'a> Params<'a> {
             Some((k, v)) => Self::numeric(&k, v, p),
             None => Ok(Num::constant(p.name, default)),
         }
+    }
+
+    /// A required global numeric parameter (declared with
+    /// [`DefaultValue::Unset`]): its value, or, when the spec leaves it out,
+    /// a placeholder and an error from [`Params::finish`] naming it.
+    pub fn required_number(&mut self, p: &'static Param) -> Result<Num> {
+        if !self.is_set(p) {
+            self.declared(p, |t| t == Type::Number)?;
+            self.missing.push(p);
+        }
+        self.number_or(p, 0.0)
     }
 
     /// A global parameter that must be one scalar; `None` when absent.
@@ -413,6 +428,12 @@ impl<'a> Params<'a> {
                 return Err(unknown(&format!("models[{}].{k}", m.name)));
             }
         }
-        Ok(())
+        match self.missing.first() {
+            Some(p) => Err(MergeError::BadParameter {
+                param: p.name.to_string(),
+                reason: format!("`{}` requires it: {}", self.method, p.doc),
+            }),
+            None => Ok(()),
+        }
     }
 }

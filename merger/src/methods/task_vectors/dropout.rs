@@ -129,9 +129,10 @@ pub(crate) fn streams(names: &[&str]) -> Vec<(String, u64)> {
 
 /// The key of (seed, tensor, model stream): words of a stable hash, the
 /// same on every platform and run.
-fn stream_key(seed: u64, tensor: &str, stream: &(String, u64)) -> [u32; 3] {
+fn stream_key(domain: &str, seed: u64, tensor: &str, stream: &(String, u64)) -> [u32; 3] {
     let mut h = Sha256::new();
-    h.update(b"fusion-gateway/dare/v2\0");
+    h.update(domain.as_bytes());
+    h.update(b"\0");
     h.update(seed.to_le_bytes());
     for part in [tensor, stream.0.as_str()] {
         h.update((part.len() as u64).to_le_bytes());
@@ -140,6 +141,42 @@ fn stream_key(seed: u64, tensor: &str, stream: &(String, u64)) -> [u32; 3] {
     h.update(stream.1.to_le_bytes());
     let root: [u8; 32] = h.finalize().into();
     std::array::from_fn(|i| u32::from_le_bytes(root[4 * i..4 * i + 4].try_into().expect("4 bytes")))
+}
+
+/// The domain of DARE's mask streams.
+const DARE_DOMAIN: &str = "fusion-gateway/dare/v2";
+
+/// One random 32-bit word per entry of a tensor, for a method that draws
+/// its own per-entry probabilities (DELLA): the keyed hash of DARE's masks
+/// (see the module header) under the method's own `domain`, so its words
+/// are independent of DARE's for the same seed.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EntryWords {
+    key: [u32; 3],
+}
+
+impl EntryWords {
+    /// The words of model `stream` (from [`streams`]) in tensor `tensor`.
+    pub(crate) fn new(domain: &str, seed: u64, tensor: &str, stream: &(String, u64)) -> Self {
+        EntryWords {
+            key: stream_key(domain, seed, tensor, stream),
+        }
+    }
+
+    /// U of entry `j`: mix(mix(lo ⊕ k0) ⊕ k1 ⊕ mix(hi ⊕ k2)).
+    #[inline]
+    pub(crate) fn at(&self, j: u64) -> u32 {
+        let high = self.key[1] ^ mix32(((j >> 32) as u32) ^ self.key[2]);
+        mix32(mix32((j as u32) ^ self.key[0]) ^ high)
+    }
+
+    /// Whether entry `j` is kept with probability `p`: U < ⌊p·2³²⌉ (every
+    /// entry when that rounds to 2³² or more).
+    #[inline]
+    pub(crate) fn keeps(&self, j: u64, p: f64) -> bool {
+        let below = (p * 4_294_967_296.0).round();
+        below >= 4_294_967_296.0 || (self.at(j) as f64) < below
+    }
 }
 
 impl Dropout {
@@ -159,7 +196,7 @@ impl Dropout {
                 let q = q.at(ctx)?;
                 let below = (q * 4_294_967_296.0).round();
                 Ok((below < 4_294_967_296.0).then(|| ExpertDrop {
-                    key: stream_key(self.seed, &ctx.name, &self.streams[i]),
+                    key: stream_key(DARE_DOMAIN, self.seed, &ctx.name, &self.streams[i]),
                     keep_below: below as u32,
                     divisor: if self.rescale { q as f32 } else { 1.0 },
                 }))

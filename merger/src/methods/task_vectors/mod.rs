@@ -10,7 +10,8 @@
 //! - sign consensus (`consensus`): the elections of TIES and of mergekit;
 //! - [`MkMerge`]: mergekit's generalized task arithmetic (`ties`,
 //!   `dare_linear`, `dare_ties`, and FusionBench's `dare` with a linear
-//!   combine).
+//!   combine), and [`Mix`], the same combination on whole host vectors
+//!   (`breadcrumbs`, `breadcrumbs_ties`, `della`, `della_linear`).
 //!
 //! The exact TIES of FusionBench (`ties_merging`, and `dare` with
 //! `combine: ties`), whose thresholds and majority sign span the whole
@@ -20,12 +21,14 @@
 mod consensus;
 mod dropout;
 mod generalized;
+mod mix;
 mod source;
 mod trim;
 
-pub(crate) use consensus::{elect, elect_tensor, picked};
-pub(crate) use dropout::{streams, Dropout};
+pub(crate) use consensus::{agrees, elect, elect_tensor, picked};
+pub(crate) use dropout::{streams, Dropout, EntryWords};
 pub(crate) use generalized::MkMerge;
+pub(crate) use mix::Mix;
 pub(crate) use source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
 pub(crate) use trim::magnitude_outliers;
 
