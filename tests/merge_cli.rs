@@ -529,3 +529,51 @@ fn synth_pool_merges_with_every_fast_method() {
         assert!(merged.values().all(|(d, _, _)| *d == Dtype::BF16));
     }
 }
+
+#[test]
+fn check_reports_every_problem_without_merging() {
+    let pool = Pool::new(Dtype::F32);
+    // A clean pool: a report of the three models, no errors, exit 0, no output folder.
+    ta_yaml(&pool, "clean.yaml", "b");
+    let out = fusion(pool.path(), &["merge", "clean.yaml", "--check"]);
+    ok(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(stdout.contains("no errors"), "{stdout}");
+    assert!(
+        stdout.contains("base") && stdout.contains(" b "),
+        "{stdout}"
+    );
+    assert!(!pool.path().join("never").exists());
+
+    // One expert lacks a tensor and has one the base lacks, another has a
+    // wider matrix: every finding at once, exit 1.
+    let v = toy_values("b");
+    write_checkpoint(
+        &pool.path().join("odd"),
+        Dtype::F32,
+        &[
+            T(NAMES[0], &[2, 2], &v[0]),
+            T(NAMES[1], &[2, 3], &v[1]),
+            T(NAMES[2], &[3, 2], &v[2]),
+            T("model.extra.weight", &[2], &v[3]),
+        ],
+    );
+    ta_yaml(&pool, "odd.yaml", "odd");
+    let out = fusion(pool.path(), &["merge", "odd.yaml", "--check"]);
+    fails_with(&out, &["error(s)"]);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    for needle in [
+        "[missing tensors]",
+        "`model.norm.weight`",
+        "[dropped tensors]",
+        "`model.extra.weight`",
+        "[shapes]",
+        "[3, 2] against [2, 3]",
+    ] {
+        assert!(stdout.contains(needle), "{needle}: {stdout}");
+    }
+    // Without --check and --out: a clear usage error.
+    let out = fusion(pool.path(), &["merge", "clean.yaml"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+}

@@ -74,6 +74,7 @@ pub mod mergekit;
 pub mod methods;
 pub mod moe;
 pub mod plan;
+pub mod preflight;
 pub mod residency;
 pub mod select;
 pub mod spec;

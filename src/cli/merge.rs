@@ -21,9 +21,15 @@ pub struct MergeArgs {
     /// names: `task_arithmetic(a,b;base=c,scaling_coefficient=0.3)`.
     #[arg(long, conflicts_with = "config")]
     spec: Option<String>,
-    /// Output checkpoint folder.
-    #[arg(long, short)]
-    out: PathBuf,
+    /// Output checkpoint folder (not needed with --check).
+    #[arg(long, short, required_unless_present = "check")]
+    out: Option<PathBuf>,
+    /// Check the spec and the checkpoints and report every problem
+    /// (architecture, vocabulary, layer count, missing or dropped tensors,
+    /// shapes, tied embeddings, tokenizers, dtypes) without merging; exit
+    /// status 1 when there is an error.
+    #[arg(long)]
+    check: bool,
     /// Largest shard (e.g. 5GB, 500MB); larger outputs are sharded with an index.
     #[arg(long, default_value = "5GB", value_parser = super::parse_size)]
     shard_size: u64,
@@ -93,12 +99,16 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         },
         _ => bail!("give a config file or --spec"),
     };
+    let resolve = resolver(config_dir);
+    if args.check {
+        return check(&spec, &resolve);
+    }
+    let out = args.out.clone().context("give --out (or --check)")?;
     let device = runtime::device::parse_device(&args.device)?;
     let write = WriteOptions {
         shard_size: args.shard_size,
         force: args.force,
     };
-    let resolve = resolver(config_dir);
     let plan = Plan::new(spec)?;
     let (calibration, sources) = match &plan {
         Plan::Routed(routed) => (
@@ -128,7 +138,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         progress: !args.quiet,
         cancel: &cancel,
     };
-    let report = match plan.write(&run, &args.out, &write)? {
+    let report = match plan.write(&run, &out, &write)? {
         Written::Tensorwise(report) => report,
         Written::Routed(report) => {
             super::moe::print_report(&report, &device);
@@ -151,5 +161,48 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
         report.out.display(),
         report.id
     );
+    Ok(())
+}
+
+/// `fusion merge --check`: the preflight report of `spec`.
+fn check(
+    spec: &MergeSpec,
+    resolve: &dyn Fn(&str) -> merger::Result<PathBuf>,
+) -> anyhow::Result<()> {
+    use merger::preflight::{self, Severity};
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
+    let report = preflight::check(spec, &open)?;
+    println!(
+        "checking `{}` of {} model(s){}",
+        spec.method,
+        spec.models.len(),
+        spec.base
+            .as_deref()
+            .map(|b| format!(" over the base `{b}`"))
+            .unwrap_or_default()
+    );
+    for m in &report.models {
+        println!(
+            "  {:<5} {:<24} {:>6} tensors {:>14} parameters  {:<10} {}",
+            m.role,
+            m.name,
+            m.tensors,
+            m.parameters,
+            m.dtypes,
+            m.model_type.as_deref().unwrap_or("(no model_type)")
+        );
+    }
+    for f in &report.findings {
+        let level = match f.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        println!("{level:<7} [{}] {}", f.topic, f.message);
+    }
+    let (errors, warnings) = (report.errors(), report.warnings());
+    if errors > 0 {
+        bail!("{errors} error(s) and {warnings} warning(s): the merge would fail or give a broken model");
+    }
+    println!("no errors, {warnings} warning(s): the merge can run");
     Ok(())
 }
