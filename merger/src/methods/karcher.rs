@@ -71,47 +71,57 @@ fn norm(v: &[f64]) -> f64 {
     v.par_iter().map(|x| x * x).sum::<f64>().sqrt()
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.par_iter().zip(b).map(|(x, y)| x * y).sum()
+/// ‖v‖ of a stored vector, in f64.
+fn norm32(v: &[f32]) -> f64 {
+    v.par_iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// The Karcher mean of `vs` with weights `alphas` (mergekit's
-/// `karcher_merge_tensors`).
-fn karcher_mean(vs: &[Vec<f64>], alphas: &[f64], max_iter: u64, tol: f64) -> Vec<f64> {
+/// `karcher_merge_tensors`). The unit vectors ûi = vi / ni are never
+/// stored: every use divides vi by ni on the fly.
+fn karcher_mean(vs: &[Vec<f32>], alphas: &[f64], max_iter: u64, tol: f64) -> Vec<f32> {
     let n = vs[0].len();
-    let norms: Vec<f64> = vs.iter().map(|v| norm(v)).collect();
+    let norms: Vec<f64> = vs.iter().map(|v| norm32(v)).collect();
     let valid: Vec<usize> = (0..vs.len()).filter(|&i| norms[i] > tol).collect();
     if valid.is_empty() {
         return vec![0.0; n];
     }
-    let units: Vec<Vec<f64>> = valid
-        .iter()
-        .map(|&i| vs[i].par_iter().map(|x| x / norms[i]).collect())
-        .collect();
     let total: f64 = valid.iter().map(|&i| alphas[i]).sum();
-    let a: Vec<f64> = valid.iter().map(|&i| alphas[i] / total).collect();
+    // (model, αi / Σα, 1 / ni) of the valid models.
+    let terms: Vec<(&[f32], f64, f64)> = valid
+        .iter()
+        .map(|&i| (vs[i].as_slice(), alphas[i] / total, 1.0 / norms[i]))
+        .collect();
     let mut u: Vec<f64> = (0..n)
         .into_par_iter()
-        .map(|j| units.iter().zip(&a).map(|(x, ai)| ai * x[j]).sum())
+        .map(|j| terms.iter().map(|(v, a, r)| a * r * v[j] as f64).sum())
         .collect();
     let nu = norm(&u);
     if nu < tol {
-        u.clone_from(&units[0]);
+        let (v, _, r) = terms[0];
+        u.par_iter_mut()
+            .zip(v)
+            .for_each(|(u, x)| *u = r * *x as f64);
     } else {
         u.par_iter_mut().for_each(|x| *x /= nu);
     }
+    let mut t = vec![0.0; n];
     for _ in 0..max_iter {
-        let mut t = vec![0.0; n];
-        for (ui, ai) in units.iter().zip(&a) {
-            let d = dot(&u, ui).clamp(-1.0, 1.0);
+        t.par_iter_mut().for_each(|x| *x = 0.0);
+        for &(v, a, r) in &terms {
+            let d =
+                (r * u.par_iter().zip(v).map(|(u, x)| u * *x as f64).sum::<f64>()).clamp(-1.0, 1.0);
             let theta = d.acos();
             if theta < tol {
                 continue;
             }
-            let c = ai * theta / theta.sin();
+            let c = a * theta / theta.sin();
             t.par_iter_mut()
-                .zip(ui.par_iter().zip(&u))
-                .for_each(|(t, (x, u))| *t += c * (x - d * u));
+                .zip(v.par_iter().zip(&u))
+                .for_each(|(t, (x, u))| *t += c * (r * *x as f64 - d * u));
         }
         let nt = norm(&t);
         if nt < tol {
@@ -127,8 +137,7 @@ fn karcher_mean(vs: &[Vec<f64>], alphas: &[f64], max_iter: u64, tol: f64) -> Vec
         }
     }
     let scale: f64 = alphas.iter().zip(&norms).map(|(a, n)| a * n).sum();
-    u.par_iter_mut().for_each(|x| *x *= scale);
-    u
+    u.into_par_iter().map(|x| (x * scale) as f32).collect()
 }
 
 impl MergeMethod for Karcher {
@@ -136,16 +145,9 @@ impl MergeMethod for Karcher {
         let out: Vec<f32> = if inputs.experts.len() == 1 {
             inputs.experts[0].to_f32_vec()
         } else {
-            let vs: Vec<Vec<f64>> = inputs
-                .experts
-                .iter()
-                .map(|e| e.to_f32_vec().into_iter().map(f64::from).collect())
-                .collect();
+            let vs: Vec<Vec<f32>> = inputs.experts.iter().map(|e| e.to_f32_vec()).collect();
             let alphas = vec![1.0 / vs.len() as f64; vs.len()];
             karcher_mean(&vs, &alphas, self.max_iter, self.tol)
-                .into_iter()
-                .map(|x| x as f32)
-                .collect()
         };
         inputs.from_host(out)
     }

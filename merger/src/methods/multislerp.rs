@@ -65,12 +65,18 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     }))
 }
 
-fn norm(v: &[f64]) -> f64 {
-    v.par_iter().map(|x| x * x).sum::<f64>().sqrt()
+fn norm(v: &[f32]) -> f64 {
+    v.par_iter()
+        .map(|x| (*x as f64).powi(2))
+        .sum::<f64>()
+        .sqrt()
 }
 
-fn dot(a: &[f64], b: &[f64]) -> f64 {
-    a.par_iter().zip(b).map(|(x, y)| x * y).sum()
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.par_iter()
+        .zip(b)
+        .map(|(x, y)| *x as f64 * *y as f64)
+        .sum()
 }
 
 impl MergeMethod for MultiSlerp {
@@ -80,15 +86,12 @@ impl MergeMethod for MultiSlerp {
         }
         let ctx = &inputs.ctx;
         let eps = self.eps;
-        let base: Option<Vec<f64>> = inputs
-            .base
-            .as_ref()
-            .map(|b| b.to_f32_vec().into_iter().map(f64::from).collect());
-        let vs: Vec<Vec<f64>> = inputs
+        let base = inputs.base.as_ref().map(|b| b.to_f32_vec());
+        let vs: Vec<Vec<f32>> = inputs
             .experts
             .iter()
             .map(|e| {
-                let mut v: Vec<f64> = e.to_f32_vec().into_iter().map(f64::from).collect();
+                let mut v = e.to_f32_vec();
                 if let Some(b) = &base {
                     v.par_iter_mut().zip(b).for_each(|(x, b)| *x -= b);
                 }
@@ -104,22 +107,23 @@ impl MergeMethod for MultiSlerp {
             let s: f64 = w.iter().sum();
             w.iter_mut().for_each(|x| *x /= s);
         }
-        let n = vs[0].len();
         let norms: Vec<f64> = vs.iter().map(|v| norm(v)).collect();
-        let units: Vec<Vec<f64>> = vs
-            .iter()
-            .zip(&norms)
-            .map(|(v, nv)| v.par_iter().map(|x| x / (nv + eps)).collect())
-            .collect();
-        let weighted_sum = |xs: &[Vec<f64>]| -> Vec<f64> {
-            (0..n)
+        // ûi = vi / (‖vi‖ + ε) is never stored: wi ûi = (wi / (‖vi‖ + ε)) vi.
+        let unit_w: Vec<f64> = w.iter().zip(&norms).map(|(w, n)| w / (n + eps)).collect();
+        let weighted = |coef: &[f64]| -> Vec<f32> {
+            (0..vs[0].len())
                 .into_par_iter()
-                .map(|j| xs.iter().zip(&w).map(|(x, wi)| wi * x[j]).sum())
+                .map(|j| {
+                    vs.iter()
+                        .zip(coef)
+                        .map(|(v, c)| c * v[j] as f64)
+                        .sum::<f64>() as f32
+                })
                 .collect()
         };
-        let mut mean = weighted_sum(&units);
-        let mean_norm = norm(&mean);
-        let out: Vec<f64> = if mean_norm < eps {
+        let mut m = weighted(&unit_w);
+        let mean_norm = norm(&m);
+        let mut out = if mean_norm < eps {
             if vs.len() != 2 {
                 return Err(MergeError::BadParameter {
                     param: "weight".into(),
@@ -130,29 +134,36 @@ impl MergeMethod for MultiSlerp {
                     ),
                 });
             }
-            weighted_sum(&vs)
+            weighted(&w)
         } else {
-            mean.par_iter_mut().for_each(|x| *x /= mean_norm);
-            let tangents: Vec<Vec<f64>> = units
+            // m̂ = m / ‖m‖, then T = Σ wi (ûi − (ûi·m̂) m̂) = m − (Σ wi ûi·m̂) m̂,
+            // computed entry by entry (it vanishes up to rounding: m·m̂ = ‖m‖).
+            let along: f64 = vs
                 .iter()
-                .map(|u| {
-                    let d = dot(u, &mean);
-                    u.par_iter().zip(&mean).map(|(x, m)| x - d * m).collect()
+                .zip(&unit_w)
+                .map(|(v, c)| c * dot(v, &m) / mean_norm)
+                .sum();
+            let scale: f64 = norms.iter().zip(&w).map(|(n, w)| n * w).sum();
+            let t_norm = m
+                .par_iter()
+                .map(|x| {
+                    let t = *x as f64 * (1.0 - along / mean_norm);
+                    t * t
                 })
-                .collect();
-            let t = weighted_sum(&tangents);
-            let tn = norm(&t) + eps;
-            let scale: f64 = norms.iter().zip(&w).map(|(nv, wi)| nv * wi).sum();
-            let (c, s) = (tn.cos(), tn.sin() / tn);
-            mean.par_iter()
-                .zip(&t)
-                .map(|(m, t)| scale * (m * c + t * s))
-                .collect()
+                .sum::<f64>()
+                .sqrt()
+                + eps;
+            let (c, s) = (t_norm.cos(), t_norm.sin() / t_norm);
+            m.par_iter_mut().for_each(|x| {
+                let unit = *x as f64 / mean_norm;
+                let t = *x as f64 - along * unit;
+                *x = (scale * (unit * c + t * s)) as f32;
+            });
+            m
         };
-        let out: Vec<f32> = match &base {
-            Some(b) => out.iter().zip(b).map(|(x, b)| (x + b) as f32).collect(),
-            None => out.iter().map(|x| *x as f32).collect(),
-        };
+        if let Some(b) = &base {
+            out.par_iter_mut().zip(b).for_each(|(x, b)| *x += b);
+        }
         inputs.from_host(out)
     }
 }
