@@ -4,6 +4,7 @@
 //! the merge engine share.
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::bounds::Cancel;
 use crate::error::{MergeError, Result};
@@ -86,6 +87,21 @@ impl TensorInputs<'_> {
         coeffs.extend_from_slice(experts);
         crate::kernels::linear_combination_as(&refs, &coeffs, self.device, self.out_dtype)
             .map_err(|e| self.err(e))
+    }
+
+    /// Every expert's values on the host in f32, minus `origin` when given
+    /// (then the task vectors τi = θi − θ0 for `origin` = θ0).
+    pub fn host_vectors(&self, origin: Option<&[f32]>) -> Vec<Vec<f32>> {
+        self.experts
+            .iter()
+            .map(|e| {
+                let mut v = e.to_f32_vec();
+                if let Some(o) = origin {
+                    v.par_iter_mut().zip(o).for_each(|(x, o)| *x -= o);
+                }
+                v
+            })
+            .collect()
     }
 
     /// The merged tensor from values computed on the host, moved to the

@@ -49,11 +49,15 @@ fn softmax(x: &[f32]) -> Vec<f64> {
     e.into_iter().map(|v| v / s + EPS).collect()
 }
 
-/// sorted(s)[⌊q·(n − 1)⌋] without sorting everything.
-fn quantile(s: &[f64], q: f64) -> f64 {
+/// sorted(s)[⌊q·(n − 1)⌋] for each q, without sorting everything: one copy
+/// of `s`, partitioned once per quantile.
+fn quantiles<const N: usize>(s: &[f64], qs: [f64; N]) -> [f64; N] {
     let mut v = s.to_vec();
-    let k = (q * (v.len() - 1) as f64) as usize;
-    *v.select_nth_unstable_by(k, f64::total_cmp).1
+    let last = (v.len() - 1) as f64;
+    qs.map(|q| {
+        *v.select_nth_unstable_by((q * last) as usize, f64::total_cmp)
+            .1
+    })
 }
 
 impl MergeMethod for ArceeFusion {
@@ -80,7 +84,7 @@ impl MergeMethod for ArceeFusion {
         let out: Vec<f32> = if s.is_empty() {
             b
         } else {
-            let (q1, median, q3) = (quantile(&s, 0.25), quantile(&s, 0.5), quantile(&s, 0.75));
+            let [q1, median, q3] = quantiles(&s, [0.25, 0.5, 0.75]);
             let threshold = median + 1.5 * (q3 - q1);
             b.par_iter()
                 .zip(&e)

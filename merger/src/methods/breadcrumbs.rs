@@ -43,13 +43,12 @@
 //! method runs on the host and moves the result to the merge device.
 
 use candle_core::Tensor;
-use rayon::prelude::*;
 
 use super::schema::{common, DefaultValue, Param, Range, Scope, Type};
 use super::task_arithmetic::{LAMBDA, NORMALIZE};
 use super::task_vectors::{magnitude_outliers, Mix};
 use super::{MergeMethod, Num, Params, TensorInputs};
-use crate::error::{MergeError, Result};
+use crate::error::Result;
 
 /// Outlier-and-small-magnitude sparsification, then task arithmetic.
 #[derive(Debug)]
@@ -137,34 +136,21 @@ fn build_with(p: &mut Params, consensus: bool) -> Result<Box<dyn MergeMethod>> {
 
 impl MergeMethod for Breadcrumbs {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        let base = inputs
-            .base
-            .as_ref()
-            .ok_or_else(|| MergeError::MissingBase {
-                method: self.name().into(),
-            })?;
         let ctx = &inputs.ctx;
-        let b = base.to_f32_vec();
-        let mut taus = Vec::with_capacity(inputs.experts.len());
-        let mut weights = Vec::with_capacity(inputs.experts.len());
-        for (i, expert) in inputs.experts.iter().enumerate() {
-            let mut tau = expert.to_f32_vec();
-            tau.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
-            magnitude_outliers(
-                &mut tau,
-                self.density[i].at(ctx)?,
-                self.gamma[i].at(ctx)?,
-                self.rescale,
-            );
-            taus.push(tau);
-            weights.push(self.weights[i].at(ctx)? as f32);
-        }
         let mix = Mix {
             consensus: self.consensus,
             normalize: self.normalize,
             lambda: self.lambda.at(ctx)? as f32,
         };
-        inputs.from_host(mix.apply(&b, &taus, &weights))
+        mix.merge_host(inputs, self.name(), &self.weights, |i, tau| {
+            magnitude_outliers(
+                tau,
+                self.density[i].at(ctx)?,
+                self.gamma[i].at(ctx)?,
+                self.rescale,
+            );
+            Ok(())
+        })
     }
 }
 

@@ -48,16 +48,13 @@ use rayon::prelude::*;
 use super::lines::Lines;
 use super::schema::{common, DefaultValue, Param, Range, Type};
 use super::task_arithmetic::NORMALIZE as NORMALIZE_OFF;
-use super::task_vectors::{streams, EntryWords, Mix};
+use super::task_vectors::{rescale_l1, streams, EntryWords, Mix};
 use super::ties::{MK_DENSITY, MK_LAMBDA};
 use super::{MergeMethod, Num, Params, TensorInputs};
 use crate::error::{MergeError, Result};
 
 /// The domain of DELLA's random words.
 const DOMAIN: &str = "fusion-gateway/della/v1";
-
-/// Norms below this are not rescaled (mergekit's `eps`).
-const RESCALE_EPS: f64 = 1e-7;
 
 /// DELLA's sparsification, then mergekit's generalized task arithmetic.
 #[derive(Debug)]
@@ -181,60 +178,39 @@ fn magprune(tau: &mut [f32], lines: Lines, density: f64, epsilon: f64, words: &E
     });
 }
 
-/// τ′ ← τ′ · ‖τ‖₁ / ‖τ′‖₁ (mergekit's L1 rescaling).
-fn rescale_l1(tau: &mut [f32], before: f64) {
-    let after: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
-    if before >= RESCALE_EPS && after >= RESCALE_EPS {
-        let s = (before / after) as f32;
-        tau.par_iter_mut().for_each(|x| *x *= s);
-    }
-}
-
 impl MergeMethod for Della {
     fn merge(&self, inputs: &TensorInputs) -> Result<Tensor> {
-        let base = inputs
-            .base
-            .as_ref()
-            .ok_or_else(|| MergeError::MissingBase {
-                method: self.name.into(),
-            })?;
         let ctx = &inputs.ctx;
         let lines = lines(inputs.shape());
-        let b = base.to_f32_vec();
-        let mut taus = Vec::with_capacity(inputs.experts.len());
-        let mut weights = Vec::with_capacity(inputs.experts.len());
-        for (i, expert) in inputs.experts.iter().enumerate() {
-            let mut tau = expert.to_f32_vec();
-            tau.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
-            let d = self.density[i].at(ctx)?;
-            if d < 1.0 {
-                let eps = self.epsilon[i].at(ctx)?;
-                if d + eps >= 1.0 || d - eps <= 0.0 {
-                    return Err(MergeError::BadParameter {
-                        param: format!("models[{}].epsilon", self.streams[i].0),
-                        reason: format!(
-                            "density ± epsilon must lie in (0, 1); in tensor `{}` density is {d} \
-                             and epsilon {eps}",
-                            ctx.name
-                        ),
-                    });
-                }
-                let before: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
-                let words = EntryWords::new(DOMAIN, self.seed, &ctx.name, &self.streams[i]);
-                magprune(&mut tau, lines, d, eps, &words);
-                if self.rescale {
-                    rescale_l1(&mut tau, before);
-                }
-            }
-            taus.push(tau);
-            weights.push(self.weights[i].at(ctx)? as f32);
-        }
         let mix = Mix {
             consensus: self.consensus,
             normalize: self.normalize,
             lambda: self.lambda.at(ctx)? as f32,
         };
-        inputs.from_host(mix.apply(&b, &taus, &weights))
+        mix.merge_host(inputs, self.name, &self.weights, |i, tau| {
+            let d = self.density[i].at(ctx)?;
+            if d >= 1.0 {
+                return Ok(());
+            }
+            let eps = self.epsilon[i].at(ctx)?;
+            if d + eps >= 1.0 || d - eps <= 0.0 {
+                return Err(MergeError::BadParameter {
+                    param: format!("models[{}].epsilon", self.streams[i].0),
+                    reason: format!(
+                        "density ± epsilon must lie in (0, 1); in tensor `{}` density is {d} \
+                         and epsilon {eps}",
+                        ctx.name
+                    ),
+                });
+            }
+            let before: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
+            let words = EntryWords::new(DOMAIN, self.seed, &ctx.name, &self.streams[i]);
+            magprune(tau, lines, d, eps, &words);
+            if self.rescale {
+                rescale_l1(tau, before);
+            }
+            Ok(())
+        })
     }
 }
 

@@ -145,7 +145,7 @@ impl MergeMethod for Karcher {
         let out: Vec<f32> = if inputs.experts.len() == 1 {
             inputs.experts[0].to_f32_vec()
         } else {
-            let vs: Vec<Vec<f32>> = inputs.experts.iter().map(|e| e.to_f32_vec()).collect();
+            let vs = inputs.host_vectors(None);
             let alphas = vec![1.0 / vs.len() as f64; vs.len()];
             karcher_mean(&vs, &alphas, self.max_iter, self.tol)
         };

@@ -87,17 +87,7 @@ impl MergeMethod for MultiSlerp {
         let ctx = &inputs.ctx;
         let eps = self.eps;
         let base = inputs.base.as_ref().map(|b| b.to_f32_vec());
-        let vs: Vec<Vec<f32>> = inputs
-            .experts
-            .iter()
-            .map(|e| {
-                let mut v = e.to_f32_vec();
-                if let Some(b) = &base {
-                    v.par_iter_mut().zip(b).for_each(|(x, b)| *x -= b);
-                }
-                v
-            })
-            .collect();
+        let vs = inputs.host_vectors(base.as_deref());
         let mut w = self
             .weights
             .iter()

@@ -105,14 +105,9 @@ impl MergeMethod for NuSlerp {
             w1 / (w0 + w1)
         };
         let base = inputs.base.as_ref().map(|b| b.to_f32_vec());
-        let to_task = |mut v: Vec<f32>| {
-            if let Some(b) = &base {
-                v.par_iter_mut().zip(b).for_each(|(x, b)| *x -= b);
-            }
-            v
-        };
-        let mut v0 = to_task(inputs.experts[0].to_f32_vec());
-        let v1 = to_task(inputs.experts[1].to_f32_vec());
+        let mut vs = inputs.host_vectors(base.as_deref());
+        let v1 = vs.pop().expect("two models");
+        let mut v0 = vs.pop().expect("two models");
         let shape = inputs.shape();
         let lines = if self.flatten || shape.len() < 2 {
             Lines::whole(v0.len())

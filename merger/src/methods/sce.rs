@@ -96,15 +96,7 @@ impl MergeMethod for Sce {
                 method: "sce".into(),
             })?;
         let b = base.to_f32_vec();
-        let mut taus: Vec<Vec<f32>> = inputs
-            .experts
-            .iter()
-            .map(|e| {
-                let mut t = e.to_f32_vec();
-                t.par_iter_mut().zip(&b).for_each(|(t, b)| *t -= b);
-                t
-            })
-            .collect();
+        let mut taus = inputs.host_vectors(Some(&b));
         let topk = self.topk.at(&inputs.ctx)?;
         if topk < 1.0 {
             select(&mut taus, topk);

@@ -52,8 +52,8 @@ pub(crate) struct Dropout {
 /// header) and rescaling.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct ExpertDrop {
-    /// k0, k1, k2 of the stream.
-    key: [u32; 3],
+    /// The stream's words.
+    words: EntryWords,
     /// Keep an entry when its random word is below this.
     keep_below: u32,
     /// q when rescaling, else 1.
@@ -72,19 +72,6 @@ fn mix32(mut x: u32) -> u32 {
 }
 
 impl ExpertDrop {
-    /// The part of U shared by the entries whose index has high half `hi`:
-    /// k1 ⊕ mix(hi ⊕ k2).
-    #[inline(always)]
-    fn high(&self, hi: u32) -> u32 {
-        self.key[1] ^ mix32(hi ^ self.key[2])
-    }
-
-    /// U of the entry with low half `lo`, given [`ExpertDrop::high`].
-    #[inline(always)]
-    fn word(&self, lo: u32, high: u32) -> u32 {
-        mix32(mix32(lo ^ self.key[0]) ^ high)
-    }
-
     /// Calls `f(x, keep)` on `xs`, entries `start..start + xs.len()` of
     /// the stream, in order: a plain loop over the entries that share the
     /// high half of their index, so that it vectorises.
@@ -94,9 +81,12 @@ impl ExpertDrop {
         while off < xs.len() {
             let j = (start + off) as u64;
             let run = ((1u64 << 32) - (j & 0xffff_ffff)).min((xs.len() - off) as u64) as usize;
-            let (lo, high) = (j as u32, self.high((j >> 32) as u32));
+            let (lo, high) = (j as u32, self.words.high((j >> 32) as u32));
             for (k, x) in (0u32..).zip(&mut xs[off..off + run]) {
-                f(x, self.word(lo.wrapping_add(k), high) < self.keep_below);
+                f(
+                    x,
+                    self.words.word(lo.wrapping_add(k), high) < self.keep_below,
+                );
             }
             off += run;
         }
@@ -163,20 +153,37 @@ impl EntryWords {
         }
     }
 
+    /// The part of U shared by the entries whose index has high half `hi`:
+    /// k1 ⊕ mix(hi ⊕ k2).
+    #[inline(always)]
+    fn high(&self, hi: u32) -> u32 {
+        self.key[1] ^ mix32(hi ^ self.key[2])
+    }
+
+    /// U of the entry with low half `lo`, given [`EntryWords::high`].
+    #[inline(always)]
+    fn word(&self, lo: u32, high: u32) -> u32 {
+        mix32(mix32(lo ^ self.key[0]) ^ high)
+    }
+
     /// U of entry `j`: mix(mix(lo ⊕ k0) ⊕ k1 ⊕ mix(hi ⊕ k2)).
     #[inline]
     pub(crate) fn at(&self, j: u64) -> u32 {
-        let high = self.key[1] ^ mix32(((j >> 32) as u32) ^ self.key[2]);
-        mix32(mix32((j as u32) ^ self.key[0]) ^ high)
+        self.word(j as u32, self.high((j >> 32) as u32))
     }
 
-    /// Whether entry `j` is kept with probability `p`: U < ⌊p·2³²⌉ (every
-    /// entry when that rounds to 2³² or more).
+    /// Whether entry `j` is kept with probability `p` (see [`keep_below`]).
     #[inline]
     pub(crate) fn keeps(&self, j: u64, p: f64) -> bool {
-        let below = (p * 4_294_967_296.0).round();
-        below >= 4_294_967_296.0 || (self.at(j) as f64) < below
+        keep_below(p).is_none_or(|below| self.at(j) < below)
     }
+}
+
+/// An entry is kept with probability p when its word U < ⌊p·2³²⌉; `None`
+/// when that rounds to 2³² or more (every entry is kept).
+fn keep_below(p: f64) -> Option<u32> {
+    let below = (p * 4_294_967_296.0).round();
+    (below < 4_294_967_296.0).then_some(below as u32)
 }
 
 impl Dropout {
@@ -194,10 +201,9 @@ impl Dropout {
                 // A keep rate within 2⁻³³ of 1 keeps everything (and its
                 // divisor q rounds to 1.0 in f32): no dropout.
                 let q = q.at(ctx)?;
-                let below = (q * 4_294_967_296.0).round();
-                Ok((below < 4_294_967_296.0).then(|| ExpertDrop {
-                    key: stream_key(DARE_DOMAIN, self.seed, &ctx.name, &self.streams[i]),
-                    keep_below: below as u32,
+                Ok(keep_below(q).map(|keep_below| ExpertDrop {
+                    words: EntryWords::new(DARE_DOMAIN, self.seed, &ctx.name, &self.streams[i]),
+                    keep_below,
                     divisor: if self.rescale { q as f32 } else { 1.0 },
                 }))
             })
@@ -376,7 +382,8 @@ mod tests {
             .map(|k| {
                 let j = start as u64 + k;
                 let (lo, hi) = (j as u32, (j >> 32) as u32);
-                let u = mix32(mix32(lo ^ e.key[0]) ^ e.key[1] ^ mix32(hi ^ e.key[2]));
+                let u =
+                    mix32(mix32(lo ^ e.words.key[0]) ^ e.words.key[1] ^ mix32(hi ^ e.words.key[2]));
                 u8::from(u < 1 << 31)
             })
             .collect();

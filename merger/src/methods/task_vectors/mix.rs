@@ -14,9 +14,13 @@
 //! [`super::MkMerge`] computes the same for the methods that trim or drop
 //! chunk by chunk.
 
+use candle_core::Tensor;
 use rayon::prelude::*;
 
 use super::consensus::agrees;
+use crate::error::{MergeError, Result};
+use crate::inputs::TensorInputs;
+use crate::methods::Num;
 
 /// mergekit leaves a divisor below this undivided.
 const ZERO_DIVISOR: f32 = 1e-8;
@@ -65,6 +69,36 @@ impl Mix {
             *o = base[j] + self.lambda * mixed;
         });
         out
+    }
+}
+
+impl Mix {
+    /// One tensor of a method that sparsifies on the host: θ0 and the task
+    /// vectors τi in host memory, `sparsify(i, τi)` in place, then the mix
+    /// with the weights resolved for this tensor, moved to the merge device.
+    pub(crate) fn merge_host(
+        &self,
+        inputs: &TensorInputs,
+        method: &str,
+        weights: &[Num],
+        mut sparsify: impl FnMut(usize, &mut [f32]) -> Result<()>,
+    ) -> Result<Tensor> {
+        let base = inputs
+            .base
+            .as_ref()
+            .ok_or_else(|| MergeError::MissingBase {
+                method: method.into(),
+            })?
+            .to_f32_vec();
+        let mut taus = inputs.host_vectors(Some(&base));
+        for (i, tau) in taus.iter_mut().enumerate() {
+            sparsify(i, tau)?;
+        }
+        let weights = weights
+            .iter()
+            .map(|w| Ok(w.at(&inputs.ctx)? as f32))
+            .collect::<Result<Vec<_>>>()?;
+        inputs.from_host(self.apply(&base, &taus, &weights))
     }
 }
 

@@ -30,7 +30,7 @@ pub(crate) use dropout::{streams, Dropout, EntryWords};
 pub(crate) use generalized::MkMerge;
 pub(crate) use mix::Mix;
 pub(crate) use source::{add_trimmed, for_each_flag, mask16, sgn, Chunk, Source};
-pub(crate) use trim::magnitude_outliers;
+pub(crate) use trim::{magnitude_outliers, rescale_l1};
 
 /// Entries per chunk of the fused loops.
 pub(crate) const CHUNK: usize = 1 << 14;

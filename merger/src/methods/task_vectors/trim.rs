@@ -231,11 +231,18 @@ pub(crate) fn magnitude_outliers(tau: &mut [f32], density: f64, gamma: f64, resc
         .filter(|(_, k)| !k)
         .for_each(|(x, _)| *x = 0.0);
     if rescale {
-        let after: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
-        if before >= RESCALE_EPS && after >= RESCALE_EPS {
-            let s = (before / after) as f32;
-            tau.par_iter_mut().for_each(|x| *x *= s);
-        }
+        rescale_l1(tau, before);
+    }
+}
+
+/// τ′ ← τ′ · ‖τ‖₁ / ‖τ′‖₁ for a sparsified τ′ whose original had L1 norm
+/// `before` (mergekit's `RescaleNorm.l1`); skipped when either norm is
+/// below 1e-7.
+pub(crate) fn rescale_l1(tau: &mut [f32], before: f64) {
+    let after: f64 = tau.par_iter().map(|x| x.abs() as f64).sum();
+    if before >= RESCALE_EPS && after >= RESCALE_EPS {
+        let s = (before / after) as f32;
+        tau.par_iter_mut().for_each(|x| *x *= s);
     }
 }
 
