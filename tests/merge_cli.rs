@@ -407,14 +407,17 @@ fn input_errors_name_the_cause() {
     );
     fails_with(&run("sparsity.yaml"), &["sparsity_ratio", "-0.1"]);
 
-    pool.write("slices.yaml", "merge_method: linear\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n");
-    fails_with(&run("slices.yaml"), &["slices", "not supported"]);
+    pool.write(
+        "both.yaml",
+        "merge_method: linear\nmodels:\n  - model: a\nslices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n",
+    );
+    fails_with(&run("both.yaml"), &["`models`", "`slices`", "not both"]);
 
     pool.write(
         "pass.yaml",
-        "merge_method: passthrough\nmodels:\n  - model: a\n",
+        "merge_method: passthrough\nmodels:\n  - model: a\n  - model: b\n",
     );
-    fails_with(&run("pass.yaml"), &["passthrough", "not supported"]);
+    fails_with(&run("pass.yaml"), &["passthrough", "1"]);
 
     pool.write("typo.yaml", "merge_method: linear\nmodel:\n  - model: a\n");
     fails_with(&run("typo.yaml"), &["typo.yaml", "model"]);
@@ -576,4 +579,207 @@ fn check_reports_every_problem_without_merging() {
     let out = fusion(pool.path(), &["merge", "clean.yaml"]);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--out"));
+}
+
+/// The toy pool's values of one layer tensor (`layer` 0 or 1) of `model`.
+fn layer_of(model: &str, layer: usize) -> Vec<f32> {
+    toy_values(model)[1 + layer].clone()
+}
+
+fn scaled(v: &[f32], s: f32) -> Vec<f32> {
+    v.iter().map(|x| x * s).collect()
+}
+
+fn layers_in_config(dir: &std::path::Path) -> u64 {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    config["num_hidden_layers"].as_u64().unwrap()
+}
+
+#[test]
+fn passthrough_slices_stack_layers_from_several_models() {
+    let pool = Pool::new(Dtype::F32);
+    // Four output layers: a's two, then b's second, then the base's first
+    // scaled by 0.5. The embeddings come from the first slice's model (a),
+    // the final norm from the last slice's (the base, scaled as well).
+    pool.write(
+        "stack.yaml",
+        "slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+  - sources:
+      - model: b
+        layer_range: [1, 2]
+  - sources:
+      - model: base
+        layer_range: [0, 1]
+        parameters:
+          scale: 0.5
+merge_method: passthrough
+dtype: float32
+",
+    );
+    let run = fusion(pool.path(), &["merge", "stack.yaml", "--out", "stack"]);
+    ok(&run);
+    assert!(
+        String::from_utf8_lossy(&run.stderr).contains("3 slice(s), 4 output layers"),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let out = pool.path().join("stack");
+    let ck = read_checkpoint(&out);
+    assert_eq!(ck.len(), 6, "{:?}", ck.keys().collect::<Vec<_>>());
+    let at = |name: &str| ck[name].2.clone();
+    close(&at("model.embed_tokens.weight"), &toy_values("a")[0], 0.0);
+    close(
+        &at("model.layers.0.mlp.up_proj.weight"),
+        &layer_of("a", 0),
+        0.0,
+    );
+    close(
+        &at("model.layers.1.mlp.up_proj.weight"),
+        &layer_of("a", 1),
+        0.0,
+    );
+    close(
+        &at("model.layers.2.mlp.up_proj.weight"),
+        &layer_of("b", 1),
+        0.0,
+    );
+    close(
+        &at("model.layers.3.mlp.up_proj.weight"),
+        &scaled(&layer_of("base", 0), 0.5),
+        0.0,
+    );
+    close(&at("model.norm.weight"), &[15.0, 15.5], 0.0);
+    assert_eq!(ck["model.layers.3.mlp.up_proj.weight"].1, vec![2, 3]);
+    assert_eq!(layers_in_config(&out), 4);
+    let provenance: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("fusion_merge.json")).unwrap())
+            .unwrap();
+    assert_eq!(provenance["num_layers"], 4);
+    assert_eq!(
+        provenance["sliced_spec"]["slices"][1]["sources"][0]["layer_range"][0],
+        1
+    );
+}
+
+#[test]
+fn sliced_merges_read_gradients_along_each_slice() {
+    let pool = Pool::new(Dtype::F32);
+    // Slice 1 (a and b, layers 0-1): the weights run along the slice, so its
+    // first layer (t = 0) is a's and its last (t = 1) b's. Slice 2 merges
+    // a's layer 1 with b's layer 0 (the sources' ranges differ), weights 1
+    // and 3: (1·(21 + i) + 3·(8 + i)) / 4 = 11.25 + i. The embeddings are
+    // merged from slice 1's sources and the final norm from slice 2's, both
+    // at t = 0 as mergekit plans them: a's embeddings; norm
+    // ((31, 32) + 3·(28, 29)) / 4 = (28.75, 29.75).
+    pool.write(
+        "grad.yaml",
+        "slices:
+  - sources:
+      - model: a
+        layer_range: [0, 2]
+        parameters: {weight: [1, 0]}
+      - model: b
+        layer_range: [0, 2]
+        parameters: {weight: [0, 1]}
+  - sources:
+      - model: a
+        layer_range: [1, 2]
+      - model: b
+        layer_range: [0, 1]
+    parameters:
+      weight: 3
+merge_method: linear
+dtype: float32
+",
+    );
+    // A slice's parameters apply to its sources without their own:
+    // a takes 3 as well in slice 2 unless it says otherwise.
+    let text = std::fs::read_to_string(pool.path().join("grad.yaml"))
+        .unwrap()
+        .replace(
+            "      - model: a\n        layer_range: [1, 2]\n",
+            "      - model: a\n        layer_range: [1, 2]\n        parameters: {weight: 1}\n",
+        );
+    pool.write("grad.yaml", &text);
+    ok(&fusion(
+        pool.path(),
+        &["merge", "grad.yaml", "--out", "grad"],
+    ));
+    let out = pool.path().join("grad");
+    let ck = read_checkpoint(&out);
+    let at = |name: &str| ck[name].2.clone();
+    close(&at("model.embed_tokens.weight"), &toy_values("a")[0], 1e-6);
+    close(
+        &at("model.layers.0.mlp.up_proj.weight"),
+        &layer_of("a", 0),
+        1e-6,
+    );
+    close(
+        &at("model.layers.1.mlp.up_proj.weight"),
+        &layer_of("b", 1),
+        1e-6,
+    );
+    let want: Vec<f32> = (0..6).map(|i| 11.25 + i as f32).collect();
+    close(&at("model.layers.2.mlp.up_proj.weight"), &want, 1e-5);
+    close(&at("model.norm.weight"), &[28.75, 29.75], 1e-5);
+    assert_eq!(layers_in_config(&out), 3);
+}
+
+#[test]
+fn bad_slices_fail_before_writing_and_check_reports_them() {
+    let pool = Pool::new(Dtype::F32);
+    let cases = [
+        (
+            "past.yaml",
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [1, 3]\nmerge_method: passthrough\n",
+            "layer_range [1, 3] of `a` is past its 2 layers",
+        ),
+        (
+            "lengths.yaml",
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 1]\nmerge_method: linear\n",
+            "every source of a slice must span the same number of layers",
+        ),
+        (
+            "two.yaml",
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n      - model: b\n        layer_range: [0, 2]\nmerge_method: passthrough\n",
+            "passthrough",
+        ),
+        (
+            "nobase.yaml",
+            "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\nmerge_method: ties\nbase_model: base\n",
+            "the base model `base` is not one of this slice's sources",
+        ),
+        (
+            "missing.yaml",
+            "slices:\n  - sources:\n      - model: nowhere\n        layer_range: [0, 2]\nmerge_method: passthrough\n",
+            "nowhere",
+        ),
+    ];
+    for (file, yaml, want) in cases {
+        pool.write(file, yaml);
+        for args in [
+            &["merge", file, "--out", "out"][..],
+            &["merge", file, "--check"][..],
+        ] {
+            let run = fusion(pool.path(), args);
+            fails_with(&run, &[want]);
+        }
+        assert!(!pool.path().join("out").exists(), "{file} wrote a folder");
+    }
+    pool.write(
+        "fine.yaml",
+        "slices:\n  - sources:\n      - model: a\n        layer_range: [0, 2]\n  - sources:\n      - model: b\n        layer_range: [0, 1]\nmerge_method: passthrough\n",
+    );
+    let run = fusion(pool.path(), &["merge", "fine.yaml", "--check"]);
+    ok(&run);
+    let said = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        said.contains("no errors: 5 tensors in 2 slice(s), 3 output layers"),
+        "{said}"
+    );
+    assert!(!pool.path().join("out").exists());
 }

@@ -160,7 +160,14 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
     assert!(own >= 0.7, "sort expert accuracy {own}");
     assert!(right >= 6, "{right}/10 greedy sort answers right");
 
-    greedy_generation_matches_the_transformers_reference(cwd, &a, &models);
+    // mergekit layer slices of the pool's models: a frankenmerge one layer
+    // deeper than its inputs, and a slerp along the depth. Their folders
+    // decode like the transformers reference too, which builds the model
+    // from the rewritten config.json and finds every layer by name.
+    let mut decoded = models.clone();
+    decoded.extend(sliced_models(cwd));
+    decoded.extend(union_models(cwd));
+    greedy_generation_matches_the_transformers_reference(cwd, &a, &decoded);
 
     // A second build refuses the non-empty folder without --force.
     fails_with(
@@ -188,6 +195,232 @@ fn quick_pool_builds_loads_beats_the_base_and_is_deterministic() {
             std::fs::read(b.join("tasks").join(&f)).unwrap()
         );
     }
+}
+
+/// Merges the pool at `cwd/a` with two mergekit configs in layer slices
+/// (`passthrough` stacking the base's layers and the sort expert's last,
+/// `slerp` of base and sort with t running 0 → 1 along the depth), checks
+/// their layer counts (with `transformers`' `AutoConfig` where installed)
+/// and returns their folders.
+fn sliced_models(cwd: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cwd.join("a/models/base/config.json")).unwrap(),
+    )
+    .unwrap();
+    let layers = config["num_hidden_layers"].as_u64().unwrap();
+    let configs = [
+        (
+            "stacked",
+            format!(
+                "slices:\n  - sources:\n      - model: a/models/base\n        layer_range: [0, {layers}]\n  \
+                 - sources:\n      - model: a/models/sort\n        layer_range: [{}, {layers}]\n\
+                 merge_method: passthrough\n",
+                layers - 1
+            ),
+            layers + 1,
+        ),
+        (
+            "slerped",
+            format!(
+                "slices:\n  - sources:\n      - model: a/models/base\n        layer_range: [0, {layers}]\n      \
+                 - model: a/models/sort\n        layer_range: [0, {layers}]\n\
+                 merge_method: slerp\nbase_model: a/models/base\nparameters:\n  t: [0, 1]\n"
+            ),
+            layers,
+        ),
+    ];
+    let transformers = std::process::Command::new("python3")
+        .args(["-c", "import transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    let mut out = Vec::new();
+    for (name, yaml, want) in configs {
+        std::fs::write(cwd.join(format!("{name}.yaml")), yaml).unwrap();
+        ok(&fusion(
+            cwd,
+            &["merge", &format!("{name}.yaml"), "--out", name],
+        ));
+        let dir = cwd.join(name);
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["num_hidden_layers"].as_u64(), Some(want), "{name}");
+        if transformers {
+            let probe = std::process::Command::new("python3")
+                .args([
+                    "-c",
+                    "import sys; from transformers import AutoConfig; \
+                     print(AutoConfig.from_pretrained(sys.argv[1]).num_hidden_layers)",
+                ])
+                .arg(&dir)
+                .output()
+                .unwrap();
+            assert!(
+                probe.status.success(),
+                "{}",
+                String::from_utf8_lossy(&probe.stderr)
+            );
+            assert_eq!(
+                String::from_utf8_lossy(&probe.stdout).trim(),
+                want.to_string()
+            );
+        }
+        out.push((name.to_string(), dir));
+    }
+    out
+}
+
+/// Copies the pool's sort expert with two more tokens (added tokens
+/// `<tool>` and `<calc>`, their embedding and lm_head rows 1/64 and −1/128
+/// everywhere) and merges it with the base under mergekit's
+/// `tokenizer_source: union` (linear, equal weights), then once more with
+/// the `tokenizer:` block padding the rows to a multiple of 64 and a ChatML
+/// template. Checks the rows against the rules worked out by hand and the
+/// tokenizer with `transformers` where installed; returns the folders.
+fn union_models(cwd: &Path) -> Vec<(String, std::path::PathBuf)> {
+    let (base, sort) = (cwd.join("a/models/base"), cwd.join("a/models/sort"));
+    let extra = cwd.join("sort_plus");
+    std::fs::create_dir_all(&extra).unwrap();
+    for f in ["tokenizer_config.json", "generation_config.json"] {
+        if sort.join(f).exists() {
+            std::fs::copy(sort.join(f), extra.join(f)).unwrap();
+        }
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sort.join("config.json")).unwrap()).unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+    config["vocab_size"] = serde_json::json!(vocab + 2);
+    std::fs::write(extra.join("config.json"), config.to_string()).unwrap();
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sort.join("tokenizer.json")).unwrap())
+            .unwrap();
+    for (i, t) in ["<tool>", "<calc>"].iter().enumerate() {
+        tok["added_tokens"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "id": vocab + i, "content": t, "single_word": false, "lstrip": false,
+                "rstrip": false, "normalized": false, "special": false
+            }));
+    }
+    std::fs::write(extra.join("tokenizer.json"), tok.to_string()).unwrap();
+    let ck = read_checkpoint(&sort);
+    let dtype = ck.values().next().unwrap().0;
+    let mut owned: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (name, (_, shape, values)) in &ck {
+        let (mut shape, mut values) = (shape.clone(), values.clone());
+        if name == "model.embed_tokens.weight" || name == "lm_head.weight" {
+            assert_eq!(shape[0], vocab, "{name}");
+            values.extend(std::iter::repeat_n(1.0f32 / 64.0, shape[1]));
+            values.extend(std::iter::repeat_n(-1.0f32 / 128.0, shape[1]));
+            shape[0] += 2;
+        }
+        owned.push((name.clone(), shape, values));
+    }
+    let tensors: Vec<T> = owned.iter().map(|(n, s, v)| T(n, s, v)).collect();
+    write_shard(&extra.join("model.safetensors"), dtype, &tensors);
+
+    let configs = [
+        (
+            "union",
+            "merge_method: linear\nmodels:\n  - model: a/models/base\n  - model: sort_plus\n\
+             tokenizer_source: union\n",
+            vocab + 2,
+        ),
+        (
+            "union_padded",
+            "merge_method: linear\nmodels:\n  - model: a/models/base\n  - model: sort_plus\n\
+             tokenizer:\n  source: union\n  pad_to_multiple_of: 64\nchat_template: chatml\n",
+            (vocab + 2).div_ceil(64) * 64,
+        ),
+    ];
+    let mut out = Vec::new();
+    for (name, yaml, rows) in configs {
+        std::fs::write(cwd.join(format!("{name}.yaml")), yaml).unwrap();
+        ok(&fusion(
+            cwd,
+            &["merge", &format!("{name}.yaml"), "--out", name],
+        ));
+        let dir = cwd.join(name);
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["vocab_size"].as_u64(), Some(rows as u64), "{name}");
+        let merged = read_checkpoint(&dir);
+        let (b, s) = (read_checkpoint(&base), read_checkpoint(&sort));
+        for t in ["model.embed_tokens.weight", "lm_head.weight"] {
+            let Some((_, shape, got)) = merged.get(t) else {
+                continue;
+            };
+            let d = shape[1];
+            assert_eq!(shape[0], rows, "{name} {t}");
+            // Shared tokens: the mean of the two models' rows.
+            for id in [0, vocab / 2, vocab - 1] {
+                let want: Vec<f32> = (0..d)
+                    .map(|j| (b[t].2[id * d + j] + s[t].2[id * d + j]) / 2.0)
+                    .collect();
+                close(&got[id * d..(id + 1) * d], &want, 1e-2);
+            }
+            // The new tokens: only sort_plus has them, so its row is the
+            // default of the base too, and the mean is that row.
+            close(&got[vocab * d..(vocab + 1) * d], &vec![1.0 / 64.0; d], 1e-7);
+            close(
+                &got[(vocab + 1) * d..(vocab + 2) * d],
+                &vec![-1.0 / 128.0; d],
+                1e-7,
+            );
+            // Padding rows: the mean of the vocabulary's rows.
+            if rows > vocab + 2 {
+                let mut mean = vec![0.0f32; d];
+                for id in 0..vocab + 2 {
+                    for j in 0..d {
+                        mean[j] += got[id * d + j] / (vocab + 2) as f32;
+                    }
+                }
+                close(&got[(rows - 1) * d..rows * d], &mean, 1e-3);
+            }
+        }
+        let probe = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, json; from transformers import AutoTokenizer; \
+                 t = AutoTokenizer.from_pretrained(sys.argv[1]); \
+                 chat = t.apply_chat_template([{'role': 'user', 'content': 'hi'}], tokenize=False, \
+                 add_generation_prompt=True) if t.chat_template else None; \
+                 print(json.dumps({'ids': t('<tool> <calc>', add_special_tokens=False)['input_ids'], \
+                 'chat': chat}))",
+            ])
+            .arg(&dir)
+            .output();
+        match probe {
+            Ok(p) if p.status.success() => {
+                let v: serde_json::Value = serde_json::from_slice(&p.stdout).unwrap();
+                let ids: Vec<u64> = v["ids"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .filter(|&x| x as usize >= vocab)
+                    .collect();
+                assert_eq!(ids, [vocab as u64, vocab as u64 + 1], "{name}: {v}");
+                if name == "union_padded" {
+                    assert_eq!(
+                        v["chat"].as_str(),
+                        Some("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+                    );
+                }
+            }
+            Ok(p) if String::from_utf8_lossy(&p.stderr).contains("No module named") => {
+                eprintln!("skipping the transformers tokenizer check: python3 lacks transformers")
+            }
+            Ok(p) => panic!("{name}: {}", String::from_utf8_lossy(&p.stderr)),
+            Err(e) => eprintln!("skipping the transformers tokenizer check: {e}"),
+        }
+        if name == "union" {
+            out.push((name.to_string(), dir));
+        }
+    }
+    out
 }
 
 /// Greedy generation (`fusion generate --temperature 0`, chat and raw

@@ -77,8 +77,10 @@ pub mod plan;
 pub mod preflight;
 pub mod residency;
 pub mod select;
+pub mod slices;
 pub mod spec;
 pub mod throughput;
+pub mod tokenizer;
 pub mod work;
 
 pub use bounds::{Bounds, Cancel, Turn, Work};

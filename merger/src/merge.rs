@@ -22,17 +22,37 @@ use crate::error::{MergeError, Result};
 use crate::inputs::TensorInputs;
 use crate::methods::{self, MergeMethod, MethodInfo, ModelScan};
 use crate::spec::{MergeSpec, TensorCtx};
+use crate::tokenizer::{TokenizerPlan, TokenizerSpec};
 use runtime::checkpoint::{parse_dtype, Checkpoint, CheckpointWriter, TensorBuf, WriteOptions};
 
 /// One output tensor of a plan.
 #[derive(Debug, Clone)]
 pub struct PlannedTensor {
-    /// Tensor name, as in the inputs.
+    /// Tensor name in the output.
     pub name: String,
+    /// The tensor's name in each input, the base's first: `name`, except
+    /// in a layer slice ([`crate::slices`]), whose output layers come from
+    /// each source's own layer range.
+    pub sources: Vec<String>,
     /// Shape shared by every input.
     pub shape: Vec<usize>,
     /// Output dtype.
     pub dtype: DType,
+    /// Position along the depth for gradients when it is not the layer's
+    /// place in the model (a slice's layers: their place in the slice).
+    pub depth: Option<f64>,
+    /// The rows are the vocabulary: each input's are rebuilt over the
+    /// output tokenizer's before the merge ([`crate::tokenizer`]).
+    pub vocabulary: bool,
+}
+
+/// One output tensor of a partial plan: its name, its name in each input
+/// (the base's first), and the depth its gradients are read at.
+#[derive(Debug, Clone)]
+pub(crate) struct Selected {
+    pub name: String,
+    pub sources: Vec<String>,
+    pub depth: Option<f64>,
 }
 
 impl PlannedTensor {
@@ -53,6 +73,7 @@ pub struct MergePlan {
     num_layers: usize,
     id: String,
     cancel: Cancel,
+    tokenizer: Option<Arc<TokenizerPlan>>,
 }
 
 /// Figures of a finished merge.
@@ -259,6 +280,20 @@ impl MergePlan {
         method: Box<dyn MergeMethod>,
         open: Opener,
     ) -> Result<Self> {
+        Self::selected(spec, info, method, open, None, None)
+    }
+
+    /// The plan of `spec` over only the output tensors `selection` (every
+    /// tensor of the reference, under its own name, when `None`); every
+    /// input must hold each selected tensor's source with one shape.
+    pub(crate) fn selected(
+        spec: MergeSpec,
+        info: &'static MethodInfo,
+        method: Box<dyn MergeMethod>,
+        open: Opener,
+        selection: Option<Vec<Selected>>,
+        tokenizer: Option<(&TokenizerSpec, Option<&[Arc<Checkpoint>]>)>,
+    ) -> Result<Self> {
         let dtype = match &spec.dtype {
             None => None,
             Some(d) => Some(parse_dtype(d).ok_or_else(|| MergeError::BadParameter {
@@ -276,16 +311,59 @@ impl MergePlan {
             ck.check_mergeable()?;
         }
         let reference = base.as_ref().unwrap_or(&experts[0]).clone();
-        let mut tensors = Vec::with_capacity(reference.tensors().len());
+        let all: Vec<Arc<Checkpoint>> = base.iter().chain(experts.iter()).cloned().collect();
+        let tokenizer = match tokenizer {
+            Some((t, _)) if t.is_plain() => None,
+            Some((t, models)) => Some(Arc::new(TokenizerPlan::new(
+                t,
+                models.unwrap_or(&all),
+                &all,
+                base.is_some(),
+                open,
+            )?)),
+            None => None,
+        };
+        let inputs = all.len();
+        let selection = selection.unwrap_or_else(|| {
+            reference
+                .tensors()
+                .keys()
+                .map(|name| Selected {
+                    name: name.clone(),
+                    sources: vec![name.clone(); inputs],
+                    depth: None,
+                })
+                .collect()
+        });
+        let mut tensors = Vec::with_capacity(selection.len());
         let mut num_layers = 0;
-        for (name, entry) in reference.tensors() {
-            for ck in base.iter().chain(experts.iter()) {
+        for sel in selection {
+            debug_assert_eq!(sel.sources.len(), inputs);
+            let first = &sel.sources[0];
+            let entry = reference
+                .entry(first)
+                .ok_or_else(|| MergeError::MissingTensor {
+                    tensor: first.clone(),
+                    model: reference.name().to_string(),
+                    path: reference.dir().to_path_buf(),
+                })?;
+            let vocabulary = tokenizer
+                .as_ref()
+                .is_some_and(|t| t.is_embedding(first, &entry.shape));
+            for (ck, name) in base.iter().chain(experts.iter()).zip(&sel.sources) {
                 let other = ck.entry(name).ok_or_else(|| MergeError::MissingTensor {
                     tensor: name.clone(),
                     model: ck.name().to_string(),
                     path: ck.dir().to_path_buf(),
                 })?;
-                if other.shape != entry.shape {
+                // Vocabulary rows may differ in number (they are rebuilt
+                // over the output vocabulary), not in width.
+                let same = if vocabulary {
+                    other.shape.len() == 2 && other.shape[1] == entry.shape[1]
+                } else {
+                    other.shape == entry.shape
+                };
+                if !same {
                     return Err(MergeError::ShapeMismatch {
                         tensor: name.clone(),
                         model: ck.name().to_string(),
@@ -295,13 +373,20 @@ impl MergePlan {
                     });
                 }
             }
-            if let Some(l) = crate::spec::param::layer_index(name) {
+            if let Some(l) = crate::spec::param::layer_index(&sel.name) {
                 num_layers = num_layers.max(l + 1);
             }
+            let shape = match &tokenizer {
+                Some(t) if vocabulary => vec![t.rows(), entry.shape[1]],
+                _ => entry.shape.clone(),
+            };
             tensors.push(PlannedTensor {
-                name: name.clone(),
-                shape: entry.shape.clone(),
+                shape,
                 dtype: dtype.unwrap_or(entry.dtype),
+                name: sel.name,
+                sources: sel.sources,
+                depth: sel.depth,
+                vocabulary,
             });
         }
         let fingerprints: Vec<(String, String)> = base
@@ -309,7 +394,11 @@ impl MergePlan {
             .chain(experts.iter())
             .map(|c| Ok((c.name().to_string(), c.fingerprint()?.to_string())))
             .collect::<Result<_>>()?;
-        let id = info.merge_id(&spec, &fingerprints);
+        let mut id = info.merge_id(&spec, &fingerprints);
+        if let Some(t) = &tokenizer {
+            // Another vocabulary is another merge.
+            id = crate::spec::canonical::digest(&format!("{id}{}", t.describe()));
+        }
         Ok(MergePlan {
             spec,
             info,
@@ -320,6 +409,7 @@ impl MergePlan {
             num_layers,
             id,
             cancel: Cancel::new(),
+            tokenizer,
         })
     }
 
@@ -387,19 +477,18 @@ impl MergePlan {
 
     /// Bytes of every input tensor a merge reads.
     pub fn input_bytes(&self) -> u64 {
-        let per = |c: &Checkpoint| -> u64 {
-            self.tensors
-                .iter()
-                .map(|t| {
-                    c.entry(&t.name)
-                        .map_or(0, |e| (e.numel() * e.dtype.size_in_bytes()) as u64)
-                })
-                .sum()
-        };
-        self.base
+        self.tensors
             .iter()
-            .chain(self.experts.iter())
-            .map(|c| per(c))
+            .map(|t| self.tensor_input_bytes(t))
+            .sum()
+    }
+
+    /// Bytes of the inputs of one output tensor.
+    fn tensor_input_bytes(&self, t: &PlannedTensor) -> u64 {
+        self.checkpoints()
+            .zip(&t.sources)
+            .filter_map(|(c, name)| c.entry(name))
+            .map(|e| (e.numel() * e.dtype.size_in_bytes()) as u64)
             .sum()
     }
 
@@ -411,14 +500,33 @@ impl MergePlan {
     /// Reads one tensor of the base and of every expert into owned
     /// buffers (a file changed since it was opened fails the read).
     fn read(&self, t: &PlannedTensor) -> Result<ReadTensors> {
-        Ok(ReadTensors {
-            base: self.base.as_ref().map(|b| b.tensor(&t.name)).transpose()?,
+        let skip = self.base.iter().count();
+        let mut read = ReadTensors {
+            base: self
+                .base
+                .as_ref()
+                .map(|b| b.tensor(&t.sources[0]))
+                .transpose()?,
             experts: self
                 .experts
                 .iter()
-                .map(|e| e.tensor(&t.name))
+                .zip(&t.sources[skip..])
+                .map(|(e, name)| e.tensor(name))
                 .collect::<runtime::Result<Vec<TensorBuf>>>()?,
-        })
+        };
+        if let Some(tok) = self.tokenizer.as_ref().filter(|_| t.vocabulary) {
+            let all: Vec<TensorBuf> = read.base.take().into_iter().chain(read.experts).collect();
+            let mut rows = tok.permute(&t.name, &all)?.into_iter();
+            read.base = self.base.as_ref().and_then(|_| rows.next());
+            read.experts = rows.collect();
+        }
+        Ok(read)
+    }
+
+    /// The output tokenizer, when the merge changes the reference's
+    /// ([`crate::tokenizer`]).
+    pub fn tokenizer(&self) -> Option<&TokenizerPlan> {
+        self.tokenizer.as_deref()
     }
 
     /// The inputs of `t` over buffers `read` from the checkpoints.
@@ -429,7 +537,10 @@ impl MergePlan {
         device: &'a Device,
     ) -> TensorInputs<'a> {
         TensorInputs {
-            ctx: TensorCtx::new(&t.name, self.num_layers),
+            ctx: match t.depth {
+                Some(at) => TensorCtx::at_depth(&t.name, self.num_layers, at),
+                None => TensorCtx::new(&t.name, self.num_layers),
+            },
             base: read.base.as_ref().map(TensorBuf::view),
             experts: read.experts.iter().map(TensorBuf::view).collect(),
             device,
@@ -465,14 +576,6 @@ impl MergePlan {
         });
         self.method = method;
         prepared?;
-        let per_tensor_input = |t: &PlannedTensor| -> u64 {
-            self.base
-                .iter()
-                .chain(self.experts.iter())
-                .filter_map(|c| c.entry(&t.name))
-                .map(|e| (e.numel() * e.dtype.size_in_bytes()) as u64)
-                .sum()
-        };
         let done = AtomicUsize::new(0);
         self.schedule()
             .into_par_iter()
@@ -494,7 +597,7 @@ impl MergePlan {
                 check_finite(&t.name, &merged)?;
                 sink.put(t, merged)?;
                 done.fetch_add(1, Ordering::Relaxed);
-                progress.tick(per_tensor_input(t));
+                progress.tick(self.tensor_input_bytes(t));
                 Ok(())
             })?;
         progress.finish();
@@ -630,11 +733,22 @@ pub fn write_to_dir(
     let progress = Progress::new(plan.tensors().len(), plan.info().name, opts.progress);
     let stats = plan.execute(device, &writer, &progress)?;
     writer.copy_side_files(plan.reference().dir())?;
-    let provenance = serde_json::json!({
+    let mut provenance = serde_json::json!({
         "merge_id": format!("merge-{}", plan.id()),
         "spec": plan.spec(),
         "method_convention": plan.info().convention,
     });
+    if let Some(tok) = plan.tokenizer() {
+        tok.write_files(&writer, plan.reference())?;
+        if let Some(mut config) = plan.reference().config()? {
+            tok.apply_config(&mut config);
+            writer.write_file(
+                "config.json",
+                &serde_json::to_vec_pretty(&config).expect("json"),
+            )?;
+        }
+        provenance["tokenizer"] = tok.describe();
+    }
     writer.write_file(
         "fusion_merge.json",
         &serde_json::to_vec_pretty(&provenance).expect("json"),

@@ -239,6 +239,24 @@ impl Tensorwise {
         MergePlan::from_method(self.spec, self.info, self.method, open)
     }
 
+    /// [`Tensorwise::open`] with the output tokenizer of `tokenizer`
+    /// (mergekit's `tokenizer_source`, `tokenizer:` and `chat_template`):
+    /// the embedding rows are rebuilt over its vocabulary.
+    pub fn open_with_tokenizer(
+        self,
+        open: Opener,
+        tokenizer: &crate::tokenizer::TokenizerSpec,
+    ) -> Result<MergePlan> {
+        MergePlan::selected(
+            self.spec,
+            self.info,
+            self.method,
+            open,
+            None,
+            Some((tokenizer, None)),
+        )
+    }
+
     /// [`Plan::build`] of a tensor-wise merge: the merged tensors in their
     /// output dtypes on `run.device`, with the reference's architecture and
     /// tokenizer.

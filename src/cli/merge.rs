@@ -4,11 +4,15 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
+use candle_core::Device;
 use clap::Args;
-use merger::mergekit;
+use merger::merge::MergeReport;
+use merger::mergekit::{self, Config};
 use merger::plan::{Plan, Run, Written};
+use merger::slices::{SlicedPlan, SlicedSpec};
 use merger::spec::{compact, MergeSpec};
-use merger::{Cancel, MergeError};
+use merger::tokenizer::TokenizerSpec;
+use merger::{Bounds, Cancel, MergeError};
 use runtime::checkpoint::{Checkpoint, WriteOptions};
 
 /// Arguments of `fusion merge`.
@@ -52,8 +56,29 @@ pub struct MergeArgs {
     calibration: Option<PathBuf>,
 }
 
-/// Reads a config file as a mergekit YAML or a structured spec.
+/// Reads a config file as a mergekit YAML or a structured spec, whose
+/// merge takes whole models (no `slices`).
 pub fn load_config(path: &Path) -> anyhow::Result<MergeSpec> {
+    match load_file(path)? {
+        Config::Merge(spec, tokenizer) if tokenizer.is_plain() => Ok(spec),
+        Config::Merge(..) => bail!(
+            "`{}` sets the output tokenizer (`tokenizer_source`, `tokenizer`, `chat_template`): \
+             write it with `fusion merge {} --out DIR`, then use the folder",
+            path.display(),
+            path.display()
+        ),
+        Config::Sliced(_) => bail!(
+            "`{}` lays its merge out in layer `slices`: write it with `fusion merge {} --out DIR`, \
+             then use the folder",
+            path.display(),
+            path.display()
+        ),
+    }
+}
+
+/// Reads a config file as a mergekit YAML (whole models or slices) or a
+/// structured spec.
+fn load_file(path: &Path) -> anyhow::Result<Config> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read config `{}`", path.display()))?;
     let value: serde_yaml_ng::Value =
@@ -66,9 +91,9 @@ pub fn load_config(path: &Path) -> anyhow::Result<MergeSpec> {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        return Ok(spec);
+        return Ok(Config::Merge(spec, TokenizerSpec::default()));
     }
-    Ok(mergekit::from_yaml(&text, path)?)
+    Ok(mergekit::read(&text, path)?)
 }
 
 /// Resolves a model name to a folder: as given (absolute, or relative to the
@@ -91,15 +116,24 @@ fn resolver(config_dir: Option<PathBuf>) -> impl Fn(&str) -> merger::Result<Path
 
 /// Runs `fusion merge`.
 pub fn run(args: MergeArgs) -> anyhow::Result<()> {
-    let (spec, config_dir) = match (&args.config, &args.spec) {
-        (Some(path), None) => (load_config(path)?, path.parent().map(Path::to_path_buf)),
+    let (spec, config_dir, tokenizer) = match (&args.config, &args.spec) {
+        (Some(path), None) => {
+            let dir = path.parent().map(Path::to_path_buf);
+            match load_file(path)? {
+                Config::Merge(spec, tokenizer) => (spec, dir, tokenizer),
+                Config::Sliced(sliced) => return run_sliced(sliced, &resolver(dir), &args),
+            }
+        }
         (None, Some(s)) => match compact::parse(s)? {
-            compact::Parsed::Merge(spec) => (spec, None),
+            compact::Parsed::Merge(spec) => (spec, None, TokenizerSpec::default()),
             _ => bail!("`--spec` must be a merge such as `task_arithmetic(a,b;base=c)`, got `{s}`"),
         },
         _ => bail!("give a config file or --spec"),
     };
     let resolve = resolver(config_dir);
+    if !tokenizer.is_plain() {
+        return run_with_tokenizer(Plan::new(spec)?, &tokenizer, &resolve, &args);
+    }
     if args.check {
         return check(&spec, &resolve);
     }
@@ -149,18 +183,105 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             return Ok(());
         }
     };
+    print_merged(&report, &device, "");
+    Ok(())
+}
+
+/// The line `fusion merge` ends with: tensors, bytes, time, throughput,
+/// device, folder and merge id.
+fn print_merged(report: &MergeReport, device: &Device, what: &str) {
     let s = &report.stats;
     eprintln!(
-        "merged {} tensors ({:.3} GB in, {:.3} GB out) in {:.2}s ({:.2} GB/s) on {} -> {} (merge-{})",
+        "merged {} tensors{what} ({:.3} GB in, {:.3} GB out) in {:.2}s ({:.2} GB/s) on {} -> {} (merge-{})",
         s.tensors,
         s.input_bytes as f64 / 1e9,
         s.output_bytes as f64 / 1e9,
         s.seconds,
         s.input_bytes as f64 / 1e9 / s.seconds.max(1e-9),
-        runtime::device::device_name(&device),
+        runtime::device::device_name(device),
         report.out.display(),
         report.id
     );
+}
+
+/// `fusion merge` of a tensor-wise merge with its own output tokenizer
+/// (`tokenizer_source`, `tokenizer:`, `chat_template`); with `--check`,
+/// validated (the vocabularies and every tensor) without writing.
+fn run_with_tokenizer(
+    plan: Plan,
+    tokenizer: &TokenizerSpec,
+    resolve: &dyn Fn(&str) -> merger::Result<PathBuf>,
+    args: &MergeArgs,
+) -> anyhow::Result<()> {
+    let Plan::Tensorwise(tw) = plan else {
+        bail!(
+            "`tokenizer_source`, `tokenizer` and `chat_template` apply to tensor-wise merges; \
+             `{}` builds its own model",
+            plan.spec().method
+        );
+    };
+    if args.calibration.is_some() {
+        bail!("--calibration is not used by `{}`", tw.spec().method);
+    }
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
+    let mut merge = tw.open_with_tokenizer(&open, tokenizer)?;
+    let vocab = merge
+        .tokenizer()
+        .filter(|t| t.permutes())
+        .map(|t| format!(", vocabulary of {} rows", t.rows()))
+        .unwrap_or_default();
+    if args.check {
+        println!(
+            "no errors: {} tensors{vocab}; every model's tokenizer reads and every tensor is present \
+             with one shape (embedding rows aside)",
+            merge.tensors().len()
+        );
+        return Ok(());
+    }
+    let out = args.out.clone().context("give --out (or --check)")?;
+    let device = runtime::device::parse_device(&args.device)?;
+    let opts = merger::merge::MergeOptions {
+        write: WriteOptions {
+            shard_size: args.shard_size,
+            force: args.force,
+        },
+        progress: !args.quiet,
+    };
+    let report = merger::merge::write_to_dir(&mut merge, &out, &device, &opts)?;
+    print_merged(&report, &device, &vocab);
+    Ok(())
+}
+
+/// `fusion merge` of a config with `slices`: validated as a whole (with
+/// `--check`, only that), then every slice merged into one folder.
+fn run_sliced(
+    spec: SlicedSpec,
+    resolve: &dyn Fn(&str) -> merger::Result<PathBuf>,
+    args: &MergeArgs,
+) -> anyhow::Result<()> {
+    if args.calibration.is_some() {
+        bail!("--calibration is not used by sliced merges (tensor-wise methods only)");
+    }
+    let open = |name: &str| Ok(Checkpoint::open(name, &resolve(name)?)?);
+    let slices = spec.slices.len();
+    let mut plan = SlicedPlan::new(spec, &open, &Bounds::default())?;
+    let summary = format!(" in {slices} slice(s), {} output layers", plan.num_layers());
+    if args.check {
+        println!(
+            "no errors: {} tensors{summary}; every layer range lies within its model and every \
+             source holds its tensors with one shape",
+            plan.tensors().count()
+        );
+        return Ok(());
+    }
+    let out = args.out.clone().context("give --out (or --check)")?;
+    let device = runtime::device::parse_device(&args.device)?;
+    let write = WriteOptions {
+        shard_size: args.shard_size,
+        force: args.force,
+    };
+    let report = plan.write(&out, &device, &write, !args.quiet)?;
+    print_merged(&report, &device, &summary);
     Ok(())
 }
 

@@ -27,6 +27,7 @@ mod model_stock;
 mod multislerp;
 mod nearswap;
 mod nuslerp;
+mod passthrough;
 mod sce;
 mod simple_average;
 mod slerp;
@@ -482,6 +483,16 @@ pub static REGISTRY: &[MethodInfo] = &[
         params = nearswap::PARAMS,
         nearswap::build
     ),
+    entry!(
+        "passthrough",
+        "mergekit",
+        Arity::Exactly(1),
+        base = Unused,
+        ordered = false,
+        random = false,
+        params = passthrough::PARAMS,
+        passthrough::build
+    ),
     // Routed: expert i is router output i, and the seed draws the routers.
     entry!(
         "we_moe",
@@ -600,12 +611,6 @@ pub fn build_bounded(
     bounds: &Bounds,
 ) -> Result<(&'static MethodInfo, Box<dyn MergeMethod>)> {
     bounds.check_lists(spec)?;
-    if spec.method == "passthrough" {
-        return Err(MergeError::Unsupported {
-            feature: "merge_method `passthrough`".into(),
-            hint: "layer stacking is not implemented yet; use a weight-merging method".into(),
-        });
-    }
     let info = lookup(&spec.method)?;
     let n = spec.models.len();
     let ok = match info.arity {

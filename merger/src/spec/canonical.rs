@@ -133,6 +133,16 @@ pub fn merge_id(
         .collect()
 }
 
+/// A merge id (hex of the first bytes of SHA-256) of `text`: for merges
+/// whose id also covers what the spec does not hold (a sliced layout, an
+/// output vocabulary).
+pub fn digest(text: &str) -> String {
+    Sha256::digest(text.as_bytes())[..ID_BYTES]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
 /// Serialises `value` with every object's keys sorted and no whitespace,
 /// independently of serde_json's map ordering features.
 pub fn to_canonical_string(value: &Value) -> String {

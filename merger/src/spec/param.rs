@@ -14,6 +14,9 @@ pub struct TensorCtx {
     pub layer: Option<usize>,
     /// Number of layers in the model (max layer index + 1).
     pub num_layers: usize,
+    /// The position along the depth when it is not the layer's place in
+    /// the model: the layer's place in its slice (see [`crate::slices`]).
+    pub at: Option<f64>,
 }
 
 impl TensorCtx {
@@ -23,18 +26,30 @@ impl TensorCtx {
             name: name.to_string(),
             layer: layer_index(name),
             num_layers,
+            at: None,
         }
     }
 
-    /// Position in [0, 1] along the depth of the model, used by gradients:
-    /// layer i of N sits at i/(N−1); tensors before the first layer
-    /// (embeddings) at 0, tensors after the last (final norm, lm_head) at 1.
+    /// The context of `name` at position `t` in [0, 1] of the depth.
+    pub fn at_depth(name: &str, num_layers: usize, t: f64) -> Self {
+        TensorCtx {
+            at: Some(t),
+            ..Self::new(name, num_layers)
+        }
+    }
+
+    /// Position in [0, 1] along the depth of the model, used by gradients,
+    /// as mergekit places it: layer i of N sits at i/(N−1) (the only layer
+    /// of a one-layer model at 1); tensors outside the layers (embeddings,
+    /// final norm, lm_head) at 0, since mergekit plans them with t = 0.
     pub fn depth(&self) -> f64 {
+        if let Some(t) = self.at {
+            return t;
+        }
         match self.layer {
-            Some(_) if self.num_layers <= 1 => 0.0,
+            Some(_) if self.num_layers <= 1 => 1.0,
             Some(i) => i as f64 / (self.num_layers - 1) as f64,
-            None if is_input_side(&self.name) => 0.0,
-            None => 1.0,
+            None => 0.0,
         }
     }
 
@@ -47,7 +62,15 @@ impl TensorCtx {
     }
 }
 
-fn is_input_side(name: &str) -> bool {
+/// Whether a `{filter, value}` entry's filter selects tensor `name`: a
+/// substring of it, or `*` (every tensor), as in mergekit.
+pub fn matches_filter(filter: &str, name: &str) -> bool {
+    filter == "*" || name.contains(filter)
+}
+
+/// Whether a tensor outside the layers sits before them (embeddings), not
+/// after (final norm, lm_head, pooler).
+pub fn is_input_side(name: &str) -> bool {
     name.contains("embed") || name.contains("wte") || name.contains("wpe")
 }
 
@@ -58,6 +81,20 @@ pub fn layer_index(name: &str) -> Option<usize> {
         "layers" | "h" | "blocks" | "layer" => w[1].parse().ok(),
         _ => None,
     })
+}
+
+/// `name` with its layer index (as [`layer_index`] finds it) replaced by
+/// `index`: `model.layers.3.mlp.w` → `model.layers.7.mlp.w`; `None` for a
+/// tensor outside the layers.
+pub fn with_layer_index(name: &str, index: usize) -> Option<String> {
+    let parts: Vec<&str> = name.split('.').collect();
+    let at = parts.windows(2).position(|w| {
+        matches!(w[0], "layers" | "h" | "blocks" | "layer") && w[1].parse::<usize>().is_ok()
+    })?;
+    let index = index.to_string();
+    let mut out: Vec<&str> = parts.clone();
+    out[at + 1] = &index;
+    Some(out.join("."))
 }
 
 /// One `{filter, value}` entry; the entry without a filter is the default.
@@ -137,7 +174,11 @@ impl ParamValue {
             ParamValue::Gradient(g) => Some(interpolate(g, ctx.depth())),
             ParamValue::Filtered(entries) => entries
                 .iter()
-                .find(|e| e.filter.as_deref().is_none_or(|f| ctx.name.contains(f)))
+                .find(|e| {
+                    e.filter
+                        .as_deref()
+                        .is_none_or(|f| matches_filter(f, &ctx.name))
+                })
                 .and_then(|e| e.value.resolve(ctx)),
             ParamValue::Bool(_) | ParamValue::Text(_) | ParamValue::Names(_) => None,
         }
@@ -186,6 +227,37 @@ mod tests {
     }
 
     #[test]
+    fn layer_indices_are_rewritten() {
+        assert_eq!(
+            with_layer_index("model.layers.12.mlp.up_proj.weight", 3).as_deref(),
+            Some("model.layers.3.mlp.up_proj.weight")
+        );
+        assert_eq!(
+            with_layer_index("encoder.layer.0.attention.self.query.bias", 11).as_deref(),
+            Some("encoder.layer.11.attention.self.query.bias")
+        );
+        assert_eq!(with_layer_index("model.norm.weight", 3), None);
+    }
+
+    #[test]
+    fn outside_the_layers_gradients_take_their_first_value() {
+        // mergekit plans embeddings, the final norm and lm_head with t = 0,
+        // the only layer of a one-layer model (or slice) with t = 1, and a
+        // `*` filter matches every tensor.
+        let g = ParamValue::Gradient(vec![0.2, 0.9]);
+        assert_eq!(g.resolve(&TensorCtx::new("lm_head.weight", 4)), Some(0.2));
+        assert_eq!(
+            g.resolve(&TensorCtx::new("model.embed_tokens.weight", 4)),
+            Some(0.2)
+        );
+        assert_eq!(g.resolve(&TensorCtx::new("model.layers.0.w", 1)), Some(0.9));
+        let t = TensorCtx::at_depth("model.layers.5.w", 8, 0.5);
+        assert!((g.resolve(&t).unwrap() - 0.55).abs() < 1e-12);
+        let f: ParamValue = serde_json::from_str(r#"[{"filter": "*", "value": 3}]"#).unwrap();
+        assert_eq!(f.resolve(&TensorCtx::new("anything", 1)), Some(3.0));
+    }
+
+    #[test]
     fn gradient_interpolates_across_layers() {
         // 5 layers, gradient [0, 1]: layer 2 sits at t = 2/4 = 0.5.
         let g = ParamValue::Gradient(vec![0.0, 1.0]);
@@ -198,14 +270,15 @@ mod tests {
         assert!((g.resolve(&TensorCtx::new("model.layers.1.x", 5)).unwrap() - 0.3).abs() < 1e-12);
         // Position 0.375*4 = 1.5 between 0.3 and 0.5 → 0.4 (layer 3 of 9).
         assert!((g.resolve(&TensorCtx::new("model.layers.3.x", 9)).unwrap() - 0.4).abs() < 1e-12);
-        // Embeddings at the start, final norm at the end.
+        // Embeddings and the final norm at t = 0, as mergekit plans them.
+        let g = ParamValue::Gradient(vec![0.25, 1.0]);
         assert_eq!(
             g.resolve(&TensorCtx::new("model.embed_tokens.weight", 5)),
-            Some(0.0)
+            Some(0.25)
         );
         assert_eq!(
             g.resolve(&TensorCtx::new("model.norm.weight", 5)),
-            Some(1.0)
+            Some(0.25)
         );
     }
 

@@ -158,6 +158,16 @@ impl TensorBuf {
         self.view().to_f32_vec()
     }
 
+    /// A buffer of f32 values computed in memory (`values` has the
+    /// shape's element count).
+    pub fn from_f32(shape: Vec<usize>, values: Vec<f32>) -> Self {
+        debug_assert_eq!(shape.iter().product::<usize>(), values.len());
+        TensorBuf {
+            shape,
+            values: Values::F32(values),
+        }
+    }
+
     /// The values as f32 (no copy when stored as f32).
     pub fn into_f32_vec(self) -> Vec<f32> {
         match self.values {
