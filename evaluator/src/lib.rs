@@ -18,7 +18,9 @@
 //!   loading it, merges made in memory;
 //! - [`evaluate`]: one model on a task pool (`fusion eval`);
 //! - [`compare`]: `compare.yaml`, its entries and sweeps expanded into rows,
-//!   and their scoring (`fusion compare`).
+//!   and their scoring (`fusion compare`);
+//! - [`search`]: `search.yaml`, CMA-ES and random search over a merge's
+//!   parameters, scored as `fusion compare` scores a row (`fusion search`).
 
 #![deny(missing_docs)]
 
@@ -31,6 +33,7 @@ pub mod metrics;
 pub mod pool;
 pub mod report;
 pub mod runner;
+pub mod search;
 pub mod source;
 pub mod taskpool;
 pub mod textmodel;

@@ -47,6 +47,14 @@
 //! The third way to write a spec (after the structured and compact forms of
 //! [`crate::spec`]); it lives above the method registry, whose base use
 //! decides where `base_model` goes.
+//!
+//! [`to_yaml`] writes a spec back as mergekit YAML, so that [`from_yaml`]
+//! reads the same merge: the base as `base_model`, listed first among
+//! `models` as mergekit writes it (slerp: its first model), per-model
+//! `weight` and parameters under each model's `parameters`, and every
+//! parameter whose default differs between the dialects written out with
+//! the spec's own default (a FusionBench `task_arithmetic` without λ gets
+//! `scaling_coefficient: 0.3`, not mergekit's 1.0).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -54,6 +62,7 @@ use std::path::Path;
 use serde_yaml_ng::{Mapping, Value};
 
 use crate::error::{MergeError, Result};
+use crate::methods::schema::DefaultValue;
 use crate::methods::{self, BaseUse};
 use crate::slices::{same_model, Slice, SliceSource, SlicedSpec};
 use crate::spec::compact::dtype_name;
@@ -284,6 +293,90 @@ pub fn read(text: &str, path: &Path) -> Result<Config> {
         },
         tokenizer,
     ))
+}
+
+/// Writes `spec` as a mergekit YAML config that [`from_yaml`] reads back
+/// as the same merge (see the module docs). A spec held in a residency
+/// form other than dense, or with a pool prefix, has no mergekit
+/// spelling: [`MergeError::Unsupported`].
+pub fn to_yaml(spec: &MergeSpec) -> Result<String> {
+    if spec.is_delta() {
+        return Err(MergeError::Unsupported {
+            feature: "a `residency` form in mergekit YAML".into(),
+            hint: "mergekit YAML describes dense merges only; write the spec in compact or \
+                   structured form to keep its form"
+                .into(),
+        });
+    }
+    let info = methods::lookup(&spec.method)?;
+    let key = |k: &str| Value::String(k.to_string());
+    let model_entry = |m: &ModelSpec| -> Result<Value> {
+        let mut entry = Mapping::new();
+        entry.insert(key("model"), key(&m.name));
+        let mut params = Mapping::new();
+        if let Some(w) = &m.weight {
+            params.insert(key("weight"), to_value(w)?);
+        }
+        for (k, v) in &m.parameters {
+            params.insert(key(k), to_value(v)?);
+        }
+        if !params.is_empty() {
+            entry.insert(key("parameters"), Value::Mapping(params));
+        }
+        Ok(Value::Mapping(entry))
+    };
+    let mut doc = Mapping::new();
+    doc.insert(key("merge_method"), key(&spec.method));
+    let mut models = Vec::new();
+    if info.name == "slerp" {
+        // The importer's order: `[base_model, other]`, no base.
+        let first = spec.models.first().ok_or_else(|| {
+            MergeError::Spec("slerp needs two models to write as mergekit YAML".into())
+        })?;
+        doc.insert(key("base_model"), key(&first.name));
+        for m in &spec.models {
+            models.push(model_entry(m)?);
+        }
+    } else {
+        if let Some(base) = spec.base.as_ref().filter(|_| info.base != BaseUse::Unused) {
+            doc.insert(key("base_model"), key(base));
+            let mut entry = Mapping::new();
+            entry.insert(key("model"), key(base));
+            models.push(Value::Mapping(entry));
+        }
+        for m in &spec.models {
+            models.push(model_entry(m)?);
+        }
+    }
+    doc.insert(key("models"), Value::Sequence(models));
+    let mut params = Mapping::new();
+    for (k, v) in &spec.parameters {
+        params.insert(key(k), to_value(v)?);
+    }
+    for p in info.params {
+        let given = p.keys().any(|k| spec.parameters.contains_key(k));
+        // Per-model ones too: a global value is every model's default.
+        if let (false, DefaultValue::ByDialect { .. }) = (given, p.default) {
+            let x = p.default.number(spec.dialect).expect("a numeric default");
+            params.insert(key(p.name), to_value(&ParamValue::Number(x))?);
+        }
+    }
+    if !params.is_empty() {
+        doc.insert(key("parameters"), Value::Mapping(params));
+    }
+    if let Some(dtype) = &spec.dtype {
+        doc.insert(key("dtype"), key(dtype));
+    }
+    if let Some(seed) = spec.seed {
+        doc.insert(key("seed"), Value::Number(seed.into()));
+    }
+    serde_yaml_ng::to_string(&Value::Mapping(doc))
+        .map_err(|e| MergeError::Spec(format!("cannot write mergekit YAML: {e}")))
+}
+
+fn to_value(v: &ParamValue) -> Result<Value> {
+    serde_yaml_ng::to_value(v)
+        .map_err(|e| MergeError::Spec(format!("cannot write a parameter as YAML: {e}")))
 }
 
 /// A short description of a YAML value's kind, for messages.
@@ -1176,6 +1269,80 @@ dtype: bfloat16
         )
         .unwrap();
         assert!(spec.parameters.is_empty());
+    }
+
+    /// `to_yaml` then `from_yaml`: the same merge, in the mergekit dialect.
+    fn round_trip(spec: &MergeSpec) -> MergeSpec {
+        let text = to_yaml(spec).unwrap();
+        let back = read(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(back.dialect, Dialect::Mergekit);
+        back
+    }
+
+    #[test]
+    fn written_yaml_reads_back_as_the_same_merge() {
+        // FusionBench task_arithmetic without λ: the YAML spells out 0.3,
+        // which mergekit would otherwise read as 1.0.
+        let mut spec = MergeSpec::new("task_arithmetic", Some("base"), &["a", "b"]);
+        spec.models[0].weight = Some(num(0.25));
+        spec.models[1].weight = Some(ParamValue::Gradient(vec![0.5, 1.0]));
+        let back = round_trip(&spec);
+        assert_eq!(back.base.as_deref(), Some("base"));
+        assert_eq!(back.models, spec.models);
+        assert_eq!(back.parameters["scaling_coefficient"], num(0.3));
+        assert_eq!(back.parameters.len(), 1);
+        // A given λ (under an alias too) is written as given, not doubled.
+        let back = round_trip(&spec.clone().with("lambda", 0.7));
+        assert_eq!(back.parameters.len(), 1);
+        assert_eq!(back.parameters["lambda"], num(0.7));
+
+        let mut ties =
+            MergeSpec::new("ties_merging", Some("base"), &["a", "b"]).with("density", 0.2);
+        ties.models[1].parameters.insert("density".into(), num(0.5));
+        ties.seed = Some(7);
+        ties.dtype = Some("bfloat16".into());
+        let back = round_trip(&ties);
+        assert_eq!(back.models, ties.models);
+        assert_eq!(back.seed, Some(7));
+        assert_eq!(back.dtype.as_deref(), Some("bfloat16"));
+        assert_eq!(back.parameters["density"], num(0.2));
+
+        // A per-model parameter whose default differs (breadcrumbs' density:
+        // 0.9, 1 in mergekit) is written once for every model.
+        let crumbs = MergeSpec::new("breadcrumbs", Some("base"), &["a", "b"]);
+        let back = round_trip(&crumbs);
+        assert_eq!(back.parameters["density"], num(0.9));
+        assert_eq!(back.parameters["scaling_coefficient"], num(0.3));
+
+        let slerp = MergeSpec::new("slerp", None, &["a", "b"]).with("t", 0.3);
+        let back = round_trip(&slerp);
+        assert_eq!(back.base, None);
+        assert_eq!(back.models, slerp.models);
+        let avg = MergeSpec::new("simple_average", None, &["a", "b", "c"]);
+        let text = to_yaml(&avg).unwrap();
+        assert!(!text.contains("base_model"), "{text}");
+        assert_eq!(round_trip(&avg).models, avg.models);
+        // Filter lists survive too.
+        let filtered = MergeSpec::new("task_arithmetic", Some("base"), &["a"]).with_value(
+            "scaling_coefficient",
+            ParamValue::Filtered(vec![
+                FilterEntry {
+                    filter: Some("mlp".into()),
+                    value: num(0.5),
+                },
+                FilterEntry {
+                    filter: None,
+                    value: num(1.0),
+                },
+            ]),
+        );
+        assert_eq!(round_trip(&filtered).parameters, filtered.parameters);
+        let held = MergeSpec::new("task_arithmetic", Some("base"), &["a"])
+            .held_as(crate::spec::Residency::sparse(0.1));
+        assert!(to_yaml(&held)
+            .unwrap_err()
+            .to_string()
+            .contains("residency"));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod generate;
 pub mod merge;
 pub mod methods;
 pub mod moe;
+pub mod search;
 pub mod serve;
 pub mod zoo;
 
