@@ -112,6 +112,9 @@ fn progress_bar(budget: u64, show: bool) -> ProgressBar {
     bar
 }
 
+/// A candidate's per-task results and the seconds they took, or why it failed.
+type Scored = Result<(Vec<TaskResult>, f64)>;
+
 /// What every candidate's scoring shares.
 struct Scoring<'a> {
     cfg: &'a SearchConfig,
@@ -120,7 +123,7 @@ struct Scoring<'a> {
 }
 
 impl Scoring<'_> {
-    fn one(&self, spec: &MergeSpec) -> Result<(Vec<TaskResult>, f64)> {
+    fn one(&self, spec: &MergeSpec) -> Scored {
         let start = Instant::now();
         let wrap = |e: EvalError| EvalError::Row {
             row: compact::to_compact(spec),
@@ -133,13 +136,8 @@ impl Scoring<'_> {
     }
 
     /// Scores `specs` with up to `jobs` threads; results in order.
-    fn all(
-        &self,
-        specs: &[MergeSpec],
-        done: &(dyn Fn(&Result<(Vec<TaskResult>, f64)>) + Sync),
-    ) -> Vec<Result<(Vec<TaskResult>, f64)>> {
-        let slots: Vec<Mutex<Option<Result<(Vec<TaskResult>, f64)>>>> =
-            specs.iter().map(|_| Mutex::new(None)).collect();
+    fn all(&self, specs: &[MergeSpec], done: &(dyn Fn(&Scored) + Sync)) -> Vec<Scored> {
+        let slots: Vec<Mutex<Option<Scored>>> = specs.iter().map(|_| Mutex::new(None)).collect();
         let next = AtomicUsize::new(0);
         let workers = self.cfg.jobs.min(specs.len()).max(1);
         std::thread::scope(|s| {
@@ -201,7 +199,7 @@ pub fn run_search(cfg: &SearchConfig, opts: &SearchOptions) -> Result<SearchOutc
     };
     let bar = progress_bar(cfg.budget as u64, opts.progress);
     let shown_best: Mutex<Option<f64>> = Mutex::new(None);
-    let done = |r: &Result<(Vec<TaskResult>, f64)>| {
+    let done = |r: &Scored| {
         if let Ok((results, _)) = r {
             if let Ok(score) = objective_score(&cfg.objective, results) {
                 let mut best = shown_best.lock().unwrap_or_else(|p| p.into_inner());
