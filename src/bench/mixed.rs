@@ -61,6 +61,8 @@ pub struct MixedArgs<'a> {
     pub vector_rank: u64,
     /// Density of the sparse form.
     pub density: f64,
+    /// The servers' `max_batch_tokens` (the gateway's default when `None`).
+    pub max_batch_tokens: Option<usize>,
 }
 
 /// Writes `base` and `e1..e4`: base + a rank-8 delta per matrix (entries
@@ -181,8 +183,11 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
     for (label, ta, ties) in &forms {
         let merges = merge_names(n, ta, ties);
         let cache = model_bytes * (n as u64 + 2);
+        let step = args
+            .max_batch_tokens
+            .map_or(String::new(), |t| format!(", max_batch_tokens: {t}"));
         let yaml = format!(
-            "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_running_sequences: {s}, queue_depth: 1024}}}}\n\
+            "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_running_sequences: {s}, queue_depth: 1024{step}}}}}\n\
              cache: {{max_bytes: {cache}}}\nmerge: {{max_concurrent: 1, max_wait: 600s}}\n",
             s = 4 * n
         );

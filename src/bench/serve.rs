@@ -92,6 +92,14 @@ pub struct ServeBenchArgs {
     /// Runs part 4 only.
     #[arg(long)]
     mixed_only: bool,
+    /// Runs part 3 only (decoding to 1..16 clients), skipping the
+    /// cache-hit latency and the merge throughput.
+    #[arg(long, conflicts_with = "mixed_only")]
+    decode_only: bool,
+    /// The servers' `server.limits.max_batch_tokens` (tokens of one step);
+    /// default: the gateway's.
+    #[arg(long)]
+    max_batch_tokens: Option<usize>,
 }
 
 /// Names of the random pool's experts.
@@ -194,7 +202,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
     if !args.mixed_only {
         run_single(&args)?;
     }
-    if args.mixed_merges > 0 {
+    if args.mixed_merges > 0 && !args.decode_only {
         let mut work = args.work.clone().into_os_string();
         work.push(format!("-lowrank-h{}-l{}", args.hidden, args.layers));
         super::mixed::run(&super::mixed::MixedArgs {
@@ -207,6 +215,7 @@ pub fn run(args: ServeBenchArgs) -> anyhow::Result<()> {
             rank: args.mixed_rank,
             vector_rank: args.mixed_vector_rank,
             density: args.mixed_density,
+            max_batch_tokens: args.max_batch_tokens,
         })?;
     }
     Ok(())
@@ -258,8 +267,11 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
         .collect();
     // Room for two models, not three.
     let cache = model_bytes * 5 / 2;
+    let step = args
+        .max_batch_tokens
+        .map_or(String::new(), |t| format!(", max_batch_tokens: {t}"));
     let yaml = format!(
-        "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_concurrent_generations: {c}, queue_depth: 1024}}}}\n\
+        "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_concurrent_generations: {c}, queue_depth: 1024{step}}}}}\n\
          cache: {{max_bytes: {cache}}}\nmerge: {{max_concurrent: 1, max_wait: 120s}}\n",
         c = args.clients
     );
@@ -275,6 +287,13 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
         model_bytes as f64 / 1e6,
         cache as f64 / 1e6,
     );
+
+    let rt = tokio::runtime::Runtime::new()?;
+    if args.decode_only {
+        decode_sweep(args, &server, &rt, pool_name, &pool.base)?;
+        server.stop();
+        return Ok(());
+    }
 
     // 1. Cache-hit latency against the in-process call.
     let http = reqwest::blocking::Client::new();
@@ -296,7 +315,6 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
         .to_str()?
         .to_string();
     drop(warm);
-    let rt = tokio::runtime::Runtime::new()?;
     let served = rt
         .block_on(server.state().models.resident(&id))
         .context("the merge is not resident")?;

@@ -11,8 +11,12 @@
 //! once more and dominates (candle's product of 8 rows by a 2304 × 768
 //! weight takes 6× its 1-row time on this machine). Here every weight row
 //! is streamed once from memory and multiplied with all `m` input rows
-//! while it sits in L1: register tiles of 2 weight rows × 4 input rows,
-//! 8 lanes wide (AVX2 + FMA), threads splitting the output features.
+//! while it sits in L1: register tiles of 3 weight rows × 4 input rows
+//! (12 accumulators, the 3 weight vectors held, each input vector loaded
+//! once for its 3 products), 8 lanes wide (AVX2 + FMA), threads splitting
+//! the output features. On the 2-core development machine that tile runs
+//! a 92M-parameter decoding step's products of 8 rows in some 20 % less
+//! time than 2 × 4 tiles did (24–27 against 31–34 ms).
 //!
 //! **Batch invariance.** Each `y[r, j]` is summed in one fixed order (8
 //! lane partial sums over `k ≡ l mod 8`, added pairwise, then the `k`
@@ -34,8 +38,9 @@ use super::host_terms::Host;
 /// many rows and wins.
 pub(crate) const MAX_ROWS: usize = 16;
 
-/// Output features per task handed to a thread.
-const CHUNK: usize = 64;
+/// Output features per task handed to a thread (a multiple of the tile's
+/// 3 weight rows).
+const CHUNK: usize = 66;
 
 /// `x Wᵀ` for `x` of shape `(.., in)` with at most [`MAX_ROWS`] rows and
 /// `w` of shape `(out, in)`, or `None` when this path does not apply.
@@ -111,7 +116,7 @@ fn transposed_product(x: &[f32], m: usize, w: &[f32], out: usize, inp: usize) ->
 mod avx2 {
     use std::arch::x86_64::*;
 
-    const TW: usize = 2;
+    const TW: usize = 3;
     const TX: usize = 4;
 
     /// `yt[j * m + r] = Σ_k x[r, k] w[j, k]` for the `rows` weight rows of
@@ -127,35 +132,48 @@ mod avx2 {
     ) {
         let mut j = 0;
         while j + TW <= rows {
-            let ws: [&[f32]; TW] = std::array::from_fn(|t| &w[(j + t) * inp..(j + t + 1) * inp]);
-            let mut r = 0;
-            while r + TX <= m {
-                let xs: [&[f32]; TX] =
-                    std::array::from_fn(|b| &x[(r + b) * inp..(r + b + 1) * inp]);
-                let sums = tile::<TW, TX>(ws, xs, inp);
-                for (t, s) in sums.iter().enumerate() {
-                    for (b, v) in s.iter().enumerate() {
-                        yt[(j + t) * m + r + b] = *v;
-                    }
-                }
-                r += TX;
-            }
-            while r < m {
-                let sums = tile::<TW, 1>(ws, [&x[r * inp..(r + 1) * inp]], inp);
-                for (t, s) in sums.iter().enumerate() {
-                    yt[(j + t) * m + r] = s[0];
-                }
-                r += 1;
-            }
+            strip::<TW>(
+                x,
+                m,
+                &w[j * inp..(j + TW) * inp],
+                inp,
+                &mut yt[j * m..(j + TW) * m],
+            );
             j += TW;
         }
         while j < rows {
-            let wj = [&w[j * inp..(j + 1) * inp]];
-            for r in 0..m {
-                let sums = tile::<1, 1>(wj, [&x[r * inp..(r + 1) * inp]], inp);
-                yt[j * m + r] = sums[0][0];
-            }
+            strip::<1>(
+                x,
+                m,
+                &w[j * inp..(j + 1) * inp],
+                inp,
+                &mut yt[j * m..(j + 1) * m],
+            );
             j += 1;
+        }
+    }
+
+    /// [`block`] for the `W` weight rows of `w`: every input row, `TX` at a
+    /// time.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn strip<const W: usize>(x: &[f32], m: usize, w: &[f32], inp: usize, yt: &mut [f32]) {
+        let ws: [&[f32]; W] = std::array::from_fn(|t| &w[t * inp..(t + 1) * inp]);
+        let mut r = 0;
+        while r + TX <= m {
+            let xs: [&[f32]; TX] = std::array::from_fn(|b| &x[(r + b) * inp..(r + b + 1) * inp]);
+            let sums = tile::<W, TX>(ws, xs, inp);
+            for (t, s) in sums.iter().enumerate() {
+                yt[t * m + r..t * m + r + TX].copy_from_slice(s);
+            }
+            r += TX;
+        }
+        while r < m {
+            let sums = tile::<W, 1>(ws, [&x[r * inp..(r + 1) * inp]], inp);
+            for (t, s) in sums.iter().enumerate() {
+                yt[t * m + r] = s[0];
+            }
+            r += 1;
         }
     }
 
@@ -172,14 +190,14 @@ mod avx2 {
         let full = inp / 8 * 8;
         let mut k = 0;
         while k < full {
-            let mut xv = [_mm256_setzero_ps(); X];
-            for b in 0..X {
-                xv[b] = _mm256_loadu_ps(xs[b].as_ptr().add(k));
-            }
+            let mut wv = [_mm256_setzero_ps(); W];
             for a in 0..W {
-                let wv = _mm256_loadu_ps(ws[a].as_ptr().add(k));
-                for b in 0..X {
-                    acc[a][b] = _mm256_fmadd_ps(wv, xv[b], acc[a][b]);
+                wv[a] = _mm256_loadu_ps(ws[a].as_ptr().add(k));
+            }
+            for b in 0..X {
+                let xv = _mm256_loadu_ps(xs[b].as_ptr().add(k));
+                for a in 0..W {
+                    acc[a][b] = _mm256_fmadd_ps(wv[a], xv, acc[a][b]);
                 }
             }
             k += 8;
