@@ -183,9 +183,7 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
     for (label, ta, ties) in &forms {
         let merges = merge_names(n, ta, ties);
         let cache = model_bytes * (n as u64 + 2);
-        let step = args
-            .max_batch_tokens
-            .map_or(String::new(), |t| format!(", max_batch_tokens: {t}"));
+        let step = super::serve::step_limit(args.max_batch_tokens);
         let yaml = format!(
             "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_running_sequences: {s}, queue_depth: 1024{step}}}}}\n\
              cache: {{max_bytes: {cache}}}\nmerge: {{max_concurrent: 1, max_wait: 600s}}\n",

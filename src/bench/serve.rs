@@ -193,6 +193,12 @@ pub(super) fn summary(mut ms: Vec<f64>) -> (f64, f64) {
     (percentile(&ms, 0.5), percentile(&ms, 0.99))
 }
 
+/// The `max_batch_tokens` entry of a bench server's `limits` (with its
+/// leading comma), or nothing for the gateway's default.
+pub(super) fn step_limit(max_batch_tokens: Option<usize>) -> String {
+    max_batch_tokens.map_or(String::new(), |t| format!(", max_batch_tokens: {t}"))
+}
+
 fn completion_body(model: &str) -> serde_json::Value {
     json!({"model": model, "prompt": "2+3=", "max_tokens": 1, "temperature": 0})
 }
@@ -267,9 +273,7 @@ fn run_single(args: &ServeBenchArgs) -> anyhow::Result<()> {
         .collect();
     // Room for two models, not three.
     let cache = model_bytes * 5 / 2;
-    let step = args
-        .max_batch_tokens
-        .map_or(String::new(), |t| format!(", max_batch_tokens: {t}"));
+    let step = step_limit(args.max_batch_tokens);
     let yaml = format!(
         "device: cpu\nserver: {{bind: '127.0.0.1:0', limits: {{max_concurrent_generations: {c}, queue_depth: 1024{step}}}}}\n\
          cache: {{max_bytes: {cache}}}\nmerge: {{max_concurrent: 1, max_wait: 120s}}\n",
