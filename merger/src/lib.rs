@@ -76,6 +76,7 @@ pub mod moe;
 pub mod plan;
 pub mod preflight;
 pub mod residency;
+pub mod retrieval;
 pub mod select;
 pub mod slices;
 pub mod spec;

@@ -413,6 +413,29 @@ impl MergePlan {
         })
     }
 
+    /// The id every task view of a per-task retrieval merge shares (its
+    /// unified vector's): the merge's id with `task` and the residency
+    /// left out.
+    pub fn unified_id(&self) -> Result<String> {
+        let mut spec = self.spec.clone();
+        spec.parameters.remove("task");
+        spec.task = None;
+        spec.residency = None;
+        let fingerprints: Vec<(String, String)> = self
+            .base
+            .iter()
+            .chain(self.experts.iter())
+            .map(|c| Ok((c.name().to_string(), c.fingerprint()?.to_string())))
+            .collect::<Result<_>>()?;
+        Ok(self.info.merge_id(&spec, &fingerprints))
+    }
+
+    /// Whether the method is a per-task retrieval merge (its views can be
+    /// held `masked`).
+    pub fn is_retrieval(&self) -> bool {
+        self.method.retrieval().is_some()
+    }
+
     /// The token that cancels [`MergePlan::execute`] (checked between
     /// tensors, and by methods that loop long on one tensor); a clone
     /// cancels it from another thread.
@@ -607,6 +630,39 @@ impl MergePlan {
             output_bytes: self.output_bytes(),
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+}
+
+impl MergePlan {
+    /// Prepares the method (its model-wide pass), then calls `f` on every
+    /// tensor's inputs with the prepared method (in parallel, largest
+    /// first); what `f` returns, by tensor name. What a per-task retrieval
+    /// merge is split into its unified vector and masks with
+    /// ([`crate::retrieval`]).
+    pub fn scan_prepared<R: Send>(
+        &mut self,
+        device: &Device,
+        f: &(dyn Fn(&TensorInputs, &dyn MergeMethod) -> Result<R> + Sync),
+    ) -> Result<Vec<(String, R)>> {
+        self.cancel.check()?;
+        let mut method = std::mem::replace(&mut self.method, Box::new(Unprepared));
+        let prepared = method.prepare(&PlanScan {
+            plan: self,
+            device,
+            keeps_outputs: false,
+        });
+        self.method = method;
+        prepared?;
+        self.schedule()
+            .into_par_iter()
+            .map(|i| -> Result<(String, R)> {
+                self.cancel.check()?;
+                let t = &self.tensors[i];
+                let read = self.read(t)?;
+                let inputs = self.inputs(t, &read, device);
+                Ok((t.name.clone(), f(&inputs, self.method.as_ref())?))
+            })
+            .collect()
     }
 }
 

@@ -290,6 +290,7 @@ pub fn read(text: &str, path: &Path) -> Result<Config> {
             dtype: out_dtype.or(dtype),
             dialect: Dialect::Mergekit,
             residency: None,
+            task: None,
         },
         tokenizer,
     ))

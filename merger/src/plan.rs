@@ -144,7 +144,8 @@ impl Plan {
     /// Validates `spec`: the method, the model count, the base and every
     /// parameter, those that scale the work (and every list of the spec)
     /// against `bounds`. No checkpoint is opened.
-    pub fn with_bounds(spec: MergeSpec, bounds: &Bounds) -> Result<Plan> {
+    pub fn with_bounds(mut spec: MergeSpec, bounds: &Bounds) -> Result<Plan> {
+        spec.fold_task()?;
         let kind = methods::lookup(&spec.method).map(|info| &info.kind);
         if spec.is_delta() && matches!(kind, Ok(k) if !matches!(k, MethodKind::Tensorwise(_))) {
             return Err(MergeError::Unsupported {
@@ -223,6 +224,12 @@ impl Plan {
 }
 
 impl Tensorwise {
+    /// Whether the method is a per-task retrieval merge (`tall_masks`,
+    /// `emr_merging`), whose task views can be held `masked`.
+    pub fn is_retrieval(&self) -> bool {
+        self.method.retrieval().is_some()
+    }
+
     /// The validated spec.
     pub fn spec(&self) -> &MergeSpec {
         &self.spec
@@ -277,6 +284,11 @@ impl Tensorwise {
         if let Some(r) = residency.as_ref().filter(|r| r.is_combination()) {
             // Nothing to merge: the task vectors and the coefficients.
             let (servable, report) = held_as_combination(&plan, r, &opts, run.cancel)?;
+            return Ok((servable, Some(report)));
+        }
+        if residency.as_ref().is_some_and(|r| r.is_masked()) {
+            // The unified vector, then this task's mask over it.
+            let (servable, report) = held_as_masked(&mut plan, &opts)?;
             return Ok((servable, Some(report)));
         }
         let progress = Progress::new(plan.tensors().len(), plan.info().name, run.progress);
@@ -524,6 +536,21 @@ fn decoder_of(base: &Servable) -> Result<(&runtime::model::Model, u64, PathBuf)>
     Ok((model, base.resident_bytes, base.side_files.clone()))
 }
 
+/// A task view of a per-task retrieval merge held as its mask over the
+/// merge's unified vector, both over the reference
+/// ([`crate::retrieval`]); the report's `shared_bytes` are U's.
+fn held_as_masked(
+    plan: &mut MergePlan,
+    opts: &ModelOptions,
+) -> Result<(Servable, ResidencyReport)> {
+    let base = crate::load::load_checkpoint(plan.reference(), opts)?;
+    let (model, base_bytes, side_files) = decoder_of(&base)?;
+    let unified = crate::retrieval::unified(plan, model.dtype(), &opts.device)?;
+    let view = crate::retrieval::view(plan, &unified.delta)?;
+    let held = runtime::model::Model::with_delta(model, std::sync::Arc::new(view.delta))?;
+    Ok((Servable::held(held, base_bytes, side_files), view.report))
+}
+
 /// A merge that is `Σ_k c_k θ_k` (Σ c_k = 1) held as `Σ_k c_k τ̂_k` over
 /// its reference: each checkpoint's task vector τ_k = θ_k − θ_ref
 /// compressed as the residency's `vectors` (the reference's own is zero
@@ -729,6 +756,47 @@ mod tests {
             &logits(built.decoder().unwrap(), &ids),
         );
         assert!(d < 1e-4, "{d}");
+    }
+
+    #[test]
+    fn a_masked_task_view_serves_the_views_logits_for_its_bits() {
+        use crate::spec::residency::{Form, Residency};
+        use crate::spec::ParamValue;
+        let p = pool(3, false, 0.05, DType::F32);
+        let open = |name: &str| p.open(name);
+        let cancel = Cancel::new();
+        let run = cpu_run(&open, &cancel);
+        let ids = random_ids(2, 6, 48, 3);
+        for method in ["emr_merging", "tall_masks"] {
+            for t in 0..2 {
+                let mut spec = p.spec(method);
+                let task = spec.models[t].name.clone();
+                spec = spec.with_value("task", ParamValue::Text(task));
+                let dense = Plan::new(spec.clone()).unwrap().build(&run).unwrap();
+                let (built, report) = reported(spec.held_as(Residency::masked()), &run);
+                assert_eq!(report.form, Form::Masked);
+                let shared = report.shared_bytes.expect("U is shared");
+                // One bit per entry (in words) and 8 bytes of scale per
+                // tensor, against U's 4 bytes per entry.
+                assert!(
+                    report.bytes * 16 < shared,
+                    "{method}: {} vs {shared}",
+                    report.bytes
+                );
+                assert!(shared <= report.dense_bytes);
+                let d = max_diff(
+                    &logits(dense.decoder().unwrap(), &ids),
+                    &logits(built.decoder().unwrap(), &ids),
+                );
+                assert!(d < 1e-4, "{method} task {t}: {d}");
+            }
+        }
+        // Only a retrieval merge has task views.
+        let err = Plan::new(p.spec("task_arithmetic").held_as(Residency::masked()))
+            .map(|_| ())
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("form `masked`"), "{err}");
     }
 
     #[test]

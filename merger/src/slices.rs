@@ -241,6 +241,7 @@ impl SlicedSpec {
             dtype: self.dtype.clone(),
             dialect: Dialect::Mergekit,
             residency: None,
+            task: None,
         };
         Ok((spec, starts))
     }

@@ -15,6 +15,7 @@ mod arcee_fusion;
 mod breadcrumbs;
 mod dare;
 mod della;
+mod emr_merging;
 mod expo;
 mod iso;
 mod karcher;
@@ -28,9 +29,11 @@ mod multislerp;
 mod nearswap;
 mod nuslerp;
 mod passthrough;
+pub mod retrieval;
 mod sce;
 mod simple_average;
 mod slerp;
+mod tall_masks;
 mod task_arithmetic;
 mod task_vectors;
 mod ties;
@@ -81,6 +84,14 @@ pub trait MergeMethod: Send + Sync {
     /// vectors (form `combination`). `None` (the default) for every other
     /// method, and for per-tensor (gradient or filtered) parameters.
     fn affine_coefficients(&self, _experts: usize) -> Option<(f64, Vec<f64>)> {
+        None
+    }
+
+    /// A per-task retrieval merge's unified vector, masks and scales
+    /// (`tall_masks`, `emr_merging`): what holds its views as masks over
+    /// one shared vector (form `masked`). `None` (the default) for every
+    /// other method.
+    fn retrieval(&self) -> Option<&dyn retrieval::Retrieval> {
         None
     }
 }
@@ -290,6 +301,26 @@ pub static REGISTRY: &[MethodInfo] = &[
         random = false,
         params = magmax::PARAMS,
         magmax::build
+    ),
+    entry!(
+        "tall_masks",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = tall_masks::PARAMS,
+        tall_masks::build
+    ),
+    entry!(
+        "emr_merging",
+        "FusionBench",
+        Arity::AtLeast(1),
+        base = Required,
+        ordered = false,
+        random = false,
+        params = emr_merging::PARAMS,
+        emr_merging::build
     ),
     entry!(
         "model_stock",
@@ -658,6 +689,14 @@ pub fn build_bounded(
                 .into(),
         });
     }
+    if spec.residency.as_ref().is_some_and(|r| r.is_masked()) && method.retrieval().is_none() {
+        return Err(MergeError::Unsupported {
+            feature: format!("form `masked` for `{}`", info.name),
+            hint: "a masked view is one task of a per-task retrieval merge (tall_masks, \
+                   emr_merging); hold other merges as `lowrank`, `sparse` or `combination`"
+                .into(),
+        });
+    }
     Ok((info, method))
 }
 
@@ -684,6 +723,7 @@ mod declared {
             (Type::Choice(options), _) => ParamValue::Text(options[0].into()),
             (Type::Names, _) => ParamValue::Names(vec!["model.embed_tokens.weight".into()]),
             (Type::Checkpoint, _) => ParamValue::Text("trained".into()),
+            (Type::Expert, _) => ParamValue::Text("m0".into()),
             (_, d) => ParamValue::Number(
                 d.number(Dialect::Fusionbench)
                     .unwrap_or_else(|| p.range.sample()),

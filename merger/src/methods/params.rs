@@ -359,6 +359,46 @@ impl<'a> Params<'a> {
         }
     }
 
+    /// A global parameter naming one of the spec's models: its position in
+    /// spec order (`None` when left out). A name that is no model of the
+    /// merge is refused, listing the models.
+    pub fn expert(&mut self, p: &Param) -> Result<Option<usize>> {
+        self.declared(p, |t| t == Type::Expert)?;
+        let names = self.model_names();
+        match self.global(p) {
+            None => Ok(None),
+            Some((k, ParamValue::Text(s))) => match names.iter().position(|n| *n == s) {
+                Some(i) => Ok(Some(i)),
+                None => Err(MergeError::BadParameter {
+                    param: k,
+                    reason: format!(
+                        "`{s}` is not one of the merge's models ({})",
+                        names.join(", ")
+                    ),
+                }),
+            },
+            Some((k, v)) => Err(MergeError::BadParameter {
+                param: k,
+                reason: format!(
+                    "expected the name of one of the merge's models ({}), got {}",
+                    names.join(", "),
+                    v.kind()
+                ),
+            }),
+        }
+    }
+
+    /// A required [`Params::expert`] (declared with [`DefaultValue::Unset`]):
+    /// the model's position, or, when the spec leaves it out, 0 and an
+    /// error from [`Params::finish`] naming it and the models.
+    pub fn required_expert(&mut self, p: &'static Param) -> Result<usize> {
+        let found = self.expert(p)?;
+        if found.is_none() {
+            self.missing.push(p);
+        }
+        Ok(found.unwrap_or(0))
+    }
+
     /// A per-model numeric parameter: the model's own value (`weight` also
     /// from `ModelSpec::weight`), else the global one, else the declared
     /// default; every value checked against the declared range.
@@ -431,7 +471,16 @@ impl<'a> Params<'a> {
         match self.missing.first() {
             Some(p) => Err(MergeError::BadParameter {
                 param: p.name.to_string(),
-                reason: format!("`{}` requires it: {}", self.method, p.doc),
+                reason: match p.ty {
+                    Type::Expert => format!(
+                        "`{}` requires it: {}; write `{}=NAME` with NAME one of {}",
+                        self.method,
+                        p.doc,
+                        p.name,
+                        self.model_names().join(", ")
+                    ),
+                    _ => format!("`{}` requires it: {}", self.method, p.doc),
+                },
             }),
             None => Ok(()),
         }

@@ -37,6 +37,8 @@ pub enum Type {
     Names,
     /// The name of a registered checkpoint.
     Checkpoint,
+    /// The name of one of the merge's models (a per-task view's task).
+    Expert,
 }
 
 impl Type {
@@ -50,6 +52,7 @@ impl Type {
             Type::Choice(options) => options.join(" | "),
             Type::Names => "list of names".into(),
             Type::Checkpoint => "checkpoint".into(),
+            Type::Expert => "model name".into(),
         }
     }
 
@@ -63,6 +66,7 @@ impl Type {
             Type::Choice(_) => "choice",
             Type::Names => "names",
             Type::Checkpoint => "checkpoint",
+            Type::Expert => "expert",
         }
     }
 }
@@ -313,7 +317,9 @@ impl Param {
             Type::Number | Type::Scalar => self.range.describe(),
             Type::Integer if self.range == Range::NON_NEGATIVE => "integer ≥ 0".into(),
             Type::Integer => format!("integer {}", self.range.describe()),
-            Type::Bool | Type::Choice(_) | Type::Names | Type::Checkpoint => "–".into(),
+            Type::Bool | Type::Choice(_) | Type::Names | Type::Checkpoint | Type::Expert => {
+                "–".into()
+            }
         };
         if let Some(work) = self.work {
             text.push_str(&format!(", bounded ({})", work.unit()));

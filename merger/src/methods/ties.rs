@@ -671,8 +671,14 @@ impl MergeMethod for TiesMerging {
 
 /// Builds FusionBench's `ties_merging`.
 pub fn build_fusionbench(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
-    let ties = FbTies::from_params(p)?;
     let lambda = p.number(&LAMBDA)?;
+    build_scaled(p, lambda)
+}
+
+/// `ties_merging` with its λ given by the caller (a method that merges on
+/// top of TIES and declares its own scale: `tall_masks`).
+pub(crate) fn build_scaled(p: &mut Params, lambda: Num) -> Result<Box<dyn MergeMethod>> {
+    let ties = FbTies::from_params(p)?;
     Ok(Box::new(TiesMerging { ties, lambda }))
 }
 

@@ -63,7 +63,14 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
         "models".into(),
         Value::Array(models.into_iter().map(|(_, v)| v).collect()),
     );
-    obj.insert("parameters".into(), params_json(&spec.parameters));
+    // A structured `task` is the parameter `task` ([`MergeSpec::fold_task`]).
+    let mut parameters = spec.parameters.clone();
+    if let Some(task) = &spec.task {
+        parameters
+            .entry("task".into())
+            .or_insert_with(|| ParamValue::Text(task.clone()));
+    }
+    obj.insert("parameters".into(), params_json(&parameters));
     if random {
         obj.insert("seed".into(), Value::Number(spec.seed.unwrap_or(0).into()));
     }
@@ -94,7 +101,7 @@ pub fn canonical_json(spec: &MergeSpec, order_matters: bool, random: bool) -> Va
             Form::Sparse => {
                 form.insert("density".into(), number(r.density()));
             }
-            Form::Dense | Form::Combination => {}
+            Form::Dense | Form::Combination | Form::Masked => {}
         }
         obj.insert("residency".into(), Value::Object(form));
     }

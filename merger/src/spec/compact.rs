@@ -145,7 +145,7 @@ fn model_to_compact(m: &ModelSpec) -> String {
     s
 }
 
-fn value_to_compact(v: &ParamValue) -> String {
+pub(crate) fn value_to_compact(v: &ParamValue) -> String {
     // `{}` on f64 writes the shortest decimal that reads back to the same
     // number, without an exponent, so numbers survive the round trip.
     match v {
@@ -307,6 +307,7 @@ impl<'a> Parser<'a> {
             dtype: None,
             dialect: Dialect::Fusionbench,
             residency: None,
+            task: None,
         };
         if matches!(self.peek(), Some(')' | ';')) {
             return Err(self.error_at(self.pos, "empty model list"));

@@ -87,6 +87,11 @@ pub struct MergeSpec {
     /// part of the merge id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub residency: Option<Residency>,
+    /// The task whose view a per-task retrieval merge is (`tall_masks`,
+    /// `emr_merging`): the structured spelling of the parameter `task`,
+    /// which validation moves there ([`MergeSpec::fold_task`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<String>,
 }
 
 impl MergeSpec {
@@ -102,6 +107,30 @@ impl MergeSpec {
             dtype: None,
             dialect: Dialect::Fusionbench,
             residency: None,
+            task: None,
+        }
+    }
+
+    /// Moves `task` into the parameters (where the methods read it); a
+    /// different `task` in both places is refused.
+    pub fn fold_task(&mut self) -> crate::error::Result<()> {
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        match self.parameters.get("task") {
+            Some(ParamValue::Text(t)) if *t == task => Ok(()),
+            Some(other) => Err(crate::error::MergeError::BadParameter {
+                param: "task".into(),
+                reason: format!(
+                    "given twice, as `task: {task}` and as the parameter `task={}`",
+                    crate::spec::compact::value_to_compact(other)
+                ),
+            }),
+            None => {
+                self.parameters
+                    .insert("task".into(), ParamValue::Text(task));
+                Ok(())
+            }
         }
     }
 

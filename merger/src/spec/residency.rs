@@ -41,6 +41,10 @@ pub enum Form {
     /// merges only: task_arithmetic, simple_average, weighted_average,
     /// linear).
     Combination,
+    /// A task's view of a per-task retrieval merge (`tall_masks`,
+    /// `emr_merging`): its mask's bits and its scale over the merge's
+    /// unified task vector, held once for every task.
+    Masked,
 }
 
 impl Form {
@@ -51,6 +55,7 @@ impl Form {
             Form::Lowrank => "lowrank",
             Form::Sparse => "sparse",
             Form::Combination => "combination",
+            Form::Masked => "masked",
         }
     }
 
@@ -61,6 +66,7 @@ impl Form {
             "lowrank" | "low_rank" => Some(Form::Lowrank),
             "sparse" => Some(Form::Sparse),
             "combination" => Some(Form::Combination),
+            "masked" => Some(Form::Masked),
             _ => None,
         }
     }
@@ -157,6 +163,19 @@ impl Residency {
     /// Whether the merge is held as coefficients over shared task vectors.
     pub fn is_combination(&self) -> bool {
         self.form == Form::Combination
+    }
+
+    /// A task's view held as a mask over its merge's shared unified vector.
+    pub fn masked() -> Self {
+        Residency {
+            form: Form::Masked,
+            ..Self::dense()
+        }
+    }
+
+    /// Whether the merge is a task's mask over a shared unified vector.
+    pub fn is_masked(&self) -> bool {
+        self.form == Form::Masked
     }
 
     /// The form the parameters shape: the task vectors' for a combination

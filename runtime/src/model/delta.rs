@@ -12,7 +12,13 @@
 //!   low rank: ΔW ≈ U V, U (out, r), V (r, in):   (x Vᵀ) Uᵀ
 //!   sparse:   ΔW ≈ Σ_k v_k e_{r_k} e_{c_k}ᵀ:      y[:, r_k] += v_k x[:, c_k]
 //!   linear combination of task vectors τ_i:      Σ_i λ_i (x τ_iᵀ)
+//!   masked view of a shared U, ΔW = s (m ⊙ U):   s · x (m ⊙ U)ᵀ
 //! ```
+//!
+//! A masked view (a task of a per-task retrieval merge) holds one bit per
+//! entry and its scale; U is shared by every task's view of the merge. Its
+//! term costs a dense product: the host pass reads U and the bits in place
+//! ([`super::host_terms`]), the tensor path expands m ⊙ U for the layer.
 //!
 //! The embedding adds its delta's rows for the sequence's token ids; 1-D
 //! tensors (RMS norm scales, biases) are held dense and added to the base's.
@@ -21,6 +27,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
+
+use super::mask::BitMask;
 
 /// Most elements of the intermediate `(rows, nnz)` product a sparse term
 /// materialises at once (16 Mi f32 = 64 MiB); more entries are taken in
@@ -55,6 +63,17 @@ pub enum TensorDelta {
         shape: (usize, usize),
         /// Host offsets of each row's entries (CSR), `out + 1` of them.
         row_ptr: Vec<u32>,
+    },
+    /// A task's view ΔW = s (m ⊙ U) of a unified delta U shared by every
+    /// task's view (resident once, counted where it is held).
+    Masked {
+        /// U, any shape, contiguous, in the compute dtype (a clone shares
+        /// its storage).
+        unified: Tensor,
+        /// m, one bit per entry of U in storage order.
+        mask: BitMask,
+        /// s.
+        scale: f64,
     },
 }
 
@@ -114,12 +133,30 @@ impl TensorDelta {
         })
     }
 
+    /// A masked view s (m ⊙ U) of the shared `unified` U.
+    pub fn masked(unified: &Tensor, mask: BitMask, scale: f64) -> Result<Self> {
+        if mask.len() != unified.elem_count() {
+            candle_core::bail!(
+                "a mask of {} entries over a unified delta of {} ({:?})",
+                mask.len(),
+                unified.elem_count(),
+                unified.dims()
+            );
+        }
+        Ok(TensorDelta::Masked {
+            unified: unified.contiguous()?,
+            mask,
+            scale,
+        })
+    }
+
     /// The shape of ΔW.
     pub fn dims(&self) -> Result<Vec<usize>> {
         Ok(match self {
             TensorDelta::Dense(d) => d.dims().to_vec(),
             TensorDelta::LowRank { ut, vt, .. } => vec![ut.dim(1)?, vt.dim(0)?],
             TensorDelta::Sparse { shape, .. } => vec![shape.0, shape.1],
+            TensorDelta::Masked { unified, .. } => unified.dims().to_vec(),
         })
     }
 
@@ -136,6 +173,18 @@ impl TensorDelta {
                 row_ptr,
                 ..
             } => t(rows) + t(cols) + t(values) + 4 * row_ptr.len() as u64,
+            // U is the merge's, shared: the view holds its bits and scale.
+            TensorDelta::Masked { mask, .. } => mask.bytes() + 8,
+        }
+    }
+
+    /// Bytes of the shared tensor a masked view reads (0 for the others).
+    pub fn shared_bytes(&self) -> u64 {
+        match self {
+            TensorDelta::Masked { unified, .. } => {
+                (unified.elem_count() * unified.dtype().size_in_bytes()) as u64
+            }
+            _ => 0,
         }
     }
 
@@ -164,6 +213,16 @@ impl TensorDelta {
                     .index_add(&flat, values, 0)?
                     .reshape((out, inp))
             }
+            TensorDelta::Masked {
+                unified,
+                mask,
+                scale,
+            } => {
+                let m = Tensor::from_vec(mask.to_f32(0, mask.len()), unified.dims(), &Device::Cpu)?
+                    .to_device(unified.device())?
+                    .to_dtype(unified.dtype())?;
+                (m * unified)? * *scale
+            }
         }
     }
 
@@ -175,6 +234,7 @@ impl TensorDelta {
         let x2 = x.reshape((n, inp))?;
         let y = match self {
             TensorDelta::Dense(d) => x2.matmul(&d.t()?)?,
+            TensorDelta::Masked { .. } => x2.matmul(&self.to_dense()?.t()?)?,
             TensorDelta::LowRank { ut, vt, .. } => x2.matmul(vt)?.matmul(ut)?,
             TensorDelta::Sparse {
                 rows,
@@ -209,6 +269,21 @@ impl TensorDelta {
     pub fn rows_of(&self, ids: &[u32], device: &Device) -> Result<Tensor> {
         match self {
             TensorDelta::Dense(d) => d.index_select(&Tensor::new(ids, device)?, 0),
+            TensorDelta::Masked {
+                unified,
+                mask,
+                scale,
+            } => {
+                let inp = unified.dim(1)?;
+                let bits: Vec<f32> = ids
+                    .iter()
+                    .flat_map(|&id| mask.to_f32(id as usize * inp, inp))
+                    .collect();
+                let m = Tensor::from_vec(bits, (ids.len(), inp), &Device::Cpu)?
+                    .to_device(device)?
+                    .to_dtype(unified.dtype())?;
+                (unified.index_select(&Tensor::new(ids, device)?, 0)? * m)? * *scale
+            }
             TensorDelta::LowRank { ut, vt, u } => {
                 let u = match u {
                     Some(u) => u.clone(),
@@ -524,10 +599,19 @@ mod tests {
             &Device::Cpu,
         )
         .unwrap();
+        // s (m ⊙ U) with s = 0.5, U = [[2, 9, −2], [4, 9, −4]], m = [[1, 0, 1], [1, 0, 1]].
+        let masked = TensorDelta::masked(
+            &t(&[2., 9., -2., 4., 9., -4.], (2, 3)),
+            BitMask::from_bools(&[true, false, true, true, false, true]),
+            0.5,
+        )
+        .unwrap();
+        assert_eq!(masked.bytes(), 16, "one word of bits and the scale");
+        assert_eq!(masked.shared_bytes(), 24);
         let x = Tensor::from_vec(vec![1f32, 2., 3., -1., 0., 5.], (1, 2, 3), &Device::Cpu).unwrap();
         // x ΔWᵀ: row (1,2,3) → (1−3, 2−6) = (−2, −4); row (−1,0,5) → (−6, −12).
         let want = Tensor::from_vec(vec![-2f32, -4., -6., -12.], (1, 2, 2), &Device::Cpu).unwrap();
-        for d in [TensorDelta::Dense(dense.clone()), low, sparse] {
+        for d in [TensorDelta::Dense(dense.clone()), low, sparse, masked] {
             assert_eq!(d.dims().unwrap(), vec![2, 3]);
             assert!(close(&d.to_dense().unwrap(), &dense) < 1e-6);
             assert!(close(&d.linear_term(&x).unwrap(), &want) < 1e-6);

@@ -6,6 +6,7 @@
 //! ```text
 //! low rank, ΔW ≈ U V:   λ (x Vᵀ) Uᵀ           r·(in + out) multiply-adds
 //! sparse entries:       y[r_k] += λ v_k x[c_k]  nnz multiply-adds
+//! masked, s (m ⊙ U):    y_j += λ s Σ_i m_ji U_ji x_i   in·out (U and bits read in place)
 //! bias:                 λ Δb
 //! ```
 //!
@@ -81,6 +82,13 @@ enum Kernel<'a> {
         cols: &'a [u32],
         values: &'a [f32],
     },
+    Masked {
+        /// U, `(out, in)`.
+        unified: &'a [f32],
+        /// m's words.
+        words: &'a [u64],
+        scale: f32,
+    },
     Bias(&'a [f32]),
 }
 
@@ -93,6 +101,7 @@ struct Held<'a> {
 enum HeldForm<'a> {
     LowRank(Host<'a>, Host<'a>, usize),
     Sparse(&'a [u32], Host<'a>, Host<'a>),
+    Masked(Host<'a>, &'a [u64], f32),
     Bias(Host<'a>),
 }
 
@@ -121,6 +130,16 @@ impl<'a> Held<'a> {
                 }
                 HeldForm::Sparse(row_ptr, Host::of(cols)?, Host::of(values)?)
             }
+            TensorDelta::Masked {
+                unified,
+                mask,
+                scale,
+            } if !bias => {
+                if unified.dims() != [out, inp] || unified.dtype() != DType::F32 {
+                    return None;
+                }
+                HeldForm::Masked(Host::of(unified)?, mask.words(), *scale as f32)
+            }
             TensorDelta::Dense(b) if bias => {
                 if b.dims() != [out] || b.dtype() != DType::F32 {
                     return None;
@@ -146,6 +165,11 @@ impl<'a> Held<'a> {
                 row_ptr,
                 cols: cols.u32()?,
                 values: values.f32()?,
+            },
+            HeldForm::Masked(u, words, scale) => Kernel::Masked {
+                unified: u.f32()?,
+                words,
+                scale: *scale,
             },
             HeldForm::Bias(b) => Kernel::Bias(b.f32()?),
         };
@@ -269,6 +293,32 @@ fn add_row(t: &mut [f32], x: &[f32], lambda: f32, k: &Kernel) {
                 *tj += lambda * s;
             }
         }
+        Kernel::Masked {
+            unified,
+            words,
+            scale,
+        } => {
+            let inp = x.len();
+            for (o, tj) in t.iter_mut().enumerate() {
+                let row = &unified[o * inp..(o + 1) * inp];
+                let mut s = 0f32;
+                let mut i = o * inp;
+                while i < (o + 1) * inp {
+                    // The set bits of the word holding entry i, up to the row's end.
+                    let (w, b) = (i / 64, i % 64);
+                    let span = (64 - b).min((o + 1) * inp - i);
+                    let mut bits = (words[w] >> b) & (u64::MAX >> (64 - span));
+                    while bits != 0 {
+                        let k = bits.trailing_zeros() as usize;
+                        let c = i + k - o * inp;
+                        s += row[c] * x[c];
+                        bits &= bits - 1;
+                    }
+                    i += span;
+                }
+                *tj += lambda * scale * s;
+            }
+        }
         Kernel::Bias(b) => {
             for (tj, &bj) in t.iter_mut().zip(b.iter()) {
                 *tj += lambda * bj;
@@ -385,5 +435,45 @@ mod tests {
             linear_terms(&x, &runs, "other", None, out).unwrap(),
             HostTerms::Nothing
         ));
+    }
+
+    /// A masked view's host term (bits read word by word, rows that start
+    /// and end inside words) equals the tensor path's expanded s (m ⊙ U),
+    /// next to a row of the base and another task's view of the same U.
+    #[test]
+    fn masked_views_on_the_host_equal_the_tensor_path() {
+        use crate::model::BitMask;
+        let (out, inp) = (7, 19);
+        let u = randn(&[out, inp], 11);
+        let view = |seed: u64, scale: f64| {
+            let m = BitMask::from_fn(out * inp, |i| (i as u64 * 2654435761 + seed) % 3 != 0);
+            ModelDelta::Owned(HashMap::from([(
+                "w".to_string(),
+                Arc::new(TensorDelta::masked(&u, m, scale).unwrap()),
+            )]))
+        };
+        let (a, b) = (view(1, 1.25), view(2, -0.5));
+        let runs = [
+            DeltaRun {
+                rows: 2,
+                delta: Some(&a),
+            },
+            DeltaRun {
+                rows: 1,
+                delta: None,
+            },
+            DeltaRun {
+                rows: 3,
+                delta: Some(&b),
+            },
+        ];
+        let x = randn(&[1, 6, inp], 12);
+        let y = Tensor::zeros((1, 6, out), DType::F32, &Device::Cpu).unwrap();
+        let want = add_runs(y, &x, &runs, |d, x| d.linear_term("w", x)).unwrap();
+        let HostTerms::Term(got) = linear_terms(&x, &runs, "w", None, out).unwrap() else {
+            panic!("the host pass takes masked views")
+        };
+        let d = max_abs_diff(&got, &want);
+        assert!(d < 1e-5, "{d}");
     }
 }

@@ -26,6 +26,7 @@ pub mod delta;
 mod host_attention;
 mod host_terms;
 pub mod layers;
+pub mod mask;
 pub mod paged;
 pub mod random;
 mod skinny;
@@ -37,6 +38,7 @@ pub use cache::KvCache;
 pub use config::{Family, ModelConfig};
 pub use delta::{DeltaRun, ModelDelta, TensorDelta};
 pub use layers::{GatedMlp, Hooks, Linear, LinearCapture, Mlp, RmsNorm, Rope, RopeTables};
+pub use mask::BitMask;
 pub use paged::{KvBudget, KvPool, PagedCache};
 pub use transformer::{Model, ModelOptions, EMBED};
 
