@@ -9,21 +9,9 @@ mod util;
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
-use runtime::generate::bytelevel::{self, BOS, EOS};
-use runtime::model::{random, ModelConfig};
 use serde_json::Value;
+use util::tiny_pool::{TinyTask, MOOD, PROSE, QA, SUMS};
 use util::*;
-
-fn config() -> ModelConfig {
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": bytelevel::VOCAB_SIZE, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "bos_token_id": BOS, "eos_token_id": EOS,
-    });
-    ModelConfig::from_json(&json.to_string(), Path::new("config.json")).unwrap()
-}
 
 fn write(dir: &Path, name: &str, text: &str) {
     let p = dir.join(name);
@@ -34,61 +22,17 @@ fn write(dir: &Path, name: &str, text: &str) {
 /// `DIR/models/{base,a,b}` (experts = base + their own random delta),
 /// `DIR/tasks` (four kinds, with a taskpool.yaml) and `DIR/pool.yaml`.
 fn tiny_pool() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let cfg = config();
-    let base = random::random_weights(&cfg, 1, 0.3).unwrap();
-    for (name, seed) in [("base", 0u64), ("a", 2), ("b", 3)] {
-        let weights = if seed == 0 {
-            base.clone()
-        } else {
-            let delta = random::random_weights(&cfg, seed, 0.1).unwrap();
-            base.iter()
-                .map(|(k, v)| (k.clone(), (v + &delta[k]).unwrap()))
-                .collect::<std::collections::HashMap<String, Tensor>>()
-        };
-        let ckpt = dir.path().join("models").join(name);
-        random::write_checkpoint(&ckpt, &cfg, &weights, DType::F32).unwrap();
-        bytelevel::write_tokenizer_files(&ckpt, 256).unwrap();
-    }
-    let t = dir.path().join("tasks");
-    write(
-        &t,
-        "taskpool.yaml",
-        "name: tiny\ntasks:\n\
-         - {name: qa, kind: multiple_choice, file: qa.jsonl}\n\
-         - {name: sums, kind: generate, file: sums.jsonl}\n\
-         - {name: prose, kind: perplexity, file: prose.jsonl}\n\
-         - {name: mood, kind: classification, file: mood.jsonl}\n",
-    );
-    write(
-        &t,
-        "qa.jsonl",
-        "{\"context\":\"2+2=\",\"choices\":[\"4\",\"5\",\"22\"],\"gold\":0}\n\
-         {\"context\":\"sky:\",\"choices\":[\" blue\",\" red\"],\"gold\":0}\n\
-         {\"context\":\"abc\",\"choices\":[\"d\",\"e\"],\"gold\":0}\n",
-    );
-    write(
-        &t,
-        "sums.jsonl",
-        "{\"prompt\":\"1+1=\",\"answer\":\"2\"}\n{\"prompt\":\"2+3=\",\"answer\":\"5\"}\n",
-    );
-    write(
-        &t,
-        "prose.jsonl",
-        "{\"text\":\"the cat sat\"}\n{\"text\":\"on the mat\"}\n",
-    );
-    write(
-        &t,
-        "mood.jsonl",
-        "{\"input\":\"great:\",\"label\":\" pos\"}\n{\"input\":\"bad:\",\"label\":\" neg\"}\n\
-         {\"input\":\"fine:\",\"label\":\" pos\"}\n",
-    );
-    write(
-        dir.path(),
-        "pool.yaml",
-        "name: tiny\nbase: models/base\nexperts:\n  a: models/a\n  b: models/b\ntaskpool: tasks\n",
-    );
-    dir
+    let task = |name, kind, lines| TinyTask { name, kind, lines };
+    util::tiny_pool::tiny_pool(
+        &["a", "b"],
+        0.1,
+        &[
+            task("qa", "multiple_choice", QA),
+            task("sums", "generate", SUMS),
+            task("prose", "perplexity", PROSE),
+            task("mood", "classification", MOOD),
+        ],
+    )
 }
 
 fn json(out: &std::process::Output) -> Value {
@@ -312,5 +256,124 @@ fn broken_tasks_fail_with_file_and_line() {
         out.status.code(),
         Some(2),
         "clap requires --pool with --merge"
+    );
+}
+
+/// Per-task retrieval merges without a task score each task with the view
+/// of the expert named like it, held as its mask over the unified vector
+/// (the compare row's memory figures), and score what `fusion eval` of
+/// that one view (held dense) scores; a task with no such expert is an
+/// error naming it.
+#[test]
+fn per_task_merges_score_each_task_with_its_own_view() {
+    let task = |name, kind, lines| TinyTask { name, kind, lines };
+    let d = util::tiny_pool::tiny_pool(
+        &["qa", "prose"],
+        0.1,
+        &[
+            task("qa", "multiple_choice", QA),
+            task("prose", "perplexity", PROSE),
+        ],
+    );
+    write(
+        d.path(),
+        "compare.yaml",
+        "pool: pool.yaml\nentries:\n  - emr_merging(qa,prose)\n  \
+         - name: tall\n    merge: {method: tall_masks, parameters: {tall_mask_lambda: 0.4}}\n",
+    );
+    let v = json(&fusion(
+        d.path(),
+        &["compare", "--config", "compare.yaml", "--format", "json"],
+    ));
+    for (i, method, extra) in [
+        (0, "emr_merging", ""),
+        (1, "tall_masks", ",tall_mask_lambda=0.4"),
+    ] {
+        let row = &v["rows"][i];
+        let m = &row["memory"];
+        let (unified, view, dense) = (
+            m["unified_bytes"].as_u64().unwrap(),
+            m["view_bytes"].as_u64().unwrap(),
+            m["dense_bytes"].as_u64().unwrap(),
+        );
+        assert!(
+            unified > 0 && unified <= dense && view * 16 < dense,
+            "{row}"
+        );
+        let got = scores(&row["results"]);
+        for (t, name) in ["qa", "prose"].iter().enumerate() {
+            let spec = format!("{method}(qa,prose;task={name}{extra})");
+            let one = json(&fusion(
+                d.path(),
+                &[
+                    "eval",
+                    "--merge",
+                    &spec,
+                    "--pool",
+                    "pool.yaml",
+                    "--format",
+                    "json",
+                    "--quiet",
+                ],
+            ));
+            let want = scores(&one["tasks"]);
+            let w = want.iter().find(|(n, _)| n == name).unwrap().1;
+            assert_eq!(got[t].0, *name);
+            assert!(
+                (got[t].1 - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{method} {name}: {} vs {w}",
+                got[t].1
+            );
+        }
+    }
+    // The views differ from each other: the qa view's perplexity on prose
+    // is not the prose view's.
+    let qa_view = json(&fusion(
+        d.path(),
+        &[
+            "eval",
+            "--merge",
+            "emr_merging(qa,prose;task=qa)",
+            "--pool",
+            "pool.yaml",
+            "--format",
+            "json",
+            "--quiet",
+        ],
+    ));
+    let on_prose = scores(&qa_view["tasks"])[1].1;
+    assert_ne!(on_prose, scores(&v["rows"][0]["results"])[1].1);
+    let out = fusion(d.path(), &["compare", "--config", "compare.yaml"]);
+    ok(&out);
+    let md = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        md.contains("`tall`: each task scored with its own view"),
+        "{md}"
+    );
+    // `fusion eval` of the task-less merge scores the views too.
+    let out = fusion(
+        d.path(),
+        &[
+            "eval",
+            "--merge",
+            "emr_merging(qa,prose)",
+            "--pool",
+            "pool.yaml",
+            "--quiet",
+        ],
+    );
+    ok(&out);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("one unified vector of"));
+
+    // Tasks with no expert of their name.
+    let d = tiny_pool();
+    write(
+        d.path(),
+        "c.yaml",
+        "pool: pool.yaml\nentries:\n  - emr_merging(a,b)\n",
+    );
+    fails_with(
+        &fusion(d.path(), &["compare", "--config", "c.yaml"]),
+        &["no model of the merge is named `qa`", "task=NAME"],
     );
 }

@@ -9,9 +9,7 @@ mod util;
 
 use std::path::Path;
 
-use candle_core::{DType, Tensor};
-use runtime::generate::bytelevel::{self, BOS, EOS};
-use runtime::model::{random, ModelConfig};
+use util::tiny_pool::{TinyTask, MOOD, MOOD_MORE, PROSE, QA, QA_MORE};
 use util::*;
 
 fn write(dir: &Path, name: &str, text: &str) {
@@ -23,62 +21,17 @@ fn write(dir: &Path, name: &str, text: &str) {
 /// `DIR/models/{base,a,b}`, `DIR/tasks` (multiple choice, classification,
 /// perplexity) and `DIR/pool.yaml`.
 fn tiny_pool() -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let json = serde_json::json!({
-        "model_type": "llama", "vocab_size": bytelevel::VOCAB_SIZE, "hidden_size": 32,
-        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "bos_token_id": BOS, "eos_token_id": EOS,
-    });
-    let cfg = ModelConfig::from_json(&json.to_string(), Path::new("config.json")).unwrap();
-    let base = random::random_weights(&cfg, 1, 0.3).unwrap();
-    for (name, seed) in [("base", 0u64), ("a", 2), ("b", 3)] {
-        let weights = if seed == 0 {
-            base.clone()
-        } else {
-            let delta = random::random_weights(&cfg, seed, 0.2).unwrap();
-            base.iter()
-                .map(|(k, v)| (k.clone(), (v + &delta[k]).unwrap()))
-                .collect::<std::collections::HashMap<String, Tensor>>()
-        };
-        let ckpt = dir.path().join("models").join(name);
-        random::write_checkpoint(&ckpt, &cfg, &weights, DType::F32).unwrap();
-        bytelevel::write_tokenizer_files(&ckpt, 256).unwrap();
-    }
-    let t = dir.path().join("tasks");
-    write(
-        &t,
-        "taskpool.yaml",
-        "name: tiny\ntasks:\n\
-         - {name: qa, kind: multiple_choice, file: qa.jsonl}\n\
-         - {name: prose, kind: perplexity, file: prose.jsonl}\n\
-         - {name: mood, kind: classification, file: mood.jsonl}\n",
-    );
-    write(
-        &t,
-        "qa.jsonl",
-        "{\"context\":\"2+2=\",\"choices\":[\"4\",\"5\",\"22\"],\"gold\":0}\n\
-         {\"context\":\"sky:\",\"choices\":[\" blue\",\" red\"],\"gold\":0}\n\
-         {\"context\":\"abc\",\"choices\":[\"d\",\"e\"],\"gold\":0}\n\
-         {\"context\":\"xyz\",\"choices\":[\"w\",\"a\",\"q\"],\"gold\":1}\n",
-    );
-    write(
-        &t,
-        "prose.jsonl",
-        "{\"text\":\"the cat sat\"}\n{\"text\":\"on the mat\"}\n",
-    );
-    write(
-        &t,
-        "mood.jsonl",
-        "{\"input\":\"great:\",\"label\":\" pos\"}\n{\"input\":\"bad:\",\"label\":\" neg\"}\n\
-         {\"input\":\"fine:\",\"label\":\" pos\"}\n{\"input\":\"awful:\",\"label\":\" neg\"}\n",
-    );
-    write(
-        dir.path(),
-        "pool.yaml",
-        "name: tiny\nbase: models/base\nexperts:\n  a: models/a\n  b: models/b\ntaskpool: tasks\n",
-    );
-    dir
+    let task = |name, kind, lines| TinyTask { name, kind, lines };
+    let (qa, mood) = ([QA, QA_MORE].concat(), [MOOD, MOOD_MORE].concat());
+    util::tiny_pool::tiny_pool(
+        &["a", "b"],
+        0.2,
+        &[
+            task("qa", "multiple_choice", &qa),
+            task("prose", "perplexity", PROSE),
+            task("mood", "classification", &mood),
+        ],
+    )
 }
 
 const CONFIG: &str = "pool: pool.yaml\n\

@@ -37,5 +37,6 @@ pub mod search;
 pub mod source;
 pub mod taskpool;
 pub mod textmodel;
+pub mod views;
 
 pub use error::{EvalError, Result};

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::metrics;
 use crate::runner::TaskResult;
 use crate::taskpool::TaskKind;
+use crate::views::ViewMemory;
 
 /// Output format of a report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -210,6 +211,10 @@ pub struct Row {
     pub average: Option<f64>,
     /// Seconds spent loading or merging the model.
     pub load_seconds: f64,
+    /// A per-task retrieval merge held as masked views: what it costs
+    /// resident.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<ViewMemory>,
 }
 
 impl Row {
@@ -227,6 +232,7 @@ impl Row {
             results,
             average,
             load_seconds,
+            memory: None,
         }
     }
 }
@@ -323,6 +329,18 @@ impl CompareTable {
                 format!("{}: {}{unit}", c.task, c.metric)
             })
             .collect();
+        for row in &self.rows {
+            if let Some(m) = &row.memory {
+                out.push_str(&format!(
+                    "\n`{}`: each task scored with its own view; resident, one unified vector of {} \
+                     and per task {} (mask bits and scales), against {} per task held dense.\n",
+                    row.name,
+                    human_bytes(m.unified_bytes),
+                    human_bytes(m.view_bytes),
+                    human_bytes(m.dense_bytes)
+                ));
+            }
+        }
         out.push_str(&format!(
             "\nTask pool `{}`. Metrics: {}. Average: mean of the ×100 metrics (accuracies, correlations). Best of each column in bold (unless all tie).\n",
             self.taskpool,
@@ -599,5 +617,19 @@ mod tests {
             .parse::<Format>()
             .unwrap_err()
             .contains("table, csv or json"));
+    }
+}
+
+/// Bytes as `512 B`, `3.4 KiB`, `5.9 MiB`, `1.2 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    let x = b as f64;
+    if x < 1024.0 {
+        format!("{b} B")
+    } else if x < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", x / 1024.0)
+    } else if x < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", x / (1024.0 * 1024.0))
+    } else {
+        format!("{:.2} GiB", x / (1024.0 * 1024.0 * 1024.0))
     }
 }

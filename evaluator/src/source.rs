@@ -9,10 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use candle_core::Device;
+use merger::methods::retrieval;
 use merger::moe::calibration::CalibrationItem;
 use merger::moe::MoeParams;
 use merger::plan::{Plan, Run};
-use merger::spec::{compact, MergeSpec};
+use merger::residency::ResidencyReport;
+use merger::spec::{compact, MergeSpec, ParamValue};
 use merger::{Cancel, MergeError};
 use runtime::checkpoint::Checkpoint;
 use runtime::model::ModelOptions;
@@ -63,8 +65,22 @@ impl ModelSource {
 
 /// Completes `spec` against the pool (base, names) and validates its method
 /// and parameters, without opening any checkpoint.
+///
+/// A per-task retrieval merge (`tall_masks`, `emr_merging`) may leave its
+/// task out: it is then one view per task, each scored on its own task
+/// ([`crate::views`]); the rest of it is validated with its first model as
+/// the task.
 pub fn validate(pool: &ModelPool, spec: MergeSpec) -> Result<MergeSpec> {
     let spec = pool.complete(spec)?;
+    if retrieval::is_per_task(&spec.method) && !retrieval::names_task(&spec) {
+        if let Some(first) = spec.models.first() {
+            let probe = spec
+                .clone()
+                .with_value("task", ParamValue::Text(first.name.clone()));
+            Plan::new(probe)?;
+            return Ok(spec);
+        }
+    }
     Ok(Plan::new(spec)?.into_spec())
 }
 
@@ -104,6 +120,47 @@ fn load_merge(spec: &MergeSpec, pool: &ModelPool, device: &Device) -> Result<Run
         cancel: &cancel,
     };
     Ok(plan.build(&run)?.into_runnable()?)
+}
+
+/// [`load`] of a merge held as its spec's residency, with how it was held
+/// (`None` for a dense or non tensor-wise merge).
+pub fn load_reported(
+    spec: &MergeSpec,
+    pool: &ModelPool,
+    device: &Device,
+) -> Result<(Loaded, Option<ResidencyReport>)> {
+    let start = Instant::now();
+    let plan = Plan::new(spec.clone())?;
+    let Plan::Tensorwise(t) = plan else {
+        let loaded = load(&ModelSource::Merge(spec.clone()), Some(pool), device)?;
+        return Ok((loaded, None));
+    };
+    let open = |name: &str| {
+        Ok(Checkpoint::open(
+            name,
+            &pool
+                .resolve(name)
+                .map_err(|e| MergeError::Spec(e.to_string()))?,
+        )?)
+    };
+    let cancel = Cancel::new();
+    let run = Run {
+        open: &open,
+        calibration: &[],
+        sources: &[],
+        stats: None,
+        device,
+        progress: false,
+        cancel: &cancel,
+    };
+    let (servable, report) = t.build_reported(&run)?;
+    Ok((
+        Loaded {
+            model: servable.into_runnable()?,
+            seconds: start.elapsed().as_secs_f64(),
+        },
+        report,
+    ))
 }
 
 /// The statistics cache of the CLI: `<cache folder>/stats`

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use merger::data_driven::{DataReport, StatsCounters};
-use merger::merge::{merge_in_memory, Progress};
+use merger::merge::{merge_in_memory, MergePlan, Progress};
 use merger::residency::ResidencyReport;
 use merger::spec::MergeSpec;
 use merger::{Cancel, MergeError, Turn};
@@ -84,6 +84,9 @@ pub struct SharedBase {
     /// A combination's task vectors with their coefficients (empty for
     /// every other form).
     pub vectors: Vec<SharedVector>,
+    /// A masked task view's unified vector U (resident once for every
+    /// task of its merge; coefficient 1); `None` for every other form.
+    pub unified: Option<SharedVector>,
 }
 
 /// One resident task vector τ = θ − θ₀ a combination reads, with its
@@ -101,6 +104,7 @@ impl SharedBase {
     /// The cache keys a merge over this base shares, the base last.
     fn keys(&self) -> Vec<String> {
         let mut keys: Vec<String> = self.vectors.iter().map(|v| v.key.clone()).collect();
+        keys.extend(self.unified.iter().map(|u| u.key.clone()));
         keys.push(self.key.clone());
         keys
     }
@@ -526,6 +530,33 @@ impl Merges {
                                 .residency
                                 .as_ref()
                                 .is_some_and(|r| r.is_combination());
+                            if let Some((base, u)) = base
+                                .as_ref()
+                                .and_then(|b| b.unified.as_ref().map(|u| (b, u)))
+                            {
+                                // A task view: its mask over the resident U.
+                                let unified = u.served.engine.batch_delta().ok_or_else(|| {
+                                    MergeError::Unsupported {
+                                        feature: format!("`{}` as a unified vector", u.key),
+                                        hint: "it is not held as a delta over the base".into(),
+                                    }
+                                })?;
+                                let compressed = merger::retrieval::view(&mut plan, &unified)?;
+                                let report = compressed.report;
+                                tracing::info!(
+                                    bytes = report.bytes,
+                                    shared_bytes = report.shared_bytes,
+                                    "task view held as its mask over the merge's unified vector"
+                                );
+                                let engine = base.served.engine.clone();
+                                return Ok(Built {
+                                    engine: Engine::from_delta(engine, compressed.delta)?,
+                                    output_bytes: None,
+                                    routers: None,
+                                    data: None,
+                                    residency: Some(report),
+                                });
+                            }
                             if let Some(base) = base.as_ref().filter(|_| combination) {
                                 // A combination: nothing to merge.
                                 let compressed = base.combination()?;
@@ -694,6 +725,54 @@ impl Merges {
                 name: key,
                 engine: Arc::new(engine),
                 method: None,
+                load_seconds: start.elapsed().as_secs_f64(),
+                sources,
+                shared: vec![base_key],
+                report: Some(report),
+            }))
+        }
+    }
+
+    /// The future that makes the unified vector U of `plan` (a per-task
+    /// retrieval merge) resident as entry `key`: every tensor's U held
+    /// dense as a delta over the base's engine (what each task view of the
+    /// merge masks). It holds a merge slot while it runs.
+    pub fn unified_loader(
+        &self,
+        key: String,
+        mut plan: MergePlan,
+        base: &SharedBase,
+    ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
+        let this = self.clone();
+        let (base_key, base_engine) = (base.key.clone(), base.served.engine.clone());
+        let mut sources: Vec<Stamps> = plan.checkpoints().map(|c| c.stamps().clone()).collect();
+        sources.extend(base.served.sources.iter().cloned());
+        async move {
+            let Ok(_slot) = this.slots.clone().acquire_owned().await else {
+                return Err(GatewayError::Unavailable(
+                    "the server is shutting down".into(),
+                ));
+            };
+            let opts = this.opts.clone();
+            let start = Instant::now();
+            let name = key.clone();
+            let method = plan.info().name;
+            let built = tokio::task::spawn_blocking(move || {
+                let dtype = base_engine.delta_dtype()?;
+                let u = merger::retrieval::unified(&mut plan, dtype, &opts.device)?;
+                let engine = Engine::from_delta(base_engine, u.delta)?;
+                Ok::<_, MergeError>((engine, u.report))
+            })
+            .await
+            .map_err(|e| GatewayError::Internal(format!("building `{name}` failed: {e}")))?
+            .map_err(|e| GatewayError::at(Stage::Merge, e))?;
+            let (engine, report) = built;
+            tracing::info!(unified = %key, bytes = report.bytes, seconds = report.seconds,
+                "unified vector resident");
+            Ok(Arc::new(Served {
+                name: key,
+                engine: Arc::new(engine),
+                method: Some(method.to_string()),
                 load_seconds: start.elapsed().as_secs_f64(),
                 sources,
                 shared: vec![base_key],

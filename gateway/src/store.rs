@@ -407,12 +407,34 @@ impl ModelStore {
     /// many merges share it), then builds its delta over it. A combination
     /// makes the base and the task vector of each checkpoint it combines
     /// resident (entries of their own, shared by every combination of
-    /// them), then holds only its coefficients.
+    /// them), then holds only its coefficients. A task view of a per-task
+    /// retrieval merge (form masked) makes the base and the merge's unified
+    /// vector resident (an entry shared by every task of the merge), then
+    /// holds its mask's bits and its scale.
     fn start_load(&self, target: Target) -> Result<LoadTask> {
         let base = self.shared_base_of(&target)?;
         let vectors = match &base {
             Some(b) => task_vectors_of(&target, b),
             None => Vec::new(),
+        };
+        let unified = match (&base, &target) {
+            (Some(b), Target::Merge(plan))
+                if plan
+                    .spec()
+                    .residency
+                    .as_ref()
+                    .is_some_and(|r| r.is_masked()) =>
+            {
+                // Every task view of the merge shares one U, keyed without
+                // the task.
+                let key = format!(
+                    "unified vector of merge-{} over {}",
+                    plan.unified_id()?,
+                    b.cache_key()
+                );
+                Some((key, self.registry.unified_plan(plan.spec().clone())?))
+            }
+            _ => None,
         };
         self.merges.pending(&target)?;
         let key = target.cache_key();
@@ -437,7 +459,17 @@ impl ModelStore {
                             served,
                             checkpoint,
                             vectors: Vec::with_capacity(vectors.len()),
+                            unified: None,
                         };
+                        if let Some((key, plan)) = unified {
+                            let loader = merges.unified_loader(key.clone(), plan, &shared);
+                            let (served, _) = cache.load(key.clone(), loader).await?;
+                            shared.unified = Some(SharedVector {
+                                key,
+                                coefficient: 1.0,
+                                served,
+                            });
+                        }
                         for v in vectors {
                             let loader =
                                 merges.vector_loader(v.key.clone(), v.expert, &shared, v.residency);

@@ -319,3 +319,108 @@ async fn combinations_cost_their_coefficients_over_shared_task_vectors() {
     let ok = c.chat(&merge(0.5, dense_vectors), prompt, 4).await;
     assert_eq!(ok.status, 200, "{}", ok.text);
 }
+
+/// The residency report of a merge by its id.
+async fn residency_of(c: &Client, id: &str) -> Value {
+    let r = c.get(&format!("/v1/merges/{id}")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn task_views_cost_their_mask_bits_over_one_unified_vector() {
+    let pool = low_rank_pool();
+    let server = start(pool.config(""));
+    let c = Client::new(&server);
+    let prompt = "What is 2+3?";
+    for method in ["emr_merging", "tall_masks"] {
+        let view = |task: &str, form: &str| format!("{method}(math,code,chat;task={task}{form})");
+        // The view held dense: its own full weights.
+        let dense = c.chat(&view("math", ",form=dense"), prompt, 12).await;
+        assert_eq!(dense.status, 200, "{}", dense.text);
+        let before = c.metric("fusion_merge_cache_bytes").await as u64;
+        // Served by default as its mask over the merge's unified vector,
+        // answering what the dense view answers.
+        let math = c.chat(&view("math", ""), prompt, 12).await;
+        assert_eq!(
+            content(&math.json()),
+            content(&dense.json()),
+            "{}",
+            math.text
+        );
+        let info = merge_info(&c, &math).await;
+        let r = &info["residency"];
+        assert_eq!(r["form"], "masked", "{info}");
+        let bits = r["bytes"].as_u64().unwrap();
+        let unified = r["shared_bytes"].as_u64().unwrap();
+        // One bit per parameter (in 64-bit words) and a scale per tensor,
+        // against U's 4 bytes per parameter.
+        assert!(bits * 16 < model_bytes(), "{info}");
+        assert!(
+            unified <= model_bytes() && unified * 2 > model_bytes(),
+            "{info}"
+        );
+        assert_eq!(info["bytes"].as_u64(), Some(bits), "{info}");
+        let after_math = c.metric("fusion_merge_cache_bytes").await as u64;
+        let base = if method == "emr_merging" {
+            model_bytes()
+        } else {
+            0
+        };
+        assert_eq!(after_math, before + base + unified + bits, "{method}");
+
+        // Another task's view reads the same U: it costs its bits alone.
+        let code = c.chat(&view("code", ""), prompt, 12).await;
+        assert_eq!(code.status, 200, "{}", code.text);
+        let code_info = merge_info(&c, &code).await;
+        let code_bits = code_info["residency"]["bytes"].as_u64().unwrap();
+        assert_eq!(
+            c.metric("fusion_merge_cache_bytes").await as u64,
+            after_math + code_bits,
+            "{code_info}"
+        );
+        let dense_code = c.chat(&view("code", ",form=dense"), prompt, 12).await;
+        assert_eq!(content(&code.json()), content(&dense_code.json()));
+
+        // The structured spelling names the task as `merge.task`.
+        let structured = c
+            .post(
+                "/v1/chat/completions",
+                &json!({
+                    "merge": {"method": method, "models": [{"name": "math"}, {"name": "code"},
+                              {"name": "chat"}], "task": "code"},
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 12, "temperature": 0
+                }),
+            )
+            .await;
+        assert_eq!(structured.status, 200, "{}", structured.text);
+        assert_eq!(content(&structured.json()), content(&code.json()));
+        let id = structured.json()["model"].as_str().unwrap().to_string();
+        assert_eq!(
+            residency_of(&c, &id).await["id"],
+            code_info["id"],
+            "one merge id"
+        );
+    }
+    // Bad tasks are clear 400s and the server keeps serving.
+    for (model, want) in [
+        ("emr_merging(math,code)", "task=NAME"),
+        (
+            "emr_merging(math,code;task=chat)",
+            "`chat` is not one of the merge's models",
+        ),
+        ("task_arithmetic(math,code;form=masked)", "form `masked`"),
+    ] {
+        let r = c.chat(model, prompt, 4).await;
+        let e = r.assert_error(400, "invalid_request_error");
+        assert!(
+            e["message"].as_str().unwrap().contains(want),
+            "{model}: {e}"
+        );
+    }
+    let ok = c
+        .chat("emr_merging(math,code,chat;task=chat)", prompt, 4)
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.text);
+}

@@ -224,6 +224,11 @@ impl Plan {
 }
 
 impl Tensorwise {
+    /// The spec, the plan dropped.
+    pub fn into_spec(self) -> MergeSpec {
+        self.spec
+    }
+
     /// Whether the method is a per-task retrieval merge (`tall_masks`,
     /// `emr_merging`), whose task views can be held `masked`.
     pub fn is_retrieval(&self) -> bool {

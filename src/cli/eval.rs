@@ -79,13 +79,39 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
     let taskpool = TaskPool::open(&taskpool_dir)?;
     let device = runtime::device::parse_device(&args.device)?;
     let start = Instant::now();
-    let loaded = load(&source, pool.as_ref(), &device)
-        .with_context(|| format!("loading `{}`", source.describe()))?;
     let opts = RunOptions {
         limit: args.limit,
         batch_size: args.batch_size as usize,
         ..RunOptions::default()
     };
+    let tasks = evaluator::runner::load_tasks(&taskpool, opts.limit)?;
+    if let (Some(views), Some(pool)) = (evaluator::views::task_views(&source, &tasks)?, &pool) {
+        // A per-task retrieval merge: each task scored with its own view.
+        let (results, seconds, memory) =
+            evaluator::views::score_views(&views, &tasks, pool, &opts, &device, &|_| {})?;
+        let report =
+            evaluator::report::EvalReport::new(&source.describe(), taskpool.name.clone(), results);
+        print!("{}", report.render(args.format));
+        if let Some(m) = memory {
+            eprintln!(
+                "each task scored with its own view; resident: one unified vector of {} and {} \
+                 per task (dense: {} per task)",
+                evaluator::report::human_bytes(m.unified_bytes),
+                evaluator::report::human_bytes(m.view_bytes),
+                evaluator::report::human_bytes(m.dense_bytes)
+            );
+        }
+        eprintln!(
+            "scored {} tasks of `{}` in {:.2}s (views merged in {seconds:.2}s) on {}",
+            report.tasks.len(),
+            taskpool.name,
+            start.elapsed().as_secs_f64(),
+            runtime::device::device_name(&device)
+        );
+        return Ok(());
+    }
+    let loaded = load(&source, pool.as_ref(), &device)
+        .with_context(|| format!("loading `{}`", source.describe()))?;
     let report = evaluate(
         &loaded.model,
         &source.describe(),

@@ -10,6 +10,7 @@ use crate::report::{Column, CompareTable, Row};
 use crate::runner::{load_tasks, run_tasks};
 use crate::source::{load, ModelSource};
 use crate::taskpool::TaskPool;
+use crate::views::{score_views, task_views};
 
 /// Where and how to run a comparison.
 #[derive(Debug, Clone)]
@@ -35,12 +36,24 @@ pub fn run_compare(cfg: &CompareConfig, opts: &CompareOptions) -> Result<Compare
             row: row.name.clone(),
             source: Box::new(e),
         };
-        let loaded = load(&row.source, Some(&cfg.pool), &opts.device).map_err(wrap)?;
-        let results = run_tasks(&loaded.model, &tasks, &cfg.run, &|n| bar.inc(n)).map_err(wrap)?;
         let spec = match &row.source {
             ModelSource::Merge(_) => Some(row.source.describe()),
             _ => None,
         };
+        if let Some(views) = task_views(&row.source, &tasks).map_err(wrap)? {
+            // A per-task retrieval merge: each task scored with its view.
+            let (results, seconds, memory) =
+                score_views(&views, &tasks, &cfg.pool, &cfg.run, &opts.device, &|n| {
+                    bar.inc(n)
+                })
+                .map_err(wrap)?;
+            let mut r = Row::new(row.name.clone(), spec, results, seconds);
+            r.memory = memory;
+            rows.push(r);
+            continue;
+        }
+        let loaded = load(&row.source, Some(&cfg.pool), &opts.device).map_err(wrap)?;
+        let results = run_tasks(&loaded.model, &tasks, &cfg.run, &|n| bar.inc(n)).map_err(wrap)?;
         rows.push(Row::new(row.name.clone(), spec, results, loaded.seconds));
     }
     bar.finish_and_clear();

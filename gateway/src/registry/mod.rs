@@ -29,7 +29,7 @@ use std::sync::{Arc, Mutex};
 
 use merger::merge::MergePlan;
 use merger::plan::Plan;
-use merger::spec::{compact, MergeSpec};
+use merger::spec::{compact, MergeSpec, Residency};
 use runtime::architectures::{self, Kind};
 use runtime::checkpoint::{Checkpoint, Stamps};
 
@@ -527,8 +527,22 @@ impl Registry {
         }
     }
 
+    /// The plan a task view's unified vector is computed with: the view's
+    /// own spec, planned again (the unified vector does not depend on the
+    /// task).
+    pub fn unified_plan(&self, spec: MergeSpec) -> Result<MergePlan> {
+        match self.plan(spec)? {
+            Target::Merge(plan) => Ok(*plan),
+            _ => Err(GatewayError::Internal(
+                "a task view's spec planned as another kind of merge".into(),
+            )),
+        }
+    }
+
     /// Puts a spec in one pool with bare names, fills the base, validates it
-    /// against the opened checkpoints.
+    /// against the opened checkpoints. A per-task retrieval merge over a
+    /// text-generation base with no form given is held `masked` (its task
+    /// view as bits over the merge's unified vector).
     fn plan(&self, mut spec: MergeSpec) -> Result<Target> {
         self.limits.check_experts(&spec)?;
         let pool_name = self.pool_of(&spec)?;
@@ -562,6 +576,18 @@ impl Registry {
                 return Ok(Target::DataDriven(Box::new(plan)));
             }
             Plan::Tensorwise(plan) => plan,
+        };
+        let plan = if plan.spec().residency.is_none()
+            && plan.is_retrieval()
+            && self.base_of(&pool_name)?.kind()? == Kind::Decoder
+        {
+            let spec = plan.into_spec().held_as(Residency::masked());
+            match Plan::with_bounds(spec, &self.limits.bounds())? {
+                Plan::Tensorwise(plan) => plan,
+                _ => unreachable!("a tensor-wise spec stays tensor-wise"),
+            }
+        } else {
+            plan
         };
         // The checkpoints checked above (the base filled in is checked here).
         if let Some(base) = &plan.spec().base {

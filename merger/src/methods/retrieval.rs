@@ -40,6 +40,16 @@ pub trait Retrieval: Send + Sync {
     fn task(&self) -> usize;
 }
 
+/// Whether `method` is a per-task retrieval merge (it declares `task`).
+pub fn is_per_task(method: &str) -> bool {
+    super::lookup(method).is_ok_and(|info| info.params.iter().any(|p| std::ptr::eq(*p, &TASK)))
+}
+
+/// Whether `spec` names its task (as the parameter or as `task:`).
+pub fn names_task(spec: &crate::spec::MergeSpec) -> bool {
+    spec.task.is_some() || spec.parameters.contains_key(TASK.name)
+}
+
 /// Reads `task`: required, one of the models (else a clear error naming
 /// them, from [`Params::finish`]).
 pub fn task(p: &mut Params) -> Result<usize> {
