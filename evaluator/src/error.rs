@@ -101,6 +101,9 @@ pub enum EvalError {
         /// What went wrong.
         reason: String,
     },
+    /// A long run (a search) was stopped before it finished.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
     /// A row of a comparison failed (loading, merging or scoring its model).
     #[error("row `{row}`: {source}")]
     Row {

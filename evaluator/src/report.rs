@@ -439,6 +439,20 @@ fn csv_line(cells: &[String]) -> String {
     quoted.join(",") + "\n"
 }
 
+/// Bytes as `512 B`, `3.4 KiB`, `5.9 MiB`, `1.2 GiB`.
+pub fn human_bytes(b: u64) -> String {
+    let x = b as f64;
+    if x < 1024.0 {
+        format!("{b} B")
+    } else if x < 1024.0 * 1024.0 {
+        format!("{:.1} KiB", x / 1024.0)
+    } else if x < 1024.0 * 1024.0 * 1024.0 {
+        format!("{:.1} MiB", x / (1024.0 * 1024.0))
+    } else {
+        format!("{:.2} GiB", x / (1024.0 * 1024.0 * 1024.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -617,19 +631,5 @@ mod tests {
             .parse::<Format>()
             .unwrap_err()
             .contains("table, csv or json"));
-    }
-}
-
-/// Bytes as `512 B`, `3.4 KiB`, `5.9 MiB`, `1.2 GiB`.
-pub fn human_bytes(b: u64) -> String {
-    let x = b as f64;
-    if x < 1024.0 {
-        format!("{b} B")
-    } else if x < 1024.0 * 1024.0 {
-        format!("{:.1} KiB", x / 1024.0)
-    } else if x < 1024.0 * 1024.0 * 1024.0 {
-        format!("{:.1} MiB", x / (1024.0 * 1024.0))
-    } else {
-        format!("{:.2} GiB", x / (1024.0 * 1024.0 * 1024.0))
     }
 }

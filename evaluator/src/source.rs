@@ -31,7 +31,7 @@ pub enum ModelSource {
     /// A checkpoint of the pool, by name (`base` or an expert).
     Checkpoint(String),
     /// A merge of the pool's checkpoints (already completed against the pool).
-    Merge(MergeSpec),
+    Merge(Box<MergeSpec>),
 }
 
 impl ModelSource {
@@ -52,7 +52,9 @@ impl ModelSource {
                 pool.resolve(&name)?;
                 Ok(ModelSource::Checkpoint(name))
             }
-            compact::Parsed::Merge(spec) => Ok(ModelSource::Merge(validate(pool, spec)?)),
+            compact::Parsed::Merge(spec) => {
+                Ok(ModelSource::Merge(Box::new(validate(pool, *spec)?)))
+            }
             compact::Parsed::MergeId(id) => Err(EvalError::Pool {
                 path: pool.path.clone(),
                 reason: format!(
@@ -132,7 +134,11 @@ pub fn load_reported(
     let start = Instant::now();
     let plan = Plan::new(spec.clone())?;
     let Plan::Tensorwise(t) = plan else {
-        let loaded = load(&ModelSource::Merge(spec.clone()), Some(pool), device)?;
+        let loaded = load(
+            &ModelSource::Merge(Box::new(spec.clone())),
+            Some(pool),
+            device,
+        )?;
         return Ok((loaded, None));
     };
     let open = |name: &str| {

@@ -12,7 +12,7 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     if let Ok(Parsed::Merge(spec)) = parse(text) {
-        if let Ok(plan) = merger::plan::Plan::new(spec.clone()) {
+        if let Ok(plan) = merger::plan::Plan::new(*spec.clone()) {
             let _ = plan.info().merge_id(plan.spec(), &[]);
         }
         let again = to_compact(&spec);

@@ -4,7 +4,8 @@
 //! - The OpenAI routes (`/v1/chat/completions`, `/v1/completions`,
 //!   `/v1/embeddings`, `/v1/classifications`, `/v1/models`) need a key of
 //!   `server.api_keys` or `server.admin_keys` when `api_keys` is not empty.
-//! - The merges and evaluations APIs (`/v1/merges…`, `/v1/evaluations…`)
+//! - The merges, evaluations and searches APIs (`/v1/merges…`,
+//!   `/v1/evaluations…`, `/v1/searches…`)
 //!   need a key of `server.admin_keys`; a user key gets 403. When
 //!   `admin_keys` is empty they follow the rule of the OpenAI routes.
 //!
@@ -54,6 +55,8 @@ pub const ROUTES: &[(&str, Access)] = &[
     (paths::MERGES, Access::Admin),
     (paths::MERGE, Access::Admin),
     (paths::EVALUATIONS, Access::Admin),
+    (paths::SEARCHES, Access::Admin),
+    (paths::SEARCH, Access::Admin),
     (paths::LIVE, Access::Public),
     (paths::READY, Access::Public),
     (paths::METRICS, Access::Public),

@@ -38,6 +38,7 @@ pub mod openapi;
 pub mod paths;
 pub mod registry;
 pub mod routes;
+pub mod searches;
 pub mod server;
 pub mod serving;
 pub mod state;

@@ -16,6 +16,7 @@ use crate::routes;
 use crate::routes::sse::{
     ChatChunkChoice, ChatCompletionChunk, ChatDelta, CompletionChunk, CompletionChunkChoice,
 };
+use crate::searches::{SearchInfo, SearchPoint, SearchState};
 use crate::store::DeleteStatus;
 
 /// The gateway's API.
@@ -41,6 +42,9 @@ use crate::store::DeleteStatus;
         routes::merges::delete_merge,
         routes::evaluations::list_evaluations,
         routes::evaluations::run_evaluation,
+        routes::searches::start_search,
+        routes::searches::list_searches,
+        routes::searches::get_search,
         routes::health::live,
         routes::health::ready,
         routes::health::metrics,
@@ -49,6 +53,7 @@ use crate::store::DeleteStatus;
         ErrorResponse, ErrorBody, MergeInfo, MergeState, DeleteStatus,
         RoutersInfo, RouterSource,
         EvaluationInfo, RunRecord, TaskScore, Outcome, Trigger, RunState, Degraded,
+        SearchInfo, SearchState, SearchPoint,
         ChatCompletionChunk, ChatChunkChoice, ChatDelta, CompletionChunk, CompletionChunkChoice,
     )),
     modifiers(&BearerKeys),
@@ -56,6 +61,7 @@ use crate::store::DeleteStatus;
         (name = "openai", description = "OpenAI-compatible routes"),
         (name = "merges", description = "Merges: create or warm, list, status, evict (admin key)"),
         (name = "evaluations", description = "Scheduled evaluations: last results, run now (admin key)"),
+        (name = "searches", description = "Searches of a merge's parameters on a pool, the best registered as a preset (admin key)"),
         (name = "health", description = "Health and metrics"),
     )
 )]

@@ -18,6 +18,10 @@ pub const MERGES: &str = "/v1/merges";
 pub const MERGE: &str = "/v1/merges/{id}";
 /// Evaluations: list, run now.
 pub const EVALUATIONS: &str = "/v1/evaluations";
+/// Searches: list, start.
+pub const SEARCHES: &str = "/v1/searches";
+/// One search.
+pub const SEARCH: &str = "/v1/searches/{id}";
 /// Liveness.
 pub const LIVE: &str = "/health/live";
 /// Readiness.

@@ -40,6 +40,8 @@ pub struct AppState {
     pub evaluations: Arc<Evaluations>,
     /// What runs the evaluations.
     pub scheduler: Arc<Scheduler>,
+    /// Search jobs (`POST /v1/searches`).
+    pub searches: Arc<crate::searches::Searches>,
     ready: Arc<AtomicBool>,
     started: Instant,
 }
@@ -99,6 +101,7 @@ impl AppState {
             keys,
             evaluations,
             scheduler,
+            searches: Arc::default(),
             ready,
             started: Instant::now(),
         })
@@ -116,6 +119,7 @@ impl AppState {
     pub fn begin_shutdown(&self) {
         self.ready.store(false, Ordering::SeqCst);
         self.models.cancel_all();
+        self.searches.cancel_all();
     }
 
     /// Seconds since the state was built.

@@ -55,7 +55,7 @@ fn merge_source(text: &str, pool: &ModelPool) -> anyhow::Result<ModelSource> {
     let path = Path::new(text);
     if path.is_file() {
         let spec = super::merge::load_config(path)?;
-        return Ok(ModelSource::Merge(validate(pool, spec)?));
+        return Ok(ModelSource::Merge(Box::new(validate(pool, spec)?)));
     }
     Ok(ModelSource::parse(text, pool)?)
 }
@@ -90,7 +90,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<()> {
         let (results, seconds, memory) =
             evaluator::views::score_views(&views, &tasks, pool, &opts, &device, &|_| {})?;
         let report =
-            evaluator::report::EvalReport::new(&source.describe(), taskpool.name.clone(), results);
+            evaluator::report::EvalReport::new(source.describe(), taskpool.name.clone(), results);
         print!("{}", report.render(args.format));
         if let Some(m) = memory {
             eprintln!(

@@ -125,7 +125,7 @@ pub fn run(args: MergeArgs) -> anyhow::Result<()> {
             }
         }
         (None, Some(s)) => match compact::parse(s)? {
-            compact::Parsed::Merge(spec) => (spec, None, TokenizerSpec::default()),
+            compact::Parsed::Merge(spec) => (*spec, None, TokenizerSpec::default()),
             _ => bail!("`--spec` must be a merge such as `task_arithmetic(a,b;base=c)`, got `{s}`"),
         },
         _ => bail!("give a config file or --spec"),

@@ -246,7 +246,7 @@ fn expand_mapping(m: &Mapping, pool: &ModelPool, dir: &Path) -> Result<Vec<RowSp
     let merge = m.get("merge").expect("counted above");
     let (label, spec) = match merge {
         Value::String(s) => match compact::parse(s)? {
-            compact::Parsed::Merge(spec) => (s.trim().to_string(), spec),
+            compact::Parsed::Merge(spec) => (s.trim().to_string(), *spec),
             _ => {
                 return Err(config_err(format!(
                     "`merge: {s}` is not a merge spec such as `task_arithmetic(a,b)`"
@@ -380,7 +380,7 @@ fn point_row(
     };
     Ok(RowSpec {
         name,
-        source: ModelSource::Merge(validate(pool, spec)?),
+        source: ModelSource::Merge(Box::new(validate(pool, spec)?)),
     })
 }
 

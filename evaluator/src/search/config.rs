@@ -270,6 +270,14 @@ pub struct Overrides {
     pub jobs: Option<usize>,
 }
 
+/// Where a config's pool comes from.
+enum PoolArg<'a> {
+    /// `pool.yaml`: the override, else the config's `pool`.
+    File(Option<&'a Path>),
+    /// Given by the caller (the config may not name one).
+    Given(ModelPool),
+}
+
 fn field_err(field: &str, reason: impl std::fmt::Display) -> EvalError {
     EvalError::SearchConfig {
         path: PathBuf::new(),
@@ -293,6 +301,28 @@ impl SearchConfig {
         pool: Option<&Path>,
         overrides: &Overrides,
     ) -> Result<SearchConfig> {
+        Self::parse_at(text, path, PoolArg::File(pool), overrides)
+    }
+
+    /// Parses a config for a pool given as it is (a server's registered
+    /// pool, its task pool its `taskpool`): the text may name no `pool` nor
+    /// `taskpool` (no path comes from a request); `origin` names the text
+    /// in errors.
+    pub fn parse_for_pool(
+        text: &str,
+        origin: &str,
+        pool: ModelPool,
+        overrides: &Overrides,
+    ) -> Result<SearchConfig> {
+        Self::parse_at(text, Path::new(origin), PoolArg::Given(pool), overrides)
+    }
+
+    fn parse_at(
+        text: &str,
+        path: &Path,
+        pool: PoolArg,
+        overrides: &Overrides,
+    ) -> Result<SearchConfig> {
         Self::parse_inner(text, path, pool, overrides).map_err(|e| match e {
             EvalError::SearchConfig { reason, .. } => EvalError::SearchConfig {
                 path: path.to_path_buf(),
@@ -305,7 +335,7 @@ impl SearchConfig {
     fn parse_inner(
         text: &str,
         path: &Path,
-        pool: Option<&Path>,
+        pool: PoolArg,
         overrides: &Overrides,
     ) -> Result<SearchConfig> {
         let bad = |reason: String| EvalError::SearchConfig {
@@ -314,11 +344,24 @@ impl SearchConfig {
         };
         let raw: RawConfig = serde_yaml_ng::from_str(text).map_err(|e| bad(e.to_string()))?;
         let dir = path.parent().unwrap_or(Path::new("."));
+        let given = matches!(pool, PoolArg::Given(_));
         let pool = match (pool, &raw.pool) {
-            (Some(p), _) => ModelPool::load(p)?,
-            (None, Some(p)) => ModelPool::load(&dir.join(p))?,
-            (None, None) => return Err(bad("no `pool`: give one here or with --pool".into())),
+            (PoolArg::Given(_), Some(_)) => {
+                return Err(field_err("pool", "the request names the pool (`pool`)"))
+            }
+            (PoolArg::Given(p), None) => p,
+            (PoolArg::File(Some(p)), _) => ModelPool::load(p)?,
+            (PoolArg::File(None), Some(p)) => ModelPool::load(&dir.join(p))?,
+            (PoolArg::File(None), None) => {
+                return Err(bad("no `pool`: give one here or with --pool".into()))
+            }
         };
+        if given && raw.taskpool.is_some() {
+            return Err(field_err(
+                "taskpool",
+                "the server scores on its configured task pool (the request's `taskpool`)",
+            ));
+        }
         let taskpool = match (&raw.taskpool, &pool.taskpool) {
             (Some(t), _) => dir.join(t),
             (None, Some(t)) => t.clone(),
@@ -470,7 +513,7 @@ pub fn apply(template: &MergeSpec, dims: &[Dimension], values: &[f64]) -> MergeS
 fn template(merge: &Value, pool: &ModelPool) -> Result<MergeSpec> {
     let spec = match merge {
         Value::String(s) => match compact::parse(s)? {
-            compact::Parsed::Merge(spec) => spec,
+            compact::Parsed::Merge(spec) => *spec,
             _ => {
                 return Err(field_err(
                     "merge",

@@ -7,7 +7,7 @@
 //! how many jobs ran.
 
 use std::io::IsTerminal;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -129,7 +129,7 @@ impl Scoring<'_> {
             row: compact::to_compact(spec),
             source: Box::new(e),
         };
-        let source = ModelSource::Merge(spec.clone());
+        let source = ModelSource::Merge(Box::new(spec.clone()));
         let loaded = load(&source, Some(&self.cfg.pool), self.device).map_err(wrap)?;
         let results = run_tasks(&loaded.model, self.tasks, &self.cfg.run, &|_| {}).map_err(wrap)?;
         Ok((results, start.elapsed().as_secs_f64()))
@@ -178,6 +178,18 @@ fn better(a: f64, b: f64, maximise: bool) -> bool {
 /// first merge. A candidate that fails to merge or score ends the search
 /// with its error (its spec is named).
 pub fn run_search(cfg: &SearchConfig, opts: &SearchOptions) -> Result<SearchOutcome> {
+    run_search_observed(cfg, opts, &|_| {}, &AtomicBool::new(false))
+}
+
+/// [`run_search`] that calls `observe` with every evaluation as it is
+/// recorded (in order), and stops with [`EvalError::Cancelled`] before the
+/// next generation once `cancel` is set (a server's search job).
+pub fn run_search_observed(
+    cfg: &SearchConfig,
+    opts: &SearchOptions,
+    observe: &(dyn Fn(&Evaluation) + Sync),
+    cancel: &AtomicBool,
+) -> Result<SearchOutcome> {
     let start = Instant::now();
     let taskpool = TaskPool::open(&cfg.taskpool)?;
     let tasks = load_tasks(&taskpool, cfg.run.limit)?;
@@ -216,6 +228,13 @@ pub fn run_search(cfg: &SearchConfig, opts: &SearchOptions) -> Result<SearchOutc
     let mut best: Option<(usize, MergeSpec, Vec<TaskResult>)> = None;
     let mut generation = 0;
     while evaluations.len() < cfg.budget {
+        if cancel.load(Ordering::SeqCst) {
+            return Err(EvalError::Cancelled(format!(
+                "the search stopped after {} of {} evaluations",
+                evaluations.len(),
+                cfg.budget
+            )));
+        }
         generation += 1;
         let points = optimizer.ask();
         let take = (cfg.budget - evaluations.len()).min(points.len());
@@ -257,6 +276,7 @@ pub fn run_search(cfg: &SearchConfig, opts: &SearchOptions) -> Result<SearchOutc
                 best: best_score,
                 seconds,
             });
+            observe(evaluations.last().expect("just pushed"));
             fitness.push(if maximise { -score } else { score });
         }
         if take == points.len() {

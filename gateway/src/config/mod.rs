@@ -208,6 +208,14 @@ pub struct LimitsConfig {
     /// is forgotten.
     #[serde(default = "default_max_evaluations")]
     pub max_evaluations: usize,
+    /// Most evaluations (merge and score) one search (`POST /v1/searches`)
+    /// may spend; 0 turns searches off. One search runs at a time.
+    #[serde(default = "default_max_search_evaluations")]
+    pub max_search_evaluations: usize,
+    /// Candidates a search merges and scores at once (each holds a merged
+    /// model in memory).
+    #[serde(default = "default_max_search_jobs")]
+    pub max_search_jobs: usize,
 }
 
 /// `cache:`.
@@ -259,16 +267,16 @@ pub enum PresetSpec {
     /// `ties_merging(math,code;density=0.2)`.
     Compact(String),
     /// `{method, models, parameters, ...}`.
-    Structured(MergeSpec),
+    Structured(Box<MergeSpec>),
 }
 
 impl PresetSpec {
     /// The merge spec of the preset.
     pub fn to_spec(&self, name: &str) -> Result<MergeSpec> {
         match self {
-            PresetSpec::Structured(spec) => Ok(spec.clone()),
+            PresetSpec::Structured(spec) => Ok((**spec).clone()),
             PresetSpec::Compact(text) => match compact::parse(text) {
-                Ok(compact::Parsed::Merge(spec)) => Ok(spec),
+                Ok(compact::Parsed::Merge(spec)) => Ok(*spec),
                 Ok(_) => Err(config_error(
                     format!("presets.{name}"),
                     format!("`{text}` is not a merge such as `ties_merging(a,b;density=0.2)`"),
@@ -392,6 +400,12 @@ fn default_max_book_bytes() -> u64 {
 fn default_max_evaluations() -> usize {
     64
 }
+fn default_max_search_evaluations() -> usize {
+    200
+}
+fn default_max_search_jobs() -> usize {
+    2
+}
 fn default_cache_bytes() -> u64 {
     4_000_000_000
 }
@@ -439,6 +453,8 @@ impl Default for LimitsConfig {
             max_list_len: default_max_list_len(),
             max_book_bytes: default_max_book_bytes(),
             max_evaluations: default_max_evaluations(),
+            max_search_evaluations: default_max_search_evaluations(),
+            max_search_jobs: default_max_search_jobs(),
         }
     }
 }
@@ -660,6 +676,7 @@ impl Config {
             ),
             ("server.limits.kv_block_tokens", l.kv_block_tokens),
             ("server.limits.max_evaluations", l.max_evaluations),
+            ("server.limits.max_search_jobs", l.max_search_jobs),
             ("merge.max_concurrent", self.merge.max_concurrent),
         ] {
             if v == 0 {

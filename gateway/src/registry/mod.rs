@@ -264,7 +264,11 @@ pub enum ModelKind {
 /// Pools and presets.
 pub struct Registry {
     pools: BTreeMap<String, Pool>,
-    presets: BTreeMap<String, MergeSpec>,
+    /// The configured presets, then those registered at run time (a
+    /// search's best spec).
+    presets: std::sync::RwLock<BTreeMap<String, MergeSpec>>,
+    /// The names the configuration gives (never replaced at run time).
+    configured: std::collections::BTreeSet<String>,
     limits: Limits,
     calibrations: Calibrations,
     stats: merger::data_driven::StatsCache,
@@ -322,11 +326,12 @@ impl Registry {
                 },
             );
         }
-        let presets = config
+        let presets: BTreeMap<String, MergeSpec> = config
             .presets
             .iter()
             .map(|(name, p)| Ok((name.clone(), p.to_spec(name)?)))
             .collect::<Result<_>>()?;
+        let configured = presets.keys().cloned().collect();
         let calibrations = Calibrations::load(config, &pools)?;
         let stats_dir = match &config.server.data_dir {
             Some(d) => d.join("stats"),
@@ -334,7 +339,8 @@ impl Registry {
         };
         Ok(Registry {
             pools,
-            presets,
+            presets: std::sync::RwLock::new(presets),
+            configured,
             limits: Limits::new(config.server.limits.clone()),
             calibrations,
             stats: merger::data_driven::StatsCache::new(stats_dir, config.cache.max_stats_bytes),
@@ -358,9 +364,43 @@ impl Registry {
         &self.pools
     }
 
-    /// The presets by name.
-    pub fn presets(&self) -> &BTreeMap<String, MergeSpec> {
-        &self.presets
+    /// The presets by name (configured and registered).
+    pub fn presets(&self) -> BTreeMap<String, MergeSpec> {
+        self.presets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Registers (or replaces) preset `name` as `spec`, validated as a
+    /// request's merge would be. A configured preset or a checkpoint's name
+    /// is never replaced (409), and a name must be a plain word (400).
+    pub fn register_preset(&self, name: &str, spec: MergeSpec) -> Result<()> {
+        let word = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !word || name.starts_with("merge-") {
+            return Err(GatewayError::bad_param(
+                "preset",
+                format!(
+                    "`{name}`: a preset name is 1 to 64 letters, digits, `-`, `_` or `.`, \
+                     not starting with `merge-`"
+                ),
+            ));
+        }
+        if self.configured.contains(name) || self.pools.values().any(|p| p.contains(name)) {
+            return Err(GatewayError::Conflict(format!(
+                "`{name}` is a configured preset or a checkpoint; choose another preset name"
+            )));
+        }
+        self.plan(spec.clone())?;
+        self.presets
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), spec);
+        Ok(())
     }
 
     /// The request limits.
@@ -379,7 +419,7 @@ impl Registry {
                     .map(move |n| (format!("{}/{n}", p.name), ModelKind::Checkpoint, p.kind))
             })
             .collect();
-        out.extend(self.presets.iter().map(|(n, spec)| {
+        out.extend(self.presets().iter().map(|(n, spec)| {
             let kind = if merger::moe::MoeMethod::from_name(&spec.method).is_some() {
                 Kind::Decoder
             } else {
@@ -407,7 +447,7 @@ impl Registry {
             code: "invalid_merge_spec",
         })?;
         match parsed {
-            compact::Parsed::Merge(spec) => self.plan(spec).map_err(|e| match e {
+            compact::Parsed::Merge(spec) => self.plan(*spec).map_err(|e| match e {
                 GatewayError::TooLarge { .. } => e.with_param("model"),
                 e => e,
             }),
@@ -427,8 +467,14 @@ impl Registry {
                 Ok(target)
             }
             compact::Parsed::Name(name) => {
-                if let Some(spec) = self.presets.get(&name) {
-                    return self.plan(spec.clone());
+                let preset = self
+                    .presets
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get(&name)
+                    .cloned();
+                if let Some(spec) = preset {
+                    return self.plan(spec);
                 }
                 let (pool, ck_name, ck) = self.checkpoint(&name, None)?;
                 Ok(Target::Checkpoint {
@@ -506,7 +552,11 @@ impl Registry {
             [] => Err(GatewayError::model_not_found(format!(
                 "unknown model `{name}`: not a preset ({}) nor a checkpoint ({}); \
                  a merge looks like `ties_merging(a,b;density=0.2)`",
-                self.presets.keys().cloned().collect::<Vec<_>>().join(", "),
+                self.presets()
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 self.models()
                     .into_iter()
                     .filter(|(_, k, _)| *k == ModelKind::Checkpoint)

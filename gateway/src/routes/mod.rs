@@ -10,6 +10,7 @@ pub mod evaluations;
 pub mod health;
 pub mod merges;
 pub mod models;
+pub mod searches;
 pub mod sse;
 
 use actix_web::{web, HttpResponseBuilder};
@@ -35,6 +36,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .service(merges::delete_merge)
         .service(evaluations::list_evaluations)
         .service(evaluations::run_evaluation)
+        .service(searches::start_search)
+        .service(searches::list_searches)
+        .service(searches::get_search)
         .service(health::live)
         .service(health::ready)
         .service(health::metrics);

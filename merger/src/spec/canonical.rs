@@ -261,7 +261,7 @@ mod tests {
 
     fn spec(text: &str) -> MergeSpec {
         match parse(text).unwrap() {
-            Parsed::Merge(s) => s,
+            Parsed::Merge(s) => *s,
             other => panic!("{other:?}"),
         }
     }

@@ -42,7 +42,7 @@ use crate::spec::{Dialect, FilterEntry, Form, MergeSpec, ModelSpec, ParamValue, 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Parsed {
     /// An inline merge.
-    Merge(MergeSpec),
+    Merge(Box<MergeSpec>),
     /// A merge created earlier, as written: `merge-` and its hex id
     /// (lower-cased, so that it compares equal to `merge-` + [`super::canonical::merge_id`]).
     MergeId(String),
@@ -289,7 +289,7 @@ impl<'a> Parser<'a> {
                 if self.peek().is_some() {
                     return Err(self.error_at(self.pos, "trailing characters"));
                 }
-                Ok(Parsed::Merge(spec))
+                Ok(Parsed::Merge(Box::new(spec)))
             }
             Some(_) => Err(self.unexpected(self.pos, "expected `(` or the end of the input")),
         }
@@ -662,7 +662,7 @@ mod tests {
 
     fn merge(input: &str) -> MergeSpec {
         match parse(input) {
-            Ok(Parsed::Merge(spec)) => spec,
+            Ok(Parsed::Merge(spec)) => *spec,
             other => panic!("`{input}` parsed to {other:?}"),
         }
     }
@@ -926,7 +926,7 @@ mod tests {
             let text = to_compact(&spec);
             assert_eq!(
                 parse(&text).unwrap(),
-                Parsed::Merge(spec.clone()),
+                Parsed::Merge(Box::new(spec.clone())),
                 "via `{text}`"
             );
         }

@@ -352,7 +352,7 @@ mod tests {
 
     fn compact(s: &str) -> crate::spec::MergeSpec {
         match crate::spec::compact::parse(s).unwrap() {
-            crate::spec::compact::Parsed::Merge(spec) => spec,
+            crate::spec::compact::Parsed::Merge(spec) => *spec,
             _ => panic!("`{s}` is not a merge"),
         }
     }

@@ -446,7 +446,9 @@ mod tests {
         let (out, inp) = (7, 19);
         let u = randn(&[out, inp], 11);
         let view = |seed: u64, scale: f64| {
-            let m = BitMask::from_fn(out * inp, |i| (i as u64 * 2654435761 + seed) % 3 != 0);
+            let m = BitMask::from_fn(out * inp, |i| {
+                !(i as u64 * 2654435761 + seed).is_multiple_of(3)
+            });
             ModelDelta::Owned(HashMap::from([(
                 "w".to_string(),
                 Arc::new(TensorDelta::masked(&u, m, scale).unwrap()),
