@@ -256,6 +256,24 @@ struct Built {
     residency: Option<ResidencyReport>,
 }
 
+impl Built {
+    /// A merge held as `delta` over the resident `base` (no output file,
+    /// routers or statistics), with how it is held.
+    fn over(
+        base: &SharedBase,
+        delta: runtime::model::ModelDelta,
+        report: ResidencyReport,
+    ) -> merger::Result<Built> {
+        Ok(Built {
+            engine: Engine::from_delta(base.served.engine.clone(), delta)?,
+            output_bytes: None,
+            routers: None,
+            data: None,
+            residency: Some(report),
+        })
+    }
+}
+
 #[derive(Default)]
 struct Book {
     records: HashMap<String, Record>,
@@ -548,14 +566,7 @@ impl Merges {
                                     shared_bytes = report.shared_bytes,
                                     "task view held as its mask over the merge's unified vector"
                                 );
-                                let engine = base.served.engine.clone();
-                                return Ok(Built {
-                                    engine: Engine::from_delta(engine, compressed.delta)?,
-                                    output_bytes: None,
-                                    routers: None,
-                                    data: None,
-                                    residency: Some(report),
-                                });
+                                return Built::over(base, compressed.delta, report);
                             }
                             if let Some(base) = base.as_ref().filter(|_| combination) {
                                 // A combination: nothing to merge.
@@ -566,14 +577,7 @@ impl Merges {
                                     shared_bytes = report.shared_bytes,
                                     "merge held as a combination of resident task vectors"
                                 );
-                                let engine = base.served.engine.clone();
-                                return Ok(Built {
-                                    engine: Engine::from_delta(engine, compressed.delta)?,
-                                    output_bytes: None,
-                                    routers: None,
-                                    data: None,
-                                    residency: Some(report),
-                                });
+                                return Built::over(base, compressed.delta, report);
                             }
                             let progress = Progress::new(plan.tensors().len(), method, false);
                             let (tensors, _stats) =

@@ -352,6 +352,12 @@ fn model_pool(config: &Config, name: &str, taskpool: Option<&str>) -> Result<(Mo
             ),
             param: Some("pool".into()),
         })?;
+    let known = config
+        .taskpools
+        .keys()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
     let key = match taskpool {
         Some(t) => t.to_string(),
         None if config.taskpools.contains_key(name) => name.to_string(),
@@ -359,15 +365,7 @@ fn model_pool(config: &Config, name: &str, taskpool: Option<&str>) -> Result<(Mo
         None => {
             return Err(GatewayError::bad_param(
                 "taskpool",
-                format!(
-                    "name the task pool to score on (`taskpool`: one of {})",
-                    config
-                        .taskpools
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
+                format!("name the task pool to score on (`taskpool`: one of {known})"),
             ))
         }
     };
@@ -375,15 +373,7 @@ fn model_pool(config: &Config, name: &str, taskpool: Option<&str>) -> Result<(Mo
         .taskpools
         .get(&key)
         .ok_or_else(|| GatewayError::NotFound {
-            message: format!(
-                "unknown task pool `{key}`; task pools: {}",
-                config
-                    .taskpools
-                    .keys()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+            message: format!("unknown task pool `{key}`; task pools: {known}"),
             param: Some("taskpool".into()),
         })?;
     Ok((

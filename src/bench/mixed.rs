@@ -18,14 +18,17 @@
 //! - concurrent, combination: the task_arithmetic merges held as
 //!   coefficients over the four experts' task vectors (lowrank at
 //!   `--mixed-vector-rank`, resident once), the TIES merges (no linear
-//!   combination) as lowrank deltas, all in the base's scheduler.
+//!   combination) as lowrank deltas, all in the base's scheduler;
+//! - task views, dense and masked: `emr_merging` and `tall_masks` of the
+//!   four experts for one task each, held as their own weights, then as
+//!   masks over one unified vector per method (the gateway's default).
 //!
 //! Per form: tokens/s and its ratio to one at a time, p50/p99 time to
 //! first token and inter-token latency (streamed, as the clients see
 //! them), the cache's resident bytes (all merges, shared task vectors and
 //! the base) against one dense model, each merge's own bytes and measured
 //! relative error (max over tensors, mean), and how many texts equal the
-//! dense merge's.
+//! dense merge's (the task views': the dense views').
 
 use std::path::Path;
 use std::time::Instant;
@@ -130,9 +133,26 @@ fn merge_names(n: usize, ta: &str, ties: &str) -> Vec<String> {
         .collect()
 }
 
+/// Task views of the per-task retrieval merges: `emr_merging` and
+/// `tall_masks` of the four experts, each for one task (`form` appended:
+/// `""` for the gateway's default, masked over one unified vector per
+/// method).
+fn view_names(n: usize, form: &str) -> Vec<String> {
+    let all = EXPERTS.join(",");
+    (0..n)
+        .map(|i| {
+            let method = ["emr_merging", "tall_masks"][i % 2];
+            let task = EXPERTS[(i / 2) % EXPERTS.len()];
+            format!("lowrank/{method}({all};task={task}{form})")
+        })
+        .collect()
+}
+
 /// One form's measurements.
 struct FormRun {
     label: String,
+    /// The run whose texts this one's should equal (dense of the same merges).
+    twin: usize,
     tokens: usize,
     seconds: f64,
     resident: u64,
@@ -160,28 +180,38 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
 
     let lowrank = format!(",form=lowrank,form_rank={}", args.rank);
     let sparse = format!(",form=sparse,form_density={}", args.density);
+    // (label, merges, the run whose texts they should equal).
     let forms = [
-        ("dense".to_string(), String::new(), String::new()),
+        ("dense".to_string(), merge_names(n, "", ""), 0),
         (
             format!("lowrank rank={}", args.rank),
-            lowrank.clone(),
-            lowrank.clone(),
+            merge_names(n, &lowrank, &lowrank),
+            0,
         ),
         (
             format!("sparse density={}", args.density),
-            sparse.clone(),
-            sparse,
+            merge_names(n, &sparse, &sparse),
+            0,
         ),
         (
             format!("combination, vectors rank={}", args.vector_rank),
-            format!(",form=combination,form_rank={}", args.vector_rank),
-            lowrank,
+            merge_names(
+                n,
+                &format!(",form=combination,form_rank={}", args.vector_rank),
+                &lowrank,
+            ),
+            0,
         ),
+        (
+            "task views, dense".to_string(),
+            view_names(n, ",form=dense"),
+            4,
+        ),
+        ("task views, masked".to_string(), view_names(n, ""), 4),
     ];
     let mut alone: Option<(usize, f64)> = None;
     let mut runs = Vec::new();
-    for (label, ta, ties) in &forms {
-        let merges = merge_names(n, ta, ties);
+    for (label, merges, twin) in &forms {
         let cache = model_bytes * (n as u64 + 2);
         let step = super::serve::step_limit(args.max_batch_tokens);
         let yaml = format!(
@@ -199,7 +229,7 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
         let mut delta_bytes = Vec::new();
         let mut errors = Vec::new();
         let mut ids = Vec::new();
-        for m in &merges {
+        for m in merges {
             let res = http
                 .post(format!("{url}/v1/completions"))
                 .json(&json!({"model": m, "prompt": "1+1=", "max_tokens": 1, "temperature": 0}))
@@ -257,6 +287,7 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
         server.stop();
         runs.push(FormRun {
             label: label.clone(),
+            twin: *twin,
             tokens: replies.iter().map(|r| r.tokens).sum(),
             seconds,
             resident,
@@ -278,13 +309,12 @@ pub fn run(args: &MixedArgs) -> anyhow::Result<()> {
     println!(
         "  one request at a time (dense):  {alone_tokens} tokens in {alone_s:.2} s, {alone_rate:.0} tokens/s"
     );
-    let dense_texts = runs[0].texts.clone();
     for r in &runs {
         let rate = r.tokens as f64 / r.seconds;
         let same = r
             .texts
             .iter()
-            .zip(&dense_texts)
+            .zip(&runs[r.twin].texts)
             .filter(|(a, b)| a == b)
             .count();
         let per_merge = r.delta_bytes.iter().sum::<u64>() as f64 / r.delta_bytes.len() as f64;

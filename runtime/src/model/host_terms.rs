@@ -24,6 +24,10 @@ use rayon::prelude::*;
 
 use super::delta::{DeltaRun, TensorDelta};
 
+/// Most rows of one run for which the host pass takes a masked view (each
+/// row expands the view's bits again); more go to the tensor path.
+const MASKED_HOST_ROWS: usize = 4;
+
 /// What the host pass made of a layer's runs.
 pub(crate) enum HostTerms {
     /// Some delta it does not compute (the tensor path does).
@@ -206,6 +210,12 @@ pub(crate) fn linear_terms(
         let mut mine = Vec::new();
         if let Some(d) = run.delta {
             for (lambda, t) in d.parts_of(weight) {
+                if matches!(t, TensorDelta::Masked { .. }) && run.rows > MASKED_HOST_ROWS {
+                    // A prompt's many rows: one expanded m ⊙ U and a
+                    // matrix product (the tensor path) cost less than
+                    // expanding the bits for every row.
+                    return Ok(HostTerms::Unsupported);
+                }
                 match Held::of(lambda, t, out, inp, false) {
                     Some(h) => mine.push(h),
                     None => return Ok(HostTerms::Unsupported),
@@ -299,24 +309,14 @@ fn add_row(t: &mut [f32], x: &[f32], lambda: f32, k: &Kernel) {
             scale,
         } => {
             let inp = x.len();
+            // Per output: its row's bits expanded to 0/1 (a word at a
+            // time), then one dot product of bits ⊙ U ⊙ x in 8 lanes.
+            let mut bits = vec![0f32; inp];
             for (o, tj) in t.iter_mut().enumerate() {
-                let row = &unified[o * inp..(o + 1) * inp];
-                let mut s = 0f32;
-                let mut i = o * inp;
-                while i < (o + 1) * inp {
-                    // The set bits of the word holding entry i, up to the row's end.
-                    let (w, b) = (i / 64, i % 64);
-                    let span = (64 - b).min((o + 1) * inp - i);
-                    let mut bits = (words[w] >> b) & (u64::MAX >> (64 - span));
-                    while bits != 0 {
-                        let k = bits.trailing_zeros() as usize;
-                        let c = i + k - o * inp;
-                        s += row[c] * x[c];
-                        bits &= bits - 1;
-                    }
-                    i += span;
-                }
-                *tj += lambda * scale * s;
+                let start = o * inp;
+                unpack(words, start, &mut bits);
+                let row = &unified[start..start + inp];
+                *tj += lambda * scale * masked_dot(&bits, row, x);
             }
         }
         Kernel::Bias(b) => {
@@ -325,6 +325,41 @@ fn add_row(t: &mut [f32], x: &[f32], lambda: f32, k: &Kernel) {
             }
         }
     }
+}
+
+/// `out[i]` = bit `start + i` of `words`, as 0.0 or 1.0.
+fn unpack(words: &[u64], start: usize, out: &mut [f32]) {
+    let mut i = 0;
+    while i < out.len() {
+        let (w, b) = ((start + i) / 64, (start + i) % 64);
+        let span = (64 - b).min(out.len() - i);
+        let word = words[w] >> b;
+        for (k, o) in out[i..i + span].iter_mut().enumerate() {
+            *o = ((word >> k) & 1) as f32;
+        }
+        i += span;
+    }
+}
+
+/// Σ_i m_i u_i x_i in 8 accumulators (vectorised), then the tail.
+fn masked_dot(m: &[f32], u: &[f32], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = m.len() / 8;
+    for c in 0..chunks {
+        let r = c * 8..c * 8 + 8;
+        for ((a, (&mi, &ui)), &xi) in acc
+            .iter_mut()
+            .zip(m[r.clone()].iter().zip(&u[r.clone()]))
+            .zip(&x[r])
+        {
+            *a += mi * ui * xi;
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for i in chunks * 8..m.len() {
+        s += m[i] * u[i] * x[i];
+    }
+    s
 }
 
 #[cfg(test)]

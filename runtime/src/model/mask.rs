@@ -68,9 +68,22 @@ impl BitMask {
 
     /// Entries `start..start + n` as 0.0 and 1.0.
     pub fn to_f32(&self, start: usize, n: usize) -> Vec<f32> {
-        (start..start + n)
-            .map(|i| if self.get(i) { 1.0 } else { 0.0 })
-            .collect()
+        let mut out = vec![0f32; n];
+        let mut i = 0;
+        while i < n {
+            let at = start + i;
+            if at >= self.len {
+                break;
+            }
+            let (w, b) = (at / 64, at % 64);
+            let span = (64 - b).min(n - i).min(self.len - at);
+            let word = self.words[w] >> b;
+            for (k, o) in out[i..i + span].iter_mut().enumerate() {
+                *o = ((word >> k) & 1) as f32;
+            }
+            i += span;
+        }
+        out
     }
 }
 
