@@ -266,9 +266,23 @@ fn merges_of_image_experts_evaluate_write_and_compare() {
         "ties_merging(",
         "tsv_m(",
         "iso_cts(",
+        "tall_masks(",
+        "emr_merging(",
     ] {
         assert!(table.contains(row), "no `{row}` row:\n{table}");
     }
+    // The per-task merges' views are scored dense on images; what one
+    // costs held as its mask is printed with them.
+    let note = table
+        .lines()
+        .find(|l| {
+            l.starts_with("`emr_merging(") && l.contains("each task scored with its own view")
+        })
+        .unwrap_or_else(|| panic!("no memory note:\n{table}"));
+    assert!(
+        note.contains("one unified vector of") && note.contains("KiB per task held dense"),
+        "{note}"
+    );
 }
 
 #[test]

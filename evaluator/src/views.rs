@@ -4,12 +4,18 @@
 //! (FusionBench scores each task's retrieved model on its own task).
 //! Over a text-generation pool each view is held `masked` (its mask's bits
 //! over the merge's unified vector, as the gateway serves it), which gives
-//! the row's memory figures.
+//! the row's memory figures; over another pool the views are scored dense
+//! and the figures are those of the first view held as its mask.
 
-use candle_core::Device;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
 use merger::methods::retrieval;
+use merger::plan::Plan;
 use merger::residency::ResidencyReport;
 use merger::spec::{MergeSpec, ParamValue, Residency};
+use merger::MergeError;
+use runtime::checkpoint::Checkpoint;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{EvalError, Result};
@@ -93,7 +99,39 @@ pub fn score_views(
             memory = Some(add(memory, &r));
         }
     }
+    if memory.is_none() && !masked {
+        // Views of an image or embedding pool are scored dense; what one
+        // would cost held as its mask is measured on the first.
+        if let Some(first) = views.first() {
+            memory = Some(figures(first, pool)?);
+        }
+    }
     Ok((results, seconds, memory))
+}
+
+/// What the view `spec` costs held as its mask over the merge's unified
+/// vector (f32, on the host), without building a model.
+fn figures(spec: &MergeSpec, pool: &ModelPool) -> Result<ViewMemory> {
+    let Plan::Tensorwise(t) = Plan::new(spec.clone())? else {
+        return Err(EvalError::Scoring {
+            task: "(views)".into(),
+            reason: format!("`{}` is not a tensor-wise merge", spec.method),
+        });
+    };
+    let open = |name: &str| -> merger::Result<Arc<Checkpoint>> {
+        let dir = pool
+            .resolve(name)
+            .map_err(|e| MergeError::Spec(e.to_string()))?;
+        Ok(Checkpoint::open(name, &dir)?)
+    };
+    let mut plan = t.open(&open)?;
+    let unified = merger::retrieval::unified(&mut plan, DType::F32, &Device::Cpu)?;
+    let view = merger::retrieval::view(&mut plan, &unified.delta)?;
+    Ok(ViewMemory {
+        unified_bytes: unified.report.bytes,
+        view_bytes: view.report.bytes,
+        dense_bytes: view.report.dense_bytes,
+    })
 }
 
 /// The figures so far with one more view's report.

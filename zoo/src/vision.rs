@@ -301,7 +301,10 @@ pub fn compare_yaml(experts: &[String]) -> String {
          \x20 - iso_cts({all})\n\
          \x20 - tsv_m({all})\n\
          \x20 - magmax({all})\n\
-         \x20 - wudi({all})\n"
+         \x20 - wudi({all})\n\
+         \x20 - tall_masks({all})\n\
+         \x20 - tall_masks({all};merge=ties_merging,density=0.2)\n\
+         \x20 - emr_merging({all})\n"
     )
 }
 
