@@ -24,7 +24,7 @@ use std::time::Instant;
 
 use merger::data_driven::{DataReport, StatsCounters};
 use merger::merge::{merge_in_memory, MergePlan, Progress};
-use merger::residency::ResidencyReport;
+use merger::residency::{Compressed, ResidencyReport};
 use merger::spec::MergeSpec;
 use merger::{Cancel, MergeError, Turn};
 use runtime::checkpoint::{Checkpoint, Stamps};
@@ -688,53 +688,18 @@ impl Merges {
         base: &SharedBase,
         vectors: merger::spec::Residency,
     ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
-        let this = self.clone();
-        let (base_key, base_engine, base_ck) = (
-            base.key.clone(),
-            base.served.engine.clone(),
-            base.checkpoint.clone(),
-        );
-        let mut sources = vec![expert.stamps().clone()];
-        sources.extend(base.served.sources.iter().cloned());
-        async move {
-            let Ok(_slot) = this.slots.clone().acquire_owned().await else {
-                return Err(GatewayError::Unavailable(
-                    "the server is shutting down".into(),
-                ));
-            };
-            let opts = this.opts.clone();
-            let start = Instant::now();
-            let name = key.clone();
-            let built = tokio::task::spawn_blocking(move || {
-                let dtype = base_engine.delta_dtype()?;
-                let tv = merger::residency::task_vector(
-                    &expert,
-                    &base_ck,
-                    &vectors,
-                    dtype,
-                    &opts.device,
-                    &Cancel::default(),
-                )?;
-                let engine = Engine::from_delta(base_engine, tv.delta)?;
-                Ok::<_, MergeError>((engine, tv.report))
-            })
-            .await
-            .map_err(|e| GatewayError::Internal(format!("building `{name}` failed: {e}")))?
-            .map_err(|e| GatewayError::at(Stage::Merge, e))?;
-            let (engine, report) = built;
-            tracing::info!(vector = %key, bytes = report.bytes, max_error = report.max_error,
-                mean_error = report.mean_error, seconds = report.seconds,
-                "task vector resident");
-            Ok(Arc::new(Served {
-                name: key,
-                engine: Arc::new(engine),
-                method: None,
-                load_seconds: start.elapsed().as_secs_f64(),
-                sources,
-                shared: vec![base_key],
-                report: Some(report),
-            }))
-        }
+        let base_ck = base.checkpoint.clone();
+        let sources = vec![expert.stamps().clone()];
+        self.shared_loader(key, base, sources, None, move |dtype, device| {
+            merger::residency::task_vector(
+                &expert,
+                &base_ck,
+                &vectors,
+                dtype,
+                device,
+                &Cancel::default(),
+            )
+        })
     }
 
     /// The future that makes the unified vector U of `plan` (a per-task
@@ -747,9 +712,33 @@ impl Merges {
         mut plan: MergePlan,
         base: &SharedBase,
     ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static {
+        let sources: Vec<Stamps> = plan.checkpoints().map(|c| c.stamps().clone()).collect();
+        let method = Some(plan.info().name.to_string());
+        self.shared_loader(key, base, sources, method, move |dtype, device| {
+            merger::retrieval::unified(&mut plan, dtype, device)
+        })
+    }
+
+    /// The future that makes entry `key` resident: what `build` compresses
+    /// (in the base's delta dtype, on the merge device) held as a delta over
+    /// `base`'s engine, for the merges held over it to share (a task vector,
+    /// a unified vector). It holds a merge slot while `build` runs; the
+    /// entry is stale when `sources` or the base's files change.
+    fn shared_loader<F>(
+        &self,
+        key: String,
+        base: &SharedBase,
+        mut sources: Vec<Stamps>,
+        method: Option<String>,
+        build: F,
+    ) -> impl Future<Output = Result<Arc<Served>>> + Send + 'static
+    where
+        F: FnOnce(candle_core::DType, &candle_core::Device) -> merger::Result<Compressed>
+            + Send
+            + 'static,
+    {
         let this = self.clone();
         let (base_key, base_engine) = (base.key.clone(), base.served.engine.clone());
-        let mut sources: Vec<Stamps> = plan.checkpoints().map(|c| c.stamps().clone()).collect();
         sources.extend(base.served.sources.iter().cloned());
         async move {
             let Ok(_slot) = this.slots.clone().acquire_owned().await else {
@@ -760,23 +749,23 @@ impl Merges {
             let opts = this.opts.clone();
             let start = Instant::now();
             let name = key.clone();
-            let method = plan.info().name;
             let built = tokio::task::spawn_blocking(move || {
                 let dtype = base_engine.delta_dtype()?;
-                let u = merger::retrieval::unified(&mut plan, dtype, &opts.device)?;
-                let engine = Engine::from_delta(base_engine, u.delta)?;
-                Ok::<_, MergeError>((engine, u.report))
+                let c = build(dtype, &opts.device)?;
+                let engine = Engine::from_delta(base_engine, c.delta)?;
+                Ok::<_, MergeError>((engine, c.report))
             })
             .await
             .map_err(|e| GatewayError::Internal(format!("building `{name}` failed: {e}")))?
             .map_err(|e| GatewayError::at(Stage::Merge, e))?;
             let (engine, report) = built;
-            tracing::info!(unified = %key, bytes = report.bytes, seconds = report.seconds,
-                "unified vector resident");
+            tracing::info!(entry = %key, form = report.form.as_str(), bytes = report.bytes,
+                max_error = report.max_error, mean_error = report.mean_error,
+                seconds = report.seconds, "shared delta resident");
             Ok(Arc::new(Served {
                 name: key,
                 engine: Arc::new(engine),
-                method: Some(method.to_string()),
+                method,
                 load_seconds: start.elapsed().as_secs_f64(),
                 sources,
                 shared: vec![base_key],

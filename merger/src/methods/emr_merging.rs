@@ -49,15 +49,9 @@ pub fn build(p: &mut Params) -> Result<Box<dyn MergeMethod>> {
     }))
 }
 
-/// One tensor's election: U and every task's mask.
-fn elect(inputs: &TensorInputs) -> (Vec<f32>, Vec<BitMask>) {
-    let base = inputs
-        .base
-        .as_ref()
-        .map(|b| b.to_f32_vec())
-        .unwrap_or_default();
-    let taus = inputs.host_vectors(Some(&base));
-    let n = base.len();
+/// One tensor's election from its task vectors: U and every task's mask.
+fn elect(taus: &[Vec<f32>]) -> (Vec<f32>, Vec<BitMask>) {
+    let n = taus.first().map_or(0, Vec::len);
     let sign: Vec<f32> = (0..n)
         .map(|j| {
             if taus.iter().map(|t| t[j]).sum::<f32>() > 0.0 {
@@ -87,7 +81,8 @@ fn elect(inputs: &TensorInputs) -> (Vec<f32>, Vec<BitMask>) {
 
 impl Retrieval for EmrMerging {
     fn split(&self, inputs: &TensorInputs, t: usize) -> Result<(Vec<f32>, BitMask)> {
-        let (unified, mut masks) = elect(inputs);
+        let (_, taus) = retrieval::base_and_taus(inputs);
+        let (unified, mut masks) = elect(&taus);
         Ok((unified, masks.swap_remove(t)))
     }
 
@@ -106,14 +101,9 @@ impl MergeMethod for EmrMerging {
         type Means = (String, Vec<f64>, Vec<f64>);
         let found: Mutex<Vec<Means>> = Mutex::default();
         scan.for_each(&|inputs| {
-            let base = inputs
-                .base
-                .as_ref()
-                .map(|b| b.to_f32_vec())
-                .unwrap_or_default();
+            let (base, taus) = retrieval::base_and_taus(inputs);
             let n = base.len().max(1) as f64;
-            let taus = inputs.host_vectors(Some(&base));
-            let (unified, masks) = elect(inputs);
+            let (unified, masks) = elect(&taus);
             let old: Vec<f64> = taus
                 .iter()
                 .map(|t| t.iter().map(|x| x.abs() as f64).sum::<f64>() / n)

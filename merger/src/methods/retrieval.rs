@@ -56,6 +56,17 @@ pub fn task(p: &mut Params) -> Result<usize> {
     p.required_expert(&TASK)
 }
 
+/// One tensor's θ0 and task vectors τi = θi − θ0 on the host (f32).
+pub fn base_and_taus(inputs: &TensorInputs) -> (Vec<f32>, Vec<Vec<f32>>) {
+    let base = inputs
+        .base
+        .as_ref()
+        .map(|b| b.to_f32_vec())
+        .unwrap_or_default();
+    let taus = inputs.host_vectors(Some(&base));
+    (base, taus)
+}
+
 /// θ_t = θ0 + s_t·(m_t ⊙ U) of one tensor, in f32.
 pub fn view(r: &dyn Retrieval, inputs: &TensorInputs) -> Result<Tensor> {
     let t = r.task();

@@ -124,12 +124,7 @@ impl TallMasks {
 
 impl Retrieval for TallMasks {
     fn split(&self, inputs: &TensorInputs, t: usize) -> Result<(Vec<f32>, BitMask)> {
-        let base = inputs
-            .base
-            .as_ref()
-            .map(|b| b.to_f32_vec())
-            .unwrap_or_default();
-        let taus = inputs.host_vectors(Some(&base));
+        let (base, taus) = retrieval::base_and_taus(inputs);
         let multi = self.multi(inputs, &base, &taus)?;
         let tau = &taus[t];
         let mask = BitMask::from_fn(multi.len(), |j| {
